@@ -1,0 +1,396 @@
+"""Configuration: one dataclass per stage, presets shipped as TOML, ``--set`` overrides.
+
+A run's configuration is resolved in one order, each layer overriding the last:
+dataclass defaults -> the preset's profile file (``presets/<env>/<profile>.toml``, which may
+``extends`` another profile of the same preset) -> ``--set section.key=value`` overrides.
+Every value is checked against its field's type and range, and unknown keys are refused, so
+a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from wmlab.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+
+def _opt(default: Any, help: str, *, min: float | None = None, max: float | None = None,
+         choices: tuple[Any, ...] | None = None) -> Any:
+    """A dataclass field carrying its help text and allowed range for validation."""
+    meta = {"help": help, "min": min, "max": max, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    name: str = _opt("", "run directory name under root; empty = '<preset>-<profile>'")
+    root: str = _opt("runs", "folder (or fsspec URL) that holds run directories")
+    seed: int = _opt(0, "master seed; every stage derives its own seeds from it", min=0)
+    device: str = _opt("auto", "torch device: auto (CUDA when present), cpu, cuda, cuda:N")
+
+
+@dataclass
+class EnvConfig:
+    name: str = _opt("carracing", "environment: carracing, doom, binpacking or a Gymnasium id")
+    backend: str = _opt("", "simulator backend; empty = the env's default (reference) backend")
+    max_steps: int = _opt(0, "episode step cap; 0 = the env's own (CarRacing 1000, Doom 2100)",
+                          min=0)
+
+
+@dataclass
+class CollectConfig:
+    episodes: int = _opt(10000, "episodes to keep in the store (after filtering)", min=0)
+    workers: int = _opt(0, "worker processes; 0 = one per CPU core", min=0, max=1024)
+    envs_per_worker: int = _opt(1, "envs stepped as one batch inside each worker",
+                                min=1, max=4096)
+    policy: str = _opt("brown", "random policy for collection",
+                       choices=("uniform", "brown", "held", "random-weights"))
+    min_length: int = _opt(0, "drop episodes with fewer steps than this (Doom: 101)", min=0)
+    out: str = _opt("", "episode store path or URL; empty = <run>/data")
+    collection: str = _opt("", "name of this collection inside the store; empty = policy name")
+    seed: int = _opt(0, "seed of the collection; episode i uses seeds derived from (seed, i)",
+                     min=0)
+    brown_sigma: float = _opt(0.2, "step size of the brown-noise random walk (raw units)",
+                              min=0.0, max=2.0)
+    hold_min: int = _opt(1, "held policy: shortest hold in frames", min=1)
+    hold_max: int = _opt(10, "held policy: longest hold in frames", min=1)
+    weights_scale: float = _opt(0.01, "random-weights policy: max std of the weights",
+                                min=0.0)
+    chunk_frames: int = _opt(64, "frames per independently compressed chunk", min=1, max=4096)
+    compression_level: int = _opt(3, "zstd level of frame chunks", min=1, max=22)
+    allow_mixed_backends: bool = _opt(False, "let one store hold frames of several backends")
+
+
+@dataclass
+class VaeConfig:
+    kind: str = _opt("vae", "vision model", choices=("vae", "vae-gan"))
+    z_dim: int = _opt(32, "latent size (CarRacing 32, Doom 64)", min=1, max=4096)
+    kl_tolerance: float = _opt(0.5, "KL floor per latent dimension", min=0.0)
+    lr: float = _opt(1e-4, "Adam learning rate", min=0.0, max=1.0)
+    batch_size: int = _opt(100, "frames per batch", min=1)
+    epochs: int = _opt(10, "passes over the training frames (the paper says 1, the code 10)",
+                       min=0)
+    val_fraction: float = _opt(0.05, "fraction of episodes held out for validation",
+                               min=0.0, max=0.5)
+    max_frames: int = _opt(0, "cap on training frames per epoch; 0 = all", min=0)
+    checkpoint_every: int = _opt(500, "batches between checkpoints", min=1)
+    pool_chunks: int = _opt(32, "compressed chunks mixed in the shuffle pool", min=1)
+    channels_last: bool = _opt(True, "channels-last memory layout (faster on CPU)")
+    bf16: bool = _opt(False, "bfloat16 autocast")
+    gan_weight: float = _opt(0.1, "VAE-GAN: weight of adversarial + feature-matching terms",
+                             min=0.0)
+
+
+@dataclass
+class MdrnnConfig:
+    hidden: int = _opt(256, "LSTM units (CarRacing 256, Doom 512)", min=1)
+    gaussians: int = _opt(5, "mixture components per z dimension", min=1, max=64)
+    done_head: bool = _opt(False, "predict episode end (Doom)")
+    reward_head: bool = _opt(False, "predict reward")
+    restart_input: bool = _opt(False, "feed the restart flag, which zeroes the LSTM state")
+    done_weight: float = _opt(10.0, "weight of positive (death) steps in the done loss",
+                              min=0.0)
+    regime: str = _opt("episodes", "whole episodes per batch, or concatenated streams",
+                       choices=("episodes", "streams"))
+    batch_size: int = _opt(100, "sequences (or streams) per batch", min=1)
+    seq_len: int = _opt(999, "input steps per sequence (episodes) or chunk (streams)", min=1)
+    steps: int = _opt(4000, "optimiser steps", min=0)
+    lr: float = _opt(1e-3, "initial learning rate", min=0.0, max=1.0)
+    lr_min: float = _opt(0.0, "learning-rate floor of the decay schedule", min=0.0)
+    lr_decay: float = _opt(1.0, "lr = (lr - lr_min) * decay^step + lr_min", min=0.0, max=1.0)
+    grad_clip: float = _opt(1.0, "elementwise gradient clip", min=0.0)
+    checkpoint_every: int = _opt(200, "optimiser steps between checkpoints", min=1)
+    initial_z: int = _opt(1000, "first-frame latents kept for starting dreams", min=1)
+
+
+@dataclass
+class ControllerConfig:
+    inputs: str = _opt("zh", "what C observes", choices=("z", "zh", "zch"))
+    hidden: int = _opt(0, "hidden units; 0 = linear (the paper's 40-unit variant: 40)", min=0)
+    bias: bool = _opt(True, "bias in C's output layer")
+
+
+@dataclass
+class EsConfig:
+    fitness: str = _opt("real", "where rollouts run", choices=("real", "dream"))
+    population: int = _opt(64, "CMA-ES population", min=2)
+    rollouts: int = _opt(16, "rollouts per member; fitness is their mean return", min=1)
+    sigma0: float = _opt(0.1, "initial step size", min=0.0)
+    l2: float = _opt(0.01, "L2 weight penalty subtracted from fitness", min=0.0)
+    antithetic: bool = _opt(True, "members i and i + pop/2 share rollout seeds")
+    generations: int = _opt(2000, "generations to run", min=0)
+    eval_every: int = _opt(25, "generations between scoring the mean", min=1)
+    eval_rollouts: int = _opt(1024, "rollouts on fixed seeds when scoring the mean", min=1)
+    engine: str = _opt("process", "where rollouts are evaluated",
+                       choices=("serial", "process", "ray"))
+    workers: int = _opt(0, "evaluator workers; 0 = one per CPU core", min=0)
+    ray_address: str = _opt("", "Ray cluster address for engine=ray; empty = local")
+    timeout: float = _opt(600.0, "seconds before a silent worker is declared dead", min=1.0)
+
+
+@dataclass
+class DreamConfig:
+    tau: float = _opt(1.25, "sampling temperature (released code 1.25, paper's best 1.15)",
+                      min=0.0, max=10.0)
+    max_steps: int = _opt(2100, "dream episode cap", min=1)
+
+
+@dataclass
+class EvalConfig:
+    episodes: int = _opt(100, "episodes of the reported evaluation", min=1)
+    seed: int = _opt(1_000_000, "first of the fixed, recorded evaluation seeds", min=0)
+    backend: str = _opt("", "backend of the reported score; empty = the reference backend")
+
+
+@dataclass
+class Config:
+    preset: str = _opt("carracing", "preset this config came from")
+    profile: str = _opt("paper", "profile of the preset")
+    run: RunConfig = field(default_factory=RunConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    vae: VaeConfig = field(default_factory=VaeConfig)
+    mdrnn: MdrnnConfig = field(default_factory=MdrnnConfig)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    es: EsConfig = field(default_factory=EsConfig)
+    dream: DreamConfig = field(default_factory=DreamConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def run_dir(self) -> str:
+        name = self.run.name or f"{self.preset}-{self.profile}"
+        return f"{self.run.root.rstrip('/')}/{name}"
+
+    def store_url(self) -> str:
+        return self.collect.out or f"{self.run_dir()}/data"
+
+
+# Names people reach for from the paper's vocabulary ("vision", "memory") map to the sections.
+SECTION_ALIASES = {"vision": "vae", "memory": "mdrnn"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets
+
+
+def _presets_root() -> Any:
+    return resources.files("wmlab") / "presets"
+
+
+def list_presets() -> dict[str, list[str]]:
+    """Preset name -> its profiles, as shipped in the package."""
+    found: dict[str, list[str]] = {}
+    for preset_dir in sorted(_presets_root().iterdir(), key=lambda p: p.name):
+        if preset_dir.is_dir():
+            profiles = sorted(p.name[:-5] for p in preset_dir.iterdir() if p.name.endswith(".toml"))
+            if profiles:
+                found[preset_dir.name] = profiles
+    return found
+
+
+def _read_profile(preset: str, profile: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    presets = list_presets()
+    if preset not in presets:
+        raise ConfigError(
+            f"unknown preset '{preset}': choose one of {', '.join(presets)}")
+    if profile not in presets[preset]:
+        raise ConfigError(
+            f"preset '{preset}' has no profile '{profile}': choose one of "
+            f"{', '.join(presets[preset])}")
+    if profile in seen:
+        raise ConfigError(f"preset '{preset}': profiles extend each other in a cycle: "
+                          f"{' -> '.join((*seen, profile))}")
+    text = (_presets_root() / preset / f"{profile}.toml").read_text()
+    data = _parse_toml(text, f"preset {preset}/{profile}")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    return _merge(_read_profile(preset, str(parent), (*seen, profile)), data)
+
+
+def _parse_toml(text: str, where: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where} is not valid TOML: {exc}") from None
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Building and validating
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``section.key=value`` -> (``section.key``, value); value is read as TOML, else a string."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form section.key=value "
+                          "(e.g. --set vae.epochs=3)")
+    key, raw = (part.strip() for part in text.split("=", 1))
+    if key.count(".") != 1 or not all(key.split(".")):
+        raise ConfigError(f"override key '{key}' must be section.key (e.g. vae.epochs)")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # lets `--set env.backend=envpool` work without quoting
+    return key, value
+
+
+def _check_value(key: str, value: Any, hint: Any, meta: dict[str, Any]) -> Any:
+    """Coerce ``value`` to the field's type and check its range, or raise naming ``key``."""
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item_hint,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check_value(f"{key}[{i}]", v, item_hint, {}) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    elif hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        value = float(value)
+    elif hint is str and not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    low, high, choices = meta.get("min"), meta.get("max"), meta.get("choices")
+    if low is not None and value < low:
+        raise ConfigError(f"{key}: {value!r} is below the minimum {low}")
+    if high is not None and value > high:
+        raise ConfigError(f"{key}: {value!r} is above the maximum {high}")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+    return value
+
+
+def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
+    """Set fields of dataclass ``obj`` from nested ``data``, validating each value."""
+    hints = typing.get_type_hints(type(obj))
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for raw_key, value in data.items():
+        key = SECTION_ALIASES.get(raw_key, raw_key) if not prefix else raw_key
+        path = f"{prefix}{key}"
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown config key '{prefix}{raw_key}': known keys here are {known}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{path}' is a section: set its keys, e.g. {path}.<key>=...")
+            _apply(current, value, f"{path}.")
+        else:
+            setattr(obj, key, _check_value(path, value, hints[key], dict(fields[key].metadata)))
+
+
+def _check_consistency(cfg: Config) -> None:
+    if cfg.collect.hold_min > cfg.collect.hold_max:
+        raise ConfigError(f"collect.hold_min ({cfg.collect.hold_min}) must not exceed "
+                          f"collect.hold_max ({cfg.collect.hold_max})")
+    if cfg.mdrnn.lr_min > cfg.mdrnn.lr:
+        raise ConfigError(f"mdrnn.lr_min ({cfg.mdrnn.lr_min}) must not exceed mdrnn.lr "
+                          f"({cfg.mdrnn.lr})")
+    if cfg.es.antithetic and cfg.es.population % 2:
+        raise ConfigError(f"es.population ({cfg.es.population}) must be even with "
+                          "es.antithetic = true")
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    cfg = Config()
+    _apply(cfg, data)
+    _check_consistency(cfg)
+    return cfg
+
+
+def overrides_to_dict(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for text in overrides:
+        key, value = parse_override(text)
+        section, name = key.split(".")
+        nested.setdefault(section, {})[name] = value
+    return nested
+
+
+def load_config(preset: str, profile: str = "paper",
+                overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The resolved config of a preset's profile with ``--set`` overrides applied."""
+    data = _read_profile(preset, profile)
+    data = _merge(data, {"preset": preset, "profile": profile})
+    return from_dict(_merge(data, overrides_to_dict(overrides)))
+
+
+def load_config_file(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A config saved by a run (``config.toml``), with optional overrides."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    return from_dict(_merge(_parse_toml(text, str(path)), overrides_to_dict(overrides)))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_toml(cfg: Config) -> str:
+    """Serialise a config as TOML (scalars and flat lists are all a config holds)."""
+    top, sections = [], []
+    for name, value in to_dict(cfg).items():
+        if isinstance(value, dict):
+            sections.append(f"\n[{name}]")
+            sections.extend(f"{k} = {_toml_value(v)}" for k, v in value.items())
+        else:
+            top.append(f"{name} = {_toml_value(value)}")
+    return "\n".join(top + sections) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def describe(cfg_type: type = Config) -> list[tuple[str, str, str]]:
+    """(key, default, help) for every option: the documentation of ``--set``."""
+    rows = []
+    for f in dataclasses.fields(cfg_type):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            for sub in dataclasses.fields(default):
+                rows.append((f"{f.name}.{sub.name}", _toml_value(getattr(default, sub.name)),
+                             sub.metadata.get("help", "")))
+    return rows

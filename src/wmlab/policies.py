@@ -1,0 +1,137 @@
+"""Random policies that collect the data V and M learn from.
+
+Every policy emits *raw controller outputs* in [-1, 1]^k, the same space a trained
+controller C produces; the env's spec maps them to env actions (CarRacing's gas/brake
+transform, Doom's thresholds). So collection, evaluation and the dream share one action path.
+
+Policies act for a batch of B env slots at once but keep one generator per slot, seeded per
+episode: an episode's actions depend only on its own policy seed, never on which slot or
+worker ran it, which makes collection reproducible whatever the parallelism.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from wmlab.errors import WmlabError
+
+POLICY_NAMES = ("uniform", "brown", "held", "random-weights")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    name: str = "uniform"
+    brown_sigma: float = 0.2
+    hold_min: int = 1
+    hold_max: int = 10
+    weights_scale: float = 0.01
+
+
+class BatchPolicy:
+    """Base: per-slot generators; subclasses fill ``_act_slot``."""
+
+    def __init__(self, num_envs: int, outputs: int, config: PolicyConfig) -> None:
+        self.num_envs = num_envs
+        self.outputs = outputs
+        self.config = config
+        self._rngs = [np.random.default_rng(0) for _ in range(num_envs)]
+
+    def reset(self, slot: int, seed: int) -> None:
+        """Start a new episode in ``slot`` whose actions depend only on ``seed``."""
+        self._rngs[slot] = np.random.default_rng(seed)
+        self._reset_slot(slot)
+
+    def act(self, frames: np.ndarray) -> np.ndarray:
+        """(B, 64, 64, 3) uint8 frames -> (B, k) raw outputs in [-1, 1]."""
+        out = np.empty((self.num_envs, self.outputs), dtype=np.float32)
+        for slot in range(self.num_envs):
+            out[slot] = self._act_slot(slot, frames[slot])
+        return out
+
+    def _reset_slot(self, slot: int) -> None:
+        pass
+
+    def _act_slot(self, slot: int, frame: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class UniformPolicy(BatchPolicy):
+    """A fresh uniform draw every step."""
+
+    def _act_slot(self, slot: int, frame: np.ndarray) -> np.ndarray:
+        return self._rngs[slot].uniform(-1.0, 1.0, self.outputs)
+
+
+class BrownPolicy(BatchPolicy):
+    """A clipped random walk: smooth steering and throttle, so the car actually travels."""
+
+    def __init__(self, num_envs: int, outputs: int, config: PolicyConfig) -> None:
+        super().__init__(num_envs, outputs, config)
+        self._state = np.zeros((num_envs, outputs))
+
+    def _reset_slot(self, slot: int) -> None:
+        self._state[slot] = self._rngs[slot].uniform(-1.0, 1.0, self.outputs)
+
+    def _act_slot(self, slot: int, frame: np.ndarray) -> np.ndarray:
+        step = self._rngs[slot].normal(0.0, self.config.brown_sigma, self.outputs)
+        self._state[slot] = np.clip(self._state[slot] + step, -1.0, 1.0)
+        return self._state[slot]
+
+
+class HeldPolicy(BatchPolicy):
+    """A uniform action held for hold_min..hold_max frames (the Doom reference's data)."""
+
+    def __init__(self, num_envs: int, outputs: int, config: PolicyConfig) -> None:
+        super().__init__(num_envs, outputs, config)
+        self._action = np.zeros((num_envs, outputs))
+        self._left = np.zeros(num_envs, dtype=np.int64)
+
+    def _reset_slot(self, slot: int) -> None:
+        self._left[slot] = 0
+
+    def _act_slot(self, slot: int, frame: np.ndarray) -> np.ndarray:
+        if self._left[slot] == 0:
+            rng = self._rngs[slot]
+            self._action[slot] = rng.uniform(-1.0, 1.0, self.outputs)
+            self._left[slot] = rng.integers(self.config.hold_min, self.config.hold_max + 1)
+        self._left[slot] -= 1
+        return self._action[slot]
+
+
+class RandomWeightsPolicy(BatchPolicy):
+    """A controller with random weights, as the original CarRacing data were collected.
+
+    The original drew C's weights from N(0, s) with s ~ U(0, 0.01) per episode and fed it the
+    features of an untrained V and M. Before any V exists we use the frame itself, pooled to
+    8x8x3 and centred, as those features: the behaviour is the same in kind (mostly gentle,
+    observation-dependent actions that differ from episode to episode).
+    """
+
+    _features = 8 * 8 * 3
+
+    def __init__(self, num_envs: int, outputs: int, config: PolicyConfig) -> None:
+        super().__init__(num_envs, outputs, config)
+        self._weights = np.zeros((num_envs, outputs, self._features + 1))
+
+    def _reset_slot(self, slot: int) -> None:
+        rng = self._rngs[slot]
+        scale = rng.uniform(0.0, self.config.weights_scale)
+        self._weights[slot] = rng.normal(0.0, scale, self._weights[slot].shape)
+
+    def _act_slot(self, slot: int, frame: np.ndarray) -> np.ndarray:
+        pooled = frame.reshape(8, 8, 8, 8, 3).mean(axis=(1, 3)) / 255.0 - 0.5
+        features = np.append(pooled.ravel(), 1.0)
+        return np.tanh(self._weights[slot] @ features)
+
+
+def make_policy(config: PolicyConfig, num_envs: int, outputs: int) -> BatchPolicy:
+    classes = {"uniform": UniformPolicy, "brown": BrownPolicy, "held": HeldPolicy,
+               "random-weights": RandomWeightsPolicy}
+    if config.name not in classes:
+        raise WmlabError(f"unknown policy '{config.name}': choose one of {', '.join(classes)}")
+    if config.hold_min < 1 or config.hold_max < config.hold_min:
+        raise WmlabError(f"held policy needs 1 <= hold_min <= hold_max, got "
+                         f"{config.hold_min}..{config.hold_max}")
+    return classes[config.name](num_envs, outputs, config)

@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+
+from wmlab.errors import WmlabError
+from wmlab.policies import POLICY_NAMES, PolicyConfig, make_policy
+
+
+def _frames(batch, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (batch, 64, 64, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("name", POLICY_NAMES)
+@pytest.mark.parametrize("outputs", [1, 3])
+def test_outputs_stay_in_the_raw_action_space(name, outputs):
+    policy = make_policy(PolicyConfig(name=name, weights_scale=5.0), num_envs=4, outputs=outputs)
+    for slot in range(4):
+        policy.reset(slot, seed=slot)
+    for step in range(200):
+        raw = policy.act(_frames(4, step))
+        assert raw.shape == (4, outputs) and raw.dtype == np.float32
+        assert np.all(raw >= -1.0) and np.all(raw <= 1.0)
+
+
+@pytest.mark.parametrize("name", POLICY_NAMES)
+def test_actions_depend_only_on_the_episode_seed(name):
+    """The same seed in another slot of another batch gives the same actions."""
+    frames = [_frames(3, t) for t in range(50)]
+    a = make_policy(PolicyConfig(name=name), num_envs=3, outputs=2)
+    b = make_policy(PolicyConfig(name=name), num_envs=3, outputs=2)
+    for slot in range(3):
+        a.reset(slot, seed=100 + slot)
+        b.reset(2 - slot, seed=100 + slot)
+    for t in range(50):
+        out_a = a.act(frames[t])
+        out_b = b.act(frames[t][::-1].copy())
+        np.testing.assert_array_equal(out_a, out_b[::-1])
+    c = make_policy(PolicyConfig(name=name), num_envs=1, outputs=2)
+    c.reset(0, seed=999)
+    assert not np.array_equal(c.act(frames[0][:1]), a.act(frames[0])[:1])
+
+
+def test_held_policy_holds_between_min_and_max_frames():
+    policy = make_policy(PolicyConfig(name="held", hold_min=3, hold_max=5), num_envs=1, outputs=1)
+    policy.reset(0, seed=1)
+    values = [float(policy.act(_frames(1))[0, 0]) for _ in range(400)]
+    runs, length = [], 1
+    for prev, cur in zip(values, values[1:]):
+        if cur == prev:
+            length += 1
+        else:
+            runs.append(length)
+            length = 1
+    assert runs and min(runs) >= 3 and max(runs) <= 5
+
+
+def test_brown_policy_moves_in_small_steps():
+    policy = make_policy(PolicyConfig(name="brown", brown_sigma=0.05), num_envs=1, outputs=3)
+    policy.reset(0, seed=3)
+    values = np.array([policy.act(_frames(1))[0] for _ in range(300)])
+    steps = np.abs(np.diff(values, axis=0))
+    assert steps.max() < 0.5 and values.std() > 0.05
+
+
+def test_uniform_policy_covers_the_doom_thresholds_evenly():
+    policy = make_policy(PolicyConfig(name="uniform"), num_envs=1, outputs=1)
+    policy.reset(0, seed=4)
+    raw = np.array([policy.act(_frames(1))[0, 0] for _ in range(3000)])
+    shares = [np.mean(raw < -1 / 3), np.mean(np.abs(raw) <= 1 / 3), np.mean(raw > 1 / 3)]
+    assert all(0.28 < s < 0.39 for s in shares)
+
+
+def test_unknown_policy_and_bad_hold():
+    with pytest.raises(WmlabError, match="unknown policy 'lazy'"):
+        make_policy(PolicyConfig(name="lazy"), 1, 1)
+    with pytest.raises(WmlabError, match="hold_min"):
+        make_policy(PolicyConfig(name="held", hold_min=4, hold_max=2), 1, 1)
