@@ -1,6 +1,5 @@
-import tomllib
-
 import pytest
+import tomllib
 
 from wmlab import config as C
 from wmlab.errors import ConfigError

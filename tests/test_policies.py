@@ -44,7 +44,7 @@ def test_held_policy_holds_between_min_and_max_frames():
     policy.reset(0, seed=1)
     values = [float(policy.act(_frames(1))[0, 0]) for _ in range(400)]
     runs, length = [], 1
-    for prev, cur in zip(values, values[1:]):
+    for prev, cur in zip(values, values[1:], strict=False):
         if cur == prev:
             length += 1
         else:

@@ -7,32 +7,17 @@ and renamed into place, so a kill never leaves a half-written config behind.
 from __future__ import annotations
 
 import sys
-import uuid
 
 import fsspec
 
 from wmlab.config import Config, to_toml
-from wmlab.errors import ConfigError, WmlabError
+from wmlab.errors import ConfigError
+from wmlab.fsio import atomic_write_bytes
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-
-
-def atomic_write_bytes(url: str, data: bytes) -> None:
-    """Write ``data`` to ``url`` so that readers see the old file or the whole new one."""
-    fs, path = fsspec.core.url_to_fs(url)
-    parent = path.rsplit("/", 1)[0] if "/" in path else "."
-    try:
-        fs.makedirs(parent, exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with fs.open(tmp, "wb") as handle:
-            handle.write(data)
-        fs.mv(tmp, path)
-    except OSError as exc:
-        raise WmlabError(f"cannot write {url}: {exc.strerror or exc}; check the path and "
-                         "its permissions") from None
 
 
 def prepare_run_dir(cfg: Config) -> str:

@@ -1,0 +1,165 @@
+"""V: the convolutional VAE of World Models, and the discriminator of its VAE-GAN variant.
+
+Shapes follow the released code (SPEC.md section 3): 64x64x3 in [0, 1]; four stride-2
+convolutions to 256x2x2 = 1024 features; linear heads to mu and logvar; a linear layer back
+to 1024 viewed as 1024x1x1 and four stride-2 transposed convolutions to 64x64x3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FRAME_SHAPE = (64, 64, 3)
+_ENCODER_CHANNELS = (32, 64, 128, 256)
+_FEATURES = 1024  # 256 channels x 2 x 2 after the encoder
+
+
+@dataclass(frozen=True)
+class VaeShape:
+    """What fixes the tensor shapes of V (and so which checkpoints fit which model)."""
+
+    z_dim: int = 32
+
+
+class Encoder(nn.Module):
+    def __init__(self, z_dim: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_channels = 3
+        for out_channels in _ENCODER_CHANNELS:
+            layers += [nn.Conv2d(in_channels, out_channels, 4, stride=2), nn.ReLU()]
+            in_channels = out_channels
+        self.convs = nn.Sequential(*layers)
+        self.mu = nn.Linear(_FEATURES, z_dim)
+        self.logvar = nn.Linear(_FEATURES, z_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.convs(x).flatten(1)
+        return self.mu(h), self.logvar(h)
+
+
+class Decoder(nn.Module):
+    def __init__(self, z_dim: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(z_dim, _FEATURES)
+        self.deconvs = nn.Sequential(
+            nn.ConvTranspose2d(_FEATURES, 128, 5, stride=2), nn.ReLU(),
+            nn.ConvTranspose2d(128, 64, 5, stride=2), nn.ReLU(),
+            nn.ConvTranspose2d(64, 32, 6, stride=2), nn.ReLU(),
+            nn.ConvTranspose2d(32, 3, 6, stride=2), nn.Sigmoid(),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.deconvs(self.fc(z).view(-1, _FEATURES, 1, 1))
+
+
+class ConvVAE(nn.Module):
+    """Frames (N, 3, 64, 64) in [0, 1] -> reconstruction, mu, logvar."""
+
+    def __init__(self, z_dim: int = 32) -> None:
+        super().__init__()
+        self.z_dim = z_dim
+        self.encoder = Encoder(z_dim)
+        self.decoder = Decoder(z_dim)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mu, logvar = self.encoder(x)
+        z = sample_latent(mu, logvar)
+        return self.decoder(z), mu, logvar
+
+
+def sample_latent(mu: torch.Tensor, logvar: torch.Tensor,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """z = mu + sigma * eps: the reparameterised sample C and M see (not the mean)."""
+    eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    return mu + torch.exp(0.5 * logvar) * eps
+
+
+def frames_to_tensor(frames: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """(N, 64, 64, 3) uint8 -> (N, 3, 64, 64) float in [0, 1] (channels-last memory if asked).
+
+    uint8 HWC is already the channels-last layout, so the permute costs no copy when the
+    model runs channels-last: only the conversion to float touches the data.
+    """
+    x = frames.permute(0, 3, 1, 2)
+    if channels_last:
+        return x.float().div_(255.0).contiguous(memory_format=torch.channels_last)
+    return x.contiguous().float().div_(255.0)
+
+
+@dataclass
+class VaeLoss:
+    total: torch.Tensor
+    reconstruction: torch.Tensor
+    kl: torch.Tensor
+
+
+def vae_loss(x: torch.Tensor, recon: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+             kl_tolerance: float) -> VaeLoss:
+    """Summed squared error per frame plus the KL floored at kl_tolerance * z, batch means.
+
+    The floor is applied per frame before averaging, as the released code does: it stops
+    the KL term from pulling latents below that much information (the "free bits" idea).
+    """
+    reconstruction = (recon.float() - x.float()).pow(2).flatten(1).sum(1).mean()
+    mu, logvar = mu.float(), logvar.float()
+    kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)
+    kl = kl.clamp(min=kl_tolerance * mu.shape[1]).mean()
+    return VaeLoss(total=reconstruction + kl, reconstruction=reconstruction, kl=kl)
+
+
+class Discriminator(nn.Module):
+    """VAE-GAN critic: the encoder's convolution stack and a linear real/fake logit.
+
+    ``features`` returns the last convolution's activations, used for the feature-matching
+    loss that makes the VAE's reconstructions agree with real frames in the critic's eyes.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_channels = 3
+        for out_channels in _ENCODER_CHANNELS:
+            layers += [nn.Conv2d(in_channels, out_channels, 4, stride=2),
+                       nn.LeakyReLU(0.2)]
+            in_channels = out_channels
+        self.convs = nn.Sequential(*layers)
+        self.logit = nn.Linear(_FEATURES, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.convs(x)
+        return self.logit(features.flatten(1)).squeeze(1), features
+
+
+def critic_loss(discriminator: Discriminator, real: torch.Tensor, fake: torch.Tensor
+                ) -> torch.Tensor:
+    """Binary cross-entropy of the critic telling real frames from (detached) reconstructions."""
+    real_logit, _ = discriminator(real)
+    fake_logit, _ = discriminator(fake.detach())
+    return (F.binary_cross_entropy_with_logits(real_logit, torch.ones_like(real_logit))
+            + F.binary_cross_entropy_with_logits(fake_logit, torch.zeros_like(fake_logit)))
+
+
+def generator_loss(discriminator: Discriminator, real: torch.Tensor, fake: torch.Tensor
+                   ) -> torch.Tensor:
+    """Non-saturating adversarial loss plus feature matching, both pushing the VAE's output."""
+    with torch.no_grad():
+        _, real_features = discriminator(real)
+    fake_logit, fake_features = discriminator(fake)
+    adversarial = F.binary_cross_entropy_with_logits(fake_logit, torch.ones_like(fake_logit))
+    matching = (fake_features - real_features).pow(2).mean()
+    return adversarial + matching
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
