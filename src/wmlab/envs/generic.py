@@ -43,13 +43,12 @@ def make_generic(gym_id: str, max_steps: int = 0) -> gym.Env:
             "Gymnasium id with image observations (see `wmlab envs`)") from None
     if _is_image(env.observation_space):
         return ImageFrames(env, from_render=False)
+    render_modes = env.metadata.get("render_modes") or []
     env.close()
-    env = gym.make(gym_id, render_mode="rgb_array", **kwargs)
-    if "rgb_array" not in (env.metadata.get("render_modes") or []):
-        env.close()
+    if "rgb_array" not in render_modes:
         raise WmlabError(f"'{gym_id}' has neither image observations nor an rgb_array "
                          "renderer: wmlab's V needs pixels")
-    return ImageFrames(env, from_render=True)
+    return ImageFrames(gym.make(gym_id, render_mode="rgb_array", **kwargs), from_render=True)
 
 
 def generic_spec(gym_id: str) -> EnvSpec:
