@@ -1,7 +1,31 @@
-"""Episodes on disk or any fsspec URL: writing, verifying, streaming frames and series."""
+"""Episodes on disk or any fsspec URL: writing, verifying, streaming frames and series.
 
-from wmlab.data.episode_file import Episode, EpisodeReader, encode_episode
-from wmlab.data.store import EpisodeStore, VerifyReport, episode_name, format_info
+``episode_file`` is the one-file-per-episode format (``.wmep``), ``store`` the folder of
+episodes collection writes and training reads, ``sampling`` the shuffled frame batches.
+"""
 
-__all__ = ["Episode", "EpisodeReader", "EpisodeStore", "VerifyReport", "encode_episode",
-           "episode_name", "format_info"]
+from wmlab.data.episode_file import (
+    Episode,
+    EpisodeFileError,
+    EpisodeReader,
+    decode_episode,
+    encode_episode,
+    read_chunk,
+    read_episode,
+    read_meta,
+    verify_file,
+    write_episode,
+)
+from wmlab.data.store import (
+    EpisodeStore,
+    StoreManifest,
+    VerifyReport,
+    episode_id,
+    format_info,
+    parse_episode_id,
+)
+
+__all__ = ["Episode", "EpisodeFileError", "EpisodeReader", "EpisodeStore", "StoreManifest",
+           "VerifyReport", "decode_episode", "encode_episode", "episode_id", "format_info",
+           "parse_episode_id", "read_chunk", "read_episode", "read_meta", "verify_file",
+           "write_episode"]

@@ -1,90 +1,78 @@
 """Environments as wmlab sees them: 64x64x3 uint8 frames and a raw-output -> action map.
 
-``make`` gives one Gymnasium env, ``make_batch`` a batch stepped together (what collection
-and real-env evaluation use). Built-ins: ``carracing`` (backends ``gymnasium``, the
-reference, and ``envpool``, the fast C++ port) and ``doom`` (ViZDoom). Any other Gymnasium
-id with image observations works through a generic wrapper.
+``make`` gives one Gymnasium env, ``make_batch`` B envs stepped together (what collection and
+real-env evaluation use). Built-ins: ``carracing`` (backends ``gymnasium``, the reference,
+and ``envpool``, the fast C++ port) and ``doom`` (ViZDoom). Any other Gymnasium id with image
+observations, or an rgb_array renderer, works through a generic wrapper.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Any
 
 import gymnasium as gym
+import numpy as np
 
 from wmlab.envs.batch import EnvBatch, EnvpoolBatch, GymnasiumBatch
-from wmlab.envs.frames import preprocess_carracing, resize_frame
+from wmlab.envs.frames import (
+    preprocess_carracing,
+    preprocess_carracing_batch,
+    resize_batch,
+    resize_frame,
+)
+from wmlab.envs.registry import EnvEntry, builtin_entries
 from wmlab.envs.spec import EnvSpec
 from wmlab.errors import WmlabError
 
-__all__ = ["EnvBatch", "EnvSpec", "get_spec", "list_envs", "make", "make_batch",
-           "preprocess_carracing", "resize_frame"]
-
-
-@dataclass(frozen=True)
-class _Entry:
-    spec: Callable[[], EnvSpec]
-    make: Callable[..., gym.Env]  # (backend, max_steps, **kwargs) -> env
-
-
-def _builtins() -> dict[str, _Entry]:
-    from wmlab.envs.carracing import EnvpoolCarRacing, carracing_spec, make_gymnasium
-    from wmlab.envs.doom import TakeCoverEnv, doom_spec
-
-    def car(backend: str, max_steps: int, **kwargs) -> gym.Env:
-        if backend == "envpool":
-            return EnvpoolCarRacing(max_steps, **kwargs)
-        return make_gymnasium(max_steps, **kwargs)
-
-    def doom(backend: str, max_steps: int, **kwargs) -> gym.Env:
-        return TakeCoverEnv(max_steps, **kwargs)
-
-    return {"carracing": _Entry(carracing_spec, car), "doom": _Entry(doom_spec, doom)}
+__all__ = ["EnvBatch", "EnvEntry", "EnvSpec", "EnvpoolBatch", "GymnasiumBatch", "get_spec",
+           "list_envs", "make", "make_batch", "preprocess_carracing",
+           "preprocess_carracing_batch", "resize_batch", "resize_frame"]
 
 
 def list_envs() -> list[EnvSpec]:
-    return [entry.spec() for entry in _builtins().values()]
+    """The built-in environments (any other Gymnasium id with pixels works too)."""
+    return [entry.spec for entry in builtin_entries().values()]
 
 
 def get_spec(name: str) -> EnvSpec:
-    builtins = _builtins()
-    if name in builtins:
-        return builtins[name].spec()
-    if name == "binpacking":
-        raise WmlabError("the binpacking environment is not built yet (it arrives with its "
-                         "own issue): use carracing or doom")
+    """The spec of ``name``; for a generic Gymnasium id, one env is made briefly."""
+    entries = builtin_entries()
+    if name in entries:
+        return entries[name].spec
     from wmlab.envs.generic import generic_spec
 
-    return generic_spec(name)
+    return generic_spec(name, entries)
 
 
-def _check_count(num_envs: int) -> None:
-    if num_envs < 1:
-        raise WmlabError(f"num_envs must be at least 1, got {num_envs}")
+def make(name: str, backend: str | None = None, **options: Any) -> gym.Env:
+    """One env with 64x64x3 uint8 observations.
+
+    Options: ``max_steps`` (episode cap, default the env's own) for every env; ``num_threads``
+    for carracing/envpool; ``resolution`` for doom; other Gymnasium ids pass their options to
+    ``gymnasium.make``.
+    """
+    entries = builtin_entries()
+    if name not in entries:
+        from wmlab.envs.generic import make_generic
+
+        return make_generic(name, entries, backend, **options)
+    entry = entries[name]
+    chosen = entry.spec.check_backend(backend)
+    entry.check_options(chosen, options)
+    return entry.make(chosen, **options)
 
 
-def make(name: str, backend: str | None = None, max_steps: int = 0, **kwargs) -> gym.Env:
-    """One env with 64x64x3 uint8 observations."""
-    spec = get_spec(name)
-    backend = spec.check_backend(backend)
-    steps = max_steps or spec.max_steps
-    builtins = _builtins()
-    if name in builtins:
-        return builtins[name].make(backend, steps, **kwargs)
-    from wmlab.envs.generic import make_generic
+def make_batch(name: str, num_envs: int, backend: str | None = None,
+               **options: Any) -> EnvBatch:
+    """``num_envs`` envs stepped as one batch (see ``wmlab.envs.batch``); options as ``make``."""
+    if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
+        raise WmlabError(f"num_envs must be an integer of at least 1, got {num_envs!r}")
+    entries = builtin_entries()
+    if name not in entries:
+        from wmlab.envs.generic import make_generic_batch
 
-    return make_generic(name, steps)
-
-
-def make_batch(name: str, num_envs: int, backend: str | None = None, max_steps: int = 0,
-               **kwargs) -> EnvBatch:
-    """``num_envs`` envs stepped as one batch (see ``wmlab.envs.batch``)."""
-    _check_count(num_envs)
-    spec = get_spec(name)
-    backend = spec.check_backend(backend)
-    steps = max_steps or spec.max_steps
-    if backend == "envpool":
-        return EnvpoolBatch(spec, num_envs, steps, **kwargs)
-    return GymnasiumBatch(spec, lambda: make(name, backend, steps, **kwargs), num_envs,
-                          backend)
+        return make_generic_batch(name, entries, num_envs, backend, **options)
+    entry = entries[name]
+    chosen = entry.spec.check_backend(backend)
+    entry.check_options(chosen, options)
+    return entry.make_batch(chosen, num_envs, **options)

@@ -1,0 +1,162 @@
+"""M: the MDN-RNN. An LSTM over [z, action(, restart)] whose output is, for every z
+dimension, an independent mixture of Gaussians over the next z, plus optional heads for the
+episode's end ("done", Doom's restart) and the reward.
+
+Parameter counts use PyTorch's LSTM with two bias vectors (b_ih and b_hh): 423,392 for the
+CarRacing size and 1,680,833 for Doom; the original's single-bias form has 1,024 and 2,048
+fewer (422,368 and 1,678,785) and computes the same function (b = b_ih + b_hh).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+@dataclass(frozen=True)
+class MdrnnShape:
+    """Everything that fixes M's tensor shapes (and so which checkpoints fit)."""
+
+    z_dim: int = 32
+    action_dim: int = 3
+    hidden: int = 256
+    gaussians: int = 5
+    done_head: bool = False
+    reward_head: bool = False
+    restart_input: bool = False
+
+    @property
+    def input_size(self) -> int:
+        return self.z_dim + self.action_dim + int(self.restart_input)
+
+    @property
+    def output_size(self) -> int:
+        return 3 * self.z_dim * self.gaussians + int(self.done_head) + int(self.reward_head)
+
+
+@dataclass
+class MdrnnOutput:
+    logits: torch.Tensor  # (B, T, z, K) mixture weights, unnormalised
+    means: torch.Tensor  # (B, T, z, K)
+    log_sigmas: torch.Tensor  # (B, T, z, K)
+    done_logit: torch.Tensor | None  # (B, T)
+    reward: torch.Tensor | None  # (B, T)
+
+
+LstmState = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (1, B, hidden)
+
+
+class MDNRNN(nn.Module):
+    def __init__(self, shape: MdrnnShape) -> None:
+        super().__init__()
+        self.shape = shape
+        self.lstm = nn.LSTM(shape.input_size, shape.hidden, batch_first=True)
+        self.head = nn.Linear(shape.hidden, shape.output_size)
+
+    def initial_state(self, batch: int, device: torch.device | str = "cpu") -> LstmState:
+        zeros = torch.zeros(1, batch, self.shape.hidden, device=device)
+        return zeros, zeros.clone()
+
+    def forward(self, z: torch.Tensor, actions: torch.Tensor,
+                restart: torch.Tensor | None = None, state: LstmState | None = None
+                ) -> tuple[MdrnnOutput, torch.Tensor, LstmState]:
+        """(B, T, z), (B, T, A)[, (B, T) restart] -> outputs, hidden states (B, T, H), state.
+
+        A restart of 1 at step t zeroes the LSTM state before step t is processed: that
+        step starts a new episode, and nothing of the previous one may leak into it.
+        """
+        parts = [z, actions]
+        if self.shape.restart_input:
+            if restart is None:
+                restart = torch.zeros(z.shape[:2], device=z.device)
+            parts.append(restart.unsqueeze(-1).to(z.dtype))
+        x = torch.cat(parts, dim=-1)
+        if restart is not None and bool(restart.any()):
+            hidden, state = self._run_with_restarts(x, restart, state)
+        else:
+            hidden, state = self.lstm(x, state)
+        return self.read_out(hidden), hidden, state
+
+    def _run_with_restarts(self, x: torch.Tensor, restart: torch.Tensor,
+                           state: LstmState | None) -> tuple[torch.Tensor, LstmState]:
+        """The LSTM step by step, zeroing state where restart is set (same weights as
+        ``self.lstm``). The input projection of all steps is one matmul; only the
+        recurrent part loops."""
+        batch, steps, _ = x.shape
+        if state is None:
+            state = self.initial_state(batch, x.device)
+        h, c = state[0][0], state[1][0]
+        w_ih, w_hh = self.lstm.weight_ih_l0, self.lstm.weight_hh_l0
+        projected = x @ w_ih.T + (self.lstm.bias_ih_l0 + self.lstm.bias_hh_l0)
+        keep = (1.0 - restart.to(x.dtype)).unsqueeze(-1)  # (B, T, 1)
+        outputs = []
+        for t in range(steps):
+            h, c = h * keep[:, t], c * keep[:, t]
+            gates = projected[:, t] + h @ w_hh.T
+            i, f, g, o = gates.chunk(4, dim=-1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            outputs.append(h)
+        return torch.stack(outputs, dim=1), (h.unsqueeze(0), c.unsqueeze(0))
+
+    def read_out(self, hidden: torch.Tensor) -> MdrnnOutput:
+        s = self.shape
+        out = self.head(hidden)
+        mixture = 3 * s.z_dim * s.gaussians
+        params = out[..., :mixture].reshape(*out.shape[:-1], s.z_dim, 3, s.gaussians)
+        extra = out[..., mixture:]
+        done = extra[..., 0] if s.done_head else None
+        reward = extra[..., int(s.done_head)] if s.reward_head else None
+        return MdrnnOutput(logits=params[..., 0, :], means=params[..., 1, :],
+                           log_sigmas=params[..., 2, :], done_logit=done, reward=reward)
+
+
+def mixture_nll(out: MdrnnOutput, target: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean negative log-likelihood of ``target`` (B, T, z) under the per-dimension mixtures,
+    averaged over dimensions and the (unmasked) steps."""
+    log_weights = F.log_softmax(out.logits, dim=-1)
+    y = target.unsqueeze(-1)
+    log_prob = (-0.5 * ((y - out.means) * torch.exp(-out.log_sigmas)).pow(2)
+                - out.log_sigmas - _LOG_SQRT_2PI)
+    nll = -torch.logsumexp(log_weights + log_prob, dim=-1)  # (B, T, z)
+    if mask is None:
+        return nll.mean()
+    weights = mask.to(nll.dtype).unsqueeze(-1).expand_as(nll)
+    return (nll * weights).sum() / weights.sum().clamp(min=1)
+
+
+def done_loss(done_logit: torch.Tensor, target: torch.Tensor, positive_weight: float,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Binary cross-entropy of the done head, positive (death) steps weighted."""
+    weight = torch.tensor(positive_weight, device=done_logit.device, dtype=done_logit.dtype)
+    loss = F.binary_cross_entropy_with_logits(done_logit, target.to(done_logit.dtype),
+                                              pos_weight=weight, reduction="none")
+    if mask is None:
+        return loss.mean()
+    mask = mask.to(loss.dtype)
+    return (loss * mask).sum() / mask.sum().clamp(min=1)
+
+
+def sample_next_z(out: MdrnnOutput, tau: float, generator: torch.Generator | None = None
+                  ) -> torch.Tensor:
+    """Sample z' at temperature tau: logits / tau, a component drawn per dimension, then
+    mean + sigma * sqrt(tau) * N(0, 1). Works on any leading shape (..., z, K) -> (..., z)."""
+    logits = out.logits if tau == 1.0 else out.logits / max(tau, 1e-6)
+    probs = F.softmax(logits.float(), dim=-1)
+    flat = probs.reshape(-1, probs.shape[-1])
+    component = torch.multinomial(flat, 1, generator=generator).reshape(*probs.shape[:-1], 1)
+    mean = out.means.gather(-1, component).squeeze(-1)
+    sigma = out.log_sigmas.gather(-1, component).squeeze(-1).exp()
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return mean + sigma * math.sqrt(tau) * noise
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,98 @@
+"""Encoding every episode of the store to (mu, logvar) series with the trained V.
+
+Resumable by construction: each episode's series is one file written atomically under the
+V's fingerprint, so a re-run encodes only the episodes without one. The next episode is read
+and decompressed in a background thread while the current one is encoded.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from wmlab.config import Config
+from wmlab.data import EpisodeStore
+from wmlab.data.series import Series, SeriesStore
+from wmlab.device import resolve_device
+from wmlab.vision.model import ConvVAE, frames_to_tensor
+from wmlab.vision.train import load_vae, vision_dir
+
+ENCODE_BATCH = 512
+
+
+@dataclass
+class EncodeSummary:
+    series_url: str
+    fingerprint: str
+    episodes: int
+    encoded: int
+    frames: int
+    seconds: float
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        if self.encoded == 0:
+            return f"{self.series_url}: all {self.episodes} episodes already encoded"
+        return (f"{self.series_url}: encoded {self.encoded} episodes ({self.frames} frames) in "
+                f"{self.seconds:.1f} s = {self.frames_per_second:.0f} frames/s; "
+                f"{self.episodes} in all")
+
+
+@torch.no_grad()
+def encode_frames(model: ConvVAE, frames: np.ndarray, device: torch.device,
+                  channels_last: bool = True, batch: int = ENCODE_BATCH
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 64, 64, 3) uint8 -> mu, logvar as (N, z) float32, in batches."""
+    mus, logvars = [], []
+    for start in range(0, len(frames), batch):
+        chunk = torch.from_numpy(np.ascontiguousarray(frames[start:start + batch])).to(device)
+        mu, logvar = model.encode(frames_to_tensor(chunk, channels_last))
+        mus.append(mu.float().cpu().numpy())
+        logvars.append(logvar.float().cpu().numpy())
+    return np.concatenate(mus), np.concatenate(logvars)
+
+
+def encode_store(cfg: Config, *, progress: bool = True) -> EncodeSummary:
+    device = resolve_device(cfg.run.device)
+    model, info = load_vae(vision_dir(cfg), device)
+    channels_last = cfg.vae.channels_last
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    store = EpisodeStore.open(cfg.store_url())
+    series = SeriesStore(cfg.store_url(), info["fingerprint"])
+    all_ids = store.episode_ids()
+    done = set(series.ids())
+    todo = [episode_id for episode_id in all_ids if episode_id not in done]
+
+    from tqdm.auto import tqdm
+
+    started, frames = time.monotonic(), 0
+    bar = tqdm(total=len(all_ids), initial=len(all_ids) - len(todo), desc="encode",
+               unit="ep", disable=not progress, dynamic_ncols=True)
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        pending = reader.submit(store.load, todo[0]) if todo else None
+        for position, episode_id in enumerate(todo):
+            episode = pending.result()
+            if position + 1 < len(todo):
+                pending = reader.submit(store.load, todo[position + 1])
+            mu, logvar = encode_frames(model, episode.frames, device, channels_last)
+            series.write(Series(episode_id=episode_id, mu=mu, logvar=logvar,
+                                actions=episode.actions, rewards=episode.rewards,
+                                dones=episode.dones))
+            frames += len(episode.frames)
+            bar.update(1)
+            bar.set_postfix(fps=f"{frames / max(time.monotonic() - started, 1e-9):.0f}",
+                            refresh=False)
+    bar.close()
+    series.mark_current({"z_dim": model.z_dim, "episodes": len(all_ids),
+                         "vae_step": info.get("step")})
+    return EncodeSummary(series_url=series.url, fingerprint=info["fingerprint"],
+                         episodes=len(all_ids), encoded=len(todo), frames=frames,
+                         seconds=time.monotonic() - started)
