@@ -7,48 +7,19 @@ Every problem the user can fix arrives here as a ``WmlabError`` and is printed a
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Sequence
 
 from wmlab import __version__
+from wmlab.bench import STAGES
+from wmlab.commands import STAGE_MODULES
+from wmlab.commands.common import add_config_args, config_from_args
 from wmlab.errors import WmlabError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
-
-
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", required=True,
-                        help="environment preset: carracing, doom, binpacking")
-    parser.add_argument("--profile", default="paper",
-                        help="profile of the preset: paper (published set-up) or quick")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.KEY=VALUE",
-                        help="override one config value (repeatable), e.g. --set vae.epochs=3")
-    parser.add_argument("--run", dest="run_name", help="run directory name (under run.root)")
-    parser.add_argument("--env", help="environment name or Gymnasium id (overrides env.name)")
-    parser.add_argument("--backend", help="simulator backend (overrides env.backend)")
-    parser.add_argument("--seed", type=int, help="master seed (overrides run.seed)")
-
-
-def _config_from_args(args: argparse.Namespace, extra: dict[str, object] | None = None):
-    from wmlab.config import load_config
-
-    flags = {"run.name": args.run_name, "env.name": args.env, "env.backend": args.backend,
-             "run.seed": args.seed, **(extra or {})}
-    # Flags become overrides so they pass the same validation as --set (and name the key).
-    overrides = [f"{key}={_toml_literal(value)}" for key, value in flags.items()
-                 if value is not None]
-    return load_config(args.preset, args.profile, [*overrides, *args.overrides])
-
-
-def _toml_literal(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,7 +53,7 @@ def cmd_config(args: argparse.Namespace) -> int:
         for key, default, help_text in describe():
             print(f"{key:<28} {default:<12} {help_text}")
         return 0
-    print(to_toml(_config_from_args(args)), end="")
+    print(to_toml(config_from_args(args)), end="")
     return 0
 
 
@@ -91,7 +62,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     from wmlab.data import EpisodeStore, format_info
     from wmlab.runs import prepare_run_dir
 
-    cfg = _config_from_args(args, {
+    cfg = config_from_args(args, {
         "collect.episodes": args.episodes, "collect.workers": args.workers,
         "collect.out": args.out, "collect.policy": args.policy,
         "collect.envs_per_worker": args.envs_per_worker,
@@ -146,12 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="show a resolved config, or every option")
     config_sub = p.add_subparsers(dest="config_command", required=True, metavar="WHAT")
     show = config_sub.add_parser("show", help="print the resolved config as TOML")
-    _add_config_args(show)
+    add_config_args(show)
     config_sub.add_parser("options", help="every config key with its default and meaning")
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("collect", help="collect random-policy episodes into an episode store")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--episodes", type=int, help="episodes to have in the store (collect.episodes)")
     p.add_argument("--workers", type=int, help="worker processes; 0 = one per core")
     p.add_argument("--envs-per-worker", type=int, help="envs stepped as a batch per worker")
@@ -174,10 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("bench", help="throughput benchmarks of each stage")
-    p.add_argument("what", choices=["collect"], help="stage to benchmark")
+    p.add_argument("what", choices=STAGES, help="stage to benchmark")
     p.add_argument("--quick", action="store_true", help="shorter runs (noisier figures)")
     p.add_argument("--json", dest="json_out", help="also write the figures as JSON here")
     p.set_defaults(func=cmd_bench)
+
+    for module in STAGE_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 

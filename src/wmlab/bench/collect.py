@@ -107,7 +107,7 @@ def _case_main(case: Case, results: mp.Queue) -> None:
     results.put((steps, seconds, peak_kb / 1024, disk / 1e6))
 
 
-def bench_collect(quick: bool = False) -> list[dict]:
+def run(quick: bool = False) -> list[dict]:
     ctx = mp.get_context("spawn")
     rows = []
     for case in _cases(quick):
