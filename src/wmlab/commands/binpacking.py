@@ -1,9 +1,77 @@
-"""Subcommands of this stage (see wmlab.commands)."""
+"""Subcommands of this stage: ``wmlab play ENV`` and ``wmlab baseline binpacking``."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+
+from wmlab.errors import WmlabError
+
+
+def cmd_play(args: argparse.Namespace) -> int:
+    from wmlab.play import make_session, run_window
+
+    if os.environ.get("SDL_VIDEODRIVER") == "dummy" and not args.headless_ok:
+        # wmlab's main() sets the dummy driver for headless envs; a window needs the real one.
+        if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+                or sys.platform in ("darwin", "win32")):
+            raise WmlabError("wmlab play needs a display (none found: DISPLAY is not set); "
+                             "run it on a desktop, or pass --headless-ok to play blind")
+        os.environ.pop("SDL_VIDEODRIVER")
+    session = make_session(args.env, seed=args.seed)
+    returns = run_window(session, fps=args.fps, scale=args.scale, max_frames=args.max_frames)
+    for i, value in enumerate(returns):
+        print(f"episode {i}: return {value:g}")
+    return 0
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
+    from wmlab.baselines import POLICIES, evaluate, format_rows, problems_for, write_json
+
+    problems = problems_for(args.env, args.distribution or (), args.horizon)
+    policies = list(POLICIES[:3]) if args.policy == "all" else [args.policy]
+    rows = []
+    for policy in policies:
+        rows.extend(evaluate(policy, problems, args.episodes, args.seed))
+    print(format_rows(rows))
+    if args.json_out:
+        write_json(rows, args.json_out)
+        print(f"results written to {args.json_out}")
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this stage's subcommands to the ``wmlab`` parser."""
+    from wmlab.baselines import POLICIES
+    from wmlab.envs.binpacking import DISTRIBUTIONS
+
+    p = sub.add_parser("play", help="play binpacking, carracing or doom by hand in a window",
+                       description="Keys: bin packing - a digit plays that level (C > 10: "
+                       "type it and press Enter), 0/N new bag, Left/Right + Space cursor, "
+                       "B best fit, S sum of squares; CarRacing - arrows; Doom - Left/Right. "
+                       "R restarts, Esc quits.")
+    p.add_argument("env", help="binpacking (or binpacking:key=value,...), carracing or doom")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first episode")
+    p.add_argument("--fps", type=int, default=50, help="frames per second (CarRacing, Doom)")
+    p.add_argument("--scale", type=int, default=0, help="pixel zoom; 0 = automatic")
+    p.add_argument("--max-frames", type=int, default=0, help="stop after this many frames")
+    p.add_argument("--headless-ok", action="store_true",
+                   help="keep SDL_VIDEODRIVER=dummy (no visible window; for scripts)")
+    p.set_defaults(func=cmd_play)
+
+    p = sub.add_parser("baseline", help="heuristic baselines of bin packing",
+                       description="Mean +- std of the episode return of a heuristic on "
+                       "every named distribution (or those given). Distributions: "
+                       + ", ".join(DISTRIBUTIONS))
+    p.add_argument("env", help="binpacking (every named distribution) or "
+                   "binpacking:key=value,... (one custom problem)")
+    p.add_argument("--policy", default="all", choices=(*POLICIES, "all"),
+                   help="heuristic to run; all = best-fit, sum-of-squares and random")
+    p.add_argument("--episodes", type=int, default=10, help="episodes per distribution")
+    p.add_argument("--distribution", action="append", choices=tuple(DISTRIBUTIONS),
+                   help="named distribution (repeatable); default: all six")
+    p.add_argument("--horizon", type=int, help="override every problem's horizon T")
+    p.add_argument("--seed", type=int, default=0, help="seed of the item sequences")
+    p.add_argument("--json", dest="json_out", help="also write the results as JSON here")
+    p.set_defaults(func=cmd_baseline)
