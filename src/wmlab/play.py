@@ -132,8 +132,10 @@ class BinPackingSession:
             self.message = self._prompt()
             return True
         _, reward, terminated, truncated, info = env.step(action)
-        note = f"played {info['action']}" + (f" (asked {action}, invalid)"
-                                             if info["invalid"] else "")
+        note = f"played {info['action']}"
+        if info["invalid"]:
+            note = f"level {action} is invalid" + (
+                f", played {info['action']} instead" if info["action"] != action else "")
         self.message = f"{note}: reward {reward:+g}"
         if terminated or truncated:
             self.done = True
