@@ -12,6 +12,15 @@ from wmlab.vision.model import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: OpenMP's spinning threads crawl on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("z_dim, expected", [(32, 4_348_547), (64, 4_446_915)])
 def test_parameter_counts_match_the_paper(z_dim, expected):
     assert count_parameters(ConvVAE(z_dim)) == expected
@@ -23,6 +32,26 @@ def test_shapes_through_encoder_and_decoder():
     recon, mu, logvar = model(x)
     assert recon.shape == x.shape and mu.shape == logvar.shape == (5, 32)
     assert recon.min() >= 0 and recon.max() <= 1
+
+
+@pytest.mark.parametrize("z_dim", [32, 64])
+def test_encoder_and_decoder_shapes_follow_the_spec(z_dim):
+    model = ConvVAE(z_dim)
+    sizes = []
+    h = torch.rand(2, 3, 64, 64)
+    for layer in model.encoder.convs:
+        h = layer(h)
+        sizes.append(h.shape[-1])
+    assert sizes[::2] == [31, 14, 6, 2] and h.flatten(1).shape == (2, 1024)
+    mu, logvar = model.encode(torch.rand(2, 3, 64, 64))
+    assert mu.shape == logvar.shape == (2, z_dim)
+    h = model.decoder.fc(mu).view(-1, 1024, 1, 1)
+    sizes = []
+    for layer in model.decoder.deconvs:
+        h = layer(h)
+        sizes.append(h.shape[-1])
+    assert sizes[::2] == [5, 13, 30, 64] and h.shape == (2, 3, 64, 64)
+    assert model.decode(mu).shape == (2, 3, 64, 64)
 
 
 def test_frames_to_tensor_scales_and_keeps_values_in_both_layouts():
@@ -46,6 +75,16 @@ def test_kl_is_floored_per_frame_at_tolerance_times_z():
     assert float(big.kl) == pytest.approx(0.5 * 8 * 9.0)  # 0.5 * sum(mu^2) above the floor
 
 
+def test_kl_floor_is_per_sample_not_per_batch():
+    x = torch.rand(2, 3, 64, 64)
+    logvar = torch.zeros(2, 4)
+    mu = torch.tensor([[0.0] * 4, [2.0] * 4])  # KL 0 and 0.5 * 4 * 4 = 8
+    parts = vae_loss(x, x, mu, logvar, kl_tolerance=0.5)  # floor 2 per sample
+    # per sample: mean(max(0, 2), max(8, 2)) = 5; floored after averaging it would be 4
+    assert float(parts.kl) == pytest.approx(5.0)
+    assert float(parts.total) == pytest.approx(5.0)
+
+
 def test_reconstruction_is_summed_over_pixels_and_averaged_over_batch():
     x = torch.zeros(2, 3, 64, 64)
     recon = torch.full_like(x, 0.5)
@@ -65,7 +104,7 @@ def test_a_few_steps_reduce_the_loss_on_a_fixed_batch():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0]
 
 

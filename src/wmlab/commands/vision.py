@@ -1,9 +1,45 @@
-"""Subcommands of this stage (see wmlab.commands)."""
+"""Subcommands of V: ``wmlab train-vae`` and ``wmlab encode`` (see wmlab.commands)."""
 
 from __future__ import annotations
 
 import argparse
 
+from wmlab.commands.common import add_config_args, config_from_args
+
+
+def cmd_train_vae(args: argparse.Namespace) -> int:
+    from wmlab.runs import prepare_run_dir
+    from wmlab.vision.train import train_vae
+
+    cfg = config_from_args(args, {"vae.epochs": args.epochs, "vae.kind": args.kind})
+    print(f"run directory: {prepare_run_dir(cfg)}")
+    result = train_vae(cfg, progress=not args.no_progress)
+    print(result.line())
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from wmlab.runs import prepare_run_dir
+    from wmlab.vision.encode import encode_store
+
+    cfg = config_from_args(args)
+    print(f"run directory: {prepare_run_dir(cfg)}")
+    print(encode_store(cfg, progress=not args.no_progress).line())
+    return 0
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this stage's subcommands to the ``wmlab`` parser."""
+    p = sub.add_parser("train-vae", help="train V (the VAE, or VAE-GAN) on the episode store; "
+                                         "resumes where a killed run stopped")
+    add_config_args(p)
+    p.add_argument("--epochs", type=int, help="passes over the training frames (vae.epochs)")
+    p.add_argument("--kind", choices=("vae", "vae-gan"), help="vision model (vae.kind)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train_vae)
+
+    p = sub.add_parser("encode", help="write every episode's (mu, logvar) series with the "
+                                      "trained V, beside the episodes (resumable)")
+    add_config_args(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_encode)

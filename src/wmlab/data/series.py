@@ -60,6 +60,18 @@ class SeriesStore:
         payload = json.dumps({"fingerprint": self.fingerprint, **info}, indent=2).encode()
         atomic_write_bytes(f"{self.store_url}/series/current.json", payload)
 
+    def write_info(self, info: dict[str, Any]) -> None:
+        """Record which V made this folder (``vae.json``), so it can be traced to its weights."""
+        payload = json.dumps({"fingerprint": self.fingerprint, **info}, indent=2).encode()
+        atomic_write_bytes(f"{self.url}/vae.json", payload)
+
+    def info(self) -> dict[str, Any]:
+        try:
+            with self.fs.open(f"{self.path}/vae.json", "rb") as handle:
+                return json.load(handle)
+        except FileNotFoundError:
+            return {"fingerprint": self.fingerprint}
+
     def _file(self, episode_id: str) -> str:
         return f"{self.path}/{episode_id}.npz"
 

@@ -18,10 +18,12 @@ from wmlab.config import Config
 from wmlab.data import EpisodeStore
 from wmlab.data.series import Series, SeriesStore
 from wmlab.device import resolve_device
-from wmlab.vision.model import ConvVAE, frames_to_tensor
+from wmlab.errors import WmlabError
+from wmlab.vision.model import FRAME_SHAPE, ConvVAE, frames_to_tensor
 from wmlab.vision.train import load_vae, vision_dir
 
-ENCODE_BATCH = 512
+# Small batches keep each layer's activations in cache: 256 encodes ~2x faster than 1024.
+ENCODE_BATCH = 256
 
 
 @dataclass
@@ -45,7 +47,7 @@ class EncodeSummary:
                 f"{self.episodes} in all")
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def encode_frames(model: ConvVAE, frames: np.ndarray, device: torch.device,
                   channels_last: bool = True, batch: int = ENCODE_BATCH
                   ) -> tuple[np.ndarray, np.ndarray]:
@@ -60,14 +62,22 @@ def encode_frames(model: ConvVAE, frames: np.ndarray, device: torch.device,
 
 
 def encode_store(cfg: Config, *, progress: bool = True) -> EncodeSummary:
+    """Encode every episode of the run's store that has no series under the trained V yet."""
     device = resolve_device(cfg.run.device)
-    model, info = load_vae(vision_dir(cfg), device)
+    store = EpisodeStore.open(cfg.store_url())
+    if tuple(store.frame_shape) != FRAME_SHAPE:
+        raise WmlabError(f"store {store.url} holds frames of shape {tuple(store.frame_shape)}, "
+                         f"V takes {FRAME_SHAPE}: encode a store collected for V")
+    all_ids = store.episode_ids()
+    if not all_ids:
+        raise WmlabError(f"store {store.url} has no episodes: run `wmlab collect` first")
+    model, info = load_vae(vision_dir(cfg), device, z_dim=cfg.vae.z_dim)
     channels_last = cfg.vae.channels_last
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    store = EpisodeStore.open(cfg.store_url())
     series = SeriesStore(cfg.store_url(), info["fingerprint"])
-    all_ids = store.episode_ids()
+    series.write_info({"z_dim": model.z_dim, "kind": info.get("kind", "vae"),
+                       "vae_step": info.get("step"), "vae_folder": vision_dir(cfg)})
     done = set(series.ids())
     todo = [episode_id for episode_id in all_ids if episode_id not in done]
 

@@ -1,20 +1,22 @@
 """Training V by streaming shuffled frame batches from the episode store.
 
-Memory stays bounded whatever the dataset: batches come from a shuffle pool of compressed
-chunks (see ``EpisodeStore.frame_batches``), never from the whole store loaded at once, the
-most reported failure of the original trainer. A checkpoint (weights, optimiser, RNG and the
-data position: epoch and batch) is written every ``checkpoint_every`` batches and at every
-epoch end; a killed run resumes at that batch with the batches and noise it would have seen,
-so the learning curve continues as if it had never stopped.
+Memory stays bounded whatever the dataset: batches come from shuffle pools of compressed
+chunks (see ``EpisodeStore.frame_batches``) sized to fit ``vae.loader_mb``, never from the
+whole store loaded at once, the most reported failure of the original trainer. A checkpoint
+(weights, optimiser, noise generator and the data position: epoch and batch) is written
+every ``checkpoint_every`` batches and at every epoch end; a killed run resumes at that batch
+with the batches and noise it would have seen, so the learning curve continues as if it had
+never stopped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,6 +26,7 @@ from wmlab.checkpoint import (
     checkpoint_exists,
     load_checkpoint,
     load_weights_into,
+    read_info,
     save_checkpoint,
 )
 from wmlab.config import Config
@@ -33,6 +36,7 @@ from wmlab.errors import WmlabError
 from wmlab.fsio import atomic_write_bytes
 from wmlab.metrics import MetricsLogger
 from wmlab.vision.model import (
+    FRAME_SHAPE,
     ConvVAE,
     Discriminator,
     critic_loss,
@@ -45,7 +49,10 @@ from wmlab.vision.model import (
 TRAIN_CHECKPOINT = "train"  # weights + optimiser + position, for resuming
 FINAL_WEIGHTS = "vae"  # the trained V that later stages load
 VAL_FRAMES = 2048  # validation frames per epoch: enough for a stable estimate, cheap
+VAL_BATCH = 256
 LOG_EVERY = 10
+FRAME_BYTES = math.prod(FRAME_SHAPE)
+MB = 1 << 20
 
 
 def vision_dir(cfg: Config) -> str:
@@ -62,15 +69,100 @@ class VaeTrainResult:
     frames_per_second: float = 0.0
     finished: bool = True
 
+    def line(self) -> str:
+        state = "trained" if self.finished else "stopped (resume by running again)"
+        resumed = f", resumed at step {self.resumed_from}" if self.resumed_from else ""
+        val = (f"; validation loss {self.history[-1]['loss']:.1f} "
+               f"(reconstruction {self.history[-1]['reconstruction']:.1f}, "
+               f"KL {self.history[-1]['kl']:.1f})" if self.history else "")
+        return (f"V {state}: {self.epochs} epochs, {self.steps} steps{resumed}, "
+                f"{self.frames_per_second:.0f} frames/s{val} -> {self.folder}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The data: which episodes, how many batches, how large a shuffle pool
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """What fixes the order of the batches (so a resumed run must find the same values)."""
+
+    train_ids: list[str]
+    val_ids: list[str]
+    train_frames: int
+    batches_per_epoch: int
+    pool_chunks: int
+
+    def fingerprint(self, cfg: Config) -> dict[str, Any]:
+        return {"seed": cfg.run.seed, "batch_size": cfg.vae.batch_size,
+                "pool_chunks": self.pool_chunks, "max_frames": cfg.vae.max_frames,
+                "train_episodes": len(self.train_ids), "train_frames": self.train_frames}
+
+
+def loader_pool_chunks(allowance_bytes: int, batch_size: int, chunk_frames: int,
+                       num_chunks: int = 0, frame_bytes: int = FRAME_BYTES) -> int:
+    """Chunks per shuffle pool so that the loader's memory stays within ``allowance_bytes``.
+
+    The loader holds two pools (the next one is read while the current one is served), the
+    batch handed out, fewer than a batch of carried frames in each pool and in the carry
+    itself, and per reading thread one compressed and one decompressed chunk. Its plan is
+    a few integers per chunk of the store: the only part that grows with the store, by
+    about 1/10,000 of the frames' size.
+    """
+    chunk = chunk_frames * frame_bytes
+    fixed = 4 * batch_size * frame_bytes + 4 * chunk + 2 * MB + 128 * num_chunks
+    pools = (allowance_bytes - fixed) // (2 * chunk)
+    if pools < 1:
+        need = (fixed + 2 * chunk) / MB
+        raise WmlabError(f"vae.loader_mb = {allowance_bytes / MB:g} cannot hold two shuffle "
+                         f"pools and the batches of {batch_size} frames: set vae.loader_mb to "
+                         f"at least {math.ceil(need)} or lower vae.batch_size")
+    return int(pools)
+
+
+def plan_data(cfg: Config, store: EpisodeStore) -> DataPlan:
+    c = cfg.vae
+    if tuple(store.frame_shape) != FRAME_SHAPE:
+        raise WmlabError(f"store {store.url} holds frames of shape {tuple(store.frame_shape)}, "
+                         f"V takes {FRAME_SHAPE}: collect with an env preset that renders "
+                         "64x64x3 frames")
+    train_ids, val_ids = _split(store, c.val_fraction, cfg.run.seed)
+    metas = store.metas(train_ids)
+    train_frames = sum(int(m["length"]) + 1 for m in metas)
+    chunk_frames = max(int(m["chunk_frames"]) for m in metas)
+    num_chunks = sum(-(-(int(m["length"]) + 1) // int(m["chunk_frames"])) for m in metas)
+    frames_per_epoch = min(train_frames, c.max_frames) if c.max_frames else train_frames
+    pool_chunks = loader_pool_chunks(int(c.loader_mb * MB), c.batch_size, chunk_frames,
+                                     num_chunks)
+    return DataPlan(train_ids=train_ids, val_ids=val_ids, train_frames=train_frames,
+                    batches_per_epoch=math.ceil(frames_per_epoch / c.batch_size),
+                    pool_chunks=pool_chunks)
+
+
+def _split(store: EpisodeStore, val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Whole episodes held out; with one episode (or no fraction) validation reuses train."""
+    ids = store.episode_ids()
+    if not ids:
+        raise WmlabError(f"store {store.url} has no episodes: run `wmlab collect` first "
+                         "(or point collect.out at the store that has them)")
+    if val_fraction <= 0 or len(ids) < 2:
+        return ids, []
+    return store.split(val_fraction, seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model(s) and one optimiser step
+
 
 @dataclass
 class _Trainer:
-    """The model(s), their optimisers and how a batch is turned into a loss."""
+    """The model(s), their optimisers, the latent noise and how a batch becomes a loss."""
 
     cfg: Config
     device: torch.device
     model: ConvVAE
     optimizer: torch.optim.Optimizer
+    noise: torch.Generator
     discriminator: Discriminator | None = None
     critic_optimizer: torch.optim.Optimizer | None = None
 
@@ -79,27 +171,30 @@ class _Trainer:
         return self.cfg.vae.channels_last
 
     def to_input(self, frames: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(frames).to(self.device, non_blocking=True)
+        tensor = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
         return frames_to_tensor(tensor, self.channels_last)
 
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16,
-                              enabled=self.cfg.vae.bf16)
+    def autocast(self, enabled: bool | None = None):
+        on = self.cfg.vae.bf16 if enabled is None else enabled
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=on)
 
     def step(self, frames: np.ndarray) -> dict[str, float]:
         x = self.to_input(frames)
         with self.autocast():
-            recon, mu, logvar = self.model(x)
+            recon, mu, logvar = self.model(x, self.noise)
         parts = vae_loss(x, recon, mu, logvar, self.cfg.vae.kl_tolerance)
         total = parts.total
-        logs = {"loss": 0.0, "reconstruction": float(parts.reconstruction),
-                "kl": float(parts.kl)}
+        logs = {"loss": 0.0, "reconstruction": parts.reconstruction.item(),
+                "kl": parts.kl.item()}
         if self.discriminator is not None:
+            # the critic's weights are only read here: no gradient is spent on them
+            self.discriminator.requires_grad_(False)
             with self.autocast():
                 adversarial = generator_loss(self.discriminator, x, recon)
-            # Scaled by the pixel count so the weight reads against the per-pixel error.
-            total = total + self.cfg.vae.gan_weight * x[0].numel() * adversarial.float() / 100
-            logs["generator"] = float(adversarial)
+            self.discriminator.requires_grad_(True)
+            # per pixel, so gan_weight reads against the per-pixel squared error
+            total = total + self.cfg.vae.gan_weight * x[0].numel() * adversarial.float()
+            logs["generator"] = adversarial.item()
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
@@ -109,8 +204,8 @@ class _Trainer:
             self.critic_optimizer.zero_grad(set_to_none=True)
             critic.float().backward()
             self.critic_optimizer.step()
-            logs["critic"] = float(critic)
-        logs["loss"] = float(total)
+            logs["critic"] = critic.item()
+        logs["loss"] = total.item()
         return logs
 
     def weights(self) -> dict[str, torch.Tensor]:
@@ -120,11 +215,9 @@ class _Trainer:
         return out
 
     def state(self) -> dict[str, Any]:
-        state = {"optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state()}
+        state = {"optimizer": self.optimizer.state_dict(), "noise": self.noise.get_state()}
         if self.critic_optimizer is not None:
             state["critic_optimizer"] = self.critic_optimizer.state_dict()
-        if self.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return state
 
     def restore(self, weights: dict[str, torch.Tensor], state: dict[str, Any], source: str):
@@ -133,9 +226,7 @@ class _Trainer:
             load_weights_into(self.discriminator, _strip(weights, "disc."), source)
             self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        if "cuda_rng" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        self.noise.set_state(state["noise"])
 
 
 def _strip(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -143,16 +234,19 @@ def _strip(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Ten
 
 
 def build_trainer(cfg: Config, device: torch.device) -> _Trainer:
+    """Fresh models initialised from the run's seed (without touching torch's global RNG)."""
     c = cfg.vae
-    model = ConvVAE(c.z_dim).to(device)
-    if c.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    trainer = _Trainer(cfg, device, model, torch.optim.Adam(model.parameters(), lr=c.lr))
-    if c.kind == "vae-gan":
-        disc = Discriminator().to(device)
-        if c.channels_last:
-            disc = disc.to(memory_format=torch.channels_last)
-        trainer.discriminator = disc
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.run.seed)
+        model = ConvVAE(c.z_dim)
+        disc = Discriminator() if c.kind == "vae-gan" else None
+    memory_format = torch.channels_last if c.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
+    noise = torch.Generator(device=device).manual_seed(cfg.run.seed + 1)
+    trainer = _Trainer(cfg, device, model, torch.optim.Adam(model.parameters(), lr=c.lr),
+                       noise)
+    if disc is not None:
+        trainer.discriminator = disc.to(device, memory_format=memory_format)
         trainer.critic_optimizer = torch.optim.Adam(disc.parameters(), lr=c.lr,
                                                     betas=(0.5, 0.999))
     return trainer
@@ -160,6 +254,10 @@ def build_trainer(cfg: Config, device: torch.device) -> _Trainer:
 
 def _shape_info(cfg: Config) -> dict[str, Any]:
     return {"z_dim": cfg.vae.z_dim, "kind": cfg.vae.kind}
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop
 
 
 def train_vae(cfg: Config, *, progress: bool = True, stop_after_steps: int | None = None,
@@ -172,152 +270,178 @@ def train_vae(cfg: Config, *, progress: bool = True, stop_after_steps: int | Non
     """
     c = cfg.vae
     device = resolve_device(cfg.run.device)
-    torch.manual_seed(cfg.run.seed)
     store = EpisodeStore.open(cfg.store_url())
-    train_ids, val_ids = _split(store, c.val_fraction, cfg.run.seed)
-    train_frames = store.num_frames(train_ids)
-    frames_per_epoch = min(train_frames, c.max_frames) if c.max_frames else train_frames
-    batches_per_epoch = math.ceil(frames_per_epoch / c.batch_size)
+    data = plan_data(cfg, store)
     folder = vision_dir(cfg)
     trainer = build_trainer(cfg, device)
-
-    epoch, batch_in_epoch, step = 0, 0, 0
-    if checkpoint_exists(folder, TRAIN_CHECKPOINT):
-        ckpt = load_checkpoint(folder, TRAIN_CHECKPOINT, map_location=device)
-        recorded = {k: ckpt.info.get(k) for k in _shape_info(cfg)}
-        if recorded != _shape_info(cfg):
-            raise WmlabError(f"{folder} holds a V checkpoint with {recorded}, but the config "
-                             f"asks for {_shape_info(cfg)}: use another run directory or "
-                             "delete that folder")
-        trainer.restore(ckpt.weights, ckpt.state, f"{folder}/{TRAIN_CHECKPOINT}")
-        epoch, batch_in_epoch, step = (ckpt.info["epoch"], ckpt.info["batch"],
-                                       ckpt.info["step"])
-    resumed_from = step
+    epoch, batch_in_epoch, step = _resume(cfg, folder, trainer, data, device)
     logger = MetricsLogger(folder, resume_step=step)
     result = VaeTrainResult(folder=folder, steps=step, epochs=epoch, resumed_from=step)
 
     def save(next_epoch: int, next_batch: int) -> None:
         save_checkpoint(folder, TRAIN_CHECKPOINT, step, trainer.weights(), trainer.state(),
                         {**_shape_info(cfg), "epoch": next_epoch, "batch": next_batch,
-                         "batches_per_epoch": batches_per_epoch, "store": cfg.store_url()})
+                         "data": data.fingerprint(cfg), "store": cfg.store_url()})
 
     from tqdm.auto import tqdm
 
-    total_batches = c.epochs * batches_per_epoch
+    total_batches = c.epochs * data.batches_per_epoch
     bar = tqdm(total=total_batches, initial=min(step, total_batches), desc="train V",
                unit="batch", disable=not progress, dynamic_ncols=True)
     started, frames_seen = time.monotonic(), 0
+    stopped = False
     trainer.model.train()
     try:
-        while epoch < c.epochs:
+        while epoch < c.epochs and not stopped:
             batches = store.frame_batches(c.batch_size, seed=cfg.run.seed, epoch=epoch,
-                                          ids=train_ids, pool_chunks=c.pool_chunks,
+                                          ids=data.train_ids, pool_chunks=data.pool_chunks,
                                           start_batch=batch_in_epoch)
-            for frames in batches:
-                if batch_in_epoch >= batches_per_epoch:
-                    break
-                logs = trainer.step(frames)
-                step += 1
-                batch_in_epoch += 1
-                frames_seen += len(frames)
-                bar.update(1)
-                rate = frames_seen / max(time.monotonic() - started, 1e-9)
-                if step % LOG_EVERY == 0 or batch_in_epoch == batches_per_epoch:
-                    logger.log(step, {**{f"train/{k}": v for k, v in logs.items()},
-                                      "train/frames_per_s": rate, "epoch": epoch})
-                    bar.set_postfix(loss=f"{logs['loss']:.1f}", fps=f"{rate:.0f}",
-                                    refresh=False)
-                if on_step is not None:
-                    on_step(step, logs)
-                if step % c.checkpoint_every == 0:
-                    save(epoch, batch_in_epoch)
-                if stop_after_steps is not None and step >= stop_after_steps:
-                    save(epoch, batch_in_epoch)
-                    result.finished = False
-                    return _finish(result, step, epoch, frames_seen, started)
-            batches.close()
-            val = evaluate_vae(trainer, store, val_ids or train_ids, seed=cfg.run.seed)
+            # closing stops the prefetch thread at once when the loop leaves early
+            with contextlib.closing(batches):
+                for frames in batches:
+                    if batch_in_epoch >= data.batches_per_epoch:
+                        break
+                    logs = trainer.step(frames)
+                    step += 1
+                    batch_in_epoch += 1
+                    frames_seen += len(frames)
+                    bar.update(1)
+                    rate = frames_seen / max(time.monotonic() - started, 1e-9)
+                    if step % LOG_EVERY == 0 or batch_in_epoch == data.batches_per_epoch:
+                        logger.log(step, {**{f"train/{k}": v for k, v in logs.items()},
+                                          "train/frames_per_s": rate, "epoch": epoch})
+                        bar.set_postfix(loss=f"{logs['loss']:.1f}", fps=f"{rate:.0f}",
+                                        refresh=False)
+                    if on_step is not None:
+                        on_step(step, logs)
+                    if stop_after_steps is not None and step >= stop_after_steps:
+                        save(epoch, batch_in_epoch)
+                        stopped = True
+                        break
+                    if step % c.checkpoint_every == 0:
+                        save(epoch, batch_in_epoch)
+            if stopped:
+                break
+            val_ids = data.val_ids or data.train_ids
+            val = evaluate_vae(trainer, store, val_ids, cfg.run.seed, data.pool_chunks)
             logger.log(step, {f"val/{k}": v for k, v in val.items()} | {"epoch": epoch})
             result.history.append({"epoch": epoch, "step": step, **val})
-            write_reconstructions(trainer, store, val_ids or train_ids,
-                                  f"{folder}/recon-epoch{epoch + 1:03d}.png")
+            write_reconstructions(trainer, store, val_ids,
+                                  f"{folder}/recon-{c.kind}-epoch{epoch + 1:03d}.png",
+                                  data.pool_chunks)
             epoch, batch_in_epoch = epoch + 1, 0
             save(epoch, 0)
-        export_vae(trainer, folder, step, cfg)
+        if not stopped:
+            export_vae(trainer, folder, step, cfg)
     finally:
         bar.close()
         logger.close()
-    result.resumed_from = resumed_from
-    return _finish(result, step, epoch, frames_seen, started)
-
-
-def _finish(result: VaeTrainResult, step: int, epoch: int, frames: int,
-            started: float) -> VaeTrainResult:
+    result.finished = not stopped
     result.steps, result.epochs = step, epoch
-    result.frames_per_second = frames / max(time.monotonic() - started, 1e-9)
+    result.frames_per_second = frames_seen / max(time.monotonic() - started, 1e-9)
     return result
 
 
-def _split(store: EpisodeStore, val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    if val_fraction <= 0:
-        return store.episode_ids(), []
-    return store.split(val_fraction, seed=seed)
+def _resume(cfg: Config, folder: str, trainer: _Trainer, data: DataPlan,
+            device: torch.device) -> tuple[int, int, int]:
+    """(epoch, batch, step) to continue from, after loading the checkpoint if there is one.
+
+    Refuses a checkpoint of another V, and a mid-epoch one whose batches the current config
+    or store would no longer reproduce; at an epoch boundary new data or batch settings are
+    fine (the next epoch is planned afresh).
+    """
+    if not checkpoint_exists(folder, TRAIN_CHECKPOINT):
+        return 0, 0, 0
+    info = read_info(folder, TRAIN_CHECKPOINT)
+    recorded = {k: info.get(k) for k in _shape_info(cfg)}
+    if recorded != _shape_info(cfg):
+        changed = ", ".join(f"vae.{k} was {recorded[k]!r}, now {v!r}"
+                            for k, v in _shape_info(cfg).items() if recorded[k] != v)
+        raise WmlabError(f"{folder} holds a V training checkpoint of another model ({changed}):"
+                         " set them back to resume, or start a new run with --run NAME")
+    epoch, batch, step = int(info["epoch"]), int(info["batch"]), int(info["step"])
+    if batch > 0:
+        before, now = info.get("data", {}), data.fingerprint(cfg)
+        changed = [f"{k} was {before.get(k)!r}, now {v!r}" for k, v in now.items()
+                   if before.get(k) != v]
+        if changed:
+            raise WmlabError(f"{folder} stopped in the middle of epoch {epoch + 1}, but the "
+                             f"batches would now differ ({'; '.join(changed)}): restore the "
+                             "config and store it ran with to resume, or start a new run "
+                             "with --run NAME")
+    ckpt = load_checkpoint(folder, TRAIN_CHECKPOINT, map_location=device)
+    trainer.restore(ckpt.weights, ckpt.state, f"{folder}/{TRAIN_CHECKPOINT}")
+    return epoch, batch, step
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation, pictures, export
 
 
 def export_vae(trainer: _Trainer, folder: str, step: int, cfg: Config) -> dict[str, Any]:
     """Write the trained V alone (no optimiser): what encode, M and C load."""
     return save_checkpoint(folder, FINAL_WEIGHTS, step, trainer.model.state_dict(), None,
-                           {**_shape_info(cfg), "store": cfg.store_url()})
+                           {**_shape_info(cfg), "store": cfg.store_url(),
+                            "config": asdict(cfg.vae)})
 
 
-def _val_frames(store: EpisodeStore, ids: list[str], seed: int) -> np.ndarray:
-    """A fixed sample of validation frames (same every epoch, so epochs compare)."""
-    frames, count = [], 0
-    for batch in store.frame_batches(256, seed=seed + 7919, epoch=0, ids=ids, prefetch=False):
-        frames.append(batch)
-        count += len(batch)
-        if count >= VAL_FRAMES:
-            break
-    return np.concatenate(frames)[:VAL_FRAMES]
+def _val_batches(store: EpisodeStore, ids: list[str], seed: int, pool_chunks: int,
+                 limit: int = VAL_FRAMES):
+    """A fixed sample of validation frames (the same every epoch, so epochs compare),
+    streamed in batches so that validation keeps within the loader's allowance too."""
+    count = 0
+    batches = store.frame_batches(VAL_BATCH, seed=seed + 7919, epoch=0, ids=ids,
+                                  pool_chunks=pool_chunks, prefetch=False)
+    with contextlib.closing(batches):
+        for batch in batches:
+            batch = batch[:limit - count]
+            count += len(batch)
+            yield batch
+            if count >= limit:
+                return
 
 
 @torch.no_grad()
-def evaluate_vae(trainer: _Trainer, store: EpisodeStore, ids: list[str], seed: int
-                 ) -> dict[str, float]:
-    """Mean loss parts on the validation frames, with fixed noise so epochs compare."""
+def evaluate_vae(trainer: _Trainer, store: EpisodeStore, ids: list[str], seed: int,
+                 pool_chunks: int = 32) -> dict[str, float]:
+    """Mean loss parts on the validation frames, in fp32 with fixed noise so epochs (and
+    runs with and without bf16) compare."""
     trainer.model.eval()
     generator = torch.Generator(device=trainer.device).manual_seed(seed)
-    frames = _val_frames(store, ids, seed)
     sums = {"loss": 0.0, "reconstruction": 0.0, "kl": 0.0}
-    for start in range(0, len(frames), 256):
-        x = trainer.to_input(frames[start:start + 256])
-        with trainer.autocast():
-            mu, logvar = trainer.model.encode(x)
-            recon = trainer.model.decode(sample_latent(mu, logvar, generator))
+    frames = 0
+    for batch in _val_batches(store, ids, seed, pool_chunks):
+        x = trainer.to_input(batch)
+        mu, logvar = trainer.model.encode(x)
+        recon = trainer.model.decode(sample_latent(mu, logvar, generator))
         parts = vae_loss(x, recon, mu, logvar, trainer.cfg.vae.kl_tolerance)
         n = len(x)
         sums["loss"] += float(parts.total) * n
         sums["reconstruction"] += float(parts.reconstruction) * n
         sums["kl"] += float(parts.kl) * n
+        frames += n
     trainer.model.train()
-    return {k: v / max(len(frames), 1) for k, v in sums.items()}
+    return {k: v / max(frames, 1) for k, v in sums.items()}
 
 
 @torch.no_grad()
 def write_reconstructions(trainer: _Trainer, store: EpisodeStore, ids: list[str], url: str,
-                          count: int = 8) -> None:
-    """A PNG: validation frames on the top row, V's reconstructions (from mu) below."""
+                          pool_chunks: int = 32, count: int = 8) -> None:
+    """A PNG of three rows: validation frames, V's reconstructions of them (from mu), and
+    frames decoded from random z ~ N(0, I) (where a VAE-GAN's sharper decoder shows most)."""
     from PIL import Image
 
-    frames = _val_frames(store, ids, seed=0)[:count]
+    frames = next(_val_batches(store, ids, seed=0, pool_chunks=pool_chunks, limit=count))
     trainer.model.eval()
-    with trainer.autocast():
-        mu, _ = trainer.model.encode(trainer.to_input(frames))
-        recon = trainer.model.decode(mu).float()
+    mu, _ = trainer.model.encode(trainer.to_input(frames))
+    prior = torch.randn(len(frames), trainer.model.z_dim, device=trainer.device,
+                        generator=torch.Generator(device=trainer.device).manual_seed(0))
+    rows = [frames]
+    for decoded in (trainer.model.decode(mu), trainer.model.decode(prior)):
+        rows.append((decoded.float().clamp(0, 1) * 255).round().byte()
+                    .permute(0, 2, 3, 1).cpu().numpy())
     trainer.model.train()
-    recon_u8 = (recon.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    grid = np.concatenate([np.concatenate(list(frames), axis=1),
-                           np.concatenate(list(recon_u8), axis=1)], axis=0)
+    grid = np.concatenate([np.concatenate(list(row), axis=1) for row in rows], axis=0)
     image = Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2),
                                          Image.NEAREST)
     buffer = io.BytesIO()
@@ -325,9 +449,21 @@ def write_reconstructions(trainer: _Trainer, store: EpisodeStore, ids: list[str]
     atomic_write_bytes(url, buffer.getvalue())
 
 
-def load_vae(folder: str, device: torch.device | str = "cpu") -> tuple[ConvVAE, dict]:
-    """The trained V of a run's vision folder and its sidecar (with its fingerprint)."""
+def load_vae(folder: str, device: torch.device | str = "cpu", z_dim: int | None = None
+             ) -> tuple[ConvVAE, dict]:
+    """The trained V of a run's vision folder and its sidecar (with its fingerprint).
+
+    ``z_dim``, when given, is what the caller's config expects: a V of another size is
+    refused by name rather than producing series M cannot read.
+    """
+    if not checkpoint_exists(folder, FINAL_WEIGHTS):
+        raise WmlabError(f"no trained V in {folder}: run `wmlab train-vae` with the same "
+                         "--preset, --profile and --run first")
     ckpt = load_checkpoint(folder, FINAL_WEIGHTS, with_state=False)
-    model = ConvVAE(int(ckpt.info["z_dim"]))
+    recorded = int(ckpt.info.get("z_dim", -1))
+    if z_dim is not None and recorded != z_dim:
+        raise WmlabError(f"the V in {folder} has z_dim {recorded}, the config asks for "
+                         f"{z_dim}: set vae.z_dim={recorded} or train V again in another run")
+    model = ConvVAE(recorded)
     load_weights_into(model, ckpt.weights, f"{folder}/{FINAL_WEIGHTS}")
     return model.to(device).eval(), ckpt.info

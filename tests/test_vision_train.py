@@ -1,0 +1,287 @@
+"""Training V from the episode store, resuming it, encoding the store, and their CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from wmlab.cli import main
+from wmlab.config import load_config
+from wmlab.data import Episode, EpisodeStore
+from wmlab.data.series import SeriesStore
+from wmlab.errors import WmlabError
+from wmlab.vision.encode import encode_store
+from wmlab.vision.model import frames_to_tensor
+from wmlab.vision.train import (
+    FRAME_BYTES,
+    MB,
+    load_vae,
+    loader_pool_chunks,
+    train_vae,
+    vision_dir,
+)
+
+
+def moving_square_episode(index: int, steps: int, noise: bool = False) -> Episode:
+    """A coloured square drifting over a dark background: learnable in a few dozen steps."""
+    rng = np.random.default_rng(index)
+    frames = np.full((steps + 1, 64, 64, 3), 30, dtype=np.uint8)
+    colour = rng.integers(0, 256, 3, dtype=np.uint8)
+    for t in range(steps + 1):
+        y, x = (7 * t + 5 * index) % 48, (3 * t + 11 * index) % 48
+        frames[t, y:y + 16, x:x + 16] = colour
+    if noise:
+        frames[:] = rng.integers(0, 256, frames.shape, dtype=np.uint8)
+    return Episode(frames=frames,
+                   actions=rng.uniform(-1, 1, (steps, 3)).astype(np.float32),
+                   rewards=rng.normal(size=steps).astype(np.float32),
+                   dones=np.arange(steps) == steps - 1,
+                   meta={"collection": "random", "index": index, "env": "doom",
+                         "backend": "vizdoom", "policy": "held", "seed": index,
+                         "policy_seed": index, "truncated": False})
+
+
+def make_store(url: str | Path, episodes: int = 4, steps: int = 40, **kwargs) -> EpisodeStore:
+    store = EpisodeStore.create_or_open(str(url), env="doom", backend="vizdoom", action_dim=3)
+    for i in range(episodes):
+        store.append(moving_square_episode(i, steps, **kwargs))
+    return store
+
+
+def tiny_overrides(root: Path, **extra) -> list[str]:
+    values = {"run.root": str(root), "collect.out": str(root / "store"), "vae.z_dim": 8,
+              "vae.batch_size": 16, "vae.epochs": 2, "vae.lr": 1e-3, "vae.loader_mb": 16,
+              "vae.val_fraction": 0.25, "vae.checkpoint_every": 3, **extra}
+    return [f"{k}={json.dumps(v)}" for k, v in values.items()]
+
+
+def tiny_config(root: Path, name: str = "a", **extra):
+    return load_config("doom", "quick", [*tiny_overrides(root, **extra), f'run.name="{name}"'])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine OpenMP's spinning threads otherwise
+    make each step several times slower (the figures are the benchmark's business)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("vision")
+    make_store(folder / "store")
+    return folder
+
+
+def metric_rows(folder: str) -> list[dict[str, str]]:
+    with open(f"{folder}/metrics.csv") as handle:
+        return [{k: v for k, v in row.items() if k != "train/frames_per_s"}
+                for row in csv.DictReader(handle)]
+
+
+def weights(folder: str, name: str = "vae") -> dict[str, np.ndarray]:
+    info = json.loads(Path(f"{folder}/{name}.json").read_text())
+    return load_file(f"{folder}/{info['weights']}")
+
+
+def assert_same_weights(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+# -- learning ----------------------------------------------------------------------------------
+
+
+def test_loss_falls_within_a_few_dozen_steps(root):
+    cfg = tiny_config(root, "falls", **{"vae.epochs": 5})
+    losses = []
+    result = train_vae(cfg, progress=False, on_step=lambda step, logs: losses.append(logs))
+    assert result.finished and result.steps == len(losses) == 30
+    first = np.mean([r["reconstruction"] for r in losses[:5]])
+    last = np.mean([r["reconstruction"] for r in losses[-5:]])
+    assert last < 0.7 * first
+    assert all(r["kl"] >= 0.5 * 8 - 1e-4 for r in losses)  # never below the floor
+    # a validation row per epoch, the picture of each epoch, and the exported V
+    assert [h["epoch"] for h in result.history] == [0, 1, 2, 3, 4]
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    folder = vision_dir(cfg)
+    assert os.path.exists(f"{folder}/recon-vae-epoch005.png")
+    assert any(name.startswith("events.") for name in os.listdir(f"{folder}/tb"))
+    model, info = load_vae(folder)
+    assert model.z_dim == 8 and info["step"] == 30 and info["kind"] == "vae"
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(root):
+    straight = tiny_config(root, "straight")
+    train_vae(straight, progress=False)
+
+    stopped = tiny_config(root, "stopped")
+    first = train_vae(stopped, progress=False, stop_after_steps=5)
+    assert not first.finished and first.steps == 5
+    assert not os.path.exists(f"{vision_dir(stopped)}/vae.json")
+    second = train_vae(stopped, progress=False)
+    assert second.finished and second.resumed_from == 5
+
+    # a hard kill inside step 5: the last checkpoint is step 3, steps 4-5 are redone
+    killed = tiny_config(root, "killed")
+
+    def kill(step, logs):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_vae(killed, progress=False, on_step=kill)
+    assert json.loads(Path(f"{vision_dir(killed)}/train.json").read_text())["step"] == 3
+    assert train_vae(killed, progress=False).resumed_from == 3
+
+    reference = weights(vision_dir(straight))
+    for cfg in (stopped, killed):
+        assert_same_weights(weights(vision_dir(cfg)), reference)
+        assert_same_weights(weights(vision_dir(cfg), "train"),
+                            weights(vision_dir(straight), "train"))
+        assert metric_rows(vision_dir(cfg)) == metric_rows(vision_dir(straight))
+
+
+def test_vae_gan_trains_without_nan(root):
+    cfg = tiny_config(root, "gan", **{"vae.kind": "vae-gan", "vae.epochs": 1})
+    seen = []
+    result = train_vae(cfg, progress=False, on_step=lambda step, logs: seen.append(logs))
+    assert result.finished and len(seen) == result.steps == 6
+    assert all(math.isfinite(v) for logs in seen for v in logs.values())
+    assert {"generator", "critic"} <= seen[0].keys()
+    trained = weights(vision_dir(cfg), "train")
+    assert any(k.startswith("disc.") for k in trained)
+    assert all(np.isfinite(v).all() for v in trained.values())
+    assert os.path.exists(f"{vision_dir(cfg)}/recon-vae-gan-epoch001.png")
+    # the exported V is a plain ConvVAE that encode and M load like any other
+    model, info = load_vae(vision_dir(cfg))
+    assert info["kind"] == "vae-gan" and model.z_dim == 8
+
+
+# -- encoding ----------------------------------------------------------------------------------
+
+
+def test_encode_matches_the_model_and_resumes_only_missing_episodes(root):
+    cfg = tiny_config(root, "enc", **{"vae.epochs": 1, "vae.max_frames": 32})
+    train_vae(cfg, progress=False)
+    summary = encode_store(cfg, progress=False)
+    store = EpisodeStore.open(cfg.store_url())
+    assert summary.encoded == summary.episodes == 4 and summary.frames == 4 * 41
+    model, info = load_vae(vision_dir(cfg))
+    series = SeriesStore.current(cfg.store_url())
+    assert series.fingerprint == info["fingerprint"] == summary.fingerprint
+    assert series.info()["z_dim"] == 8 and series.info()["vae_step"] == info["step"]
+    for episode_id in store.episode_ids():
+        episode, encoded = store.load(episode_id), series.load(episode_id)
+        with torch.no_grad():
+            mu, logvar = model.encode(frames_to_tensor(torch.from_numpy(episode.frames)))
+        assert encoded.mu.dtype == np.float16 and encoded.mu.shape == (41, 8)
+        np.testing.assert_allclose(encoded.mu, mu.numpy(), rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(encoded.logvar, logvar.numpy(), rtol=2e-3, atol=2e-3)
+        np.testing.assert_array_equal(encoded.actions, episode.actions)
+        np.testing.assert_array_equal(encoded.dones, episode.dones)
+
+    files = {i: Path(f"{series.url}/{i}.npz") for i in series.ids()}
+    stamps = {i: f.stat().st_mtime_ns for i, f in files.items()}
+    missing = sorted(files)[1]
+    files[missing].unlink()
+    again = encode_store(cfg, progress=False)
+    assert again.encoded == 1 and again.frames == 41
+    assert all(files[i].stat().st_mtime_ns == stamps[i] for i in files if i != missing)
+    assert encode_store(cfg, progress=False).encoded == 0
+    with pytest.raises(WmlabError, match="z_dim 8, the config asks for 16"):
+        encode_store(tiny_config(root, "enc", **{"vae.z_dim": 16}), progress=False)
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+
+def test_empty_store_and_wrong_frames_are_refused(tmp_path):
+    EpisodeStore.create_or_open(str(tmp_path / "store"), env="doom", backend="vizdoom",
+                                action_dim=3)
+    cfg = tiny_config(tmp_path)
+    with pytest.raises(WmlabError, match="no episodes.*wmlab collect"):
+        train_vae(cfg, progress=False)
+    make_store(tmp_path / "store", episodes=1, steps=3)
+    manifest = tmp_path / "store" / "store.json"
+    data = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**data, "frame_shape": [96, 96, 3]}))
+    with pytest.raises(WmlabError, match=r"shape \(96, 96, 3\)"):
+        train_vae(cfg, progress=False)
+    assert not os.path.exists(vision_dir(cfg))
+
+
+def test_resume_with_another_model_or_data_order_is_refused_without_damage(root):
+    cfg = tiny_config(root, "changed")
+    train_vae(cfg, progress=False, stop_after_steps=4)
+    sidecar = Path(f"{vision_dir(cfg)}/train.json")
+    before = sidecar.read_bytes()
+    for change, message in [({"vae.z_dim": 16}, "vae.z_dim was 8, now 16"),
+                            ({"vae.kind": "vae-gan"}, "vae.kind was 'vae', now 'vae-gan'"),
+                            ({"vae.batch_size": 8}, "batch_size was 16, now 8")]:
+        with pytest.raises(WmlabError, match=message):
+            train_vae(tiny_config(root, "changed", **change), progress=False)
+    assert sidecar.read_bytes() == before
+    # the unchanged config resumes
+    assert train_vae(cfg, progress=False, stop_after_steps=5).resumed_from == 4
+
+
+def test_encode_without_a_trained_v_says_what_to_run(root):
+    with pytest.raises(WmlabError, match="no trained V.*wmlab train-vae"):
+        encode_store(tiny_config(root, "never-trained"), progress=False)
+
+
+# -- bounded memory ----------------------------------------------------------------------------
+
+
+def test_loader_stays_within_its_allowance_on_a_store_ten_times_larger(tmp_path):
+    allowance = 8 * MB
+    store = make_store(tmp_path / "big", episodes=10, steps=700)  # 7,010 frames, 86 MB raw
+    assert store.num_frames() * FRAME_BYTES > 10 * allowance
+    pool_chunks = loader_pool_chunks(allowance, 16, 64, num_chunks=120)
+    seen = 0
+    tracemalloc.start()
+    try:
+        for batch in store.frame_batches(16, seed=0, pool_chunks=pool_chunks):
+            seen += len(batch)
+            del batch
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert seen == store.num_frames()
+    assert peak < allowance
+    with pytest.raises(WmlabError, match="vae.loader_mb"):
+        loader_pool_chunks(2 * MB, 16, 64)
+
+
+# -- the CLI -------------------------------------------------------------------------------------
+
+
+def test_cli_trains_and_encodes_end_to_end(tmp_path, capsys):
+    make_store(tmp_path / "store", episodes=2, steps=20)
+    sets = [arg for item in tiny_overrides(tmp_path, **{"vae.epochs": 1})
+            for arg in ("--set", item)]
+    assert main(["train-vae", "--preset", "doom", "--profile", "quick", "--run", "cli",
+                 "--no-progress", *sets]) == 0
+    out = capsys.readouterr().out
+    assert "V trained: 1 epochs, 2 steps" in out and "validation loss" in out
+    assert main(["encode", "--preset", "doom", "--profile", "quick", "--run", "cli",
+                 "--no-progress", *sets]) == 0
+    assert "encoded 2 episodes (42 frames)" in capsys.readouterr().out
+    assert main(["encode", "--preset", "doom", "--profile", "quick", "--run", "cli",
+                 "--no-progress", *sets, "--set", "vae.z_dim=4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("wmlab: error:") and "z_dim" in err and "\n" not in err
