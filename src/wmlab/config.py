@@ -88,10 +88,12 @@ class VaeConfig:
                                min=0.0, max=0.5)
     max_frames: int = _opt(0, "cap on training frames per epoch; 0 = all", min=0)
     checkpoint_every: int = _opt(500, "batches between checkpoints", min=1)
-    pool_chunks: int = _opt(32, "compressed chunks mixed in the shuffle pool", min=1)
+    loader_mb: float = _opt(256.0, "memory allowance of the frame loader (its shuffle pools, "
+                            "prefetch and batches), whatever the store's size", min=1.0)
     channels_last: bool = _opt(True, "channels-last memory layout (faster on CPU)")
     bf16: bool = _opt(False, "bfloat16 autocast")
-    gan_weight: float = _opt(0.1, "VAE-GAN: weight of adversarial + feature-matching terms",
+    gan_weight: float = _opt(0.001, "VAE-GAN: weight per pixel of the adversarial + "
+                             "feature-matching terms, against the per-pixel squared error",
                              min=0.0)
 
 
