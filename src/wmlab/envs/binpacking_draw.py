@@ -1,10 +1,10 @@
 """Drawing a bin packing state: a 64x64x3 frame for V and a larger picture for people.
 
 The 64x64 frame is a histogram over fill levels. Column k (k = 1..C-1, left to right) holds
-a bar whose height encodes N_k, the number of open bags at level k: one pixel per bag up to
-``LINEAR_COUNTS``, then a logarithmic scale (4 pixels per doubling), so a single bag is
-visible and hundreds still fit (C = 100 has 25-pixel bands: counts above 76 all reach the
-top). Bars of levels the incoming item fits into (k + s <= C) are
+a bar whose height encodes N_k, the number of open bags at level k: two pixels per bag up to
+``LINEAR_COUNTS`` bags (one pixel with C = 100, whose two bands are half as tall), then a
+logarithmic scale (4 pixels per doubling), so a single bag is clearly visible and hundreds
+still fit (counts above 512 reach the top; with C = 100, above 76). Bars of levels the incoming item fits into (k + s <= C) are
 green on a dark green column; the others are blue on black. The strip at the bottom shows
 the incoming item as an orange bar on the same axis, s levels long, so "level k plus the
 item" reads off directly. With more than 64 levels (C = 100) the histogram is split into two
@@ -43,6 +43,7 @@ class Layout:
     per_band: int
     col_width: int
     band_height: int
+    unit: int  # pixels per bag in the linear part of the scale
 
     def column(self, level: int) -> tuple[int, int, int]:
         """(band, first x, last x exclusive) of ``level`` (1..C-1)."""
@@ -62,17 +63,20 @@ def layout(capacity: int) -> Layout:
     per_band = math.ceil(levels / bands)
     col_width = max(1, FRAME // per_band)
     band_height = AXIS_ROW // bands
-    return Layout(capacity, bands, per_band, col_width, band_height)
+    unit = 2 if bands == 1 else 1
+    return Layout(capacity, bands, per_band, col_width, band_height, unit)
 
 
-def bar_height(count: int, limit: int) -> int:
-    """Pixels for ``count`` bags: linear up to LINEAR_COUNTS, then logarithmic, capped."""
+def bar_height(count: int, limit: int, unit: int = 1) -> int:
+    """Pixels for ``count`` bags: ``unit`` per bag up to LINEAR_COUNTS, then logarithmic,
+    capped at ``limit``."""
     if count <= 0:
         return 0
     if count <= LINEAR_COUNTS:
-        height = count
+        height = unit * count
     else:
-        height = LINEAR_COUNTS + math.ceil(LOG_PIXELS * math.log2(count / LINEAR_COUNTS))
+        height = unit * LINEAR_COUNTS + math.ceil(LOG_PIXELS
+                                                  * math.log2(count / LINEAR_COUNTS))
     return min(height, limit)
 
 
@@ -90,7 +94,7 @@ def draw_frame(counts: np.ndarray, item: int, capacity: int) -> np.ndarray:
         fits = level + item <= capacity
         if fits:
             frame[bottom - limit:bottom, x0:bar_x1] = FIT_COLUMN
-        height = bar_height(int(counts[level]), limit)
+        height = bar_height(int(counts[level]), limit, geometry.unit)
         if height:
             color = np.array(FIT_BAR if fits else NOFIT_BAR)
             if geometry.col_width < 3 and level % 2 == 0:
