@@ -230,6 +230,10 @@ def test_wmlab_env_frames_spec_and_batch():
         frames, rewards, terminated, truncated = batch.step(
             spec.to_env_action(np.eye(9, dtype=np.float32)[[0, 4]]))
     assert truncated.all() and not terminated.any()
+    base = envs.make_batch("binpacking", 1, variant="base")  # the variant as a make option
+    base.reset([0])
+    _, rewards, terminated, _ = base.step(np.array([5]))
+    assert terminated[0] and rewards[0] == -100.0
 
 
 def test_collect_binpacking_episodes_into_a_store(tmp_path):
