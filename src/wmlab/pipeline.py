@@ -1,0 +1,340 @@
+"""The whole pipeline of a run: collect -> V -> encode -> M -> C -> evaluate -> report.
+
+Each stage records, in ``<run>/stages/<stage>.json``, the fingerprint of what it was run
+from: the config keys that change its result plus the *output* fingerprint of the stage
+before it (the store's episode list, V's weights, M's weights...). Running the pipeline
+again then
+
+- skips a stage that finished from the same inputs and whose outputs are still there;
+- resumes a stage that was interrupted (its own checkpoints carry it on);
+- reruns a stage whose inputs changed, after moving its old outputs to ``<run>/trash/``
+  (nothing is deleted), and so, through the changed output fingerprint, the stages after it,
+  and only those;
+- repairs a finished stage whose outputs were deleted by hand, saying so.
+
+Keys that do not change a result (worker counts, checkpoint intervals, the evaluation
+engine...) are left out of the fingerprints, so changing them reruns nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import fsspec
+
+from wmlab.config import Config
+from wmlab.errors import WmlabError
+from wmlab.fsio import atomic_write_bytes
+from wmlab.runs import prepare_run_dir
+
+# Keys that change how fast or where a stage runs, never what it produces.
+NEUTRAL_KEYS = frozenset({
+    "collect.workers", "collect.envs_per_worker", "collect.episodes",
+    "vae.checkpoint_every", "mdrnn.checkpoint_every",
+    "es.engine", "es.workers", "es.ray_address", "es.timeout",
+})
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the pipeline.
+
+    ``sections`` are the config sections (or ``section.key``) whose values change the
+    stage's result; ``folder`` (relative to the run directory) is moved to trash when the
+    stage must start again; ``run`` does the work (resuming its own checkpoints) and
+    returns a JSON-able summary; ``output`` returns the stage's output fingerprint, or None
+    when its outputs are missing.
+    """
+
+    name: str
+    sections: tuple[str, ...]
+    folder: str | None
+    run: Callable[[Config, bool], dict[str, Any]]
+    output: Callable[[Config], str | None]
+    description: str = ""
+
+
+@dataclass
+class StageResult:
+    name: str
+    status: str  # "skipped", "ran", "resumed", "repaired", "rerun"
+    seconds: float = 0.0
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def config_slice(cfg: Config, sections: tuple[str, ...]) -> dict[str, Any]:
+    """The values of ``sections`` (``section`` or ``section.key``) minus the neutral keys."""
+    data = dataclasses.asdict(cfg)
+    out: dict[str, Any] = {}
+    for item in sections:
+        section, _, key = item.partition(".")
+        values = data[section] if not key else {key: data[section][key]}
+        if not isinstance(values, dict):
+            out[section] = values
+            continue
+        for name, value in values.items():
+            if f"{section}.{name}" not in NEUTRAL_KEYS:
+                out[f"{section}.{name}"] = value
+    return out
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class Pipeline:
+    """The stages of one run, with skip / resume / invalidate bookkeeping.
+
+    ``Pipeline(cfg).run()`` runs everything that is not done; ``run(until="memory")``
+    stops after a stage; ``status()`` says what is done. Each stage is also a method
+    (``collect()``, ``train_vision()``...) for notebooks.
+    """
+
+    def __init__(self, cfg: Config, stages: list[Stage] | None = None,
+                 progress: bool = True, log: Callable[[str], None] = print) -> None:
+        self.cfg = cfg
+        self.stages = stages if stages is not None else default_stages(cfg)
+        self.progress = progress
+        self.log = log
+        self.run_dir = cfg.run_dir()
+        self.fs, self.root = fsspec.core.url_to_fs(self.run_dir)
+
+    # -- records ---------------------------------------------------------------------------
+
+    def _record_path(self, name: str) -> str:
+        return f"{self.run_dir}/stages/{name}.json"
+
+    def record(self, name: str) -> dict[str, Any] | None:
+        fs, path = fsspec.core.url_to_fs(self._record_path(name))
+        try:
+            with fs.open(path, "rb") as handle:
+                return json.load(handle)
+        except FileNotFoundError:
+            return None
+        except (ValueError, UnicodeDecodeError):
+            self.log(f"stage record {self._record_path(name)} is damaged: treating "
+                     f"'{name}' as not run")
+            return None
+
+    def _write_record(self, name: str, record: dict[str, Any]) -> None:
+        atomic_write_bytes(self._record_path(name), json.dumps(record, indent=2).encode())
+
+    def input_fingerprint(self, stage: Stage, upstream: str | None) -> str:
+        return _hash({"config": config_slice(self.cfg, stage.sections), "upstream": upstream})
+
+    # -- running ---------------------------------------------------------------------------
+
+    def status(self) -> list[dict[str, Any]]:
+        """Per stage: its record's status and whether its inputs still match."""
+        rows, upstream = [], None
+        for stage in self.stages:
+            record = self.record(stage.name) or {}
+            expected = self.input_fingerprint(stage, upstream)
+            current = record.get("input") == expected
+            state = record.get("status", "not run") if current else (
+                "stale" if record else "not run")
+            rows.append({"stage": stage.name, "status": state,
+                         "finished": record.get("finished", "")})
+            upstream = record.get("output") if current else None
+        return rows
+
+    def run(self, until: str | None = None, only: str | None = None) -> list[StageResult]:
+        names = [s.name for s in self.stages]
+        for name in (until, only):
+            if name is not None and name not in names:
+                raise WmlabError(f"no stage '{name}': the stages are {', '.join(names)}")
+        prepare_run_dir(self.cfg)
+        results, upstream = [], None
+        for stage in self.stages:
+            result = self._run_stage(stage, upstream, execute=only in (None, stage.name))
+            results.append(result)
+            upstream = (self.record(stage.name) or {}).get("output")
+            if stage.name in (until, only):
+                break
+        return results
+
+    def _run_stage(self, stage: Stage, upstream: str | None, execute: bool) -> StageResult:
+        expected = self.input_fingerprint(stage, upstream)
+        record = self.record(stage.name)
+        if record and record.get("input") == expected and record.get("status") == "done":
+            output = stage.output(self.cfg)
+            if output is not None and output == record.get("output"):
+                self.log(f"[{stage.name}] done already: skipped")
+                return StageResult(stage.name, "skipped", summary=record.get("summary", {}))
+            status = "repaired"
+            self.log(f"[{stage.name}] its outputs are missing or were changed by hand: "
+                     "running it again")
+        elif record and record.get("input") == expected:
+            status = "resumed"
+            self.log(f"[{stage.name}] interrupted before: resuming")
+        elif record:
+            status = "rerun"
+            self.log(f"[{stage.name}] its config or inputs changed: starting it again "
+                     "(old outputs moved to trash/)")
+            self._trash(stage)
+        else:
+            status = "ran"
+        if not execute:
+            raise WmlabError(f"stage '{stage.name}' is not done: run the pipeline up to it "
+                             "first")
+        if stage.name != "report":
+            self.log(f"[{stage.name}] {stage.description}")
+        self._write_record(stage.name, {"stage": stage.name, "input": expected,
+                                        "status": "running", "started": _now()})
+        started = time.monotonic()
+        summary = stage.run(self.cfg, self.progress)
+        seconds = time.monotonic() - started
+        output = stage.output(self.cfg)
+        if output is None:
+            raise WmlabError(f"stage '{stage.name}' finished without its outputs: see the "
+                             "messages above")
+        self._write_record(stage.name, {"stage": stage.name, "input": expected,
+                                        "status": "done", "output": output,
+                                        "started": (self.record(stage.name) or {}).get(
+                                            "started", ""),
+                                        "finished": _now(), "seconds": round(seconds, 2),
+                                        "summary": summary})
+        return StageResult(stage.name, status, seconds, summary)
+
+    def _trash(self, stage: Stage) -> None:
+        """Move a stage's outputs aside (never deleted) so it starts from nothing."""
+        if stage.folder is None:
+            return
+        source = f"{self.root}/{stage.folder}"
+        if not self.fs.exists(source):
+            return
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        target = f"{self.root}/trash/{stage.folder.replace('/', '_')}-{stamp}"
+        self.fs.makedirs(f"{self.root}/trash", exist_ok=True)
+        self.fs.mv(source, target, recursive=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stages
+
+
+def _store_fingerprint(cfg: Config) -> str | None:
+    from wmlab.data import EpisodeStore
+
+    try:
+        store = EpisodeStore.open(cfg.store_url())
+        ids = store.episode_ids()
+    except WmlabError:
+        return None
+    if len(ids) < cfg.collect.episodes:
+        return None
+    return _hash(ids)
+
+
+def _run_collect(cfg: Config, progress: bool) -> dict[str, Any]:
+    from wmlab.collect import collect
+
+    summary = collect(cfg, progress=progress)
+    return {"line": summary.line(), "episodes": summary.kept_now, "steps": summary.steps}
+
+
+def _sidecar_fingerprint(folder: str, name: str) -> str | None:
+    from wmlab.checkpoint import read_info
+
+    try:
+        return str(read_info(folder, name)["fingerprint"])
+    except (WmlabError, KeyError):
+        return None
+
+
+def _run_vision(cfg: Config, progress: bool) -> dict[str, Any]:
+    from wmlab.vision.train import train_vae
+
+    result = train_vae(cfg, progress=progress)
+    last = result.history[-1] if result.history else {}
+    return {"steps": result.steps, "epochs": result.epochs,
+            "frames_per_second": round(result.frames_per_second, 1),
+            **{f"val_{k}": v for k, v in last.items() if isinstance(v, (int, float))}}
+
+
+def _vision_output(cfg: Config) -> str | None:
+    from wmlab.vision.train import FINAL_WEIGHTS, vision_dir
+
+    return _sidecar_fingerprint(vision_dir(cfg), FINAL_WEIGHTS)
+
+
+def _run_encode(cfg: Config, progress: bool) -> dict[str, Any]:
+    from wmlab.vision.encode import encode_store
+
+    summary = encode_store(cfg, progress=progress)
+    return {"line": summary.line(), "episodes": summary.episodes}
+
+
+def _encode_output(cfg: Config) -> str | None:
+    from wmlab.data import EpisodeStore
+    from wmlab.data.series import SeriesStore
+
+    vae = _vision_output(cfg)
+    try:
+        series = SeriesStore.current(cfg.store_url())
+        ids = EpisodeStore.open(cfg.store_url()).episode_ids()
+    except WmlabError:
+        return None
+    if vae is None or series.fingerprint != vae or set(ids) - set(series.ids()):
+        return None
+    return _hash([vae, ids])
+
+
+def _run_memory(cfg: Config, progress: bool) -> dict[str, Any]:
+    from wmlab.memory.train import train_mdrnn
+
+    result = train_mdrnn(cfg, progress=progress)
+    last = result.history[-1] if result.history else {}
+    return {"steps": result.steps,
+            "sequences_per_second": round(result.sequences_per_second, 1),
+            **{f"val_{k}": v for k, v in last.items() if isinstance(v, (int, float))}}
+
+
+def _memory_output(cfg: Config) -> str | None:
+    from wmlab.memory.train import FINAL_WEIGHTS, INITIAL_Z, memory_dir
+
+    weights = _sidecar_fingerprint(memory_dir(cfg), FINAL_WEIGHTS)
+    start = _sidecar_fingerprint(memory_dir(cfg), INITIAL_Z)
+    return None if weights is None or start is None else _hash([weights, start])
+
+
+def default_stages(cfg: Config) -> list[Stage]:
+    """The stages of a World Models run, in order."""
+    store_in_run = not cfg.collect.out
+    return [
+        Stage("collect", ("env", "collect", "run.seed"), "data" if store_in_run else None,
+              _run_collect, _store_fingerprint,
+              f"collecting {cfg.collect.episodes} {cfg.collect.policy}-policy episodes"),
+        Stage("vision", ("vae", "run.seed"), "vision", _run_vision, _vision_output,
+              f"training V ({cfg.vae.kind}, z={cfg.vae.z_dim}, {cfg.vae.epochs} epochs)"),
+        Stage("encode", (), None, _run_encode, _encode_output,
+              "encoding every frame to (mu, logvar)"),
+        Stage("memory", ("mdrnn", "run.seed"), "memory", _run_memory, _memory_output,
+              f"training M (LSTM {cfg.mdrnn.hidden}, {cfg.mdrnn.steps} steps)"),
+    ]
+
+
+def run_pipeline(cfg: Config, until: str | None = None, progress: bool = True
+                 ) -> list[StageResult]:
+    """Run (or resume) every stage of ``cfg``'s run that is not done yet."""
+    return Pipeline(cfg, progress=progress).run(until=until)
+
+
+def describe_results(results: list[StageResult]) -> str:
+    lines = []
+    for r in results:
+        took = f" in {r.seconds:.1f} s" if r.status != "skipped" else ""
+        lines.append(f"  {r.name:<11} {r.status}{took}")
+    return "\n".join(lines)
+
