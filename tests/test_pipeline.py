@@ -1,0 +1,128 @@
+"""The pipeline's bookkeeping: skip what is done, resume what was cut, rerun what changed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from wmlab.config import load_config
+from wmlab.errors import WmlabError
+from wmlab.pipeline import Pipeline, Stage, config_slice
+
+
+class Recorder:
+    """Fake stages writing one file each; the output fingerprint is the file's content."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.calls: list[str] = []
+        self.fail_in: str | None = None
+
+    def stage(self, name: str, sections: tuple[str, ...]) -> Stage:
+        def run(cfg, progress):
+            self.calls.append(name)
+            if self.fail_in == name:
+                raise KeyboardInterrupt  # as a kill would stop it
+            folder = self.root / cfg.run_dir() / name
+            folder.mkdir(parents=True, exist_ok=True)
+            upstream = sorted(p.name for p in (self.root / cfg.run_dir()).iterdir())
+            value = json.dumps({"cfg": config_slice(cfg, sections), "seen": upstream})
+            (folder / "out.txt").write_text(value)
+            return {"wrote": name}
+
+        def output(cfg):
+            path = self.root / cfg.run_dir() / name / "out.txt"
+            return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+        return Stage(name, sections, name, run, output, f"fake {name}")
+
+    def pipeline(self, cfg) -> Pipeline:
+        stages = [self.stage("a", ("collect",)), self.stage("b", ("vae",)),
+                  self.stage("c", ("mdrnn",))]
+        return Pipeline(cfg, stages=stages, progress=False, log=lambda _: None)
+
+
+@pytest.fixture()
+def setup(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rec = Recorder(tmp_path)
+
+    def cfg(*overrides: str):
+        return load_config("doom", "quick", ["run.root=\"runs\"", *overrides])
+
+    return rec, cfg
+
+
+def test_second_run_skips_every_finished_stage(setup):
+    rec, cfg = setup
+    results = rec.pipeline(cfg()).run()
+    assert [r.status for r in results] == ["ran", "ran", "ran"]
+    results = rec.pipeline(cfg()).run()
+    assert [r.status for r in results] == ["skipped"] * 3
+    assert rec.calls == ["a", "b", "c"]
+
+
+def test_a_config_change_reruns_that_stage_and_later_ones_only(setup, tmp_path):
+    rec, cfg = setup
+    rec.pipeline(cfg()).run()
+    rec.calls.clear()
+    results = rec.pipeline(cfg("vae.epochs=7")).run()
+    assert [r.status for r in results] == ["skipped", "rerun", "rerun"]
+    assert rec.calls == ["b", "c"]
+    # the old outputs were moved aside, not deleted
+    assert any(p.name.startswith("b-") for p in (tmp_path / "runs/doom-quick/trash").iterdir())
+
+
+def test_neutral_keys_rerun_nothing(setup):
+    rec, cfg = setup
+    rec.pipeline(cfg()).run()
+    rec.calls.clear()
+    results = rec.pipeline(cfg("collect.workers=7", "vae.checkpoint_every=3")).run()
+    assert [r.status for r in results] == ["skipped"] * 3
+    assert rec.calls == []
+
+
+def test_an_interrupted_stage_resumes_and_finished_ones_are_kept(setup):
+    rec, cfg = setup
+    rec.fail_in = "b"
+    with pytest.raises(KeyboardInterrupt):
+        rec.pipeline(cfg()).run()
+    rec.fail_in = None
+    results = rec.pipeline(cfg()).run()
+    assert [r.status for r in results] == ["skipped", "resumed", "ran"]
+    assert rec.calls == ["a", "b", "b", "c"]
+
+
+def test_outputs_deleted_by_hand_are_repaired(setup, tmp_path):
+    rec, cfg = setup
+    rec.pipeline(cfg()).run()
+    (tmp_path / "runs/doom-quick/b/out.txt").unlink()
+    results = rec.pipeline(cfg()).run()
+    assert [r.status for r in results][:2] == ["skipped", "repaired"]
+
+
+def test_until_stops_after_the_named_stage_and_unknown_names_are_refused(setup):
+    rec, cfg = setup
+    results = rec.pipeline(cfg()).run(until="a")
+    assert [r.name for r in results] == ["a"]
+    with pytest.raises(WmlabError, match="no stage 'nope'"):
+        rec.pipeline(cfg()).run(until="nope")
+
+
+def test_status_reports_done_and_stale(setup):
+    rec, cfg = setup
+    rec.pipeline(cfg()).run()
+    assert [row["status"] for row in rec.pipeline(cfg()).status()] == ["done"] * 3
+    assert [row["status"] for row in rec.pipeline(cfg("mdrnn.steps=3")).status()] == [
+        "done", "done", "stale"]
+
+
+def test_a_run_directory_of_another_preset_is_refused(setup):
+    rec, cfg = setup
+    rec.pipeline(cfg("run.name=\"shared\"")).run()
+    other = load_config("carracing", "quick", ["run.root=\"runs\"", "run.name=\"shared\""])
+    with pytest.raises(WmlabError, match="belongs to preset 'doom'"):
+        rec.pipeline(other).run()
