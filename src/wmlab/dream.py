@@ -5,21 +5,31 @@ and the restart flag set. Each step M advances on [z, action, restart], the next
 sampled at temperature tau, the episode ends when the done logit is positive or at the step
 cap, and the reward is +1 per step (Doom) or M's predicted reward where it has that head.
 
-Randomness is drawn per *dream seed*, not per batch position: the noise of step t for the
-dream with seed s comes from a generator keyed by (s, t)-independent blocks (see
-``_NoiseSource``), so a dream's trajectory depends only on its seed and its controller,
-whichever batch or worker runs it. That is what lets members i and i + P/2 share rollouts
-(antithetic seeds) and makes every evaluation engine agree.
+Randomness belongs to each *dream*, not to the batch: every dream owns a numpy generator
+seeded by its seed, which draws its start, then its noise in blocks of steps. A dream's
+trajectory therefore depends only on its seed and its actions, whichever batch position or
+worker runs it (members i and i + P/2 can share rollouts, every evaluation engine agrees).
+
+Speed: one step is two matmuls for the whole batch (the LSTM gates from [x, h] against the
+concatenated [W_ih, W_hh], then the mixture head), a few elementwise ops and an inverse-CDF
+component draw; no per-dream Python work except refilling a dream's noise block every
+``noise_block`` steps.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from wmlab.memory.model import MDNRNN, LstmState, MdrnnOutput
+from wmlab.errors import WmlabError
+from wmlab.memory.model import MDNRNN, check_tau, select_and_sample
+
+FEATURES = ("z", "zh", "zch")
 
 
 @dataclass
@@ -29,132 +39,340 @@ class DreamStart:
     mu: torch.Tensor  # (N, z)
     logvar: torch.Tensor  # (N, z)
 
-
-class _NoiseSource:
-    """Per-seed random streams for a batch of dreams, drawn in blocks of steps.
-
-    Each distinct seed owns a numpy generator; every ``block`` steps it fills that seed's
-    next block of uniforms (component choice) and normals (the Gaussian draw). Dreams
-    sharing a seed read the same numbers, and a seed's numbers never depend on the others.
-    """
-
-    def __init__(self, seeds: np.ndarray, z_dim: int, block: int = 64) -> None:
-        self.unique, self.index = np.unique(np.asarray(seeds, dtype=np.int64),
-                                            return_inverse=True)
-        self.z_dim, self.block = z_dim, block
-        self.rngs = [np.random.default_rng([int(s), 77]) for s in self.unique]
-        self._uniform = self._normal = None
-        self._start = None
-
-    def start_index(self, count: int) -> np.ndarray:
-        """Which stored start each dream uses (drawn from its seed's own stream)."""
-        return np.array([np.random.default_rng([int(s), 13]).integers(count)
-                         for s in self.unique])[self.index]
-
-    def start_noise(self) -> np.ndarray:
-        return np.stack([np.random.default_rng([int(s), 29]).standard_normal(self.z_dim)
-                         for s in self.unique])[self.index]
-
-    def step(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(uniform (B, z), normal (B, z)) for each dream at its own step t."""
-        needed = int(t.max()) // self.block
-        if self._start is None or needed >= len(self._uniform):
-            self._extend(needed + 1)
-        uniform = self._uniform[t // self.block, self.index, t % self.block]
-        normal = self._normal[t // self.block, self.index, t % self.block]
-        return uniform, normal
-
-    def _extend(self, blocks: int) -> None:
-        have = 0 if self._uniform is None else len(self._uniform)
-        shape = (len(self.unique), self.block, self.z_dim)
-        new_u = np.empty((blocks - have, *shape), np.float32)
-        new_n = np.empty((blocks - have, *shape), np.float32)
-        for b in range(blocks - have):
-            for i, rng in enumerate(self.rngs):
-                new_u[b, i] = rng.random((self.block, self.z_dim), dtype=np.float32)
-                new_n[b, i] = rng.standard_normal((self.block, self.z_dim), dtype=np.float32)
-        self._uniform = new_u if have == 0 else np.concatenate([self._uniform, new_u])
-        self._normal = new_n if have == 0 else np.concatenate([self._normal, new_n])
-        self._start = True
+    def __post_init__(self) -> None:
+        if self.mu.ndim != 2 or self.mu.shape != self.logvar.shape or len(self.mu) == 0:
+            raise WmlabError("the initial-z store is empty or malformed: run `wmlab "
+                             "train-mdrnn` again to rewrite it")
 
 
-def sample_with_noise(out: MdrnnOutput, tau: float, uniform: torch.Tensor,
-                      normal: torch.Tensor) -> torch.Tensor:
-    """``sample_next_z`` with given noise: the component by inverse CDF of softmax(logits/tau),
-    then mean + sigma * sqrt(tau) * normal."""
-    probs = torch.softmax(out.logits.float() / max(tau, 1e-6), dim=-1)
-    cdf = probs.cumsum(-1)
-    component = (uniform.unsqueeze(-1) > cdf).sum(-1, keepdim=True).clamp(max=probs.shape[-1] - 1)
-    mean = out.means.gather(-1, component).squeeze(-1)
-    sigma = out.log_sigmas.gather(-1, component).squeeze(-1).exp()
-    return mean + sigma * (tau ** 0.5) * normal
+def _row_rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed), 0x5EED])
 
 
 class BatchedDream:
-    """B dreams stepped together; finished dreams restart independently when asked."""
+    """B dreams stepped together; finished dreams are frozen until reset (all or some)."""
 
     def __init__(self, model: MDNRNN, start: DreamStart, tau: float, max_steps: int,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 noise_block: int = 64) -> None:
+        if max_steps < 1:
+            raise WmlabError(f"dream max_steps must be at least 1, got {max_steps}")
+        if start.mu.shape[1] != model.shape.z_dim:
+            raise WmlabError(f"the initial-z store has z of size {start.mu.shape[1]} but M "
+                             f"expects {model.shape.z_dim}: they come from different runs")
         self.model = model.eval()
-        self.start = DreamStart(start.mu.to(device), start.logvar.to(device))
-        self.tau, self.max_steps = tau, max_steps
+        self.shape = model.shape
         self.device = torch.device(device)
-        self.z: torch.Tensor | None = None
-        self.state: LstmState | None = None
+        self.start = DreamStart(start.mu.to(self.device).float(),
+                                start.logvar.to(self.device).float())
+        self.tau = check_tau(tau)
+        self.max_steps = int(max_steps)
+        self.dtype = dtype
+        self.block = int(noise_block)
+        lstm, head = model.lstm, model.head
+        with torch.no_grad():
+            # [W_ih, W_hh] side by side: the gates of a step are one matmul of [x, h]
+            self._w_gates = torch.cat([lstm.weight_ih_l0, lstm.weight_hh_l0], 1).to(
+                self.device, dtype).contiguous()
+            self._b_gates = (lstm.bias_ih_l0 + lstm.bias_hh_l0).to(self.device, dtype)
+            self._w_head = head.weight.detach().to(self.device, dtype).contiguous()
+            self._b_head = head.bias.detach().to(self.device, dtype)
+        self.batch = 0
+
+    # -- state ---------------------------------------------------------------------------
 
     @property
     def hidden(self) -> torch.Tensor:
-        return self.state[0][0]
+        return self.h
 
     @property
     def cell(self) -> torch.Tensor:
-        return self.state[1][0]
+        return self.c
+
+    def features(self, kind: str = "zh") -> torch.Tensor:
+        """What a controller observes: z, [z, h] or [z, c, h] (B, features)."""
+        if kind == "z":
+            return self.z
+        if kind == "zh":
+            return torch.cat([self.z, self.h], 1)
+        if kind == "zch":
+            return torch.cat([self.z, self.c, self.h], 1)
+        raise WmlabError(f"dream features must be one of {', '.join(FEATURES)}, got '{kind}'")
 
     @torch.no_grad()
-    def reset(self, seeds: np.ndarray) -> torch.Tensor:
-        """Start one dream per seed; returns z (B, z)."""
-        seeds = np.asarray(seeds)
-        self.noise = _NoiseSource(seeds, self.model.shape.z_dim)
-        picks = torch.as_tensor(self.noise.start_index(len(self.start.mu)), device=self.device)
-        eps = torch.as_tensor(self.noise.start_noise(), device=self.device)
-        mu, logvar = self.start.mu[picks], self.start.logvar[picks]
-        self.z = mu + torch.exp(0.5 * logvar) * eps
-        self.state = self.model.initial_state(len(seeds), self.device)
-        self.t = np.zeros(len(seeds), dtype=np.int64)
-        self.restart = torch.ones(len(seeds), device=self.device)
-        self.done = torch.zeros(len(seeds), dtype=torch.bool, device=self.device)
-        self.returns = torch.zeros(len(seeds), device=self.device)
+    def reset(self, seeds: np.ndarray | list[int]) -> torch.Tensor:
+        """Start one dream per seed (the batch size is len(seeds)); returns z (B, z)."""
+        seeds = np.asarray(seeds, dtype=np.int64).reshape(-1)
+        if len(seeds) == 0:
+            raise WmlabError("a dream batch needs at least one seed")
+        b, z_dim, hidden = len(seeds), self.shape.z_dim, self.shape.hidden
+        self.batch = b
+        self.z = torch.zeros(b, z_dim, device=self.device)
+        self.h = torch.zeros(b, hidden, device=self.device)
+        self.c = torch.zeros(b, hidden, device=self.device)
+        self.restart = torch.zeros(b, device=self.device)
+        self.done = torch.zeros(b, dtype=torch.bool, device=self.device)
+        self.terminated = torch.zeros(b, dtype=torch.bool, device=self.device)
+        self.returns = torch.zeros(b, device=self.device)
+        self.t = np.zeros(b, dtype=np.int64)
+        self.seeds = seeds.copy()
+        self._rngs: list[np.random.Generator] = [None] * b  # type: ignore[list-item]
+        self._uniform = torch.zeros(b, self.block, z_dim, device=self.device)
+        self._normal = torch.zeros(b, self.block, z_dim, device=self.device)
+        self.reset_rows(np.arange(b), seeds)
         return self.z
 
     @torch.no_grad()
-    def step(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def reset_rows(self, rows: np.ndarray, seeds: np.ndarray) -> None:
+        """Restart the dreams at ``rows`` with new seeds; the others are untouched."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        seeds = np.asarray(seeds, dtype=np.int64).reshape(-1)
+        if len(rows) == 0:
+            return
+        picks, eps = [], []
+        for row, seed in zip(rows, seeds, strict=True):
+            rng = _row_rng(seed)
+            picks.append(int(rng.integers(len(self.start.mu))))
+            eps.append(rng.standard_normal(self.shape.z_dim).astype(np.float32))
+            self._rngs[row] = rng
+            self.seeds[row] = seed
+        index = torch.as_tensor(rows, device=self.device)
+        pick = torch.as_tensor(picks, device=self.device)
+        noise = torch.as_tensor(np.stack(eps), device=self.device)
+        mu, logvar = self.start.mu[pick], self.start.logvar[pick]
+        self.z[index] = mu + torch.exp(0.5 * logvar) * noise
+        self.h[index] = 0.0
+        self.c[index] = 0.0
+        self.restart[index] = 1.0
+        self.done[index] = False
+        self.terminated[index] = False
+        self.returns[index] = 0.0
+        self.t[rows] = 0
+        self._refill(rows)
+
+    def _refill(self, rows: np.ndarray) -> None:
+        """The next block of (uniform, normal) noise of each dream in ``rows``."""
+        shape = (self.block, self.shape.z_dim)
+        uniform = np.stack([self._rngs[r].random(shape, dtype=np.float32) for r in rows])
+        normal = np.stack([self._rngs[r].standard_normal(shape, dtype=np.float32)
+                           for r in rows])
+        index = torch.as_tensor(rows, device=self.device)
+        self._uniform[index] = torch.as_tensor(uniform, device=self.device)
+        self._normal[index] = torch.as_tensor(normal, device=self.device)
+
+    # -- stepping ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, actions: torch.Tensor | np.ndarray, active: np.ndarray | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Advance every running dream with ``actions`` (B, A): returns z', reward, done.
 
-        Finished dreams are frozen (their z and state stop changing, reward 0) until the
-        batch is reset, so one call per step serves a whole population.
+        Finished dreams (and rows where ``active`` is False) are frozen: z, state and step
+        count stay, reward 0. ``done`` is True for every dream that has finished.
         """
-        restart = self.restart.unsqueeze(1) if self.model.shape.restart_input else None
-        out, _, new_state = self.model(self.z.unsqueeze(1), actions.unsqueeze(1).float(),
-                                       restart=restart, state=self.state)
-        out = MdrnnOutput(*(None if v is None else v[:, 0] for v in
-                            (out.logits, out.means, out.log_sigmas, out.done_logit,
-                             out.reward)))
-        uniform, normal = self.noise.step(self.t)
-        next_z = sample_with_noise(out, self.tau,
-                                   torch.as_tensor(uniform, device=self.device),
-                                   torch.as_tensor(normal, device=self.device))
+        if self.batch == 0:
+            raise WmlabError("call reset(seeds) before stepping the dream")
+        actions = torch.as_tensor(actions, device=self.device, dtype=torch.float32)
+        actions = actions.reshape(self.batch, -1)
+        if actions.shape[1] != self.shape.action_dim:
+            raise WmlabError(f"dream actions have {actions.shape[1]} values per dream but M "
+                             f"takes {self.shape.action_dim}")
+        parts = [self.z, actions]
+        if self.shape.restart_input:
+            parts.append(self.restart.unsqueeze(1))
+        parts.append(self.h)
+        x = torch.cat(parts, 1).to(self.dtype)
+        gates = F.linear(x, self._w_gates, self._b_gates).float()
+        i, f, g, o = gates.chunk(4, 1)
+        c = torch.sigmoid(f) * self.c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        raw = F.linear(h.to(self.dtype), self._w_head, self._b_head).float()
+        out = self.model.split_output(raw)
+        pos = torch.as_tensor(self.t % self.block, device=self.device)
+        rows = torch.arange(self.batch, device=self.device)
+        next_z = select_and_sample(out, self.tau, self._uniform[rows, pos],
+                                   self._normal[rows, pos])
+
         running = ~self.done
+        if active is not None:
+            running = running & torch.as_tensor(np.asarray(active, bool), device=self.device)
         reward = out.reward if out.reward is not None else torch.ones_like(self.returns)
         reward = torch.where(running, reward, torch.zeros_like(reward))
-        self.t = self.t + running.cpu().numpy()
-        ended = torch.as_tensor(self.t >= self.max_steps, device=self.device)
-        if out.done_logit is not None:
-            ended = ended | (out.done_logit > 0)
-        keep = running.view(1, -1, 1)
-        self.state = (torch.where(keep, new_state[0], self.state[0]),
-                      torch.where(keep, new_state[1], self.state[1]))
-        self.z = torch.where(running.unsqueeze(1), next_z, self.z)
+        keep = running.unsqueeze(1)
+        self.h = torch.where(keep, h, self.h)
+        self.c = torch.where(keep, c, self.c)
+        self.z = torch.where(keep, next_z, self.z)
         self.returns += reward
-        self.done = self.done | (running & ended)
-        self.restart = torch.zeros_like(self.restart)
+        self.restart = torch.where(running, torch.zeros_like(self.restart), self.restart)
+
+        ran = running.cpu().numpy()
+        self.t += ran
+        capped = torch.as_tensor(self.t >= self.max_steps, device=self.device)
+        died = (out.done_logit > 0) if out.done_logit is not None else torch.zeros_like(capped)
+        self.terminated |= running & died
+        self.done |= running & (died | capped)
+        refill = np.flatnonzero(ran & (self.t % self.block == 0) & ~self.done.cpu().numpy())
+        if len(refill):
+            self._refill(refill)
         return self.z, reward, self.done
+
+    @torch.no_grad()
+    def rollout(self, policy: Callable[[BatchedDream], torch.Tensor], seeds: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """Run one dream per seed to its end under ``policy(dream) -> actions (B, A)``;
+        returns (returns, lengths) as numpy arrays."""
+        self.reset(seeds)
+        while not bool(self.done.all()):
+            self.step(policy(self))
+        return self.returns.cpu().numpy(), self.t.copy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference policies and the dream's calibration (SPEC section 8)
+
+
+def reference_policy(name: str, action_dim: int, seed: int = 0,
+                     to_vector: Callable[[torch.Tensor], torch.Tensor] | None = None
+                     ) -> Callable[[BatchedDream], torch.Tensor]:
+    """Fixed policies whose survival in the dream is compared with the real game.
+
+    Outputs are raw controller outputs in [-1, 1] (random: uniform each step; noop: 0;
+    left: -1 on the first output, 0 elsewhere), turned into M's action vectors by
+    ``to_vector`` (e.g. Doom's -1/3, +1/3 thresholds); identity when not given.
+    """
+    convert = to_vector or (lambda raw: raw)
+    if name == "random":
+        generator = torch.Generator().manual_seed(seed)
+
+        def act(dream: BatchedDream) -> torch.Tensor:
+            raw = torch.rand(dream.batch, action_dim, generator=generator) * 2 - 1
+            return convert(raw)
+        return act
+    if name in ("noop", "left"):
+        def fixed(dream: BatchedDream) -> torch.Tensor:
+            raw = torch.zeros(dream.batch, action_dim)
+            if name == "left":
+                raw[:, 0] = -1.0
+            return convert(raw)
+        return fixed
+    raise WmlabError(f"unknown reference policy '{name}': use random, noop or left")
+
+
+def dream_calibration(model: MDNRNN, start: DreamStart, tau: float, max_steps: int = 2100,
+                      episodes: int = 64, seed: int = 0,
+                      policies: tuple[str, ...] = ("random", "noop", "left"),
+                      to_vector: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                      raw_dim: int | None = None, device: torch.device | str = "cpu"
+                      ) -> dict[str, Any]:
+    """Survival and return of fixed reference policies in the dream, per policy.
+
+    A dream whose zero/no-op policy survives far longer than a random policy does in the
+    real game is exploitable (SPEC section 8): check this before training C in it.
+    ``raw_dim`` is the number of raw controller outputs that ``to_vector`` maps to M's
+    actions (default: M's action size).
+    """
+    dream = BatchedDream(model, start, tau, max_steps, device)
+    seeds = np.arange(episodes) + seed * 1_000_003
+    report: dict[str, Any] = {"tau": tau, "max_steps": max_steps, "episodes": episodes,
+                              "policies": {}}
+    for name in policies:
+        policy = reference_policy(name, raw_dim or model.shape.action_dim, seed, to_vector)
+        returns, lengths = dream.rollout(policy, seeds)
+        report["policies"][name] = {
+            "survival_mean": float(lengths.mean()), "survival_std": float(lengths.std()),
+            "survival_min": int(lengths.min()), "survival_max": int(lengths.max()),
+            "capped_fraction": float((lengths >= max_steps).mean()),
+            "return_mean": float(returns.mean()), "return_std": float(returns.std())}
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# The Gymnasium vector-env face of the dream
+
+
+def make_vector_env(model: MDNRNN, start: DreamStart, tau: float, max_steps: int,
+                    num_envs: int, features: str = "zh", device: torch.device | str = "cpu"):
+    """A ``gymnasium.vector.VectorEnv`` of ``num_envs`` dreams (see ``DreamVectorEnv``)."""
+    return DreamVectorEnv(model, start, tau, max_steps, num_envs, features, device)
+
+
+def _vector_env_base() -> type:
+    import gymnasium
+
+    return gymnasium.vector.VectorEnv
+
+
+class DreamVectorEnv(_vector_env_base()):  # type: ignore[misc]
+    """Dreams behind the Gymnasium vector-env API (autoreset mode NEXT_STEP).
+
+    Observations are what a controller sees (``features``: z, [z, h] or [z, c, h]) as float32
+    numpy arrays; actions are M's action vectors (B, A). A dream that ended is restarted by
+    the next ``step`` call, which ignores its action and returns its first observation with
+    reward 0, as Gymnasium's vector envs do. Dream i's k-th episode uses a seed derived from
+    (its reset seed, k), so a run is reproducible from the seeds given to ``reset``.
+    Terminations come from the done head; truncations from the step cap.
+    """
+
+    def __init__(self, model: MDNRNN, start: DreamStart, tau: float, max_steps: int,
+                 num_envs: int, features: str = "zh", device: torch.device | str = "cpu"
+                 ) -> None:
+        import gymnasium
+        from gymnasium.vector.utils import batch_space
+
+        if num_envs < 1:
+            raise WmlabError(f"num_envs must be at least 1, got {num_envs}")
+        self.dream = BatchedDream(model, start, tau, max_steps, device)
+        self.features_kind = features
+        s = model.shape
+        size = {"z": s.z_dim, "zh": s.z_dim + s.hidden, "zch": s.z_dim + 2 * s.hidden}
+        if features not in size:
+            raise WmlabError(f"features must be one of {', '.join(FEATURES)}, got '{features}'")
+        self.num_envs = num_envs
+        self.single_observation_space = gymnasium.spaces.Box(
+            -np.inf, np.inf, (size[features],), np.float32)
+        self.single_action_space = gymnasium.spaces.Box(-1.0, 1.0, (s.action_dim,), np.float32)
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self.metadata = {"autoreset_mode": gymnasium.vector.AutoresetMode.NEXT_STEP}
+        self._base = np.zeros(num_envs, dtype=np.int64)
+        self._episode = np.zeros(num_envs, dtype=np.int64)
+        self._pending = np.zeros(num_envs, dtype=bool)
+
+    def _obs(self) -> np.ndarray:
+        return self.dream.features(self.features_kind).cpu().numpy().astype(np.float32)
+
+    def _seed_of(self, slot: int) -> int:
+        if self._episode[slot] == 0:
+            return int(self._base[slot])
+        state = np.random.SeedSequence([int(self._base[slot]), int(self._episode[slot])])
+        return int(state.generate_state(1, np.uint32)[0])
+
+    def reset(self, *, seed: int | list[int] | None = None,
+              options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        if seed is None:
+            seed = int(np.random.SeedSequence().generate_state(1, np.uint32)[0])
+        if isinstance(seed, (int, np.integer)):
+            self._base = int(seed) + np.arange(self.num_envs, dtype=np.int64)
+        else:
+            if len(seed) != self.num_envs:
+                raise WmlabError(f"reset got {len(seed)} seeds for {self.num_envs} dreams")
+            self._base = np.asarray(seed, dtype=np.int64)
+        self._episode[:] = 0
+        self._pending[:] = False
+        self.dream.reset(self._base)
+        return self._obs(), {}
+
+    def step(self, actions: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        restarting = np.flatnonzero(self._pending)
+        if len(restarting):
+            self._episode[restarting] += 1
+            self.dream.reset_rows(restarting, [self._seed_of(i) for i in restarting])
+        active = ~self._pending
+        _, reward, done = self.dream.step(actions, active=active)
+        done_np = done.cpu().numpy() & active
+        terminated = self.dream.terminated.cpu().numpy() & done_np
+        truncated = done_np & ~terminated
+        self._pending = done_np
+        rewards = np.where(active, reward.cpu().numpy(), 0.0).astype(np.float32)
+        return self._obs(), rewards, terminated, truncated, {}

@@ -1,9 +1,74 @@
-"""Subcommands of this stage (see wmlab.commands)."""
+"""Subcommands of M: ``wmlab train-mdrnn`` and ``wmlab dream`` (see wmlab.commands)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+
+from wmlab.commands.common import add_config_args, config_from_args
+
+
+def cmd_train_mdrnn(args: argparse.Namespace) -> int:
+    from wmlab.memory.train import check_series, load_series, train_mdrnn
+    from wmlab.runs import prepare_run_dir
+
+    cfg = config_from_args(args, {"mdrnn.steps": args.steps, "mdrnn.regime": args.regime})
+    data = load_series(cfg)
+    check_series(cfg, data)  # before anything is written
+    print(f"run directory: {prepare_run_dir(cfg)}")
+    result = train_mdrnn(cfg, progress=not args.no_progress, series=data)
+    last = result.history[-1] if result.history else {}
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "step")
+    print(f"{result.folder}: M trained to step {result.steps} (from {result.resumed_from}), "
+          f"{result.steps_per_second:,.0f} steps/s" + (f"; validation: {shown}" if shown else ""))
+    if result.calibration:
+        print("dream calibration (survival in the dream, mean +- std over "
+              f"{result.calibration['episodes']} dreams at tau {result.calibration['tau']}):")
+        for name, row in result.calibration["policies"].items():
+            print(f"  {name:<7} {row['survival_mean']:7.1f} +- {row['survival_std']:.1f} "
+                  f"({100 * row['capped_fraction']:.0f}% reach the cap)")
+    return 0
+
+
+def cmd_dream(args: argparse.Namespace) -> int:
+    from wmlab.memory.dreaming import DreamRequest, make_dream_pictures, play
+
+    cfg = config_from_args(args, {"dream.tau": args.tau})
+    request = DreamRequest(steps=args.steps, seed=cfg.run.seed, controller=args.controller,
+                           out=args.out,
+                           episode=args.episode, compare=not args.no_compare)
+    if args.play:
+        play(cfg, request)
+        return 0
+    summary = make_dream_pictures(cfg, request)
+    for key in ("dream_gif", "compare_gif"):
+        if summary.get(key):
+            print(f"wrote {summary[key]}")
+    print(json.dumps({k: v for k, v in summary.items() if not k.endswith("_gif")}))
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this stage's subcommands to the ``wmlab`` parser."""
+    p = sub.add_parser("train-mdrnn", help="train M (the MDN-RNN) on V's encoded series; "
+                                           "resumes where a killed run stopped")
+    add_config_args(p)
+    p.add_argument("--steps", type=int, help="optimiser steps (mdrnn.steps)")
+    p.add_argument("--regime", choices=("episodes", "streams"), help="mdrnn.regime")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train_mdrnn)
+
+    p = sub.add_parser("dream", help="GIFs of M's dream decoded by V (and real | V | dream "
+                                     "side by side), or --play it with the keyboard")
+    add_config_args(p)
+    p.add_argument("--tau", type=float, help="sampling temperature (dream.tau)")
+    p.add_argument("--steps", type=int, default=300, help="dream steps in the GIF (300)")
+    p.add_argument("--controller", help="controller parameters (.safetensors with a flat "
+                                        "'params' tensor) driving the dream; default random")
+    p.add_argument("--episode", help="episode id for the side-by-side GIF (default: the "
+                                     "first validation episode)")
+    p.add_argument("--out", help="folder for the GIFs (default: <run>/memory)")
+    p.add_argument("--no-compare", action="store_true", help="only the dream GIF")
+    p.add_argument("--play", action="store_true",
+                   help="play inside the dream in a pygame window (arrow keys)")
+    p.set_defaults(func=cmd_dream)

@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wmlab.errors import WmlabError
+from wmlab.memory.scan import lstm_scan
+
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -69,7 +72,11 @@ class MDNRNN(nn.Module):
         """(B, T, z), (B, T, A)[, (B, T) restart] -> outputs, hidden states (B, T, H), state.
 
         A restart of 1 at step t zeroes the LSTM state before step t is processed: that
-        step starts a new episode, and nothing of the previous one may leak into it.
+        step starts a new episode, and nothing of the previous one may leak into it. The
+        restart flag zeroes the state whether or not it is also an input (restart_input).
+        The weights live in an ``nn.LSTM`` (the standard layout and parameter count), but
+        the recurrence runs in ``lstm_scan``, which can reset the state mid-sequence and
+        trains faster than ``nn.LSTM`` on CPU.
         """
         parts = [z, actions]
         if self.shape.restart_input:
@@ -77,37 +84,23 @@ class MDNRNN(nn.Module):
                 restart = torch.zeros(z.shape[:2], device=z.device)
             parts.append(restart.unsqueeze(-1).to(z.dtype))
         x = torch.cat(parts, dim=-1)
-        if restart is not None and bool(restart.any()):
-            hidden, state = self._run_with_restarts(x, restart, state)
-        else:
-            hidden, state = self.lstm(x, state)
-        return self.read_out(hidden), hidden, state
-
-    def _run_with_restarts(self, x: torch.Tensor, restart: torch.Tensor,
-                           state: LstmState | None) -> tuple[torch.Tensor, LstmState]:
-        """The LSTM step by step, zeroing state where restart is set (same weights as
-        ``self.lstm``). The input projection of all steps is one matmul; only the
-        recurrent part loops."""
-        batch, steps, _ = x.shape
+        batch, steps = x.shape[:2]
         if state is None:
             state = self.initial_state(batch, x.device)
-        h, c = state[0][0], state[1][0]
-        w_ih, w_hh = self.lstm.weight_ih_l0, self.lstm.weight_hh_l0
-        projected = x @ w_ih.T + (self.lstm.bias_ih_l0 + self.lstm.bias_hh_l0)
-        keep = (1.0 - restart.to(x.dtype)).unsqueeze(-1)  # (B, T, 1)
-        outputs = []
-        for t in range(steps):
-            h, c = h * keep[:, t], c * keep[:, t]
-            gates = projected[:, t] + h @ w_hh.T
-            i, f, g, o = gates.chunk(4, dim=-1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
-            outputs.append(h)
-        return torch.stack(outputs, dim=1), (h.unsqueeze(0), c.unsqueeze(0))
+        keep = torch.ones(batch, steps, device=x.device, dtype=x.dtype) if restart is None \
+            else 1.0 - restart.to(x.dtype)
+        lstm = self.lstm
+        hidden, h, c = lstm_scan(x, lstm.weight_ih_l0, lstm.weight_hh_l0,
+                                 lstm.bias_ih_l0 + lstm.bias_hh_l0, state[0][0], state[1][0],
+                                 keep)
+        return self.read_out(hidden), hidden, (h.unsqueeze(0), c.unsqueeze(0))
 
     def read_out(self, hidden: torch.Tensor) -> MdrnnOutput:
+        return self.split_output(self.head(hidden))
+
+    def split_output(self, out: torch.Tensor) -> MdrnnOutput:
+        """The head's raw outputs (..., output_size) as mixture parameters and heads."""
         s = self.shape
-        out = self.head(hidden)
         mixture = 3 * s.z_dim * s.gaussians
         params = out[..., :mixture].reshape(*out.shape[:-1], s.z_dim, 3, s.gaussians)
         extra = out[..., mixture:]
@@ -144,18 +137,45 @@ def done_loss(done_logit: torch.Tensor, target: torch.Tensor, positive_weight: f
     return (loss * mask).sum() / mask.sum().clamp(min=1)
 
 
+def check_tau(tau: float) -> float:
+    """tau must be positive: it divides the mixture logits and scales the noise."""
+    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not tau > 0 or \
+            not math.isfinite(tau):
+        raise WmlabError(f"temperature tau must be a positive number, got {tau!r}: use e.g. "
+                         "--tau 1.15 or --set dream.tau=1.15")
+    return float(tau)
+
+
+def select_and_sample(out: MdrnnOutput, tau: float, uniform: torch.Tensor,
+                      normal: torch.Tensor) -> torch.Tensor:
+    """z' from given noise: per dimension the component whose cumulative softmax(logits/tau)
+    first exceeds ``uniform`` (inverse-CDF draw), then mean + sigma * sqrt(tau) * ``normal``.
+
+    ``uniform`` and ``normal`` have the shape of z (..., z); taking the noise as an argument
+    lets the dream draw it from per-dream streams.
+    """
+    logits = out.logits.float() / tau
+    # unnormalised softmax: comparing u * total with the cumulative sums is the same draw
+    # as comparing u with the normalised CDF, without the division (the dream's hot path)
+    weights = torch.exp(logits - logits.amax(-1, keepdim=True))
+    cdf = weights.cumsum(-1)
+    threshold = uniform.unsqueeze(-1) * cdf[..., -1:]
+    component = (threshold >= cdf).sum(-1, keepdim=True)
+    component = component.clamp_(max=weights.shape[-1] - 1)  # u * total may round up
+    mean = out.means.gather(-1, component).squeeze(-1)
+    sigma = out.log_sigmas.gather(-1, component).squeeze(-1).exp()
+    return mean + sigma * math.sqrt(tau) * normal
+
+
 def sample_next_z(out: MdrnnOutput, tau: float, generator: torch.Generator | None = None
                   ) -> torch.Tensor:
     """Sample z' at temperature tau: logits / tau, a component drawn per dimension, then
     mean + sigma * sqrt(tau) * N(0, 1). Works on any leading shape (..., z, K) -> (..., z)."""
-    logits = out.logits if tau == 1.0 else out.logits / max(tau, 1e-6)
-    probs = F.softmax(logits.float(), dim=-1)
-    flat = probs.reshape(-1, probs.shape[-1])
-    component = torch.multinomial(flat, 1, generator=generator).reshape(*probs.shape[:-1], 1)
-    mean = out.means.gather(-1, component).squeeze(-1)
-    sigma = out.log_sigmas.gather(-1, component).squeeze(-1).exp()
-    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return mean + sigma * math.sqrt(tau) * noise
+    tau = check_tau(tau)
+    shape, device = out.means.shape[:-1], out.means.device
+    uniform = torch.rand(shape, generator=generator, device=device)
+    normal = torch.randn(shape, generator=generator, device=device)
+    return select_and_sample(out, tau, uniform, normal)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -3,11 +3,17 @@
 Every batch is a pure function of (seed, step) (episodes regime) or (seed, epoch, chunk)
 (streams regime), and so is the noise that samples z; the checkpoint holds the weights, the
 optimiser and, for streams, the LSTM state carried into the next chunk. A killed run resumes
-at the step after its last checkpoint and continues the same learning curve.
+at the step after its last checkpoint and continues the same learning curve, bit for bit.
+
+Everything the run needs is checked before anything is written: series present, none empty,
+long enough for the regime's sequence length, of the configured z size, and encoded by the
+V of this run (series of another V would train M on latents that V cannot decode).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,20 +26,21 @@ from wmlab.checkpoint import (
     checkpoint_exists,
     load_checkpoint,
     load_weights_into,
+    read_info,
     save_checkpoint,
 )
 from wmlab.config import Config
-from wmlab.data import EpisodeStore
 from wmlab.data.series import Series, SeriesStore
 from wmlab.device import resolve_device
-from wmlab.errors import WmlabError
+from wmlab.errors import StoreError, WmlabError
+from wmlab.fsio import atomic_write_bytes
 from wmlab.memory.data import SeriesBatch, episode_batch, locate_chunk, stream_batch
 from wmlab.memory.model import MDNRNN, MdrnnShape, done_loss, mixture_nll
-from wmlab.metrics import MetricsLogger
 
 TRAIN_CHECKPOINT = "train"
 FINAL_WEIGHTS = "mdrnn"
 INITIAL_Z = "initial_z"
+CALIBRATION_FILE = "calibration.json"
 LOG_EVERY = 10
 VALIDATE_EVERY = 100
 
@@ -56,7 +63,18 @@ class MdrnnTrainResult:
     resumed_from: int
     history: list[dict[str, float]] = field(default_factory=list)
     sequences_per_second: float = 0.0
+    steps_per_second: float = 0.0
     finished: bool = True
+    calibration: dict[str, Any] | None = None
+
+
+@dataclass
+class SeriesSet:
+    """The train/validation series of a run and the V fingerprint they were encoded by."""
+
+    train: list[Series]
+    val: list[Series]
+    fingerprint: str = ""
 
 
 def learning_rate(cfg: Config, step: int) -> float:
@@ -71,19 +89,19 @@ def batch_losses(model: MDNRNN, batch: SeriesBatch, z_in: torch.Tensor, z_next: 
     out, _, state = model(z_in, batch.actions, restart=restart, state=state)
     nll = mixture_nll(out, z_next, batch.mask)
     total = nll
-    parts: dict[str, Any] = {"z_nll": float(nll)}
+    parts: dict[str, Any] = {"z_nll": float(nll.detach())}
     if out.done_logit is not None:
         d_loss = done_loss(out.done_logit, batch.dones, done_weight, batch.mask)
         total = total + d_loss
         predicted = (out.done_logit > 0) & (batch.mask > 0)
         actual = (batch.dones > 0) & (batch.mask > 0)
-        parts.update(done_loss=float(d_loss), tp=int((predicted & actual).sum()),
+        parts.update(done_loss=float(d_loss.detach()), tp=int((predicted & actual).sum()),
                      fp=int((predicted & ~actual).sum()), fn=int((~predicted & actual).sum()))
     if out.reward is not None:
         r_err = ((out.reward - batch.rewards).pow(2) * batch.mask).sum() / batch.mask.sum()
         total = total + r_err
-        parts["reward_mse"] = float(r_err)
-    parts["loss"] = float(total)
+        parts["reward_mse"] = float(r_err.detach())
+    parts["loss"] = float(total.detach())
     return total, parts, state
 
 
@@ -95,33 +113,128 @@ def _precision_recall(parts: dict[str, Any]) -> dict[str, float]:
             "done_recall": tp / (tp + fn) if tp + fn else float("nan")}
 
 
-def load_series(cfg: Config) -> tuple[list[Series], list[Series]]:
+# ---------------------------------------------------------------------------------------------
+# Inputs and their checks
+
+
+def _hash_split(ids: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Split by a hash of (seed, id), for series whose episode store is not at hand."""
+    def score(i: str) -> float:
+        digest = hashlib.sha256(f"{seed}:{i}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2 ** 64
+
+    val = [i for i in ids if score(i) < fraction]
+    train = [i for i in ids if score(i) >= fraction]
+    if fraction > 0 and len(ids) >= 2 and (not val or not train):
+        ranked = sorted(ids, key=score)
+        val, train = ranked[:1], ranked[1:]
+    return sorted(train), sorted(val)
+
+
+def load_series(cfg: Config) -> SeriesSet:
     """(train, validation) series of the run, split by whole episodes as V's data were."""
     series_store = SeriesStore.current(cfg.store_url())
-    ids = set(series_store.ids())
-    store = EpisodeStore.open(cfg.store_url())
-    if cfg.vae.val_fraction > 0 and len(ids) >= 2:
-        train_ids, val_ids = store.split(cfg.vae.val_fraction, seed=cfg.run.seed)
-    else:
-        train_ids, val_ids = sorted(ids), []
-    train = [series_store.load(i) for i in train_ids if i in ids]
-    val = [series_store.load(i) for i in val_ids if i in ids]
-    if not train:
+    ids = series_store.ids()
+    if not ids:
         raise WmlabError(f"no encoded series in {cfg.store_url()}: run `wmlab encode` first")
-    return train, val
+    fraction = cfg.vae.val_fraction if len(ids) >= 2 else 0.0
+    try:
+        from wmlab.data import EpisodeStore
+
+        train_ids, val_ids = EpisodeStore.open(cfg.store_url()).split(fraction,
+                                                                      seed=cfg.run.seed)
+        present = set(ids)
+        train_ids = [i for i in train_ids if i in present]
+        val_ids = [i for i in val_ids if i in present]
+    except StoreError:  # series without their episodes (copied alone): same rule, own hash
+        train_ids, val_ids = _hash_split(ids, fraction, cfg.run.seed)
+    train = [series_store.load(i) for i in train_ids]
+    val = [series_store.load(i) for i in val_ids]
+    return SeriesSet(train, val, series_store.fingerprint)
+
+
+def check_series(cfg: Config, data: SeriesSet) -> None:
+    """Refuse series M cannot learn from with this config, naming the fix."""
+    m = cfg.mdrnn
+    everything = data.train + data.val
+    if not data.train:
+        raise WmlabError("no encoded series to train M on: collect episodes, train V and run "
+                         "`wmlab encode` first")
+    empty = [s.episode_id for s in everything if s.length == 0]
+    if empty:
+        raise WmlabError(f"{len(empty)} encoded episode(s) have no steps (e.g. {empty[0]}): "
+                         "remove them from the store and run `wmlab encode` again")
+    z_dim, action_dim = data.train[0].mu.shape[1], data.train[0].actions.shape[1]
+    for s in everything:
+        if s.mu.shape != (s.length + 1, z_dim) or s.actions.shape != (s.length, action_dim):
+            raise WmlabError(f"series {s.episode_id} has latents {s.mu.shape} and actions "
+                             f"{s.actions.shape}, unlike the others: run `wmlab encode` again")
+    if z_dim != cfg.vae.z_dim:
+        raise WmlabError(f"the series have z of size {z_dim} but vae.z_dim is {cfg.vae.z_dim}: "
+                         "they were encoded by a different V; re-run `wmlab encode` with this "
+                         "run's V or use the matching preset")
+    longest = max(s.length for s in data.train)
+    if m.regime == "episodes" and longest < m.seq_len:
+        raise WmlabError(f"every training episode is shorter than mdrnn.seq_len = {m.seq_len} "
+                         f"steps (the longest has {longest}): lower it, e.g. --set "
+                         f"mdrnn.seq_len={longest}, or collect longer episodes")
+    if m.regime == "streams" and sum(s.length for s in data.train) < m.batch_size * m.seq_len:
+        total = sum(s.length for s in data.train)
+        raise WmlabError(f"{total} training steps cannot fill {m.batch_size} streams of "
+                         f"{m.seq_len}-step chunks: lower mdrnn.batch_size or mdrnn.seq_len, "
+                         "or collect more episodes")
+    _check_fingerprint(cfg, data.fingerprint)
+
+
+def _check_fingerprint(cfg: Config, fingerprint: str) -> None:
+    """Series must come from this run's V, and a resumed M from the same series."""
+    if not fingerprint:
+        return
+    vision = f"{cfg.run_dir()}/vision"
+    if checkpoint_exists(vision, "vae"):
+        v_fingerprint = read_info(vision, "vae").get("fingerprint", "")
+        if v_fingerprint and v_fingerprint != fingerprint:
+            raise WmlabError(f"the series in {cfg.store_url()} were encoded by V {fingerprint} "
+                             f"but this run's V is {v_fingerprint}: run `wmlab encode` with "
+                             "this run's V first")
+    folder = memory_dir(cfg)
+    if checkpoint_exists(folder, TRAIN_CHECKPOINT):
+        previous = read_info(folder, TRAIN_CHECKPOINT).get("series", "")
+        if previous and previous != fingerprint:
+            raise WmlabError(f"the M checkpoint in {folder} was trained on series of V "
+                             f"{previous}, not {fingerprint}: delete {folder} to train M anew")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
 
 
 def train_mdrnn(cfg: Config, *, progress: bool = True, stop_after_steps: int | None = None,
                 on_step: Callable[[int, dict[str, float]], None] | None = None,
-                series: tuple[list[Series], list[Series]] | None = None) -> MdrnnTrainResult:
+                series: SeriesSet | tuple[list[Series], list[Series]] | None = None
+                ) -> MdrnnTrainResult:
+    """Train M (resuming from the run's checkpoint if there is one)."""
+    from wmlab.metrics import MetricsLogger
+
     m = cfg.mdrnn
+    if series is None:
+        data = load_series(cfg)
+    elif isinstance(series, SeriesSet):
+        data = series
+    else:
+        data = SeriesSet(list(series[0]), list(series[1]))
+    check_series(cfg, data)
+    train, val = data.train, data.val
     device = resolve_device(cfg.run.device)
-    train, val = series if series is not None else load_series(cfg)
     z_dim, action_dim = train[0].mu.shape[1], train[0].actions.shape[1]
     shape = shape_from_config(cfg, z_dim, action_dim)
-    model = MDNRNN(shape).to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.run.seed)  # the initial weights belong to the run's seed
+        model = MDNRNN(shape).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=m.lr)
     folder = memory_dir(cfg)
+    info = {"shape": shape.__dict__, "regime": m.regime, "series": data.fingerprint,
+            "env": cfg.env.name}
     step, carried = 0, None
     if checkpoint_exists(folder, TRAIN_CHECKPOINT):
         ckpt = load_checkpoint(folder, TRAIN_CHECKPOINT, map_location=device)
@@ -139,15 +252,14 @@ def train_mdrnn(cfg: Config, *, progress: bool = True, stop_after_steps: int | N
         state: dict[str, Any] = {"optimizer": optimizer.state_dict()}
         if carried is not None:
             state["h"], state["c"] = carried[0].detach().cpu(), carried[1].detach().cpu()
-        save_checkpoint(folder, TRAIN_CHECKPOINT, step, model.state_dict(), state,
-                        {"shape": shape.__dict__, "regime": m.regime})
+        save_checkpoint(folder, TRAIN_CHECKPOINT, step, model.state_dict(), state, info)
 
     plan = None
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=m.steps, initial=step, desc="train M", unit="step",
+    bar = tqdm(total=m.steps, initial=step, desc="train M", unit="batch",
                disable=not progress, dynamic_ncols=True)
-    started, sequences = time.monotonic(), 0
+    started, sequences, steps_seen = time.monotonic(), 0, 0
     try:
         while step < m.steps:
             if m.regime == "episodes":
@@ -173,14 +285,16 @@ def train_mdrnn(cfg: Config, *, progress: bool = True, stop_after_steps: int | N
                 carried = (state_out[0].detach(), state_out[1].detach())
             step += 1
             sequences += m.batch_size
+            steps_seen += int(batch.mask.sum())
             bar.update(1)
             parts.update(_precision_recall(parts))
             if on_step is not None:
                 on_step(step, parts)
             if step % LOG_EVERY == 0 or step == m.steps:
-                rate = sequences / max(time.monotonic() - started, 1e-9)
+                elapsed = max(time.monotonic() - started, 1e-9)
                 logger.log(step, {**{f"train/{k}": v for k, v in parts.items()},
-                                  "train/sequences_per_s": rate,
+                                  "train/sequences_per_s": sequences / elapsed,
+                                  "train/steps_per_s": steps_seen / elapsed,
                                   "lr": learning_rate(cfg, step)})
                 bar.set_postfix(nll=f"{parts['z_nll']:.3f}", refresh=False)
             if val and (step % VALIDATE_EVERY == 0 or step == m.steps):
@@ -191,16 +305,19 @@ def train_mdrnn(cfg: Config, *, progress: bool = True, stop_after_steps: int | N
                 save()
             if stop_after_steps is not None and step >= stop_after_steps:
                 save()
-                result.finished = step >= m.steps
                 break
         if step >= m.steps:
-            save_checkpoint(folder, FINAL_WEIGHTS, step, model.state_dict(), None,
-                            {"shape": shape.__dict__, "regime": m.regime})
+            save_checkpoint(folder, FINAL_WEIGHTS, step, model.state_dict(), None, info)
+            if shape.done_head and m.calibration_episodes > 0:
+                result.calibration = write_calibration(cfg, model, device)
     finally:
         bar.close()
         logger.close()
+    elapsed = max(time.monotonic() - started, 1e-9)
     result.steps, result.resumed_from = step, resumed_from
-    result.sequences_per_second = sequences / max(time.monotonic() - started, 1e-9)
+    result.finished = step >= m.steps
+    result.sequences_per_second = sequences / elapsed
+    result.steps_per_second = steps_seen / elapsed
     return result
 
 
@@ -215,7 +332,7 @@ def validate(model: MDNRNN, val: list[Series], cfg: Config, device: torch.device
     batches = 0
     for start in range(0, min(len(val), 4 * m.batch_size), m.batch_size):
         chunk = val[start:start + m.batch_size]
-        length = min(max(s.length for s in chunk), 2 * max(m.seq_len, 1))
+        length = max(s.length for s in chunk)
         batch = episode_batch(chunk, len(chunk), length, seed=12345, step=start).to(device)
         z_in, z_next = batch.sample_z(torch.Generator().manual_seed(start))
         _, parts, _ = batch_losses(model, batch, z_in, z_next, m.done_weight)
@@ -224,11 +341,50 @@ def validate(model: MDNRNN, val: list[Series], cfg: Config, device: torch.device
         for key, value in parts.items():
             totals[key] = totals.get(key, 0.0) + value
         batches += 1
-    model.train()
     metrics = {k: v / max(batches, 1) for k, v in totals.items()}
-    if m.done_head:
+    if model.shape.done_head:
         metrics.update(_precision_recall(dict(counts)))
+    if model.shape.reward_head:
+        metrics.update(return_tracking(model, val[:4 * m.batch_size], device))
+    model.train()
     return metrics
+
+
+@torch.no_grad()
+def return_tracking(model: MDNRNN, series: list[Series], device: torch.device | str = "cpu",
+                    batch_size: int = 64) -> dict[str, float]:
+    """How well M's predicted return follows the real one on held-out episodes.
+
+    Teacher-forced: M reads each episode's own latents (their means) and actions, and its
+    predicted rewards are summed per episode. Reports the Pearson correlation of predicted
+    and real returns across episodes and their mean absolute error.
+    """
+    if not model.shape.reward_head:
+        raise WmlabError("M has no reward head: train it with mdrnn.reward_head = true")
+    predicted, real = [], []
+    for start in range(0, len(series), batch_size):
+        chunk = series[start:start + batch_size]
+        length = max(s.length for s in chunk)
+        z = np.zeros((len(chunk), length, model.shape.z_dim), np.float32)
+        actions = np.zeros((len(chunk), length, model.shape.action_dim), np.float32)
+        mask = np.zeros((len(chunk), length), np.float32)
+        for row, s in enumerate(chunk):
+            z[row, :s.length] = s.mu[:-1]
+            actions[row, :s.length] = s.actions
+            mask[row, :s.length] = 1.0
+            real.append(float(np.sum(s.rewards, dtype=np.float64)))
+        out, _, _ = model(torch.from_numpy(z).to(device), torch.from_numpy(actions).to(device))
+        sums = (out.reward * torch.from_numpy(mask).to(device)).sum(1)
+        predicted.extend(float(v) for v in sums.cpu())
+    p, r = np.asarray(predicted), np.asarray(real)
+    corr = float(np.corrcoef(p, r)[0, 1]) if len(p) >= 2 and p.std() > 0 and r.std() > 0 \
+        else float("nan")
+    return {"return_correlation": corr, "return_mae": float(np.abs(p - r).mean()),
+            "return_real_mean": float(r.mean()), "return_predicted_mean": float(p.mean())}
+
+
+# ---------------------------------------------------------------------------------------------
+# What dreams need: the initial latents, M itself, and the calibration of its dream
 
 
 def write_initial_z(cfg: Config, train: list[Series]) -> None:
@@ -240,9 +396,59 @@ def write_initial_z(cfg: Config, train: list[Series]) -> None:
                     {"episodes": len(keep)})
 
 
+def load_initial_z(folder: str):
+    """The dream starts of a memory folder (``DreamStart``), or a message saying why not."""
+    from wmlab.dream import DreamStart
+
+    if not checkpoint_exists(folder, INITIAL_Z):
+        raise WmlabError(f"no initial-z store in {folder}: dreams start from it; run `wmlab "
+                         "train-mdrnn` (it writes the store before training)")
+    ckpt = load_checkpoint(folder, INITIAL_Z, with_state=False)
+    if "mu" not in ckpt.weights or "logvar" not in ckpt.weights:
+        raise WmlabError(f"the initial-z store in {folder} is damaged: run `wmlab "
+                         "train-mdrnn` again to rewrite it")
+    return DreamStart(ckpt.weights["mu"].float(), ckpt.weights["logvar"].float())
+
+
 def load_mdrnn(folder: str, device: torch.device | str = "cpu") -> tuple[MDNRNN, dict]:
+    if not checkpoint_exists(folder, FINAL_WEIGHTS):
+        raise WmlabError(f"no trained M in {folder}: run `wmlab train-mdrnn` to the end first")
     ckpt = load_checkpoint(folder, FINAL_WEIGHTS, with_state=False)
     shape = MdrnnShape(**ckpt.info["shape"])
     model = MDNRNN(shape)
     load_weights_into(model, ckpt.weights, f"{folder}/{FINAL_WEIGHTS}")
     return model.to(device).eval(), ckpt.info
+
+
+def action_converter(env_name: str
+                     ) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, int | None]:
+    """(raw controller outputs -> M's action vectors, number of raw outputs) through the
+    env's own mapping; (None, None) when the env's spec is not available."""
+    try:
+        from wmlab.envs import get_spec
+
+        spec = get_spec(env_name)
+    except Exception:  # generic ids may need their simulator; identity is the fallback
+        return None, None
+
+    def convert(raw: torch.Tensor) -> torch.Tensor:
+        vectors = spec.action_vector(spec.to_env_action(raw.cpu().numpy()))
+        return torch.from_numpy(np.asarray(vectors, np.float32))
+    return convert, int(spec.controller_outputs)
+
+
+def write_calibration(cfg: Config, model: MDNRNN, device: torch.device | str = "cpu"
+                      ) -> dict[str, Any]:
+    """Survival of the reference policies in M's dream, as ``memory/calibration.json``."""
+    from wmlab.dream import dream_calibration
+
+    folder = memory_dir(cfg)
+    to_vector, raw_dim = action_converter(cfg.env.name)
+    report = dream_calibration(model, load_initial_z(folder), cfg.dream.tau,
+                               max_steps=cfg.dream.max_steps,
+                               episodes=cfg.mdrnn.calibration_episodes, seed=cfg.run.seed,
+                               to_vector=to_vector, raw_dim=raw_dim, device=device)
+    report["note"] = ("compare with the same policies in the real game; a dream where no-op "
+                      "survives much longer than random does in reality is exploitable")
+    atomic_write_bytes(f"{folder}/{CALIBRATION_FILE}", json.dumps(report, indent=2).encode())
+    return report

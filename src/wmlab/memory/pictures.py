@@ -1,0 +1,182 @@
+"""Seeing the dream: GIFs of dreams decoded by V, real vs reconstruction vs dream, and a
+keyboard-driven dream in a pygame window.
+
+The dream is stepped with ``BatchedDream`` (batch 1 for pictures) and every latent is decoded
+by V in one batched call at the end, so making a GIF costs about as much as the dream itself.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from wmlab.dream import BatchedDream, DreamStart
+from wmlab.errors import WmlabError
+from wmlab.fsio import atomic_write_bytes
+from wmlab.memory.model import MDNRNN
+
+SCALE = 3  # GIF pixels per frame pixel: 64x64 frames are too small to read
+
+
+@torch.no_grad()
+def decode_latents(vae, z: torch.Tensor, batch: int = 256) -> np.ndarray:
+    """(N, z) latents -> (N, 64, 64, 3) uint8 frames through V's decoder."""
+    frames = []
+    device = next(vae.parameters()).device
+    for start in range(0, len(z), batch):
+        x = vae.decode(z[start:start + batch].to(device).float()).float().clamp(0, 1)
+        frames.append((x * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(frames) if frames else np.zeros((0, 64, 64, 3), np.uint8)
+
+
+def _enlarge(frame: np.ndarray, scale: int = SCALE) -> np.ndarray:
+    return frame.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def write_gif(url: str, frames: list[np.ndarray] | np.ndarray, fps: int = 20) -> None:
+    """Frames (H, W, 3) uint8 -> an animated GIF at ``url`` (written atomically)."""
+    import imageio.v3 as iio
+
+    if len(frames) == 0:
+        raise WmlabError("no frames to write: the dream ended before its first step")
+    buffer = io.BytesIO()
+    iio.imwrite(buffer, np.stack(frames), extension=".gif", duration=1000 / fps, loop=0)
+    atomic_write_bytes(url, buffer.getvalue())
+
+
+@dataclass
+class DreamTrace:
+    latents: torch.Tensor  # (T+1, z): the start and every step's z
+    rewards: np.ndarray  # (T,)
+    done_at: int | None  # the step at which the dream ended, if it did
+
+
+@torch.no_grad()
+def trace_dream(model: MDNRNN, start: DreamStart, tau: float, steps: int, seed: int,
+                policy: Callable[[BatchedDream], torch.Tensor]) -> DreamTrace:
+    """One dream of at most ``steps`` steps under ``policy``, keeping every latent."""
+    dream = BatchedDream(model, start, tau, steps)
+    latents = [dream.reset([seed])[0].clone()]
+    rewards = []
+    while not bool(dream.done[0]):
+        z, reward, _ = dream.step(policy(dream))
+        latents.append(z[0].clone())
+        rewards.append(float(reward[0]))
+    ended = bool(dream.terminated[0])
+    return DreamTrace(torch.stack(latents), np.asarray(rewards, np.float32),
+                      len(rewards) if ended else None)
+
+
+def dream_gif(url: str, model: MDNRNN, vae, start: DreamStart, tau: float, steps: int,
+              seed: int, policy: Callable[[BatchedDream], torch.Tensor], fps: int = 20
+              ) -> DreamTrace:
+    """A GIF of one dream decoded by V; the last frame is tinted red if the dream died."""
+    trace = trace_dream(model, start, tau, steps, seed, policy)
+    frames = [_enlarge(f) for f in decode_latents(vae, trace.latents)]
+    if trace.done_at is not None:
+        frames[-1] = (frames[-1] * np.array([1.0, 0.4, 0.4])).astype(np.uint8)
+    write_gif(url, frames, fps)
+    return trace
+
+
+@torch.no_grad()
+def compare_gif(url: str, model: MDNRNN, vae, frames: np.ndarray, mu: np.ndarray,
+                logvar: np.ndarray, actions: np.ndarray, tau: float, seed: int,
+                steps: int | None = None, fps: int = 20) -> int:
+    """Side by side: a real episode | V's reconstruction | M's imagined continuation.
+
+    The dream starts from the episode's first latent and is driven by the episode's own
+    actions, so the three panels show the same moments as far as M's imagination holds.
+    Returns the number of frames written.
+    """
+    steps = min(len(actions), steps or len(actions))
+    if steps < 1:
+        raise WmlabError("the episode has no steps to compare")
+    start = DreamStart(torch.as_tensor(mu[:1], dtype=torch.float32),
+                       torch.as_tensor(logvar[:1], dtype=torch.float32))
+    recorded = torch.as_tensor(np.asarray(actions[:steps], np.float32))
+
+    def replay(dream: BatchedDream) -> torch.Tensor:
+        return recorded[min(int(dream.t[0]), steps - 1)].unsqueeze(0)
+
+    trace = trace_dream(model, start, tau, steps, seed, replay)
+    recon = decode_latents(vae, torch.as_tensor(np.asarray(mu[:steps + 1], np.float32)))
+    imagined = decode_latents(vae, trace.latents)
+    out = []
+    for t in range(steps + 1):
+        dreamt = imagined[min(t, len(imagined) - 1)]
+        if t >= len(imagined):  # M's episode ended before the real one: grey it out
+            dreamt = (dreamt * 0.3).astype(np.uint8)
+        row = np.concatenate([frames[t], recon[t], dreamt], axis=1)
+        out.append(_enlarge(row))
+    write_gif(url, out, fps)
+    return len(out)
+
+
+def random_policy(action_dim: int, seed: int,
+                  to_vector: Callable[[torch.Tensor], torch.Tensor] | None = None
+                  ) -> Callable[[BatchedDream], torch.Tensor]:
+    from wmlab.dream import reference_policy
+
+    return reference_policy("random", action_dim, seed, to_vector)
+
+
+def play_dream(model: MDNRNN, vae, start: DreamStart, tau: float, max_steps: int,
+               key_action: Callable[[object], np.ndarray], seed: int = 0,
+               fps: int = 30) -> None:  # pragma: no cover - needs a display and a person
+    """Play inside the dream: the window shows V's decoding of M's z, the keyboard acts.
+
+    ``key_action(pressed)`` maps pygame's key state to M's action vector. Escape or closing
+    the window quits; R restarts with the next seed.
+    """
+    import pygame
+
+    pygame.init()
+    size = 64 * 6
+    screen = pygame.display.set_mode((size, size))
+    pygame.display.set_caption("wmlab: inside the dream (arrows act, R restarts, Esc quits)")
+    clock = pygame.time.Clock()
+    dream = BatchedDream(model, start, tau, max_steps)
+    dream.reset([seed])
+    running = True
+    while running:
+        for event in pygame.event.get():
+            if event.type == pygame.QUIT or (event.type == pygame.KEYDOWN
+                                             and event.key == pygame.K_ESCAPE):
+                running = False
+            elif event.type == pygame.KEYDOWN and event.key == pygame.K_r:
+                seed += 1
+                dream.reset([seed])
+        action = torch.as_tensor(key_action(pygame.key.get_pressed()),
+                                 dtype=torch.float32).reshape(1, -1)
+        if bool(dream.done[0]):
+            seed += 1
+            dream.reset([seed])
+        else:
+            dream.step(action)
+        frame = decode_latents(vae, dream.z)[0]
+        surface = pygame.surfarray.make_surface(np.ascontiguousarray(frame.swapaxes(0, 1)))
+        screen.blit(pygame.transform.scale(surface, (size, size)), (0, 0))
+        pygame.display.flip()
+        clock.tick(fps)
+    pygame.quit()
+
+
+def keyboard_mapping(env_name: str, action_dim: int) -> Callable[[object], np.ndarray]:
+    """Arrow keys -> M's action vector: Doom left/right; CarRacing steer, gas (up), brake
+    (down); otherwise left/right on the first action value."""
+    def act(pressed) -> np.ndarray:  # pragma: no cover - needs pygame key state
+        import pygame
+
+        left, right = pressed[pygame.K_LEFT], pressed[pygame.K_RIGHT]
+        action = np.zeros(action_dim, np.float32)
+        action[0] = float(right) - float(left)
+        if env_name == "carracing" and action_dim >= 3:
+            action[1] = float(pressed[pygame.K_UP])
+            action[2] = 0.8 * float(pressed[pygame.K_DOWN])
+        return action
+    return act

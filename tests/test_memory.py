@@ -1,0 +1,392 @@
+"""M: the MDN-RNN, its losses, tau sampling, the training regimes, resume and bad input."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from wmlab.checkpoint import load_checkpoint, save_checkpoint
+from wmlab.config import load_config
+from wmlab.data.series import Series, SeriesStore
+from wmlab.errors import WmlabError
+from wmlab.memory.data import episode_batch, locate_chunk, plan_streams, stream_batch
+from wmlab.memory.model import (
+    MDNRNN,
+    MdrnnOutput,
+    MdrnnShape,
+    count_parameters,
+    done_loss,
+    mixture_nll,
+    sample_next_z,
+)
+from wmlab.memory.scan import lstm_scan
+from wmlab.memory.train import (
+    FINAL_WEIGHTS,
+    SeriesSet,
+    load_initial_z,
+    load_mdrnn,
+    memory_dir,
+    return_tracking,
+    train_mdrnn,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: OpenMP's spinning threads crawl on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic series: latents that follow the actions, so M has something to learn
+
+
+def make_series(count: int, length: int | list[int], z_dim: int = 4, action_dim: int = 1,
+                seed: int = 0, done_at_end: bool = True) -> list[Series]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        n = length[i] if isinstance(length, list) else length
+        actions = rng.uniform(-1, 1, (n, action_dim)).astype(np.float32)
+        mu = np.zeros((n + 1, z_dim), np.float32)
+        mu[0] = rng.normal(size=z_dim)
+        for t in range(n):
+            mu[t + 1] = 0.8 * mu[t] + 0.5 * actions[t, 0]
+        logvar = np.full((n + 1, z_dim), -4.0, np.float32)
+        dones = np.zeros(n, bool)
+        dones[-1:] = done_at_end
+        rewards = actions[:, 0].copy()  # reward readable from the action: learnable
+        out.append(Series(f"ep{i:04d}", mu.astype(np.float16), logvar.astype(np.float16),
+                          actions, rewards, dones))
+    return out
+
+
+def tiny_config(tmp_path, preset: str = "doom", **mdrnn):
+    overrides = [f"run.root={json.dumps(str(tmp_path))}", "run.name=\"t\"", "run.device=\"cpu\"",
+                 "vae.z_dim=4", "mdrnn.hidden=8", "mdrnn.batch_size=4", "mdrnn.seq_len=10",
+                 "mdrnn.steps=6", "mdrnn.checkpoint_every=2", "mdrnn.calibration_episodes=4",
+                 "dream.max_steps=20"]
+    overrides += [f"mdrnn.{k}={json.dumps(v)}" for k, v in mdrnn.items()]
+    return load_config(preset, "quick", overrides)
+
+
+def random_output(shape=(2, 3), z=4, k=5, seed=0) -> MdrnnOutput:
+    g = torch.Generator().manual_seed(seed)
+    return MdrnnOutput(logits=torch.randn(*shape, z, k, generator=g),
+                       means=torch.randn(*shape, z, k, generator=g),
+                       log_sigmas=0.5 * torch.randn(*shape, z, k, generator=g),
+                       done_logit=None, reward=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+def test_parameter_counts_match_the_paper():
+    carracing = MDNRNN(MdrnnShape(z_dim=32, action_dim=3, hidden=256))
+    doom = MDNRNN(MdrnnShape(z_dim=64, action_dim=1, hidden=512, done_head=True,
+                             restart_input=True))
+    # PyTorch's two LSTM bias vectors; the original's single-bias form has 4H fewer
+    assert count_parameters(carracing) == 423_392
+    assert count_parameters(carracing) - 4 * 256 == 422_368
+    assert count_parameters(doom) == 1_680_833
+    assert count_parameters(doom) - 4 * 512 == 1_678_785
+    assert doom.shape.output_size == 961
+
+
+def test_mixture_nll_equals_the_density_formula():
+    for seed in range(3):
+        out = random_output(seed=seed)
+        target = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(100 + seed))
+        direct = []
+        for idx in np.ndindex(2, 3, 4):
+            logits = out.logits[idx].double()
+            w = torch.exp(logits) / torch.exp(logits).sum()
+            mu, sigma = out.means[idx].double(), torch.exp(out.log_sigmas[idx].double())
+            y = float(target[idx])
+            density = (w * torch.exp(-0.5 * ((y - mu) / sigma) ** 2)
+                       / (sigma * math.sqrt(2 * math.pi))).sum()
+            direct.append(-math.log(float(density)))
+        assert float(mixture_nll(out, target)) == pytest.approx(np.mean(direct), rel=1e-5)
+        mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+        masked = np.asarray(direct).reshape(2, 3, 4)[mask.numpy() > 0].mean()
+        assert float(mixture_nll(out, target, mask)) == pytest.approx(masked, rel=1e-5)
+
+
+def _one_dim_mixture(logits, means, sigmas) -> MdrnnOutput:
+    n = 1
+    def rep(v):
+        return torch.tensor(v, dtype=torch.float32).expand(n, 1, len(v)).clone()
+    return MdrnnOutput(rep(logits), rep(means), torch.log(rep(sigmas)), None, None)
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.5, 2.0])
+def test_samples_match_the_tempered_mixture(tau):
+    logits, means, sigmas = [0.0, 1.0, -0.5], [-2.0, 1.0, 4.0], [0.5, 0.3, 1.0]
+    out = _one_dim_mixture(logits, means, sigmas)
+    count = 200_000
+    big = MdrnnOutput(*(v.expand(count, 1, 3) for v in (out.logits, out.means,
+                                                         out.log_sigmas)), None, None)
+    samples = sample_next_z(big, tau, torch.Generator().manual_seed(1)).double().numpy()[:, 0]
+    # the spec: logits / tau for the component, noise scaled by sqrt(tau)
+    w = np.exp(np.array(logits) / tau)
+    w /= w.sum()
+    mu, var = np.array(means), np.array(sigmas) ** 2 * tau
+    mean = (w * mu).sum()
+    variance = (w * (var + mu ** 2)).sum() - mean ** 2
+    assert samples.mean() == pytest.approx(mean, abs=4 * math.sqrt(variance / count))
+    assert samples.var() == pytest.approx(variance, rel=0.02)
+    # the whole distribution: empirical CDF against the tempered mixture's CDF
+    for x in (-2.5, -1.0, 0.5, 1.2, 3.0, 5.0):
+        cdf = sum(wk * 0.5 * (1 + math.erf((x - mk) / math.sqrt(2 * vk)))
+                  for wk, mk, vk in zip(w, mu, var, strict=True))
+        assert (samples < x).mean() == pytest.approx(cdf, abs=0.005)
+
+
+def test_sampling_refuses_a_non_positive_tau():
+    out = random_output()
+    for tau in (0.0, -1.0, float("nan")):
+        with pytest.raises(WmlabError, match="tau"):
+            sample_next_z(out, tau)
+
+
+def test_restart_flag_zeroes_the_state():
+    torch.manual_seed(0)
+    model = MDNRNN(MdrnnShape(z_dim=3, action_dim=2, hidden=6, done_head=True,
+                              restart_input=True))
+    z, a = torch.randn(2, 9, 3), torch.randn(2, 9, 2)
+    restart = torch.zeros(2, 9)
+    restart[0, 5] = 1.0
+    _, hidden, _ = model(z, a, restart=restart)
+    # the steps from the restart on equal a fresh run of the suffix from a zero state
+    fresh_restart = torch.zeros(1, 4)
+    fresh_restart[0, 0] = 1.0
+    _, fresh, _ = model(z[:1, 5:], a[:1, 5:], restart=fresh_restart)
+    assert torch.allclose(hidden[0, 5:], fresh[0], atol=1e-6)
+    # a random non-zero carried state is wiped by the flag too
+    state = (torch.randn(1, 1, 6), torch.randn(1, 1, 6))
+    _, wiped, _ = model(z[:1, 5:], a[:1, 5:], restart=fresh_restart, state=state)
+    assert torch.allclose(wiped, fresh, atol=1e-6)
+    # the other row, without a restart, does not match its own fresh suffix
+    _, other, _ = model(z[1:, 5:], a[1:, 5:], restart=fresh_restart)
+    assert not torch.allclose(hidden[1, 5:], other[0], atol=1e-3)
+
+
+def test_weighted_done_loss():
+    logits = torch.tensor([[2.0, -1.0, 0.5, -3.0]])
+    target = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
+    p = torch.sigmoid(logits)
+    manual = -(10 * target * torch.log(p) + (1 - target) * torch.log(1 - p)).mean()
+    assert float(done_loss(logits, target, 10.0)) == pytest.approx(float(manual), rel=1e-6)
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    manual_masked = -(10 * torch.log(p[0, 0]) + torch.log(1 - p[0, 1])) / 2
+    assert float(done_loss(logits, target, 10.0, mask)) == pytest.approx(
+        float(manual_masked), rel=1e-6)
+    # the weight makes a missed death cost 10x a false alarm of the same confidence
+    miss = done_loss(torch.tensor([-2.0]), torch.tensor([1.0]), 10.0)
+    alarm = done_loss(torch.tensor([2.0]), torch.tensor([0.0]), 10.0)
+    assert float(miss) == pytest.approx(10 * float(alarm), rel=1e-6)
+
+
+def test_carried_state_across_chunks_equals_one_long_unroll():
+    torch.manual_seed(1)
+    model = MDNRNN(MdrnnShape(z_dim=3, action_dim=1, hidden=5, done_head=True,
+                              restart_input=True))
+    z, a = torch.randn(2, 12, 3), torch.randn(2, 12, 1)
+    restart = torch.zeros(2, 12)
+    restart[:, 0], restart[1, 7] = 1.0, 1.0
+    whole, hidden_whole, _ = model(z, a, restart=restart)
+    state, pieces = None, []
+    for lo in range(0, 12, 4):
+        _, hidden, state = model(z[:, lo:lo + 4], a[:, lo:lo + 4], restart=restart[:, lo:lo + 4],
+                                 state=state)
+        pieces.append(hidden)
+    assert torch.allclose(torch.cat(pieces, 1), hidden_whole, atol=1e-6)
+
+
+def test_scan_gradients_match_pytorch_lstm_and_a_reference_loop():
+    torch.manual_seed(2)
+    lstm = torch.nn.LSTM(3, 4, batch_first=True).double()
+    x = torch.randn(2, 6, 3, dtype=torch.double, requires_grad=True)
+    h0 = torch.randn(2, 4, dtype=torch.double)
+    c0 = torch.randn(2, 4, dtype=torch.double)
+    bias = lstm.bias_ih_l0 + lstm.bias_hh_l0
+    out, h, c = lstm_scan(x, lstm.weight_ih_l0, lstm.weight_hh_l0, bias, h0, c0,
+                          torch.ones(2, 6, dtype=torch.double))
+    ref, (hr, cr) = lstm(x, (h0[None], c0[None]))
+    assert torch.allclose(out, ref) and torch.allclose(h, hr[0]) and torch.allclose(c, cr[0])
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum() + h.sum() + 2 * c.sum(),
+                                [x, lstm.weight_hh_l0, lstm.weight_ih_l0])
+    grads_ref = torch.autograd.grad((ref * weights).sum() + hr.sum() + 2 * cr.sum(),
+                                    [x, lstm.weight_hh_l0, lstm.weight_ih_l0])
+    for mine, theirs in zip(grads, grads_ref, strict=True):
+        assert torch.allclose(mine, theirs, atol=1e-10)
+    # with resets: gradients agree with a plain autograd loop that zeroes the state
+    keep = torch.ones(2, 6, dtype=torch.double)
+    keep[0, 2], keep[1, 4] = 0.0, 0.0
+
+    def loop():
+        hs, hh, cc = [], h0, c0
+        for t in range(6):
+            hh, cc = hh * keep[:, t:t + 1], cc * keep[:, t:t + 1]
+            gates = x[:, t] @ lstm.weight_ih_l0.T + hh @ lstm.weight_hh_l0.T + bias
+            i, f, g, o = gates.chunk(4, 1)
+            cc = torch.sigmoid(f) * cc + torch.sigmoid(i) * torch.tanh(g)
+            hh = torch.sigmoid(o) * torch.tanh(cc)
+            hs.append(hh)
+        return torch.stack(hs, 1), hh, cc
+
+    out2, h2, c2 = lstm_scan(x, lstm.weight_ih_l0, lstm.weight_hh_l0, bias, h0, c0, keep)
+    out3, h3, c3 = loop()
+    assert torch.allclose(out2, out3)
+    g2 = torch.autograd.grad((out2 * weights).sum() + c2.sum(), [x, lstm.weight_hh_l0])
+    g3 = torch.autograd.grad((out3 * weights).sum() + c3.sum(), [x, lstm.weight_hh_l0])
+    for mine, theirs in zip(g2, g3, strict=True):
+        assert torch.allclose(mine, theirs, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------
+# The regimes
+
+
+def test_stream_chunks_concatenate_to_the_streams():
+    series = make_series(7, [13, 9, 21, 8, 15, 11, 10])
+    plan = plan_streams(series, batch_size=2, seq_len=5, seed=0, epoch=0)
+    chunks = [stream_batch(series, plan, k, 5) for k in range(plan.chunks)]
+    assert chunks[0].new_streams and not any(c.new_streams for c in chunks[1:])
+    for row, episodes in enumerate(plan.order):
+        actions = np.concatenate([series[i].actions for i in episodes])
+        joined = torch.cat([c.actions[row] for c in chunks]).numpy()
+        assert np.array_equal(joined, actions[:len(joined)])
+        # restart flags exactly at each episode's first step; targets never cross episodes
+        starts = np.cumsum([0] + [series[i].length for i in episodes])[:-1]
+        flags = torch.cat([c.restart[row] for c in chunks]).numpy()
+        assert set(np.flatnonzero(flags)) == {s for s in starts if s < len(flags)}
+        first = series[episodes[0]]
+        mu = torch.cat([c.mu[row] for c in chunks])
+        assert np.allclose(mu[first.length - 1, 1].numpy(), first.mu[first.length])
+    # epochs re-plan; a resumed walk finds the same chunk
+    plan5, chunk5 = locate_chunk(series, 2, 5, 0, step=plan.chunks + 1)
+    assert plan5.epoch == 1 and chunk5 == 1
+
+
+def test_episode_batches_are_a_function_of_seed_and_step():
+    series = make_series(5, [30, 12, 25, 40, 8])
+    a = episode_batch(series, 4, 20, seed=3, step=7)
+    b = episode_batch(series, 4, 20, seed=3, step=7)
+    c = episode_batch(series, 4, 20, seed=3, step=8)
+    assert torch.equal(a.mu, b.mu) and not torch.equal(a.mu, c.mu)
+    assert a.mu.shape[:2] == (4, 20) and float(a.restart[:, 0].min()) == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: resume, learning, bad input, the CLI
+
+
+def _weights(cfg) -> dict[str, torch.Tensor]:
+    return load_checkpoint(memory_dir(cfg), FINAL_WEIGHTS, with_state=False).weights
+
+
+@pytest.mark.parametrize("regime", ["streams", "episodes"])
+def test_resume_equals_an_uninterrupted_run(tmp_path, regime):
+    series = make_series(10, [23, 31, 17, 40, 26, 19, 35, 22, 28, 30])
+    data = SeriesSet(series[:8], series[8:])
+    straight = tiny_config(tmp_path / "a", regime=regime)
+    train_mdrnn(straight, progress=False, series=data)
+    broken = tiny_config(tmp_path / "b", regime=regime)
+    first = train_mdrnn(broken, progress=False, series=data, stop_after_steps=3)
+    assert not first.finished and first.steps == 3
+    second = train_mdrnn(broken, progress=False, series=data)
+    assert second.resumed_from == 3 and second.finished
+    a, b = _weights(straight), _weights(broken)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_learns_and_the_reward_head_tracks_returns(tmp_path):
+    series = make_series(40, 30, seed=5)
+    cfg = tiny_config(tmp_path, preset="carracing", regime="episodes", seq_len=29, steps=300,
+                      batch_size=8, hidden=16, lr=0.003, reward_head=True, done_head=True,
+                      calibration_episodes=0)
+    losses = []
+    result = train_mdrnn(cfg, progress=False, series=SeriesSet(series[:32], series[32:]),
+                         on_step=lambda step, parts: losses.append(parts["z_nll"]))
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
+    model, _ = load_mdrnn(memory_dir(cfg))
+    tracking = return_tracking(model, series[32:])
+    assert tracking["return_correlation"] > 0.8
+    assert "return_correlation" in result.history[-1]
+    assert result.history[-1]["done_recall"] >= 0.0
+
+
+def test_bad_series_are_refused_before_anything_is_written(tmp_path):
+    cfg = tiny_config(tmp_path, regime="episodes", seq_len=50)
+    with pytest.raises(WmlabError, match="shorter than mdrnn.seq_len"):
+        train_mdrnn(cfg, progress=False, series=SeriesSet(make_series(4, 20), []))
+    cfg = tiny_config(tmp_path, regime="streams", seq_len=10, batch_size=4)
+    with pytest.raises(WmlabError, match="streams"):
+        train_mdrnn(cfg, progress=False, series=SeriesSet(make_series(3, 12), []))
+    empty = make_series(3, [20, 0, 20])
+    with pytest.raises(WmlabError, match="no steps"):
+        train_mdrnn(cfg, progress=False, series=SeriesSet(empty, []))
+    with pytest.raises(WmlabError, match="z of size 6"):
+        train_mdrnn(cfg, progress=False, series=SeriesSet(make_series(8, 30, z_dim=6), []))
+    with pytest.raises(WmlabError, match="no encoded series"):
+        train_mdrnn(cfg, progress=False, series=SeriesSet([], []))
+    assert not os.path.exists(tmp_path / "t")
+
+
+def test_series_of_another_v_are_refused(tmp_path):
+    cfg = tiny_config(tmp_path)
+    save_checkpoint(f"{cfg.run_dir()}/vision", "vae", 1, {"w": torch.zeros(2)}, None,
+                    {"z_dim": 4})
+    before = sorted(os.listdir(cfg.run_dir()))
+    data = SeriesSet(make_series(8, 30), [], fingerprint="0123456789abcdef")
+    with pytest.raises(WmlabError, match="encoded by V 0123456789abcdef"):
+        train_mdrnn(cfg, progress=False, series=data)
+    assert sorted(os.listdir(cfg.run_dir())) == before
+
+
+def test_missing_initial_z_store_is_explained(tmp_path):
+    with pytest.raises(WmlabError, match="initial-z"):
+        load_initial_z(str(tmp_path / "memory"))
+
+
+def test_train_mdrnn_cli_end_to_end(tmp_path, capsys):
+    from wmlab.cli import main
+
+    cfg = tiny_config(tmp_path)
+    store = SeriesStore(cfg.store_url(), "feedfacecafebeef")
+    for s in make_series(12, [25, 33, 18, 40, 22, 30, 27, 35, 20, 31, 26, 29]):
+        store.write(s)
+    store.mark_current({"z_dim": 4})
+    args = ["train-mdrnn", "--preset", "doom", "--profile", "quick", "--run", "t",
+            "--no-progress", "--steps", "6"]
+    for item in ["run.root=" + json.dumps(str(tmp_path)), "run.device=\"cpu\"", "vae.z_dim=4",
+                 "mdrnn.hidden=8", "mdrnn.batch_size=4", "mdrnn.seq_len=10",
+                 "mdrnn.calibration_episodes=4", "dream.max_steps=20"]:
+        args += ["--set", item]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "M trained to step 6" in out and "dream calibration" in out
+    folder = tmp_path / "t" / "memory"
+    for name in ("mdrnn.json", "initial_z.json", "metrics.csv", "calibration.json"):
+        assert (folder / name).exists(), name
+    report = json.loads((folder / "calibration.json").read_text())
+    assert set(report["policies"]) == {"random", "noop", "left"}
+    assert all(1 <= p["survival_mean"] <= 20 for p in report["policies"].values())
+    assert len(load_initial_z(str(folder)).mu) > 0
+    # a second run resumes at the end and changes nothing
+    assert main(args) == 0
+    assert "from 6" in capsys.readouterr().out
+    # bad tau in the dream command: one line, exit 2
+    assert main(["dream", "--preset", "doom", "--profile", "quick", "--run", "t", "--set",
+                 "run.root=" + json.dumps(str(tmp_path)), "--tau", "0"]) == 2
+    assert "tau" in capsys.readouterr().err
