@@ -53,7 +53,7 @@ class BatchedDream:
     """B dreams stepped together; finished dreams are frozen until reset (all or some)."""
 
     def __init__(self, model: MDNRNN, start: DreamStart, tau: float, max_steps: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", dtype: torch.dtype | str = torch.float32,
                  noise_block: int = 64) -> None:
         if max_steps < 1:
             raise WmlabError(f"dream max_steps must be at least 1, got {max_steps}")
@@ -67,16 +67,20 @@ class BatchedDream:
                                 start.logvar.to(self.device).float())
         self.tau = check_tau(tau)
         self.max_steps = int(max_steps)
-        self.dtype = dtype
+        # dream.precision: "bfloat16" runs the two matmuls in bf16 (state and sampling stay
+        # float32); ~3x faster where the CPU has AVX512-BF16
+        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        if self.dtype not in (torch.float32, torch.bfloat16):
+            raise WmlabError(f"dream precision must be float32 or bfloat16, got {dtype}")
         self.block = int(noise_block)
         lstm, head = model.lstm, model.head
         with torch.no_grad():
             # [W_ih, W_hh] side by side: the gates of a step are one matmul of [x, h]
             self._w_gates = torch.cat([lstm.weight_ih_l0, lstm.weight_hh_l0], 1).to(
-                self.device, dtype).contiguous()
-            self._b_gates = (lstm.bias_ih_l0 + lstm.bias_hh_l0).to(self.device, dtype)
-            self._w_head = head.weight.detach().to(self.device, dtype).contiguous()
-            self._b_head = head.bias.detach().to(self.device, dtype)
+                self.device, self.dtype).contiguous()
+            self._b_gates = (lstm.bias_ih_l0 + lstm.bias_hh_l0).to(self.device, self.dtype)
+            self._w_head = head.weight.detach().to(self.device, self.dtype).contiguous()
+            self._b_head = head.bias.detach().to(self.device, self.dtype)
         self.batch = 0
 
     # -- state ---------------------------------------------------------------------------

@@ -1,0 +1,241 @@
+"""The batched dream: done threshold, step cap, rewards, seeds, independent resets, the
+Gymnasium vector-env face, calibration, and the pictures."""
+
+import numpy as np
+import pytest
+import torch
+
+from wmlab.dream import (
+    BatchedDream,
+    DreamStart,
+    DreamVectorEnv,
+    dream_calibration,
+    reference_policy,
+)
+from wmlab.errors import WmlabError
+from wmlab.memory.model import MDNRNN, MdrnnShape
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_model(seed=0, z_dim=4, hidden=16, done_head=True, reward_head=False,
+               restart_input=True, action_dim=1) -> MDNRNN:
+    torch.manual_seed(seed)
+    return MDNRNN(MdrnnShape(z_dim=z_dim, action_dim=action_dim, hidden=hidden,
+                             done_head=done_head, reward_head=reward_head,
+                             restart_input=restart_input)).eval()
+
+
+def constant_heads(model: MDNRNN, done: float | None = None, reward: float | None = None
+                   ) -> MDNRNN:
+    """Make the done logit / reward a constant: zero weights in those rows, the bias set."""
+    s = model.shape
+    row = 3 * s.z_dim * s.gaussians
+    with torch.no_grad():
+        if done is not None:
+            model.head.weight[row] = 0.0
+            model.head.bias[row] = done
+            row += 1
+        if reward is not None:
+            model.head.weight[row] = 0.0
+            model.head.bias[row] = reward
+    return model
+
+
+def starts(z_dim=4, count=5, seed=0) -> DreamStart:
+    g = torch.Generator().manual_seed(seed)
+    return DreamStart(torch.randn(count, z_dim, generator=g), torch.full((count, z_dim), -2.0))
+
+
+def run(dream: BatchedDream, seeds, steps, action=0.3):
+    dream.reset(seeds)
+    zs = [dream.z.clone()]
+    for _ in range(steps):
+        z, _, _ = dream.step(torch.full((dream.batch, 1), action))
+        zs.append(z.clone())
+    return torch.stack(zs, 1)
+
+
+def test_done_threshold_is_a_positive_logit():
+    # logit just above 0: every dream ends after its first step, counted as a termination
+    dream = BatchedDream(constant_heads(make_model(), done=0.01), starts(), 1.15, 50)
+    returns, lengths = dream.rollout(lambda d: torch.zeros(d.batch, 1), np.arange(6))
+    assert np.all(lengths == 1) and np.all(returns == 1.0)
+    assert bool(dream.terminated.all())
+    # just below 0: never dies, runs to the cap exactly, +1 per step, not a termination
+    dream = BatchedDream(constant_heads(make_model(), done=-0.01), starts(), 1.15, 37)
+    returns, lengths = dream.rollout(lambda d: torch.zeros(d.batch, 1), np.arange(6))
+    assert np.all(lengths == 37) and np.all(returns == 37.0)
+    assert not bool(dream.terminated.any()) and bool(dream.done.all())
+
+
+def test_finished_dreams_are_frozen_and_later_steps_give_no_reward():
+    dream = BatchedDream(constant_heads(make_model(), done=-5.0), starts(), 1.0, 3)
+    dream.reset([1, 2])
+    for _ in range(3):
+        dream.step(torch.zeros(2, 1))
+    z, h = dream.z.clone(), dream.hidden.clone()
+    _, reward, done = dream.step(torch.ones(2, 1))
+    assert bool(done.all()) and float(reward.abs().sum()) == 0.0
+    assert torch.equal(z, dream.z) and torch.equal(h, dream.hidden)
+    assert list(dream.t) == [3, 3]
+
+
+def test_predicted_reward_is_the_dream_reward():
+    model = constant_heads(make_model(reward_head=True), done=-5.0, reward=0.25)
+    dream = BatchedDream(model, starts(), 1.0, 8)
+    returns, lengths = dream.rollout(lambda d: torch.zeros(d.batch, 1), np.arange(3))
+    assert np.all(lengths == 8) and np.allclose(returns, 8 * 0.25)
+
+
+def test_same_seed_same_dream_wherever_it_runs():
+    model = make_model(seed=3)
+    a = run(BatchedDream(model, starts(), 1.15, 100), [5, 7, 9], 70)
+    b = run(BatchedDream(model, starts(), 1.15, 100), [9, 11, 5, 7, 5], 70)
+    # same batch size and kernels: bit for bit; duplicates inside a batch agree exactly
+    assert torch.equal(b[2], b[4])
+    for i, j in ((0, 2), (1, 3), (2, 0)):
+        assert torch.allclose(a[i], b[j], atol=1e-5), (i, j)
+    # a different seed gives a different dream
+    assert not torch.allclose(b[0], b[1], atol=1e-2)
+    # and a dream alone (batch of one) follows the same path
+    alone = run(BatchedDream(model, starts(), 1.15, 100), [7], 70)
+    assert torch.allclose(alone[0], a[1], atol=1e-5)
+
+
+def test_tau_changes_the_dream_and_must_be_positive():
+    model = make_model(seed=4)
+    cold = run(BatchedDream(model, starts(), 0.2, 100), [1, 2, 3, 4] * 8, 30)
+    hot = run(BatchedDream(model, starts(), 2.0, 100), [1, 2, 3, 4] * 8, 30)
+    # noise is scaled by sqrt(tau): step-to-step changes are larger when hot
+    assert (hot.diff(dim=1).std() > 1.5 * cold.diff(dim=1).std())
+    for tau in (0.0, -0.5):
+        with pytest.raises(WmlabError, match="tau"):
+            BatchedDream(model, starts(), tau, 10)
+
+
+def test_reset_of_some_dreams_leaves_the_others_untouched():
+    model = constant_heads(make_model(seed=5), done=-5.0)
+    reference = run(BatchedDream(model, starts(), 1.1, 100), [10, 11, 12], 20)
+    dream = BatchedDream(model, starts(), 1.1, 100)
+    dream.reset([10, 11, 12])
+    zs = [dream.z.clone()]
+    for t in range(20):
+        if t == 8:
+            dream.reset_rows(np.array([1]), np.array([99]))
+        dream.step(torch.full((3, 1), 0.3))
+        zs.append(dream.z.clone())
+    zs = torch.stack(zs, 1)
+    assert torch.allclose(zs[0], reference[0], atol=1e-6)
+    assert torch.allclose(zs[2], reference[2], atol=1e-6)
+    # the restarted dream follows seed 99's own dream from its start
+    alone = run(BatchedDream(model, starts(), 1.1, 100), [99], 12)
+    assert torch.allclose(zs[1, 9:], alone[0, 1:13], atol=1e-5)
+    assert int(dream.t[1]) == 12 and int(dream.t[0]) == 20
+
+
+def test_vector_env_resets_finished_dreams_independently():
+    model = make_model(seed=6)
+    # a done logit that varies strongly with h, and a bias so that ~3% of steps end a dream:
+    # dreams then end at varied times (z is sampled differently per seed)
+    s = model.shape
+    row = 3 * s.z_dim * s.gaussians
+    logits = []
+    with torch.no_grad():
+        model.head.weight[row] *= 40.0
+        model.head.bias[row] = -1000.0  # the probe must not die
+        probe = BatchedDream(model, starts(), 1.15, 200)
+        probe.reset(np.arange(16))
+        for _ in range(40):
+            probe.step(torch.zeros(16, 1))
+            logits.append(probe.hidden @ model.head.weight[row])
+        model.head.bias[row] = -float(torch.quantile(torch.stack(logits).flatten(), 0.97))
+    env = DreamVectorEnv(model, starts(), 1.15, 60, num_envs=8, features="zch")
+    assert env.observation_space.shape == (8, 4 + 2 * 16)
+    assert env.single_action_space.shape == (1,)
+    obs, info = env.reset(seed=100)
+    assert obs.shape == (8, 36) and obs.dtype == np.float32
+    ended_at: dict[int, int] = {}
+    restarted = []
+    pending = np.zeros(8, bool)
+    for t in range(150):
+        obs, reward, terminated, truncated, _ = env.step(np.zeros((8, 1), np.float32))
+        for slot in np.flatnonzero(pending):
+            restarted.append(slot)
+            assert reward[slot] == 0.0 and not terminated[slot] and not truncated[slot]
+            # the restart observation: fresh state (h = c = 0) at the new episode's start
+            assert np.all(obs[slot, 4:] == 0.0)
+        running = ~pending
+        assert np.all(reward[running] == 1.0)
+        for slot in np.flatnonzero(terminated | truncated):
+            ended_at.setdefault(int(slot), t)
+        pending = terminated | truncated
+    assert len(set(ended_at.values())) > 1, "dreams should end at different steps"
+    assert restarted and env._episode.sum() == len(restarted)
+    # seeds: the same reset seed replays the same episodes
+    env2 = DreamVectorEnv(model, starts(), 1.15, 60, num_envs=8, features="zch")
+    first, _ = env2.reset(seed=100)
+    again, _ = env.reset(seed=100)
+    assert np.array_equal(first, again)
+
+
+def test_calibration_reports_survival_per_reference_policy():
+    dying = constant_heads(make_model(seed=7), done=3.0)
+    report = dream_calibration(dying, starts(), 1.15, max_steps=30, episodes=8)
+    assert set(report["policies"]) == {"random", "noop", "left"}
+    for row in report["policies"].values():
+        assert row["survival_mean"] == 1.0 and row["survival_std"] == 0.0
+    immortal = constant_heads(make_model(seed=7), done=-3.0)
+    report = dream_calibration(immortal, starts(), 1.15, max_steps=30, episodes=8)
+    for row in report["policies"].values():
+        assert row["survival_mean"] == 30 and row["capped_fraction"] == 1.0
+    # Doom's mapping: raw -1 is "left" (-1 in M's action), noop 0, random in {-1, 0, 1}
+    from wmlab.memory.train import action_converter
+
+    to_vector, raw_dim = action_converter("doom")
+    dream = BatchedDream(immortal, starts(), 1.0, 5)
+    dream.reset(np.arange(64))
+    assert torch.equal(reference_policy("left", raw_dim, 0, to_vector)(dream),
+                       -torch.ones(64, 1))
+    assert torch.equal(reference_policy("noop", raw_dim, 0, to_vector)(dream),
+                       torch.zeros(64, 1))
+    assert set(reference_policy("random", raw_dim, 0, to_vector)(dream).flatten().tolist()) \
+        == {-1.0, 0.0, 1.0}
+
+
+def test_bfloat16_dream_stays_close_to_float32():
+    model = constant_heads(make_model(seed=8, hidden=32), done=-5.0)
+    a = run(BatchedDream(model, starts(), 1e-3, 100), [1, 2], 5)
+    b = run(BatchedDream(model, starts(), 1e-3, 100, dtype="bfloat16"), [1, 2], 5)
+    assert torch.allclose(a, b, atol=0.1)
+    with pytest.raises(WmlabError, match="precision"):
+        BatchedDream(model, starts(), 1.0, 10, dtype="float16")
+
+
+def test_dream_and_comparison_gifs(tmp_path):
+    import imageio.v3 as iio
+
+    from wmlab.memory.pictures import compare_gif, dream_gif, random_policy
+    from wmlab.vision.model import ConvVAE
+
+    torch.manual_seed(0)
+    vae = ConvVAE(4).eval()
+    model = constant_heads(make_model(seed=9), done=-5.0)
+    trace = dream_gif(str(tmp_path / "dream.gif"), model, vae, starts(), 1.15, 12, 3,
+                      random_policy(1, 3))
+    frames = iio.imread(tmp_path / "dream.gif")
+    assert frames.shape[0] == 13 and frames.shape[1:3] == (192, 192)
+    assert trace.done_at is None and len(trace.rewards) == 12
+    rng = np.random.default_rng(0)
+    real = rng.integers(0, 255, (11, 64, 64, 3), dtype=np.uint8)
+    mu = rng.normal(size=(11, 4)).astype(np.float32)
+    count = compare_gif(str(tmp_path / "compare.gif"), model, vae, real, mu,
+                        np.full_like(mu, -3.0), rng.uniform(-1, 1, (10, 1)), 1.15, 0)
+    panels = iio.imread(tmp_path / "compare.gif")
+    assert count == 11 and panels.shape[1:3] == (192, 3 * 192)
