@@ -9,4 +9,5 @@ STAGE_MODULES = (
     "wmlab.commands.memory",  # train-mdrnn, dream
     "wmlab.commands.controller",  # train-controller, evaluate
     "wmlab.commands.binpacking",  # play, baseline
+    "wmlab.commands.report",  # report
 )

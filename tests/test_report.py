@@ -1,0 +1,230 @@
+"""The report of a run, on a run directory made by hand: a real config, a small real episode
+store, metrics written by the real MetricsLogger, an evaluation JSON and tiny pictures."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+
+from wmlab.cli import main
+from wmlab.config import load_config
+from wmlab.data import Episode, EpisodeStore
+from wmlab.errors import WmlabError
+from wmlab.metrics import MetricsLogger
+from wmlab.report import PUBLISHED, parse_eval, write_report
+from wmlab.runs import prepare_run_dir
+
+SECTIONS = ("## Config", "## Data", "## V: the vision model", "## M: the memory model",
+            "## C: the controller", "## Evaluation", "## Real, reconstructed and imagined")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def new_run(root: Path, name: str = "doom-test") -> str:
+    cfg = load_config("doom", "quick", [f'run.root="{root}"', f'run.name="{name}"'])
+    return prepare_run_dir(cfg)
+
+
+def episode(index: int, steps: int) -> Episode:
+    rng = np.random.default_rng(index)
+    frames = np.full((steps + 1, 64, 64, 3), 40 * index, dtype=np.uint8)
+    return Episode(frames=frames, actions=rng.uniform(-1, 1, (steps, 3)).astype(np.float32),
+                   rewards=np.ones(steps, np.float32), dones=np.arange(steps) == steps - 1,
+                   meta={"collection": "random", "index": index, "env": "doom",
+                         "backend": "vizdoom", "policy": "held", "seed": index})
+
+
+def png(color: int, size: int = 16) -> bytes:
+    buffer = io.BytesIO()
+    iio.imwrite(buffer, np.full((size, size, 3), color, np.uint8), extension=".png")
+    return buffer.getvalue()
+
+
+def gif(frames: int = 3) -> bytes:
+    buffer = io.BytesIO()
+    stack = np.stack([np.full((16, 48, 3), 50 * i, np.uint8) for i in range(frames)])
+    iio.imwrite(buffer, stack, extension=".gif", duration=50, loop=0)
+    return buffer.getvalue()
+
+
+def fill_run(run: str, eval_returns: list[float] = (100.0, 200.0, 300.0)) -> None:
+    store = EpisodeStore.create_or_open(f"{run}/data", env="doom", backend="vizdoom",
+                                        action_dim=3)
+    for i, steps in enumerate((20, 30, 40)):  # lengths 30 +- 8.2, returns = lengths
+        store.append(episode(i, steps))
+
+    vision = MetricsLogger(f"{run}/vision", tensorboard=False)
+    for step in range(10, 60, 10):
+        vision.log(step, {"train/loss": 100.0 - step, "train/reconstruction": 90.0 - step,
+                          "train/kl": 10.0, "train/frames_per_s": 500.0, "epoch": 0})
+        if step % 20 == 0:
+            vision.log(step, {"val/loss": 95.0 - step, "val/reconstruction": 85.0 - step,
+                              "val/kl": 10.0, "epoch": 0})
+    vision.close()
+    Path(f"{run}/vision/recon-vae-epoch001.png").write_bytes(png(10))
+    Path(f"{run}/vision/recon-vae-epoch003.png").write_bytes(png(200))
+
+    memory = MetricsLogger(f"{run}/memory", tensorboard=False)
+    for step in (10, 20, 30):
+        memory.log(step, {"train/z_nll": 1.5 - step / 100, "train/done_loss": 0.4,
+                          "train/done_precision": 0.5, "train/done_recall": 0.75,
+                          "train/loss": 1.9, "lr": 1e-3})
+    memory.log(30, {"val/z_nll": 1.3, "val/done_loss": 0.5, "val/done_precision": 0.4,
+                    "val/done_recall": 0.6, "val/loss": 1.8})
+    memory.close()
+    calibration = {"tau": 1.25, "max_steps": 2100, "episodes": 8, "policies": {
+        name: {"survival_mean": mean, "survival_std": 5.0, "survival_min": 90,
+               "survival_max": 120, "capped_fraction": 0.0, "return_mean": mean,
+               "return_std": 5.0} for name, mean in (("random", 101.0), ("noop", 333.0))}}
+    Path(f"{run}/memory/calibration.json").write_text(json.dumps(calibration))
+    Path(f"{run}/memory/dream.gif").write_bytes(gif())
+    Path(f"{run}/memory/dream-compare.gif").write_bytes(gif(4))
+
+    controller = MetricsLogger(f"{run}/controller", tensorboard=False)
+    for generation in range(1, 21):
+        row = {"best": 300.0 + generation, "mean": 200.0 + generation,
+               "worst": 100.0 + generation, "sigma": 0.1}
+        if generation % 5 == 0:
+            row["eval_mean"] = 250.0 if generation == 10 else 150.0 + generation
+        controller.log(generation, row)
+    controller.close()
+
+    Path(f"{run}/eval").mkdir()
+    Path(f"{run}/eval/eval-vizdoom-3.json").write_text(json.dumps(
+        {"backend": "vizdoom", "returns": list(eval_returns), "seeds": [1, 2, 3]}))
+
+
+def embedded(page: str, mime: str) -> list[bytes]:
+    return [base64.b64decode(m) for m in re.findall(rf"data:{mime};base64,([A-Za-z0-9+/=]+)",
+                                                    page)]
+
+
+def test_report_of_a_finished_run_has_every_section_and_picture(tmp_path):
+    run = new_run(tmp_path)
+    fill_run(run)
+    paths = write_report(run)
+
+    assert paths.missing == []
+    md = Path(paths.markdown).read_text()
+    page = Path(paths.html).read_text()
+    for title in SECTIONS:
+        assert title in md
+        assert f"<h2>{title[3:]}" in page.replace("&#x27;", "'")
+    assert "not run yet" not in md
+    # config collapsed in the HTML, with the run's own values
+    assert "<details><summary>resolved config (config.toml)</summary>" in page
+    assert 'preset = "doom"' in md
+    # data statistics from the real store
+    assert "| episodes | 3 (random: 3) |" in md
+    assert "| length | 30.0 +- 8.2 (min 20, max 40) |" in md
+    # V: latest values, the newest reconstruction picture
+    assert "| reconstruction | 40 | 45 |" in md
+    assert "![V's reconstructions](vision/recon-vae-epoch003.png)" in md
+    assert "epoch001" not in md
+    # M: losses with precision / recall, calibration table
+    assert "| done_precision | 0.5 | 0.4 |" in md
+    assert "| noop | 333.0 +- 5.0 | 90..120 | 0% | 333.00 +- 5.00 |" in md
+    # C: the best scored mean and where it was found
+    assert "| best scored mean | 250 (generation 10) |" in md
+    assert "| generations | 20 |" in md
+    # evaluation: this run's score beside every published Doom number
+    assert "| eval-vizdoom-3 | 200 +- 81.65 | 3 | vizdoom |" in md
+    for score in PUBLISHED["doom"]:
+        assert score.score() in md
+    assert "1092 +- 556" in md and "210 +- 108" in md and "973 +- 540" in md
+    assert "906 +- 21" not in md  # CarRacing's numbers stay out of a Doom report
+
+    # figures written as PNGs and every picture inline in the page
+    names = {Path(p).name for p in paths.figures}
+    assert names == {"data.png", "vision-losses.png", "memory-losses.png",
+                     "controller-progress.png"}
+    for figure in paths.figures:
+        assert Path(figure).read_bytes().startswith(PNG_MAGIC)
+    pngs = embedded(page, "image/png")
+    assert len(pngs) == 5 and all(p.startswith(PNG_MAGIC) for p in pngs)
+    assert png(200) in pngs  # the newest reconstruction, byte for byte
+    gifs = embedded(page, "image/gif")
+    assert sorted(len(iio.imread(g, index=None)) for g in gifs) == [3, 4]
+    assert "src='report/" not in page and "src='vision/" not in page  # nothing external
+
+
+def test_report_of_a_run_with_only_its_config_names_the_missing_stages(tmp_path, capsys):
+    run = new_run(tmp_path)
+    paths = write_report(run)
+
+    assert set(paths.missing) == {"collect", "vision", "memory", "controller", "evaluate",
+                                  "dream"}
+    md = Path(paths.markdown).read_text()
+    for title in SECTIONS:
+        assert title in md
+    for command in ("wmlab collect", "wmlab train-vae", "wmlab train-mdrnn",
+                    "wmlab train-controller", "wmlab evaluate"):
+        assert f"`{command}`" in md
+    assert "1092 +- 556" in md  # what to aim for is shown before anything ran
+    assert paths.figures == []
+    assert "<code>wmlab train-vae</code>" in Path(paths.html).read_text()
+
+    # the same through the CLI
+    assert main(["report", run]) == 0
+    out = capsys.readouterr().out
+    assert "not run yet: collect" in out and f"{run}/report.html" in out
+
+
+def test_partial_and_damaged_outputs_do_not_stop_the_report(tmp_path):
+    run = new_run(tmp_path)
+    fill_run(run)
+    Path(f"{run}/memory/metrics.csv").unlink()
+    Path(f"{run}/memory/calibration.json").write_text("{not json")
+    Path(f"{run}/eval/broken.json").write_text("[[[")
+    for name in ("dream.gif", "dream-compare.gif"):
+        Path(f"{run}/memory/{name}").unlink()
+
+    paths = write_report(run)
+    md = Path(paths.markdown).read_text()
+    assert set(paths.missing) == {"memory", "dream"}
+    assert "no memory/metrics.csv: the memory stage has not run yet" in md
+    assert "memory/calibration.json is damaged" in md
+    assert "eval/broken.json is not valid JSON" in md
+    assert "| eval-vizdoom-3 | 200 +- 81.65 |" in md
+
+
+def test_iterations_and_compared_runs_each_get_a_row(tmp_path, capsys):
+    run = new_run(tmp_path, "main")
+    fill_run(run)
+    second = f"{run}/iterations/2"
+    Path(f"{second}/eval").mkdir(parents=True)
+    Path(f"{second}/eval/eval-vizdoom-2.json").write_text(json.dumps(
+        {"backend": "vizdoom", "mean": 512.0, "std": 12.5, "episodes": 100, "tau": 1.15}))
+    other = new_run(tmp_path, "other")  # configured, never evaluated
+
+    paths = write_report(run, compare=[other])
+    md = Path(paths.markdown).read_text()
+    assert "| main | eval-vizdoom-3 | 200 +- 81.65 | 3 | vizdoom |" in md
+    assert "| iteration 2 | tau 1.15 | 512 +- 12.5 | 100 | vizdoom |" in md
+    assert "| other | not evaluated yet | - | - | - |" in md
+    assert "compare-controller.png" in md
+
+    assert main(["report", run, "--compare", other]) == 0
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("wmlab: error: no run directory at") and err.count("\n") == 1
+    with pytest.raises(WmlabError, match="given to compare"):
+        write_report(run, compare=[str(tmp_path / "missing")])
+
+
+@pytest.mark.parametrize("data, mean, std, episodes", [
+    ({"mean": 5.0, "std": 1.0, "episodes": 100}, 5.0, 1.0, 100),
+    ({"returns": [1.0, 3.0]}, 2.0, 1.0, 2),
+    ({"episodes": [{"return": 4.0}, {"return": 8.0}]}, 6.0, 2.0, 2),
+    ({"summary": {"return_mean": 7.0, "return_std": 0.5}, "returns": [6.5, 7.5]}, 7.0, 0.5, 2),
+    ({"backend": "x"}, None, None, None),
+])
+def test_evaluation_files_are_read_leniently(data, mean, std, episodes):
+    result = parse_eval(data, "run", "eval")
+    assert (result.mean, result.std, result.episodes) == (mean, std, episodes)
