@@ -18,7 +18,7 @@ from wmlab.config import load_config
 from wmlab.data import Episode, EpisodeStore
 from wmlab.errors import WmlabError
 from wmlab.metrics import MetricsLogger
-from wmlab.report import PUBLISHED, parse_eval, write_report
+from wmlab.report import PUBLISHED, env_key, parse_eval, write_report
 from wmlab.runs import prepare_run_dir
 
 SECTIONS = ("## Config", "## Data", "## V: the vision model", "## M: the memory model",
@@ -95,6 +95,10 @@ def fill_run(run: str, eval_returns: list[float] = (100.0, 200.0, 300.0)) -> Non
         controller.log(generation, row)
     controller.close()
 
+    Path(f"{run}/stages").mkdir()
+    Path(f"{run}/stages/vision.json").write_text(json.dumps(
+        {"stage": "vision", "status": "done", "seconds": 12.34, "finished": "then"}))
+
     Path(f"{run}/eval").mkdir()
     Path(f"{run}/eval/eval-vizdoom-3.json").write_text(json.dumps(
         {"backend": "vizdoom", "returns": list(eval_returns), "seeds": [1, 2, 3]}))
@@ -133,6 +137,7 @@ def test_report_of_a_finished_run_has_every_section_and_picture(tmp_path):
     # C: the best scored mean and where it was found
     assert "| best scored mean | 250 (generation 10) |" in md
     assert "| generations | 20 |" in md
+    assert "| vision | done | 12.3 s | then |" in md  # the pipeline's stage records
     # evaluation: this run's score beside every published Doom number
     assert "| eval-vizdoom-3 | 200 +- 81.65 | 3 | vizdoom |" in md
     for score in PUBLISHED["doom"]:
@@ -228,3 +233,13 @@ def test_iterations_and_compared_runs_each_get_a_row(tmp_path, capsys):
 def test_evaluation_files_are_read_leniently(data, mean, std, episodes):
     result = parse_eval(data, "run", "eval")
     assert (result.mean, result.std, result.episodes) == (mean, std, episodes)
+
+
+@pytest.mark.parametrize("preset, profile, key, number", [
+    ("carracing", "quick", "carracing", "906 +- 21"),
+    ("doom", "paper", "doom", "1092 +- 556"),
+    ("binpacking", "wm30", "binpacking", "-104.5"),
+])
+def test_each_env_is_compared_with_its_own_published_numbers(preset, profile, key, number):
+    assert env_key(load_config(preset, profile)) == key
+    assert number in [score.score() for score in PUBLISHED[key]]
