@@ -31,7 +31,8 @@ class Encoder(nn.Module):
         layers: list[nn.Module] = []
         in_channels = 3
         for out_channels in _ENCODER_CHANNELS:
-            layers += [nn.Conv2d(in_channels, out_channels, 4, stride=2), nn.ReLU()]
+            # in place: a convolution's backward needs its input, never its output
+            layers += [nn.Conv2d(in_channels, out_channels, 4, stride=2), nn.ReLU(inplace=True)]
             in_channels = out_channels
         self.convs = nn.Sequential(*layers)
         self.mu = nn.Linear(_FEATURES, z_dim)
@@ -47,9 +48,9 @@ class Decoder(nn.Module):
         super().__init__()
         self.fc = nn.Linear(z_dim, _FEATURES)
         self.deconvs = nn.Sequential(
-            nn.ConvTranspose2d(_FEATURES, 128, 5, stride=2), nn.ReLU(),
-            nn.ConvTranspose2d(128, 64, 5, stride=2), nn.ReLU(),
-            nn.ConvTranspose2d(64, 32, 6, stride=2), nn.ReLU(),
+            nn.ConvTranspose2d(_FEATURES, 128, 5, stride=2), nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(128, 64, 5, stride=2), nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(64, 32, 6, stride=2), nn.ReLU(inplace=True),
             nn.ConvTranspose2d(32, 3, 6, stride=2), nn.Sigmoid(),
         )
 
@@ -132,7 +133,7 @@ class Discriminator(nn.Module):
         in_channels = 3
         for out_channels in _ENCODER_CHANNELS:
             layers += [nn.Conv2d(in_channels, out_channels, 4, stride=2),
-                       nn.LeakyReLU(0.2)]
+                       nn.LeakyReLU(0.2, inplace=True)]
             in_channels = out_channels
         self.convs = nn.Sequential(*layers)
         self.logit = nn.Linear(_FEATURES, 1)

@@ -233,8 +233,13 @@ def _strip(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Ten
     return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
 
 
-def build_trainer(cfg: Config, device: torch.device) -> _Trainer:
-    """Fresh models initialised from the run's seed (without touching torch's global RNG)."""
+def build_trainer(cfg: Config, device: torch.device, fused_adam: bool = True) -> _Trainer:
+    """Fresh models initialised from the run's seed (without touching torch's global RNG).
+
+    The fused Adam updates all 4.3M parameters in one kernel, several times faster than the
+    default per-tensor loop; ``fused_adam=False`` is the plain optimiser (the benchmark's
+    baseline).
+    """
     c = cfg.vae
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed)
@@ -243,12 +248,13 @@ def build_trainer(cfg: Config, device: torch.device) -> _Trainer:
     memory_format = torch.channels_last if c.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     noise = torch.Generator(device=device).manual_seed(cfg.run.seed + 1)
-    trainer = _Trainer(cfg, device, model, torch.optim.Adam(model.parameters(), lr=c.lr),
-                       noise)
+    fused = fused_adam or None  # None: torch's default implementation
+    trainer = _Trainer(cfg, device, model,
+                       torch.optim.Adam(model.parameters(), lr=c.lr, fused=fused), noise)
     if disc is not None:
         trainer.discriminator = disc.to(device, memory_format=memory_format)
         trainer.critic_optimizer = torch.optim.Adam(disc.parameters(), lr=c.lr,
-                                                    betas=(0.5, 0.999))
+                                                    betas=(0.5, 0.999), fused=fused)
     return trainer
 
 
@@ -261,19 +267,20 @@ def _shape_info(cfg: Config) -> dict[str, Any]:
 
 
 def train_vae(cfg: Config, *, progress: bool = True, stop_after_steps: int | None = None,
-              on_step: Callable[[int, dict[str, float]], None] | None = None
-              ) -> VaeTrainResult:
+              on_step: Callable[[int, dict[str, float]], None] | None = None,
+              fused_adam: bool = True) -> VaeTrainResult:
     """Train (or resume training) V for ``cfg.vae.epochs`` epochs over the run's store.
 
     ``stop_after_steps`` stops (with a checkpoint) after that many optimiser steps in
-    total, as a kill would; calling again resumes.
+    total, as a kill would; calling again resumes. ``on_step(step, losses)`` is called
+    after every optimiser step.
     """
     c = cfg.vae
     device = resolve_device(cfg.run.device)
     store = EpisodeStore.open(cfg.store_url())
     data = plan_data(cfg, store)
     folder = vision_dir(cfg)
-    trainer = build_trainer(cfg, device)
+    trainer = build_trainer(cfg, device, fused_adam)
     epoch, batch_in_epoch, step = _resume(cfg, folder, trainer, data, device)
     logger = MetricsLogger(folder, resume_step=step)
     result = VaeTrainResult(folder=folder, steps=step, epochs=epoch, resumed_from=step)

@@ -1,0 +1,249 @@
+"""V's throughput: training frames/s by memory layout and precision, encoding frames/s, the
+loader's memory bound, and how close training gets to the machine's peak FLOP rate.
+
+The data are real CarRacing frames collected for the benchmark. Every training case trains
+the same V from the same initial weights on the same batches for the same steps, streaming
+from the store, so their validation losses compare (bf16 against fp32); "plain" is the VAE
+as it is usually written: default (NCHW) memory layout, fp32, eager. Each case runs in a
+fresh process so that its peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+
+GFLOP_PER_FRAME = 0.23  # one forward + backward of the 64x64 ConvVAE (SPEC.md section 3)
+
+
+@dataclass
+class TrainCase:
+    label: str
+    channels_last: bool
+    bf16: bool
+    fused_adam: bool = True
+
+
+TRAIN_CASES = [
+    TrainCase("plain (NCHW, fp32, eager Adam)", False, False, fused_adam=False),
+    TrainCase("channels-last, fp32", True, False),
+    TrainCase("NCHW, bf16 autocast", False, True),
+    TrainCase("channels-last, bf16 autocast", True, True),
+]
+
+
+def _overrides(folder: str, run: str, **values) -> list[str]:
+    base = {"run.root": folder, "run.name": run, "collect.out": f"{folder}/store",
+            "run.device": "cpu", "vae.epochs": 1, "vae.val_fraction": 0.1}
+    return [f"{k}={_literal(v)}" for k, v in {**base, **values}.items()]
+
+
+def _literal(value: object) -> str:
+    from wmlab.commands.common import toml_literal
+
+    return toml_literal(value)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _train_case(folder: str, case: TrainCase, steps: int, warmup: int,
+                results: mp.Queue) -> None:
+    from wmlab.config import load_config
+    from wmlab.vision.train import train_vae
+
+    cfg = load_config("carracing", "paper", _overrides(
+        folder, f"train-{int(case.channels_last)}{int(case.bf16)}{int(case.fused_adam)}",
+        **{"vae.max_frames": steps * 100, "vae.channels_last": case.channels_last,
+           "vae.bf16": case.bf16, "vae.checkpoint_every": 10 * steps}))
+    stamps: list[float] = []
+    result = train_vae(cfg, progress=False, fused_adam=case.fused_adam,
+                       on_step=lambda step, logs: stamps.append(time.perf_counter()))
+    measured = (len(stamps) - 1 - warmup) * cfg.vae.batch_size
+    seconds = stamps[-1] - stamps[warmup]
+    results.put({"frames_per_s": measured / seconds, "val_loss": result.history[-1]["loss"],
+                 "peak_mb": _peak_rss_mb(), "steps": result.steps})
+
+
+def _encode_case(folder: str, channels_last: bool, results: mp.Queue) -> None:
+    from wmlab.config import load_config
+    from wmlab.data.series import SeriesStore
+    from wmlab.vision.encode import encode_store
+    from wmlab.vision.train import load_vae
+
+    cfg = load_config("carracing", "paper", _overrides(
+        folder, "train-101", **{"vae.channels_last": channels_last}))
+    _, info = load_vae(f"{cfg.run_dir()}/vision")
+    shutil.rmtree(SeriesStore(cfg.store_url(), info["fingerprint"]).url, ignore_errors=True)
+    encode_store(cfg, progress=False)  # warms up the kernels; then timed from scratch
+    shutil.rmtree(SeriesStore(cfg.store_url(), info["fingerprint"]).url, ignore_errors=True)
+    summary = encode_store(cfg, progress=False)
+    results.put({"frames_per_s": summary.frames_per_second, "peak_mb": _peak_rss_mb(),
+                 "frames": summary.frames})
+
+
+def _memory_case(folder: str, allowance_mb: float, results: mp.Queue) -> None:
+    """One epoch over the big store under tracemalloc, which sees every numpy buffer the
+    loader makes (frames, pools, batches, decompression) but not torch's own tensors."""
+    import tracemalloc
+
+    from wmlab.config import load_config
+    from wmlab.data import EpisodeStore
+    from wmlab.vision.train import train_vae
+
+    cfg = load_config("carracing", "paper", [
+        *_overrides(folder, "memory", **{"vae.loader_mb": allowance_mb,
+                                         "vae.checkpoint_every": 100000}),
+        f"collect.out={_literal(folder + '/big')}"])
+    store_mb = EpisodeStore.open(cfg.store_url()).num_frames() * 64 * 64 * 3 / 2**20
+    peaks: list[int] = []
+    tracemalloc.start()
+    started = time.perf_counter()
+    # read at every step: the peak of the streaming loop, before the epoch-end checkpoint
+    # (whose serialised optimiser state is the model's memory, not the loader's)
+    result = train_vae(cfg, progress=False, on_step=lambda step, logs: peaks.append(
+        tracemalloc.get_traced_memory()[1]))
+    seconds = time.perf_counter() - started
+    tracemalloc.stop()
+    peak = max(peaks)
+    results.put({"store_mb": store_mb, "allowance_mb": allowance_mb,
+                 "loader_peak_mb": peak / 2**20, "peak_mb": _peak_rss_mb(),
+                 "frames_per_s": result.steps * cfg.vae.batch_size / seconds})
+
+
+def _in_process(target, *args) -> dict:
+    ctx = mp.get_context("spawn")
+    results: mp.Queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, results))
+    proc.start()
+    out = results.get()
+    proc.join()
+    return out
+
+
+def peak_gflops(dtype_name: str = "float32", size: int = 2048, seconds: float = 2.0) -> float:
+    """The best rate of a large square matmul: what this CPU's BLAS can reach."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    torch.mm(a, b)
+    best, stop = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < stop:
+        started = time.perf_counter()
+        torch.mm(a, b)
+        best = max(best, 2 * size**3 / (time.perf_counter() - started) / 1e9)
+    return best
+
+
+def _collect(folder: str, episodes: int, max_steps: int) -> None:
+    from wmlab.collect import collect
+    from wmlab.config import load_config
+
+    try:
+        import envpool  # noqa: F401
+        backend = "envpool"
+    except ImportError:
+        backend = "gymnasium"
+    cfg = load_config("carracing", "quick", [
+        f"run.root={_literal(folder)}", f"collect.out={_literal(folder + '/store')}",
+        f"env.backend={backend}", f"collect.episodes={episodes}",
+        f"collect.envs_per_worker={min(episodes, 4)}", "collect.workers=1",
+        f"env.max_steps={max_steps}"])
+    collect(cfg, progress=False)
+
+
+def _grow_store(folder: str, target_mb: float) -> None:
+    """A store of at least ``target_mb`` of raw frames: the real episodes appended again."""
+    from wmlab.data import EpisodeStore
+
+    source = EpisodeStore.open(f"{folder}/store")
+    big = EpisodeStore.create_or_open(f"{folder}/big", env=source.env,
+                                      backend=source.backends[0],
+                                      action_dim=source.action_dim)
+    needed, frames, index = target_mb * 2**20 / (64 * 64 * 3), 0, 0
+    while frames < needed:
+        for episode_id in source.episode_ids():
+            episode = source.load(episode_id)
+            episode.meta = {**episode.meta, "collection": "copy", "index": index}
+            big.append(episode)
+            frames += len(episode.frames)
+            index += 1
+
+
+def run(quick: bool = False) -> list[dict]:
+    import torch
+
+    steps, warmup = (40, 5) if quick else (200, 10)
+    allowance_mb = 12.0 if quick else 32.0
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="wmlab-bench-vision-") as folder:
+        _collect(folder, episodes=4 if quick else 8, max_steps=500 if quick else 1000)
+        peak = peak_gflops("float32")
+        peak_bf16 = peak_gflops("bfloat16")
+        plain_rate = None
+        fp32_loss: dict[bool, float] = {}
+        for case in TRAIN_CASES:
+            out = _in_process(_train_case, folder, case, steps, warmup)
+            plain_rate = plain_rate or out["frames_per_s"]
+            if not case.bf16:
+                fp32_loss[case.channels_last] = out["val_loss"]
+            rows.append({
+                "what": "train", "label": case.label, "frames_per_s": out["frames_per_s"],
+                "speedup": out["frames_per_s"] / plain_rate, "peak_mb": out["peak_mb"],
+                "gflops": out["frames_per_s"] * GFLOP_PER_FRAME,
+                "of_peak_fp32": out["frames_per_s"] * GFLOP_PER_FRAME / peak,
+                "val_loss": out["val_loss"],
+                "val_vs_fp32": out["val_loss"] / fp32_loss[case.channels_last] - 1,
+                "steps": out["steps"]})
+        for channels_last in (False, True):
+            out = _in_process(_encode_case, folder, channels_last)
+            rows.append({"what": "encode",
+                         "label": f"encode, {'channels-last' if channels_last else 'NCHW'} "
+                                  "fp32, store to series", **out})
+        _grow_store(folder, 10 * allowance_mb)
+        out = _in_process(_memory_case, folder, allowance_mb)
+        rows.append({"what": "memory", "label": "train 1 epoch, store 10x the allowance",
+                     **out})
+        rows.append({"what": "peak", "label": "matmul 2048^3", "fp32_gflops": peak,
+                     "bf16_gflops": peak_bf16, "threads": torch.get_num_threads(),
+                     "load": os.getloadavg()[0]})
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = []
+    peak = next((r for r in rows if r["what"] == "peak"), None)
+    header = (f"{'training case':<32} {'frames/s':>9} {'vs plain':>9} {'GFLOP/s':>8} "
+              f"{'of peak':>8} {'peak MB':>8} {'val loss':>9} {'vs fp32':>8}")
+    lines += [header, "-" * len(header)]
+    for r in rows:
+        if r["what"] == "train":
+            lines.append(f"{r['label']:<32} {r['frames_per_s']:>9.0f} {r['speedup']:>8.2f}x "
+                         f"{r['gflops']:>8.0f} {r['of_peak_fp32']:>7.0%} {r['peak_mb']:>8.0f} "
+                         f"{r['val_loss']:>9.1f} {r['val_vs_fp32']:>+7.1%}")
+    lines.append("")
+    header = f"{'encoding case':<44} {'frames':>7} {'frames/s':>9} {'peak MB':>8}"
+    lines += [header, "-" * len(header)]
+    for r in rows:
+        if r["what"] == "encode":
+            lines.append(f"{r['label']:<44} {r['frames']:>7} {r['frames_per_s']:>9.0f} "
+                         f"{r['peak_mb']:>8.0f}")
+    for r in rows:
+        if r["what"] == "memory":
+            lines += ["", f"loader memory: a store of {r['store_mb']:.0f} MB of frames, "
+                          f"allowance {r['allowance_mb']:.0f} MB -> loader peak "
+                          f"{r['loader_peak_mb']:.1f} MB (tracemalloc), process peak "
+                          f"{r['peak_mb']:.0f} MB RSS, {r['frames_per_s']:.0f} frames/s"]
+    if peak:
+        lines += ["", f"peak (2048^3 matmul, {peak['threads']} threads): fp32 "
+                      f"{peak['fp32_gflops']:.0f} GFLOP/s, bf16 {peak['bf16_gflops']:.0f} "
+                      f"GFLOP/s; 1-min load average during the run {peak['load']:.1f}; "
+                      f"{GFLOP_PER_FRAME} GFLOP per training frame"]
+    return "\n".join(lines)
