@@ -198,6 +198,11 @@ def test_partial_and_damaged_outputs_do_not_stop_the_report(tmp_path):
     assert "eval/broken.json is not valid JSON" in md
     assert "| eval-vizdoom-3 | 200 +- 81.65 |" in md
 
+    Path(f"{run}/config.toml").write_text('preset = "doom"\n[vae]\nz_dimm = 3\n')
+    md = Path(write_report(run).markdown).read_text()
+    assert "config.toml does not validate" in md and "z_dimm" in md
+    assert "| length | 30.0 +- 8.2 (min 20, max 40) |" in md  # the rest is still reported
+
 
 def test_iterations_and_compared_runs_each_get_a_row(tmp_path, capsys):
     run = new_run(tmp_path, "main")

@@ -195,16 +195,21 @@ class RunFiles:
         return self.root.rstrip("/").rsplit("/", 1)[-1]
 
 
-def read_config(run: RunFiles) -> tuple[Config | None, str]:
-    """The run's resolved config and its text; (None, "") when there is no config.toml."""
+def read_config(run: RunFiles) -> tuple[Config | None, str, str]:
+    """The run's resolved config, its text, and what is wrong with it ("" when nothing).
+
+    A damaged config is reported rather than raised: the rest of the run may still be worth
+    looking at.
+    """
     if not run.exists("config.toml"):
-        return None, ""
-    text = run.read_text("config.toml")
+        return None, "", "no config.toml in this run directory"
+    text = run.read_bytes("config.toml").decode(errors="replace")
     try:
-        return from_dict(tomllib.loads(text)), text
+        return from_dict(tomllib.loads(text)), text, ""
     except tomllib.TOMLDecodeError as exc:
-        raise WmlabError(f"{run.url}/config.toml is not valid TOML ({exc}): restore it or "
-                         "write the run again with `wmlab run`") from None
+        return None, text, f"config.toml is not valid TOML ({exc})"
+    except WmlabError as exc:
+        return None, text, f"config.toml does not validate ({exc})"
 
 
 def read_metrics(run: RunFiles, rel: str) -> list[dict[str, float]]:
@@ -466,11 +471,14 @@ class _Builder:
 
     # -- the sections --------------------------------------------------------------------
 
-    def config_section(self, text: str) -> Section:
+    def config_section(self, text: str, problem: str) -> Section:
         section = Section("Config")
         cfg = self.cfg
         if cfg is None:
-            section.blocks.append(Text("No config.toml in this run directory.", True))
+            section.blocks.append(Text(f"{problem}: the sections below use the run directory's "
+                                       "default layout, without published numbers.", True))
+            if text:
+                section.blocks.append(Code(text, "config.toml as found"))
             return section
         section.blocks.append(Table(["preset", "profile", "env", "backend", "seed"], [[
             cfg.preset, cfg.profile, cfg.env.name, cfg.env.backend or "(default)",
@@ -817,7 +825,7 @@ def write_report(run_dir: str, compare: Iterable[str] = (), *, title: str | None
     if not run.fs.isdir(run.root):
         raise WmlabError(f"no run directory at {run_dir}: check the path (runs live under "
                          "run.root, 'runs/' by default)")
-    cfg, config_text = read_config(run)
+    cfg, config_text, config_problem = read_config(run)
     if cfg is None and not run.glob("*"):
         raise WmlabError(f"{run_dir} is empty: it is not a run directory")
     runs: list[tuple[str, RunFiles]] = [(run.name(), run), *iteration_runs(run)]
@@ -831,7 +839,7 @@ def write_report(run_dir: str, compare: Iterable[str] = (), *, title: str | None
         runs.append((label, other_run))
 
     builder = _Builder(run, cfg)
-    sections = [builder.config_section(config_text)]
+    sections = [builder.config_section(config_text, config_problem)]
     stages = builder.stages_section()
     if stages is not None:
         sections.append(stages)
