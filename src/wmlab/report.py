@@ -626,9 +626,10 @@ class _Builder:
             found = read_evals(run, label) if run.exists("eval") else []
             if found:
                 results.extend(found)
-            elif run is self.run:
+                continue
+            if run is self.run:
                 section.blocks.append(self.miss("evaluate", "no eval/*.json"))
-            else:
+            if len(runs) > 1:  # side by side, every run keeps its row
                 results.append(EvalResult(label, "-", None, None, None, "-",
                                           "not evaluated yet"))
         key = env_key(self.cfg) if self.cfg is not None else None
