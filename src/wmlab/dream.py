@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from wmlab.errors import WmlabError
+from wmlab.memory.fastlinear import FastLinear
 from wmlab.memory.model import MDNRNN, check_tau, select_and_sample
 
 FEATURES = ("z", "zh", "zch")
@@ -76,11 +76,15 @@ class BatchedDream:
         lstm, head = model.lstm, model.head
         with torch.no_grad():
             # [W_ih, W_hh] side by side: the gates of a step are one matmul of [x, h]
-            self._w_gates = torch.cat([lstm.weight_ih_l0, lstm.weight_hh_l0], 1).to(
-                self.device, self.dtype).contiguous()
-            self._b_gates = (lstm.bias_ih_l0 + lstm.bias_hh_l0).to(self.device, self.dtype)
-            self._w_head = head.weight.detach().to(self.device, self.dtype).contiguous()
-            self._b_head = head.bias.detach().to(self.device, self.dtype)
+            w_gates = torch.cat([lstm.weight_ih_l0, lstm.weight_hh_l0], 1).to(self.device)
+            b_gates = (lstm.bias_ih_l0 + lstm.bias_hh_l0).to(self.device)
+            w_head, b_head = head.weight.to(self.device), head.bias.to(self.device)
+            if self.dtype == torch.float32:  # oneDNN where available
+                self._gates, self._head = FastLinear(w_gates, b_gates), FastLinear(w_head,
+                                                                                  b_head)
+            else:
+                self._gates = FastLinear(w_gates.to(self.dtype), b_gates.to(self.dtype))
+                self._head = FastLinear(w_head.to(self.dtype), b_head.to(self.dtype))
         self.batch = 0
 
     # -- state ---------------------------------------------------------------------------
@@ -186,11 +190,11 @@ class BatchedDream:
             parts.append(self.restart.unsqueeze(1))
         parts.append(self.h)
         x = torch.cat(parts, 1).to(self.dtype)
-        gates = F.linear(x, self._w_gates, self._b_gates).float()
+        gates = self._gates(x).float()
         i, f, g, o = gates.chunk(4, 1)
         c = torch.sigmoid(f) * self.c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
-        raw = F.linear(h.to(self.dtype), self._w_head, self._b_head).float()
+        raw = self._head(h.to(self.dtype)).float()
         out = self.model.split_output(raw)
         pos = torch.as_tensor(self.t % self.block, device=self.device)
         rows = torch.arange(self.batch, device=self.device)

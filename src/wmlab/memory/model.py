@@ -74,9 +74,9 @@ class MDNRNN(nn.Module):
         A restart of 1 at step t zeroes the LSTM state before step t is processed: that
         step starts a new episode, and nothing of the previous one may leak into it. The
         restart flag zeroes the state whether or not it is also an input (restart_input).
-        The weights live in an ``nn.LSTM`` (the standard layout and parameter count), but
-        the recurrence runs in ``lstm_scan``, which can reset the state mid-sequence and
-        trains faster than ``nn.LSTM`` on CPU.
+        The weights live in an ``nn.LSTM`` (the standard layout and parameter count); a
+        batch with resets after its first step runs in ``lstm_scan``, which can zero the
+        state mid-sequence (``nn.LSTM`` cannot), any other batch in ``nn.LSTM`` itself.
         """
         parts = [z, actions]
         if self.shape.restart_input:
@@ -89,6 +89,12 @@ class MDNRNN(nn.Module):
             state = self.initial_state(batch, x.device)
         keep = torch.ones(batch, steps, device=x.device, dtype=x.dtype) if restart is None \
             else 1.0 - restart.to(x.dtype)
+        if steps == 1 or not bool((keep[:, 1:] < 1).any()):
+            # no reset after the first step: PyTorch's fused (oneDNN) LSTM, the fastest,
+            # from the state zeroed where the first step restarts
+            first = keep[:, 0].view(1, batch, 1)
+            hidden, (h, c) = self.lstm(x, (state[0] * first, state[1] * first))
+            return self.read_out(hidden), hidden, (h, c)
         lstm = self.lstm
         hidden, h, c = lstm_scan(x, lstm.weight_ih_l0, lstm.weight_hh_l0,
                                  lstm.bias_ih_l0 + lstm.bias_hh_l0, state[0][0], state[1][0],

@@ -16,27 +16,29 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from wmlab.memory.fastlinear import FastLinear
+
 
 class _LstmScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, projected: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
                 c0: torch.Tensor, keep: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # time-major copies so each step reads and writes contiguous (B, .) blocks
-        proj = projected.transpose(0, 1).contiguous()  # (T, B, 4H)
-        keep_t = keep.t().contiguous().unsqueeze(-1)  # (T, B, 1)
+        # time-major, so each step reads and writes contiguous (B, .) blocks
+        proj = projected.contiguous()  # (T, B, 4H)
+        keep_t = keep.contiguous().unsqueeze(-1)  # (T, B, 1)
         steps, batch, four_h = proj.shape
         hidden = four_h // 4
         resets = (keep_t.reshape(steps, -1) < 1).any(1).tolist()  # steps needing a reset
         acts = torch.empty_like(proj)  # i, f, g, o after activation
         cells = proj.new_empty(steps, batch, hidden)
         outputs = proj.new_empty(steps, batch, hidden)
-        w_t = w_hh.t()
+        recurrent = FastLinear(w_hh)  # h @ w_hh.T, through oneDNN where it is faster
         h, c = h0, c0
         for t in range(steps):
             if resets[t]:
                 h, c = h * keep_t[t], c * keep_t[t]
-            a = torch.addmm(proj[t], h, w_t, out=acts[t])
+            a = torch.add(proj[t], recurrent(h), out=acts[t])
             torch.sigmoid_(a[:, :2 * hidden])
             torch.tanh_(a[:, 2 * hidden:3 * hidden])
             torch.sigmoid_(a[:, 3 * hidden:])
@@ -45,7 +47,7 @@ class _LstmScan(torch.autograd.Function):
             h = torch.mul(o, torch.tanh(c), out=outputs[t])
         ctx.save_for_backward(acts, cells, outputs, w_hh, keep_t, h0, c0)
         ctx.resets = resets
-        return outputs.transpose(0, 1), h.clone(), c.clone()
+        return outputs, h.clone(), c.clone()
 
     @staticmethod
     def backward(ctx: Any, d_out: torch.Tensor | None, d_h: torch.Tensor | None,
@@ -61,29 +63,36 @@ class _LstmScan(torch.autograd.Function):
         factors = torch.cat([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g),
                              tanh_c * o * (1 - o)], dim=2).view(steps, batch, 4, hidden)
         through = o * (1 - tanh_c * tanh_c)
-        d_seq = d_out.transpose(0, 1) if d_out is not None else None
+        d_seq = d_out
         dh = d_h.clone() if d_h is not None else cells.new_zeros(batch, hidden)
         dc = d_c.clone() if d_c is not None else cells.new_zeros(batch, hidden)
         d_gates = torch.empty_like(acts).view(steps, batch, 4, hidden)
+        back = FastLinear(w_hh.t())  # dG @ w_hh
         for t in range(steps - 1, -1, -1):
             if d_seq is not None:
                 dh = dh + d_seq[t]
             dc = torch.addcmul(dc, dh, through[t])
             torch.mul(dc.unsqueeze(1), factors[t, :, :3], out=d_gates[t, :, :3])
             torch.mul(dh, factors[t, :, 3], out=d_gates[t, :, 3])
-            dh = d_gates[t].view(batch, 4 * hidden) @ w_hh
+            dh = back(d_gates[t].view(batch, 4 * hidden))
             dc = dc * f[t]
             if ctx.resets[t]:
                 dh, dc = dh * keep_t[t], dc * keep_t[t]
         d_gates = d_gates.view(steps, batch, 4 * hidden)
         d_w_hh = d_gates.reshape(-1, 4 * hidden).t() @ h_prev.reshape(-1, hidden)
-        return d_gates.transpose(0, 1), d_w_hh, dh, dc, None
+        return d_gates, d_w_hh, dh, dc, None
 
 
 def lstm_scan(x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, bias: torch.Tensor,
               h0: torch.Tensor, c0: torch.Tensor, keep: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run an LSTM over x (B, T, in) from (h0, c0) (B, H); ``keep`` (B, T) multiplies the
-    state entering each step (0 = restart). Returns outputs (B, T, H), h_T, c_T."""
-    projected = F.linear(x, w_ih, bias)  # every step's input part at once
-    return _LstmScan.apply(projected, w_hh, h0, c0, keep.to(x.dtype))
+    state entering each step (0 = restart). Returns outputs (B, T, H), h_T, c_T.
+
+    The outputs are a (B, T) view of a time-major (T, B, H) tensor: the whole computation
+    runs time-major without transposing copies, and whatever reads the outputs elementwise
+    (the head, the losses) does not care about the layout.
+    """
+    projected = F.linear(x.transpose(0, 1), w_ih, bias)  # every step's input part at once
+    outputs, h, c = _LstmScan.apply(projected, w_hh, h0, c0, keep.to(x.dtype).t())
+    return outputs.transpose(0, 1), h, c

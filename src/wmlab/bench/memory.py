@@ -1,0 +1,204 @@
+"""M's throughput: training steps per second and dream steps per second, each against the
+naive way of doing the same work.
+
+- Training: wmlab's M (the recurrence in ``lstm_scan``, mixture NLL) against a plain
+  ``torch.nn.LSTM`` + ``nn.Linear`` with the same loss on the same batch, for the CarRacing
+  size (LSTM 256, z 32, batch 100 x 999 in full runs) and the Doom size (LSTM 512, z 64,
+  100 streams x 500-step chunks, with restart flags, which plain ``nn.LSTM`` cannot honour).
+  Also the achieved GFLOP/s and its fraction of the machine's attainable float32 peak
+  (measured here with a large matmul).
+- Dream: ``BatchedDream`` at B = 1, 64 and 1,024 against a loop of single dreams (what the
+  original did: one dream per process per call), for the Doom size (and CarRacing at 1,024).
+
+Figures depend on the load of the machine; they are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from wmlab.dream import BatchedDream, DreamStart
+from wmlab.memory.model import MDNRNN, MdrnnShape, mixture_nll
+
+SIZES = {
+    "carracing": MdrnnShape(z_dim=32, action_dim=3, hidden=256),
+    "doom": MdrnnShape(z_dim=64, action_dim=1, hidden=512, done_head=True, restart_input=True),
+}
+
+
+def _timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    """Seconds per call (the best of ``repeats``: the least disturbed by other load)."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
+    """Attainable float32 GFLOP/s on this machine (a large square matmul)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    seconds = _timed(lambda: torch.mm(a, b.t()), repeats)
+    return 2 * size ** 3 / seconds / 1e9
+
+
+def training_flops(shape: MdrnnShape, batch: int, steps: int) -> float:
+    """Forward + backward FLOPs of one batch (backward ~ 2x forward)."""
+    lstm = 2 * batch * (shape.input_size + shape.hidden) * 4 * shape.hidden
+    head = 2 * batch * shape.hidden * shape.output_size
+    return 3.0 * (lstm + head) * steps
+
+
+def _train_case(size: str, batch: int, steps: int, repeats: int) -> list[dict[str, Any]]:
+    shape = SIZES[size]
+    torch.manual_seed(0)
+    model = MDNRNN(shape)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    z = torch.randn(batch, steps, shape.z_dim)
+    actions = torch.randn(batch, steps, shape.action_dim)
+    target = torch.randn(batch, steps, shape.z_dim)
+    restart = torch.zeros(batch, steps)
+    restart[:, 0] = 1.0
+    restart[torch.arange(batch), torch.randint(0, steps, (batch,))] = 1.0  # episode starts
+
+    def wmlab_step() -> None:
+        out, _, _ = model(z, actions, restart=restart if shape.restart_input else None)
+        loss = mixture_nll(out, target)
+        if out.done_logit is not None:
+            loss = loss + out.done_logit.mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_value_(model.parameters(), 1.0)
+        optimizer.step()
+
+    lstm = nn.LSTM(shape.input_size, shape.hidden, batch_first=True)
+    head = nn.Linear(shape.hidden, shape.output_size)
+    plain_params = list(lstm.parameters()) + list(head.parameters())
+    plain_opt = torch.optim.Adam(plain_params, lr=1e-4)
+    parts = [z, actions] + ([restart.unsqueeze(-1)] if shape.restart_input else [])
+    x = torch.cat(parts, -1)
+
+    def plain_step() -> None:
+        hidden, _ = lstm(x)
+        out = model.split_output(head(hidden))
+        loss = mixture_nll(out, target)
+        if out.done_logit is not None:
+            loss = loss + out.done_logit.mean()
+        plain_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_value_(plain_params, 1.0)
+        plain_opt.step()
+
+    flops = training_flops(shape, batch, steps)
+    cases = (("plain nn.LSTM + Linear (naive)", plain_step), ("wmlab M", wmlab_step))
+    best = {label: float("inf") for label, _ in cases}
+    for _label, fn in cases:
+        fn()  # warm-up
+    for _ in range(repeats):  # interleaved, so both see the same background load
+        for label, fn in cases:
+            best[label] = min(best[label], _timed(fn, 1, warmup=0))
+    return [{"bench": "train", "size": size, "case": label, "batch": batch, "seq_len": steps,
+             "steps_per_s": batch * steps / best[label], "gflops": flops / best[label] / 1e9}
+            for label, _ in cases]
+
+
+def _dream_rate(model: MDNRNN, start: DreamStart, batch: int, steps: int,
+                dtype: str = "float32") -> float:
+    dream = BatchedDream(model, start, 1.15, 10 ** 9, dtype=dtype)
+    dream.reset(np.arange(batch))
+    actions = torch.zeros(batch, model.shape.action_dim)
+    dream.step(actions)
+
+    def run() -> None:
+        for _ in range(steps):
+            dream.step(actions)
+    return batch * steps / _timed(run, 2, warmup=0)
+
+
+def _single_loop_rate(model: MDNRNN, start: DreamStart, dreams: int, steps: int) -> float:
+    """The naive way: each dream its own object, stepped one after another."""
+    singles = [BatchedDream(model, start, 1.15, 10 ** 9) for _ in range(dreams)]
+    for i, dream in enumerate(singles):
+        dream.reset([i])
+    actions = torch.zeros(1, model.shape.action_dim)
+
+    def run() -> None:
+        for _ in range(steps):
+            for dream in singles:
+                dream.step(actions)
+    return dreams * steps / _timed(run, 2, warmup=0)
+
+
+def _dream_cases(quick: bool) -> list[dict[str, Any]]:
+    rows = []
+    for size in ("doom", "carracing"):
+        shape = SIZES[size]
+        torch.manual_seed(0)
+        model = MDNRNN(shape).eval()
+        if shape.done_head:  # a dream that never ends, so every step is timed
+            with torch.no_grad():
+                model.head.bias[3 * shape.z_dim * shape.gaussians] = -1e4
+        start = DreamStart(torch.randn(16, shape.z_dim), torch.full((16, shape.z_dim), -2.0))
+        single = _single_loop_rate(model, start, 8, 10 if quick else 40)
+        rows.append({"bench": "dream", "size": size, "case": "loop of single dreams (naive)",
+                     "batch": 1, "steps_per_s": single})
+        batches = (1, 64, 1024) if size == "doom" else (1024,)
+        for batch in batches:
+            steps = (16 if quick else 64) if batch == 1024 else (50 if quick else 200)
+            for dtype in ("float32", "bfloat16"):
+                if dtype == "bfloat16" and batch < 64:
+                    continue
+                rate = _dream_rate(model, start, batch, steps, dtype)
+                rows.append({"bench": "dream", "size": size, "case": f"BatchedDream {dtype}",
+                             "batch": batch, "steps_per_s": rate, "speedup": rate / single})
+    return rows
+
+
+def run(quick: bool = False) -> list[dict[str, Any]]:
+    peak = matmul_peak(1024 if quick else 2048)
+    rows: list[dict[str, Any]] = [{"bench": "peak", "case": "float32 matmul (attainable peak)",
+                                   "gflops": peak, "threads": torch.get_num_threads()}]
+    train_steps = {"carracing": 100 if quick else 999, "doom": 50 if quick else 500}
+    for size, steps in train_steps.items():
+        case = _train_case(size, 100, steps, 2 if quick else 3)
+        plain = case[0]["steps_per_s"]
+        for row in case:
+            row["vs_plain"] = row["steps_per_s"] / plain
+            row["peak_fraction"] = row["gflops"] / peak
+        rows.extend(case)
+    rows.extend(_dream_cases(quick))
+    return rows
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    lines = []
+    for row in rows:
+        if row["bench"] == "peak":
+            lines.append(f"attainable float32 matmul peak: {row['gflops']:.0f} GFLOP/s "
+                         f"({row['threads']} threads)")
+    lines += ["", "training M (forward + backward + Adam, one batch):",
+              f"{'size':<10} {'case':<32} {'batch x T':>11} {'steps/s':>10} {'vs plain':>9} "
+              f"{'GFLOP/s':>8} {'of peak':>8}"]
+    for row in rows:
+        if row["bench"] == "train":
+            lines.append(f"{row['size']:<10} {row['case']:<32} "
+                         f"{row['batch']:>5} x {row['seq_len']:<4} {row['steps_per_s']:>10,.0f} "
+                         f"{row['vs_plain']:>8.2f}x {row['gflops']:>8.0f} "
+                         f"{100 * row['peak_fraction']:>7.0f}%")
+    lines += ["", "dream (M stepped at tau 1.15, sampling included):",
+              f"{'size':<10} {'case':<32} {'B':>6} {'dream steps/s':>14} {'vs loop':>8}"]
+    for row in rows:
+        if row["bench"] == "dream":
+            speedup = f"{row['speedup']:.0f}x" if "speedup" in row else ""
+            lines.append(f"{row['size']:<10} {row['case']:<32} {row['batch']:>6} "
+                         f"{row['steps_per_s']:>14,.0f} {speedup:>8}")
+    return "\n".join(lines)
