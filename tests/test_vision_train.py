@@ -281,7 +281,10 @@ def test_cli_trains_and_encodes_end_to_end(tmp_path, capsys):
     assert main(["encode", "--preset", "doom", "--profile", "quick", "--run", "cli",
                  "--no-progress", *sets]) == 0
     assert "encoded 2 episodes (42 frames)" in capsys.readouterr().out
-    assert main(["encode", "--preset", "doom", "--profile", "quick", "--run", "cli",
-                 "--no-progress", *sets, "--set", "vae.z_dim=4"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("wmlab: error:") and "z_dim" in err and "\n" not in err
+    saved = (tmp_path / "cli" / "config.toml").read_text()
+    for command in ("encode", "train-vae"):
+        assert main([command, "--preset", "doom", "--profile", "quick", "--run", "cli",
+                     "--no-progress", *sets, "--set", "vae.z_dim=4"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("wmlab: error:") and "z_dim" in err and "\n" not in err
+    assert (tmp_path / "cli" / "config.toml").read_text() == saved  # refused: nothing changed

@@ -9,9 +9,10 @@ from wmlab.commands.common import add_config_args, config_from_args
 
 def cmd_train_vae(args: argparse.Namespace) -> int:
     from wmlab.runs import prepare_run_dir
-    from wmlab.vision.train import train_vae
+    from wmlab.vision.train import check_resumable, train_vae
 
     cfg = config_from_args(args, {"vae.epochs": args.epochs, "vae.kind": args.kind})
+    check_resumable(cfg)  # a refused config must not overwrite the run's config.toml
     print(f"run directory: {prepare_run_dir(cfg)}")
     result = train_vae(cfg, progress=not args.no_progress)
     print(result.line())
@@ -20,9 +21,10 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
 
 def cmd_encode(args: argparse.Namespace) -> int:
     from wmlab.runs import prepare_run_dir
-    from wmlab.vision.encode import encode_store
+    from wmlab.vision.encode import check_encodable, encode_store
 
     cfg = config_from_args(args)
+    check_encodable(cfg)  # a refused config must not overwrite the run's config.toml
     print(f"run directory: {prepare_run_dir(cfg)}")
     print(encode_store(cfg, progress=not args.no_progress).line())
     return 0

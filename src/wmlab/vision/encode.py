@@ -20,7 +20,7 @@ from wmlab.data.series import Series, SeriesStore
 from wmlab.device import resolve_device
 from wmlab.errors import WmlabError
 from wmlab.vision.model import FRAME_SHAPE, ConvVAE, frames_to_tensor
-from wmlab.vision.train import load_vae, vision_dir
+from wmlab.vision.train import load_vae, read_vae_info, vision_dir
 
 # Small batches keep each layer's activations in cache: 256 encodes ~2x faster than 1024.
 ENCODE_BATCH = 256
@@ -61,16 +61,27 @@ def encode_frames(model: ConvVAE, frames: np.ndarray, device: torch.device,
     return np.concatenate(mus), np.concatenate(logvars)
 
 
-def encode_store(cfg: Config, *, progress: bool = True) -> EncodeSummary:
-    """Encode every episode of the run's store that has no series under the trained V yet."""
-    device = resolve_device(cfg.run.device)
+def check_encodable(cfg: Config) -> EpisodeStore:
+    """The run's store, after checking that it and the trained V can be encoded."""
     store = EpisodeStore.open(cfg.store_url())
     if tuple(store.frame_shape) != FRAME_SHAPE:
         raise WmlabError(f"store {store.url} holds frames of shape {tuple(store.frame_shape)}, "
                          f"V takes {FRAME_SHAPE}: encode a store collected for V")
-    all_ids = store.episode_ids()
-    if not all_ids:
+    if not store.episode_ids():
         raise WmlabError(f"store {store.url} has no episodes: run `wmlab collect` first")
+    info = read_vae_info(vision_dir(cfg))
+    if int(info.get("z_dim", -1)) != cfg.vae.z_dim:
+        raise WmlabError(f"the V in {vision_dir(cfg)} has z_dim {info.get('z_dim')}, the config "
+                         f"asks for {cfg.vae.z_dim}: set vae.z_dim={info.get('z_dim')} or train V "
+                         "again in another run")
+    return store
+
+
+def encode_store(cfg: Config, *, progress: bool = True) -> EncodeSummary:
+    """Encode every episode of the run's store that has no series under the trained V yet."""
+    device = resolve_device(cfg.run.device)
+    store = check_encodable(cfg)
+    all_ids = store.episode_ids()
     model, info = load_vae(vision_dir(cfg), device, z_dim=cfg.vae.z_dim)
     channels_last = cfg.vae.channels_last
     if channels_last:

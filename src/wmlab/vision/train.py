@@ -281,7 +281,7 @@ def train_vae(cfg: Config, *, progress: bool = True, stop_after_steps: int | Non
     data = plan_data(cfg, store)
     folder = vision_dir(cfg)
     trainer = build_trainer(cfg, device, fused_adam)
-    epoch, batch_in_epoch, step = _resume(cfg, folder, trainer, data, device)
+    epoch, batch_in_epoch, step = _resume(cfg, trainer, data, device)
     logger = MetricsLogger(folder, resume_step=step)
     result = VaeTrainResult(folder=folder, steps=step, epochs=epoch, resumed_from=step)
 
@@ -349,16 +349,19 @@ def train_vae(cfg: Config, *, progress: bool = True, stop_after_steps: int | Non
     return result
 
 
-def _resume(cfg: Config, folder: str, trainer: _Trainer, data: DataPlan,
-            device: torch.device) -> tuple[int, int, int]:
-    """(epoch, batch, step) to continue from, after loading the checkpoint if there is one.
+def check_resumable(cfg: Config, data: DataPlan | None = None) -> dict[str, Any] | None:
+    """The sidecar of the run's training checkpoint (None if there is none), after checking
+    that this config can continue it; raises before anything is written otherwise.
 
     Refuses a checkpoint of another V, and a mid-epoch one whose batches the current config
     or store would no longer reproduce; at an epoch boundary new data or batch settings are
-    fine (the next epoch is planned afresh).
+    fine (the next epoch is planned afresh). ``data`` defaults to the plan of the run's store.
     """
+    folder = vision_dir(cfg)
+    if data is None:
+        data = plan_data(cfg, EpisodeStore.open(cfg.store_url()))
     if not checkpoint_exists(folder, TRAIN_CHECKPOINT):
-        return 0, 0, 0
+        return None
     info = read_info(folder, TRAIN_CHECKPOINT)
     recorded = {k: info.get(k) for k in _shape_info(cfg)}
     if recorded != _shape_info(cfg):
@@ -366,19 +369,28 @@ def _resume(cfg: Config, folder: str, trainer: _Trainer, data: DataPlan,
                             for k, v in _shape_info(cfg).items() if recorded[k] != v)
         raise WmlabError(f"{folder} holds a V training checkpoint of another model ({changed}):"
                          " set them back to resume, or start a new run with --run NAME")
-    epoch, batch, step = int(info["epoch"]), int(info["batch"]), int(info["step"])
-    if batch > 0:
+    if int(info["batch"]) > 0:
         before, now = info.get("data", {}), data.fingerprint(cfg)
         changed = [f"{k} was {before.get(k)!r}, now {v!r}" for k, v in now.items()
                    if before.get(k) != v]
         if changed:
-            raise WmlabError(f"{folder} stopped in the middle of epoch {epoch + 1}, but the "
-                             f"batches would now differ ({'; '.join(changed)}): restore the "
-                             "config and store it ran with to resume, or start a new run "
-                             "with --run NAME")
+            raise WmlabError(f"{folder} stopped in the middle of epoch {int(info['epoch']) + 1}"
+                             f", but the batches would now differ ({'; '.join(changed)}): "
+                             "restore the config and store it ran with to resume, or start a "
+                             "new run with --run NAME")
+    return info
+
+
+def _resume(cfg: Config, trainer: _Trainer, data: DataPlan, device: torch.device
+            ) -> tuple[int, int, int]:
+    """(epoch, batch, step) to continue from, after loading the checkpoint if there is one."""
+    info = check_resumable(cfg, data)
+    if info is None:
+        return 0, 0, 0
+    folder = vision_dir(cfg)
     ckpt = load_checkpoint(folder, TRAIN_CHECKPOINT, map_location=device)
     trainer.restore(ckpt.weights, ckpt.state, f"{folder}/{TRAIN_CHECKPOINT}")
-    return epoch, batch, step
+    return int(info["epoch"]), int(info["batch"]), int(info["step"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,14 +475,19 @@ def load_vae(folder: str, device: torch.device | str = "cpu", z_dim: int | None 
     ``z_dim``, when given, is what the caller's config expects: a V of another size is
     refused by name rather than producing series M cannot read.
     """
-    if not checkpoint_exists(folder, FINAL_WEIGHTS):
-        raise WmlabError(f"no trained V in {folder}: run `wmlab train-vae` with the same "
-                         "--preset, --profile and --run first")
-    ckpt = load_checkpoint(folder, FINAL_WEIGHTS, with_state=False)
-    recorded = int(ckpt.info.get("z_dim", -1))
+    recorded = int(read_vae_info(folder).get("z_dim", -1))
     if z_dim is not None and recorded != z_dim:
         raise WmlabError(f"the V in {folder} has z_dim {recorded}, the config asks for "
                          f"{z_dim}: set vae.z_dim={recorded} or train V again in another run")
+    ckpt = load_checkpoint(folder, FINAL_WEIGHTS, with_state=False)
     model = ConvVAE(recorded)
     load_weights_into(model, ckpt.weights, f"{folder}/{FINAL_WEIGHTS}")
     return model.to(device).eval(), ckpt.info
+
+
+def read_vae_info(folder: str) -> dict[str, Any]:
+    """The sidecar of the trained V in ``folder`` (z_dim, kind, step, fingerprint)."""
+    if not checkpoint_exists(folder, FINAL_WEIGHTS):
+        raise WmlabError(f"no trained V in {folder}: run `wmlab train-vae` with the same "
+                         "--preset, --profile and --run first")
+    return read_info(folder, FINAL_WEIGHTS)
