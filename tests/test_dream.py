@@ -239,3 +239,61 @@ def test_dream_and_comparison_gifs(tmp_path):
                         np.full_like(mu, -3.0), rng.uniform(-1, 1, (10, 1)), 1.15, 0)
     panels = iio.imread(tmp_path / "compare.gif")
     assert count == 11 and panels.shape[1:3] == (192, 3 * 192)
+
+
+def test_pipeline_encode_train_mdrnn_and_dream_cli(tmp_path, capsys):
+    """Episodes -> a (tiny, untrained) V -> encode -> train-mdrnn -> dream GIFs, via the CLI;
+    then a V that changes under M is refused."""
+    import json
+
+    import imageio.v3 as iio
+
+    from wmlab.checkpoint import save_checkpoint
+    from wmlab.cli import main
+    from wmlab.config import load_config
+    from wmlab.data import EpisodeStore
+    from wmlab.data.episode_file import Episode
+    from wmlab.vision.encode import encode_store
+    from wmlab.vision.model import ConvVAE
+
+    sets = ["run.root=" + json.dumps(str(tmp_path)), "run.device=\"cpu\"", "vae.z_dim=4",
+            "mdrnn.hidden=8", "mdrnn.batch_size=4", "mdrnn.seq_len=10",
+            "mdrnn.calibration_episodes=4", "dream.max_steps=15"]
+    common = ["--preset", "doom", "--profile", "quick", "--run", "e2e"]
+    for item in sets:
+        common += ["--set", item]
+    cfg = load_config("doom", "quick", sets + ["run.name=\"e2e\""])
+    store = EpisodeStore.create_or_open(cfg.store_url(), env="doom", backend="vizdoom",
+                                        action_dim=1)
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        steps = int(rng.integers(20, 35))
+        dones = np.zeros(steps, bool)
+        dones[-1] = True
+        store.append(Episode(frames=rng.integers(0, 255, (steps + 1, 64, 64, 3), np.uint8),
+                             actions=rng.choice([-1.0, 0.0, 1.0], (steps, 1)).astype(np.float32),
+                             rewards=np.ones(steps, np.float32), dones=dones,
+                             meta={"collection": "random", "index": i}))
+    torch.manual_seed(0)
+    vae = ConvVAE(4)
+    save_checkpoint(f"{cfg.run_dir()}/vision", "vae", 1, vae.state_dict(), None,
+                    {"z_dim": 4, "kind": "vae"})
+    encode_store(cfg, progress=False)
+    assert main(["train-mdrnn", *common, "--steps", "4", "--no-progress"]) == 0
+    assert main(["dream", *common, "--steps", "12"]) == 0
+    out = capsys.readouterr().out
+    memory = tmp_path / "e2e" / "memory"
+    assert "dream.gif" in out and "dream-compare.gif" in out
+    dream = iio.imread(memory / "dream.gif")
+    assert 2 <= dream.shape[0] <= 13 and dream.shape[1:3] == (192, 192)
+    compare = iio.imread(memory / "dream-compare.gif")
+    assert compare.shape[1:3] == (192, 3 * 192)
+    # retrain V (new weights, new fingerprint): M's latents no longer fit it
+    save_checkpoint(f"{cfg.run_dir()}/vision", "vae", 2, ConvVAE(4).state_dict(), None,
+                    {"z_dim": 4, "kind": "vae"})
+    before = sorted(p.name for p in memory.iterdir())
+    assert main(["dream", *common, "--steps", "12"]) == 2
+    assert "encode" in capsys.readouterr().err
+    assert main(["train-mdrnn", *common, "--steps", "8", "--no-progress"]) == 2
+    assert "wmlab encode" in capsys.readouterr().err
+    assert sorted(p.name for p in memory.iterdir()) == before
