@@ -144,6 +144,8 @@ class EsConfig:
     workers: int = _opt(0, "evaluator workers; 0 = one per CPU core", min=0)
     ray_address: str = _opt("", "Ray cluster address for engine=ray; empty = local")
     timeout: float = _opt(600.0, "seconds before a silent worker is declared dead", min=1.0)
+    job_members: int = _opt(8, "members per evaluator job (one batch; the unit of retry); "
+                            "fixed so every engine computes the same batches", min=1)
 
 
 @dataclass

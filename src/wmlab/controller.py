@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from wmlab.errors import WmlabError
@@ -94,3 +95,37 @@ def masked_argmax(raw: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is None:
         return raw.argmax(-1)
     return raw.masked_fill(~mask.bool(), float("-inf")).argmax(-1)
+
+
+def controller_shape(kind: str, z_dim: int, m_hidden: int, outputs: int, hidden: int = 0,
+                     bias: bool = True) -> ControllerShape:
+    """The controller that fits a V of ``z_dim`` and an M of ``m_hidden`` units."""
+    return ControllerShape(inputs=feature_size(kind, z_dim, m_hidden), outputs=outputs,
+                           hidden=hidden, bias=bias)
+
+
+def shape_info(shape: ControllerShape, kind: str) -> dict:
+    """What a controller checkpoint records so that a mismatch is named on loading."""
+    return {"inputs": shape.inputs, "outputs": shape.outputs, "hidden": shape.hidden,
+            "bias": shape.bias, "features": kind, "num_params": shape.num_params}
+
+
+def check_shape(info: dict, shape: ControllerShape, kind: str, source: str) -> None:
+    """Refuse a controller saved for another V, M or controller config, saying which."""
+    saved = {k: info.get(k) for k in ("inputs", "outputs", "hidden", "bias", "features")}
+    wanted = {k: v for k, v in shape_info(shape, kind).items() if k in saved}
+    if saved != wanted:
+        diff = ", ".join(f"{k} {saved[k]!r} in the file but {wanted[k]!r} here"
+                         for k in saved if saved[k] != wanted[k])
+        raise WmlabError(f"controller {source} does not fit this run's V, M and controller "
+                         f"config ({diff}): evaluate it with the config it was trained with, "
+                         "or train a controller for these V and M")
+
+
+def raw_to_env_actions(spec, raw: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Raw outputs (B, k) in [-1, 1] -> env actions: Box through the spec's transform,
+    Discrete through argmax over the logits, masked to the valid actions when a mask is
+    given (masked-out actions can never be chosen)."""
+    if spec.action_kind == "discrete" and mask is not None:
+        return masked_argmax(torch.as_tensor(raw), torch.as_tensor(mask)).numpy()
+    return spec.to_env_action(raw)

@@ -1,9 +1,78 @@
-"""Subcommands of this stage (see wmlab.commands)."""
+"""Subcommands of this stage: ``train-controller`` and ``evaluate``."""
 
 from __future__ import annotations
 
 import argparse
 
+from wmlab.commands.common import add_config_args, config_from_args
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this stage's subcommands to the ``wmlab`` parser."""
+    train = sub.add_parser("train-controller",
+                           help="train C with CMA-ES in the real env or in M's dream")
+    add_config_args(train)
+    train.add_argument("--fitness", choices=("real", "dream"),
+                       help="where rollouts run (overrides es.fitness)")
+    train.add_argument("--generations", type=int, help="overrides es.generations")
+    train.add_argument("--engine", choices=("serial", "process", "ray"),
+                       help="evaluator engine (overrides es.engine; default process)")
+    train.add_argument("--workers", type=int, help="evaluator workers (overrides es.workers)")
+    train.add_argument("--ray-address", help="Ray cluster address, e.g. auto or host:6379 "
+                       "(overrides es.ray_address; implies --engine ray)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=cmd_train_controller)
+
+    evaluate = sub.add_parser("evaluate", help="score a controller over N episodes "
+                              "(fixed seeds, reference backend) and write JSON")
+    add_config_args(evaluate)
+    evaluate.add_argument("--episodes", type=int, help="episodes (overrides eval.episodes)")
+    evaluate.add_argument("--eval-backend", help="env backend of the score (overrides "
+                          "eval.backend; default the reference backend)")
+    evaluate.add_argument("--dream", action="store_true",
+                          help="score in M's dream at dream.tau instead of the real env")
+    evaluate.add_argument("--engine", choices=("serial", "process", "ray"),
+                          help="evaluator engine (overrides es.engine)")
+    evaluate.add_argument("--workers", type=int, help="evaluator workers")
+    evaluate.add_argument("--out", help="JSON path (default <run>/eval/eval-<backend>.json)")
+    evaluate.add_argument("--video", metavar="PATH.gif",
+                          help="also write a GIF of the first episode: real frame beside "
+                          "the agent's view (V's reconstruction)")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+
+def cmd_train_controller(args: argparse.Namespace) -> int:
+    from wmlab.es import train_controller
+    from wmlab.runs import prepare_run_dir
+
+    engine = args.engine or ("ray" if args.ray_address else None)
+    cfg = config_from_args(args, {
+        "es.fitness": args.fitness, "es.generations": args.generations, "es.engine": engine,
+        "es.workers": args.workers, "es.ray_address": args.ray_address})
+    run_dir = prepare_run_dir(cfg)
+    print(f"run directory: {run_dir}")
+    result = train_controller(cfg, progress=not args.no_progress)
+    best = ("none yet" if result.best_score is None else
+            f"{result.best_score:.1f} (generation {result.best_generation})")
+    print(f"CMA-ES: {result.generation} generations (resumed at {result.resumed_from}); "
+          f"best scored mean {best}; checkpoints, metrics.csv and progress.png in "
+          f"{result.folder}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from wmlab.evaluate import evaluate_controller
+
+    cfg = config_from_args(args, {"eval.backend": args.eval_backend, "es.engine": args.engine,
+                                  "es.workers": args.workers})
+    if args.episodes is not None and args.episodes <= 0:
+        from wmlab.errors import WmlabError
+
+        raise WmlabError(f"--episodes must be at least 1, got {args.episodes}")
+    result = evaluate_controller(cfg, episodes=args.episodes,
+                                 where="dream" if args.dream else "real", out=args.out,
+                                 video=args.video)
+    print(result.line())
+    if args.video:
+        print(f"video: {args.video}")
+    return 0

@@ -1,0 +1,261 @@
+"""The agent: V + M + C stepping a batch of real environments, or C stepping M's dream.
+
+Real env, per step and for the whole batch at once: one V encode of every running env's
+frame, z *sampled* from V's posterior (SPEC 5), one batched C forward over [z, h] / [z, c, h]
+for all population members, the env step, one M step on [z, a(, restart)]. The restart
+flag is 1 on the first step when M has that input, as in M's training data.
+
+Determinism: the noise that samples z for an env comes from a generator keyed by that env's
+seed alone, so an episode's return depends only on (seed, controller), never on which
+batch slot, job or worker ran it. Together with jobs that are split the same way on every
+evaluation engine, that makes the serial, process and Ray engines agree exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from wmlab.controller import (
+    ControllerShape,
+    controller_features,
+    controller_shape,
+    population_forward,
+    raw_to_env_actions,
+)
+from wmlab.dream import BatchedDream, DreamStart
+from wmlab.envs.spec import EnvSpec
+from wmlab.errors import WmlabError
+from wmlab.memory.model import MDNRNN
+from wmlab.vision.model import ConvVAE, frames_to_tensor
+
+NOISE_BLOCK = 64  # steps of z-noise drawn at once per env (a numpy call per block, not step)
+
+
+@dataclass
+class AgentModels:
+    """What a rollout needs: M always, V for real envs, starts for dreams."""
+
+    spec: EnvSpec
+    mdrnn: MDNRNN
+    features: str  # z, zh or zch
+    shape: ControllerShape
+    vae: ConvVAE | None = None
+    start: DreamStart | None = None
+
+
+def build_models(spec: EnvSpec, mdrnn: MDNRNN, vae: ConvVAE | None, features: str,
+                 hidden: int, bias: bool, start: DreamStart | None = None) -> AgentModels:
+    """Check that V, M and the env fit together and derive C's shape from them."""
+    m = mdrnn.shape
+    if vae is not None and vae.z_dim != m.z_dim:
+        raise WmlabError(f"V has z_dim {vae.z_dim} but M was trained on z_dim {m.z_dim}: "
+                         "retrain M on this V's encodings (wmlab encode, wmlab train-mdrnn)")
+    if m.action_dim != spec.action_dim:
+        raise WmlabError(f"M takes actions of size {m.action_dim} but env '{spec.name}' has "
+                         f"{spec.action_dim}: M was trained for another environment")
+    shape = controller_shape(features, m.z_dim, m.hidden, spec.controller_outputs, hidden,
+                             bias)
+    return AgentModels(spec=spec, mdrnn=mdrnn.eval(), features=features, shape=shape, vae=vae,
+                       start=start)
+
+
+class SeedNoise:
+    """Standard normal noise for sampling z, one independent stream per env seed."""
+
+    def __init__(self, seeds: np.ndarray, z_dim: int) -> None:
+        self.rngs = [np.random.default_rng([int(s), 4101]) for s in np.asarray(seeds).ravel()]
+        self.z_dim = z_dim
+        self.block = np.empty((len(self.rngs), 0, z_dim), np.float32)
+        self.offset = 0
+
+    def next(self) -> np.ndarray:
+        """(B, z) noise for the next step of every env."""
+        if self.offset >= self.block.shape[1]:
+            self.block = np.stack([rng.standard_normal((NOISE_BLOCK, self.z_dim),
+                                                       dtype=np.float32)
+                                   for rng in self.rngs])
+            self.offset = 0
+        out = self.block[:, self.offset]
+        self.offset += 1
+        return out
+
+
+def _member_params(params: np.ndarray | torch.Tensor, shape: ControllerShape) -> torch.Tensor:
+    tensor = torch.as_tensor(np.asarray(params, dtype=np.float32))
+    if tensor.ndim != 2 or tensor.shape[1] != shape.num_params:
+        raise WmlabError(f"controller parameters must be (members, {shape.num_params}), got "
+                         f"{tuple(tensor.shape)}: the controller was made for another V, M "
+                         "or controller config")
+    return tensor
+
+
+def _act(models: AgentModels, params: torch.Tensor, z: torch.Tensor, h: torch.Tensor,
+         c: torch.Tensor, members: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One batched C forward for all members: (raw outputs, env actions, M's action vectors)
+    for the B = members x rollouts rows of ``z`` (rows grouped by member)."""
+    feats = controller_features(models.features, z, h, c)
+    raw = population_forward(models.shape, params, feats.reshape(members, -1, feats.shape[-1]))
+    raw_np = raw.reshape(len(z), -1).numpy()
+    env_actions = raw_to_env_actions(models.spec, raw_np)
+    return raw_np, env_actions, models.spec.action_vector(env_actions)
+
+
+Recorder = Callable[[dict[str, Any]], None]
+
+
+@torch.no_grad()
+def run_real(models: AgentModels, env_batch: Any, params: np.ndarray, seeds: np.ndarray,
+             record: Recorder | None = None) -> np.ndarray:
+    """Episodes of real envs: ``params`` (P, n), ``seeds`` (P, R) -> returns (P, R).
+
+    ``env_batch`` must hold P * R envs. ``record`` (for videos) is called every step with
+    the first env's frame, z and V's reconstruction.
+    """
+    if models.vae is None:
+        raise WmlabError("real-env rollouts need V: load the run's vision model")
+    seeds = np.asarray(seeds, dtype=np.int64)
+    members, per_member = seeds.shape
+    batch = members * per_member
+    if env_batch.num_envs != batch:
+        raise WmlabError(f"env batch has {env_batch.num_envs} envs for {batch} rollouts")
+    theta = _member_params(params, models.shape)
+    m, vae = models.mdrnn, models.vae
+    obs = env_batch.reset([int(s) for s in seeds.ravel()])
+    noise = SeedNoise(seeds, m.shape.z_dim)
+    h = torch.zeros(batch, m.shape.hidden)
+    c = torch.zeros(batch, m.shape.hidden)
+    restart = torch.ones(batch, 1)
+    returns = np.zeros(batch, dtype=np.float64)
+    running = np.ones(batch, dtype=bool)
+    z = torch.zeros(batch, m.shape.z_dim)
+    while running.any():
+        rows = np.flatnonzero(running)
+        # Only running envs are encoded and advanced: finished ones keep their last state.
+        mu, logvar = vae.encode(frames_to_tensor(torch.from_numpy(obs[rows])))
+        eps = torch.from_numpy(noise.next()[rows])
+        z[rows] = mu + torch.exp(0.5 * logvar) * eps
+        _, env_actions, vectors = _act(models, theta, z, h, c, members)
+        if record is not None and running[0]:
+            record({"frame": obs[0], "z": z[0].clone(), "vae": vae})
+        obs, rewards, terminated, truncated = env_batch.step(env_actions)
+        returns += np.where(running, rewards, 0.0)
+        actions = torch.from_numpy(vectors[rows]).float().unsqueeze(1)
+        rst = restart[rows] if m.shape.restart_input else None
+        _, _, (h_new, c_new) = m(z[rows].unsqueeze(1), actions, restart=rst,
+                                 state=(h[rows].unsqueeze(0), c[rows].unsqueeze(0)))
+        h[rows], c[rows] = h_new[0], c_new[0]
+        restart.zero_()
+        running = running & ~(terminated | truncated)
+    return returns.reshape(members, per_member)
+
+
+@torch.no_grad()
+def run_dream(models: AgentModels, params: np.ndarray, seeds: np.ndarray, tau: float,
+              max_steps: int) -> np.ndarray:
+    """Dream episodes, all members' rollouts as one batched dream: (P, n), (P, R) -> (P, R)."""
+    if models.start is None:
+        raise WmlabError("dream rollouts need M's first-frame latents (memory/initial_z): "
+                         "train M with `wmlab train-mdrnn`")
+    seeds = np.asarray(seeds, dtype=np.int64)
+    members, per_member = seeds.shape
+    theta = _member_params(params, models.shape)
+    dream = BatchedDream(models.mdrnn, models.start, tau, max_steps)
+    z = dream.reset(seeds.ravel())
+    if z.dtype != torch.float32:
+        # dream.reset mixes in float64 numpy noise; M runs in float32.
+        z = dream.z = z.float()
+    returns = torch.zeros(len(z), dtype=torch.float64)
+    done = torch.zeros(len(z), dtype=torch.bool)
+    while not bool(done.all()):
+        _, _, vectors = _act(models, theta, z, dream.hidden, dream.cell, members)
+        z, reward, done = dream.step(torch.from_numpy(vectors))
+        returns += reward.double()
+    return returns.numpy().reshape(members, per_member)
+
+
+# ---------------------------------------------------------------------------------------------
+# Workloads: what evaluator workers build once (V and M loaded, env batches kept)
+
+
+@dataclass(frozen=True)
+class RolloutWorkload:
+    """A picklable description of rollouts: real envs (``kind='real'``) or M's dream."""
+
+    kind: str  # real or dream
+    vision_folder: str
+    memory_folder: str
+    env: str
+    backend: str | None
+    features: str
+    hidden: int = 0
+    bias: bool = True
+    max_steps: int = 0  # real: episode cap (0 = env default); dream: step cap
+    tau: float = 1.0
+
+    def load(self) -> AgentModels:
+        from wmlab.checkpoint import load_checkpoint
+        from wmlab.envs import get_spec
+        from wmlab.memory.train import INITIAL_Z, load_mdrnn
+        from wmlab.vision.train import load_vae
+
+        mdrnn, _ = load_mdrnn(self.memory_folder)
+        vae = load_vae(self.vision_folder)[0] if self.kind == "real" else None
+        start = None
+        if self.kind == "dream":
+            ckpt = load_checkpoint(self.memory_folder, INITIAL_Z, with_state=False)
+            start = DreamStart(ckpt.weights["mu"].float(), ckpt.weights["logvar"].float())
+        return build_models(get_spec(self.env), mdrnn, vae, self.features, self.hidden,
+                            self.bias, start)
+
+    def build(self) -> RolloutRunner:
+        return RolloutRunner(self, self.load())
+
+
+class RolloutRunner:
+    """A worker's rollout machine; real-env batches are kept and reused by size."""
+
+    def __init__(self, workload: RolloutWorkload, models: AgentModels) -> None:
+        self.workload, self.models = workload, models
+        self.env_batches: dict[int, Any] = {}
+
+    def env_batch(self, size: int) -> Any:
+        if size not in self.env_batches:
+            from wmlab.envs import make_batch
+
+            options = {"max_steps": self.workload.max_steps} if self.workload.max_steps else {}
+            self.env_batches[size] = make_batch(self.workload.env, size, self.workload.backend,
+                                                **options)
+        return self.env_batches[size]
+
+    def run(self, params: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+        seeds = np.asarray(seeds)
+        if self.workload.kind == "dream":
+            return run_dream(self.models, params, seeds, self.workload.tau,
+                             self.workload.max_steps)
+        return run_real(self.models, self.env_batch(seeds.size), params, seeds)
+
+    def close(self) -> None:
+        for batch in self.env_batches.values():
+            batch.close()
+        self.env_batches.clear()
+
+
+def workload_from_config(cfg: Any, kind: str | None = None, backend: str | None = None
+                         ) -> RolloutWorkload:
+    """The rollouts a run's config describes (``kind`` defaults to es.fitness)."""
+    from wmlab.memory.train import memory_dir
+    from wmlab.vision.train import vision_dir
+
+    kind = kind or cfg.es.fitness
+    dream = kind == "dream"
+    return RolloutWorkload(
+        kind=kind, vision_folder=vision_dir(cfg), memory_folder=memory_dir(cfg),
+        env=cfg.env.name, backend=(backend if backend is not None else cfg.env.backend) or None,
+        features=cfg.controller.inputs, hidden=cfg.controller.hidden,
+        bias=cfg.controller.bias,
+        max_steps=cfg.dream.max_steps if dream else cfg.env.max_steps, tau=cfg.dream.tau)

@@ -1,0 +1,335 @@
+"""CMA-ES over controller parameters, with checkpoints that resume the same future.
+
+The loop sees fitness only through ``Fitness.evaluate(params (P, n), seeds (P, R)) -> (P,)``
+(mean return per member): real envs, the dream or a test function are all the same to it.
+
+Per generation: ask P candidates from ``cma``, draw the generation's rollout seeds (members i
+and i + P/2 share them when antithetic), evaluate, subtract the L2 penalty
+``l2 * mean(w^2)`` (the original *added* it, rewarding large weights; here it penalises),
+tell ``cma`` the negated scores (it minimises). Every ``eval_every`` generations (and at the
+last) the current mean is scored on fixed seeds and the best such mean is kept.
+
+Checkpoint (``<run>/controller``), written every generation:
+
+- ``es-state.pkl``: the pickled ``cma.CMAEvolutionStrategy`` plus the generation counter and
+  the best scored mean. Pickle is what ``cma`` itself supports for saving its state; it is
+  our own file, written atomically, and read only from the run directory.
+- ``controller-<g>.safetensors`` / ``best-<g>.safetensors`` (+ JSON sidecars): the current
+  mean and the best scored mean as plain tensors, what ``wmlab evaluate`` loads.
+
+``cma`` draws its samples through a generator the strategy owns (``SeededRandn``), so the
+pickle carries the exact random state; anything ``cma`` might still draw from numpy's global
+generator runs under a seed derived from (run seed, generation), with the caller's global
+state restored afterwards. A resumed run draws exactly what the uninterrupted run would
+have drawn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import pickle
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from wmlab.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
+from wmlab.config import EsConfig
+from wmlab.errors import WmlabError
+from wmlab.fsio import atomic_write_bytes, exists
+from wmlab.metrics import MetricsLogger
+
+STATE_FILE = "es-state.pkl"
+MEAN_WEIGHTS = "controller"
+BEST_WEIGHTS = "best"
+SEED_RANGE = 2**31 - 1  # seeds every backend accepts (EnvPool needs int32)
+
+
+class Fitness(Protocol):
+    def evaluate(self, params: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+        """params (P, n), seeds (P, R) -> mean return of each member (P,)."""
+        ...
+
+
+@dataclass
+class EsResult:
+    folder: str
+    generation: int
+    resumed_from: int
+    mean: np.ndarray
+    best_score: float | None
+    best_params: np.ndarray | None
+    best_generation: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    finished: bool = True
+
+
+def check_es_config(es: EsConfig) -> None:
+    if es.population < 2:
+        raise WmlabError(f"es.population is {es.population}: CMA-ES needs at least 2 members "
+                         "(the paper uses 64)")
+    if es.antithetic and es.population % 2:
+        raise WmlabError(f"es.population ({es.population}) must be even with es.antithetic")
+    if es.sigma0 <= 0:
+        raise WmlabError(f"es.sigma0 is {es.sigma0}: the initial step size must be positive")
+
+
+def generation_seeds(seed: int, generation: int, population: int, rollouts: int,
+                     antithetic: bool) -> np.ndarray:
+    """(P, R) rollout seeds of one generation; rows i and i + P/2 equal when antithetic."""
+    rng = np.random.default_rng([seed, generation, 5])
+    if not antithetic:
+        return rng.integers(0, SEED_RANGE, (population, rollouts))
+    half = rng.integers(0, SEED_RANGE, (population // 2, rollouts))
+    return np.concatenate([half, half])
+
+
+def eval_seeds(seed: int, eval_rollouts: int, rollouts: int) -> np.ndarray:
+    """The fixed seeds the mean is scored on, as rows of at most ``rollouts`` (so the work
+    splits into jobs like a generation's)."""
+    per_row = max(d for d in range(1, rollouts + 1) if eval_rollouts % d == 0)
+    rng = np.random.default_rng([seed, 1_000_003])
+    return rng.integers(0, SEED_RANGE, eval_rollouts).reshape(-1, per_row)
+
+
+def l2_penalty(params: np.ndarray, l2: float) -> np.ndarray:
+    """The weight penalty per member: l2 * mean(w^2) (subtracted from fitness)."""
+    return l2 * np.mean(np.square(params), axis=1)
+
+
+@contextlib.contextmanager
+def numpy_seeded(*key: int) -> Iterator[None]:
+    """Run ``cma`` code under a seed derived from ``key``; leave the global state as it was."""
+    saved = np.random.get_state()
+    np.random.seed(np.random.SeedSequence(list(key)).generate_state(1)[0])
+    try:
+        yield
+    finally:
+        np.random.set_state(saved)
+
+
+class SeededRandn:
+    """``cma``'s ``randn`` option: standard normals from a generator owned by the strategy.
+
+    ``cma`` defaults to ``np.random.randn``, a method of numpy's global generator; pickling
+    the strategy would then copy that generator by value and the resumed run would draw
+    from the copy, not from what it drew before. Owning the generator makes the pickled
+    strategy carry its exact random state.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng([seed, 23])
+
+    def __call__(self, *shape: int) -> np.ndarray:
+        return self.rng.standard_normal(shape)
+
+
+def new_strategy(num_params: int, es: EsConfig, seed: int) -> Any:
+    import cma
+
+    options = {"popsize": es.population, "randn": SeededRandn(seed), "verbose": -9,
+               "verb_disp": 0, "verb_log": 0, "verb_filenameprefix": "", "maxiter": math.inf,
+               "tolfun": 0, "tolfunhist": 0, "tolflatfitness": math.inf, "tolx": 0,
+               "tolstagnation": math.inf}
+    with numpy_seeded(seed, 17):
+        return cma.CMAEvolutionStrategy(np.zeros(num_params), es.sigma0, options)
+
+
+def score_mean(fitness: Fitness, mean: np.ndarray, seeds: np.ndarray) -> float:
+    """Mean return of the controller ``mean`` over all of ``seeds`` (rows of equal size)."""
+    rows = np.repeat(mean[None, :].astype(np.float32), len(seeds), axis=0)
+    return float(np.mean(fitness.evaluate(rows, seeds)))
+
+
+def _load_state(folder: str, num_params: int, es: EsConfig) -> dict[str, Any] | None:
+    path = f"{folder}/{STATE_FILE}"
+    if not exists(path):
+        return None
+    import fsspec
+
+    with fsspec.open(path, "rb") as handle:
+        try:
+            state = pickle.load(handle)
+        except Exception as exc:
+            raise WmlabError(f"ES state {path} is damaged ({type(exc).__name__}): delete "
+                             f"{folder} to train the controller from scratch") from None
+    if state["num_params"] != num_params or state["population"] != es.population:
+        raise WmlabError(f"{folder} holds a CMA-ES run of {state['population']} members x "
+                         f"{state['num_params']} parameters, but this config asks for "
+                         f"{es.population} x {num_params}: use another run name or delete "
+                         f"{folder}")
+    return state
+
+
+def _save_state(folder: str, state: dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    pickle.dump(state, buffer)
+    atomic_write_bytes(f"{folder}/{STATE_FILE}", buffer.getvalue())
+
+
+def run_es(fitness: Fitness, num_params: int, es: EsConfig, folder: str, *, seed: int = 0,
+           info: dict[str, Any] | None = None, progress: bool = True,
+           stop_after_generations: int | None = None,
+           on_generation: Callable[[int, dict[str, float]], None] | None = None) -> EsResult:
+    """Run (or resume) CMA-ES until ``es.generations``; checkpoints in ``folder``."""
+    check_es_config(es)
+    folder = folder.rstrip("/")
+    state = _load_state(folder, num_params, es)
+    if state is None:
+        state = {"es": new_strategy(num_params, es, seed), "generation": 0,
+                 "best_score": None, "best_params": None, "best_generation": 0,
+                 "num_params": num_params, "population": es.population}
+    strategy = state["es"]
+    start = state["generation"]
+    metrics = MetricsLogger(folder, resume_step=start)
+    fixed_seeds = eval_seeds(seed, es.eval_rollouts, es.rollouts)
+    result = EsResult(folder=folder, generation=start, resumed_from=start,
+                      mean=np.asarray(strategy.mean, dtype=np.float64),
+                      best_score=state["best_score"], best_params=state["best_params"],
+                      best_generation=state["best_generation"])
+    bar = _bar(progress, start, es.generations)
+    done_now = 0
+    try:
+        for generation in range(start, es.generations):
+            if stop_after_generations is not None and done_now >= stop_after_generations:
+                result.finished = False
+                break
+            began = time.monotonic()
+            with numpy_seeded(seed, generation, 3):
+                candidates = np.asarray(strategy.ask(), dtype=np.float64)
+            seeds = generation_seeds(seed, generation, es.population, es.rollouts,
+                                     es.antithetic)
+            returns = np.asarray(fitness.evaluate(candidates.astype(np.float32), seeds),
+                                 dtype=np.float64)
+            scores = returns - l2_penalty(candidates, es.l2)
+            with numpy_seeded(seed, generation, 4):
+                strategy.tell(list(candidates), list(-scores))
+            mean = np.asarray(strategy.mean, dtype=np.float64)
+            row = {"best": float(returns.max()), "mean": float(returns.mean()),
+                   "worst": float(returns.min()), "best_penalised": float(scores.max()),
+                   "sigma": float(strategy.sigma)}
+            step = generation + 1
+            if step % es.eval_every == 0 or step == es.generations:
+                score = score_mean(fitness, mean, fixed_seeds)
+                row["eval_mean"] = score
+                if state["best_score"] is None or score > state["best_score"]:
+                    state.update(best_score=score, best_params=mean.copy(),
+                                 best_generation=step)
+                    save_checkpoint(folder, BEST_WEIGHTS, step, _weights(mean), None,
+                                    {**(info or {}), "generation": step, "eval_mean": score,
+                                     "eval_rollouts": es.eval_rollouts})
+            row["seconds"] = time.monotonic() - began
+            metrics.log(step, row)
+            write_progress_plot(folder, metrics.rows())
+            save_checkpoint(folder, MEAN_WEIGHTS, step, _weights(mean), None,
+                            {**(info or {}), "generation": step})
+            state["generation"] = step
+            _save_state(folder, state)  # last: the commit point of this generation
+            result.history.append({"generation": step, **row})
+            result.generation, done_now = step, done_now + 1
+            if on_generation is not None:
+                on_generation(step, row)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(best=f"{row['best']:.1f}", mean=f"{row['mean']:.1f}",
+                                sigma=f"{row['sigma']:.3f}")
+    finally:
+        metrics.close()
+        if bar is not None:
+            bar.close()
+    result.mean = np.asarray(strategy.mean, dtype=np.float64)
+    result.best_score, result.best_params = state["best_score"], state["best_params"]
+    result.best_generation = state["best_generation"]
+    return result
+
+
+def _weights(params: np.ndarray) -> dict[str, torch.Tensor]:
+    return {"params": torch.as_tensor(np.asarray(params, dtype=np.float32))}
+
+
+def load_controller_params(folder: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """The best scored mean if there is one, else the latest mean: (params (n,), sidecar)."""
+    name = BEST_WEIGHTS if checkpoint_exists(folder, BEST_WEIGHTS) else MEAN_WEIGHTS
+    ckpt = load_checkpoint(folder, name, with_state=False)
+    if "params" not in ckpt.weights:
+        raise WmlabError(f"{folder}/{name} is not a controller checkpoint (no 'params')")
+    return ckpt.weights["params"].double().numpy(), {**ckpt.info, "source": f"{folder}/{name}"}
+
+
+def _bar(progress: bool, start: int, total: int) -> Any:
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="CMA-ES", unit="gen")
+
+
+def write_progress_plot(folder: str, rows: list[dict[str, str]]) -> None:
+    """progress.png: best / mean / worst per generation and the scored means."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def column(key: str) -> tuple[list[float], list[float]]:
+        pairs = [(float(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    steps, best = column("best")
+    _, mean = column("mean")
+    _, worst = column("worst")
+    if steps:
+        ax.fill_between(steps, worst, best, alpha=0.2, label="population worst..best")
+        ax.plot(steps, mean, label="population mean")
+        ax.plot(steps, best, linewidth=0.8, label="population best")
+    eval_steps, eval_values = column("eval_mean")
+    if eval_steps:
+        ax.plot(eval_steps, eval_values, "o-", color="black", label="mean scored on fixed seeds")
+    ax.set_xlabel("generation")
+    ax.set_ylabel("return")
+    ax.set_title("CMA-ES training progress")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    atomic_write_bytes(f"{folder}/progress.png", buffer.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage: C trained on a run's V and M
+
+
+def controller_dir(cfg: Any) -> str:
+    return f"{cfg.run_dir()}/controller"
+
+
+def train_controller(cfg: Any, *, progress: bool = True,
+                     stop_after_generations: int | None = None,
+                     fitness: Fitness | None = None) -> EsResult:
+    """Train C for the run of ``cfg`` (real envs or the dream, per es.fitness)."""
+    from wmlab.agent import workload_from_config
+    from wmlab.controller import shape_info
+    from wmlab.evaluators import Evaluator
+
+    check_es_config(cfg.es)
+    workload = workload_from_config(cfg)
+    models = workload.load()  # fails early, with a message, before any worker starts
+    info = {**shape_info(models.shape, cfg.controller.inputs), "env": cfg.env.name,
+            "fitness": cfg.es.fitness, "tau": cfg.dream.tau}
+    if fitness is not None:
+        return run_es(fitness, models.shape.num_params, cfg.es, controller_dir(cfg),
+                      seed=cfg.run.seed, info=info, progress=progress,
+                      stop_after_generations=stop_after_generations)
+    with Evaluator(workload, cfg.es.engine, cfg.es.workers, cfg.es.timeout,
+                   cfg.es.job_members, cfg.es.ray_address) as evaluator:
+        return run_es(evaluator, models.shape.num_params, cfg.es, controller_dir(cfg),
+                      seed=cfg.run.seed, info=info, progress=progress,
+                      stop_after_generations=stop_after_generations)

@@ -1,0 +1,129 @@
+"""The reported evaluation: a controller with its V and M over N episodes (100 by default).
+
+Seeds are fixed and recorded (``eval.seed``, ``eval.seed + 1``, ...), the backend is the
+env's reference backend unless ``eval.backend`` says otherwise (EnvPool's CarRacing is a
+port whose tracks differ), and the result is mean +- std with every episode's return in a
+JSON file. ``video`` writes a GIF of the first episode: the real frame beside the agent's
+view (V's reconstruction of the z that C and M see).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from wmlab.config import Config
+from wmlab.errors import WmlabError
+from wmlab.fsio import atomic_write_bytes
+
+EPISODES_PER_ROW = 10  # episodes one evaluator row runs as a batch
+
+
+@dataclass
+class EvalResult:
+    env: str
+    backend: str
+    where: str  # real or dream
+    episodes: int
+    mean: float
+    std: float
+    seeds: list[int]
+    returns: list[float]
+    controller: str
+    controller_fingerprint: str
+    tau: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def line(self) -> str:
+        where = f"{self.env} ({self.backend})" if self.where == "real" else \
+            f"{self.env} dream (tau {self.tau})"
+        return (f"{where}: {self.mean:.1f} +- {self.std:.1f} over {self.episodes} episodes "
+                f"(seeds {self.seeds[0]}..{self.seeds[-1]})")
+
+
+def eval_dir(cfg: Config) -> str:
+    return f"{cfg.run_dir()}/eval"
+
+
+def episode_rows(first_seed: int, episodes: int) -> np.ndarray:
+    """Seeds first_seed .. first_seed + N - 1 as equal rows (one batch of envs each)."""
+    per_row = max(d for d in range(1, EPISODES_PER_ROW + 1) if episodes % d == 0)
+    return (first_seed + np.arange(episodes, dtype=np.int64)).reshape(-1, per_row)
+
+
+def evaluate_controller(cfg: Config, *, episodes: int | None = None, where: str = "real",
+                        out: str | None = None, video: str | None = None,
+                        controller_folder: str | None = None) -> EvalResult:
+    """Score the run's controller (its best scored mean) and write the JSON (and GIF)."""
+    from wmlab.agent import workload_from_config
+    from wmlab.controller import check_shape
+    from wmlab.envs import get_spec
+    from wmlab.es import controller_dir, load_controller_params
+    from wmlab.evaluators import Evaluator
+
+    episodes = cfg.eval.episodes if episodes is None else episodes
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes <= 0:
+        raise WmlabError(f"episodes must be a positive integer, got {episodes!r} (the "
+                         "reported protocol uses 100)")
+    if where not in ("real", "dream"):
+        raise WmlabError(f"evaluate where must be real or dream, got {where!r}")
+    if video and where != "real":
+        raise WmlabError("--video records a real episode: drop --dream or --video")
+    spec = get_spec(cfg.env.name)
+    backend = cfg.eval.backend or spec.reference_backend or spec.default_backend
+    spec.check_backend(backend)
+    workload = workload_from_config(cfg, where, backend)
+    models = workload.load()
+    params, info = load_controller_params(controller_folder or controller_dir(cfg))
+    check_shape(info, models.shape, cfg.controller.inputs, info["source"])
+    seeds = episode_rows(cfg.eval.seed, episodes)
+    rows = np.repeat(params[None].astype(np.float32), len(seeds), axis=0)
+    with Evaluator(workload, cfg.es.engine, cfg.es.workers, cfg.es.timeout,
+                   cfg.es.job_members, cfg.es.ray_address) as evaluator:
+        returns = evaluator.run(rows, seeds).ravel()
+    result = EvalResult(env=spec.name, backend=backend, where=where, episodes=episodes,
+                        mean=float(returns.mean()), std=float(returns.std()),
+                        seeds=[int(s) for s in seeds.ravel()],
+                        returns=[float(r) for r in returns], controller=info["source"],
+                        controller_fingerprint=str(info.get("fingerprint", "")),
+                        tau=cfg.dream.tau if where == "dream" else None,
+                        extra={"generation": info.get("generation"),
+                               "max_steps": cfg.env.max_steps or spec.max_steps})
+    gif = record_video(models, workload, params, int(seeds.ravel()[0])) if video else None
+    suffix = "dream" if where == "dream" else backend
+    path = out or f"{eval_dir(cfg)}/eval-{suffix}.json"
+    atomic_write_bytes(path, json.dumps(asdict(result), indent=2).encode())
+    if gif is not None:
+        atomic_write_bytes(video, gif)
+    return result
+
+
+@torch.no_grad()
+def record_video(models: Any, workload: Any, params: np.ndarray, seed: int,
+                 scale: int = 3) -> bytes:
+    """A GIF of one real episode: the frame V sees, beside V's reconstruction of z."""
+    import imageio.v2 as imageio
+
+    from wmlab.agent import run_real
+    from wmlab.envs import make_batch
+
+    frames: list[np.ndarray] = []
+
+    def record(step: dict[str, Any]) -> None:
+        recon = step["vae"].decode(step["z"][None])[0].clamp(0, 1)
+        view = (recon.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        pair = np.concatenate([step["frame"], np.full((64, 2, 3), 255, np.uint8), view],
+                              axis=1)
+        frames.append(pair.repeat(scale, axis=0).repeat(scale, axis=1))
+
+    options = {"max_steps": workload.max_steps} if workload.max_steps else {}
+    with make_batch(workload.env, 1, workload.backend, **options) as env:
+        run_real(models, env, params[None].astype(np.float32), np.array([[seed]]), record)
+    buffer = io.BytesIO()
+    imageio.mimsave(buffer, frames, format="GIF", duration=1000 / 30, loop=0)
+    return buffer.getvalue()

@@ -1,0 +1,457 @@
+"""Evaluators: one interface, three engines that run rollout jobs.
+
+A *workload* is a picklable description (which V, M, env or dream) whose ``build()`` gives a
+*runner* with ``run(params (p, n), seeds (p, R)) -> returns (p, R)``; workers build it once
+and keep it (V and M loaded once, env batches reused). A generation is split into jobs of
+``members_per_job`` members: the split depends only on the population, never on the engine
+or the number of workers, so every engine computes the same batches and returns the same
+numbers for the same seeds.
+
+Engines:
+
+- ``serial``: jobs one after another in this process.
+- ``process`` (default): persistent local worker processes (spawned, one torch thread each).
+- ``ray``: one Ray actor per worker, on a local Ray instance or a cluster (``ray_address``).
+
+A worker that dies (its process ends, or its actor is lost) or stays silent longer than
+``timeout`` seconds on a job is detected, replaced, and the job is retried on another worker;
+a job that fails ``max_attempts`` times stops the run with a message. Nothing waits forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import socket
+import sys
+import time
+import traceback
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from wmlab.errors import WmlabError
+
+ENGINES = ("serial", "process", "ray")
+POLL_SECONDS = 0.2
+
+
+class Runner(Protocol):
+    def run(self, params: np.ndarray, seeds: np.ndarray) -> np.ndarray: ...
+
+
+class Workload(Protocol):
+    def build(self) -> Runner: ...
+
+
+Job = tuple[np.ndarray, np.ndarray]
+
+
+def split_jobs(params: np.ndarray, seeds: np.ndarray, members_per_job: int) -> list[Job]:
+    """Chunks of ``members_per_job`` members (the unit that runs as one batch, and retries)."""
+    step = max(1, members_per_job)
+    return [(params[i:i + step], seeds[i:i + step]) for i in range(0, len(params), step)]
+
+
+def _warn(message: str) -> None:
+    print(f"wmlab: warning: {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Serial
+
+
+class SerialEngine:
+    def __init__(self, workload: Workload, threads: int = 0) -> None:
+        self.threads = threads
+        self.runner = workload.build()
+        self.retries = 0
+
+    def map(self, jobs: Sequence[Job]) -> list[np.ndarray]:
+        with _torch_threads(self.threads):
+            return [np.asarray(self.runner.run(p, s)) for p, s in jobs]
+
+    def worker_pids(self) -> list[int]:
+        return [os.getpid()]
+
+    def close(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int):
+    if threads <= 0:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Local processes
+
+
+def _worker_main(workload: Workload, conn: Any, threads: int) -> None:
+    """A persistent worker: build the runner once, then run jobs until told to stop."""
+    torch.set_num_threads(max(1, threads))
+    try:
+        runner = workload.build()
+    except BaseException as exc:  # reported to the parent, which stops with the message
+        conn.send(("fatal", str(exc) if isinstance(exc, WmlabError) else
+                   traceback.format_exc()))
+        return
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        job_id, params, seeds = message
+        try:
+            conn.send(("done", job_id, np.asarray(runner.run(params, seeds))))
+        except WmlabError as exc:
+            conn.send(("error", job_id, str(exc)))
+        except Exception:
+            conn.send(("error", job_id, traceback.format_exc()))
+
+
+@dataclass
+class _Slot:
+    proc: Any
+    conn: Any
+    ready: bool = False
+    job: int | None = None
+    since: float = 0.0
+
+
+class ProcessEngine:
+    """Persistent worker processes fed job by job through pipes."""
+
+    def __init__(self, workload: Workload, workers: int, timeout: float, threads: int = 1,
+                 max_attempts: int = 3, startup_timeout: float = 300.0) -> None:
+        self.workload, self.threads, self.timeout = workload, threads, timeout
+        self.max_attempts = max_attempts
+        self.startup_timeout = max(startup_timeout, timeout)
+        self.ctx = mp.get_context("spawn")  # fork would copy torch's thread pools unsafely
+        self.retries = 0
+        self.startup_failures = 0
+        self.slots = [self._start() for _ in range(max(1, workers))]
+
+    def _start(self) -> _Slot:
+        parent, child = self.ctx.Pipe()
+        proc = self.ctx.Process(target=_worker_main, args=(self.workload, child, self.threads),
+                                daemon=True)
+        proc.start()
+        child.close()
+        return _Slot(proc=proc, conn=parent, since=time.monotonic())
+
+    def worker_pids(self) -> list[int]:
+        return [slot.proc.pid for slot in self.slots]
+
+    def wait_ready(self) -> None:
+        """Block until every worker has built its runner (benchmarks time jobs, not start-up)."""
+        while not all(slot.ready for slot in self.slots):
+            self._poll({}, deque(), [])
+
+    def map(self, jobs: Sequence[Job]) -> list[np.ndarray]:
+        results: dict[int, np.ndarray] = {}
+        pending = deque(range(len(jobs)))
+        attempts = [0] * len(jobs)
+        while len(results) < len(jobs):
+            for slot in self.slots:
+                if slot.ready and slot.job is None and pending:
+                    job_id = pending.popleft()
+                    slot.conn.send((job_id, *jobs[job_id]))
+                    slot.job, slot.since = job_id, time.monotonic()
+            self._poll(results, pending, attempts)
+        return [results[i] for i in range(len(jobs))]
+
+    def _poll(self, results: dict[int, np.ndarray], pending: deque, attempts: list[int]
+              ) -> None:
+        handles = [s.conn for s in self.slots] + [s.proc.sentinel for s in self.slots]
+        wait(handles, timeout=POLL_SECONDS)
+        now = time.monotonic()
+        for index, slot in enumerate(self.slots):
+            if slot.conn.poll():
+                try:
+                    message = slot.conn.recv()
+                except (EOFError, OSError):
+                    self._replace(index, pending, attempts, "its pipe closed")
+                    continue
+                self._handle(index, message, results, pending, attempts)
+            elif not slot.proc.is_alive():
+                self._replace(index, pending, attempts,
+                              f"it exited with code {slot.proc.exitcode}")
+            elif slot.job is not None and now - slot.since > self.timeout:
+                self._replace(index, pending, attempts,
+                              f"it was silent for more than es.timeout = {self.timeout:g} s")
+            elif not slot.ready and now - slot.since > self.startup_timeout:
+                self._replace(index, pending, attempts,
+                              f"it did not start within {self.startup_timeout:g} s")
+
+    def _handle(self, index: int, message: tuple, results: dict[int, np.ndarray],
+                pending: deque, attempts: list[int]) -> None:
+        slot = self.slots[index]
+        kind = message[0]
+        if kind == "ready":
+            slot.ready = True
+        elif kind == "fatal":
+            self.close()
+            raise WmlabError(f"an evaluator worker could not start: {message[1]}")
+        elif kind == "done":
+            results[message[1]] = message[2]
+            slot.job = None
+        elif kind == "error":
+            job_id = message[1]
+            slot.job = None
+            attempts[job_id] += 1
+            if attempts[job_id] >= self.max_attempts:
+                self.close()
+                raise WmlabError(f"rollout job {job_id} failed {attempts[job_id]} times; "
+                                 f"last error: {message[2]}")
+            pending.appendleft(job_id)
+
+    def _replace(self, index: int, pending: deque, attempts: list[int], why: str) -> None:
+        slot = self.slots[index]
+        job = slot.job
+        if not slot.ready:
+            # Workers that die before they are ready would be replaced forever: give up.
+            self.startup_failures += 1
+            if self.startup_failures >= self.max_attempts:
+                self.close()
+                raise WmlabError(f"evaluator workers keep failing to start ({why}); run "
+                                 "with es.engine = serial to see the error in this process")
+        _warn(f"evaluator worker pid {slot.proc.pid} lost ({why}); "
+              + (f"retrying its job {job} on another worker" if job is not None else
+                 "starting a new one"))
+        _kill(slot)
+        if job is not None:
+            attempts[job] += 1
+            self.retries += 1
+            if attempts[job] >= self.max_attempts:
+                self.close()
+                raise WmlabError(f"rollout job {job} was lost {attempts[job]} times (last: "
+                                 f"{why}); check memory and es.timeout")
+            pending.appendleft(job)
+        self.slots[index] = self._start()
+
+    def close(self) -> None:
+        for slot in self.slots:
+            with contextlib.suppress(OSError, BrokenPipeError):
+                slot.conn.send(None)
+        deadline = time.monotonic() + 5.0
+        for slot in self.slots:
+            slot.proc.join(max(0.0, deadline - time.monotonic()))
+            _kill(slot)
+        self.slots = []
+
+
+def _kill(slot: _Slot) -> None:
+    if slot.proc.is_alive():
+        slot.proc.kill()
+        slot.proc.join(5.0)
+    with contextlib.suppress(OSError):
+        slot.conn.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise WmlabError("es.engine = ray needs Ray: pip install 'wmlab[ray]' (or use "
+                         "es.engine = process)") from None
+    return ray
+
+
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """Refuse an address that does not answer quickly, before Ray waits on it for minutes."""
+    if not address or address in ("auto", "local"):
+        return
+    target = address.split("://", 1)[-1]
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise WmlabError(f"es.ray_address '{address}' is not host:port (e.g. 10.0.0.5:6379), "
+                         "'auto' or empty for a local Ray instance")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise WmlabError(f"Ray cluster at {address} does not answer ({exc.strerror or exc}): "
+                         "start it with `ray start --head`, check the address, or use "
+                         "es.engine = process") from None
+
+
+class _RayWorker:
+    """The body of a Ray actor: the runner built once, jobs run on request."""
+
+    def __init__(self, workload: Workload, threads: int) -> None:
+        torch.set_num_threads(max(1, threads))
+        self.runner = workload.build()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def run(self, params: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+        return np.asarray(self.runner.run(params, seeds))
+
+
+class RayEngine:
+    def __init__(self, workload: Workload, workers: int, timeout: float, address: str = "",
+                 threads: int = 1, max_attempts: int = 3) -> None:
+        self.ray = import_ray()
+        check_ray_address(address)
+        self.workload, self.timeout, self.threads = workload, timeout, threads
+        self.max_attempts = max_attempts
+        self.retries = 0
+        self.own_ray = not self.ray.is_initialized()
+        if self.own_ray:
+            options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                                       "logging_level": "ERROR"}
+            if address:
+                options["address"] = address
+            else:
+                options["num_cpus"] = max(1, workers)
+            try:
+                self.ray.init(**options)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise WmlabError(f"cannot connect to Ray at '{address or 'local'}': {exc}; "
+                                 "start the cluster or use es.engine = process") from None
+        self.actor_class = self.ray.remote(num_cpus=1, max_restarts=0)(_RayWorker)
+        self.actors = [self._start() for _ in range(max(1, workers))]
+
+    def _start(self) -> Any:
+        return self.actor_class.remote(self.workload, self.threads)
+
+    def worker_pids(self) -> list[int]:
+        return self.ray.get([actor.pid.remote() for actor in self.actors])
+
+    def wait_ready(self) -> None:
+        self.worker_pids()
+
+    def map(self, jobs: Sequence[Job]) -> list[np.ndarray]:
+        ray = self.ray
+        results: dict[int, np.ndarray] = {}
+        pending = deque(range(len(jobs)))
+        attempts = [0] * len(jobs)
+        running: dict[Any, tuple[int, int, float]] = {}  # ref -> (actor index, job, started)
+        while len(results) < len(jobs):
+            busy = {index for index, _, _ in running.values()}
+            for index in range(len(self.actors)):
+                if index not in busy and pending:
+                    job_id = pending.popleft()
+                    params, seeds = jobs[job_id]
+                    ref = self.actors[index].run.remote(params, seeds)
+                    running[ref] = (index, job_id, time.monotonic())
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_SECONDS)
+            for ref in ready:
+                index, job_id, _ = running.pop(ref)
+                try:
+                    results[job_id] = ray.get(ref)
+                except ray.exceptions.RayActorError as exc:
+                    self._retry(index, job_id, pending, attempts, f"its actor died ({exc})")
+                except ray.exceptions.RayTaskError as exc:
+                    attempts[job_id] += 1
+                    if attempts[job_id] >= self.max_attempts:
+                        raise WmlabError(f"rollout job {job_id} failed {attempts[job_id]} "
+                                         f"times; last error: {exc}") from None
+                    pending.appendleft(job_id)
+            now = time.monotonic()
+            for ref, (index, job_id, started) in list(running.items()):
+                if now - started > self.timeout:
+                    running.pop(ref)
+                    ray.kill(self.actors[index], no_restart=True)
+                    self._retry(index, job_id, pending, attempts,
+                                f"silent for more than es.timeout = {self.timeout:g} s")
+        return [results[i] for i in range(len(jobs))]
+
+    def _retry(self, index: int, job_id: int, pending: deque, attempts: list[int],
+               why: str) -> None:
+        _warn(f"Ray evaluator actor {index} lost ({why}); retrying job {job_id} elsewhere")
+        attempts[job_id] += 1
+        self.retries += 1
+        if attempts[job_id] >= self.max_attempts:
+            raise WmlabError(f"rollout job {job_id} was lost {attempts[job_id]} times (last: "
+                             f"{why}); check the cluster and es.timeout")
+        pending.appendleft(job_id)
+        self.actors[index] = self._start()
+
+    def close(self) -> None:
+        for actor in self.actors:
+            with contextlib.suppress(Exception):
+                self.ray.kill(actor, no_restart=True)
+        self.actors = []
+        if self.own_ray:
+            self.ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# The interface
+
+
+class Evaluator:
+    """Rollout returns for (params, seeds) on any engine; ``evaluate`` is the ES fitness."""
+
+    def __init__(self, workload: Workload, engine: str = "process", workers: int = 0,
+                 timeout: float = 600.0, members_per_job: int = 8, ray_address: str = "",
+                 max_attempts: int = 3) -> None:
+        if engine not in ENGINES:
+            raise WmlabError(f"es.engine '{engine}' is not one of {', '.join(ENGINES)}")
+        workers = workers or (os.cpu_count() or 1)
+        self.members_per_job = members_per_job
+        if engine == "serial":
+            self.engine: Any = SerialEngine(workload, threads=1)
+        elif engine == "process":
+            self.engine = ProcessEngine(workload, workers, timeout, max_attempts=max_attempts)
+        else:
+            self.engine = RayEngine(workload, workers, timeout, ray_address,
+                                    max_attempts=max_attempts)
+
+    @property
+    def retries(self) -> int:
+        return self.engine.retries
+
+    def worker_pids(self) -> list[int]:
+        return self.engine.worker_pids()
+
+    def wait_ready(self) -> None:
+        if hasattr(self.engine, "wait_ready"):
+            self.engine.wait_ready()
+
+    def run(self, params: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+        """params (P, n), seeds (P, R) -> every rollout's return (P, R)."""
+        params = np.asarray(params, dtype=np.float32)
+        seeds = np.asarray(seeds, dtype=np.int64)
+        if params.ndim != 2 or seeds.ndim != 2 or len(params) != len(seeds):
+            raise WmlabError(f"evaluator needs params (P, n) and seeds (P, R), got "
+                             f"{params.shape} and {seeds.shape}")
+        outputs = self.engine.map(split_jobs(params, seeds, self.members_per_job))
+        return np.concatenate(outputs, axis=0) if outputs else np.zeros(seeds.shape)
+
+    def evaluate(self, params: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+        """Fitness of each member: the mean return over its rollouts, (P,)."""
+        return self.run(params, seeds).mean(axis=1)
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> Evaluator:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

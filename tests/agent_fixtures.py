@@ -1,0 +1,97 @@
+"""Tiny V and M saved where a run's loaders look for them, and workloads for engine tests.
+
+Nothing here is trained: V is a randomly initialised ConvVAE, M a small MDN-RNN whose weights
+are set by hand so that survival in its dream depends on the action (moving right keeps the
+done logit negative), which makes dream training of C learnable in a few generations.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wmlab.checkpoint import save_checkpoint
+from wmlab.config import Config, load_config
+from wmlab.memory.model import MDNRNN, MdrnnShape
+from wmlab.memory.train import FINAL_WEIGHTS as M_WEIGHTS
+from wmlab.memory.train import INITIAL_Z, memory_dir
+from wmlab.vision.model import ConvVAE
+from wmlab.vision.train import FINAL_WEIGHTS as V_WEIGHTS
+from wmlab.vision.train import vision_dir
+
+Z_DIM = 8
+M_HIDDEN = 16
+
+
+def survival_mdrnn(z_dim: int = Z_DIM, hidden: int = M_HIDDEN) -> MDNRNN:
+    """A Doom-shaped M (action 1, restart input, done head) where only 'right' survives.
+
+    Every hidden unit follows the action (cell input tanh(3 a), gates open, forget gate
+    half open); the done logit is 0.5 - 2.5 mean(h), positive (death) within a few steps
+    unless the agent keeps moving right (a = +1).
+    """
+    torch.manual_seed(0)
+    model = MDNRNN(MdrnnShape(z_dim=z_dim, action_dim=1, hidden=hidden, gaussians=2,
+                              done_head=True, restart_input=True))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        lstm = model.lstm
+        action_col = z_dim  # input = [z, action, restart]
+        # Gate order i, f, g, o: input and output gates open, forget gate half open.
+        lstm.bias_ih_l0[:hidden] = 4.0
+        lstm.weight_ih_l0[2 * hidden: 3 * hidden, action_col] = 3.0
+        lstm.bias_ih_l0[3 * hidden:] = 4.0
+        done_row = 3 * z_dim * 2
+        model.head.bias[done_row] = 0.5
+        model.head.weight[done_row, :] = -2.5 / hidden
+        # Sharp predictions (sigma = e^-3): after the first step C sees mostly M's state.
+        log_sigmas = model.head.bias[: 3 * z_dim * 2].view(z_dim, 3, 2)[:, 2]
+        log_sigmas.fill_(-3.0)
+    return model.eval()
+
+
+def make_run(tmp_path: Path, preset: str = "doom", overrides: tuple[str, ...] = (),
+             mdrnn: MDNRNN | None = None, z_dim: int = Z_DIM) -> Config:
+    """A run directory holding a random V, the given (or survival) M and initial_z."""
+    cfg = load_config(preset, "quick", [f'run.root="{tmp_path}"', 'run.name="r"',
+                                        "es.engine=\"serial\"", *overrides])
+    torch.manual_seed(1)
+    vae = ConvVAE(z_dim)
+    save_checkpoint(vision_dir(cfg), V_WEIGHTS, 1, vae.state_dict(), None,
+                    {"z_dim": z_dim, "kind": "vae"})
+    if mdrnn is None:
+        mdrnn = survival_mdrnn(z_dim)
+    shape = mdrnn.shape
+    save_checkpoint(memory_dir(cfg), M_WEIGHTS, 1, mdrnn.state_dict(), None,
+                    {"shape": {k: getattr(shape, k) for k in shape.__dataclass_fields__}})
+    gen = torch.Generator().manual_seed(2)
+    save_checkpoint(memory_dir(cfg), INITIAL_Z, 10,
+                    {"mu": 1.0 + 0.1 * torch.randn(10, shape.z_dim, generator=gen),
+                     "logvar": torch.full((10, shape.z_dim), -4.0)}, None, {"episodes": 10})
+    return cfg
+
+
+class SlowQuadratic:
+    """A workload for engine tests: a quadratic fitness with a little seed-dependent noise,
+    each job taking ``delay`` seconds; with ``hang_flag`` set, the first job to run (anywhere)
+    creates that file and then hangs for a minute, as a stuck worker would."""
+
+    def __init__(self, delay: float = 0.0, hang_flag: str = "") -> None:
+        self.delay, self.hang_flag = delay, hang_flag
+
+    def build(self) -> SlowQuadratic:
+        return self
+
+    def run(self, params: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+        if self.hang_flag and not os.path.exists(self.hang_flag):
+            Path(self.hang_flag).write_text(str(os.getpid()))
+            time.sleep(60)
+        time.sleep(self.delay)
+        target = np.linspace(-1.0, 1.0, params.shape[1])
+        base = -np.sum((params - target) ** 2, axis=1, keepdims=True)
+        return base + (seeds % 7) * 1e-3

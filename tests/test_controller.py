@@ -1,0 +1,133 @@
+"""C: parameter counts, the batched population forward, action mappings, the agent loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from agent_fixtures import Z_DIM, make_run
+from wmlab.agent import SeedNoise, build_models, run_dream, run_real, workload_from_config
+from wmlab.controller import (
+    ControllerShape,
+    check_shape,
+    controller_shape,
+    masked_argmax,
+    population_forward,
+    raw_to_env_actions,
+    shape_info,
+)
+from wmlab.envs import get_spec, make_batch
+from wmlab.envs.spec import DOOM_LEFT, DOOM_NOOP, DOOM_RIGHT
+from wmlab.errors import WmlabError
+
+
+def test_paper_parameter_counts():
+    carracing = controller_shape("zh", 32, 256, 3, hidden=0, bias=True)
+    assert (carracing.inputs, carracing.num_params) == (288, 867)
+    doom = controller_shape("zch", 64, 512, 1, hidden=0, bias=False)
+    assert (doom.inputs, doom.num_params) == (1088, 1088)
+    # The paper's V-only variant with a 40-unit hidden layer: 32 -> 40 -> 3.
+    hidden = controller_shape("z", 32, 256, 3, hidden=40, bias=True)
+    assert hidden.num_params == 33 * 40 + 40 * 3 + 3
+
+
+def test_population_forward_matches_per_member_loop():
+    torch.manual_seed(0)
+    for shape in (ControllerShape(6, 3, 0, True), ControllerShape(6, 2, 5, False)):
+        params = torch.randn(4, shape.num_params)
+        feats = torch.randn(4, 7, 6)
+        batched = population_forward(shape, params, feats)
+        assert batched.shape == (4, 7, shape.outputs)
+        for p in range(4):
+            one = population_forward(shape, params[p:p + 1], feats[p:p + 1])
+            torch.testing.assert_close(batched[p:p + 1], one)
+        assert batched.abs().max() <= 1.0
+    # Linear with bias is exactly tanh(W x + b) with W row-major first, then b.
+    shape = ControllerShape(3, 2, 0, True)
+    w, b = torch.randn(2, 3), torch.randn(2)
+    x = torch.randn(1, 5, 3)
+    out = population_forward(shape, torch.cat([w.ravel(), b])[None], x)
+    torch.testing.assert_close(out[0], torch.tanh(x[0] @ w.T + b))
+
+
+def test_wrong_parameter_count_is_refused():
+    with pytest.raises(WmlabError, match="needs 867"):
+        population_forward(controller_shape("zh", 32, 256, 3), torch.zeros(2, 866),
+                           torch.zeros(2, 1, 288))
+
+
+def test_action_mappings():
+    car = get_spec("carracing")
+    raw = np.array([[-0.5, -1.0, -0.3], [0.9, 1.0, 0.7]], dtype=np.float32)
+    np.testing.assert_allclose(raw_to_env_actions(car, raw),
+                               [[-0.5, 0.0, 0.0], [0.9, 1.0, 0.7]])
+    doom = get_spec("doom")
+    raw = np.array([[-0.9], [-1 / 3], [0.0], [1 / 3], [0.34]], dtype=np.float32)
+    assert raw_to_env_actions(doom, raw).tolist() == [DOOM_LEFT, DOOM_NOOP, DOOM_NOOP,
+                                                     DOOM_NOOP, DOOM_RIGHT]
+    logits = torch.tensor([[0.9, 0.5, -0.2], [0.1, 0.2, 0.3]])
+    mask = torch.tensor([[False, True, True], [True, True, False]])
+    assert masked_argmax(logits, mask).tolist() == [1, 1]
+    assert masked_argmax(logits, None).tolist() == [0, 2]
+
+
+def test_checkpoint_shape_mismatch_is_named():
+    shape = controller_shape("zch", 64, 512, 1, bias=False)
+    info = shape_info(controller_shape("zch", 32, 256, 1, bias=False), "zch")
+    with pytest.raises(WmlabError, match="inputs 544 in the file but 1088 here"):
+        check_shape(info, shape, "zch", "c.safetensors")
+    check_shape(shape_info(shape, "zch"), shape, "zch", "c.safetensors")
+
+
+def test_seed_noise_depends_on_the_seed_only():
+    a = SeedNoise(np.array([5, 9, 5]), 4)
+    rows = np.stack([a.next() for _ in range(70)])  # crosses a block boundary
+    b = SeedNoise(np.array([9]), 4)
+    np.testing.assert_array_equal(rows[:, 1], np.stack([b.next()[0] for _ in range(70)]))
+    np.testing.assert_array_equal(rows[:, 0], rows[:, 2])
+
+
+def test_real_doom_rollouts_are_batched_and_deterministic(tmp_path):
+    cfg = make_run(tmp_path, overrides=("env.max_steps=25",))
+    models = workload_from_config(cfg, "real").load()
+    assert models.shape.num_params == Z_DIM + 2 * 16  # [z, c, h] -> 1, no bias
+    rng = np.random.default_rng(0)
+    params = rng.normal(0, 1.0, (2, models.shape.num_params)).astype(np.float32)
+    seeds = np.array([[11, 12], [11, 13]])
+    with make_batch("doom", 4, max_steps=25) as envs:
+        batched = run_real(models, envs, params, seeds)
+    assert batched.shape == (2, 2)
+    assert np.all((batched >= 1) & (batched <= 25))
+    # One env at a time gives the same returns: a rollout depends on its seed alone.
+    with make_batch("doom", 1, max_steps=25) as env:
+        for p in range(2):
+            for r in range(2):
+                one = run_real(models, env, params[p:p + 1], seeds[p:p + 1, r:r + 1])
+                assert one[0, 0] == batched[p, r]
+
+
+def test_dream_rollouts_follow_the_controller(tmp_path):
+    cfg = make_run(tmp_path)
+    models = workload_from_config(cfg, "dream").load()
+    n = models.shape.num_params
+    always_right = np.zeros((1, n), np.float32)
+    always_right[0, :Z_DIM] = 1.0  # z starts near +1: tanh(8) -> move right
+    always_right[0, Z_DIM:] = 2.0  # c and h follow the action: keep moving right
+    standing = np.zeros((1, n), np.float32)
+    seeds = np.arange(4)[None]
+    right = run_dream(models, always_right, seeds, tau=1.0, max_steps=30)
+    still = run_dream(models, standing, seeds, tau=1.0, max_steps=30)
+    assert right.tolist() == [[30.0] * 4]
+    assert still.tolist() == [[1.0] * 4]
+
+
+def test_models_that_do_not_fit_are_refused(tmp_path):
+    cfg = make_run(tmp_path)
+    models = workload_from_config(cfg, "real").load()
+    with pytest.raises(WmlabError, match="M takes actions of size 1"):
+        build_models(get_spec("carracing"), models.mdrnn, models.vae, "zh", 0, True)
+    from wmlab.vision.model import ConvVAE
+
+    with pytest.raises(WmlabError, match="V has z_dim 4"):
+        build_models(get_spec("doom"), models.mdrnn, ConvVAE(4), "zch", 0, False)

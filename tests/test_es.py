@@ -1,0 +1,196 @@
+"""CMA-ES plumbing, dream training, exact resume, and the three evaluator engines."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent_fixtures import SlowQuadratic, make_run
+from wmlab.agent import workload_from_config
+from wmlab.checkpoint import load_checkpoint
+from wmlab.config import EsConfig
+from wmlab.errors import WmlabError
+from wmlab.es import (
+    controller_dir,
+    generation_seeds,
+    l2_penalty,
+    run_es,
+    train_controller,
+)
+from wmlab.evaluators import Evaluator, check_ray_address
+
+DREAM = ("es.population=16", "es.rollouts=2", "es.generations=8", "es.eval_every=4",
+         "es.eval_rollouts=8", "dream.max_steps=30")
+
+
+class Quadratic:
+    """Fitness -|w - target|^2 (seeds ignored): the optimum is known."""
+
+    def __init__(self, n: int) -> None:
+        self.target = np.linspace(-0.5, 0.5, n)
+        self.calls = 0
+
+    def evaluate(self, params: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        assert seeds.shape[0] == params.shape[0]
+        return -np.sum((params - self.target) ** 2, axis=1)
+
+
+def test_cma_es_improves_a_quadratic(tmp_path):
+    es = EsConfig(population=8, rollouts=2, generations=25, eval_every=5, eval_rollouts=4,
+                  sigma0=0.1, l2=0.0)
+    fitness = Quadratic(10)
+    result = run_es(fitness, 10, es, str(tmp_path), progress=False)
+    start = -np.sum(fitness.target ** 2)
+    assert result.best_score > 0.2 * start  # the scored mean got 5x closer to the optimum
+    assert np.sum((result.mean - fitness.target) ** 2) < 0.2 * -start
+    assert result.history[-1]["mean"] > result.history[0]["mean"]
+    assert (tmp_path / "progress.png").stat().st_size > 1000
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").read_text().splitlines()))
+    assert len(rows) == 25 and {"best", "mean", "worst", "sigma", "seconds"} <= set(rows[0])
+
+
+def test_l2_penalises_large_weights(tmp_path):
+    params = np.array([[0.0, 0.0], [1.0, -1.0]])
+    np.testing.assert_allclose(l2_penalty(params, 0.01), [0.0, 0.01])
+    # With a flat fitness only the penalty matters: CMA-ES must shrink the weights.
+    es = EsConfig(population=8, rollouts=1, generations=15, eval_every=15, eval_rollouts=1,
+                  sigma0=0.5, l2=1.0)
+
+    class Flat:
+        def evaluate(self, p, s):
+            return np.zeros(len(p))
+
+    result = run_es(Flat(), 6, es, str(tmp_path), progress=False)
+    assert float(np.abs(result.mean).max()) < 0.5
+
+
+def test_antithetic_seeds():
+    seeds = generation_seeds(3, 7, 8, 4, antithetic=True)
+    np.testing.assert_array_equal(seeds[:4], seeds[4:])
+    assert len(np.unique(seeds[:4])) == 16
+    other = generation_seeds(3, 8, 8, 4, antithetic=False)
+    assert len(np.unique(other)) == 32 and not np.array_equal(other[:4], seeds[:4])
+
+
+def test_dream_training_improves_survival(tmp_path):
+    cfg = make_run(tmp_path, overrides=DREAM)
+    result = train_controller(cfg, progress=False)
+    scored = [h["eval_mean"] for h in result.history if "eval_mean" in h]
+    assert len(scored) == 2
+    # The zero controller (the initial mean) never moves and dies on the first step.
+    assert result.best_score == max(scored) and result.best_score > 10
+    assert result.history[-1]["mean"] > result.history[0]["mean"] + 5
+    best = load_checkpoint(controller_dir(cfg), "best", with_state=False)
+    assert best.weights["params"].shape == (8 + 32,)
+    assert best.info["inputs"] == 40 and best.info["bias"] is False
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    whole = make_run(tmp_path / "a", overrides=DREAM)
+    parts = make_run(tmp_path / "b", overrides=DREAM)
+    straight = train_controller(whole, progress=False)
+    first = train_controller(parts, progress=False, stop_after_generations=3)
+    assert not first.finished and first.generation == 3
+    resumed = train_controller(parts, progress=False)
+    assert resumed.resumed_from == 3 and resumed.generation == 8
+    np.testing.assert_array_equal(straight.mean, resumed.mean)
+    assert straight.best_score == resumed.best_score
+
+    def metrics(cfg):
+        text = Path(controller_dir(cfg), "metrics.csv").read_text()
+        rows = list(csv.DictReader(text.splitlines()))
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+    assert metrics(whole) == metrics(parts)
+    a = load_checkpoint(controller_dir(whole), "controller", with_state=False)
+    b = load_checkpoint(controller_dir(parts), "controller", with_state=False)
+    assert a.info["fingerprint"] == b.info["fingerprint"]
+
+
+def test_bad_es_config_writes_nothing(tmp_path):
+    cfg = make_run(tmp_path, overrides=DREAM)
+    cfg.es.population = 1
+    with pytest.raises(WmlabError, match="at least 2 members"):
+        train_controller(cfg, progress=False)
+    assert not os.path.exists(controller_dir(cfg))
+    from wmlab.config import load_config
+
+    with pytest.raises(WmlabError, match="es.population"):
+        load_config("doom", "quick", ["es.population=1"])
+
+
+def _params_and_seeds(members: int = 6, n: int = 40):
+    rng = np.random.default_rng(0)
+    return (rng.normal(0, 0.5, (members, n)).astype(np.float32),
+            rng.integers(0, 10_000, (members, 3)))
+
+
+def test_engines_agree_on_the_same_seeds(tmp_path):
+    cfg = make_run(tmp_path, overrides=DREAM)
+    workload = workload_from_config(cfg, "dream")
+    params, seeds = _params_and_seeds()
+    params[:2, :8] += 0.6  # some members survive a while, so returns differ
+    results = {}
+    with Evaluator(workload, "serial", members_per_job=2) as ev:
+        results["serial"] = ev.run(params, seeds)
+    with Evaluator(workload, "process", workers=2, timeout=120, members_per_job=2) as ev:
+        results["process"] = ev.run(params, seeds)
+    assert len(np.unique(results["serial"])) > 1
+    np.testing.assert_array_equal(results["serial"], results["process"])
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        pytest.skip("ray is not installed: pip install 'wmlab[ray]'")
+    with Evaluator(workload, "ray", workers=2, timeout=120, members_per_job=2) as ev:
+        np.testing.assert_array_equal(results["serial"], ev.run(params, seeds))
+
+
+def test_killed_worker_does_not_lose_the_generation():
+    params, seeds = _params_and_seeds(8, 5)
+    expected = SlowQuadratic().run(params, seeds)
+    with Evaluator(SlowQuadratic(delay=0.5), "process", workers=2, timeout=120,
+                   members_per_job=1) as ev:
+        ev.wait_ready()
+        victim = ev.worker_pids()[0]
+        killer = threading.Timer(0.7, os.kill, (victim, signal.SIGKILL))
+        killer.start()
+        got = ev.run(params, seeds)
+        killer.join()
+        assert ev.retries >= 1 and victim not in ev.worker_pids()
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_hanging_worker_times_out_and_its_job_is_retried(tmp_path):
+    params, seeds = _params_and_seeds(4, 5)
+    flag = tmp_path / "hung"
+    started = time.monotonic()
+    with Evaluator(SlowQuadratic(hang_flag=str(flag)), "process", workers=2, timeout=3.0,
+                   members_per_job=1) as ev:
+        got = ev.run(params, seeds)
+        assert ev.retries == 1
+    assert flag.exists() and time.monotonic() - started < 50  # not the 60 s hang
+    np.testing.assert_array_equal(got, SlowQuadratic().run(params, seeds))
+
+
+def test_worker_that_cannot_start_stops_with_a_message(tmp_path):
+    workload = workload_from_config(make_run(tmp_path), "dream")
+    broken = type(workload)(**{**workload.__dict__, "memory_folder": str(tmp_path / "nope")})
+    with pytest.raises(WmlabError, match="could not start: .*nope"):
+        Evaluator(broken, "process", workers=1, timeout=60).run(*_params_and_seeds(2))
+
+
+def test_unreachable_ray_address_is_refused_quickly():
+    started = time.monotonic()
+    with pytest.raises(WmlabError, match="does not answer"):
+        check_ray_address("127.0.0.1:1")
+    with pytest.raises(WmlabError, match="not host:port"):
+        check_ray_address("nonsense")
+    assert time.monotonic() - started < 20
