@@ -135,6 +135,11 @@ class Pipeline:
 
     # -- running ---------------------------------------------------------------------------
 
+    def report_path(self) -> str | None:
+        """The run's report, once the report stage has written it."""
+        path = f"{self.root}/report.html"
+        return f"{self.run_dir}/report.html" if self.fs.exists(path) else None
+
     def status(self) -> list[dict[str, Any]]:
         """Per stage: its record's status and whether its inputs still match."""
         rows, upstream = [], None

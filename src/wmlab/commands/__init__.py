@@ -10,4 +10,5 @@ STAGE_MODULES = (
     "wmlab.commands.controller",  # train-controller, evaluate
     "wmlab.commands.binpacking",  # play, baseline
     "wmlab.commands.report",  # report
+    "wmlab.commands.pipeline",  # run, status
 )

@@ -1,0 +1,50 @@
+"""``wmlab run`` (the whole pipeline, resumable) and ``wmlab status`` (what is done)."""
+
+from __future__ import annotations
+
+import argparse
+
+from wmlab.commands.common import add_config_args, config_from_args
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from wmlab.pipeline import Pipeline, describe_results
+
+    cfg = config_from_args(args, {"es.fitness": args.fitness})
+    pipeline = Pipeline(cfg, progress=not args.no_progress)
+    print(f"run directory: {pipeline.run_dir}")
+    results = pipeline.run(until=args.until)
+    print("stages:")
+    print(describe_results(results))
+    report = pipeline.report_path()
+    if report:
+        print(f"report: {report}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from wmlab.pipeline import Pipeline
+
+    cfg = config_from_args(args)
+    pipeline = Pipeline(cfg, progress=False)
+    print(f"run directory: {pipeline.run_dir}")
+    for row in pipeline.status():
+        print(f"  {row['stage']:<11} {row['status']:<8} {row['finished']}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``run`` and ``status`` to the ``wmlab`` parser."""
+    p = sub.add_parser("run", help="the whole pipeline: collect, V, encode, M, C, evaluate, "
+                                   "report; re-running resumes and skips finished stages")
+    add_config_args(p)
+    p.add_argument("--until", help="stop after this stage (collect, vision, encode, memory, "
+                                   "controller, evaluate, report)")
+    p.add_argument("--fitness", choices=("real", "dream"),
+                   help="train C in the real env or in M's dream (es.fitness)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="which stages of a run are done, stale or not run")
+    add_config_args(p)
+    p.set_defaults(func=cmd_status)
