@@ -311,17 +311,27 @@ def controller_dir(cfg: Any) -> str:
     return f"{cfg.run_dir()}/controller"
 
 
+def check_training_inputs(cfg: Any) -> tuple[Any, Any]:
+    """Everything that can be wrong before training starts: the ES settings, the Ray
+    address, V and M (present, fitting each other and the env). Returns (workload, models)."""
+    from wmlab.agent import workload_from_config
+    from wmlab.evaluators import check_ray_address
+
+    check_es_config(cfg.es)
+    if cfg.es.engine == "ray":
+        check_ray_address(cfg.es.ray_address)
+    workload = workload_from_config(cfg)
+    return workload, workload.load()
+
+
 def train_controller(cfg: Any, *, progress: bool = True,
                      stop_after_generations: int | None = None,
                      fitness: Fitness | None = None) -> EsResult:
     """Train C for the run of ``cfg`` (real envs or the dream, per es.fitness)."""
-    from wmlab.agent import workload_from_config
     from wmlab.controller import shape_info
     from wmlab.evaluators import Evaluator
 
-    check_es_config(cfg.es)
-    workload = workload_from_config(cfg)
-    models = workload.load()  # fails early, with a message, before any worker starts
+    workload, models = check_training_inputs(cfg)
     info = {**shape_info(models.shape, cfg.controller.inputs), "env": cfg.env.name,
             "fitness": cfg.es.fitness, "tau": cfg.dream.tau}
     if fitness is not None:

@@ -42,13 +42,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train_controller(args: argparse.Namespace) -> int:
-    from wmlab.es import train_controller
+    from wmlab.es import check_training_inputs, train_controller
     from wmlab.runs import prepare_run_dir
 
     engine = args.engine or ("ray" if args.ray_address else None)
     cfg = config_from_args(args, {
         "es.fitness": args.fitness, "es.generations": args.generations, "es.engine": engine,
         "es.workers": args.workers, "es.ray_address": args.ray_address})
+    check_training_inputs(cfg)  # bad input stops here, before the run directory is touched
     run_dir = prepare_run_dir(cfg)
     print(f"run directory: {run_dir}")
     result = train_controller(cfg, progress=not args.no_progress)
