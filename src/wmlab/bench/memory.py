@@ -163,19 +163,38 @@ def _dream_cases(quick: bool) -> list[dict[str, Any]]:
     return rows
 
 
+def _with_threads(threads: int, fn: Callable[[], list[dict[str, Any]]]
+                  ) -> list[dict[str, Any]]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        rows = fn()
+    finally:
+        torch.set_num_threads(before)
+    for row in rows:
+        row["threads"] = threads
+    return rows
+
+
 def run(quick: bool = False) -> list[dict[str, Any]]:
-    peak = matmul_peak(1024 if quick else 2048)
-    rows: list[dict[str, Any]] = [{"bench": "peak", "case": "float32 matmul (attainable peak)",
-                                   "gflops": peak, "threads": torch.get_num_threads()}]
-    train_steps = {"carracing": 100 if quick else 999, "doom": 50 if quick else 500}
-    for size, steps in train_steps.items():
-        case = _train_case(size, 100, steps, 2 if quick else 3)
-        plain = case[0]["steps_per_s"]
-        for row in case:
-            row["vs_plain"] = row["steps_per_s"] / plain
-            row["peak_fraction"] = row["gflops"] / peak
-        rows.extend(case)
-    rows.extend(_dream_cases(quick))
+    """Every case with one intra-op thread (one process per core, as the evaluator pools
+    run) and with all of them (one process using the whole machine)."""
+    rows: list[dict[str, Any]] = []
+    thread_counts = sorted({1, torch.get_num_threads()})
+    for threads in thread_counts:
+        peak = _with_threads(threads, lambda: [{"bench": "peak", "gflops": matmul_peak(
+            1024 if quick else 2048)}])
+        rows.extend(peak)
+        train_steps = {"carracing": 100 if quick else 999, "doom": 50 if quick else 500}
+        for size, steps in train_steps.items():
+            case = _with_threads(threads, lambda size=size, steps=steps: _train_case(
+                size, 100, steps, 2 if quick else 3))
+            plain = case[0]["steps_per_s"]
+            for row in case:
+                row["vs_plain"] = row["steps_per_s"] / plain
+                row["peak_fraction"] = row["gflops"] / peak[0]["gflops"]
+            rows.extend(case)
+        rows.extend(_with_threads(threads, lambda: _dream_cases(quick)))
     return rows
 
 
@@ -183,22 +202,23 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     lines = []
     for row in rows:
         if row["bench"] == "peak":
-            lines.append(f"attainable float32 matmul peak: {row['gflops']:.0f} GFLOP/s "
-                         f"({row['threads']} threads)")
+            lines.append(f"attainable float32 matmul peak, {row['threads']} thread(s): "
+                         f"{row['gflops']:.0f} GFLOP/s")
     lines += ["", "training M (forward + backward + Adam, one batch):",
-              f"{'size':<10} {'case':<32} {'batch x T':>11} {'steps/s':>10} {'vs plain':>9} "
-              f"{'GFLOP/s':>8} {'of peak':>8}"]
+              f"{'thr':>3} {'size':<10} {'case':<32} {'batch x T':>11} {'steps/s':>10} "
+              f"{'vs plain':>9} {'GFLOP/s':>8} {'of peak':>8}"]
     for row in rows:
         if row["bench"] == "train":
-            lines.append(f"{row['size']:<10} {row['case']:<32} "
+            lines.append(f"{row['threads']:>3} {row['size']:<10} {row['case']:<32} "
                          f"{row['batch']:>5} x {row['seq_len']:<4} {row['steps_per_s']:>10,.0f} "
                          f"{row['vs_plain']:>8.2f}x {row['gflops']:>8.0f} "
                          f"{100 * row['peak_fraction']:>7.0f}%")
     lines += ["", "dream (M stepped at tau 1.15, sampling included):",
-              f"{'size':<10} {'case':<32} {'B':>6} {'dream steps/s':>14} {'vs loop':>8}"]
+              f"{'thr':>3} {'size':<10} {'case':<32} {'B':>6} {'dream steps/s':>14} "
+              f"{'vs loop':>8}"]
     for row in rows:
         if row["bench"] == "dream":
             speedup = f"{row['speedup']:.0f}x" if "speedup" in row else ""
-            lines.append(f"{row['size']:<10} {row['case']:<32} {row['batch']:>6} "
-                         f"{row['steps_per_s']:>14,.0f} {speedup:>8}")
+            lines.append(f"{row['threads']:>3} {row['size']:<10} {row['case']:<32} "
+                         f"{row['batch']:>6} {row['steps_per_s']:>14,.0f} {speedup:>8}")
     return "\n".join(lines)

@@ -3,8 +3,8 @@
 On this project's AMD CPUs MKL's sgemm runs its generic code path (~90 GFLOP/s per core
 measured) while oneDNN uses AVX-512 (~190 GFLOP/s) for the same (B, K) x (K, N) products;
 ``nn.LSTM`` already trains through oneDNN, which is why it beats a loop of ``addmm``.
-``FastLinear`` keeps the weight in oneDNN's layout once and converts only the activations
-each call. Wherever oneDNN is unavailable (other builds, GPUs, other dtypes) it is
+``FastLinear``, ``matmul`` and ``linear`` (with autograd) call oneDNN's linear on ordinary
+dense tensors. Wherever oneDNN is unavailable (other builds, GPUs, other dtypes) it is
 ``F.linear``; results agree to float32 rounding either way.
 """
 
@@ -16,6 +16,12 @@ import torch
 import torch.nn.functional as F
 
 
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                   ) -> torch.Tensor:
+    # oneDNN's linear on ordinary dense tensors (the op PyTorch's compiler emits on CPU)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
 @functools.cache
 def onednn_works() -> bool:
     """Whether this torch build runs oneDNN linear layers (checked once, on a tiny case)."""
@@ -23,8 +29,8 @@ def onednn_works() -> bool:
         return False
     try:
         x, w, b = torch.randn(3, 5), torch.randn(4, 5), torch.randn(4)
-        y = torch._C._nn.mkldnn_linear(x.to_mkldnn(), w.to_mkldnn(), b.to_mkldnn()).to_dense()
-        return bool(torch.allclose(y, F.linear(x, w, b), atol=1e-5))
+        good = torch.allclose(_onednn_linear(x, w, b), F.linear(x, w, b), atol=1e-5)
+        return bool(good and torch.allclose(_onednn_linear(x, w, None), x @ w.t(), atol=1e-5))
     except (RuntimeError, AttributeError):
         return False
 
@@ -33,17 +39,52 @@ class FastLinear:
     """y = x @ weight.T (+ bias) for 2-D float32 CPU inputs, without autograd."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        self.weight = weight.detach()
-        self.bias = bias.detach() if bias is not None else None
+        self.weight = weight.detach().contiguous()
+        self.bias = bias.detach().contiguous() if bias is not None else None
         self.onednn = (self.weight.device.type == "cpu" and self.weight.dtype == torch.float32
                        and onednn_works())
-        if self.onednn:
-            self._w = self.weight.contiguous().to_mkldnn()
-            self._b = self.bias.contiguous().to_mkldnn() if self.bias is not None else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.onednn and x.dtype == torch.float32 and x.device.type == "cpu":
-            return torch._C._nn.mkldnn_linear(x.contiguous().to_mkldnn(), self._w,
-                                              self._b).to_dense()
+            return _onednn_linear(x.contiguous(), self.weight, self.bias)
         return F.linear(x, self.weight.to(x.dtype),
                         None if self.bias is None else self.bias.to(x.dtype))
+
+
+def _usable(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and \
+        onednn_works()
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (M, K) @ b (K, N) for 2-D tensors, through oneDNN where usable (no autograd)."""
+    if _usable(a, b):
+        return _onednn_linear(a.contiguous(), b.t().contiguous(), None)
+    return a @ b
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                ) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return FastLinear(weight, bias)(x)
+
+    @staticmethod
+    def backward(ctx, d_y: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        d_x = matmul(d_y, weight) if ctx.needs_input_grad[0] else None
+        d_w = matmul(d_y.t(), x) if ctx.needs_input_grad[1] else None
+        d_b = d_y.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return d_x, d_w, d_b
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """``F.linear`` with autograd, its three matmuls through oneDNN where usable."""
+    if not _usable(x, weight):
+        return F.linear(x, weight, bias)
+    lead = x.shape[:-1]
+    y = _Linear.apply(x.reshape(-1, x.shape[-1]), weight, bias)
+    return y.reshape(*lead, weight.shape[0])

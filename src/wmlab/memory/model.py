@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wmlab.errors import WmlabError
+from wmlab.memory.fastlinear import linear
 from wmlab.memory.scan import lstm_scan
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
@@ -102,7 +103,8 @@ class MDNRNN(nn.Module):
         return self.read_out(hidden), hidden, (h.unsqueeze(0), c.unsqueeze(0))
 
     def read_out(self, hidden: torch.Tensor) -> MdrnnOutput:
-        return self.split_output(self.head(hidden))
+        # the head's matmuls through oneDNN (2x MKL's sgemm on this project's CPUs)
+        return self.split_output(linear(hidden, self.head.weight, self.head.bias))
 
     def split_output(self, out: torch.Tensor) -> MdrnnOutput:
         """The head's raw outputs (..., output_size) as mixture parameters and heads."""

@@ -14,9 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from wmlab.memory.fastlinear import FastLinear
+from wmlab.memory.fastlinear import FastLinear, linear, matmul
 
 
 class _LstmScan(torch.autograd.Function):
@@ -79,7 +78,7 @@ class _LstmScan(torch.autograd.Function):
             if ctx.resets[t]:
                 dh, dc = dh * keep_t[t], dc * keep_t[t]
         d_gates = d_gates.view(steps, batch, 4 * hidden)
-        d_w_hh = d_gates.reshape(-1, 4 * hidden).t() @ h_prev.reshape(-1, hidden)
+        d_w_hh = matmul(d_gates.reshape(-1, 4 * hidden).t(), h_prev.reshape(-1, hidden))
         return d_gates, d_w_hh, dh, dc, None
 
 
@@ -93,6 +92,6 @@ def lstm_scan(x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, bias: tor
     runs time-major without transposing copies, and whatever reads the outputs elementwise
     (the head, the losses) does not care about the layout.
     """
-    projected = F.linear(x.transpose(0, 1), w_ih, bias)  # every step's input part at once
+    projected = linear(x.transpose(0, 1), w_ih, bias)  # every step's input part at once
     outputs, h, c = _LstmScan.apply(projected, w_hh, h0, c0, keep.to(x.dtype).t())
     return outputs.transpose(0, 1), h, c

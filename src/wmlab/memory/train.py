@@ -85,8 +85,9 @@ def learning_rate(cfg: Config, step: int) -> float:
 def batch_losses(model: MDNRNN, batch: SeriesBatch, z_in: torch.Tensor, z_next: torch.Tensor,
                  done_weight: float, state=None) -> tuple[torch.Tensor, dict[str, Any], Any]:
     """Total loss, its parts (floats, plus done counts for precision/recall), next state."""
-    restart = batch.restart if model.shape.restart_input else None
-    out, _, state = model(z_in, batch.actions, restart=restart, state=state)
+    # the flags always zero the state at episode starts (streams hold several episodes);
+    # they are also an input only where M has the restart input
+    out, _, state = model(z_in, batch.actions, restart=batch.restart, state=state)
     nll = mixture_nll(out, z_next, batch.mask)
     total = nll
     parts: dict[str, Any] = {"z_nll": float(nll.detach())}
