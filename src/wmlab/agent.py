@@ -156,7 +156,7 @@ def run_real(models: AgentModels, env_batch: Any, params: np.ndarray, seeds: np.
 
 @torch.no_grad()
 def run_dream(models: AgentModels, params: np.ndarray, seeds: np.ndarray, tau: float,
-              max_steps: int) -> np.ndarray:
+              max_steps: int, precision: str = "float32") -> np.ndarray:
     """Dream episodes, all members' rollouts as one batched dream: (P, n), (P, R) -> (P, R)."""
     if models.start is None:
         raise WmlabError("dream rollouts need M's first-frame latents (memory/initial_z): "
@@ -164,11 +164,8 @@ def run_dream(models: AgentModels, params: np.ndarray, seeds: np.ndarray, tau: f
     seeds = np.asarray(seeds, dtype=np.int64)
     members, per_member = seeds.shape
     theta = _member_params(params, models.shape)
-    dream = BatchedDream(models.mdrnn, models.start, tau, max_steps)
+    dream = BatchedDream(models.mdrnn, models.start, tau, max_steps, dtype=precision)
     z = dream.reset(seeds.ravel())
-    if z.dtype != torch.float32:
-        # dream.reset mixes in float64 numpy noise; M runs in float32.
-        z = dream.z = z.float()
     returns = torch.zeros(len(z), dtype=torch.float64)
     done = torch.zeros(len(z), dtype=torch.bool)
     while not bool(done.all()):
@@ -196,6 +193,7 @@ class RolloutWorkload:
     bias: bool = True
     max_steps: int = 0  # real: episode cap (0 = env default); dream: step cap
     tau: float = 1.0
+    precision: str = "float32"  # dream matmuls: float32 or bfloat16
 
     def load(self) -> AgentModels:
         from wmlab.checkpoint import load_checkpoint
@@ -236,7 +234,7 @@ class RolloutRunner:
         seeds = np.asarray(seeds)
         if self.workload.kind == "dream":
             return run_dream(self.models, params, seeds, self.workload.tau,
-                             self.workload.max_steps)
+                             self.workload.max_steps, self.workload.precision)
         return run_real(self.models, self.env_batch(seeds.size), params, seeds)
 
     def close(self) -> None:
@@ -258,4 +256,5 @@ def workload_from_config(cfg: Any, kind: str | None = None, backend: str | None 
         env=cfg.env.name, backend=(backend if backend is not None else cfg.env.backend) or None,
         features=cfg.controller.inputs, hidden=cfg.controller.hidden,
         bias=cfg.controller.bias,
-        max_steps=cfg.dream.max_steps if dream else cfg.env.max_steps, tau=cfg.dream.tau)
+        max_steps=cfg.dream.max_steps if dream else cfg.env.max_steps, tau=cfg.dream.tau,
+        precision=cfg.dream.precision)
