@@ -390,3 +390,13 @@ def test_train_mdrnn_cli_end_to_end(tmp_path, capsys):
     assert main(["dream", "--preset", "doom", "--profile", "quick", "--run", "t", "--set",
                  "run.root=" + json.dumps(str(tmp_path)), "--tau", "0"]) == 2
     assert "tau" in capsys.readouterr().err
+
+
+def test_resume_with_other_batching_is_refused(tmp_path):
+    series = make_series(10, 30)
+    data = SeriesSet(series[:8], series[8:])
+    cfg = tiny_config(tmp_path)
+    train_mdrnn(cfg, progress=False, series=data, stop_after_steps=2)
+    other = tiny_config(tmp_path, seq_len=12)
+    with pytest.raises(WmlabError, match="seq_len = 10, now 12"):
+        train_mdrnn(other, progress=False, series=data)

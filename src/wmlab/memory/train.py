@@ -234,11 +234,22 @@ def train_mdrnn(cfg: Config, *, progress: bool = True, stop_after_steps: int | N
         model = MDNRNN(shape).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=m.lr)
     folder = memory_dir(cfg)
+    # what fixes the sequence of batches: a resume with other values would not continue
+    # the same run
+    batching = {"regime": m.regime, "batch_size": m.batch_size, "seq_len": m.seq_len,
+                "seed": cfg.run.seed, "episodes": len(train)}
     info = {"shape": shape.__dict__, "regime": m.regime, "series": data.fingerprint,
-            "env": cfg.env.name}
+            "env": cfg.env.name, "batching": batching}
     step, carried = 0, None
     if checkpoint_exists(folder, TRAIN_CHECKPOINT):
         ckpt = load_checkpoint(folder, TRAIN_CHECKPOINT, map_location=device)
+        before = ckpt.info.get("batching", batching)
+        changed = [k for k in batching if before.get(k) != batching[k]]
+        if changed and int(ckpt.info["step"]) < m.steps:
+            k = changed[0]
+            raise WmlabError(f"the M checkpoint in {folder} was made with {k} = {before.get(k)}"
+                             f", now {batching[k]}: resuming would not continue the same run; "
+                             f"use the same value or delete {folder} to start again")
         load_weights_into(model, ckpt.weights, f"{folder}/{TRAIN_CHECKPOINT}")
         optimizer.load_state_dict(ckpt.state["optimizer"])
         step = int(ckpt.info["step"])
