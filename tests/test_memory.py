@@ -340,6 +340,11 @@ def test_bad_series_are_refused_before_anything_is_written(tmp_path):
         train_mdrnn(cfg, progress=False, series=SeriesSet(make_series(8, 30, z_dim=6), []))
     with pytest.raises(WmlabError, match="no encoded series"):
         train_mdrnn(cfg, progress=False, series=SeriesSet([], []))
+    zero_tau = load_config("doom", "quick", [f"run.root={json.dumps(str(tmp_path))}",
+                                              "run.name=\"t\"", "vae.z_dim=4", "dream.tau=0",
+                                              "mdrnn.seq_len=10", "mdrnn.batch_size=4"])
+    with pytest.raises(WmlabError, match="tau"):  # refused now, not after training
+        train_mdrnn(zero_tau, progress=False, series=SeriesSet(make_series(8, 30), []))
     assert not os.path.exists(tmp_path / "t")
 
 

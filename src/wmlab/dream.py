@@ -137,6 +137,8 @@ class BatchedDream:
         seeds = np.asarray(seeds, dtype=np.int64).reshape(-1)
         if len(rows) == 0:
             return
+        if (seeds < 0).any():
+            raise WmlabError(f"dream seeds must be non-negative, got {int(seeds.min())}")
         picks, eps = [], []
         for row, seed in zip(rows, seeds, strict=True):
             rng = _row_rng(seed)

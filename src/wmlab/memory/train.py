@@ -35,7 +35,7 @@ from wmlab.device import resolve_device
 from wmlab.errors import StoreError, WmlabError
 from wmlab.fsio import atomic_write_bytes
 from wmlab.memory.data import SeriesBatch, episode_batch, locate_chunk, stream_batch
-from wmlab.memory.model import MDNRNN, MdrnnShape, done_loss, mixture_nll
+from wmlab.memory.model import MDNRNN, MdrnnShape, check_tau, done_loss, mixture_nll
 
 TRAIN_CHECKPOINT = "train"
 FINAL_WEIGHTS = "mdrnn"
@@ -185,6 +185,8 @@ def check_series(cfg: Config, data: SeriesSet) -> None:
                          f"{m.seq_len}-step chunks: lower mdrnn.batch_size or mdrnn.seq_len, "
                          "or collect more episodes")
     _check_fingerprint(cfg, data.fingerprint)
+    if m.done_head and m.calibration_episodes > 0:
+        check_tau(cfg.dream.tau)  # the calibration at the end dreams at dream.tau
 
 
 def _check_fingerprint(cfg: Config, fingerprint: str) -> None:
