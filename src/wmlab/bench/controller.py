@@ -1,0 +1,181 @@
+"""C's throughput: the full agent in real envs, the dream for a whole generation, engines.
+
+Every model is randomly initialised at the paper's size (CarRacing: V z=32, M 256 units;
+Doom: V z=64, M 512 units with restart input and done head), so the figures are about
+compute, not about what a trained agent does. Cases:
+
+- full agent (V encode + C + M step + env step) on CarRacing/EnvPool, the envs of a job
+  batched through V, M and C, against one env at a time (batch 1: what the PyTorch
+  reference did, ~270 steps/s in SPEC section 8);
+- a Doom dream generation through the process pool (2 workers): the whole population's
+  rollouts batched per job; the paper-size case (64 x 16 = 1,024 rollouts, up to 2,100
+  steps) runs in the full benchmark only;
+- the same small generation through Ray actors and through the local pool, after warm-up:
+  Ray's per-generation overhead.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from wmlab.checkpoint import save_checkpoint
+
+
+def _save_models(folder: str, env: str, seed: int = 0) -> tuple[str, str]:
+    """Random paper-size V and M (and first-frame latents) saved where loaders look."""
+    from wmlab.memory.model import MDNRNN, MdrnnShape
+    from wmlab.memory.train import FINAL_WEIGHTS as M_WEIGHTS
+    from wmlab.memory.train import INITIAL_Z
+    from wmlab.vision.model import ConvVAE
+    from wmlab.vision.train import FINAL_WEIGHTS as V_WEIGHTS
+
+    torch.manual_seed(seed)
+    doom = env == "doom"
+    z_dim = 64 if doom else 32
+    shape = MdrnnShape(z_dim=z_dim, action_dim=1 if doom else 3, hidden=512 if doom else 256,
+                       gaussians=5, done_head=doom, restart_input=doom)
+    vision, memory = f"{folder}/vision", f"{folder}/memory"
+    save_checkpoint(vision, V_WEIGHTS, 1, ConvVAE(z_dim).state_dict(), None,
+                    {"z_dim": z_dim, "kind": "vae"})
+    model = MDNRNN(shape)
+    if doom:
+        with torch.no_grad():  # a done logit that fires now and then, like a trained M's
+            model.head.bias[-1] = -2.0
+    save_checkpoint(memory, M_WEIGHTS, 1, model.state_dict(), None,
+                    {"shape": {k: getattr(shape, k) for k in shape.__dataclass_fields__}})
+    gen = torch.Generator().manual_seed(seed)
+    save_checkpoint(memory, INITIAL_Z, 100, {"mu": torch.randn(100, z_dim, generator=gen),
+                                             "logvar": torch.full((100, z_dim), -2.0)},
+                    None, {"episodes": 100})
+    return vision, memory
+
+
+def _workload(folder: str, env: str, kind: str, max_steps: int, backend: str | None = None):
+    from wmlab.agent import RolloutWorkload
+
+    vision, memory = _save_models(folder, env)
+    doom = env == "doom"
+    return RolloutWorkload(kind=kind, vision_folder=vision, memory_folder=memory, env=env,
+                           backend=backend, features="zch" if doom else "zh", bias=not doom,
+                           max_steps=max_steps, tau=1.15)
+
+
+class _CountingBatch:
+    """An env batch that counts the env steps taken (running envs only)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.steps = inner, 0
+        self.num_envs, self.spec = inner.num_envs, inner.spec
+
+    def reset(self, seeds):
+        return self.inner.reset(seeds)
+
+    def step(self, actions):
+        self.steps += int(self.inner.running.sum())
+        return self.inner.step(actions)
+
+
+def _params(num_params: int, members: int, scale: float = 0.1) -> np.ndarray:
+    return np.random.default_rng(0).normal(0, scale, (members, num_params)).astype(np.float32)
+
+
+def _real_agent_rows(quick: bool, folder: str) -> list[dict[str, Any]]:
+    from wmlab.agent import run_real
+    from wmlab.envs import make_batch
+
+    torch.set_num_threads(1)
+    steps = 100 if quick else 300
+    envs = 16
+    workload = _workload(folder, "carracing", "real", steps, "envpool")
+    models = workload.load()
+    params = _params(models.shape.num_params, 1)
+    seeds = np.arange(envs)[None]
+    rows = []
+
+    batch = _CountingBatch(make_batch("carracing", envs, "envpool", max_steps=steps))
+    began = time.perf_counter()
+    run_real(models, batch, params, seeds)
+    seconds = time.perf_counter() - began
+    rows.append({"case": f"full agent, CarRacing envpool, {envs} envs batched (1 core)",
+                 "steps": batch.steps, "seconds": seconds, "per_second": batch.steps / seconds})
+    single = _CountingBatch(make_batch("carracing", 1, "envpool", max_steps=steps))
+    count = 2 if quick else 4
+    began = time.perf_counter()
+    for i in range(count):
+        run_real(models, single, params, seeds[:, i:i + 1])
+    seconds = time.perf_counter() - began
+    rows.append({"case": "full agent, CarRacing envpool, one env at a time (1 core)",
+                 "steps": single.steps, "seconds": seconds,
+                 "per_second": single.steps / seconds})
+    per_core = rows[0]["per_second"]
+    gen_steps = 64 * 16 * 1000
+    rows.append({"case": "CarRacing paper generation 64x16x1000 on 2 cores (estimated from "
+                 "the batched rate)", "steps": gen_steps, "seconds": gen_steps / (2 * per_core),
+                 "per_second": 2 * per_core})
+    return rows
+
+
+def _dream_generation(workload, engine: str, members: int, rollouts: int, workers: int = 2,
+                      warm: bool = True) -> dict[str, Any]:
+    from wmlab.evaluators import Evaluator
+
+    models = workload.load()
+    params = _params(models.shape.num_params, members)
+    seeds = np.arange(members * rollouts).reshape(members, rollouts)
+    with Evaluator(workload, engine, workers=workers, timeout=3600, members_per_job=8) as ev:
+        if warm:
+            ev.wait_ready()
+        began = time.perf_counter()
+        returns = ev.run(params, seeds)
+        seconds = time.perf_counter() - began
+    steps = float(returns.sum())  # +1 per dream step: the return is the dream's length
+    return {"steps": steps, "seconds": seconds, "per_second": steps / seconds}
+
+
+def _dream_rows(quick: bool, folder: str) -> list[dict[str, Any]]:
+    rows = []
+    steps = 300 if quick else 2100
+    workload = _workload(folder, "doom", "dream", steps)
+    members, rollouts = (16, 4) if quick else (64, 16)
+    out = _dream_generation(workload, "process", members, rollouts)
+    rows.append({"case": f"Doom dream generation {members}x{rollouts} (cap {steps}), "
+                 "process pool, 2 workers", **out})
+    return rows
+
+
+def _ray_rows(quick: bool, folder: str) -> list[dict[str, Any]]:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return [{"case": "Ray overhead: ray not installed", "steps": 0, "seconds": 0.0,
+                 "per_second": 0.0}]
+    workload = _workload(folder, "doom", "dream", 100)
+    rows = []
+    for engine in ("process", "ray"):
+        out = _dream_generation(workload, engine, 16, 4)
+        rows.append({"case": f"Doom dream generation 16x4 (cap 100), {engine}, 2 workers",
+                     **out})
+    rows.append({"case": "Ray overhead per generation (ray - process)", "steps": 0,
+                 "seconds": rows[1]["seconds"] - rows[0]["seconds"], "per_second": 0.0})
+    return rows
+
+
+def run(quick: bool = True) -> list[dict[str, Any]]:
+    with tempfile.TemporaryDirectory() as folder:
+        rows = _real_agent_rows(quick, f"{folder}/car")
+        rows += _dream_rows(quick, f"{folder}/doom")
+        rows += _ray_rows(quick, f"{folder}/ray")
+    return rows
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'case':<92} {'steps':>10} {'seconds':>9} {'steps/s':>10}"]
+    for row in rows:
+        rate = f"{row['per_second']:10.0f}" if row["per_second"] else f"{'':>10}"
+        lines.append(f"{row['case']:<92} {row['steps']:>10.0f} {row['seconds']:>9.2f} {rate}")
+    return "\n".join(lines)
