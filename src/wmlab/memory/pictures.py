@@ -169,7 +169,7 @@ def play_dream(model: MDNRNN, vae, start: DreamStart, tau: float, max_steps: int
 def keyboard_mapping(env_name: str, action_dim: int) -> Callable[[object], np.ndarray]:
     """Arrow keys -> M's action vector: Doom left/right; CarRacing steer, gas (up), brake
     (down); otherwise left/right on the first action value."""
-    def act(pressed) -> np.ndarray:  # pragma: no cover - needs pygame key state
+    def act(pressed) -> np.ndarray:
         import pygame
 
         left, right = pressed[pygame.K_LEFT], pressed[pygame.K_RIGHT]
