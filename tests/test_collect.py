@@ -170,3 +170,45 @@ def test_cli_collect_info_and_verify(tmp_path, capsys):
     capsys.readouterr()
     assert main(["data", "verify", str(store_dir), "--no-progress"]) == 1
     assert victim.name in capsys.readouterr().out
+
+
+def _members_of_group(pgid: int) -> list[int]:
+    """Pids of live processes in process group ``pgid`` (from /proc; Linux only)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry))
+    return members
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads process groups from /proc")
+def test_stopping_workers_leaves_no_env_processes_behind(tmp_path):
+    """ViZDoom's game processes ignore SIGTERM; a stopped worker must not orphan them."""
+    from wmlab.collect import CollectJob, _Engine
+    from wmlab.policies import PolicyConfig
+
+    job = CollectJob(env="doom", backend="vizdoom", max_steps=2000, envs_per_worker=1,
+                     store_url=str(tmp_path / "store"), collection="held",
+                     policy=PolicyConfig(name="held"), seed_prefix=(0, 0))
+    EpisodeStore.create_or_open(job.store_url, env="doom", backend="vizdoom", action_dim=1)
+    engine = _Engine(job, workers=2)
+    engine.submit([0])
+    engine.submit([1])
+    deadline = time.monotonic() + 60
+    groups = [proc.pid for proc in engine.procs]
+    # wait until both workers run a game (worker + its vizdoom child in one group)
+    while time.monotonic() < deadline and not all(len(_members_of_group(g)) >= 2
+                                                  for g in groups):
+        time.sleep(0.1)
+    assert all(len(_members_of_group(g)) >= 2 for g in groups)
+    os.kill(engine.procs[0].pid, signal.SIGKILL)  # one dies hard, the other is stopped
+    engine.close()
+    time.sleep(0.5)
+    assert [_members_of_group(g) for g in groups] == [[], []]

@@ -28,6 +28,7 @@ from wmlab.config import Config
 from wmlab.data import Episode, EpisodeStore
 from wmlab.errors import WmlabError
 from wmlab.policies import PolicyConfig, make_policy
+from wmlab.procs import init_worker_process, kill_process_group
 
 # How long a worker waits for a task before checking that its parent is still alive.
 _POLL_SECONDS = 1.0
@@ -155,6 +156,7 @@ def _env_kwargs(job: CollectJob) -> dict:
 
 def _worker_main(job: CollectJob, tasks: mp.Queue, results: mp.Queue) -> None:
     """Entry point of a worker process: loop over tasks until told to stop or orphaned."""
+    init_worker_process()
     parent = mp.parent_process()
     try:
         worker = _Worker(job)
@@ -247,6 +249,7 @@ class _Engine:
                 proc.terminate()
         for proc in self.procs:
             proc.join(timeout=5)
+            kill_process_group(proc.pid)  # env children of a worker that did not exit cleanly
 
 
 def resolve_workers(requested: int) -> int:
