@@ -288,3 +288,20 @@ def test_cli_trains_and_encodes_end_to_end(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("wmlab: error:") and "z_dim" in err and "\n" not in err
     assert (tmp_path / "cli" / "config.toml").read_text() == saved  # refused: nothing changed
+
+
+def test_benchmark_measures_a_peak_and_formats_its_rows():
+    from wmlab.bench.vision import format_rows, peak_gflops
+
+    assert peak_gflops("float32", size=128, seconds=0.05) > 0
+    rows = [{"what": "train", "label": "plain", "frames_per_s": 400.0, "speedup": 1.0,
+             "gflops": 92.0, "of_peak_fp32": 0.5, "peak_mb": 600.0, "val_loss": 150.0,
+             "val_vs_fp32": 0.0, "steps": 10},
+            {"what": "encode", "label": "encode", "frames": 100, "frames_per_s": 3000.0,
+             "peak_mb": 500.0},
+            {"what": "memory", "store_mb": 240.0, "allowance_mb": 24.0,
+             "loader_peak_mb": 20.0, "peak_mb": 700.0, "frames_per_s": 300.0},
+            {"what": "peak", "fp32_gflops": 184.0, "bf16_gflops": 400.0, "threads": 2,
+             "load": 1.0}]
+    text = format_rows(rows)
+    assert "plain" in text and "3000" in text and "allowance 24 MB" in text
