@@ -288,6 +288,16 @@ def test_pipeline_encode_train_mdrnn_and_dream_cli(tmp_path, capsys):
     assert 2 <= dream.shape[0] <= 13 and dream.shape[1:3] == (192, 192)
     compare = iio.imread(memory / "dream-compare.gif")
     assert compare.shape[1:3] == (192, 3 * 192)
+    # a controller drives it: [z, c, h] of 4 + 8 + 8 -> 1, no bias (the Doom preset's C)
+    from safetensors.torch import save_file
+
+    save_file({"params": torch.full((1, 20), 0.1)}, str(tmp_path / "c.safetensors"))
+    assert main(["dream", *common, "--steps", "5", "--no-compare", "--controller",
+                 str(tmp_path / "c.safetensors")]) == 0
+    assert '"driver": "controller"' in capsys.readouterr().out
+    save_file({"params": torch.zeros(7)}, str(tmp_path / "bad.safetensors"))
+    assert main(["dream", *common, "--controller", str(tmp_path / "bad.safetensors")]) == 2
+    assert "needs 20" in capsys.readouterr().err
     # retrain V (new weights, new fingerprint): M's latents no longer fit it
     save_checkpoint(f"{cfg.run_dir()}/vision", "vae", 2, ConvVAE(4).state_dict(), None,
                     {"z_dim": 4, "kind": "vae"})

@@ -63,8 +63,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_args(p)
     p.add_argument("--tau", type=float, help="sampling temperature (dream.tau)")
     p.add_argument("--steps", type=int, default=300, help="dream steps in the GIF (300)")
-    p.add_argument("--controller", help="controller parameters (.safetensors with a flat "
-                                        "'params' tensor) driving the dream; default random")
+    p.add_argument("--controller", help="controller driving the dream: a checkpoint name "
+                                        "of <run>/controller (e.g. best) or a .safetensors "
+                                        "file with a flat 'params' tensor; default random")
     p.add_argument("--episode", help="episode id for the side-by-side GIF (default: the "
                                      "first validation episode)")
     p.add_argument("--out", help="folder for the GIFs (default: <run>/memory)")

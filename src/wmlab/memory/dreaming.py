@@ -63,8 +63,13 @@ def controller_policy(cfg: Config, path: str, mdrnn: MDNRNN
     import fsspec
     from safetensors.torch import load as load_safetensors
 
-    from wmlab.controller import ControllerShape, feature_size, population_forward
+    from wmlab.checkpoint import checkpoint_exists, load_checkpoint
 
+    folder = f"{cfg.run_dir()}/controller"
+    if not path.endswith(".safetensors") and checkpoint_exists(folder, path):
+        # a checkpoint name of the run's controller folder, e.g. "best"
+        return _policy_from(cfg, load_checkpoint(folder, path, with_state=False).weights,
+                            path, mdrnn)
     try:
         with fsspec.open(path, "rb") as handle:
             tensors = load_safetensors(handle.read())
@@ -74,6 +79,13 @@ def controller_policy(cfg: Config, path: str, mdrnn: MDNRNN
     except Exception as exc:
         raise WmlabError(f"controller file {path} is unreadable ({type(exc).__name__}): "
                          "pass a .safetensors file with a 'params' tensor") from None
+    return _policy_from(cfg, tensors, path, mdrnn)
+
+
+def _policy_from(cfg: Config, tensors: dict[str, torch.Tensor], path: str, mdrnn: MDNRNN
+                 ) -> Callable[[BatchedDream], torch.Tensor]:
+    from wmlab.controller import ControllerShape, feature_size, population_forward
+
     params = tensors.get("params", next(iter(tensors.values()), None))
     if params is None:
         raise WmlabError(f"controller file {path} holds no tensor")
@@ -83,6 +95,10 @@ def controller_policy(cfg: Config, path: str, mdrnn: MDNRNN
     shape = ControllerShape(feature_size(kind, s.z_dim, s.hidden), raw_dim or s.action_dim,
                             cfg.controller.hidden, cfg.controller.bias)
     theta = params.float().reshape(1, -1)
+    if theta.shape[1] != shape.num_params:
+        raise WmlabError(f"controller {path} has {theta.shape[1]} parameters but a '{kind}' "
+                         f"controller for this M needs {shape.num_params}: it belongs to "
+                         "another run or controller config")
 
     def act(dream: BatchedDream) -> torch.Tensor:
         raw = population_forward(shape, theta, dream.features(kind).unsqueeze(0))[0]
