@@ -55,14 +55,18 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _train_case(folder: str, case: TrainCase, steps: int, warmup: int,
+def _run_name(case: TrainCase, attempt: int) -> str:
+    return (f"train{attempt}-{int(case.channels_last)}{int(case.bf16)}{int(case.fused_adam)}"
+            f"-{case.kind}")
+
+
+def _train_case(folder: str, case: TrainCase, attempt: int, steps: int, warmup: int,
                 results: mp.Queue) -> None:
     from wmlab.config import load_config
     from wmlab.vision.train import train_vae
 
     cfg = load_config("carracing", "paper", _overrides(
-        folder, f"train-{int(case.channels_last)}{int(case.bf16)}{int(case.fused_adam)}"
-                f"-{case.kind}",
+        folder, _run_name(case, attempt),
         **{"vae.kind": case.kind, "vae.max_frames": steps * 100, "vae.channels_last": case.channels_last,
            "vae.bf16": case.bf16, "vae.checkpoint_every": 10 * steps}))
     stamps: list[float] = []
@@ -81,7 +85,7 @@ def _encode_case(folder: str, channels_last: bool, results: mp.Queue) -> None:
     from wmlab.vision.train import load_vae
 
     cfg = load_config("carracing", "paper", _overrides(
-        folder, "train-101-vae", **{"vae.channels_last": channels_last}))
+        folder, _run_name(TRAIN_CASES[1], 0), **{"vae.channels_last": channels_last}))
     _, info = load_vae(f"{cfg.run_dir()}/vision")
     shutil.rmtree(SeriesStore(cfg.store_url(), info["fingerprint"]).url, ignore_errors=True)
     encode_store(cfg, progress=False)  # warms up the kernels; then timed from scratch
@@ -105,6 +109,11 @@ def _memory_case(folder: str, allowance_mb: float, results: mp.Queue) -> None:
                                          "vae.checkpoint_every": 100000}),
         f"collect.out={_literal(folder + '/big')}"])
     store_mb = EpisodeStore.open(cfg.store_url()).num_frames() * 64 * 64 * 3 / 2**20
+    # One step first, so that what the first step imports (TensorBoard, optimiser kernels:
+    # tens of MB of Python objects) is not counted as the loader's.
+    warm = load_config("carracing", "paper", [*_overrides(folder, "memory-warm"),
+                                              f"collect.out={_literal(folder + '/store')}"])
+    train_vae(warm, progress=False, stop_after_steps=1)
     peaks: list[int] = []
     tracemalloc.start()
     started = time.perf_counter()
@@ -183,8 +192,9 @@ def _grow_store(folder: str, target_mb: float) -> None:
 def run(quick: bool = False) -> list[dict]:
     import torch
 
-    steps, warmup = (40, 5) if quick else (150, 10)
-    allowance_mb = 12.0 if quick else 24.0
+    steps, warmup = (30, 5) if quick else (60, 10)
+    passes = 1 if quick else 2
+    allowance_mb = 12.0 if quick else 16.0
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="wmlab-bench-vision-") as folder:
         _collect(folder, episodes=4 if quick else 8, max_steps=500 if quick else 1000)
@@ -192,8 +202,19 @@ def run(quick: bool = False) -> list[dict]:
         peak_bf16 = peak_gflops("bfloat16")
         plain_rate = None
         fp32_loss: dict[bool, float] = {}
+        # Two passes in opposite orders, best rate of each case: on a shared machine the
+        # load drifts, and this keeps the drift from favouring the cases run first or last.
+        measured: dict[str, dict] = {}
+        orders = [TRAIN_CASES, TRAIN_CASES[::-1]][:passes]
+        for attempt, order in enumerate(orders):
+            for case in order:
+                out = _in_process(_train_case, folder, case, attempt, steps, warmup)
+                if case.label in measured:
+                    out["frames_per_s"] = max(out["frames_per_s"],
+                                              measured[case.label]["frames_per_s"])
+                measured[case.label] = out
         for case in TRAIN_CASES:
-            out = _in_process(_train_case, folder, case, steps, warmup)
+            out = measured[case.label]
             plain_rate = plain_rate or out["frames_per_s"]
             if not case.bf16 and case.kind == "vae":
                 fp32_loss[case.channels_last] = out["val_loss"]
@@ -201,7 +222,6 @@ def run(quick: bool = False) -> list[dict]:
                 "what": "train", "label": case.label, "frames_per_s": out["frames_per_s"],
                 "speedup": out["frames_per_s"] / plain_rate, "peak_mb": out["peak_mb"],
                 "gflops": out["frames_per_s"] * GFLOP_PER_FRAME,
-                "of_peak_fp32": out["frames_per_s"] * GFLOP_PER_FRAME / peak,
                 "val_loss": out["val_loss"],
                 "val_vs_fp32": out["val_loss"] / fp32_loss[case.channels_last] - 1,
                 "steps": out["steps"]})
@@ -214,6 +234,10 @@ def run(quick: bool = False) -> list[dict]:
         out = _in_process(_memory_case, folder, allowance_mb)
         rows.append({"what": "memory", "label": "train 1 epoch, store 10x the allowance",
                      **out})
+        peak = max(peak, peak_gflops("float32"))  # the less loaded of two measurements
+        for row in rows:
+            if row["what"] == "train":
+                row["of_peak_fp32"] = row["gflops"] / peak
         rows.append({"what": "peak", "label": "matmul 2048^3", "fp32_gflops": peak,
                      "bf16_gflops": peak_bf16, "threads": torch.get_num_threads(),
                      "load": os.getloadavg()[0]})
