@@ -344,8 +344,9 @@ def validate(model: MDNRNN, val: list[Series], cfg: Config, device: torch.device
     totals: dict[str, float] = {}
     counts = {"tp": 0, "fp": 0, "fn": 0}
     batches = 0
-    for start in range(0, min(len(val), 4 * m.batch_size), m.batch_size):
-        chunk = val[start:start + m.batch_size]
+    size = min(m.batch_size, 32)  # whole episodes (up to 2,100 steps): bounded memory
+    for start in range(0, min(len(val), 4 * m.batch_size), size):
+        chunk = val[start:start + size]
         length = max(s.length for s in chunk)
         batch = episode_batch(chunk, len(chunk), length, seed=12345, step=start).to(device)
         z_in, z_next = batch.sample_z(torch.Generator().manual_seed(start))
