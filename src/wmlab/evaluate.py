@@ -83,8 +83,10 @@ def evaluate_controller(cfg: Config, *, episodes: int | None = None, where: str 
     check_shape(info, models.shape, cfg.controller.inputs, info["source"])
     seeds = episode_rows(cfg.eval.seed, episodes)
     rows = np.repeat(params[None].astype(np.float32), len(seeds), axis=0)
-    with Evaluator(workload, cfg.es.engine, cfg.es.workers, cfg.es.timeout,
-                   cfg.es.job_members, cfg.es.ray_address) as evaluator:
+    # One row (<= 10 episodes, one env batch) per job: jobs spread evenly over the workers,
+    # and the cut is the same on every engine.
+    with Evaluator(workload, cfg.es.engine, cfg.es.workers, cfg.es.timeout, 1,
+                   cfg.es.ray_address) as evaluator:
         returns = evaluator.run(rows, seeds).ravel()
     result = EvalResult(env=spec.name, backend=backend, where=where, episodes=episodes,
                         mean=float(returns.mean()), std=float(returns.std()),

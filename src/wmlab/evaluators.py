@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import signal
 import socket
 import sys
 import time
@@ -103,6 +104,8 @@ def _torch_threads(threads: int):
 
 def _worker_main(workload: Workload, conn: Any, threads: int) -> None:
     """A persistent worker: build the runner once, then run jobs until told to stop."""
+    # Ctrl-C reaches the whole process group: the parent alone decides when workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(max(1, threads))
     try:
         runner = workload.build()
@@ -170,11 +173,14 @@ class ProcessEngine:
         pending = deque(range(len(jobs)))
         attempts = [0] * len(jobs)
         while len(results) < len(jobs):
-            for slot in self.slots:
+            for index, slot in enumerate(self.slots):
                 if slot.ready and slot.job is None and pending:
                     job_id = pending.popleft()
-                    slot.conn.send((job_id, *jobs[job_id]))
                     slot.job, slot.since = job_id, time.monotonic()
+                    try:
+                        slot.conn.send((job_id, *jobs[job_id]))
+                    except OSError:  # the worker died while idle: its job goes elsewhere
+                        self._replace(index, pending, attempts, "its pipe is broken")
             self._poll(results, pending, attempts)
         return [results[i] for i in range(len(jobs))]
 

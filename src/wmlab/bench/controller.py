@@ -7,9 +7,11 @@ compute, not about what a trained agent does. Cases:
 - full agent (V encode + C + M step + env step) on CarRacing/EnvPool, the envs of a job
   batched through V, M and C, against one env at a time (batch 1: what the PyTorch
   reference did, ~270 steps/s in SPEC section 8);
-- a Doom dream generation through the process pool (2 workers): the whole population's
-  rollouts batched per job; the paper-size case (64 x 16 = 1,024 rollouts, up to 2,100
-  steps) runs in the full benchmark only;
+- a Doom dream generation through the process pool (2 workers), float32 and bfloat16
+  matmuls (``dream.precision``): the whole population's rollouts batched per job; the
+  paper-size case (64 x 16 = 1,024 rollouts, up to 2,100 steps) runs in the full benchmark
+  only. M's done logit is biased negative so every dream runs to the cap: the worst case,
+  about twice the steps of the paper's dreams (mean ~900-1,100 at tau 1.15);
 - the same small generation through Ray actors and through the local pool, after warm-up:
   Ray's per-generation overhead.
 """
@@ -55,14 +57,15 @@ def _save_models(folder: str, env: str, seed: int = 0) -> tuple[str, str]:
     return vision, memory
 
 
-def _workload(folder: str, env: str, kind: str, max_steps: int, backend: str | None = None):
+def _workload(folder: str, env: str, kind: str, max_steps: int, backend: str | None = None,
+              precision: str = "float32"):
     from wmlab.agent import RolloutWorkload
 
     vision, memory = _save_models(folder, env)
     doom = env == "doom"
     return RolloutWorkload(kind=kind, vision_folder=vision, memory_folder=memory, env=env,
                            backend=backend, features="zch" if doom else "zh", bias=not doom,
-                           max_steps=max_steps, tau=1.15)
+                           max_steps=max_steps, tau=1.15, precision=precision)
 
 
 class _CountingBatch:
@@ -140,11 +143,13 @@ def _dream_generation(workload, engine: str, members: int, rollouts: int, worker
 def _dream_rows(quick: bool, folder: str) -> list[dict[str, Any]]:
     rows = []
     steps = 300 if quick else 2100
-    workload = _workload(folder, "doom", "dream", steps)
     members, rollouts = (16, 4) if quick else (64, 16)
-    out = _dream_generation(workload, "process", members, rollouts)
-    rows.append({"case": f"Doom dream generation {members}x{rollouts} (cap {steps}), "
-                 "process pool, 2 workers", **out})
+    for precision in ("float32", "bfloat16"):
+        workload = _workload(f"{folder}/{precision}", "doom", "dream", steps,
+                             precision=precision)
+        out = _dream_generation(workload, "process", members, rollouts)
+        rows.append({"case": f"Doom dream generation {members}x{rollouts} (cap {steps}), "
+                     f"process pool, 2 workers, {precision}", **out})
     return rows
 
 
