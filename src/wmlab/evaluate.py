@@ -129,3 +129,42 @@ def record_video(models: Any, workload: Any, params: np.ndarray, seed: int,
     buffer = io.BytesIO()
     imageio.mimsave(buffer, frames, format="GIF", duration=1000 / 30, loop=0)
     return buffer.getvalue()
+
+
+def evaluate_random_policy(cfg: Config, *, episodes: int | None = None,
+                           policy: str = "uniform", out: str | None = None) -> EvalResult:
+    """The random policy on the seeds the controller is scored on: the floor to beat.
+
+    Each env is reset with the same seed as in ``evaluate_controller``, so the two
+    evaluations face the same episodes (same tracks, same monster spawns).
+    """
+    from wmlab.collect import run_episodes
+    from wmlab.envs import get_spec, make_batch
+    from wmlab.policies import PolicyConfig, make_policy
+
+    episodes = cfg.eval.episodes if episodes is None else episodes
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes <= 0:
+        raise WmlabError(f"episodes must be a positive integer, got {episodes!r}")
+    spec = get_spec(cfg.env.name)
+    backend = cfg.eval.backend or spec.reference_backend or spec.default_backend
+    options = {"max_steps": cfg.env.max_steps} if cfg.env.max_steps else {}
+    returns: list[float] = []
+    seeds = episode_rows(cfg.eval.seed, episodes)
+    with make_batch(spec.name, seeds.shape[1], backend, **options) as env_batch:
+        for row in seeds:
+            chosen = make_policy(PolicyConfig(name=policy), len(row), spec.controller_outputs)
+            # the policy's own stream is keyed by the episode seed too
+            pairs = [(int(s), int(s) + 1) for s in row]
+            by_slot = {slot: float(ep.rewards.sum())
+                       for slot, ep in run_episodes(env_batch, chosen, pairs,
+                                                    cfg.env.max_steps)}
+            returns.extend(by_slot[slot] for slot in range(len(row)))
+    values = np.asarray(returns, dtype=np.float64)
+    result = EvalResult(env=spec.name, backend=backend, where="real", episodes=episodes,
+                        mean=float(values.mean()), std=float(values.std()),
+                        seeds=[int(s) for s in seeds.ravel()],
+                        returns=[float(r) for r in values], controller=f"random ({policy})",
+                        controller_fingerprint="", extra={"policy": policy})
+    path = out or f"{eval_dir(cfg)}/random-{backend}.json"
+    atomic_write_bytes(path, json.dumps(asdict(result), indent=2).encode())
+    return result

@@ -314,6 +314,63 @@ def _memory_output(cfg: Config) -> str | None:
     return None if weights is None or start is None else _hash([weights, start])
 
 
+def _run_controller(cfg: Config, progress: bool) -> dict[str, Any]:
+    from wmlab.es import train_controller
+
+    result = train_controller(cfg, progress=progress)
+    return {"generations": result.generation, "best_score": result.best_score,
+            "best_generation": result.best_generation, "fitness": cfg.es.fitness}
+
+
+def _controller_output(cfg: Config) -> str | None:
+    from wmlab.es import BEST_WEIGHTS, MEAN_WEIGHTS, controller_dir
+
+    folder = controller_dir(cfg)
+    found = [_sidecar_fingerprint(folder, name) for name in (BEST_WEIGHTS, MEAN_WEIGHTS)]
+    return None if found[1] is None else _hash(found)
+
+
+def _run_evaluate(cfg: Config, progress: bool) -> dict[str, Any]:
+    from wmlab.evaluate import eval_dir, evaluate_controller, evaluate_random_policy
+
+    summary: dict[str, Any] = {}
+    real = evaluate_controller(cfg, video=f"{eval_dir(cfg)}/episode.gif")
+    summary["controller"] = real.line()
+    print(f"  controller: {real.line()}")
+    floor = evaluate_random_policy(cfg)
+    summary["random"] = floor.line()
+    print(f"  random policy, same seeds: {floor.line()}")
+    if cfg.es.fitness == "dream":
+        dream = evaluate_controller(cfg, where="dream")
+        summary["dream"] = dream.line()
+        print(f"  in the dream: {dream.line()}")
+    return summary
+
+
+def _eval_output(cfg: Config) -> str | None:
+    from wmlab.evaluate import eval_dir
+
+    fs, path = fsspec.core.url_to_fs(eval_dir(cfg))
+    if not fs.exists(path):
+        return None
+    names = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".json"))
+    if not names:
+        return None
+    return _hash([fs.cat_file(name).decode() for name in names])
+
+
+def _run_report(cfg: Config, progress: bool) -> dict[str, Any]:
+    from wmlab.report import write_report
+
+    paths = write_report(cfg.run_dir())
+    return {"markdown": str(paths.markdown), "html": str(paths.html)}
+
+
+def _report_output(cfg: Config) -> str | None:
+    fs, path = fsspec.core.url_to_fs(f"{cfg.run_dir()}/report.md")
+    return _hash(fs.cat_file(path).decode()) if fs.exists(path) else None
+
+
 def default_stages(cfg: Config) -> list[Stage]:
     """The stages of a World Models run, in order."""
     store_in_run = not cfg.collect.out
@@ -327,6 +384,15 @@ def default_stages(cfg: Config) -> list[Stage]:
               "encoding every frame to (mu, logvar)"),
         Stage("memory", ("mdrnn", "run.seed"), "memory", _run_memory, _memory_output,
               f"training M (LSTM {cfg.mdrnn.hidden}, {cfg.mdrnn.steps} steps)"),
+        Stage("controller", ("env", "controller", "es", "dream", "run.seed"), "controller",
+              _run_controller, _controller_output,
+              f"training C by CMA-ES in the {cfg.es.fitness} env (population "
+              f"{cfg.es.population} x {cfg.es.rollouts} rollouts, {cfg.es.generations} "
+              "generations)"),
+        Stage("evaluate", ("eval", "env.max_steps", "dream"), "eval", _run_evaluate,
+              _eval_output, f"scoring C on {cfg.eval.episodes} real episodes with fixed "
+              "seeds, and the random policy on the same seeds"),
+        Stage("report", (), None, _run_report, _report_output, "writing the report"),
     ]
 
 
