@@ -110,12 +110,16 @@ class MDNRNN(nn.Module):
         """The head's raw outputs (..., output_size) as mixture parameters and heads."""
         s = self.shape
         mixture = 3 * s.z_dim * s.gaussians
-        params = out[..., :mixture].reshape(*out.shape[:-1], s.z_dim, 3, s.gaussians)
-        extra = out[..., mixture:]
-        done = extra[..., 0] if s.done_head else None
-        reward = extra[..., int(s.done_head)] if s.reward_head else None
-        return MdrnnOutput(logits=params[..., 0, :], means=params[..., 1, :],
-                           log_sigmas=params[..., 2, :], done_logit=done, reward=reward)
+        # split/unbind rather than slicing: their backward assembles the gradient in one
+        # op, where each slice's backward would zero-fill a full-size tensor
+        params, extra = out.split([mixture, out.shape[-1] - mixture], dim=-1)
+        params = params.reshape(*out.shape[:-1], s.z_dim, 3, s.gaussians)
+        logits, means, log_sigmas = params.unbind(-2)
+        heads = extra.unbind(-1)
+        done = heads[0] if s.done_head else None
+        reward = heads[int(s.done_head)] if s.reward_head else None
+        return MdrnnOutput(logits=logits, means=means, log_sigmas=log_sigmas, done_logit=done,
+                           reward=reward)
 
 
 def mixture_nll(out: MdrnnOutput, target: torch.Tensor,
