@@ -6,6 +6,7 @@ import argparse
 import json
 
 from wmlab.commands.common import add_config_args, config_from_args
+from wmlab.errors import WmlabError
 
 
 def cmd_train_mdrnn(args: argparse.Namespace) -> int:
@@ -31,16 +32,28 @@ def cmd_train_mdrnn(args: argparse.Namespace) -> int:
 
 
 def cmd_dream(args: argparse.Namespace) -> int:
-    from wmlab.memory.dreaming import DreamRequest, make_dream_pictures, play
+    from wmlab.memory.dreaming import (
+        DreamRequest,
+        controller_policy,
+        load_dream_models,
+        make_dream_pictures,
+        play,
+    )
+    from wmlab.runs import prepare_run_dir
 
     cfg = config_from_args(args, {"dream.tau": args.tau})
+    if args.steps < 1:
+        raise WmlabError(f"--steps must be at least 1, got {args.steps}")
     request = DreamRequest(steps=args.steps, seed=cfg.run.seed, controller=args.controller,
-                           out=args.out,
-                           episode=args.episode, compare=not args.no_compare)
+                           out=args.out, episode=args.episode, compare=not args.no_compare)
+    models = load_dream_models(cfg)  # everything checked before anything is written
+    if request.controller:
+        controller_policy(cfg, request.controller, models.mdrnn)
     if args.play:
-        play(cfg, request)
+        play(cfg, request, models)
         return 0
-    summary = make_dream_pictures(cfg, request)
+    print(f"run directory: {prepare_run_dir(cfg)}")
+    summary = make_dream_pictures(cfg, request, models)
     for key in ("dream_gif", "compare_gif"):
         if summary.get(key):
             print(f"wrote {summary[key]}")

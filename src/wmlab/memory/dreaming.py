@@ -106,13 +106,14 @@ def _policy_from(cfg: Config, tensors: dict[str, torch.Tensor], path: str, mdrnn
     return act
 
 
-def make_dream_pictures(cfg: Config, request: DreamRequest) -> dict[str, Any]:
+def make_dream_pictures(cfg: Config, request: DreamRequest,
+                        models: DreamModels | None = None) -> dict[str, Any]:
     """Write dream.gif (and dream-compare.gif when the episodes are at hand)."""
     from wmlab.memory.pictures import compare_gif, dream_gif, random_policy
 
     if request.steps < 1:
         raise WmlabError(f"--steps must be at least 1, got {request.steps}")
-    models = load_dream_models(cfg)
+    models = models or load_dream_models(cfg)
     m = models.mdrnn
     if request.controller:
         policy = controller_policy(cfg, request.controller, m)
@@ -163,9 +164,10 @@ def _comparison_episode(cfg: Config, request: DreamRequest):
     return store.load(series.episode_id).frames, series
 
 
-def play(cfg: Config, request: DreamRequest) -> None:  # pragma: no cover - needs a display
+def play(cfg: Config, request: DreamRequest, models: DreamModels | None = None
+         ) -> None:  # pragma: no cover - needs a display and a person
     from wmlab.memory.pictures import keyboard_mapping, play_dream
 
-    models = load_dream_models(cfg)
+    models = models or load_dream_models(cfg)
     play_dream(models.mdrnn, models.vae, models.start, cfg.dream.tau, cfg.dream.max_steps,
                keyboard_mapping(cfg.env.name, models.mdrnn.shape.action_dim), request.seed)
