@@ -405,3 +405,25 @@ def test_resume_with_other_batching_is_refused(tmp_path):
     other = tiny_config(tmp_path, seq_len=12)
     with pytest.raises(WmlabError, match="seq_len = 10, now 12"):
         train_mdrnn(other, progress=False, series=data)
+
+
+def test_benchmark_cases_run_and_format():
+    from wmlab.bench import memory as bench
+    from wmlab.dream import DreamStart
+
+    rows = bench._train_case("doom", batch=2, steps=4, repeats=1)
+    assert [r["case"] for r in rows] == ["plain nn.LSTM + Linear (naive)", "wmlab M"]
+    assert all(r["steps_per_s"] > 0 and r["gflops"] > 0 for r in rows)
+    for r in rows:
+        r.update(vs_plain=1.0, peak_fraction=0.5, threads=1)
+    model = MDNRNN(bench.SIZES["doom"]).eval()
+    start = DreamStart(torch.zeros(2, 64), torch.zeros(2, 64))
+    assert bench._dream_rate(model, start, 4, 2) > 0
+    assert bench._single_loop_rate(model, start, 2, 2) > 0
+    rows += [{"bench": "peak", "gflops": 100.0, "threads": 1},
+             {"bench": "dream", "size": "doom", "case": "BatchedDream float32", "batch": 1024,
+              "steps_per_s": 30000.0, "speedup": 30.0, "threads": 1}]
+    text = bench.format_rows(rows)
+    assert "wmlab M" in text and "30,000" in text and "100 GFLOP/s" in text
+    assert bench.training_flops(bench.SIZES["carracing"], 1, 1) == 3 * 2 * (
+        (35 + 256) * 1024 + 256 * 480)
