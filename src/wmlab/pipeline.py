@@ -73,6 +73,12 @@ def _hash(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _chain(upstream: str | None, output: str | None) -> str:
+    """What a stage depends on: every earlier stage's output, not only the last one's
+    (the report shows C's learning curve even when the evaluation came out the same)."""
+    return _hash([upstream, output])
+
+
 def config_slice(cfg: Config, sections: tuple[str, ...]) -> dict[str, Any]:
     """The values of ``sections`` (``section`` or ``section.key``) minus the neutral keys."""
     data = dataclasses.asdict(cfg)
@@ -151,7 +157,7 @@ class Pipeline:
                 "stale" if record else "not run")
             rows.append({"stage": stage.name, "status": state,
                          "finished": record.get("finished", "")})
-            upstream = record.get("output") if current else None
+            upstream = _chain(upstream, record.get("output") if current else None)
         return rows
 
     def run(self, until: str | None = None, only: str | None = None) -> list[StageResult]:
@@ -164,7 +170,7 @@ class Pipeline:
         for stage in self.stages:
             result = self._run_stage(stage, upstream, execute=only in (None, stage.name))
             results.append(result)
-            upstream = (self.record(stage.name) or {}).get("output")
+            upstream = _chain(upstream, (self.record(stage.name) or {}).get("output"))
             if stage.name in (until, only):
                 break
         return results

@@ -1,0 +1,117 @@
+"""The real pipeline at tiny sizes: every stage, every report artefact, resume and rerun."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from wmlab.cli import main
+from wmlab.config import load_config
+from wmlab.pipeline import Pipeline
+
+TINY_COMMON = [
+    "collect.workers=1", "collect.min_length=0",
+    "vae.z_dim=8", "vae.epochs=1", "vae.batch_size=16", "vae.max_frames=96",
+    "mdrnn.hidden=16", "mdrnn.steps=6", "mdrnn.batch_size=2", "mdrnn.seq_len=10",
+    "mdrnn.checkpoint_every=2", "mdrnn.initial_z=4",
+    "es.population=4", "es.rollouts=2", "es.generations=2", "es.eval_every=1",
+    "es.eval_rollouts=2", "es.engine=\"serial\"",
+    "eval.episodes=2",
+]
+TINY = {
+    "doom": [*TINY_COMMON, "collect.episodes=3", "env.max_steps=40", "dream.max_steps=30"],
+    "carracing": [*TINY_COMMON, "collect.episodes=2", "env.max_steps=25",
+                  "env.backend=\"gymnasium\"", "es.fitness=\"real\""],
+}
+
+
+def _cfg(tmp_path: Path, preset: str, *extra: str):
+    return load_config(preset, "quick", [f"run.root=\"{tmp_path}\"", *TINY[preset], *extra])
+
+
+def _statuses(results) -> dict[str, str]:
+    return {r.name: r.status for r in results}
+
+
+@pytest.mark.parametrize("preset", ["doom", "carracing"])
+def test_tiny_pipeline_runs_end_to_end_and_writes_every_artefact(tmp_path, preset):
+    cfg = _cfg(tmp_path, preset)
+    results = Pipeline(cfg, progress=False, log=lambda _: None).run()
+    assert [r.name for r in results] == ["collect", "vision", "encode", "memory",
+                                         "controller", "evaluate", "report"]
+    assert set(_statuses(results).values()) == {"ran"}
+    run = Path(cfg.run_dir())
+    for path in ["config.toml", "vision/vae.json", "memory/mdrnn.json", "memory/initial_z.json",
+                 "controller/metrics.csv", "controller/progress.png", "eval/episode.gif",
+                 "report.md", "report.html"]:
+        assert (run / path).exists(), path
+    backend = "vizdoom" if preset == "doom" else "gymnasium"
+    evaluation = json.loads((run / f"eval/eval-{backend}.json").read_text())
+    random_policy = json.loads((run / f"eval/random-{backend}.json").read_text())
+    assert evaluation["episodes"] == random_policy["episodes"] == 2
+    assert evaluation["seeds"] == random_policy["seeds"]  # the same episodes for both
+    html = (run / "report.html").read_text()
+    assert "data:image/png;base64" in html
+    # a second run has nothing left to do
+    again = Pipeline(cfg, progress=False, log=lambda _: None).run()
+    assert set(_statuses(again).values()) == {"skipped"}
+
+
+def test_interrupted_stage_resumes_and_config_change_reruns_exactly_what_it_affects(
+        tmp_path, monkeypatch):
+    import wmlab.memory.train as memory_train
+
+    cfg = _cfg(tmp_path, "doom")
+    real_train = memory_train.train_mdrnn
+
+    def killed_midway(cfg, **kwargs):
+        real_train(cfg, stop_after_steps=3, **kwargs)
+        raise KeyboardInterrupt  # as a kill in the middle of M's training
+
+    monkeypatch.setattr(memory_train, "train_mdrnn", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline(cfg, progress=False, log=lambda _: None).run()
+    monkeypatch.setattr(memory_train, "train_mdrnn", real_train)
+    results = _statuses(Pipeline(cfg, progress=False, log=lambda _: None).run())
+    assert results == {"collect": "skipped", "vision": "skipped", "encode": "skipped",
+                       "memory": "resumed", "controller": "ran", "evaluate": "ran",
+                       "report": "ran"}
+    # M resumed from its checkpoint at step 2 rather than starting again
+    rows = (Path(cfg.run_dir()) / "memory/metrics.csv").read_text().splitlines()
+    assert len(rows) > 1
+
+    changed = _cfg(tmp_path, "doom", "es.generations=3")
+    results = _statuses(Pipeline(changed, progress=False, log=lambda _: None).run())
+    assert results == {"collect": "skipped", "vision": "skipped", "encode": "skipped",
+                       "memory": "skipped", "controller": "rerun", "evaluate": "rerun",
+                       "report": "rerun"}
+
+
+def test_cli_run_prints_the_report_path_and_refuses_bad_input(tmp_path, capsys):
+    args = ["run", "--preset", "doom", "--profile", "quick", "--no-progress",
+            "--set", f"run.root=\"{tmp_path}\""]
+    for item in TINY["doom"]:
+        args += ["--set", item]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "report: " in out and out.strip().endswith("report.html")
+    assert main(["run", "--preset", "doom", "--profile", "nope"]) == 2
+    assert "has no profile 'nope'" in capsys.readouterr().err
+    assert main([*args, "--until", "nothing"]) == 2
+    assert "no stage 'nothing'" in capsys.readouterr().err
+
+
+def test_example_notebook_runs(tmp_path, monkeypatch):
+    notebook = Path(__file__).parent.parent / "examples" / "quickstart.ipynb"
+    cells = json.loads(notebook.read_text())["cells"]
+    monkeypatch.setenv("WMLAB_SMOKE_TEST", "1")
+    monkeypatch.setenv("WMLAB_SMOKE_OVERRIDES",
+                       ";".join([f"run.root=\"{tmp_path}\"", *TINY["doom"]]))
+    namespace: dict = {}
+    for cell in cells:
+        if cell["cell_type"] == "code":
+            exec(compile("".join(cell["source"]), str(notebook), "exec"), namespace)
+    assert os.path.exists(namespace["pipeline"].report_path())
