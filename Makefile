@@ -19,13 +19,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# The main job on its defaults: for now, collect a small Doom and CarRacing dataset and
-# summarise it (later: the whole quick pipeline).
+# The main job on its defaults: the whole Doom pipeline at the quick profile (collect, V,
+# encode, M, C trained in the dream, evaluation in the real game, report). Re-running
+# resumes where it stopped; it ends by printing the path of the report.
 demo: install
-	$(BIN)/wmlab collect --preset doom --profile quick --episodes 24 --workers 2
-	$(BIN)/wmlab collect --preset carracing --profile quick --episodes 8 --workers 2
-	$(BIN)/wmlab data info runs/doom-quick/data
-	$(BIN)/wmlab data info runs/carracing-quick/data
+	$(BIN)/wmlab run --preset doom --profile quick
 
 test: install
 	$(BIN)/ruff check src tests
@@ -35,7 +33,7 @@ lint: install
 	$(BIN)/ruff check src tests
 
 bench: install
-	$(BIN)/wmlab bench collect
+	for stage in collect vision memory controller; do $(BIN)/wmlab bench $$stage || exit 1; done
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
