@@ -153,11 +153,11 @@ class DreamConfig:
     tau: float = _opt(1.25, "sampling temperature (released code 1.25, paper's best 1.15)",
                       min=0.0, max=10.0)
     max_steps: int = _opt(2100, "dream episode cap", min=1)
-
-
     precision: str = _opt("float32", "dream matmul precision (bfloat16: ~3x faster on CPUs "
                           "with AVX512-BF16, trajectories differ in the last bits)",
                           choices=("float32", "bfloat16"))
+
+
 @dataclass
 class EvalConfig:
     episodes: int = _opt(100, "episodes of the reported evaluation", min=1)
