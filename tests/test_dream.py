@@ -75,6 +75,30 @@ def test_done_threshold_is_a_positive_logit():
     assert not bool(dream.terminated.any()) and bool(dream.done.all())
 
 
+def test_sampled_done_has_the_unweighted_probability_of_the_head():
+    """done "sample": with a constant logit l trained under positive weight w, each step
+    ends a dream with probability sigmoid(l - log w), so lengths are geometric."""
+    weight, probability = 10.0, 0.05
+    logit = float(np.log(weight * probability / (1 - probability)))
+    dream = BatchedDream(constant_heads(make_model(), done=logit), starts(), 1.15, 10_000,
+                         done_mode="sample", done_weight=weight)
+    _, lengths = dream.rollout(lambda d: torch.zeros(d.batch, 1), np.arange(2000))
+    assert abs(lengths.mean() - 1 / probability) < 1.5  # geometric mean 20, sd ~0.43
+    assert bool(dream.terminated.all())
+    # the threshold rule on the same head never ends a dream (logit < 0) ...
+    never = BatchedDream(constant_heads(make_model(), done=logit), starts(), 1.15, 50)
+    assert np.all(never.rollout(lambda d: torch.zeros(d.batch, 1), np.arange(4))[1] == 50)
+    # ... and sampled dreams are still a function of their seed alone
+    again = BatchedDream(constant_heads(make_model(), done=logit), starts(), 1.15, 10_000,
+                         done_mode="sample", done_weight=weight)
+    assert np.array_equal(again.rollout(lambda d: torch.zeros(d.batch, 1),
+                                        np.arange(1000, 1010))[1],
+                          dream.rollout(lambda d: torch.zeros(d.batch, 1),
+                                        np.arange(1000, 1010))[1])
+    with pytest.raises(WmlabError, match="done mode"):
+        BatchedDream(make_model(), starts(), 1.15, 5, done_mode="coin")
+
+
 def test_finished_dreams_are_frozen_and_later_steps_give_no_reward():
     dream = BatchedDream(constant_heads(make_model(), done=-5.0), starts(), 1.0, 3)
     dream.reset([1, 2])

@@ -161,7 +161,8 @@ def run_real(models: AgentModels, env_batch: Any, params: np.ndarray, seeds: np.
 
 @torch.no_grad()
 def run_dream(models: AgentModels, params: np.ndarray, seeds: np.ndarray, tau: float,
-              max_steps: int, precision: str = "float32") -> np.ndarray:
+              max_steps: int, precision: str = "float32", done_mode: str = "threshold",
+              done_weight: float = 1.0) -> np.ndarray:
     """Dream episodes, all members' rollouts as one batched dream: (P, n), (P, R) -> (P, R)."""
     if models.start is None:
         raise WmlabError("dream rollouts need M's first-frame latents (memory/initial_z): "
@@ -169,7 +170,8 @@ def run_dream(models: AgentModels, params: np.ndarray, seeds: np.ndarray, tau: f
     seeds = np.asarray(seeds, dtype=np.int64)
     members, per_member = seeds.shape
     theta = _member_params(params, models.shape)
-    dream = BatchedDream(models.mdrnn, models.start, tau, max_steps, dtype=precision)
+    dream = BatchedDream(models.mdrnn, models.start, tau, max_steps, dtype=precision,
+                         done_mode=done_mode, done_weight=done_weight)
     z = dream.reset(seeds.ravel())
     returns = torch.zeros(len(z), dtype=torch.float64)
     done = torch.zeros(len(z), dtype=torch.bool)
@@ -199,6 +201,8 @@ class RolloutWorkload:
     max_steps: int = 0  # real: episode cap (0 = env default); dream: step cap
     tau: float = 1.0
     precision: str = "float32"  # dream matmuls: float32 or bfloat16
+    done_mode: str = "threshold"  # dream.done
+    done_weight: float = 1.0  # mdrnn.done_weight, undone by done_mode "sample"
 
     def load(self) -> AgentModels:
         from wmlab.checkpoint import load_checkpoint
@@ -239,7 +243,8 @@ class RolloutRunner:
         seeds = np.asarray(seeds)
         if self.workload.kind == "dream":
             return run_dream(self.models, params, seeds, self.workload.tau,
-                             self.workload.max_steps, self.workload.precision)
+                             self.workload.max_steps, self.workload.precision,
+                             self.workload.done_mode, self.workload.done_weight)
         return run_real(self.models, self.env_batch(seeds.size), params, seeds)
 
     def close(self) -> None:
@@ -262,4 +267,5 @@ def workload_from_config(cfg: Any, kind: str | None = None, backend: str | None 
         features=cfg.controller.inputs, hidden=cfg.controller.hidden,
         bias=cfg.controller.bias,
         max_steps=cfg.dream.max_steps if dream else cfg.env.max_steps, tau=cfg.dream.tau,
-        precision=cfg.dream.precision)
+        precision=cfg.dream.precision, done_mode=cfg.dream.done,
+        done_weight=cfg.mdrnn.done_weight)

@@ -156,6 +156,9 @@ class DreamConfig:
     precision: str = _opt("float32", "dream matmul precision (bfloat16: ~3x faster on CPUs "
                           "with AVX512-BF16, trajectories differ in the last bits)",
                           choices=("float32", "bfloat16"))
+    done: str = _opt("threshold", "when a dream ends: threshold = done logit > 0 (the "
+                     "original), sample = drawn with M's probability (weight undone)",
+                     choices=("threshold", "sample"))
 
 
 @dataclass

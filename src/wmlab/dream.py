@@ -29,6 +29,7 @@ from wmlab.errors import WmlabError
 from wmlab.memory.fastlinear import FastLinear
 from wmlab.memory.model import MDNRNN, check_tau, select_and_sample
 
+DONE_MODES = ("threshold", "sample")
 FEATURES = ("z", "zh", "zch")
 
 
@@ -54,7 +55,8 @@ class BatchedDream:
 
     def __init__(self, model: MDNRNN, start: DreamStart, tau: float, max_steps: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype | str = torch.float32,
-                 noise_block: int = 64) -> None:
+                 noise_block: int = 64, done_mode: str = "threshold",
+                 done_weight: float = 1.0) -> None:
         if max_steps < 1:
             raise WmlabError(f"dream max_steps must be at least 1, got {max_steps}")
         if start.mu.shape[1] != model.shape.z_dim:
@@ -67,6 +69,16 @@ class BatchedDream:
                                 start.logvar.to(self.device).float())
         self.tau = check_tau(tau)
         self.max_steps = int(max_steps)
+        if done_mode not in DONE_MODES:
+            raise WmlabError(f"dream done mode must be one of {', '.join(DONE_MODES)}, got "
+                             f"'{done_mode}'")
+        if not done_weight > 0:
+            raise WmlabError(f"the done head's positive weight must be > 0, got {done_weight}")
+        self.done_mode = done_mode
+        # The done head was trained with positives weighted by w, which shifts its logit by
+        # log(w) from the true log-odds: "sample" undoes that before drawing, so the dream's
+        # hazard is M's estimate of the real one rather than w times it.
+        self.done_shift = float(np.log(done_weight))
         # dream.precision: "bfloat16" runs the two matmuls in bf16 (state and sampling stay
         # float32); ~3x faster where the CPU has AVX512-BF16
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -127,6 +139,7 @@ class BatchedDream:
         self._rngs: list[np.random.Generator] = [None] * b  # type: ignore[list-item]
         self._uniform = torch.zeros(b, self.block, z_dim, device=self.device)
         self._normal = torch.zeros(b, self.block, z_dim, device=self.device)
+        self._done_uniform = torch.zeros(b, self.block, device=self.device)
         self.reset_rows(np.arange(b), seeds)
         return self.z
 
@@ -169,6 +182,10 @@ class BatchedDream:
         index = torch.as_tensor(rows, device=self.device)
         self._uniform[index] = torch.as_tensor(uniform, device=self.device)
         self._normal[index] = torch.as_tensor(normal, device=self.device)
+        if self.done_mode == "sample":  # drawn last, so threshold dreams keep their streams
+            done_uniform = np.stack([self._rngs[r].random(self.block, dtype=np.float32)
+                                     for r in rows])
+            self._done_uniform[index] = torch.as_tensor(done_uniform, device=self.device)
 
     # -- stepping ------------------------------------------------------------------------
 
@@ -218,13 +235,23 @@ class BatchedDream:
         ran = running.cpu().numpy()
         self.t += ran
         capped = torch.as_tensor(self.t >= self.max_steps, device=self.device)
-        died = (out.done_logit > 0) if out.done_logit is not None else torch.zeros_like(capped)
+        died = self._died(out.done_logit, pos, rows) if out.done_logit is not None else \
+            torch.zeros_like(capped)
         self.terminated |= running & died
         self.done |= running & (died | capped)
         refill = np.flatnonzero(ran & (self.t % self.block == 0) & ~self.done.cpu().numpy())
         if len(refill):
             self._refill(refill)
         return self.z, reward, self.done
+
+    def _died(self, done_logit: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor
+              ) -> torch.Tensor:
+        """threshold: the original's rule, done when the logit > 0 (probability > 0.5 under
+        the weighted loss); sample: done with M's (unweighted) probability."""
+        if self.done_mode == "threshold":
+            return done_logit > 0
+        probability = torch.sigmoid(done_logit.float() - self.done_shift)
+        return self._done_uniform[rows, pos] < probability
 
     @torch.no_grad()
     def rollout(self, policy: Callable[[BatchedDream], torch.Tensor], seeds: np.ndarray
@@ -272,7 +299,8 @@ def dream_calibration(model: MDNRNN, start: DreamStart, tau: float, max_steps: i
                       episodes: int = 64, seed: int = 0,
                       policies: tuple[str, ...] = ("random", "noop", "left"),
                       to_vector: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                      raw_dim: int | None = None, device: torch.device | str = "cpu"
+                      raw_dim: int | None = None, device: torch.device | str = "cpu",
+                      done_mode: str = "threshold", done_weight: float = 1.0
                       ) -> dict[str, Any]:
     """Survival and return of fixed reference policies in the dream, per policy.
 
@@ -281,10 +309,11 @@ def dream_calibration(model: MDNRNN, start: DreamStart, tau: float, max_steps: i
     ``raw_dim`` is the number of raw controller outputs that ``to_vector`` maps to M's
     actions (default: M's action size).
     """
-    dream = BatchedDream(model, start, tau, max_steps, device)
+    dream = BatchedDream(model, start, tau, max_steps, device, done_mode=done_mode,
+                         done_weight=done_weight)
     seeds = np.arange(episodes) + seed * 1_000_003
     report: dict[str, Any] = {"tau": tau, "max_steps": max_steps, "episodes": episodes,
-                              "policies": {}}
+                              "done_mode": done_mode, "policies": {}}
     for name in policies:
         policy = reference_policy(name, raw_dim or model.shape.action_dim, seed, to_vector)
         returns, lengths = dream.rollout(policy, seeds)

@@ -462,7 +462,8 @@ def write_calibration(cfg: Config, model: MDNRNN, device: torch.device | str = "
     report = dream_calibration(model, load_initial_z(folder), cfg.dream.tau,
                                max_steps=cfg.dream.max_steps,
                                episodes=cfg.mdrnn.calibration_episodes, seed=cfg.run.seed,
-                               to_vector=to_vector, raw_dim=raw_dim, device=device)
+                               to_vector=to_vector, raw_dim=raw_dim, device=device,
+                               done_mode=cfg.dream.done, done_weight=cfg.mdrnn.done_weight)
     report["note"] = ("compare with the same policies in the real game; a dream where no-op "
                       "survives much longer than random does in reality is exploitable")
     atomic_write_bytes(f"{folder}/{CALIBRATION_FILE}", json.dumps(report, indent=2).encode())
