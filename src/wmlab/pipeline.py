@@ -365,11 +365,32 @@ def _eval_output(cfg: Config) -> str | None:
     return _hash([fs.cat_file(name).decode() for name in names])
 
 
+def _dream_pictures(cfg: Config) -> dict[str, Any]:
+    """The dream GIFs the report shows: C (or random actions) driving M's dream, and real
+    frames | V's reconstruction | M's imagined continuation from the same start."""
+    from wmlab.checkpoint import checkpoint_exists
+    from wmlab.es import BEST_WEIGHTS, controller_dir
+    from wmlab.memory.dreaming import DreamRequest, make_dream_pictures
+
+    if not cfg.mdrnn.done_head and not cfg.mdrnn.reward_head and cfg.es.fitness == "real":
+        steps = 150  # a dream without an end: a short one shows what M imagines
+    else:
+        steps = min(300, cfg.dream.max_steps)
+    best = BEST_WEIGHTS if checkpoint_exists(controller_dir(cfg), BEST_WEIGHTS) else None
+    try:
+        return make_dream_pictures(cfg, DreamRequest(steps=steps, seed=cfg.run.seed,
+                                                     controller=best))
+    except WmlabError as exc:  # the report says what is missing; it never stops here
+        return {"dream_error": str(exc)}
+
+
 def _run_report(cfg: Config, progress: bool) -> dict[str, Any]:
     from wmlab.report import write_report
 
+    dream = _dream_pictures(cfg)
     paths = write_report(cfg.run_dir())
-    return {"markdown": str(paths.markdown), "html": str(paths.html)}
+    return {"markdown": str(paths.markdown), "html": str(paths.html),
+            "dream": {k: v for k, v in dream.items() if isinstance(v, (str, int, float))}}
 
 
 def _report_output(cfg: Config) -> str | None:
