@@ -115,3 +115,45 @@ def test_example_notebook_runs(tmp_path, monkeypatch):
         if cell["cell_type"] == "code":
             exec(compile("".join(cell["source"]), str(notebook), "exec"), namespace)
     assert os.path.exists(namespace["pipeline"].report_path())
+
+
+def test_second_iteration_collects_with_the_agent_and_starts_from_the_first(tmp_path):
+    from wmlab.data import EpisodeStore
+    from wmlab.errors import WmlabError
+
+    cfg = _cfg(tmp_path, "doom", "collect.episodes=4", "collect.agent_fraction=0.5")
+    with pytest.raises(WmlabError, match="--iteration 1 first"):
+        Pipeline(cfg, progress=False, log=lambda _: None, iteration=2)
+    Pipeline(cfg, progress=False, log=lambda _: None).run()
+    second = Pipeline(cfg, progress=False, log=lambda _: None, iteration=2)
+    assert second.run_dir == f"{cfg.run_dir()}/iterations/2"
+    assert set(_statuses(second.run()).values()) == {"ran"}
+    store = EpisodeStore.open(f"{second.run_dir}/data")
+    policies = sorted(store.meta(i)["policy"] for i in store.episode_ids())
+    assert policies == ["agent", "agent", "held", "held"]
+    # new episodes: other seeds than the first iteration's random ones
+    first = EpisodeStore.open(f"{cfg.run_dir()}/data")
+    assert not {store.meta(i)["seed"] for i in store.episode_ids()} & {
+        first.meta(i)["seed"] for i in first.episode_ids()}
+    # V and M started from the first iteration's weights, not from scratch
+    assert second.cfg.vae.init_from == f"{cfg.run_dir()}/vision"
+    assert second.cfg.mdrnn.init_from == f"{cfg.run_dir()}/memory"
+    report = (Path(cfg.run_dir()) / "report.md").read_text()
+    assert "iterations/2" in report or "iteration 2" in report
+    with pytest.raises(WmlabError, match="--iteration 0|must be 1 or more"):
+        Pipeline(cfg, progress=False, log=lambda _: None, iteration=0)
+
+
+def test_vae_init_from_starts_training_at_the_previous_weights(tmp_path):
+    import torch
+
+    from wmlab.vision.train import build_trainer, load_vae
+
+    cfg = _cfg(tmp_path, "doom")
+    Pipeline(cfg, progress=False, log=lambda _: None).run(until="vision")
+    trained, _ = load_vae(f"{cfg.run_dir()}/vision")
+    started = build_trainer(_cfg(tmp_path, "doom",
+                                 f"vae.init_from=\"{cfg.run_dir()}/vision\""),
+                            torch.device("cpu"))
+    for key, value in trained.state_dict().items():
+        assert (started.model.state_dict()[key] == value).all(), key

@@ -269,3 +269,60 @@ def workload_from_config(cfg: Any, kind: str | None = None, backend: str | None 
         max_steps=cfg.dream.max_steps if dream else cfg.env.max_steps, tau=cfg.dream.tau,
         precision=cfg.dream.precision, done_mode=cfg.dream.done,
         done_weight=cfg.mdrnn.done_weight)
+
+
+class AgentPolicy:
+    """A trained agent (V + M + C of a finished run) as a collection policy.
+
+    Collecting with it gives the data of the next iteration (SPEC section 1): the states a
+    trained controller visits, which random policies rarely reach. It has the interface of
+    ``wmlab.policies.BatchPolicy``: ``reset(slot, seed)`` starts an episode whose z-noise
+    comes from ``seed`` alone, ``act(frames)`` returns raw outputs for the whole batch.
+    """
+
+    def __init__(self, num_envs: int, outputs: int, run_dir: str) -> None:
+        from wmlab.config import load_config_file
+        from wmlab.controller import check_shape
+        from wmlab.es import controller_dir, load_controller_params
+
+        try:
+            cfg = load_config_file(f"{run_dir.rstrip('/')}/config.toml")
+        except WmlabError:
+            raise WmlabError(f"collect.agent_run: {run_dir} is not a run directory (no "
+                             "config.toml): give the run whose controller should act") from None
+        self.models = workload_from_config(cfg, "real").load()
+        params, info = load_controller_params(controller_dir(cfg))
+        check_shape(info, self.models.shape, cfg.controller.inputs, info["source"])
+        if outputs != self.models.spec.controller_outputs:
+            raise WmlabError(f"the agent of {run_dir} emits {self.models.spec.controller_outputs}"
+                             f" outputs but this env takes {outputs}: it was trained on "
+                             "another environment")
+        self.theta = _member_params(params[None], self.models.shape)
+        self.num_envs, self.outputs = num_envs, outputs
+        m = self.models.mdrnn.shape
+        self.h = torch.zeros(num_envs, m.hidden)
+        self.c = torch.zeros(num_envs, m.hidden)
+        self.restart = torch.ones(num_envs, 1)
+        self._rngs = [np.random.default_rng(0) for _ in range(num_envs)]
+
+    def reset(self, slot: int, seed: int) -> None:
+        self._rngs[slot] = np.random.default_rng([int(seed), 4101])
+        self.h[slot] = 0.0
+        self.c[slot] = 0.0
+        self.restart[slot] = 1.0
+
+    @torch.no_grad()
+    def act(self, frames: np.ndarray) -> np.ndarray:
+        models, m = self.models, self.models.mdrnn
+        mu, logvar = models.vae.encode(frames_to_tensor(torch.from_numpy(frames),
+                                                        channels_last=True))
+        eps = torch.from_numpy(np.stack([rng.standard_normal(m.shape.z_dim, dtype=np.float32)
+                                         for rng in self._rngs]))
+        z = mu + torch.exp(0.5 * logvar) * eps
+        raw, _, vectors = _act(models, self.theta, z, self.h, self.c, 1)
+        restart = self.restart if m.shape.restart_input else None
+        _, _, (h, c) = m(z.unsqueeze(1), torch.from_numpy(vectors).float().unsqueeze(1),
+                         restart=restart, state=(self.h.unsqueeze(0), self.c.unsqueeze(0)))
+        self.h, self.c = h[0], c[0]
+        self.restart.zero_()
+        return raw.astype(np.float32)

@@ -284,7 +284,8 @@ def collect(cfg: Config, *, progress: bool = True,
         env=spec.name, backend=backend, max_steps=cfg.env.max_steps,
         envs_per_worker=c.envs_per_worker, store_url=store_url, collection=collection,
         policy=PolicyConfig(name=c.policy, brown_sigma=c.brown_sigma, hold_min=c.hold_min,
-                            hold_max=c.hold_max, weights_scale=c.weights_scale),
+                            hold_max=c.hold_max, weights_scale=c.weights_scale,
+                            agent_run=c.agent_run),
         seed_prefix=(cfg.run.seed, c.seed),
     )
     next_index = _index_source(existing)

@@ -57,8 +57,12 @@ class CollectConfig:
     workers: int = _opt(0, "worker processes; 0 = one per CPU core", min=0, max=1024)
     envs_per_worker: int = _opt(1, "envs stepped as one batch inside each worker",
                                 min=1, max=4096)
-    policy: str = _opt("brown", "random policy for collection",
-                       choices=("uniform", "brown", "held", "random-weights"))
+    policy: str = _opt("brown", "collection policy (agent: a trained run's V, M and C)",
+                       choices=("uniform", "brown", "held", "random-weights", "agent"))
+    agent_run: str = _opt("", "policy agent: run directory whose trained controller acts")
+    agent_fraction: float = _opt(0.5, "iterations 2+: fraction of episodes collected by the "
+                                 "previous iteration's agent (the rest: collect.policy)",
+                                 min=0.0, max=1.0)
     min_length: int = _opt(0, "drop episodes with fewer steps than this (Doom: 101)", min=0)
     out: str = _opt("", "episode store path or URL; empty = <run>/data")
     collection: str = _opt("", "name of this collection inside the store; empty = policy name")
@@ -78,6 +82,7 @@ class CollectConfig:
 @dataclass
 class VaeConfig:
     kind: str = _opt("vae", "vision model", choices=("vae", "vae-gan"))
+    init_from: str = _opt("", "vision folder whose trained V starts training (iterations)")
     z_dim: int = _opt(32, "latent size (CarRacing 32, Doom 64)", min=1, max=4096)
     kl_tolerance: float = _opt(0.5, "KL floor per latent dimension", min=0.0)
     lr: float = _opt(1e-4, "Adam learning rate", min=0.0, max=1.0)
@@ -100,6 +105,7 @@ class VaeConfig:
 @dataclass
 class MdrnnConfig:
     hidden: int = _opt(256, "LSTM units (CarRacing 256, Doom 512)", min=1)
+    init_from: str = _opt("", "memory folder whose trained M starts training (iterations)")
     gaussians: int = _opt(5, "mixture components per z dimension", min=1, max=64)
     done_head: bool = _opt(False, "predict episode end (Doom)")
     reward_head: bool = _opt(False, "predict reward")

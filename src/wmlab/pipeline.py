@@ -18,6 +18,7 @@ engine...) are left out of the fingerprints, so changing them reruns nothing.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -108,7 +109,13 @@ class Pipeline:
     """
 
     def __init__(self, cfg: Config, stages: list[Stage] | None = None,
-                 progress: bool = True, log: Callable[[str], None] = print) -> None:
+                 progress: bool = True, log: Callable[[str], None] = print,
+                 iteration: int = 1) -> None:
+        if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 1:
+            raise WmlabError(f"--iteration must be 1 or more, got {iteration!r}")
+        if iteration > 1:
+            cfg = iteration_config(cfg, iteration)
+        self.iteration = iteration
         self.cfg = cfg
         self.stages = stages if stages is not None else default_stages(cfg)
         self.progress = progress
@@ -232,6 +239,43 @@ class Pipeline:
 
 
 # ---------------------------------------------------------------------------------------------
+# Iterations
+
+
+def iteration_config(cfg: Config, iteration: int) -> Config:
+    """The config of iteration ``iteration`` (2+) of ``cfg``'s run.
+
+    It lives in ``<run>/iterations/<k>/``; it collects new episodes, a fraction with the
+    previous iteration's agent and the rest with the random policy (other seeds than
+    before), and trains V and M starting from the previous iteration's weights; C is trained
+    afresh. Evaluation uses the same seeds, so iterations compare episode for episode.
+    """
+    from wmlab.checkpoint import checkpoint_exists
+    from wmlab.es import MEAN_WEIGHTS
+
+    base = cfg.run_dir()
+    previous = base if iteration == 2 else f"{base}/iterations/{iteration - 1}"
+    if not checkpoint_exists(f"{previous}/controller", MEAN_WEIGHTS):
+        raise WmlabError(f"iteration {iteration} starts from iteration {iteration - 1}'s "
+                         f"trained agent, and {previous} has none: run `wmlab run` with "
+                         f"--iteration {iteration - 1} first")
+    new = copy.deepcopy(cfg)
+    name = cfg.run.name or f"{cfg.preset}-{cfg.profile}"
+    new.run.name = f"{name}/iterations/{iteration}"
+    new.collect.out = ""
+    new.collect.seed = cfg.collect.seed + 1000 * (iteration - 1)
+    new.collect.agent_run = previous
+    new.vae.init_from = f"{previous}/vision"
+    new.mdrnn.init_from = f"{previous}/memory"
+    return new
+
+
+def base_run_dir(cfg: Config) -> str:
+    """The run directory of iteration 1 (for an iteration's config, its parent run)."""
+    return cfg.run_dir().split("/iterations/")[0]
+
+
+# ---------------------------------------------------------------------------------------------
 # The stages
 
 
@@ -251,8 +295,21 @@ def _store_fingerprint(cfg: Config) -> str | None:
 def _run_collect(cfg: Config, progress: bool) -> dict[str, Any]:
     from wmlab.collect import collect
 
-    summary = collect(cfg, progress=progress)
-    return {"line": summary.line(), "episodes": summary.kept_now, "steps": summary.steps}
+    if not cfg.collect.agent_run:
+        summary = collect(cfg, progress=progress)
+        return {"line": summary.line(), "episodes": summary.kept_now, "steps": summary.steps}
+    # an iteration: the previous agent's share of the episodes, then the random policy's
+    by_agent = round(cfg.collect.episodes * cfg.collect.agent_fraction)
+    parts: dict[str, Any] = {}
+    for policy, count in (("agent", by_agent), (cfg.collect.policy,
+                                                cfg.collect.episodes - by_agent)):
+        if count == 0:
+            continue
+        part = copy.deepcopy(cfg)
+        part.collect.policy, part.collect.episodes = policy, count
+        summary = collect(part, progress=progress)
+        parts[policy] = {"line": summary.line(), "episodes": summary.kept_now}
+    return parts
 
 
 def _sidecar_fingerprint(folder: str, name: str) -> str | None:
@@ -389,6 +446,8 @@ def _run_report(cfg: Config, progress: bool) -> dict[str, Any]:
 
     dream = _dream_pictures(cfg)
     paths = write_report(cfg.run_dir())
+    if base_run_dir(cfg) != cfg.run_dir():  # an iteration: the first run's report lists all
+        write_report(base_run_dir(cfg))
     return {"markdown": str(paths.markdown), "html": str(paths.html),
             "dream": {k: v for k, v in dream.items() if isinstance(v, (str, int, float))}}
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from wmlab.errors import WmlabError
 
-POLICY_NAMES = ("uniform", "brown", "held", "random-weights")
+POLICY_NAMES = ("uniform", "brown", "held", "random-weights", "agent")
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class PolicyConfig:
     hold_min: int = 1
     hold_max: int = 10
     weights_scale: float = 0.01
+    agent_run: str = ""  # policy "agent": the run directory whose trained V, M and C act
 
 
 class BatchPolicy:
@@ -127,6 +128,13 @@ class RandomWeightsPolicy(BatchPolicy):
 
 
 def make_policy(config: PolicyConfig, num_envs: int, outputs: int) -> BatchPolicy:
+    if config.name == "agent":
+        if not config.agent_run:
+            raise WmlabError("policy 'agent' needs the run whose controller acts: set "
+                             "collect.agent_run=RUN_DIR")
+        from wmlab.agent import AgentPolicy
+
+        return AgentPolicy(num_envs, outputs, config.agent_run)
     classes = {"uniform": UniformPolicy, "brown": BrownPolicy, "held": HeldPolicy,
                "random-weights": RandomWeightsPolicy}
     if config.name not in classes:

@@ -11,7 +11,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from wmlab.pipeline import Pipeline, describe_results
 
     cfg = config_from_args(args, {"es.fitness": args.fitness})
-    pipeline = Pipeline(cfg, progress=not args.no_progress)
+    pipeline = Pipeline(cfg, progress=not args.no_progress, iteration=args.iteration)
     print(f"run directory: {pipeline.run_dir}")
     results = pipeline.run(until=args.until)
     print("stages:")
@@ -26,7 +26,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from wmlab.pipeline import Pipeline
 
     cfg = config_from_args(args)
-    pipeline = Pipeline(cfg, progress=False)
+    pipeline = Pipeline(cfg, progress=False, iteration=args.iteration)
     print(f"run directory: {pipeline.run_dir}")
     for row in pipeline.status():
         print(f"  {row['stage']:<11} {row['status']:<8} {row['finished']}")
@@ -42,9 +42,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "controller, evaluate, report)")
     p.add_argument("--fitness", choices=("real", "dream"),
                    help="train C in the real env or in M's dream (es.fitness)")
+    p.add_argument("--iteration", type=int, default=1,
+                   help="agent generation: 2+ collects with the previous iteration's agent "
+                        "(and the random policy), retrains V and M from its weights, "
+                        "retrains C; runs in <run>/iterations/<k>/")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="which stages of a run are done, stale or not run")
     add_config_args(p)
+    p.add_argument("--iteration", type=int, default=1, help="agent generation")
     p.set_defaults(func=cmd_status)

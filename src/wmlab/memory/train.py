@@ -234,6 +234,13 @@ def train_mdrnn(cfg: Config, *, progress: bool = True, stop_after_steps: int | N
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed)  # the initial weights belong to the run's seed
         model = MDNRNN(shape).to(device)
+    if m.init_from:  # begin from a trained M (the previous iteration's)
+        previous, _ = load_mdrnn(m.init_from)
+        if previous.shape != shape:
+            raise WmlabError(f"mdrnn.init_from: the M in {m.init_from} has shape "
+                             f"{previous.shape}, this run's is {shape}: use an M of the same "
+                             "size, trained on the same env")
+        model.load_state_dict(previous.state_dict())
     optimizer = torch.optim.Adam(model.parameters(), lr=m.lr)
     folder = memory_dir(cfg)
     # what fixes the sequence of batches: a resume with other values would not continue

@@ -246,6 +246,8 @@ def build_trainer(cfg: Config, device: torch.device, fused_adam: bool = True) ->
         model = ConvVAE(c.z_dim)
         disc = Discriminator() if c.kind == "vae-gan" else None
     memory_format = torch.channels_last if c.channels_last else torch.contiguous_format
+    if c.init_from:
+        _start_from(model, c.init_from, c.z_dim)
     model = model.to(device, memory_format=memory_format)
     noise = torch.Generator(device=device).manual_seed(cfg.run.seed + 1)
     fused = fused_adam or None  # None: torch's default implementation
@@ -256,6 +258,15 @@ def build_trainer(cfg: Config, device: torch.device, fused_adam: bool = True) ->
         trainer.critic_optimizer = torch.optim.Adam(disc.parameters(), lr=c.lr,
                                                     betas=(0.5, 0.999), fused=fused)
     return trainer
+
+
+def _start_from(model: ConvVAE, folder: str, z_dim: int) -> None:
+    """Begin from a trained V (the previous iteration's) instead of random weights."""
+    ckpt = load_checkpoint(folder, FINAL_WEIGHTS, with_state=False)
+    if int(ckpt.info.get("z_dim", -1)) != z_dim:
+        raise WmlabError(f"vae.init_from: the V in {folder} has z_dim {ckpt.info.get('z_dim')}"
+                         f", this run asks for {z_dim}: use a V of the same size")
+    load_weights_into(model, ckpt.weights, f"{folder}/{FINAL_WEIGHTS}")
 
 
 def _shape_info(cfg: Config) -> dict[str, Any]:
