@@ -58,8 +58,10 @@ def survival_mdrnn(z_dim: int = Z_DIM, hidden: int = M_HIDDEN) -> MDNRNN:
 def make_run(tmp_path: Path, preset: str = "doom", overrides: tuple[str, ...] = (),
              mdrnn: MDNRNN | None = None, z_dim: int = Z_DIM) -> Config:
     """A run directory holding a random V, the given (or survival) M and initial_z."""
+    # the survival M below is built for the original's done rule (logit > 0)
     cfg = load_config(preset, "quick", [f'run.root="{tmp_path}"', 'run.name="r"',
-                                        "es.engine=\"serial\"", *overrides])
+                                        "es.engine=\"serial\"", 'dream.done="threshold"',
+                                        *overrides])
     torch.manual_seed(1)
     vae = ConvVAE(z_dim)
     save_checkpoint(vision_dir(cfg), V_WEIGHTS, 1, vae.state_dict(), None,

@@ -55,7 +55,8 @@ def test_evaluate_in_the_dream_and_through_the_cli(tmp_path, capsys):
     _save_controller(cfg, params)
     code = main(["evaluate", "--preset", "doom", "--profile", "quick", "--run", "r",
                  "--set", f"run.root={tmp_path}", "--set", "es.engine=serial",
-                 "--set", "dream.max_steps=20", "--episodes", "4", "--dream"])
+                 "--set", "dream.max_steps=20", "--set", "dream.done=threshold",
+                 "--episodes", "4", "--dream"])
     assert code == 0
     assert "20.0 +- 0.0 over 4 episodes" in capsys.readouterr().out
     saved = json.loads(Path(eval_dir(cfg), "eval-dream.json").read_text())

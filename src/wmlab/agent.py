@@ -99,13 +99,14 @@ def _member_params(params: np.ndarray | torch.Tensor, shape: ControllerShape) ->
 
 
 def _act(models: AgentModels, params: torch.Tensor, z: torch.Tensor, h: torch.Tensor,
-         c: torch.Tensor, members: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+         c: torch.Tensor, members: int, mask: np.ndarray | None = None
+         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One batched C forward for all members: (raw outputs, env actions, M's action vectors)
     for the B = members x rollouts rows of ``z`` (rows grouped by member)."""
     feats = controller_features(models.features, z, h, c)
     raw = population_forward(models.shape, params, feats.reshape(members, -1, feats.shape[-1]))
     raw_np = raw.reshape(len(z), -1).numpy()
-    env_actions = raw_to_env_actions(models.spec, raw_np)
+    env_actions = raw_to_env_actions(models.spec, raw_np, mask)
     return raw_np, env_actions, models.spec.action_vector(env_actions)
 
 
@@ -144,7 +145,8 @@ def run_real(models: AgentModels, env_batch: Any, params: np.ndarray, seeds: np.
                                                  channels_last=True))
         eps = torch.from_numpy(noise.next()[rows])
         z[rows] = mu + torch.exp(0.5 * logvar) * eps
-        _, env_actions, vectors = _act(models, theta, z, h, c, members)
+        _, env_actions, vectors = _act(models, theta, z, h, c, members,
+                                       getattr(env_batch, "masks", None))
         if record is not None and running[0]:
             record({"frame": obs[0], "z": z[0].clone(), "vae": vae})
         obs, rewards, terminated, truncated = env_batch.step(env_actions)

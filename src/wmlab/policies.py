@@ -17,7 +17,8 @@ import numpy as np
 
 from wmlab.errors import WmlabError
 
-POLICY_NAMES = ("uniform", "brown", "held", "random-weights", "agent")
+POLICY_NAMES = ("uniform", "brown", "held", "random-weights")  # random policies
+AGENT_POLICY = "agent"  # a trained run's V, M and C (wmlab.agent.AgentPolicy)
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ class RandomWeightsPolicy(BatchPolicy):
 
 
 def make_policy(config: PolicyConfig, num_envs: int, outputs: int) -> BatchPolicy:
-    if config.name == "agent":
+    if config.name == AGENT_POLICY:
         if not config.agent_run:
             raise WmlabError("policy 'agent' needs the run whose controller acts: set "
                              "collect.agent_run=RUN_DIR")

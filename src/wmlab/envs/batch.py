@@ -118,6 +118,7 @@ class GymnasiumBatch(_BatchBase):
         super().__init__(len(envs))
         self.spec, self.backend = spec, backend
         self.envs = list(envs)
+        self.masks: np.ndarray | None = None  # valid actions, for envs that report them
 
     @classmethod
     def build(cls, spec: EnvSpec, backend: str, num_envs: int,
@@ -136,15 +137,28 @@ class GymnasiumBatch(_BatchBase):
         return cls(spec, envs, backend)
 
     def reset(self, seeds: Sequence[int]) -> np.ndarray:
+        self.masks = None
         for i, seed in enumerate(self._begin(seeds)):
-            self._frames[i], _ = self.envs[i].reset(seed=seed)
+            self._frames[i], info = self.envs[i].reset(seed=seed)
+            self._keep_mask(i, info)
         return self._frames.copy()
+
+    def _keep_mask(self, i: int, info: dict) -> None:
+        """Envs that report valid actions (BinPacking's ``action_mask``): keep them, (B, n)
+        bool in ``self.masks``, so a controller can choose among valid actions only."""
+        mask = info.get("action_mask") if isinstance(info, dict) else None
+        if mask is None:
+            return
+        if self.masks is None:
+            self.masks = np.ones((self.num_envs, len(mask)), dtype=bool)
+        self.masks[i] = np.asarray(mask, dtype=bool)
 
     def step(self, env_actions: Any) -> StepResult:
         self._check_step(env_actions)
         rewards = np.zeros(self.num_envs, dtype=np.float32)
         for i in np.flatnonzero(self.running).tolist():
-            obs, reward, terminated, truncated, _ = self.envs[i].step(env_actions[i])
+            obs, reward, terminated, truncated, info = self.envs[i].step(env_actions[i])
+            self._keep_mask(i, info)
             self._frames[i] = obs
             rewards[i] = reward
             self._terminated[i] = terminated
