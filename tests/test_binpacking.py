@@ -375,3 +375,22 @@ def test_problem_from_name_custom_and_named():
                                                                     20, "base")
     q = problem_from_name("binpacking:distribution=bounded-waste-100")
     assert (q.capacity, q.horizon) == (100, 10000) and q.variant == "action-mask"
+
+
+def test_env_batch_exposes_the_action_mask_and_c_chooses_only_valid_actions():
+    from wmlab.controller import raw_to_env_actions
+    from wmlab.envs import make_batch
+
+    with make_batch("binpacking", 2) as batch:
+        batch.reset([1, 2])
+        capacity = batch.spec.controller_outputs
+        # no bag is open yet: only "open a new bag" (0) is valid
+        assert batch.masks.shape == (2, capacity)
+        assert batch.masks[:, 0].all() and not batch.masks[:, 1:].any()
+        raw = np.full((2, capacity), -1.0, dtype=np.float32)
+        raw[:, 5] = 1.0  # C prefers level 5, which holds no bag
+        assert raw_to_env_actions(batch.spec, raw, batch.masks).tolist() == [0, 0]
+        batch.step(np.zeros(2, dtype=np.int64))
+        # one bag now sits at the first item's level: valid exactly where the env says
+        for env, mask in zip(batch.envs, batch.masks, strict=True):
+            assert mask.tolist() == [bool(v) for v in env.unwrapped.mask]
