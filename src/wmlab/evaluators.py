@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from wmlab.errors import WmlabError
+from wmlab.procs import init_worker_process, kill_process_group
 
 ENGINES = ("serial", "process", "ray")
 POLL_SECONDS = 0.2
@@ -106,6 +107,7 @@ def _worker_main(workload: Workload, conn: Any, threads: int) -> None:
     """A persistent worker: build the runner once, then run jobs until told to stop."""
     # Ctrl-C reaches the whole process group: the parent alone decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    init_worker_process()  # own process group: a killed worker's env children go with it
     torch.set_num_threads(max(1, threads))
     try:
         runner = workload.build()
@@ -268,6 +270,7 @@ def _kill(slot: _Slot) -> None:
     if slot.proc.is_alive():
         slot.proc.kill()
         slot.proc.join(5.0)
+    kill_process_group(slot.proc.pid)  # e.g. ViZDoom games of a worker killed mid-episode
     with contextlib.suppress(OSError):
         slot.conn.close()
 
