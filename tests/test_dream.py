@@ -15,13 +15,7 @@ from wmlab.dream import (
 from wmlab.errors import WmlabError
 from wmlab.memory.model import MDNRNN, MdrnnShape
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(seed=0, z_dim=4, hidden=16, done_head=True, reward_head=False,

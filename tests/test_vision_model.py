@@ -11,14 +11,7 @@ from wmlab.vision.model import (
     vae_loss,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: OpenMP's spinning threads crawl on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("z_dim, expected", [(32, 4_348_547), (64, 4_446_915)])

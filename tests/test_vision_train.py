@@ -68,14 +68,7 @@ def tiny_config(root: Path, name: str = "a", **extra):
     return load_config("doom", "quick", [*tiny_overrides(root, **extra), f'run.name="{name}"'])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP's spinning threads otherwise
-    make each step several times slower (the figures are the benchmark's business)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
