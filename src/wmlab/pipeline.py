@@ -167,22 +167,20 @@ class Pipeline:
             upstream = _chain(upstream, record.get("output") if current else None)
         return rows
 
-    def run(self, until: str | None = None, only: str | None = None) -> list[StageResult]:
+    def run(self, until: str | None = None) -> list[StageResult]:
         names = [s.name for s in self.stages]
-        for name in (until, only):
-            if name is not None and name not in names:
-                raise WmlabError(f"no stage '{name}': the stages are {', '.join(names)}")
+        if until is not None and until not in names:
+            raise WmlabError(f"no stage '{until}': the stages are {', '.join(names)}")
         prepare_run_dir(self.cfg)
         results, upstream = [], None
         for stage in self.stages:
-            result = self._run_stage(stage, upstream, execute=only in (None, stage.name))
-            results.append(result)
+            results.append(self._run_stage(stage, upstream))
             upstream = _chain(upstream, (self.record(stage.name) or {}).get("output"))
-            if stage.name in (until, only):
+            if stage.name == until:
                 break
         return results
 
-    def _run_stage(self, stage: Stage, upstream: str | None, execute: bool) -> StageResult:
+    def _run_stage(self, stage: Stage, upstream: str | None) -> StageResult:
         expected = self.input_fingerprint(stage, upstream)
         record = self.record(stage.name)
         if record and record.get("input") == expected and record.get("status") == "done":
@@ -203,13 +201,10 @@ class Pipeline:
             self._trash(stage)
         else:
             status = "ran"
-        if not execute:
-            raise WmlabError(f"stage '{stage.name}' is not done: run the pipeline up to it "
-                             "first")
-        if stage.name != "report":
-            self.log(f"[{stage.name}] {stage.description}")
+        self.log(f"[{stage.name}] {stage.description}")
+        started_at = _now()
         self._write_record(stage.name, {"stage": stage.name, "input": expected,
-                                        "status": "running", "started": _now()})
+                                        "status": "running", "started": started_at})
         started = time.monotonic()
         summary = stage.run(self.cfg, self.progress)
         seconds = time.monotonic() - started
@@ -219,9 +214,7 @@ class Pipeline:
                              "messages above")
         self._write_record(stage.name, {"stage": stage.name, "input": expected,
                                         "status": "done", "output": output,
-                                        "started": (self.record(stage.name) or {}).get(
-                                            "started", ""),
-                                        "finished": _now(), "seconds": round(seconds, 2),
+                                        "started": started_at, "finished": _now(), "seconds": round(seconds, 2),
                                         "summary": summary})
         return StageResult(stage.name, status, seconds, summary)
 
