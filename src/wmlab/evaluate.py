@@ -56,27 +56,39 @@ def episode_rows(first_seed: int, episodes: int) -> np.ndarray:
     return (first_seed + np.arange(episodes, dtype=np.int64)).reshape(-1, per_row)
 
 
+def _episodes(cfg: Config, episodes: int | None) -> int:
+    episodes = cfg.eval.episodes if episodes is None else episodes
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes <= 0:
+        raise WmlabError(f"episodes must be a positive integer, got {episodes!r} (the "
+                         "reported protocol uses 100)")
+    return episodes
+
+
+def _scored_env(cfg: Config) -> tuple[Any, str]:
+    """The env's spec and the backend reported scores come from (the reference one)."""
+    from wmlab.envs import get_spec
+
+    spec = get_spec(cfg.env.name)
+    backend = cfg.eval.backend or spec.reference_backend or spec.default_backend
+    spec.check_backend(backend)
+    return spec, backend
+
+
 def evaluate_controller(cfg: Config, *, episodes: int | None = None, where: str = "real",
                         out: str | None = None, video: str | None = None,
                         controller_folder: str | None = None) -> EvalResult:
     """Score the run's controller (its best scored mean) and write the JSON (and GIF)."""
     from wmlab.agent import workload_from_config
     from wmlab.controller import check_shape
-    from wmlab.envs import get_spec
     from wmlab.es import controller_dir, load_controller_params
     from wmlab.evaluators import Evaluator
 
-    episodes = cfg.eval.episodes if episodes is None else episodes
-    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes <= 0:
-        raise WmlabError(f"episodes must be a positive integer, got {episodes!r} (the "
-                         "reported protocol uses 100)")
+    episodes = _episodes(cfg, episodes)
     if where not in ("real", "dream"):
         raise WmlabError(f"evaluate where must be real or dream, got {where!r}")
     if video and where != "real":
         raise WmlabError("--video records a real episode: drop --dream or --video")
-    spec = get_spec(cfg.env.name)
-    backend = cfg.eval.backend or spec.reference_backend or spec.default_backend
-    spec.check_backend(backend)
+    spec, backend = _scored_env(cfg)
     workload = workload_from_config(cfg, where, backend)
     models = workload.load()
     params, info = load_controller_params(controller_folder or controller_dir(cfg))
@@ -139,21 +151,18 @@ def evaluate_random_policy(cfg: Config, *, episodes: int | None = None,
     evaluations face the same episodes (same tracks, same monster spawns).
     """
     from wmlab.collect import run_episodes
-    from wmlab.envs import get_spec, make_batch
+    from wmlab.envs import make_batch
     from wmlab.policies import PolicyConfig, make_policy
 
-    episodes = cfg.eval.episodes if episodes is None else episodes
-    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes <= 0:
-        raise WmlabError(f"episodes must be a positive integer, got {episodes!r}")
-    spec = get_spec(cfg.env.name)
-    backend = cfg.eval.backend or spec.reference_backend or spec.default_backend
+    episodes = _episodes(cfg, episodes)
+    spec, backend = _scored_env(cfg)
     options = {"max_steps": cfg.env.max_steps} if cfg.env.max_steps else {}
     returns: list[float] = []
     seeds = episode_rows(cfg.eval.seed, episodes)
+    chosen = make_policy(PolicyConfig(name=policy), seeds.shape[1], spec.controller_outputs)
     with make_batch(spec.name, seeds.shape[1], backend, **options) as env_batch:
         for row in seeds:
-            chosen = make_policy(PolicyConfig(name=policy), len(row), spec.controller_outputs)
-            # the policy's own stream is keyed by the episode seed too
+            # the policy's own stream is keyed by the episode seed too (reset per slot)
             pairs = [(int(s), int(s) + 1) for s in row]
             by_slot = {slot: float(ep.rewards.sum())
                        for slot, ep in run_episodes(env_batch, chosen, pairs,
