@@ -110,6 +110,22 @@ def _act(models: AgentModels, params: torch.Tensor, z: torch.Tensor, h: torch.Te
     return raw_np, env_actions, models.spec.action_vector(env_actions)
 
 
+def _sample_z(vae: ConvVAE, frames: np.ndarray, eps: np.ndarray) -> torch.Tensor:
+    """z sampled from V's posterior for (B, 64, 64, 3) frames, with the given noise."""
+    mu, logvar = vae.encode(frames_to_tensor(torch.from_numpy(frames), channels_last=True))
+    return mu + torch.exp(0.5 * logvar) * torch.from_numpy(eps)
+
+
+def _memory_step(m: MDNRNN, z: torch.Tensor, vectors: np.ndarray, h: torch.Tensor,
+                 c: torch.Tensor, restart: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """M advanced one step on [z, a(, restart)] from (h, c): the new (h, c), each (B, H)."""
+    actions = torch.from_numpy(vectors).float().unsqueeze(1)
+    flag = restart if m.shape.restart_input else None
+    _, _, (h_new, c_new) = m(z.unsqueeze(1), actions, restart=flag,
+                             state=(h.unsqueeze(0), c.unsqueeze(0)))
+    return h_new[0], c_new[0]
+
+
 Recorder = Callable[[dict[str, Any]], None]
 
 
@@ -141,21 +157,15 @@ def run_real(models: AgentModels, env_batch: Any, params: np.ndarray, seeds: np.
     while running.any():
         rows = np.flatnonzero(running)
         # Only running envs are encoded and advanced: finished ones keep their last state.
-        mu, logvar = vae.encode(frames_to_tensor(torch.from_numpy(obs[rows]),
-                                                 channels_last=True))
-        eps = torch.from_numpy(noise.next()[rows])
-        z[rows] = mu + torch.exp(0.5 * logvar) * eps
+        z[rows] = _sample_z(vae, obs[rows], noise.next()[rows])
         _, env_actions, vectors = _act(models, theta, z, h, c, members,
                                        getattr(env_batch, "masks", None))
         if record is not None and running[0]:
             record({"frame": obs[0], "z": z[0].clone(), "vae": vae})
         obs, rewards, terminated, truncated = env_batch.step(env_actions)
         returns += np.where(running, rewards, 0.0)
-        actions = torch.from_numpy(vectors[rows]).float().unsqueeze(1)
-        rst = restart[rows] if m.shape.restart_input else None
-        _, _, (h_new, c_new) = m(z[rows].unsqueeze(1), actions, restart=rst,
-                                 state=(h[rows].unsqueeze(0), c[rows].unsqueeze(0)))
-        h[rows], c[rows] = h_new[0], c_new[0]
+        h[rows], c[rows] = _memory_step(m, z[rows], vectors[rows], h[rows], c[rows],
+                                        restart[rows])
         restart.zero_()
         running = running & ~(terminated | truncated)
     return returns.reshape(members, per_member)
@@ -316,15 +326,10 @@ class AgentPolicy:
     @torch.no_grad()
     def act(self, frames: np.ndarray) -> np.ndarray:
         models, m = self.models, self.models.mdrnn
-        mu, logvar = models.vae.encode(frames_to_tensor(torch.from_numpy(frames),
-                                                        channels_last=True))
-        eps = torch.from_numpy(np.stack([rng.standard_normal(m.shape.z_dim, dtype=np.float32)
-                                         for rng in self._rngs]))
-        z = mu + torch.exp(0.5 * logvar) * eps
+        eps = np.stack([rng.standard_normal(m.shape.z_dim, dtype=np.float32)
+                        for rng in self._rngs])
+        z = _sample_z(models.vae, frames, eps)
         raw, _, vectors = _act(models, self.theta, z, self.h, self.c, 1)
-        restart = self.restart if m.shape.restart_input else None
-        _, _, (h, c) = m(z.unsqueeze(1), torch.from_numpy(vectors).float().unsqueeze(1),
-                         restart=restart, state=(self.h.unsqueeze(0), self.c.unsqueeze(0)))
-        self.h, self.c = h[0], c[0]
+        self.h, self.c = _memory_step(m, z, vectors, self.h, self.c, self.restart)
         self.restart.zero_()
         return raw.astype(np.float32)
