@@ -159,7 +159,7 @@ def run_real(models: AgentModels, env_batch: Any, params: np.ndarray, seeds: np.
         # Only running envs are encoded and advanced: finished ones keep their last state.
         z[rows] = _sample_z(vae, obs[rows], noise.next()[rows])
         _, env_actions, vectors = _act(models, theta, z, h, c, members,
-                                       getattr(env_batch, "masks", None))
+                                       env_batch.masks)
         if record is not None and running[0]:
             record({"frame": obs[0], "z": z[0].clone(), "vae": vae})
         obs, rewards, terminated, truncated = env_batch.step(env_actions)

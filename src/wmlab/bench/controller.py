@@ -75,6 +75,10 @@ class _CountingBatch:
         self.inner, self.steps = inner, 0
         self.num_envs, self.spec = inner.num_envs, inner.spec
 
+    @property
+    def masks(self):
+        return self.inner.masks
+
     def reset(self, seeds):
         return self.inner.reset(seeds)
 

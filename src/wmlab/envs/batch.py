@@ -30,6 +30,7 @@ class EnvBatch(Protocol):
     spec: EnvSpec
     num_envs: int
     backend: str
+    masks: np.ndarray | None  # (B, n) valid actions, for envs that report them; else None
 
     def reset(self, seeds: Sequence[int]) -> np.ndarray:
         """Start one episode per env, env i seeded by ``seeds[i]``: (B, 64, 64, 3) uint8."""
@@ -61,6 +62,7 @@ class _BatchBase(ABC):
 
     spec: EnvSpec
     backend: str
+    masks: np.ndarray | None = None
 
     def __init__(self, num_envs: int) -> None:
         if num_envs < 1:
@@ -118,7 +120,6 @@ class GymnasiumBatch(_BatchBase):
         super().__init__(len(envs))
         self.spec, self.backend = spec, backend
         self.envs = list(envs)
-        self.masks: np.ndarray | None = None  # valid actions, for envs that report them
 
     @classmethod
     def build(cls, spec: EnvSpec, backend: str, num_envs: int,
