@@ -190,6 +190,9 @@ class Config:
 
     def run_dir(self) -> str:
         name = self.run.name or f"{self.preset}-{self.profile}"
+        # An absolute path or a URL names the run directory itself, not a name under root.
+        if name.startswith("/") or "://" in name:
+            return name.rstrip("/")
         return f"{self.run.root.rstrip('/')}/{name}"
 
     def store_url(self) -> str:

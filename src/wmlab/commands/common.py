@@ -17,7 +17,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.KEY=VALUE",
                         help="override one config value (repeatable), e.g. --set vae.epochs=3")
-    parser.add_argument("--run", dest="run_name", help="run directory name (under run.root)")
+    parser.add_argument("--run", dest="run_name", help="run directory: a name under run.root, or an absolute path or URL")
     parser.add_argument("--env", help="environment name or Gymnasium id (overrides env.name)")
     parser.add_argument("--backend", help="simulator backend (overrides env.backend)")
     parser.add_argument("--seed", type=int, help="master seed (overrides run.seed)")
