@@ -369,7 +369,8 @@ def test_train_mdrnn_cli_end_to_end(tmp_path, capsys):
             "--no-progress", "--steps", "6"]
     for item in ["run.root=" + json.dumps(str(tmp_path)), "run.device=\"cpu\"", "vae.z_dim=4",
                  "mdrnn.hidden=8", "mdrnn.batch_size=4", "mdrnn.seq_len=10",
-                 "mdrnn.calibration_episodes=4", "dream.max_steps=20"]:
+                 "mdrnn.calibration_episodes=4", "dream.max_steps=20",
+                 "mdrnn.calibration_real_episodes=2", "env.max_steps=30"]:
         args += ["--set", item]
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -380,6 +381,12 @@ def test_train_mdrnn_cli_end_to_end(tmp_path, capsys):
     report = json.loads((folder / "calibration.json").read_text())
     assert set(report["policies"]) == {"random", "noop", "left"}
     assert all(1 <= p["survival_mean"] <= 20 for p in report["policies"].values())
+    # the same reference policies ran in the real game (capped at env.max_steps)
+    assert report["real_episodes"] == 2 and report["real_backend"] == "vizdoom"
+    for row in report["policies"].values():
+        assert 1 <= row["real_survival_mean"] <= 30
+        assert row["survival_ratio"] == pytest.approx(row["survival_mean"]
+                                                      / row["real_survival_mean"])
     assert len(load_initial_z(str(folder)).mu) > 0
     # a second run resumes at the end and changes nothing
     assert main(args) == 0

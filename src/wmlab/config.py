@@ -125,6 +125,8 @@ class MdrnnConfig:
     initial_z: int = _opt(1000, "first-frame latents kept for starting dreams", min=1)
     calibration_episodes: int = _opt(64, "dreams per reference policy (random, no-op, left) "
                                      "in M's calibration report; 0 = skip", min=0)
+    calibration_real_episodes: int = _opt(16, "real-game episodes per reference policy, "
+                                          "compared with the dreams; 0 = skip", min=0)
 
 
 @dataclass
@@ -165,6 +167,10 @@ class DreamConfig:
     done: str = _opt("threshold", "when a dream ends: threshold = done logit > 0 (the "
                      "original), sample = drawn with M's probability (weight undone)",
                      choices=("threshold", "sample"))
+    calibration_tolerance: float = _opt(
+        0.0, "refuse to train C in a dream where a reference policy (random, no-op, left) "
+        "survives more than this many times longer, or shorter, than in the game; 0 = off",
+        min=0.0)
 
 
 @dataclass

@@ -326,20 +326,26 @@ def check_training_inputs(cfg: Any) -> tuple[Any, Any]:
 
 def train_controller(cfg: Any, *, progress: bool = True,
                      stop_after_generations: int | None = None,
-                     fitness: Fitness | None = None) -> EsResult:
-    """Train C for the run of ``cfg`` (real envs or the dream, per es.fitness)."""
+                     fitness: Fitness | None = None, folder: str | None = None) -> EsResult:
+    """Train C for the run of ``cfg`` (real envs or the dream, per es.fitness); checkpoints
+    go to ``folder`` (default ``<run>/controller``; sweeps keep one controller per folder)."""
     from wmlab.controller import shape_info
     from wmlab.evaluators import Evaluator
 
+    folder = folder or controller_dir(cfg)
     workload, models = check_training_inputs(cfg)
+    if cfg.es.fitness == "dream":
+        from wmlab.memory.calibration import check_dream_calibration
+
+        check_dream_calibration(cfg)
     info = {**shape_info(models.shape, cfg.controller.inputs), "env": cfg.env.name,
             "fitness": cfg.es.fitness, "tau": cfg.dream.tau}
     if fitness is not None:
-        return run_es(fitness, models.shape.num_params, cfg.es, controller_dir(cfg),
+        return run_es(fitness, models.shape.num_params, cfg.es, folder,
                       seed=cfg.run.seed, info=info, progress=progress,
                       stop_after_generations=stop_after_generations)
     with Evaluator(workload, cfg.es.engine, cfg.es.workers, cfg.es.timeout,
                    cfg.es.job_members, cfg.es.ray_address) as evaluator:
-        return run_es(evaluator, models.shape.num_params, cfg.es, controller_dir(cfg),
+        return run_es(evaluator, models.shape.num_params, cfg.es, folder,
                       seed=cfg.run.seed, info=info, progress=progress,
                       stop_after_generations=stop_after_generations)

@@ -144,11 +144,14 @@ def record_video(models: Any, workload: Any, params: np.ndarray, seed: int,
 
 
 def evaluate_random_policy(cfg: Config, *, episodes: int | None = None,
-                           policy: str = "uniform", out: str | None = None) -> EvalResult:
-    """The random policy on the seeds the controller is scored on: the floor to beat.
+                           policy: str = "uniform", out: str | None = None,
+                           first_seed: int | None = None) -> EvalResult:
+    """A policy that does not look (random, or a fixed reference behaviour such as "noop"
+    or "left") on the seeds the controller is scored on: the floor to beat.
 
     Each env is reset with the same seed as in ``evaluate_controller``, so the two
-    evaluations face the same episodes (same tracks, same monster spawns).
+    evaluations face the same episodes (same tracks, same monster spawns). ``first_seed``
+    moves the episodes elsewhere (the dream calibration uses its own seeds).
     """
     from wmlab.collect import run_episodes
     from wmlab.envs import make_batch
@@ -158,22 +161,28 @@ def evaluate_random_policy(cfg: Config, *, episodes: int | None = None,
     spec, backend = _scored_env(cfg)
     options = {"max_steps": cfg.env.max_steps} if cfg.env.max_steps else {}
     returns: list[float] = []
-    seeds = episode_rows(cfg.eval.seed, episodes)
+    lengths: list[int] = []
+    seeds = episode_rows(cfg.eval.seed if first_seed is None else first_seed, episodes)
     chosen = make_policy(PolicyConfig(name=policy), seeds.shape[1], spec.controller_outputs)
     with make_batch(spec.name, seeds.shape[1], backend, **options) as env_batch:
         for row in seeds:
             # the policy's own stream is keyed by the episode seed too (reset per slot)
             pairs = [(int(s), int(s) + 1) for s in row]
-            by_slot = {slot: float(ep.rewards.sum())
-                       for slot, ep in run_episodes(env_batch, chosen, pairs,
-                                                    cfg.env.max_steps)}
-            returns.extend(by_slot[slot] for slot in range(len(row)))
+            by_slot = {slot: ep for slot, ep in run_episodes(env_batch, chosen, pairs,
+                                                             cfg.env.max_steps)}
+            returns.extend(float(by_slot[slot].rewards.sum()) for slot in range(len(row)))
+            lengths.extend(len(by_slot[slot].rewards) for slot in range(len(row)))
     values = np.asarray(returns, dtype=np.float64)
+    steps = np.asarray(lengths, dtype=np.float64)
+    name = "random" if policy == "uniform" else policy
     result = EvalResult(env=spec.name, backend=backend, where="real", episodes=episodes,
                         mean=float(values.mean()), std=float(values.std()),
                         seeds=[int(s) for s in seeds.ravel()],
-                        returns=[float(r) for r in values], controller=f"random ({policy})",
-                        controller_fingerprint="", extra={"policy": policy})
-    path = out or f"{eval_dir(cfg)}/random-{backend}.json"
+                        returns=[float(r) for r in values], controller=f"{name} ({policy})",
+                        controller_fingerprint="",
+                        extra={"policy": policy, "lengths": lengths,
+                               "length_mean": float(steps.mean()),
+                               "length_std": float(steps.std())})
+    path = out or f"{eval_dir(cfg)}/{name}-{backend}.json"
     atomic_write_bytes(path, json.dumps(asdict(result), indent=2).encode())
     return result

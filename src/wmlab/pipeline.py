@@ -40,6 +40,9 @@ NEUTRAL_KEYS = frozenset({
     "collect.workers", "collect.envs_per_worker", "collect.episodes",
     "vae.checkpoint_every", "mdrnn.checkpoint_every",
     "es.engine", "es.workers", "es.ray_address", "es.timeout",
+    # the dream's calibration gate and its real-game column decide whether C may train,
+    # not what any stage computes
+    "dream.calibration_tolerance", "mdrnn.calibration_real_episodes",
 })
 
 

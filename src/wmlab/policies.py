@@ -18,6 +18,10 @@ import numpy as np
 from wmlab.errors import WmlabError
 
 POLICY_NAMES = ("uniform", "brown", "held", "random-weights")  # random policies
+# Fixed behaviours whose survival in M's dream is compared with the real game before C is
+# trained there: a dream that lets one of them live far longer than the game does is a hole
+# CMA-ES will find. The same raw outputs as wmlab.dream.reference_policy.
+REFERENCE_POLICY_NAMES = ("noop", "left")
 AGENT_POLICY = "agent"  # a trained run's V, M and C (wmlab.agent.AgentPolicy)
 
 
@@ -102,6 +106,16 @@ class HeldPolicy(BatchPolicy):
         return self._action[slot]
 
 
+class ConstantPolicy(BatchPolicy):
+    """The same raw output every step: 0 everywhere (noop) or -1 on the first (left)."""
+
+    def _act_slot(self, slot: int, frame: np.ndarray) -> np.ndarray:
+        out = np.zeros(self.outputs, dtype=np.float32)
+        if self.config.name == "left":
+            out[0] = -1.0
+        return out
+
+
 class RandomWeightsPolicy(BatchPolicy):
     """A controller with random weights, as the original CarRacing data were collected.
 
@@ -137,7 +151,8 @@ def make_policy(config: PolicyConfig, num_envs: int, outputs: int) -> BatchPolic
 
         return AgentPolicy(num_envs, outputs, config.agent_run)
     classes = {"uniform": UniformPolicy, "brown": BrownPolicy, "held": HeldPolicy,
-               "random-weights": RandomWeightsPolicy}
+               "random-weights": RandomWeightsPolicy, "noop": ConstantPolicy,
+               "left": ConstantPolicy}
     if config.name not in classes:
         raise WmlabError(f"unknown policy '{config.name}': choose one of {', '.join(classes)}")
     if config.hold_min < 1 or config.hold_max < config.hold_min:

@@ -573,18 +573,25 @@ class _Builder:
         try:
             report = json.loads(self.run.read_bytes(rel))
             policies = report["policies"]
+            real = all("survival_ratio" in p for p in policies.values())
             rows = [[name, f"{p['survival_mean']:.1f} +- {p['survival_std']:.1f}",
                      f"{p.get('survival_min', '-')}..{p.get('survival_max', '-')}",
                      f"{100 * float(p.get('capped_fraction', 0)):.0f}%",
                      f"{p['return_mean']:.2f} +- {p['return_std']:.2f}"]
+                    + ([f"{p['real_survival_mean']:.1f} +- {p['real_survival_std']:.1f}",
+                        f"{p['survival_ratio']:.2f}x"] if real else [])
                     for name, p in policies.items()]
         except (ValueError, KeyError, TypeError, AttributeError):
             return [Text(f"{rel} is damaged or in an unknown format.", True)]
         head = (f"Dream calibration ({rel}): reference policies in M's dream at tau "
                 f"{report.get('tau', '?')}, {report.get('episodes', '?')} dreams each, capped "
-                f"at {report.get('max_steps', '?')} steps.")
-        blocks: list[Block] = [Text(head), Table(
-            ["policy", "survival (steps)", "min..max", "capped", "dream return"], rows)]
+                f"at {report.get('max_steps', '?')} steps")
+        head += (f"; the same policies in the real game, {report.get('real_episodes')} "
+                 "episodes each." if real else ".")
+        columns = ["policy", "dream survival (steps)", "min..max", "capped", "dream return"]
+        if real:
+            columns += ["game survival (steps)", "dream / game"]
+        blocks: list[Block] = [Text(head), Table(columns, rows)]
         if report.get("note"):
             blocks.append(Text(str(report["note"])))
         return blocks

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from wmlab.commands.common import add_config_args, config_from_args
+from wmlab.commands.pretrained import add_pretrained_arg, config_or_pretrained
 from wmlab.errors import WmlabError
 
 
@@ -23,11 +24,31 @@ def cmd_train_mdrnn(args: argparse.Namespace) -> int:
     print(f"{result.folder}: M trained to step {result.steps} (from {result.resumed_from}), "
           f"{result.steps_per_second:,.0f} steps/s" + (f"; validation: {shown}" if shown else ""))
     if result.calibration:
-        print("dream calibration (survival in the dream, mean +- std over "
-              f"{result.calibration['episodes']} dreams at tau {result.calibration['tau']}):")
-        for name, row in result.calibration["policies"].items():
-            print(f"  {name:<7} {row['survival_mean']:7.1f} +- {row['survival_std']:.1f} "
-                  f"({100 * row['capped_fraction']:.0f}% reach the cap)")
+        print_calibration(result.calibration)
+    return 0
+
+
+def print_calibration(report: dict) -> None:
+    print("dream calibration (survival in the dream, mean +- std over "
+          f"{report['episodes']} dreams at tau {report['tau']}"
+          + (f"; in the game over {report['real_episodes']} episodes)" if
+             "real_episodes" in report else ")") + ":")
+    for name, row in report["policies"].items():
+        real = (f"; game {row['real_survival_mean']:.1f} +- {row['real_survival_std']:.1f}, "
+                f"dream/game {row['survival_ratio']:.2f}x" if "survival_ratio" in row else "")
+        print(f"  {name:<7} {row['survival_mean']:7.1f} +- {row['survival_std']:.1f} "
+              f"({100 * row['capped_fraction']:.0f}% reach the cap){real}")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from wmlab.memory.calibration import calibrate_real, check_dream_calibration
+
+    cfg = config_from_args(args, {})
+    report = calibrate_real(cfg, args.episodes)
+    print_calibration(report)
+    if cfg.dream.calibration_tolerance > 0:
+        check_dream_calibration(cfg)
+        print(f"within dream.calibration_tolerance ({cfg.dream.calibration_tolerance:g}x)")
     return 0
 
 
@@ -41,11 +62,14 @@ def cmd_dream(args: argparse.Namespace) -> int:
     )
     from wmlab.runs import prepare_run_dir
 
-    cfg = config_from_args(args, {"dream.tau": args.tau})
+    cfg = config_or_pretrained(args, {"dream.tau": args.tau})
     if args.steps < 1:
         raise WmlabError(f"--steps must be at least 1, got {args.steps}")
-    request = DreamRequest(steps=args.steps, seed=cfg.run.seed, controller=args.controller,
-                           out=args.out, episode=args.episode, compare=not args.no_compare)
+    # a pretrained agent dreams with its own controller; it ships no episodes to compare
+    controller = args.controller or ("best" if args.pretrained else None)
+    request = DreamRequest(steps=args.steps, seed=cfg.run.seed, controller=controller,
+                           out=args.out, episode=args.episode,
+                           compare=not args.no_compare and not args.pretrained)
     models = load_dream_models(cfg)  # everything checked before anything is written
     if request.controller:
         controller_policy(cfg, request.controller, models.mdrnn)
@@ -71,9 +95,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train_mdrnn)
 
+    p = sub.add_parser("calibrate", help="run the dream calibration's reference policies "
+                                         "(random, no-op, left) in the real game too and "
+                                         "compare their survival")
+    add_config_args(p)
+    p.add_argument("--episodes", type=int,
+                   help="real episodes per policy (mdrnn.calibration_real_episodes)")
+    p.set_defaults(func=cmd_calibrate)
+
     p = sub.add_parser("dream", help="GIFs of M's dream decoded by V (and real | V | dream "
                                      "side by side), or --play it with the keyboard")
     add_config_args(p)
+    add_pretrained_arg(p, "dream with")
     p.add_argument("--tau", type=float, help="sampling temperature (dream.tau)")
     p.add_argument("--steps", type=int, default=300, help="dream steps in the GIF (300)")
     p.add_argument("--controller", help="controller driving the dream: a checkpoint name "

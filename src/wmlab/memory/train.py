@@ -34,13 +34,13 @@ from wmlab.data.series import Series, SeriesStore
 from wmlab.device import resolve_device
 from wmlab.errors import StoreError, WmlabError
 from wmlab.fsio import atomic_write_bytes
+from wmlab.memory.calibration import CALIBRATION_FILE, add_real_game
 from wmlab.memory.data import SeriesBatch, episode_batch, locate_chunk, stream_batch
 from wmlab.memory.model import MDNRNN, MdrnnShape, check_tau, done_loss, mixture_nll
 
 TRAIN_CHECKPOINT = "train"
 FINAL_WEIGHTS = "mdrnn"
 INITIAL_Z = "initial_z"
-CALIBRATION_FILE = "calibration.json"
 LOG_EVERY = 10
 VALIDATE_EVERY = 100
 
@@ -471,7 +471,9 @@ def write_calibration(cfg: Config, model: MDNRNN, device: torch.device | str = "
                                episodes=cfg.mdrnn.calibration_episodes, seed=cfg.run.seed,
                                to_vector=to_vector, raw_dim=raw_dim, device=device,
                                done_mode=cfg.dream.done, done_weight=cfg.mdrnn.done_weight)
-    report["note"] = ("compare with the same policies in the real game; a dream where no-op "
-                      "survives much longer than random does in reality is exploitable")
+    report["note"] = ("a dream where a fixed behaviour survives much longer than it does "
+                      "in the game is a hole CMA-ES will find")
+    if cfg.mdrnn.calibration_real_episodes > 0:
+        report = add_real_game(cfg, report, cfg.mdrnn.calibration_real_episodes)
     atomic_write_bytes(f"{folder}/{CALIBRATION_FILE}", json.dumps(report, indent=2).encode())
     return report

@@ -1,0 +1,122 @@
+"""Is M's dream close enough to the game to train C in it?
+
+CMA-ES finds whatever behaviour M gets wrong (SPEC section 8): a dream in which always moving
+left survives three times longer than it does in the game trains a controller that always
+moves left. So before C is trained in a dream, the same reference policies (random, no-op,
+left) are run in M's dream and in the real game, and their survival compared.
+``memory/calibration.json`` holds both sides; ``check_dream_calibration`` refuses to train
+C when a policy's dream survival is more than ``dream.calibration_tolerance`` times off.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from wmlab.config import Config
+from wmlab.errors import WmlabError
+from wmlab.fsio import atomic_write_bytes
+
+CALIBRATION_FILE = "calibration.json"
+# Real calibration episodes start here: away from the evaluation seeds (eval.seed ..
+# eval.seed + episodes) so that the check never looks at the episodes C is scored on.
+REAL_SEED_OFFSET = 500_000
+# The dream's reference policies and the real-env policies that act the same way.
+REAL_POLICY = {"random": "uniform", "noop": "noop", "left": "left"}
+
+
+def calibration_path(cfg: Config) -> str:
+    return f"{cfg.run_dir()}/memory/{CALIBRATION_FILE}"
+
+
+def read_calibration(cfg: Config) -> dict[str, Any] | None:
+    """The run's calibration report, or None when M was trained without one."""
+    import fsspec
+
+    path = calibration_path(cfg)
+    fs, root = fsspec.core.url_to_fs(path)
+    if not fs.exists(root):
+        return None
+    try:
+        with fs.open(root, "rb") as handle:
+            report = json.loads(handle.read())
+        report["policies"].items()
+    except (ValueError, KeyError, AttributeError) as exc:
+        raise WmlabError(f"{path} is damaged ({exc}): delete it and run `wmlab calibrate` "
+                         "to measure it again") from exc
+    return report
+
+
+def add_real_game(cfg: Config, report: dict[str, Any], episodes: int) -> dict[str, Any]:
+    """Run each reference policy of ``report`` for ``episodes`` real episodes and add its
+    survival, and the ratio dream / real, to the report (returned, not written)."""
+    from wmlab.evaluate import evaluate_random_policy
+
+    first_seed = cfg.eval.seed + REAL_SEED_OFFSET
+    for name, row in report["policies"].items():
+        if name not in REAL_POLICY:
+            continue
+        real = evaluate_random_policy(
+            cfg, episodes=episodes, policy=REAL_POLICY[name], first_seed=first_seed,
+            out=f"{cfg.run_dir()}/memory/reference-{name}-real.json")
+        row["real_survival_mean"] = real.extra["length_mean"]
+        row["real_survival_std"] = real.extra["length_std"]
+        row["real_return_mean"] = real.mean
+        row["real_return_std"] = real.std
+        row["survival_ratio"] = row["survival_mean"] / max(real.extra["length_mean"], 1.0)
+        report["real_backend"] = real.backend
+    report["real_episodes"] = episodes
+    report["real_first_seed"] = first_seed
+    return report
+
+
+def calibrate_real(cfg: Config, episodes: int | None = None) -> dict[str, Any]:
+    """Measure the real-game side of the run's calibration and write it back."""
+    report = read_calibration(cfg)
+    if report is None:
+        raise WmlabError(f"no {calibration_path(cfg)}: M has no done head, or was trained "
+                         "with mdrnn.calibration_episodes = 0; train M with a done head first")
+    episodes = cfg.mdrnn.calibration_real_episodes if episodes is None else episodes
+    if episodes < 1:
+        raise WmlabError(f"real calibration episodes must be at least 1, got {episodes}")
+    report = add_real_game(cfg, report, episodes)
+    atomic_write_bytes(calibration_path(cfg), json.dumps(report, indent=2).encode())
+    return report
+
+
+def far_policies(report: dict[str, Any], tolerance: float) -> list[str]:
+    """One line per reference policy whose dream survival is off by more than tolerance x."""
+    lines = []
+    for name, row in report["policies"].items():
+        ratio = row.get("survival_ratio")
+        if ratio is None:
+            continue
+        if ratio > tolerance or ratio < 1.0 / tolerance:
+            lines.append(f"{name} survives {row['survival_mean']:.0f} steps in the dream and "
+                         f"{row['real_survival_mean']:.0f} in the game ({ratio:.2f}x)")
+    return lines
+
+
+def check_dream_calibration(cfg: Config) -> dict[str, Any] | None:
+    """Refuse to train C in a dream that is far from the game (see the module docstring).
+
+    Measures the real side first if the report lacks it (runs trained before it existed).
+    """
+    tolerance = cfg.dream.calibration_tolerance
+    if tolerance <= 0:
+        return None
+    report = read_calibration(cfg)
+    if report is None:
+        return None
+    if any("survival_ratio" not in row for row in report["policies"].values()):
+        if cfg.mdrnn.calibration_real_episodes < 1:
+            return report
+        report = calibrate_real(cfg)
+    far = far_policies(report, tolerance)
+    if far:
+        raise WmlabError(
+            "M's dream is too far from the game to train C in it (CMA-ES would learn its "
+            "holes): " + "; ".join(far) + f". Tolerance is {tolerance:g}x. Train M longer or "
+            "on more episodes (e.g. --set mdrnn.steps=... or collect.episodes=...), try "
+            "another dream.tau, or accept this dream with --set dream.calibration_tolerance=0")
+    return report

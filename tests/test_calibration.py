@@ -1,0 +1,84 @@
+"""The dream's calibration against the real game, and the gate before C trains in a dream."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wmlab.cli import main
+from wmlab.config import load_config
+from wmlab.errors import WmlabError
+from wmlab.memory.calibration import calibration_path, far_policies
+from wmlab.pipeline import Pipeline
+from wmlab.policies import PolicyConfig, make_policy
+
+TINY = [
+    "collect.workers=1", "collect.min_length=0", "collect.episodes=3", "env.max_steps=40",
+    "vae.z_dim=8", "vae.epochs=1", "vae.batch_size=16", "vae.max_frames=96",
+    "mdrnn.hidden=16", "mdrnn.steps=4", "mdrnn.batch_size=2", "mdrnn.seq_len=10",
+    "mdrnn.initial_z=4", "mdrnn.calibration_episodes=4", "mdrnn.calibration_real_episodes=2",
+    "dream.max_steps=30",
+    "es.population=4", "es.rollouts=2", "es.generations=1", "es.eval_every=1",
+    "es.eval_rollouts=2", "es.engine=\"serial\"",
+]
+
+
+def _row(dream: float, real: float) -> dict:
+    return {"survival_mean": dream, "real_survival_mean": real, "survival_ratio": dream / real}
+
+
+def test_far_policies_flags_dreams_too_long_and_too_short():
+    report = {"policies": {"random": _row(300, 200), "noop": _row(700, 130),
+                           "left": _row(40, 165)}}
+    far = far_policies(report, 2.0)
+    assert len(far) == 2
+    assert far[0].startswith("noop survives 700 steps in the dream and 130 in the game")
+    assert far[1].startswith("left survives 40")
+    assert far_policies(report, 10.0) == []
+
+
+def test_reference_policies_act_like_the_dreams():
+    noop = make_policy(PolicyConfig(name="noop"), 2, 3)
+    left = make_policy(PolicyConfig(name="left"), 2, 3)
+    frames = np.zeros((2, 64, 64, 3), dtype=np.uint8)
+    assert np.array_equal(noop.act(frames), np.zeros((2, 3), np.float32))
+    assert np.array_equal(left.act(frames), np.array([[-1, 0, 0]] * 2, np.float32))
+
+
+def test_calibration_measures_the_game_and_gates_training_in_the_dream(tmp_path: Path,
+                                                                         capsys):
+    cfg = load_config("doom", "quick", [f"run.root=\"{tmp_path}\"", *TINY])
+    Pipeline(cfg, progress=False, log=lambda _: None).run(until="memory")
+    report = json.loads(Path(calibration_path(cfg)).read_text())
+    assert report["real_episodes"] == 2
+    assert set(report["policies"]) == {"random", "noop", "left"}
+    ratios = [row["survival_ratio"] for row in report["policies"].values()]
+    assert all(r > 0 for r in ratios)
+
+    from wmlab.es import controller_dir, train_controller
+
+    # a tolerance no dream can meet: refused before any generation, nothing written
+    strict = load_config("doom", "quick", [f"run.root=\"{tmp_path}\"", *TINY,
+                                           "dream.calibration_tolerance=1.0000001"])
+    if any(r != 1.0 for r in ratios):
+        with pytest.raises(WmlabError, match="too far from the game"):
+            train_controller(strict, progress=False)
+        assert not Path(controller_dir(strict)).exists()
+    # off (the default): trains
+    result = train_controller(cfg, progress=False)
+    assert result.generation == 1
+
+    # the command re-measures the game side and prints both
+    base = ["--preset", "doom", "--profile", "quick", "--set", f"run.root=\"{tmp_path}\""]
+    for item in TINY:
+        base += ["--set", item]
+    assert main(["calibrate", *base, "--episodes", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "dream/game" in out and "noop" in out
+    # a damaged report is one clear message
+    Path(calibration_path(cfg)).write_text("{not json")
+    assert main(["calibrate", *base]) == 2
+    assert "damaged" in capsys.readouterr().err
