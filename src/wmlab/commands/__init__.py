@@ -11,4 +11,5 @@ STAGE_MODULES = (
     "wmlab.commands.binpacking",  # play, baseline
     "wmlab.commands.report",  # report
     "wmlab.commands.pipeline",  # run, status
+    "wmlab.commands.pretrained",  # export, pretrained
 )

@@ -12,14 +12,20 @@ from wmlab.errors import WmlabError
 def cmd_play(args: argparse.Namespace) -> int:
     from wmlab.play import make_session, run_window
 
-    if os.environ.get("SDL_VIDEODRIVER") == "dummy" and not args.headless_ok:
+    if os.environ.get("SDL_VIDEODRIVER") == "dummy" and not (args.headless_ok or args.record):
         # wmlab's main() sets the dummy driver for headless envs; a window needs the real one.
         if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
                 or sys.platform in ("darwin", "win32")):
             raise WmlabError("wmlab play needs a display (none found: DISPLAY is not set); "
                              "run it on a desktop, or pass --headless-ok to play blind")
         os.environ.pop("SDL_VIDEODRIVER")
-    session = make_session(args.env, seed=args.seed)
+    if args.pretrained is not None:
+        from wmlab.commands.pretrained import play_agent
+
+        return play_agent(args)
+    if args.record:
+        raise WmlabError("--record records an agent: add --pretrained")
+    session = make_session(args.env, seed=args.seed or 0)
     returns = run_window(session, fps=args.fps, scale=args.scale, max_frames=args.max_frames)
     for i, value in enumerate(returns):
         print(f"episode {i}: return {value:g}")
@@ -52,10 +58,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "B best fit, S sum of squares; CarRacing - arrows; Doom - Left/Right. "
                        "R restarts, Esc quits.")
     p.add_argument("env", help="binpacking (or binpacking:key=value,...), carracing or doom")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first episode")
+    p.add_argument("--seed", type=int, help="seed of the first episode (default 0; "
+                   "--pretrained: the first seed it was scored on)")
     p.add_argument("--fps", type=int, default=50, help="frames per second (CarRacing, Doom)")
     p.add_argument("--scale", type=int, default=0, help="pixel zoom; 0 = automatic")
-    p.add_argument("--max-frames", type=int, default=0, help="stop after this many frames")
+    p.add_argument("--max-frames", "--max-steps", type=int, default=0,
+                   help="stop after this many frames (steps)")
+    p.add_argument("--pretrained", nargs="?", const="", metavar="NAME",
+                   help="watch a pretrained agent play instead (default: the one named like "
+                   "ENV): the real frame, V's reconstruction and M's prediction (Doom) or "
+                   "the actions (CarRacing)")
+    p.add_argument("--record", metavar="PATH.gif", help="--pretrained: also write what the "
+                   "window shows as a GIF (works without a display)")
     p.add_argument("--headless-ok", action="store_true",
                    help="keep SDL_VIDEODRIVER=dummy (no visible window; for scripts)")
     p.set_defaults(func=cmd_play)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from wmlab.commands.common import add_config_args, config_from_args
+from wmlab.commands.pretrained import add_pretrained_arg, config_or_pretrained
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     evaluate = sub.add_parser("evaluate", help="score a controller over N episodes "
                               "(fixed seeds, reference backend) and write JSON")
     add_config_args(evaluate)
-    evaluate.add_argument("--episodes", type=int, help="episodes (overrides eval.episodes)")
+    add_pretrained_arg(evaluate, "score")
+    evaluate.add_argument("--episodes", type=int, help="episodes (overrides eval.episodes; "
+                          "--pretrained: the recorded score's, on the same seeds)")
     evaluate.add_argument("--eval-backend", help="env backend of the score (overrides "
                           "eval.backend; default the reference backend)")
     evaluate.add_argument("--dream", action="store_true",
@@ -64,8 +67,8 @@ def cmd_train_controller(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from wmlab.evaluate import evaluate_controller
 
-    cfg = config_from_args(args, {"eval.backend": args.eval_backend, "es.engine": args.engine,
-                                  "es.workers": args.workers})
+    cfg = config_or_pretrained(args, {"eval.backend": args.eval_backend,
+                                      "es.engine": args.engine, "es.workers": args.workers})
     if args.episodes is not None and args.episodes <= 0:
         from wmlab.errors import WmlabError
 
@@ -74,6 +77,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                  where="dream" if args.dream else "real", out=args.out,
                                  video=args.video)
     print(result.line())
+    if args.pretrained and not args.dream:
+        from wmlab.pretrained import reproduce
+
+        print(reproduce(args.pretrained, result))
     if args.video:
         print(f"video: {args.video}")
     return 0
