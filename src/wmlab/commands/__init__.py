@@ -8,6 +8,7 @@ STAGE_MODULES = (
     "wmlab.commands.vision",  # train-vae, encode
     "wmlab.commands.memory",  # train-mdrnn, dream
     "wmlab.commands.controller",  # train-controller, evaluate
+    "wmlab.commands.sweep",  # sweep-tau
     "wmlab.commands.binpacking",  # play, baseline
     "wmlab.commands.report",  # report
     "wmlab.commands.pipeline",  # run, status
