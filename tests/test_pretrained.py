@@ -196,3 +196,34 @@ def test_bad_names_damaged_files_and_unfinished_runs_are_refused(tiny_run, shipp
     with pytest.raises(WmlabError, match="has no scored controller"):
         export_agent(partial.run_dir(), "partial", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_carracing_agent_plays_with_its_actions_shown(tmp_path, monkeypatch, one_thread,
+                                                     capsys):
+    import imageio.v3 as iio
+
+    from wmlab.pretrained import evaluate_and_record, export_agent
+
+    cfg = load_config("carracing", "quick", [
+        f'run.root="{tmp_path}"', "collect.workers=1", "collect.min_length=0",
+        "collect.episodes=2", "vae.z_dim=8", "vae.epochs=1", "vae.batch_size=16",
+        "vae.max_frames=48", "mdrnn.hidden=16", "mdrnn.steps=2", "mdrnn.batch_size=2",
+        "mdrnn.seq_len=10", "mdrnn.initial_z=2", "es.population=2", "es.rollouts=1",
+        "es.generations=1", "es.eval_rollouts=1", 'es.engine="serial"', "env.max_steps=20",
+        'env.backend="gymnasium"', 'es.fitness="real"'])
+    Pipeline(cfg, progress=False, log=lambda _: None).run(until="controller")
+    agents = tmp_path / "agents"
+    export_agent(cfg.run_dir(), "carracing", agents)
+    evaluate_and_record("carracing", 2, root=agents)
+    monkeypatch.setenv("WMLAB_PRETRAINED_PATH", str(agents))
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", "--pretrained", "carracing"]) == 0
+    assert "reproduced exactly" in capsys.readouterr().out
+    assert main(["play", "carracing", "--pretrained", "--max-steps", "5", "--fps", "1000",
+                 "--record", "car.gif"]) == 0
+    frames = iio.imread("car.gif", index=None)
+    assert frames.shape[0] == 6 and frames.shape[2] == 3 * 192 + 2 * 4
+    bars = frames[-1, 16:, -192:].reshape(-1, 3).astype(int)
+    # steer, gas and brake as green (positive) or red (negative) bars
+    coloured = (np.abs(bars[:, 1] - bars[:, 0]) > 60).sum()
+    assert coloured > 100
