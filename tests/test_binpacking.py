@@ -394,3 +394,26 @@ def test_env_batch_exposes_the_action_mask_and_c_chooses_only_valid_actions():
         # one bag now sits at the first item's level: valid exactly where the env says
         for env, mask in zip(batch.envs, batch.masks, strict=True):
             assert mask.tolist() == [bool(v) for v in env.unwrapped.mask]
+
+
+def test_tiny_pipeline_reports_the_agent_beside_the_baselines(tmp_path):
+    from wmlab.config import load_config
+    from wmlab.pipeline import Pipeline
+
+    cfg = load_config("binpacking", "quick", [
+        f"run.root=\"{tmp_path}\"", "collect.workers=1", "collect.episodes=2",
+        "env.max_steps=30", "vae.z_dim=4", "vae.epochs=1", "vae.batch_size=16",
+        "mdrnn.hidden=8", "mdrnn.steps=4", "mdrnn.batch_size=2", "mdrnn.seq_len=10",
+        "mdrnn.initial_z=2", "mdrnn.calibration_episodes=0", "dream.max_steps=30",
+        "es.population=4", "es.rollouts=1", "es.generations=1", "es.eval_every=1",
+        "es.eval_rollouts=2", "es.engine=\"serial\"", "eval.episodes=3"])
+    results = Pipeline(cfg, progress=False, log=lambda _: None).run()
+    assert {r.status for r in results} == {"ran"}
+    run = tmp_path / "binpacking-quick"
+    agent = json.loads((run / "eval/eval-python.json").read_text())
+    for policy in ("best-fit", "sum-of-squares", "sum-of-squares-orl"):
+        row = json.loads((run / f"eval/baseline-{policy}.json").read_text())
+        assert row["seeds"] == agent["seeds"]  # the same items as the agent
+        assert all(-30 <= r <= 0 for r in row["returns"])
+    report = (run / "report.md").read_text()
+    assert "best-fit heuristic" in report and "-104.5" in report

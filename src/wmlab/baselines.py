@@ -23,6 +23,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -35,6 +36,10 @@ from wmlab.envs.binpacking import (
     valid_mask,
 )
 from wmlab.errors import WmlabError
+
+if TYPE_CHECKING:
+    from wmlab.config import Config
+    from wmlab.evaluate import EvalResult
 
 Policy = Callable[[np.ndarray, int, int], int]  # (counts, item, capacity) -> action
 POLICIES = ("best-fit", "sum-of-squares", "random", "sum-of-squares-orl")
@@ -198,3 +203,32 @@ def write_json(rows: Sequence[BaselineRow], path: str | Path) -> None:
     tmp = target.with_name(target.name + ".tmp")
     tmp.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
     tmp.replace(target)
+
+
+def evaluate_on_eval_seeds(cfg: Config, policies: Sequence[str] = (
+        "best-fit", "sum-of-squares", "sum-of-squares-orl")) -> list[EvalResult]:
+    """The heuristics on the run's own problem and the very episodes its controller is
+    scored on (``eval.seed`` ..), written as ``eval/baseline-<policy>.json`` so the report
+    lists them beside the controller and the random policy."""
+    from wmlab.evaluate import EvalResult, _scored_env, episode_rows, eval_dir
+    from wmlab.fsio import atomic_write_bytes
+
+    problem = problem_from_name(cfg.env.name)
+    if cfg.env.max_steps:
+        problem = replace(problem, horizon=min(problem.horizon, cfg.env.max_steps))
+    seeds = [int(s) for s in episode_rows(cfg.eval.seed, cfg.eval.episodes).ravel()]
+    env = BinPackingEnv(problem=problem)
+    backend = _scored_env(cfg)[1]
+    results = []
+    for name in policies:
+        policy = make_policy(name, cfg.run.seed)
+        returns = np.array([run_episode(env, policy, seed).ret for seed in seeds])
+        result = EvalResult(env=cfg.env.name, backend=backend, where="real",
+                            episodes=len(seeds), mean=float(returns.mean()),
+                            std=float(returns.std()), seeds=seeds,
+                            returns=returns.tolist(), controller=f"{name} heuristic",
+                            controller_fingerprint="", extra={"policy": name})
+        atomic_write_bytes(f"{eval_dir(cfg)}/baseline-{name}.json",
+                           json.dumps(asdict(result), indent=2).encode())
+        results.append(result)
+    return results

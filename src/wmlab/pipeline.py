@@ -403,6 +403,12 @@ def _run_evaluate(cfg: Config, progress: bool) -> dict[str, Any]:
         dream = evaluate_controller(cfg, where="dream")
         summary["dream"] = dream.line()
         print(f"  in the dream: {dream.line()}")
+    if cfg.env.name.partition(":")[0] == "binpacking":
+        from wmlab.baselines import evaluate_on_eval_seeds
+
+        for row in evaluate_on_eval_seeds(cfg):
+            summary[row.controller] = row.line()
+            print(f"  {row.controller}, same seeds: {row.line()}")
     return summary
 
 
