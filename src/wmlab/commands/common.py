@@ -13,7 +13,8 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", required=True,
                         help="environment preset: carracing, doom, binpacking")
     parser.add_argument("--profile", default="paper",
-                        help="profile of the preset: paper (published set-up) or quick")
+                        help="profile of the preset: paper (published set-up), quick, or "
+                        "another listed by `wmlab presets` (e.g. doom budget)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.KEY=VALUE",
                         help="override one config value (repeatable), e.g. --set vae.epochs=3")
