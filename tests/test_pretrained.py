@@ -133,6 +133,26 @@ def test_recorded_score_is_reproduced_through_the_cli(shipped, use_agents, capsy
     assert vae_file.stat().st_mtime_ns == stamp
 
 
+def test_cli_export_scores_the_float16_weights_beside_the_runs_float32_evaluation(
+        tiny_run, shipped, tmp_path, capsys):
+    from wmlab.evaluate import evaluate_controller
+
+    # the run's own evaluation on the protocol's seeds: export compares with it, not rerun
+    own = evaluate_controller(tiny_run, episodes=2)
+    dest = tmp_path / "agents"
+    assert main(["export", tiny_run.run_dir(), "--name", "cli", "--dest", str(dest),
+                 "--evaluate", "2", "--engine", "serial"]) == 0
+    out = capsys.readouterr().out
+    assert "exported 'cli'" in out and "score (float16 V and M)" in out
+    assert "float32 weights on the same seeds" in out and "2 of 2 episodes" in out
+    score = json.loads((dest / "cli" / "metadata.json").read_text())["score"]
+    assert score["float32"]["from_run_evaluation"] is True
+    assert score["float32"]["mean"] == own.mean and score["returns"] == own.returns
+    assert main(["export", tiny_run.run_dir(), "--name", "bad name", "--dest",
+                 str(dest)]) == 2
+    assert "must be letters" in capsys.readouterr().err
+
+
 def test_play_headless_records_three_panels_and_plays_the_evaluated_episode(
         shipped, use_agents, capsys):
     import imageio.v3 as iio

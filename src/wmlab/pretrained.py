@@ -233,6 +233,8 @@ def export_agent(run: str | Path | Config, name: str, dest: str | Path | None = 
     the other files' sha256, goes last, so a killed export is refused on loading rather than
     used half-written.
     """
+    from safetensors.torch import save as save_safetensors
+
     from wmlab import __version__
     from wmlab.checkpoint import load_checkpoint
     from wmlab.envs import get_spec
@@ -250,8 +252,6 @@ def export_agent(run: str | Path | Config, name: str, dest: str | Path | None = 
                "controller": controller_dir(cfg)}
     files, sidecars, params, kept32, errors, dtypes = {}, {}, {}, {}, {}, {}
     blobs: dict[str, bytes] = {}
-    from safetensors.torch import save as save_safetensors
-
     for part in _parts():
         ckpt = load_checkpoint(folders[part.folder], part.checkpoint, with_state=False)
         wanted = DTYPES[dtype] if part.compact else torch.float32
@@ -373,7 +373,7 @@ def materialize(name: str, runs_root: str | None = None,
         target = folders[part.folder]
         info = {**metadata["sidecars"][part.key], "pretrained": name, "pretrained_sha256": sha}
         if part.key == "memory":
-            info["series"] = read_info(folders["vision"], part_named("vision").checkpoint
+            info["series"] = read_info(folders["vision"], _part("vision").checkpoint
                                        )["fingerprint"]
         if checkpoint_exists(target, part.checkpoint):
             current = read_info(target, part.checkpoint)
@@ -387,7 +387,7 @@ def materialize(name: str, runs_root: str | None = None,
     return cfg
 
 
-def part_named(key: str) -> Part:
+def _part(key: str) -> Part:
     return next(p for p in _parts() if p.key == key)
 
 

@@ -9,6 +9,8 @@ from typing import Any
 from wmlab.commands.common import toml_literal
 from wmlab.errors import WmlabError
 
+SHIPPED_MB = 15  # what one agent may add to the package
+
 
 def add_pretrained_arg(parser: argparse.ArgumentParser, what: str) -> None:
     """``--pretrained NAME`` on a command that also takes the config arguments; with it,
@@ -83,6 +85,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"exported '{args.name}' to {dest}/{args.name}: "
           f"{metadata['size_bytes'] / 1e6:.2f} MB; parameters V {metadata['parameters']['vision']:,}"
           f", M {metadata['parameters']['memory']:,}, C {metadata['parameters']['controller']:,}")
+    if metadata["size_bytes"] > SHIPPED_MB * 1e6:
+        print(f"note: {metadata['size_bytes'] / 1e6:.1f} MB is more than the ~{SHIPPED_MB} MB "
+              "an agent shipped in the package should add")
     if args.evaluate:
         overrides = [f"es.{key}={toml_literal(value)}" for key, value in
                      (("engine", args.engine), ("workers", args.workers)) if value is not None]
