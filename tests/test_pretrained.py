@@ -200,6 +200,8 @@ def test_bad_names_damaged_files_and_unfinished_runs_are_refused(tiny_run, shipp
     assert "wmlab export" in err
     assert main(["evaluate"]) == 2
     assert "--pretrained" in capsys.readouterr().err
+    assert main(["dream", "--pretrained", "tiny", "--preset", "doom"]) == 2
+    assert "do not apply to --pretrained" in capsys.readouterr().err
     assert main(["play", "carracing", "--pretrained", "tiny", "--record", "x.gif"]) == 2
     assert "plays doom, not carracing" in capsys.readouterr().err
     # a damaged shipped file is named, not loaded

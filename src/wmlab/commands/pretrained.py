@@ -41,9 +41,9 @@ def config_or_pretrained(args: argparse.Namespace, extra: dict[str, object] | No
         if not args.preset:
             raise WmlabError("give --preset (e.g. --preset doom) or --pretrained NAME")
         return config_from_args(args, extra)
-    if getattr(args, "env", None):
-        raise WmlabError("--env does not apply to --pretrained: the agent plays the env it "
-                         "was trained on")
+    if args.preset or getattr(args, "env", None):
+        raise WmlabError("--preset and --env do not apply to --pretrained: the agent brings "
+                         "its own config and plays the env it was trained on")
     from wmlab.pretrained import materialize
 
     return materialize(args.pretrained, overrides=_overrides(args, extra))
