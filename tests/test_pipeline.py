@@ -126,3 +126,13 @@ def test_a_run_directory_of_another_preset_is_refused(setup):
     other = load_config("carracing", "quick", ["run.root=\"runs\"", "run.name=\"shared\""])
     with pytest.raises(WmlabError, match="belongs to preset 'doom'"):
         rec.pipeline(other).run()
+
+
+def test_run_refuses_an_unreachable_ray_cluster_before_any_stage(tmp_path, capsys):
+    from wmlab.cli import main
+
+    code = main(["run", "--preset", "doom", "--profile", "quick", "--set",
+                 f"run.root=\"{tmp_path}\"", "--ray-address", "127.0.0.1:9", "--no-progress"])
+    assert code == 2
+    assert "does not answer" in capsys.readouterr().err
+    assert not (tmp_path / "doom-quick").exists()

@@ -10,7 +10,14 @@ from wmlab.commands.common import add_config_args, config_from_args
 def cmd_run(args: argparse.Namespace) -> int:
     from wmlab.pipeline import Pipeline, describe_results
 
-    cfg = config_from_args(args, {"es.fitness": args.fitness})
+    engine = args.engine or ("ray" if args.ray_address else None)
+    cfg = config_from_args(args, {"es.fitness": args.fitness, "es.engine": engine,
+                                  "es.workers": args.workers,
+                                  "es.ray_address": args.ray_address})
+    if engine == "ray":
+        from wmlab.evaluators import check_ray_address
+
+        check_ray_address(cfg.es.ray_address)  # before any stage starts
     pipeline = Pipeline(cfg, progress=not args.no_progress, iteration=args.iteration)
     print(f"run directory: {pipeline.run_dir}")
     results = pipeline.run(until=args.until)
@@ -46,6 +53,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="agent generation: 2+ collects with the previous iteration's agent "
                         "(and the random policy), retrains V and M from its weights, "
                         "retrains C; runs in <run>/iterations/<k>/")
+    p.add_argument("--engine", choices=("serial", "process", "ray"),
+                   help="where C's rollouts and the evaluation run (es.engine; default "
+                        "process: a local pool)")
+    p.add_argument("--workers", type=int, help="rollout workers or Ray actors (es.workers)")
+    p.add_argument("--ray-address", help="Ray cluster address, e.g. auto or host:6379 "
+                                         "(es.ray_address; implies --engine ray)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
 
