@@ -3,6 +3,13 @@
 The loop sees fitness only through ``Fitness.evaluate(params (P, n), seeds (P, R)) -> (P,)``
 (mean return per member): real envs, the dream or a test function are all the same to it.
 
+A mixed schedule (``es.dream_generations`` = N with ``es.fitness = "real"``) scores the
+members of the first N generations in M's dream and the rest in the real env, in one CMA-ES
+run: the generation counter alone picks the fitness, so a resumed run picks as the
+uninterrupted one would. The mean is always scored on the real env (the fitness the run is
+about), so "best" compares like with like; metrics.csv's ``in_dream`` column says which
+fitness each generation's members had.
+
 Per generation: ask P candidates from ``cma``, draw the generation's rollout seeds (members i
 and i + P/2 share them when antithetic), evaluate, subtract the L2 penalty
 ``l2 * mean(w^2)`` (the original *added* it, rewarding large weights; here it penalises),
@@ -77,6 +84,11 @@ def check_es_config(es: EsConfig) -> None:
         raise WmlabError(f"es.population ({es.population}) must be even with es.antithetic")
     if es.sigma0 <= 0:
         raise WmlabError(f"es.sigma0 is {es.sigma0}: the initial step size must be positive")
+    if es.dream_generations and es.fitness != "real":
+        raise WmlabError(f"es.dream_generations ({es.dream_generations}) is the mixed "
+                         "schedule of a real-env run (dream generations first, then real "
+                         "ones): set es.fitness = \"real\", or es.dream_generations = 0 to "
+                         "train in the dream only")
 
 
 def generation_seeds(seed: int, generation: int, population: int, rollouts: int,
@@ -175,9 +187,18 @@ def _save_state(folder: str, state: dict[str, Any]) -> None:
 def run_es(fitness: Fitness, num_params: int, es: EsConfig, folder: str, *, seed: int = 0,
            info: dict[str, Any] | None = None, progress: bool = True,
            stop_after_generations: int | None = None,
-           on_generation: Callable[[int, dict[str, float]], None] | None = None) -> EsResult:
-    """Run (or resume) CMA-ES until ``es.generations``; checkpoints in ``folder``."""
+           on_generation: Callable[[int, dict[str, float]], None] | None = None,
+           dream_fitness: Fitness | None = None) -> EsResult:
+    """Run (or resume) CMA-ES until ``es.generations``; checkpoints in ``folder``.
+
+    With ``es.dream_generations`` = N > 0, generations 1..N score members with
+    ``dream_fitness`` and the rest with ``fitness`` (which also scores the mean throughout).
+    """
     check_es_config(es)
+    if es.dream_generations and dream_fitness is None:
+        raise WmlabError(f"es.dream_generations is {es.dream_generations} but no dream "
+                         "fitness was given: train through train_controller, or set "
+                         "es.dream_generations = 0")
     folder = folder.rstrip("/")
     state = _load_state(folder, num_params, es)
     if state is None:
@@ -204,7 +225,9 @@ def run_es(fitness: Fitness, num_params: int, es: EsConfig, folder: str, *, seed
                 candidates = np.asarray(strategy.ask(), dtype=np.float64)
             seeds = generation_seeds(seed, generation, es.population, es.rollouts,
                                      es.antithetic)
-            returns = np.asarray(fitness.evaluate(candidates.astype(np.float32), seeds),
+            in_dream = generation < es.dream_generations
+            members = dream_fitness if in_dream and dream_fitness is not None else fitness
+            returns = np.asarray(members.evaluate(candidates.astype(np.float32), seeds),
                                  dtype=np.float64)
             scores = returns - l2_penalty(candidates, es.l2)
             with numpy_seeded(seed, generation, 4):
@@ -213,6 +236,8 @@ def run_es(fitness: Fitness, num_params: int, es: EsConfig, folder: str, *, seed
             row = {"best": float(returns.max()), "mean": float(returns.mean()),
                    "worst": float(returns.min()), "best_penalised": float(scores.max()),
                    "sigma": float(strategy.sigma)}
+            if es.dream_generations:
+                row["in_dream"] = 1.0 if in_dream else 0.0  # which fitness the members had
             step = generation + 1
             if step % es.eval_every == 0 or step == es.generations:
                 score = score_mean(fitness, mean, fixed_seeds)
@@ -329,23 +354,43 @@ def train_controller(cfg: Any, *, progress: bool = True,
                      fitness: Fitness | None = None, folder: str | None = None) -> EsResult:
     """Train C for the run of ``cfg`` (real envs or the dream, per es.fitness); checkpoints
     go to ``folder`` (default ``<run>/controller``; sweeps keep one controller per folder)."""
+    from wmlab.agent import workload_from_config
     from wmlab.controller import shape_info
     from wmlab.evaluators import Evaluator
 
     folder = folder or controller_dir(cfg)
     workload, models = check_training_inputs(cfg)
-    if cfg.es.fitness == "dream":
+    mixed = cfg.es.dream_generations > 0
+    if mixed:
+        check_dream_heads(models.mdrnn.shape, cfg.es.dream_generations)
+    if cfg.es.fitness == "dream" or mixed:
         from wmlab.memory.calibration import check_dream_calibration
 
         check_dream_calibration(cfg)
     info = {**shape_info(models.shape, cfg.controller.inputs), "env": cfg.env.name,
-            "fitness": cfg.es.fitness, "tau": cfg.dream.tau}
-    if fitness is not None:
+            "fitness": cfg.es.fitness, "tau": cfg.dream.tau,
+            **({"dream_generations": cfg.es.dream_generations} if mixed else {})}
+    with contextlib.ExitStack() as stack:
+        def evaluator(rollouts: Any) -> Any:
+            return stack.enter_context(Evaluator(rollouts, cfg.es.engine, cfg.es.workers,
+                                                 cfg.es.timeout, cfg.es.job_members,
+                                                 cfg.es.ray_address))
+
+        if fitness is None:
+            fitness = evaluator(workload)
+        # the dream's workers load M only; they sit idle once the real generations start
+        dream = evaluator(workload_from_config(cfg, "dream")) if mixed else None
         return run_es(fitness, models.shape.num_params, cfg.es, folder,
                       seed=cfg.run.seed, info=info, progress=progress,
-                      stop_after_generations=stop_after_generations)
-    with Evaluator(workload, cfg.es.engine, cfg.es.workers, cfg.es.timeout,
-                   cfg.es.job_members, cfg.es.ray_address) as evaluator:
-        return run_es(evaluator, models.shape.num_params, cfg.es, folder,
-                      seed=cfg.run.seed, info=info, progress=progress,
-                      stop_after_generations=stop_after_generations)
+                      stop_after_generations=stop_after_generations, dream_fitness=dream)
+
+
+def check_dream_heads(shape: Any, dream_generations: int) -> None:
+    """A CarRacing dream (or any env's) scores C only if M predicts rewards and ends."""
+    missing = [name for name in ("reward_head", "done_head") if not getattr(shape, name)]
+    if missing:
+        raise WmlabError(f"es.dream_generations = {dream_generations} trains C in M's dream "
+                         f"first, but M has no {' and no '.join(missing)}: the dream would "
+                         "have no reward or no end. Train M with "
+                         + " ".join(f"--set mdrnn.{m}=true" for m in missing)
+                         + ", or set es.dream_generations = 0")

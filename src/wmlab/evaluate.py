@@ -69,20 +69,25 @@ def _episodes(cfg: Config, episodes: int | None) -> int:
     return episodes
 
 
-def _scored_env(cfg: Config) -> tuple[Any, str]:
-    """The env's spec and the backend reported scores come from (the reference one)."""
+def _scored_env(cfg: Config, backend: str | None = None) -> tuple[Any, str]:
+    """The env's spec and the backend reported scores come from (the reference one unless
+    ``backend`` or eval.backend says otherwise)."""
     from wmlab.envs import get_spec
 
     spec = get_spec(cfg.env.name)
-    backend = cfg.eval.backend or spec.reference_backend or spec.default_backend
+    backend = backend or cfg.eval.backend or spec.reference_backend or spec.default_backend
     spec.check_backend(backend)
     return spec, backend
 
 
 def evaluate_controller(cfg: Config, *, episodes: int | None = None, where: str = "real",
                         out: str | None = None, video: str | None = None,
-                        controller_folder: str | None = None) -> EvalResult:
-    """Score the run's controller (its best scored mean) and write the JSON (and GIF)."""
+                        controller_folder: str | None = None,
+                        backend: str | None = None) -> EvalResult:
+    """Score the run's controller (its best scored mean) and write the JSON (and GIF).
+
+    ``backend`` scores on another backend than the reported one (the backend transfer:
+    the training backend, on the same seeds)."""
     from wmlab.agent import workload_from_config
     from wmlab.controller import check_shape
     from wmlab.es import controller_dir, load_controller_params
@@ -93,7 +98,7 @@ def evaluate_controller(cfg: Config, *, episodes: int | None = None, where: str 
         raise WmlabError(f"evaluate where must be real or dream, got {where!r}")
     if video and where != "real":
         raise WmlabError("--video records a real episode: drop --dream or --video")
-    spec, backend = _scored_env(cfg)
+    spec, backend = _scored_env(cfg, backend)
     workload = workload_from_config(cfg, where, backend)
     models = workload.load()
     params, info = load_controller_params(controller_folder or controller_dir(cfg))
@@ -121,6 +126,95 @@ def evaluate_controller(cfg: Config, *, episodes: int | None = None, where: str 
     if gif is not None:
         atomic_write_bytes(video, gif)
     return result
+
+
+def training_backend(cfg: Config) -> str:
+    """The backend C was trained on (env.backend, or the env's default)."""
+    from wmlab.envs import get_spec
+
+    return cfg.env.backend or get_spec(cfg.env.name).default_backend
+
+
+def reported_backend(cfg: Config) -> str:
+    """The backend the run's reported score comes from (eval.backend or the reference)."""
+    return _scored_env(cfg)[1]
+
+
+def same_episodes(env: str, backend_a: str, backend_b: str) -> bool:
+    """Whether two backends of ``env`` play the same episode from the same seed.
+
+    Only a backend with itself, so far: EnvPool's CarRacing draws its tracks with its own
+    generator. Measured on seeds 1000000..1000003, 7 and 42 (one step's reward reveals
+    1000 / tiles): Gymnasium's tracks had 301, 310, 311, 306, 319 and 283 tiles, EnvPool's
+    278, 298, 261, 271, 269 and 301 -- six different tracks for six seeds.
+    """
+    return backend_a == backend_b
+
+
+@dataclass(frozen=True)
+class BackendGap:
+    """The same controller scored on its training backend and on the reference one."""
+
+    train_backend: str
+    reference_backend: str
+    train_mean: float
+    train_std: float
+    reference_mean: float
+    reference_std: float
+    gap: float  # reference mean - training mean
+    stderr: float  # standard error of the gap
+    train_episodes: int
+    reference_episodes: int
+    paired: bool  # the same episodes on both backends (differences per seed)
+
+    def line(self) -> str:
+        counts = (str(self.train_episodes) if self.train_episodes == self.reference_episodes
+                  else f"{self.train_episodes} and {self.reference_episodes}")
+        how = ("paired over the same seeds: mean difference +- standard error" if self.paired
+               else f"two different sets of {counts} episodes, since the backends draw "
+                    "different tracks from a seed: difference of means +- its standard error")
+        return (f"backend transfer: {self.train_backend} {self.train_mean:.1f} +- "
+                f"{self.train_std:.1f}, {self.reference_backend} {self.reference_mean:.1f} +- "
+                f"{self.reference_std:.1f}, gap {self.reference_backend} - "
+                f"{self.train_backend} {self.gap:+.1f} +- {self.stderr:.1f} ({how})")
+
+
+def backend_gap(train_returns: Any, reference_returns: Any, train_backend: str,
+                reference_backend: str, paired: bool) -> BackendGap:
+    """Reference mean minus training mean, with its standard error.
+
+    ``paired`` (the same episodes on both backends, in the same order): the standard error
+    of the per-episode differences. Otherwise the two sets of returns are independent
+    samples and the standard error is sqrt(s_a^2 / n_a + s_b^2 / n_b) (sample variances).
+    """
+    a = np.asarray(train_returns, dtype=np.float64)
+    b = np.asarray(reference_returns, dtype=np.float64)
+    if a.size < 2 or b.size < 2:
+        raise WmlabError("the backend gap needs at least 2 episodes on each backend "
+                         f"(got {a.size} and {b.size}): raise eval.episodes")
+    if paired and a.shape != b.shape:
+        raise WmlabError(f"paired returns must be as many on both backends, got {a.size} "
+                         f"and {b.size}")
+    if paired:
+        diff = b - a
+        stderr = float(diff.std(ddof=1) / np.sqrt(diff.size))
+    else:
+        stderr = float(np.sqrt(a.var(ddof=1) / a.size + b.var(ddof=1) / b.size))
+    return BackendGap(train_backend=train_backend, reference_backend=reference_backend,
+                      train_mean=float(a.mean()), train_std=float(a.std()),
+                      reference_mean=float(b.mean()), reference_std=float(b.std()),
+                      gap=float(b.mean() - a.mean()), stderr=stderr,
+                      train_episodes=int(a.size), reference_episodes=int(b.size),
+                      paired=paired)
+
+
+def gap_from_evals(env: str, train: dict[str, Any], reference: dict[str, Any]) -> BackendGap:
+    """The backend gap of two evaluation JSONs (as ``evaluate_controller`` writes them);
+    paired only when both backends play the same episodes and the seeds match."""
+    paired = (same_episodes(env, str(train.get("backend")), str(reference.get("backend")))
+              and train.get("seeds") == reference.get("seeds"))
+    return backend_gap(train.get("returns") or [], reference.get("returns") or [],
+                       str(train.get("backend")), str(reference.get("backend")), paired)
 
 
 @torch.no_grad()

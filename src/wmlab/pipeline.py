@@ -390,12 +390,29 @@ def _controller_output(cfg: Config) -> str | None:
 
 
 def _run_evaluate(cfg: Config, progress: bool) -> dict[str, Any]:
-    from wmlab.evaluate import eval_dir, evaluate_controller, evaluate_random_policy
+    from wmlab.evaluate import (
+        backend_gap,
+        eval_dir,
+        evaluate_controller,
+        evaluate_random_policy,
+        same_episodes,
+        training_backend,
+    )
 
     summary: dict[str, Any] = {}
     real = evaluate_controller(cfg, video=f"{eval_dir(cfg)}/episode.gif")
     summary["controller"] = real.line()
     print(f"  controller: {real.line()}")
+    trained_on = training_backend(cfg)
+    if trained_on != real.backend:  # e.g. trained on EnvPool, reported on Gymnasium
+        there = evaluate_controller(cfg, backend=trained_on)
+        summary[f"controller-{trained_on}"] = there.line()
+        print(f"  controller on its training backend: {there.line()}")
+        if there.episodes > 1:
+            paired = same_episodes(cfg.env.name, trained_on, real.backend)
+            gap = backend_gap(there.returns, real.returns, trained_on, real.backend, paired)
+            summary["transfer"] = gap.line()
+            print(f"  {gap.line()}")
     floor = evaluate_random_policy(cfg)
     summary["random"] = floor.line()
     print(f"  random policy, same seeds: {floor.line()}")

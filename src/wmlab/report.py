@@ -653,6 +653,9 @@ class _Builder:
                                        "(SPEC.md section 7)."))
         else:
             section.blocks.append(Text("No published numbers for this environment."))
+        transfer = backend_transfer_line(self.run, self.cfg) if self.cfg is not None else None
+        if transfer is not None:
+            section.blocks.append(Text(transfer))
         curves = []
         for label, run in runs:
             try:
@@ -707,6 +710,32 @@ class _Builder:
 
     def _first_existing(self, rels: list[str]) -> str | None:
         return next((rel for rel in rels if self.run.exists(rel)), None)
+
+
+def backend_transfer_line(run: RunFiles, cfg: Config) -> str | None:
+    """The "backend transfer: ..." line when the run's controller was scored on its training
+    backend (eval/eval-<backend>.json) beside the reported one; None otherwise."""
+    from wmlab.evaluate import gap_from_evals, reported_backend, training_backend
+
+    try:
+        trained_on, reported = training_backend(cfg), reported_backend(cfg)
+    except WmlabError:
+        return None
+    found: dict[str, dict[str, Any]] = {}
+    for backend in {trained_on, reported}:
+        rel = f"eval/eval-{backend}.json"
+        try:
+            data = json.loads(run.read_bytes(rel)) if run.exists(rel) else None
+        except (ValueError, UnicodeDecodeError):
+            data = None
+        if isinstance(data, dict) and data.get("where", "real") == "real":
+            found[backend] = data
+    if trained_on == reported or len(found) < 2:
+        return None
+    try:
+        return gap_from_evals(cfg.env.name, found[trained_on], found[reported]).line()
+    except WmlabError as exc:
+        return f"backend transfer: not computed ({exc})"
 
 
 def _score(mean: float | None, std: float | None) -> str:
