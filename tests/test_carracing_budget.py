@@ -208,12 +208,21 @@ def test_mixed_schedule_on_carracing_dreams_generation_1_and_drives_generation_2
     assert _rows(Path(controller_dir(cfg))) == _rows(Path(controller_dir(other)))
 
 
-def test_mixed_schedule_refused_when_m_has_no_reward_or_done_head(tmp_path):
+def test_mixed_schedule_refused_when_m_has_no_reward_or_done_head(tmp_path, capsys):
+    from wmlab.cli import main
+
     cfg = make_run(tmp_path, "carracing", TINY_CAR, mdrnn=carracing_mdrnn(False))
     with pytest.raises(WmlabError, match="no reward_head and no done_head.*"
                                          "--set mdrnn.reward_head=true"):
         train_controller(cfg, progress=False)
     assert not Path(controller_dir(cfg)).exists()
+    args = ["train-controller", "--preset", "carracing", "--profile", "quick",
+            "--no-progress", "--set", f'run.root="{tmp_path}"', "--set", 'run.name="r"']
+    for item in TINY_CAR:
+        args += ["--set", item]
+    assert main(args) == 2
+    assert "no reward_head and no done_head" in capsys.readouterr().err
+    assert not Path(cfg.run_dir(), "config.toml").exists()  # refused before anything is written
 
 
 # --- the evaluate stage and the report ---------------------------------------------------------

@@ -338,7 +338,8 @@ def controller_dir(cfg: Any) -> str:
 
 def check_training_inputs(cfg: Any) -> tuple[Any, Any]:
     """Everything that can be wrong before training starts: the ES settings, the Ray
-    address, V and M (present, fitting each other and the env). Returns (workload, models)."""
+    address, V and M (present, fitting each other and the env, with the dream's heads for a
+    mixed schedule). Returns (workload, models)."""
     from wmlab.agent import workload_from_config
     from wmlab.evaluators import check_ray_address
 
@@ -346,7 +347,10 @@ def check_training_inputs(cfg: Any) -> tuple[Any, Any]:
     if cfg.es.engine == "ray":
         check_ray_address(cfg.es.ray_address)
     workload = workload_from_config(cfg)
-    return workload, workload.load()
+    models = workload.load()
+    if cfg.es.dream_generations:
+        check_dream_heads(models.mdrnn.shape, cfg.es.dream_generations)
+    return workload, models
 
 
 def train_controller(cfg: Any, *, progress: bool = True,
@@ -361,8 +365,6 @@ def train_controller(cfg: Any, *, progress: bool = True,
     folder = folder or controller_dir(cfg)
     workload, models = check_training_inputs(cfg)
     mixed = cfg.es.dream_generations > 0
-    if mixed:
-        check_dream_heads(models.mdrnn.shape, cfg.es.dream_generations)
     if cfg.es.fitness == "dream" or mixed:
         from wmlab.memory.calibration import check_dream_calibration
 
