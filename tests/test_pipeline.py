@@ -136,3 +136,42 @@ def test_run_refuses_an_unreachable_ray_cluster_before_any_stage(tmp_path, capsy
     assert code == 2
     assert "does not answer" in capsys.readouterr().err
     assert not (tmp_path / "doom-quick").exists()
+
+
+def test_training_further_continues_a_stage_and_training_less_starts_it_again(setup, tmp_path):
+    rec, cfg = setup
+    rec.pipeline(cfg("mdrnn.steps=10")).run()
+    rec.calls.clear()
+    pipeline = rec.pipeline(cfg("mdrnn.steps=20"))
+    assert [row["status"] for row in pipeline.status()] == ["done", "done", "extend"]
+    results = pipeline.run()
+    assert [r.status for r in results] == ["skipped", "skipped", "extended"]
+    assert rec.calls == ["c"]
+    assert not (tmp_path / "runs/doom-quick/trash").exists()  # continued, not restarted
+    assert json.loads(Path("runs/doom-quick/stages/c.json").read_text())["extent"] == {
+        "mdrnn.steps": 20}
+    # fewer steps than were trained: a different result, so the stage starts again
+    results = rec.pipeline(cfg("mdrnn.steps=5")).run()
+    assert [r.status for r in results] == ["skipped", "skipped", "rerun"]
+    assert any(p.name.startswith("c-") for p in (tmp_path / "runs/doom-quick/trash").iterdir())
+
+
+def test_records_written_before_extents_were_kept_still_match(setup):
+    rec, cfg = setup
+    pipeline = rec.pipeline(cfg())
+    pipeline.run()
+    # rewrite every record the old way: the fingerprint over the whole config slice
+    upstream = None
+    for stage in pipeline.stages:
+        path = Path(f"runs/doom-quick/stages/{stage.name}.json")
+        record = json.loads(path.read_text())
+        del record["extent"]
+        record["input"] = hashlib.sha256(json.dumps(
+            {"config": config_slice(pipeline.cfg, stage.sections), "upstream": upstream},
+            sort_keys=True, default=str).encode()).hexdigest()[:16]
+        path.write_text(json.dumps(record))
+        upstream = hashlib.sha256(json.dumps([upstream, record["output"]], sort_keys=True,
+                                             default=str).encode()).hexdigest()[:16]
+    rec.calls.clear()
+    assert [r.status for r in rec.pipeline(cfg()).run()] == ["skipped"] * 3
+    assert rec.calls == []

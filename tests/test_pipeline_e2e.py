@@ -157,3 +157,22 @@ def test_vae_init_from_starts_training_at_the_previous_weights(tmp_path):
                             torch.device("cpu"))
     for key, value in trained.state_dict().items():
         assert (started.model.state_dict()[key] == value).all(), key
+
+
+def test_more_generations_or_steps_continue_the_trained_stage(tmp_path):
+    cfg = _cfg(tmp_path, "doom")
+    Pipeline(cfg, progress=False, log=lambda _: None).run(until="controller")
+    run = Path(cfg.run_dir())
+    before = (run / "controller/metrics.csv").read_text().splitlines()
+    assert len(before) == 3  # header + 2 generations
+
+    longer = _cfg(tmp_path, "doom", "es.generations=3")
+    results = Pipeline(longer, progress=False, log=lambda _: None).run(until="controller")
+    assert _statuses(results)["controller"] == "extended"
+    after = (run / "controller/metrics.csv").read_text().splitlines()
+    assert len(after) == 4 and after[:3] == before  # the same CMA-ES, one generation on
+
+    deeper = _cfg(tmp_path, "doom", "es.generations=3", "mdrnn.steps=8")
+    results = Pipeline(deeper, progress=False, log=lambda _: None).run(until="memory")
+    assert _statuses(results)["memory"] == "extended"
+    assert json.loads((run / "memory/mdrnn.json").read_text())["step"] == 8

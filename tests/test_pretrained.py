@@ -24,7 +24,7 @@ TINY_DOOM = [
     "vae.z_dim=8", "vae.epochs=1", "vae.batch_size=16", "vae.max_frames=96",
     "mdrnn.hidden=16", "mdrnn.steps=6", "mdrnn.batch_size=2", "mdrnn.seq_len=10",
     "mdrnn.checkpoint_every=2", "mdrnn.initial_z=4", "mdrnn.calibration_episodes=2",
-    "es.population=4", "es.rollouts=2", "es.generations=1", "es.eval_every=1",
+    "mdrnn.calibration_real_episodes=2", "es.population=4", "es.rollouts=2", "es.generations=1", "es.eval_every=1",
     "es.eval_rollouts=2", 'es.engine="serial"', "env.max_steps=120", "dream.max_steps=30",
 ]
 EPISODES = 4

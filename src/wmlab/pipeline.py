@@ -68,9 +68,16 @@ class Stage:
 @dataclass
 class StageResult:
     name: str
-    status: str  # "skipped", "ran", "resumed", "repaired", "rerun"
+    status: str  # "skipped", "ran", "resumed", "extended", "repaired", "rerun"
     seconds: float = 0.0
     summary: dict[str, Any] = field(default_factory=dict)
+
+
+# Keys that only say how far a stage trains. Raising one continues the stage from its own
+# checkpoints (more steps of the same M, more generations of the same CMA-ES: both are
+# functions of the step, so the result is the one a longer run would have given); lowering
+# one starts the stage again.
+EXTENDABLE_KEYS = frozenset({"mdrnn.steps", "es.generations"})
 
 
 def _hash(value: Any) -> str:
@@ -83,8 +90,9 @@ def _chain(upstream: str | None, output: str | None) -> str:
     return _hash([upstream, output])
 
 
-def config_slice(cfg: Config, sections: tuple[str, ...]) -> dict[str, Any]:
-    """The values of ``sections`` (``section`` or ``section.key``) minus the neutral keys."""
+def config_slice(cfg: Config, sections: tuple[str, ...],
+                 leave_out: frozenset[str] = NEUTRAL_KEYS) -> dict[str, Any]:
+    """The values of ``sections`` (``section`` or ``section.key``) minus ``leave_out``."""
     data = dataclasses.asdict(cfg)
     out: dict[str, Any] = {}
     for item in sections:
@@ -94,7 +102,7 @@ def config_slice(cfg: Config, sections: tuple[str, ...]) -> dict[str, Any]:
             out[section] = values
             continue
         for name, value in values.items():
-            if f"{section}.{name}" not in NEUTRAL_KEYS:
+            if f"{section}.{name}" not in leave_out:
                 out[f"{section}.{name}"] = value
     return out
 
@@ -147,7 +155,34 @@ class Pipeline:
         atomic_write_bytes(self._record_path(name), json.dumps(record, indent=2).encode())
 
     def input_fingerprint(self, stage: Stage, upstream: str | None) -> str:
-        return _hash({"config": config_slice(self.cfg, stage.sections), "upstream": upstream})
+        """What the stage computes from, except how far it trains (``extent``)."""
+        config = config_slice(self.cfg, stage.sections, NEUTRAL_KEYS | EXTENDABLE_KEYS)
+        return _hash({"config": config, "upstream": upstream})
+
+    def extent(self, stage: Stage) -> dict[str, Any]:
+        """How far the stage trains: its extendable keys (e.g. es.generations)."""
+        every = config_slice(self.cfg, stage.sections)
+        return {key: value for key, value in every.items() if key in EXTENDABLE_KEYS}
+
+    def _compare(self, stage: Stage, upstream: str | None, record: dict[str, Any] | None
+                 ) -> str:
+        """"new" (no record), "same", "longer" (train further), "shorter" or "changed"."""
+        if not record:
+            return "new"
+        extent = self.extent(stage)
+        if "extent" not in record:
+            # a record written before extents were kept: its fingerprint includes them
+            old = _hash({"config": config_slice(self.cfg, stage.sections),
+                         "upstream": upstream})
+            return "same" if record.get("input") == old else "changed"
+        if record.get("input") != self.input_fingerprint(stage, upstream):
+            return "changed"
+        had = record["extent"]
+        if any(extent.get(k, 0) < had.get(k, 0) for k in had):
+            return "shorter"
+        if any(extent[k] > had.get(k, 0) for k in extent):
+            return "longer"
+        return "same"
 
     # -- running ---------------------------------------------------------------------------
 
@@ -161,10 +196,10 @@ class Pipeline:
         rows, upstream = [], None
         for stage in self.stages:
             record = self.record(stage.name) or {}
-            expected = self.input_fingerprint(stage, upstream)
-            current = record.get("input") == expected
-            state = record.get("status", "not run") if current else (
-                "stale" if record else "not run")
+            comparison = self._compare(stage, upstream, record)
+            current = comparison in ("same", "longer")
+            state = {"same": record.get("status", "not run"), "longer": "extend",
+                     "new": "not run"}.get(comparison, "stale")
             rows.append({"stage": stage.name, "status": state,
                          "finished": record.get("finished", "")})
             upstream = _chain(upstream, record.get("output") if current else None)
@@ -185,8 +220,10 @@ class Pipeline:
 
     def _run_stage(self, stage: Stage, upstream: str | None) -> StageResult:
         expected = self.input_fingerprint(stage, upstream)
+        extent = self.extent(stage)
         record = self.record(stage.name)
-        if record and record.get("input") == expected and record.get("status") == "done":
+        comparison = self._compare(stage, upstream, record)
+        if record and comparison == "same" and record.get("status") == "done":
             output = stage.output(self.cfg)
             if output is not None and output == record.get("output"):
                 self.log(f"[{stage.name}] done already: skipped")
@@ -194,7 +231,11 @@ class Pipeline:
             status = "repaired"
             self.log(f"[{stage.name}] its outputs are missing or were changed by hand: "
                      "running it again")
-        elif record and record.get("input") == expected:
+        elif record and comparison == "longer":
+            status = "extended"
+            wanted = ", ".join(f"{k} = {v}" for k, v in extent.items())
+            self.log(f"[{stage.name}] continuing from its checkpoints to {wanted}")
+        elif record and comparison == "same":
             status = "resumed"
             self.log(f"[{stage.name}] interrupted before: resuming")
         elif record:
@@ -207,7 +248,8 @@ class Pipeline:
         self.log(f"[{stage.name}] {stage.description}")
         started_at = _now()
         self._write_record(stage.name, {"stage": stage.name, "input": expected,
-                                        "status": "running", "started": started_at})
+                                        "extent": extent, "status": "running",
+                                        "started": started_at})
         started = time.monotonic()
         summary = stage.run(self.cfg, self.progress)
         seconds = time.monotonic() - started
@@ -216,7 +258,7 @@ class Pipeline:
             raise WmlabError(f"stage '{stage.name}' finished without its outputs: see the "
                              "messages above")
         self._write_record(stage.name, {"stage": stage.name, "input": expected,
-                                        "status": "done", "output": output,
+                                        "extent": extent, "status": "done", "output": output,
                                         "started": started_at, "finished": _now(), "seconds": round(seconds, 2),
                                         "summary": summary})
         return StageResult(stage.name, status, seconds, summary)
