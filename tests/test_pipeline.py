@@ -175,3 +175,9 @@ def test_records_written_before_extents_were_kept_still_match(setup):
     rec.calls.clear()
     assert [r.status for r in rec.pipeline(cfg()).run()] == ["skipped"] * 3
     assert rec.calls == []
+
+
+def test_keys_added_later_at_their_old_behaviour_leave_fingerprints_alone(setup):
+    _, cfg = setup
+    assert "es.dream_generations" not in config_slice(cfg(), ("es",))
+    assert config_slice(cfg("es.dream_generations=3"), ("es",))["es.dream_generations"] == 3

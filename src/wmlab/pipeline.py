@@ -80,6 +80,12 @@ class StageResult:
 EXTENDABLE_KEYS = frozenset({"mdrnn.steps", "es.generations"})
 
 
+# Keys added after runs already existed, with the value that does what runs did before the
+# key existed: at that value they are left out of fingerprints, so upgrading wmlab does not
+# make finished stages look changed. A new key that defaults to the old behaviour goes here.
+LATER_KEYS: dict[str, Any] = {"es.dream_generations": 0}
+
+
 def _hash(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -102,8 +108,11 @@ def config_slice(cfg: Config, sections: tuple[str, ...],
             out[section] = values
             continue
         for name, value in values.items():
-            if f"{section}.{name}" not in leave_out:
-                out[f"{section}.{name}"] = value
+            key = f"{section}.{name}"
+            if key in LATER_KEYS and value == LATER_KEYS[key]:
+                continue
+            if key not in leave_out:
+                out[key] = value
     return out
 
 
