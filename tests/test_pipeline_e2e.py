@@ -83,7 +83,7 @@ def test_interrupted_stage_resumes_and_config_change_reruns_exactly_what_it_affe
     rows = (Path(cfg.run_dir()) / "memory/metrics.csv").read_text().splitlines()
     assert len(rows) > 1
 
-    changed = _cfg(tmp_path, "doom", "es.generations=3")
+    changed = _cfg(tmp_path, "doom", "es.sigma0=0.2")
     results = _statuses(Pipeline(changed, progress=False, log=lambda _: None).run())
     assert results == {"collect": "skipped", "vision": "skipped", "encode": "skipped",
                        "memory": "skipped", "controller": "rerun", "evaluate": "rerun",
