@@ -210,7 +210,7 @@ def evaluate_on_eval_seeds(cfg: Config, policies: Sequence[str] = (
     """The heuristics on the run's own problem and the very episodes its controller is
     scored on (``eval.seed`` ..), written as ``eval/baseline-<policy>.json`` so the report
     lists them beside the controller and the random policy."""
-    from wmlab.evaluate import EvalResult, _scored_env, episode_rows, eval_dir
+    from wmlab.evaluate import EvalResult, episode_rows, eval_dir, scored_env
     from wmlab.fsio import atomic_write_bytes
 
     problem = problem_from_name(cfg.env.name)
@@ -218,7 +218,7 @@ def evaluate_on_eval_seeds(cfg: Config, policies: Sequence[str] = (
         problem = replace(problem, horizon=min(problem.horizon, cfg.env.max_steps))
     seeds = [int(s) for s in episode_rows(cfg.eval.seed, cfg.eval.episodes).ravel()]
     env = BinPackingEnv(problem=problem)
-    backend = _scored_env(cfg)[1]
+    backend = scored_env(cfg)[1]
     results = []
     for name in policies:
         policy = make_policy(name, cfg.run.seed)

@@ -69,7 +69,7 @@ def _episodes(cfg: Config, episodes: int | None) -> int:
     return episodes
 
 
-def _scored_env(cfg: Config, backend: str | None = None) -> tuple[Any, str]:
+def scored_env(cfg: Config, backend: str | None = None) -> tuple[Any, str]:
     """The env's spec and the backend reported scores come from (the reference one unless
     ``backend`` or eval.backend says otherwise)."""
     from wmlab.envs import get_spec
@@ -98,7 +98,7 @@ def evaluate_controller(cfg: Config, *, episodes: int | None = None, where: str 
         raise WmlabError(f"evaluate where must be real or dream, got {where!r}")
     if video and where != "real":
         raise WmlabError("--video records a real episode: drop --dream or --video")
-    spec, backend = _scored_env(cfg, backend)
+    spec, backend = scored_env(cfg, backend)
     workload = workload_from_config(cfg, where, backend)
     models = workload.load()
     params, info = load_controller_params(controller_folder or controller_dir(cfg))
@@ -137,7 +137,7 @@ def training_backend(cfg: Config) -> str:
 
 def reported_backend(cfg: Config) -> str:
     """The backend the run's reported score comes from (eval.backend or the reference)."""
-    return _scored_env(cfg)[1]
+    return scored_env(cfg)[1]
 
 
 def same_episodes(env: str, backend_a: str, backend_b: str) -> bool:
@@ -258,7 +258,7 @@ def evaluate_random_policy(cfg: Config, *, episodes: int | None = None,
     from wmlab.policies import PolicyConfig, make_policy
 
     episodes = _episodes(cfg, episodes)
-    spec, backend = _scored_env(cfg)
+    spec, backend = scored_env(cfg)
     options = {"max_steps": cfg.env.max_steps} if cfg.env.max_steps else {}
     returns: list[float] = []
     lengths: list[int] = []

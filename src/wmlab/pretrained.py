@@ -635,9 +635,9 @@ def agent_session(cfg: Config, seed: int | None = None, recording: bool = False
     from wmlab.controller import check_shape
     from wmlab.envs import make_batch
     from wmlab.es import controller_dir, load_controller_params
-    from wmlab.evaluate import _scored_env
+    from wmlab.evaluate import scored_env
 
-    _, backend = _scored_env(cfg)
+    _, backend = scored_env(cfg)
     workload = workload_from_config(cfg, "real", backend)
     models = workload.load()
     params, info = load_controller_params(controller_dir(cfg))

@@ -224,10 +224,10 @@ def check_folder(folder: str, wanted: dict[str, Any]) -> None:
 
 def _score_key(cfg: Config, folder: str, episodes: int, dream_episodes: int) -> dict[str, Any]:
     from wmlab.es import load_controller_params
-    from wmlab.evaluate import _scored_env
+    from wmlab.evaluate import scored_env
 
     _, info = load_controller_params(folder)
-    _, backend = _scored_env(cfg)
+    _, backend = scored_env(cfg)
     return {"controller": info["source"], "fingerprint": info.get("fingerprint", ""),
             "generation": info.get("generation"), "episodes": episodes,
             "dream_episodes": dream_episodes, "first_seed": cfg.eval.seed,
@@ -235,9 +235,9 @@ def _score_key(cfg: Config, folder: str, episodes: int, dream_episodes: int) -> 
 
 
 def _random_key(cfg: Config, episodes: int) -> dict[str, Any]:
-    from wmlab.evaluate import _scored_env
+    from wmlab.evaluate import scored_env
 
-    _, backend = _scored_env(cfg)
+    _, backend = scored_env(cfg)
     return {"episodes": episodes, "first_seed": cfg.eval.seed, "backend": backend,
             "env_max_steps": cfg.env.max_steps}
 
