@@ -301,6 +301,8 @@ def write_progress_plot(folder: str, rows: list[dict[str, str]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from wmlab.plots import pyplot_png
+
     def column(key: str) -> tuple[list[float], list[float]]:
         pairs = [(float(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
         return [p[0] for p in pairs], [p[1] for p in pairs]
@@ -321,11 +323,7 @@ def write_progress_plot(folder: str, rows: list[dict[str, str]]) -> None:
     ax.set_title("CMA-ES training progress")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    atomic_write_bytes(f"{folder}/progress.png", buffer.getvalue())
+    atomic_write_bytes(f"{folder}/progress.png", pyplot_png(fig))
 
 
 # ---------------------------------------------------------------------------------------------

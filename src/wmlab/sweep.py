@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import io
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -419,6 +418,8 @@ def table_plot(table: dict[str, Any]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from wmlab.plots import pyplot_png
+
     rows = sorted(table["rows"], key=lambda r: r["tau"])
     taus = [r["tau"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
@@ -437,8 +438,4 @@ def table_plot(table: dict[str, Any]) -> bytes:
     ax.set_title(f"C trained in the dream, {table['settings']['generations']} generations")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return pyplot_png(fig)
