@@ -57,6 +57,23 @@ def test_cma_es_improves_a_quadratic(tmp_path):
     assert len(rows) == 25 and {"best", "mean", "worst", "sigma", "seconds"} <= set(rows[0])
 
 
+def test_diagonal_covariance_learns_and_keeps_a_linear_size_checkpoint(tmp_path):
+    es = EsConfig(population=8, rollouts=1, generations=30, eval_every=10, eval_rollouts=1,
+                  sigma0=0.1, l2=0.0, covariance="diagonal")
+    fitness = Quadratic(20)
+    result = run_es(fitness, 20, es, str(tmp_path / "learn"), progress=False)
+    start = np.sum(fitness.target ** 2)
+    assert np.sum((result.mean - fitness.target) ** 2) < 0.3 * start
+    n = 1500
+    es.generations = 2
+    run_es(Quadratic(n), n, es, str(tmp_path / "big"), progress=False)
+    full_covariance_bytes = 8 * n * n  # what the full strategy would pickle (18 MB)
+    assert (tmp_path / "big" / "es-state.pkl").stat().st_size < full_covariance_bytes / 8
+    es.generations = 3  # resume reads the same kind of strategy back
+    again = run_es(Quadratic(n), n, es, str(tmp_path / "big"), progress=False)
+    assert again.resumed_from == 2 and again.generation == 3
+
+
 def test_l2_penalises_large_weights(tmp_path):
     params = np.array([[0.0, 0.0], [1.0, -1.0]])
     np.testing.assert_allclose(l2_penalty(params, 0.01), [0.0, 0.01])

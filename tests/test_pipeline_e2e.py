@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from wmlab.cli import main
@@ -142,6 +143,23 @@ def test_second_iteration_collects_with_the_agent_and_starts_from_the_first(tmp_
     assert "iterations/2" in report or "iteration 2" in report
     with pytest.raises(WmlabError, match="--iteration 0|must be 1 or more"):
         Pipeline(cfg, progress=False, log=lambda _: None, iteration=0)
+
+
+def test_fixed_fraction_collects_constant_behaviours_beside_the_random_policy(tmp_path):
+    from wmlab.data import EpisodeStore
+    from wmlab.pipeline import collection_shares
+
+    cfg = _cfg(tmp_path, "doom", "collect.episodes=6", "collect.fixed_fraction=0.5")
+    assert collection_shares(cfg) == [("fixed", 3), ("held", 3)]
+    Pipeline(cfg, progress=False, log=lambda _: None).run(until="collect")
+    store = EpisodeStore.open(f"{cfg.run_dir()}/data")
+    by_policy: dict[str, list] = {}
+    for episode_id in store.episode_ids():
+        by_policy.setdefault(store.meta(episode_id)["policy"], []).append(
+            store.load(episode_id).actions)
+    assert sorted((k, len(v)) for k, v in by_policy.items()) == [("fixed", 3), ("held", 3)]
+    assert all(len(np.unique(a, axis=0)) == 1 for a in by_policy["fixed"])
+    assert any(len(np.unique(a, axis=0)) > 1 for a in by_policy["held"])
 
 
 def test_vae_init_from_starts_training_at_the_previous_weights(tmp_path):

@@ -74,3 +74,14 @@ def test_unknown_policy_and_bad_hold():
         make_policy(PolicyConfig(name="lazy"), 1, 1)
     with pytest.raises(WmlabError, match="hold_min"):
         make_policy(PolicyConfig(name="held", hold_min=4, hold_max=2), 1, 1)
+
+
+def test_fixed_policy_holds_one_behaviour_per_episode_and_covers_all():
+    policy = make_policy(PolicyConfig(name="fixed"), num_envs=1, outputs=1)
+    seen = set()
+    for seed in range(40):
+        policy.reset(0, seed=seed)
+        actions = {float(policy.act(_frames(1))[0, 0]) for _ in range(30)}
+        assert len(actions) == 1  # constant for the whole episode
+        seen |= actions
+    assert seen == {-1.0, 0.0, 1.0}  # no-op, left and right all occur

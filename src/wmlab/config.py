@@ -58,10 +58,15 @@ class CollectConfig:
     envs_per_worker: int = _opt(1, "envs stepped as one batch inside each worker",
                                 min=1, max=4096)
     policy: str = _opt("brown", "collection policy (agent: a trained run's V, M and C)",
-                       choices=("uniform", "brown", "held", "random-weights", "agent"))
+                       choices=("uniform", "brown", "held", "random-weights", "fixed",
+                                "agent"))
     agent_run: str = _opt("", "policy agent: run directory whose trained controller acts")
     agent_fraction: float = _opt(0.5, "iterations 2+: fraction of episodes collected by the "
                                  "previous iteration's agent (the rest: collect.policy)",
+                                 min=0.0, max=1.0)
+    fixed_fraction: float = _opt(0.0, "fraction of episodes collected by policy 'fixed' "
+                                 "(one constant behaviour per episode: no-op, left, right) so "
+                                 "that M learns where they lead; the rest: collect.policy",
                                  min=0.0, max=1.0)
     min_length: int = _opt(0, "drop episodes with fewer steps than this (Doom: 101)", min=0)
     out: str = _opt("", "episode store path or URL; empty = <run>/data")
@@ -146,6 +151,9 @@ class EsConfig:
     population: int = _opt(64, "CMA-ES population", min=2)
     rollouts: int = _opt(16, "rollouts per member; fitness is their mean return", min=1)
     sigma0: float = _opt(0.1, "initial step size", min=0.0)
+    covariance: str = _opt("full", "CMA-ES covariance: full (the paper's), or diagonal "
+                           "(sep-CMA-ES: linear cost and a small checkpoint, for controllers "
+                           "of thousands of parameters)", choices=("full", "diagonal"))
     l2: float = _opt(0.01, "L2 weight penalty subtracted from fitness", min=0.0)
     antithetic: bool = _opt(True, "members i and i + pop/2 share rollout seeds")
     generations: int = _opt(2000, "generations to run", min=0)

@@ -83,7 +83,8 @@ EXTENDABLE_KEYS = frozenset({"mdrnn.steps", "es.generations"})
 # Keys added after runs already existed, with the value that does what runs did before the
 # key existed: at that value they are left out of fingerprints, so upgrading wmlab does not
 # make finished stages look changed. A new key that defaults to the old behaviour goes here.
-LATER_KEYS: dict[str, Any] = {"es.dream_generations": 0}
+LATER_KEYS: dict[str, Any] = {"es.dream_generations": 0, "es.covariance": "full",
+                               "collect.fixed_fraction": 0.0}
 
 
 def _hash(value: Any) -> str:
@@ -339,21 +340,30 @@ def _store_fingerprint(cfg: Config) -> str | None:
     return _hash(ids)
 
 
+def collection_shares(cfg: Config) -> list[tuple[str, int]]:
+    """(policy, episodes) of each collection the run's store holds: the previous agent's
+    share (iterations), the fixed behaviours' share, then collect.policy's."""
+    total = cfg.collect.episodes
+    by_agent = round(total * cfg.collect.agent_fraction) if cfg.collect.agent_run else 0
+    by_fixed = min(round(total * cfg.collect.fixed_fraction), total - by_agent)
+    shares = [("agent", by_agent), ("fixed", by_fixed),
+              (cfg.collect.policy, total - by_agent - by_fixed)]
+    return [(policy, count) for policy, count in shares if count > 0]
+
+
 def _run_collect(cfg: Config, progress: bool) -> dict[str, Any]:
     from wmlab.collect import collect
 
-    if not cfg.collect.agent_run:
+    shares = collection_shares(cfg)
+    if len(shares) == 1 and shares[0][0] == cfg.collect.policy:
         summary = collect(cfg, progress=progress)
         return {"line": summary.line(), "episodes": summary.kept_now, "steps": summary.steps}
-    # an iteration: the previous agent's share of the episodes, then the random policy's
-    by_agent = round(cfg.collect.episodes * cfg.collect.agent_fraction)
     parts: dict[str, Any] = {}
-    for policy, count in (("agent", by_agent), (cfg.collect.policy,
-                                                cfg.collect.episodes - by_agent)):
-        if count == 0:
-            continue
+    for policy, count in shares:
         part = copy.deepcopy(cfg)
         part.collect.policy, part.collect.episodes = policy, count
+        if cfg.collect.collection:  # one collection per share, or they would fill each other
+            part.collect.collection = f"{cfg.collect.collection}-{policy}"
         summary = collect(part, progress=progress)
         parts[policy] = {"line": summary.line(), "episodes": summary.kept_now}
     return parts

@@ -17,7 +17,7 @@ import numpy as np
 
 from wmlab.errors import WmlabError
 
-POLICY_NAMES = ("uniform", "brown", "held", "random-weights")  # random policies
+POLICY_NAMES = ("uniform", "brown", "held", "random-weights", "fixed")  # random policies
 # Fixed behaviours whose survival in M's dream is compared with the real game before C is
 # trained there: a dream that lets one of them live far longer than the game does is a hole
 # CMA-ES will find. The same raw outputs as wmlab.dream.reference_policy.
@@ -116,6 +116,31 @@ class ConstantPolicy(BatchPolicy):
         return out
 
 
+class FixedPolicy(BatchPolicy):
+    """One fixed behaviour per episode, drawn from its seed: no-op (raw 0), or -1 or +1 on one
+    output (Doom: always left, always right).
+
+    The behaviours CMA-ES meets first (its search starts at the all-zero controller, a no-op)
+    and the simplest it can settle on. Random data rarely holds one for long, so M can
+    learn nothing of where they lead, and its dream may let them live far longer than the
+    game does (docs/results/doom-quick.md): a share of such episodes shows M their end.
+    """
+
+    def __init__(self, num_envs: int, outputs: int, config: PolicyConfig) -> None:
+        super().__init__(num_envs, outputs, config)
+        self._action = np.zeros((num_envs, outputs), dtype=np.float32)
+
+    def _reset_slot(self, slot: int) -> None:
+        rng = self._rngs[slot]
+        choice = int(rng.integers(0, 1 + 2 * self.outputs))  # noop, then -1/+1 per output
+        self._action[slot] = 0.0
+        if choice > 0:
+            self._action[slot, (choice - 1) // 2] = -1.0 if choice % 2 else 1.0
+
+    def _act_slot(self, slot: int, frame: np.ndarray) -> np.ndarray:
+        return self._action[slot]
+
+
 class RandomWeightsPolicy(BatchPolicy):
     """A controller with random weights, as the original CarRacing data were collected.
 
@@ -151,8 +176,8 @@ def make_policy(config: PolicyConfig, num_envs: int, outputs: int) -> BatchPolic
 
         return AgentPolicy(num_envs, outputs, config.agent_run)
     classes = {"uniform": UniformPolicy, "brown": BrownPolicy, "held": HeldPolicy,
-               "random-weights": RandomWeightsPolicy, "noop": ConstantPolicy,
-               "left": ConstantPolicy}
+               "random-weights": RandomWeightsPolicy, "fixed": FixedPolicy,
+               "noop": ConstantPolicy, "left": ConstantPolicy}
     if config.name not in classes:
         raise WmlabError(f"unknown policy '{config.name}': choose one of {', '.join(classes)}")
     if config.hold_min < 1 or config.hold_max < config.hold_min:
