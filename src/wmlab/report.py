@@ -252,6 +252,13 @@ _DETAIL_KEYS = ("label", "agent", "policy", "controller", "kind", "tau", "where"
                 "iteration")
 
 
+def _short(key: str, value: Any) -> Any:
+    """A controller's path as its last two parts (the run is named in its own column)."""
+    if key == "controller" and isinstance(value, str) and value.count("/") > 1:
+        return "/".join(value.rstrip("/").split("/")[-2:])
+    return value
+
+
 def parse_eval(data: Any, run: str, name: str) -> EvalResult:
     """An evaluation JSON, read leniently: the evaluation command writes mean, std, the
     episodes' returns and the backend; older or hand-made files may hold only some."""
@@ -274,7 +281,7 @@ def parse_eval(data: Any, run: str, name: str) -> EvalResult:
     episodes = data.get("episodes") if isinstance(data.get("episodes"), int) else None
     if episodes is None and values:
         episodes = len(values)
-    details = [f"{k} {data[k]}" for k in _DETAIL_KEYS
+    details = [f"{k} {_short(k, data[k])}" for k in _DETAIL_KEYS
                if isinstance(data.get(k), (str, int, float)) and not isinstance(data[k], bool)
                and data[k] != ""]
     return EvalResult(run=run, name=name, mean=mean, std=std, episodes=episodes,
