@@ -11,7 +11,7 @@ import pytest
 from wmlab.cli import main
 from wmlab.config import load_config
 from wmlab.errors import WmlabError
-from wmlab.memory.calibration import calibration_path, far_policies
+from wmlab.memory.calibration import calibration_path, far_policies, noop_order_warning
 from wmlab.pipeline import Pipeline
 from wmlab.policies import PolicyConfig, make_policy
 
@@ -38,6 +38,20 @@ def test_far_policies_flags_dreams_too_long_and_too_short():
     assert far[0].startswith("noop survives 700 steps in the dream and 130 in the game")
     assert far[1].startswith("left survives 40")
     assert far_policies(report, 10.0) == []
+
+
+def test_a_dream_that_favours_the_no_op_is_flagged():
+    # seed 1 of the quick profile: the dream ranks the no-op above random, the game below
+    misleading = {"policies": {"random": _row(466, 184), "noop": _row(617, 132)}}
+    message = noop_order_warning(misleading)
+    assert message and "0.76x" in message and "1.39x" in message
+    assert "fixed_fraction" in message
+    # seed 0: random outlives the no-op in the dream too
+    assert noop_order_warning({"policies": {"random": _row(662, 184),
+                                            "noop": _row(558, 132)}}) is None
+    # not measured in the game yet: nothing to compare
+    assert noop_order_warning({"policies": {"random": {"survival_mean": 100.0},
+                                            "noop": {"survival_mean": 300.0}}}) is None
 
 
 def test_reference_policies_act_like_the_dreams():

@@ -368,9 +368,18 @@ def train_controller(cfg: Any, *, progress: bool = True,
     workload, models = check_training_inputs(cfg)
     mixed = cfg.es.dream_generations > 0
     if cfg.es.fitness == "dream" or mixed:
-        from wmlab.memory.calibration import check_dream_calibration
+        from wmlab.evaluators import warn
+        from wmlab.memory.calibration import (
+            check_dream_calibration,
+            noop_order_warning,
+            read_calibration,
+        )
 
         check_dream_calibration(cfg)
+        report = read_calibration(cfg)
+        message = noop_order_warning(report) if report else None
+        if message:
+            warn(message)
     info = {**shape_info(models.shape, cfg.controller.inputs), "env": cfg.env.name,
             "fitness": cfg.es.fitness, "tau": cfg.dream.tau,
             **({"dream_generations": cfg.es.dream_generations} if mixed else {})}

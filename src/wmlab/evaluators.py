@@ -61,7 +61,7 @@ def split_jobs(params: np.ndarray, seeds: np.ndarray, members_per_job: int) -> l
     return [(params[i:i + step], seeds[i:i + step]) for i in range(0, len(params), step)]
 
 
-def _warn(message: str) -> None:
+def warn(message: str) -> None:
     print(f"wmlab: warning: {message}", file=sys.stderr, flush=True)
 
 
@@ -241,7 +241,7 @@ class ProcessEngine:
                 self.close()
                 raise WmlabError(f"evaluator workers keep failing to start ({why}); run "
                                  "with es.engine = serial to see the error in this process")
-        _warn(f"evaluator worker pid {slot.proc.pid} lost ({why}); "
+        warn(f"evaluator worker pid {slot.proc.pid} lost ({why}); "
               + (f"retrying its job {job} on another worker" if job is not None else
                  "starting a new one"))
         _kill(slot)
@@ -391,7 +391,7 @@ class RayEngine:
 
     def _retry(self, index: int, job_id: int, pending: deque, attempts: list[int],
                why: str) -> None:
-        _warn(f"Ray evaluator actor {index} lost ({why}); retrying job {job_id} elsewhere")
+        warn(f"Ray evaluator actor {index} lost ({why}); retrying job {job_id} elsewhere")
         attempts[job_id] += 1
         self.retries += 1
         if attempts[job_id] >= self.max_attempts:

@@ -601,6 +601,11 @@ class _Builder:
         blocks: list[Block] = [Text(head), Table(columns, rows)]
         if report.get("note"):
             blocks.append(Text(str(report["note"])))
+        from wmlab.memory.calibration import noop_order_warning
+
+        warning = noop_order_warning(report)
+        if warning:
+            blocks.append(Text(f"Warning: {warning}.", True))
         return blocks
 
     def controller_section(self) -> Section:

@@ -97,6 +97,31 @@ def far_policies(report: dict[str, Any], tolerance: float) -> list[str]:
     return lines
 
 
+# The dream must punish standing still at least about as much as random play does, as the
+# game does (there a random policy outlives a no-op ~1.4x). Over ten quick and budget Doom
+# runs, every dream whose random / no-op survival ratio was 0.93 or less trained a C that
+# did not beat random in the game, and every one at 0.96 or more did (docs/results/doom-quick.md).
+NOOP_ORDER_THRESHOLD = 0.95
+
+
+def noop_order_warning(report: dict[str, Any]) -> str | None:
+    """A warning when the dream ranks the no-op (where CMA-ES starts) above random play
+    while the game ranks it below; None when the order is right or not measured."""
+    rows = report.get("policies", {})
+    random_row, noop_row = rows.get("random"), rows.get("noop")
+    if not random_row or not noop_row or "real_survival_mean" not in random_row:
+        return None
+    dream = random_row["survival_mean"] / max(noop_row["survival_mean"], 1.0)
+    game = random_row["real_survival_mean"] / max(noop_row.get("real_survival_mean", 0.0), 1.0)
+    if game <= 1.0 or dream >= NOOP_ORDER_THRESHOLD:
+        return None
+    return (f"M's dream favours standing still: random play survives {dream:.2f}x as long as a "
+            f"no-op there, {game:.2f}x in the game. CMA-ES starts at the no-op, and in the "
+            "runs measured so far a C trained in such a dream did not beat random in the game. "
+            "Collect a share of fixed behaviours (--set collect.fixed_fraction=0.2), train M "
+            "on more data, or run a second iteration (--iteration 2)")
+
+
 def check_dream_calibration(cfg: Config) -> dict[str, Any] | None:
     """Refuse to train C in a dream that is far from the game (see the module docstring).
 
