@@ -172,6 +172,19 @@ def test_cli_collect_info_and_verify(tmp_path, capsys):
     assert victim.name in capsys.readouterr().out
 
 
+def test_cli_collect_fills_the_profiles_shares_unless_a_policy_is_named(tmp_path, capsys):
+    base = ["collect", "--preset", "doom", "--profile", "quick", "--workers", "1",
+            "--no-progress", "--set", "env.max_steps=30", "--set", "collect.min_length=0"]
+    # the quick profile collects a fifth of its episodes with the fixed behaviours
+    assert main([*base, "--episodes", "5", "--set", f"run.root={tmp_path}/a"]) == 0
+    out = capsys.readouterr().out
+    assert "collection 'fixed' now holds 1/1" in out and "'held' now holds 4/4" in out
+    assert main([*base, "--episodes", "3", "--policy", "held",
+                 "--set", f"run.root={tmp_path}/b"]) == 0
+    out = capsys.readouterr().out
+    assert "'held' now holds 3/3" in out and "fixed" not in out
+
+
 def _members_of_group(pgid: int) -> list[int]:
     """Pids of live processes in process group ``pgid`` (from /proc; Linux only)."""
     members = []

@@ -131,7 +131,7 @@ def test_second_iteration_collects_with_the_agent_and_starts_from_the_first(tmp_
     assert set(_statuses(second.run()).values()) == {"ran"}
     store = EpisodeStore.open(f"{second.run_dir}/data")
     policies = sorted(store.meta(i)["policy"] for i in store.episode_ids())
-    assert policies == ["agent", "agent", "held", "held"]
+    assert policies == ["agent", "agent", "fixed", "held"]  # the profile keeps its fixed fifth
     # new episodes: other seeds than the first iteration's random ones
     first = EpisodeStore.open(f"{cfg.run_dir()}/data")
     assert not {store.meta(i)["seed"] for i in store.episode_ids()} & {
@@ -146,8 +146,8 @@ def test_second_iteration_collects_with_the_agent_and_starts_from_the_first(tmp_
 
 
 def test_fixed_fraction_collects_constant_behaviours_beside_the_random_policy(tmp_path):
+    from wmlab.collect import collection_shares
     from wmlab.data import EpisodeStore
-    from wmlab.pipeline import collection_shares
 
     cfg = _cfg(tmp_path, "doom", "collect.episodes=6", "collect.fixed_fraction=0.5")
     assert collection_shares(cfg) == [("fixed", 3), ("held", 3)]

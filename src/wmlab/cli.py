@@ -58,7 +58,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    from wmlab.collect import collect
+    from wmlab.collect import collect_shares
     from wmlab.data import EpisodeStore, format_info
     from wmlab.runs import prepare_run_dir
 
@@ -69,10 +69,13 @@ def cmd_collect(args: argparse.Namespace) -> int:
         "collect.collection": args.collection})
     run_dir = prepare_run_dir(cfg)
     print(f"run directory: {run_dir}")
-    summary = collect(cfg, progress=not args.no_progress)
-    print(summary.line())
+    if args.policy:  # an explicit --policy collects that policy's episodes only
+        cfg.collect.fixed_fraction = 0.0
+    summaries = collect_shares(cfg, progress=not args.no_progress)
+    for _, summary in summaries:
+        print(summary.line())
     if args.info:
-        print(format_info(EpisodeStore.open(summary.store_url).info()))
+        print(format_info(EpisodeStore.open(summaries[-1][1].store_url).info()))
     return 0
 
 

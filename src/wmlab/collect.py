@@ -14,6 +14,7 @@ command collects the same episodes whatever the number of workers.
 from __future__ import annotations
 
 import contextlib
+import copy
 import multiprocessing as mp
 import os
 import queue
@@ -345,3 +346,31 @@ def _progress_bar(enabled: bool, total: int, initial: int, collection: str):
 
     return tqdm(total=total, initial=initial, desc=f"collect {collection}", unit="ep",
                 disable=not enabled, dynamic_ncols=True, smoothing=0.1, mininterval=0.5)
+
+
+def collection_shares(cfg: Config) -> list[tuple[str, int]]:
+    """(policy, episodes) of each collection a run's store holds: the previous agent's share
+    (iterations), the fixed behaviours' share (collect.fixed_fraction), then
+    collect.policy's."""
+    total = cfg.collect.episodes
+    by_agent = round(total * cfg.collect.agent_fraction) if cfg.collect.agent_run else 0
+    by_fixed = min(round(total * cfg.collect.fixed_fraction), total - by_agent)
+    shares = [("agent", by_agent), ("fixed", by_fixed),
+              (cfg.collect.policy, total - by_agent - by_fixed)]
+    return [(policy, count) for policy, count in shares if count > 0]
+
+
+def collect_shares(cfg: Config, *, progress: bool = True
+                   ) -> list[tuple[str, CollectSummary]]:
+    """Fill every collection of ``collection_shares`` (one store, one collection each)."""
+    shares = collection_shares(cfg)
+    if len(shares) == 1 and shares[0][0] == cfg.collect.policy:
+        return [(cfg.collect.policy, collect(cfg, progress=progress))]
+    summaries = []
+    for policy, count in shares:
+        part = copy.deepcopy(cfg)
+        part.collect.policy, part.collect.episodes = policy, count
+        if cfg.collect.collection:  # one collection per share, or they would fill each other
+            part.collect.collection = f"{cfg.collect.collection}-{policy}"
+        summaries.append((policy, collect(part, progress=progress)))
+    return summaries

@@ -340,33 +340,15 @@ def _store_fingerprint(cfg: Config) -> str | None:
     return _hash(ids)
 
 
-def collection_shares(cfg: Config) -> list[tuple[str, int]]:
-    """(policy, episodes) of each collection the run's store holds: the previous agent's
-    share (iterations), the fixed behaviours' share, then collect.policy's."""
-    total = cfg.collect.episodes
-    by_agent = round(total * cfg.collect.agent_fraction) if cfg.collect.agent_run else 0
-    by_fixed = min(round(total * cfg.collect.fixed_fraction), total - by_agent)
-    shares = [("agent", by_agent), ("fixed", by_fixed),
-              (cfg.collect.policy, total - by_agent - by_fixed)]
-    return [(policy, count) for policy, count in shares if count > 0]
-
-
 def _run_collect(cfg: Config, progress: bool) -> dict[str, Any]:
-    from wmlab.collect import collect
+    from wmlab.collect import collect_shares
 
-    shares = collection_shares(cfg)
-    if len(shares) == 1 and shares[0][0] == cfg.collect.policy:
-        summary = collect(cfg, progress=progress)
+    summaries = collect_shares(cfg, progress=progress)
+    if len(summaries) == 1 and summaries[0][0] == cfg.collect.policy:
+        summary = summaries[0][1]
         return {"line": summary.line(), "episodes": summary.kept_now, "steps": summary.steps}
-    parts: dict[str, Any] = {}
-    for policy, count in shares:
-        part = copy.deepcopy(cfg)
-        part.collect.policy, part.collect.episodes = policy, count
-        if cfg.collect.collection:  # one collection per share, or they would fill each other
-            part.collect.collection = f"{cfg.collect.collection}-{policy}"
-        summary = collect(part, progress=progress)
-        parts[policy] = {"line": summary.line(), "episodes": summary.kept_now}
-    return parts
+    return {policy: {"line": summary.line(), "episodes": summary.kept_now}
+            for policy, summary in summaries}
 
 
 def _sidecar_fingerprint(folder: str, name: str) -> str | None:
