@@ -31,7 +31,7 @@ from wmlab.checkpoint import (
 )
 from wmlab.config import Config
 from wmlab.data import EpisodeStore
-from wmlab.device import resolve_device
+from wmlab.device import resolve_bf16, resolve_device
 from wmlab.errors import WmlabError
 from wmlab.fsio import atomic_write_bytes
 from wmlab.metrics import MetricsLogger
@@ -163,6 +163,7 @@ class _Trainer:
     model: ConvVAE
     optimizer: torch.optim.Optimizer
     noise: torch.Generator
+    bf16: bool = False  # cfg.vae.bf16 where the hardware runs bf16 natively (resolve_bf16)
     discriminator: Discriminator | None = None
     critic_optimizer: torch.optim.Optimizer | None = None
 
@@ -175,7 +176,7 @@ class _Trainer:
         return frames_to_tensor(tensor, self.channels_last)
 
     def autocast(self, enabled: bool | None = None):
-        on = self.cfg.vae.bf16 if enabled is None else enabled
+        on = self.bf16 if enabled is None else enabled
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=on)
 
     def step(self, frames: np.ndarray) -> dict[str, float]:
@@ -233,7 +234,8 @@ def _strip(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Ten
     return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
 
 
-def build_trainer(cfg: Config, device: torch.device, fused_adam: bool = True) -> _Trainer:
+def build_trainer(cfg: Config, device: torch.device, fused_adam: bool = True,
+                  log: Callable[[str], None] = print) -> _Trainer:
     """Fresh models initialised from the run's seed (without touching torch's global RNG).
 
     The fused Adam updates all 4.3M parameters in one kernel, several times faster than the
@@ -252,7 +254,8 @@ def build_trainer(cfg: Config, device: torch.device, fused_adam: bool = True) ->
     noise = torch.Generator(device=device).manual_seed(cfg.run.seed + 1)
     fused = fused_adam or None  # None: torch's default implementation
     trainer = _Trainer(cfg, device, model,
-                       torch.optim.Adam(model.parameters(), lr=c.lr, fused=fused), noise)
+                       torch.optim.Adam(model.parameters(), lr=c.lr, fused=fused), noise,
+                       bf16=resolve_bf16(c.bf16, device, log))
     if disc is not None:
         trainer.discriminator = disc.to(device, memory_format=memory_format)
         trainer.critic_optimizer = torch.optim.Adam(disc.parameters(), lr=c.lr,
