@@ -134,3 +134,30 @@ def test_bad_sweep_input_changes_nothing(tmp_path, capsys):
                  "--taus", "0.5", "--generations", "1"]) == 2
     assert "wmlab: error:" in capsys.readouterr().err
     assert not empty.exists()
+
+
+def test_sweep_reuses_the_runs_random_policy_only_when_it_played_the_same_episodes(
+        tmp_path, one_thread):
+    from wmlab.evaluate import eval_dir, evaluate_random_policy
+
+    cfg = make_run(tmp_path, overrides=TINY)
+    # the run's evaluate stage played the random policy on 3 episodes: not the sweep's 2
+    evaluate_random_policy(cfg, episodes=3)
+    stored = Path(eval_dir(cfg)) / "random-vizdoom.json"
+    assert stored.exists()
+    lines: list[str] = []
+    table = tau_sweep(cfg, [1.15], generations=1, log=lines.append, **SIZES)
+    assert "random policy: 2 real episodes on the same seeds" in lines
+    assert table["random"]["episodes"] == 2
+
+    # on exactly the sweep's episodes it is reused, not played again
+    own = evaluate_random_policy(cfg, episodes=2)
+    (Path(sweep_dir(cfg)) / "random.json").unlink()
+    marked = json.loads(stored.read_text())
+    marked["mean"] = own.mean + 1000.0  # a mark no replay could produce
+    stored.write_text(json.dumps(marked))
+    lines.clear()
+    table = tau_sweep(cfg, [1.15], generations=1, log=lines.append, **SIZES)
+    assert any(line.startswith("random policy: reusing the run's") for line in lines)
+    assert table["random"]["mean"] == pytest.approx(own.mean + 1000.0)
+    assert table["random"]["seeds"] == table["rows"][0]["real_seeds"]

@@ -280,7 +280,8 @@ def evaluate_random_policy(cfg: Config, *, episodes: int | None = None,
                         seeds=[int(s) for s in seeds.ravel()],
                         returns=[float(r) for r in values], controller=f"{name} ({policy})",
                         controller_fingerprint="",
-                        extra={"policy": policy, "lengths": lengths,
+                        extra={"policy": policy, "max_steps": cfg.env.max_steps,
+                               "lengths": lengths,
                                "length_mean": float(steps.mean()),
                                "length_std": float(steps.std())})
     path = out or f"{eval_dir(cfg)}/{name}-{backend}.json"
