@@ -325,11 +325,10 @@ def tau_sweep(cfg: Config, taus: Sequence[float], *, generations: int,
     random_path = f"{root}/random.json"
     key = _random_key(cfg, episodes)
     stored = _read_json(random_path)
-    from_run = _run_random_policy(cfg, key)
     if stored is not None and stored.get("key") == key:
         random_result = stored["result"]
         say(f"random policy: reusing {random_path}")
-    elif from_run is not None:
+    elif (from_run := _run_random_policy(cfg, key)) is not None:
         # the run's evaluate stage already played it on these seeds: on CarRacing's Gymnasium
         # backend that saves ~15 minutes of 2 cores for 100 episodes
         path, random_result = from_run
