@@ -21,7 +21,7 @@ class Shipped:
     name: str
     profile: str
     backend: str  # where its recorded score and the test episode are played
-    sizes: dict[str, int]  # parameters the paper gives (SPEC.md); None: ours, checked by count
+    sizes: dict[str, int]  # parameters per file: the paper's (SPEC.md) plus any heads added
 
 
 AGENTS = {
