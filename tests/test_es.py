@@ -110,6 +110,36 @@ def test_dream_training_improves_survival(tmp_path):
     assert best.info["inputs"] == 40 and best.info["bias"] is False
 
 
+class RecordingFitness:
+    """A fitness that records the seeds of every call (its shape says who was scored)."""
+
+    def __init__(self, evaluator: Evaluator) -> None:
+        self.evaluator, self.calls = evaluator, []
+
+    def evaluate(self, params: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+        self.calls.append(np.array(seeds))
+        return self.evaluator.evaluate(params, seeds)
+
+
+def test_doom_members_in_the_dream_means_scored_in_the_game(tmp_path, one_thread):
+    # Doom's reward is survival, so its dream needs only M's done head: a mixed schedule
+    # whose every generation dreams is dream training with the means picked in the game.
+    mixed = ("es.population=4", "es.rollouts=2", "es.generations=2", "es.eval_every=1",
+             "es.eval_rollouts=2", "dream.max_steps=30", "env.max_steps=30")
+    cfg = make_run(tmp_path / "mixed", overrides=(*mixed, 'es.fitness="real"',
+                                                  "es.dream_generations=2"))
+    with Evaluator(workload_from_config(cfg, "real"), "serial") as evaluator:
+        game = RecordingFitness(evaluator)
+        result = train_controller(cfg, progress=False, fitness=game)
+    assert [h["in_dream"] for h in result.history] == [1.0, 1.0]
+    assert [s.size for s in game.calls] == [2, 2]  # the game scored the two means only
+    dreamed = train_controller(make_run(tmp_path / "dream", overrides=mixed),
+                               progress=False)
+    for a, b in zip(result.history, dreamed.history, strict=True):
+        assert (a["best"], a["mean"], a["worst"]) == (b["best"], b["mean"], b["worst"])
+    np.testing.assert_array_equal(result.mean, dreamed.mean)
+
+
 def test_resume_equals_uninterrupted_run(tmp_path):
     whole = make_run(tmp_path / "a", overrides=DREAM)
     parts = make_run(tmp_path / "b", overrides=DREAM)

@@ -146,8 +146,9 @@ class EsConfig:
     fitness: str = _opt("real", "where rollouts run", choices=("real", "dream"))
     dream_generations: int = _opt(0, "mixed schedule, with fitness = real: the first N "
                                   "generations score members in M's dream (needs "
-                                  "mdrnn.reward_head and done_head), the rest in the real "
-                                  "env, in one CMA-ES run; 0 = off", min=0)
+                                  "mdrnn.done_head, and reward_head unless the env pays "
+                                  "+1 per step alive), the rest in the real env, in one "
+                                  "CMA-ES run; 0 = off", min=0)
     population: int = _opt(64, "CMA-ES population", min=2)
     rollouts: int = _opt(16, "rollouts per member; fitness is their mean return", min=1)
     sigma0: float = _opt(0.1, "initial step size", min=0.0)

@@ -363,7 +363,8 @@ def check_training_inputs(cfg: Any) -> tuple[Any, Any]:
     workload = workload_from_config(cfg)
     models = workload.load()
     if cfg.es.dream_generations:
-        check_dream_heads(models.mdrnn.shape, cfg.es.dream_generations)
+        check_dream_heads(models.mdrnn.shape, cfg.es.dream_generations,
+                          models.spec.survival_reward)
     return workload, models
 
 
@@ -410,9 +411,12 @@ def train_controller(cfg: Any, *, progress: bool = True,
                       stop_after_generations=stop_after_generations, dream_fitness=dream)
 
 
-def check_dream_heads(shape: Any, dream_generations: int) -> None:
-    """A CarRacing dream (or any env's) scores C only if M predicts rewards and ends."""
-    missing = [name for name in ("reward_head", "done_head") if not getattr(shape, name)]
+def check_dream_heads(shape: Any, dream_generations: int, survival_reward: bool = False
+                      ) -> None:
+    """A dream scores C only if M predicts when episodes end and, unless the env pays just
+    +1 per step alive (Doom, where the dream's reward is that), what they pay."""
+    needed = ("done_head",) if survival_reward else ("reward_head", "done_head")
+    missing = [name for name in needed if not getattr(shape, name)]
     if missing:
         raise WmlabError(f"es.dream_generations = {dream_generations} trains C in M's dream "
                          f"first, but M has no {' and no '.join(missing)}: the dream would "

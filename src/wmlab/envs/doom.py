@@ -32,7 +32,7 @@ def doom_spec() -> EnvSpec:
                    description="ViZDoom TakeCover at 160x120, 64x64 frames, 2100-tic cap",
                    backends=("vizdoom",), default_backend="vizdoom",
                    reference_backend="vizdoom", max_steps=MAX_STEPS, action_kind="doom",
-                   action_dim=1, controller_outputs=1)
+                   action_dim=1, controller_outputs=1, survival_reward=True)
 
 
 def _new_game(max_steps: int, resolution: str) -> Any:

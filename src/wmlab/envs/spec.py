@@ -44,6 +44,9 @@ class EnvSpec:
     action_shape: tuple[int, ...] = ()
     # The backend whose scores are reported (EnvPool's CarRacing is a port, not the original).
     reference_backend: str = ""
+    # The env pays +1 per step alive and nothing else (Doom), so a dream that only knows
+    # when an episode ends (M's done head) already scores C as the env would.
+    survival_reward: bool = False
 
     def __post_init__(self) -> None:
         if self.action_kind not in ACTION_KINDS:
