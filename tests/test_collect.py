@@ -225,3 +225,12 @@ def test_stopping_workers_leaves_no_env_processes_behind(tmp_path):
     engine.close()
     time.sleep(0.5)
     assert [_members_of_group(g) for g in groups] == [[], []]
+
+
+def test_collection_workers_share_the_cores_instead_of_each_taking_all():
+    from wmlab.collect import worker_threads
+
+    assert worker_threads(2, cpus=2) == 1
+    assert worker_threads(2, cpus=8) == 4
+    assert worker_threads(3, cpus=8) == 2
+    assert worker_threads(16, cpus=2) == 1  # more workers than cores: still one each
