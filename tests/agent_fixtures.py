@@ -1,4 +1,5 @@
-"""Tiny V and M saved where a run's loaders look for them, and workloads for engine tests.
+"""Tiny V and M saved where a run's loaders look for them, and workloads and fitnesses for
+engine and ES tests.
 
 Nothing here is trained: V is a randomly initialised ConvVAE, M a small MDN-RNN whose weights
 are set by hand so that survival in its dream depends on the action (moving right keeps the
@@ -16,6 +17,7 @@ import torch
 
 from wmlab.checkpoint import save_checkpoint
 from wmlab.config import Config, load_config
+from wmlab.evaluators import Evaluator
 from wmlab.memory.model import MDNRNN, MdrnnShape
 from wmlab.memory.train import FINAL_WEIGHTS as M_WEIGHTS
 from wmlab.memory.train import INITIAL_Z, memory_dir
@@ -76,6 +78,17 @@ def make_run(tmp_path: Path, preset: str = "doom", overrides: tuple[str, ...] = 
                     {"mu": 1.0 + 0.1 * torch.randn(10, shape.z_dim, generator=gen),
                      "logvar": torch.full((10, shape.z_dim), -4.0)}, None, {"episodes": 10})
     return cfg
+
+
+class RecordingFitness:
+    """A fitness that records the seeds of every call (their shape says who was scored)."""
+
+    def __init__(self, evaluator: Evaluator) -> None:
+        self.evaluator, self.calls = evaluator, []
+
+    def evaluate(self, params: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+        self.calls.append(np.array(seeds))
+        return self.evaluator.evaluate(params, seeds)
 
 
 class SlowQuadratic:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from agent_fixtures import make_run
+from agent_fixtures import RecordingFitness, make_run
 from wmlab.agent import workload_from_config
 from wmlab.config import EsConfig, load_config
 from wmlab.errors import WmlabError
@@ -175,22 +175,11 @@ TINY_CAR = ('env.backend="gymnasium"', "env.max_steps=12", "dream.max_steps=12",
             "es.eval_every=1", "es.eval_rollouts=2", "es.dream_generations=1")
 
 
-class Recording:
-    """The real-env fitness, recording the seeds of every call."""
-
-    def __init__(self, evaluator: Evaluator) -> None:
-        self.evaluator, self.calls = evaluator, []
-
-    def evaluate(self, params: np.ndarray, seeds: np.ndarray) -> np.ndarray:
-        self.calls.append(np.array(seeds))
-        return self.evaluator.evaluate(params, seeds)
-
-
 def test_mixed_schedule_on_carracing_dreams_generation_1_and_drives_generation_2(
         tmp_path, one_thread):
     cfg = make_run(tmp_path / "a", "carracing", TINY_CAR, mdrnn=carracing_mdrnn(True))
     with Evaluator(workload_from_config(cfg, "real"), "serial") as evaluator:
-        real = Recording(evaluator)
+        real = RecordingFitness(evaluator)
         result = train_controller(cfg, progress=False, fitness=real)
     assert [h["in_dream"] for h in result.history] == [1.0, 0.0]
     generation_calls = [s for s in real.calls if len(s) == cfg.es.population]

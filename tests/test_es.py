@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent_fixtures import SlowQuadratic, make_run
+from agent_fixtures import RecordingFitness, SlowQuadratic, make_run
 from wmlab.agent import workload_from_config
 from wmlab.checkpoint import load_checkpoint
 from wmlab.config import EsConfig
@@ -108,17 +108,6 @@ def test_dream_training_improves_survival(tmp_path):
     best = load_checkpoint(controller_dir(cfg), "best", with_state=False)
     assert best.weights["params"].shape == (8 + 32,)
     assert best.info["inputs"] == 40 and best.info["bias"] is False
-
-
-class RecordingFitness:
-    """A fitness that records the seeds of every call (its shape says who was scored)."""
-
-    def __init__(self, evaluator: Evaluator) -> None:
-        self.evaluator, self.calls = evaluator, []
-
-    def evaluate(self, params: np.ndarray, seeds: np.ndarray) -> np.ndarray:
-        self.calls.append(np.array(seeds))
-        return self.evaluator.evaluate(params, seeds)
 
 
 def test_doom_members_in_the_dream_means_scored_in_the_game(tmp_path, one_thread):

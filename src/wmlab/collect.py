@@ -159,8 +159,8 @@ def worker_threads(workers: int, cpus: int | None = None) -> int:
     """Torch threads per collection worker: the cores shared out, at least one.
 
     Each worker would otherwise start one thread per core, and an agent policy's batch-1
-    V and M inference then fights over the cores: measured 8x slower (30 against 238
-    agent steps/s on 2 cores with 2 workers)."""
+    V and M inference then fights over the cores: measured 8x slower (30 against 251
+    agent steps/s on 2 cores with 2 workers, docs/benchmarks.md)."""
     return max(1, (cpus or os.cpu_count() or 1) // max(1, workers))
 
 
