@@ -19,6 +19,17 @@ def test_parameter_counts_match_the_paper(z_dim, expected):
     assert count_parameters(ConvVAE(z_dim)) == expected
 
 
+def test_a_narrower_v_keeps_every_shape_and_has_a_quarter_of_the_weights():
+    paper, narrow = ConvVAE(64), ConvVAE(64, width=16)
+    x = torch.rand(3, 3, 64, 64)
+    recon, mu, _ = narrow(x)
+    assert recon.shape == x.shape and mu.shape == (3, 64)
+    assert narrow.encoder.convs(x).flatten(1).shape == (3, 512)  # 128 channels x 2 x 2
+    # every convolution has half the channels on both sides: about a quarter of the weights
+    assert 0.2 < count_parameters(narrow) / count_parameters(paper) < 0.3
+    assert count_parameters(Discriminator(16)) < count_parameters(Discriminator()) / 3
+
+
 def test_shapes_through_encoder_and_decoder():
     model = ConvVAE(32)
     x = torch.rand(5, 3, 64, 64)

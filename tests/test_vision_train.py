@@ -115,6 +115,19 @@ def test_loss_falls_within_a_few_dozen_steps(root):
     assert any(name.startswith("events.") for name in os.listdir(f"{folder}/tb"))
     model, info = load_vae(folder)
     assert model.z_dim == 8 and info["step"] == 30 and info["kind"] == "vae"
+    assert model.width == 32 and info["width"] == 32
+
+
+def test_a_narrow_v_trains_saves_and_loads_at_its_width(root):
+    cfg = tiny_config(root, "narrow", **{"vae.width": 8, "vae.epochs": 1})
+    train_vae(cfg, progress=False)
+    model, info = load_vae(vision_dir(cfg))
+    assert model.width == info["width"] == 8
+    assert model.encoder.convs[0].out_channels == 8
+    # starting the next iteration's V from it needs the same width
+    with pytest.raises(WmlabError, match="width 8, this run asks for 8 and 32"):
+        train_vae(tiny_config(root, "wider", **{"vae.init_from": vision_dir(cfg)}),
+                  progress=False)
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(root):
@@ -223,6 +236,7 @@ def test_resume_with_another_model_or_data_order_is_refused_without_damage(root)
     sidecar = Path(f"{vision_dir(cfg)}/train.json")
     before = sidecar.read_bytes()
     for change, message in [({"vae.z_dim": 16}, "vae.z_dim was 8, now 16"),
+                            ({"vae.width": 16}, "vae.width was 32, now 16"),
                             ({"vae.kind": "vae-gan"}, "vae.kind was 'vae', now 'vae-gan'"),
                             ({"vae.batch_size": 8}, "batch_size was 16, now 8")]:
         with pytest.raises(WmlabError, match=message):

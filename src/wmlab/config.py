@@ -89,6 +89,8 @@ class VaeConfig:
     kind: str = _opt("vae", "vision model", choices=("vae", "vae-gan"))
     init_from: str = _opt("", "vision folder whose trained V starts training (iterations)")
     z_dim: int = _opt(32, "latent size (CarRacing 32, Doom 64)", min=1, max=4096)
+    width: int = _opt(32, "channels of V's first convolution, doubling per layer (the paper: "
+                      "32); 16 is a quarter of the arithmetic", min=4, max=256)
     kl_tolerance: float = _opt(0.5, "KL floor per latent dimension", min=0.0)
     lr: float = _opt(1e-4, "Adam learning rate", min=0.0, max=1.0)
     batch_size: int = _opt(100, "frames per batch", min=1)

@@ -3,6 +3,10 @@
 Shapes follow the released code (SPEC.md section 3): 64x64x3 in [0, 1]; four stride-2
 convolutions to 256x2x2 = 1024 features; linear heads to mu and logvar; a linear layer back
 to 1024 viewed as 1024x1x1 and four stride-2 transposed convolutions to 64x64x3.
+
+``width`` is the first convolution's channel count (32 in the paper); every layer scales
+with it, so width 16 is a V of a quarter of the arithmetic, for machines that cannot afford
+the paper's (the Doom quick profile).
 """
 
 from __future__ import annotations
@@ -14,8 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 
 FRAME_SHAPE = (64, 64, 3)
-_ENCODER_CHANNELS = (32, 64, 128, 256)
-_FEATURES = 1024  # 256 channels x 2 x 2 after the encoder
+PAPER_WIDTH = 32  # channels of the first convolution; then 64, 128, 256
+
+
+def _encoder_channels(width: int) -> tuple[int, int, int, int]:
+    return width, 2 * width, 4 * width, 8 * width
+
+
+def _features(width: int) -> int:
+    return 8 * width * 2 * 2  # the last convolution's channels x 2 x 2 (1024 in the paper)
 
 
 @dataclass(frozen=True)
@@ -23,20 +34,21 @@ class VaeShape:
     """What fixes the tensor shapes of V (and so which checkpoints fit which model)."""
 
     z_dim: int = 32
+    width: int = PAPER_WIDTH
 
 
 class Encoder(nn.Module):
-    def __init__(self, z_dim: int) -> None:
+    def __init__(self, z_dim: int, width: int = PAPER_WIDTH) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         in_channels = 3
-        for out_channels in _ENCODER_CHANNELS:
+        for out_channels in _encoder_channels(width):
             # in place: a convolution's backward needs its input, never its output
             layers += [nn.Conv2d(in_channels, out_channels, 4, stride=2), nn.ReLU(inplace=True)]
             in_channels = out_channels
         self.convs = nn.Sequential(*layers)
-        self.mu = nn.Linear(_FEATURES, z_dim)
-        self.logvar = nn.Linear(_FEATURES, z_dim)
+        self.mu = nn.Linear(_features(width), z_dim)
+        self.logvar = nn.Linear(_features(width), z_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.convs(x).flatten(1)
@@ -44,28 +56,30 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, z_dim: int) -> None:
+    def __init__(self, z_dim: int, width: int = PAPER_WIDTH) -> None:
         super().__init__()
-        self.fc = nn.Linear(z_dim, _FEATURES)
+        self.features = _features(width)
+        self.fc = nn.Linear(z_dim, self.features)
         self.deconvs = nn.Sequential(
-            nn.ConvTranspose2d(_FEATURES, 128, 5, stride=2), nn.ReLU(inplace=True),
-            nn.ConvTranspose2d(128, 64, 5, stride=2), nn.ReLU(inplace=True),
-            nn.ConvTranspose2d(64, 32, 6, stride=2), nn.ReLU(inplace=True),
-            nn.ConvTranspose2d(32, 3, 6, stride=2), nn.Sigmoid(),
+            nn.ConvTranspose2d(self.features, 4 * width, 5, stride=2), nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(4 * width, 2 * width, 5, stride=2), nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(2 * width, width, 6, stride=2), nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(width, 3, 6, stride=2), nn.Sigmoid(),
         )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.deconvs(self.fc(z).view(-1, _FEATURES, 1, 1))
+        return self.deconvs(self.fc(z).view(-1, self.features, 1, 1))
 
 
 class ConvVAE(nn.Module):
     """Frames (N, 3, 64, 64) in [0, 1] -> reconstruction, mu, logvar."""
 
-    def __init__(self, z_dim: int = 32) -> None:
+    def __init__(self, z_dim: int = 32, width: int = PAPER_WIDTH) -> None:
         super().__init__()
         self.z_dim = z_dim
-        self.encoder = Encoder(z_dim)
-        self.decoder = Decoder(z_dim)
+        self.width = width
+        self.encoder = Encoder(z_dim, width)
+        self.decoder = Decoder(z_dim, width)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encoder(x)
@@ -127,16 +141,16 @@ class Discriminator(nn.Module):
     loss that makes the VAE's reconstructions agree with real frames in the critic's eyes.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, width: int = PAPER_WIDTH) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         in_channels = 3
-        for out_channels in _ENCODER_CHANNELS:
+        for out_channels in _encoder_channels(width):
             layers += [nn.Conv2d(in_channels, out_channels, 4, stride=2),
                        nn.LeakyReLU(0.2, inplace=True)]
             in_channels = out_channels
         self.convs = nn.Sequential(*layers)
-        self.logit = nn.Linear(_FEATURES, 1)
+        self.logit = nn.Linear(_features(width), 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.convs(x)

@@ -37,6 +37,7 @@ from wmlab.fsio import atomic_write_bytes
 from wmlab.metrics import MetricsLogger
 from wmlab.vision.model import (
     FRAME_SHAPE,
+    PAPER_WIDTH,
     ConvVAE,
     Discriminator,
     critic_loss,
@@ -245,11 +246,11 @@ def build_trainer(cfg: Config, device: torch.device, fused_adam: bool = True,
     c = cfg.vae
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed)
-        model = ConvVAE(c.z_dim)
-        disc = Discriminator() if c.kind == "vae-gan" else None
+        model = ConvVAE(c.z_dim, c.width)
+        disc = Discriminator(c.width) if c.kind == "vae-gan" else None
     memory_format = torch.channels_last if c.channels_last else torch.contiguous_format
     if c.init_from:
-        _start_from(model, c.init_from, c.z_dim)
+        _start_from(model, c.init_from)
     model = model.to(device, memory_format=memory_format)
     noise = torch.Generator(device=device).manual_seed(cfg.run.seed + 1)
     fused = fused_adam or None  # None: torch's default implementation
@@ -263,17 +264,24 @@ def build_trainer(cfg: Config, device: torch.device, fused_adam: bool = True,
     return trainer
 
 
-def _start_from(model: ConvVAE, folder: str, z_dim: int) -> None:
+def _start_from(model: ConvVAE, folder: str) -> None:
     """Begin from a trained V (the previous iteration's) instead of random weights."""
     ckpt = load_checkpoint(folder, FINAL_WEIGHTS, with_state=False)
-    if int(ckpt.info.get("z_dim", -1)) != z_dim:
-        raise WmlabError(f"vae.init_from: the V in {folder} has z_dim {ckpt.info.get('z_dim')}"
-                         f", this run asks for {z_dim}: use a V of the same size")
+    recorded = _recorded_size(ckpt.info)
+    if recorded != (model.z_dim, model.width):
+        raise WmlabError(f"vae.init_from: the V in {folder} has z_dim {recorded[0]} and width "
+                         f"{recorded[1]}, this run asks for {model.z_dim} and {model.width}: "
+                         "use a V of the same size")
     load_weights_into(model, ckpt.weights, f"{folder}/{FINAL_WEIGHTS}")
 
 
+def _recorded_size(info: dict[str, Any]) -> tuple[int, int]:
+    """(z_dim, width) of a saved V; sidecars written before width existed are the paper's."""
+    return int(info.get("z_dim", -1)), int(info.get("width", PAPER_WIDTH))
+
+
 def _shape_info(cfg: Config) -> dict[str, Any]:
-    return {"z_dim": cfg.vae.z_dim, "kind": cfg.vae.kind}
+    return {"z_dim": cfg.vae.z_dim, "width": cfg.vae.width, "kind": cfg.vae.kind}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,7 +385,7 @@ def check_resumable(cfg: Config, data: DataPlan | None = None) -> dict[str, Any]
     if not checkpoint_exists(folder, TRAIN_CHECKPOINT):
         return None
     info = read_info(folder, TRAIN_CHECKPOINT)
-    recorded = {k: info.get(k) for k in _shape_info(cfg)}
+    recorded = {**{k: info.get(k) for k in _shape_info(cfg)}, "width": _recorded_size(info)[1]}
     if recorded != _shape_info(cfg):
         changed = ", ".join(f"vae.{k} was {recorded[k]!r}, now {v!r}"
                             for k, v in _shape_info(cfg).items() if recorded[k] != v)
@@ -489,12 +497,12 @@ def load_vae(folder: str, device: torch.device | str = "cpu", z_dim: int | None 
     ``z_dim``, when given, is what the caller's config expects: a V of another size is
     refused by name rather than producing series M cannot read.
     """
-    recorded = int(read_vae_info(folder).get("z_dim", -1))
+    recorded, width = _recorded_size(read_vae_info(folder))
     if z_dim is not None and recorded != z_dim:
         raise WmlabError(f"the V in {folder} has z_dim {recorded}, the config asks for "
                          f"{z_dim}: set vae.z_dim={recorded} or train V again in another run")
     ckpt = load_checkpoint(folder, FINAL_WEIGHTS, with_state=False)
-    model = ConvVAE(recorded)
+    model = ConvVAE(recorded, width)
     load_weights_into(model, ckpt.weights, f"{folder}/{FINAL_WEIGHTS}")
     return model.to(device).eval(), ckpt.info
 
