@@ -314,6 +314,14 @@ def test_benchmark_measures_a_peak_and_formats_its_rows():
     assert "plain" in text and "3000" in text and "allowance 24 MB" in text
 
 
+def test_benchmark_counts_the_arithmetic_of_each_width():
+    from wmlab.bench.vision import GFLOP_PER_FRAME, training_gflop_per_frame
+
+    assert training_gflop_per_frame(32) == pytest.approx(GFLOP_PER_FRAME, rel=0.02)
+    # halving every layer's channels quarters the convolutions' arithmetic
+    assert 0.25 < training_gflop_per_frame(16) / training_gflop_per_frame(32) < 0.3
+
+
 def test_bf16_falls_back_to_fp32_where_the_cpu_would_emulate_it(root, monkeypatch):
     """bf16 autocast on a CPU without native bf16 ran a V step 6.6x slower than fp32 (AVX2
     EPYC): the trainer then trains in fp32 and says why, and keeps bf16 where it is native."""

@@ -21,6 +21,34 @@ from dataclasses import dataclass
 GFLOP_PER_FRAME = 0.23  # one forward + backward of the 64x64 ConvVAE (SPEC.md section 3)
 
 
+def training_gflop_per_frame(width: int = 32, z_dim: int = 32) -> float:
+    """Forward + backward arithmetic of one frame through V: 3x the forward's multiply-adds,
+    2 FLOP each (0.23 for the paper's V, GFLOP_PER_FRAME)."""
+    import torch
+    from torch import nn
+
+    from wmlab.vision.model import ConvVAE
+
+    macs = 0
+
+    def count(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal macs
+        if isinstance(module, nn.Conv2d):
+            macs += output[0].numel() * module.in_channels * module.weight[0, 0].numel()
+        elif isinstance(module, nn.ConvTranspose2d):
+            macs += inputs[0][0].numel() * module.out_channels * module.weight[0, 0].numel()
+        elif isinstance(module, nn.Linear):
+            macs += module.weight.numel()
+
+    model = ConvVAE(z_dim, width)
+    hooks = [m.register_forward_hook(count) for m in model.modules()]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 64, 64))
+    for hook in hooks:
+        hook.remove()
+    return 3 * 2 * macs / 1e9
+
+
 @dataclass
 class TrainCase:
     label: str
@@ -28,6 +56,7 @@ class TrainCase:
     bf16: bool
     fused_adam: bool = True
     kind: str = "vae"
+    width: int = 32
 
 
 TRAIN_CASES = [
@@ -36,6 +65,7 @@ TRAIN_CASES = [
     TrainCase("NCHW, bf16 autocast", False, True),
     TrainCase("channels-last, bf16 autocast", True, True),
     TrainCase("VAE-GAN, channels-last, fp32", True, False, kind="vae-gan"),
+    TrainCase("width 16, channels-last, fp32", True, False, width=16),
 ]
 
 
@@ -57,7 +87,7 @@ def _peak_rss_mb() -> float:
 
 def _run_name(case: TrainCase, attempt: int) -> str:
     return (f"train{attempt}-{int(case.channels_last)}{int(case.bf16)}{int(case.fused_adam)}"
-            f"-{case.kind}")
+            f"-{case.kind}-w{case.width}")
 
 
 def _train_case(folder: str, case: TrainCase, attempt: int, steps: int, warmup: int,
@@ -67,7 +97,8 @@ def _train_case(folder: str, case: TrainCase, attempt: int, steps: int, warmup: 
 
     cfg = load_config("carracing", "paper", _overrides(
         folder, _run_name(case, attempt),
-        **{"vae.kind": case.kind, "vae.max_frames": steps * 100, "vae.channels_last": case.channels_last,
+        **{"vae.kind": case.kind, "vae.width": case.width, "vae.max_frames": steps * 100,
+           "vae.channels_last": case.channels_last,
            "vae.bf16": case.bf16, "vae.checkpoint_every": 10 * steps}))
     stamps: list[float] = []
     result = train_vae(cfg, progress=False, fused_adam=case.fused_adam,
@@ -95,6 +126,7 @@ def _interleaved_case(folder: str, rounds: int, results: mp.Queue) -> None:
     for case in TRAIN_CASES:
         cfg = load_config("carracing", "paper", _overrides(
             folder, "interleaved", **{"vae.kind": case.kind, "vae.bf16": case.bf16,
+                                      "vae.width": case.width,
                                       "vae.channels_last": case.channels_last}))
         trainer = build_trainer(cfg, torch.device("cpu"), case.fused_adam, log=lambda _: None)
         trainer.bf16 = case.bf16  # measured as asked, even where bf16 is emulated (slow)
@@ -247,22 +279,23 @@ def run(quick: bool = False) -> list[dict]:
                                               measured[case.label]["frames_per_s"])
                 measured[case.label] = out
         step_rates = _in_process(_interleaved_case, folder, 8 if quick else 24)
+        gflop = {w: training_gflop_per_frame(w) for w in {c.width for c in TRAIN_CASES}}
         for case, rate in zip(TRAIN_CASES, step_rates, strict=True):
             rows.append({"what": "step", "label": case.label, "frames_per_s": rate,
-                         "speedup": rate / step_rates[0], "gflops": rate * GFLOP_PER_FRAME})
+                         "speedup": rate / step_rates[0], "gflops": rate * gflop[case.width]})
         # train_vae trains in fp32 where bf16 would be emulated (resolve_bf16): say so in the
         # label, as the interleaved steps above do run bf16 as asked
         native_bf16 = bf16_is_native(torch.device("cpu"))
         for case in TRAIN_CASES:
             out = measured[case.label]
             plain_rate = plain_rate or out["frames_per_s"]
-            if not case.bf16 and case.kind == "vae":
+            if not case.bf16 and case.kind == "vae" and case.width == 32:
                 fp32_loss[case.channels_last] = out["val_loss"]
             label = case.label if native_bf16 or not case.bf16 else f"{case.label} (ran fp32)"
             rows.append({
                 "what": "train", "label": label, "frames_per_s": out["frames_per_s"],
                 "speedup": out["frames_per_s"] / plain_rate, "peak_mb": out["peak_mb"],
-                "gflops": out["frames_per_s"] * GFLOP_PER_FRAME,
+                "gflops": out["frames_per_s"] * gflop[case.width],
                 "val_loss": out["val_loss"],
                 "val_vs_fp32": out["val_loss"] / fp32_loss[case.channels_last] - 1,
                 "steps": out["steps"]})
@@ -321,5 +354,6 @@ def format_rows(rows: list[dict]) -> str:
         lines += ["", f"peak (2048^3 matmul, {peak['threads']} threads): fp32 "
                       f"{peak['fp32_gflops']:.0f} GFLOP/s, bf16 {peak['bf16_gflops']:.0f} "
                       f"GFLOP/s; 1-min load average during the run {peak['load']:.1f}; "
-                      f"{GFLOP_PER_FRAME} GFLOP per training frame"]
+                      f"{GFLOP_PER_FRAME} GFLOP per training frame (width 16: "
+                      f"{training_gflop_per_frame(16):.3f})"]
     return "\n".join(lines)
