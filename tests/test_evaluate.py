@@ -107,3 +107,41 @@ def test_episode_rows_keep_every_seed_once():
     rows = episode_rows(10, 100)
     assert rows.shape == (10, 10) and rows.ravel().tolist() == list(range(10, 110))
     assert episode_rows(0, 7).shape == (1, 7)
+
+
+def _eval_json(returns, seeds=None, backend="vizdoom") -> dict:
+    return {"backend": backend, "returns": list(returns),
+            "seeds": list(seeds if seeds is not None else range(len(returns)))}
+
+
+def test_versus_random_pairs_episodes_and_asks_for_two_standard_errors():
+    from wmlab.evaluate import versus_random
+
+    rng = np.random.default_rng(0)
+    floor = rng.uniform(100, 500, size=50)  # the episodes differ far more than C does
+    better = versus_random(_eval_json(floor + 40 + rng.normal(0, 20, 50)), _eval_json(floor))
+    assert better.clearly_better and better.wins >= 45 and better.episodes == 50
+    assert better.difference == pytest.approx(40, abs=8)
+    # a C that plays like random wins about half and is not called better, though its mean
+    # can come out above the random policy's
+    same = versus_random(_eval_json(floor + rng.normal(5, 60, 50)), _eval_json(floor))
+    assert not same.clearly_better and 15 < same.wins < 35
+    assert "higher on" in same.line() and "+- " in same.line()
+    # not the same episodes: nothing to pair
+    assert versus_random(_eval_json(floor, seeds=range(1, 51)), _eval_json(floor)) is None
+    assert versus_random(_eval_json(floor, backend="envpool"), _eval_json(floor)) is None
+    assert versus_random(_eval_json(floor[:1]), _eval_json(floor[:1])) is None
+
+
+def test_a_c_no_better_than_random_is_told_the_next_step(tmp_path):
+    from wmlab.config import load_config
+    from wmlab.pipeline import not_learned_hint
+
+    def config(preset: str, name: str):
+        return load_config(preset, "quick", [f'run.root="{tmp_path}"', f'run.name="{name}"'])
+
+    # a dream-trained C: the next iteration, numbered from the run it is told about
+    assert "--preset doom --profile quick --iteration 2" in not_learned_hint(config("doom", "r"))
+    assert "--iteration 3" in not_learned_hint(config("doom", "r/iterations/2"))
+    # a C trained in the real env has not been misled by a dream: more generations
+    assert "es.generations" in not_learned_hint(config("carracing", "r"))

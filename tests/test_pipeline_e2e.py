@@ -56,6 +56,10 @@ def test_tiny_pipeline_runs_end_to_end_and_writes_every_artefact(tmp_path, prese
     assert evaluation["seeds"] == random_policy["seeds"]  # the same episodes for both
     html = (run / "report.html").read_text()
     assert "data:image/png;base64" in html
+    # C against the random policy, episode by episode, in the stage summary and the report
+    summary = json.loads((run / "stages/evaluate.json").read_text())["summary"]
+    assert summary["versus_random"].startswith("C against the random policy on the same 2")
+    assert summary["versus_random"] in (run / "report.md").read_text()
     # a second run has nothing left to do
     again = Pipeline(cfg, progress=False, log=lambda _: None).run()
     assert set(_statuses(again).values()) == {"skipped"}

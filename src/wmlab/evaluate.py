@@ -208,6 +208,42 @@ def backend_gap(train_returns: Any, reference_returns: Any, train_backend: str,
                       paired=paired)
 
 
+@dataclass
+class VersusRandom:
+    """C against the random policy on the same episodes (same seeds, same backend)."""
+
+    difference: float  # mean over episodes of C's return minus the random policy's
+    stderr: float  # standard error of that mean
+    wins: int  # episodes where C's return is higher
+    episodes: int
+
+    @property
+    def clearly_better(self) -> bool:
+        """Two standard errors above zero: what "C learned" should mean on a few dozen
+        episodes, where a C no better than random still wins about half of them."""
+        return self.difference - 2 * self.stderr > 0
+
+    def line(self) -> str:
+        return (f"C against the random policy on the same {self.episodes} episodes: "
+                f"{self.difference:+.1f} +- {self.stderr:.1f} (mean difference +- standard "
+                f"error), higher on {self.wins} of {self.episodes}")
+
+
+def versus_random(controller: dict[str, Any], random: dict[str, Any]) -> VersusRandom | None:
+    """The paired comparison of two evaluation JSONs (``asdict(EvalResult)``), or None when
+    they did not play the same episodes (other seeds or backend, or fewer than 2)."""
+    seeds, returns = controller.get("seeds"), controller.get("returns")
+    if (not isinstance(seeds, list) or len(seeds) < 2 or seeds != random.get("seeds")
+            or controller.get("backend") != random.get("backend")
+            or not isinstance(returns, list) or not isinstance(random.get("returns"), list)
+            or len(returns) != len(seeds) or len(random["returns"]) != len(seeds)):
+        return None
+    diff = np.asarray(returns, np.float64) - np.asarray(random["returns"], np.float64)
+    return VersusRandom(difference=float(diff.mean()),
+                        stderr=float(diff.std(ddof=1) / np.sqrt(diff.size)),
+                        wins=int((diff > 0).sum()), episodes=int(diff.size))
+
+
 def gap_from_evals(env: str, train: dict[str, Any], reference: dict[str, Any]) -> BackendGap:
     """The backend gap of two evaluation JSONs (as ``evaluate_controller`` writes them);
     paired only when both backends play the same episodes and the seeds match."""

@@ -440,6 +440,7 @@ def _run_evaluate(cfg: Config, progress: bool) -> dict[str, Any]:
         evaluate_random_policy,
         same_episodes,
         training_backend,
+        versus_random,
     )
 
     summary: dict[str, Any] = {}
@@ -459,6 +460,13 @@ def _run_evaluate(cfg: Config, progress: bool) -> dict[str, Any]:
     floor = evaluate_random_policy(cfg)
     summary["random"] = floor.line()
     print(f"  random policy, same seeds: {floor.line()}")
+    paired = versus_random(dataclasses.asdict(real), dataclasses.asdict(floor))
+    if paired is not None:
+        summary["versus_random"] = paired.line()
+        print(f"  {paired.line()}")
+        if not paired.clearly_better:
+            summary["hint"] = not_learned_hint(cfg)
+            print(f"  {summary['hint']}")
     if cfg.es.fitness == "dream":
         dream = evaluate_controller(cfg, where="dream")
         summary["dream"] = dream.line()
@@ -470,6 +478,21 @@ def _run_evaluate(cfg: Config, progress: bool) -> dict[str, Any]:
             summary[row.controller] = row.line()
             print(f"  {row.controller}, same seeds: {row.line()}")
     return summary
+
+
+def not_learned_hint(cfg: Config) -> str:
+    """What to try when C is not clearly better than the random policy."""
+    if cfg.es.fitness != "dream":
+        return ("C is not clearly better than the random policy yet: train it longer "
+                "(a larger es.generations continues from its checkpoint)")
+    parts = cfg.run_dir().split("/iterations/")
+    iteration = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 1
+    return ("C is not clearly better than the random policy: its dream rewards something "
+            "the game does not (the report's calibration section compares them). The "
+            "paper's remedy is the next iteration, which collects episodes with this C so "
+            f"that M learns where it leads: `wmlab run --preset {cfg.preset} --profile "
+            f"{cfg.profile} --iteration {iteration + 1}` with this run's --run, --seed and "
+            "--set (docs/results/doom-quick.md: it rescued a quick Doom run)")
 
 
 def _eval_output(cfg: Config) -> str | None:

@@ -668,6 +668,10 @@ class _Builder:
         transfer = backend_transfer_line(self.run, self.cfg) if self.cfg is not None else None
         if transfer is not None:
             section.blocks.append(Text(transfer))
+        for label, run in runs:
+            paired = versus_random_line(run, self.cfg) if self.cfg is not None else None
+            if paired is not None:
+                section.blocks.append(Text(f"{label}: {paired}" if len(runs) > 1 else paired))
         curves = []
         for label, run in runs:
             try:
@@ -748,6 +752,28 @@ def backend_transfer_line(run: RunFiles, cfg: Config) -> str | None:
         return gap_from_evals(cfg.env.name, found[trained_on], found[reported]).line()
     except WmlabError as exc:
         return f"backend transfer: not computed ({exc})"
+
+
+def versus_random_line(run: RunFiles, cfg: Config) -> str | None:
+    """C against the random policy on the same episodes (eval/eval-<backend>.json and
+    eval/random-<backend>.json of the reported backend), or None without both."""
+    from wmlab.evaluate import reported_backend, versus_random
+
+    try:
+        backend = reported_backend(cfg)
+    except WmlabError:
+        return None
+    found = []
+    for rel in (f"eval/eval-{backend}.json", f"eval/random-{backend}.json"):
+        try:
+            data = json.loads(run.read_bytes(rel)) if run.exists(rel) else None
+        except (ValueError, UnicodeDecodeError):
+            data = None
+        if not isinstance(data, dict):
+            return None
+        found.append(data)
+    paired = versus_random(*found)
+    return None if paired is None else paired.line()
 
 
 def _score(mean: float | None, std: float | None) -> str:
