@@ -181,3 +181,7 @@ def test_keys_added_later_at_their_old_behaviour_leave_fingerprints_alone(setup)
     _, cfg = setup
     assert "es.dream_generations" not in config_slice(cfg(), ("es",))
     assert config_slice(cfg("es.dream_generations=3"), ("es",))["es.dream_generations"] == 3
+    # V's width came after runs whose V is the paper's (32 channels): those keep their
+    # fingerprints, and a narrower V is a different V
+    assert "vae.width" not in config_slice(cfg("vae.width=32"), ("vae",))
+    assert config_slice(cfg("vae.width=16"), ("vae",))["vae.width"] == 16
