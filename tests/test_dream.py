@@ -93,6 +93,21 @@ def test_sampled_done_has_the_unweighted_probability_of_the_head():
         BatchedDream(make_model(), starts(), 1.15, 5, done_mode="coin")
 
 
+def test_done_bias_shifts_the_logit_in_both_modes():
+    """dream.done_bias is added to the done logit: with p = sigmoid(l - log w + b) the
+    sampled lengths are geometric with that p, and the threshold rule fires when l + b > 0."""
+    weight, bias = 10.0, float(np.log(4.0))
+    logit = float(np.log(weight * 0.05 / 0.95))  # p = 0.05 without the bias
+    dream = BatchedDream(constant_heads(make_model(), done=logit), starts(), 1.15, 10_000,
+                         done_mode="sample", done_weight=weight, done_bias=bias)
+    _, lengths = dream.rollout(lambda d: torch.zeros(d.batch, 1), np.arange(2000))
+    odds = 4.0 * 0.05 / 0.95
+    assert abs(lengths.mean() - (1 + odds) / odds) < 0.5  # p ~ 0.174: mean ~5.75
+    below = BatchedDream(constant_heads(make_model(), done=-0.5), starts(), 1.15, 30,
+                         done_bias=0.6)
+    assert np.all(below.rollout(lambda d: torch.zeros(d.batch, 1), np.arange(4))[1] == 1)
+
+
 def test_finished_dreams_are_frozen_and_later_steps_give_no_reward():
     dream = BatchedDream(constant_heads(make_model(), done=-5.0), starts(), 1.0, 3)
     dream.reset([1, 2])

@@ -174,7 +174,7 @@ def run_real(models: AgentModels, env_batch: Any, params: np.ndarray, seeds: np.
 @torch.no_grad()
 def run_dream(models: AgentModels, params: np.ndarray, seeds: np.ndarray, tau: float,
               max_steps: int, precision: str = "float32", done_mode: str = "threshold",
-              done_weight: float = 1.0) -> np.ndarray:
+              done_weight: float = 1.0, done_bias: float = 0.0) -> np.ndarray:
     """Dream episodes, all members' rollouts as one batched dream: (P, n), (P, R) -> (P, R)."""
     if models.start is None:
         raise WmlabError("dream rollouts need M's first-frame latents (memory/initial_z): "
@@ -183,7 +183,7 @@ def run_dream(models: AgentModels, params: np.ndarray, seeds: np.ndarray, tau: f
     members, per_member = seeds.shape
     theta = _member_params(params, models.shape)
     dream = BatchedDream(models.mdrnn, models.start, tau, max_steps, dtype=precision,
-                         done_mode=done_mode, done_weight=done_weight)
+                         done_mode=done_mode, done_weight=done_weight, done_bias=done_bias)
     z = dream.reset(seeds.ravel())
     returns = torch.zeros(len(z), dtype=torch.float64)
     done = torch.zeros(len(z), dtype=torch.bool)
@@ -215,6 +215,7 @@ class RolloutWorkload:
     precision: str = "float32"  # dream matmuls: float32 or bfloat16
     done_mode: str = "threshold"  # dream.done
     done_weight: float = 1.0  # mdrnn.done_weight, undone by done_mode "sample"
+    done_bias: float = 0.0  # dream.done_bias (or the one M's calibration fitted)
 
     def load(self) -> AgentModels:
         from wmlab.checkpoint import load_checkpoint
@@ -256,13 +257,18 @@ class RolloutRunner:
         if self.workload.kind == "dream":
             return run_dream(self.models, params, seeds, self.workload.tau,
                              self.workload.max_steps, self.workload.precision,
-                             self.workload.done_mode, self.workload.done_weight)
+                             self.workload.done_mode, self.workload.done_weight,
+                             self.workload.done_bias)
         return run_real(self.models, self.env_batch(seeds.size), params, seeds)
 
     def close(self) -> None:
         for batch in self.env_batches.values():
             batch.close()
         self.env_batches.clear()
+
+
+def dream_done_bias(cfg: Any) -> float:
+    return float(cfg.dream.done_bias)
 
 
 def workload_from_config(cfg: Any, kind: str | None = None, backend: str | None = None
@@ -280,7 +286,7 @@ def workload_from_config(cfg: Any, kind: str | None = None, backend: str | None 
         bias=cfg.controller.bias,
         max_steps=cfg.dream.max_steps if dream else cfg.env.max_steps, tau=cfg.dream.tau,
         precision=cfg.dream.precision, done_mode=cfg.dream.done,
-        done_weight=cfg.mdrnn.done_weight)
+        done_weight=cfg.mdrnn.done_weight, done_bias=dream_done_bias(cfg) if dream else 0.0)
 
 
 class AgentPolicy:

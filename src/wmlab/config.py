@@ -182,6 +182,8 @@ class DreamConfig:
     done: str = _opt("threshold", "when a dream ends: threshold = done logit > 0 (the "
                      "original), sample = drawn with M's probability (weight undone)",
                      choices=("threshold", "sample"))
+    done_bias: float = _opt(0.0, "added to M's done logit in the dream; positive ends "
+                            "dreams sooner", min=-20.0, max=20.0)
     calibration_tolerance: float = _opt(
         0.0, "refuse to train C in a dream where a reference policy (random, no-op, left) "
         "survives more than this many times longer, or shorter, than in the game; 0 = off",

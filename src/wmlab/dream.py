@@ -56,7 +56,7 @@ class BatchedDream:
     def __init__(self, model: MDNRNN, start: DreamStart, tau: float, max_steps: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype | str = torch.float32,
                  noise_block: int = 64, done_mode: str = "threshold",
-                 done_weight: float = 1.0) -> None:
+                 done_weight: float = 1.0, done_bias: float = 0.0) -> None:
         if max_steps < 1:
             raise WmlabError(f"dream max_steps must be at least 1, got {max_steps}")
         if start.mu.shape[1] != model.shape.z_dim:
@@ -79,6 +79,9 @@ class BatchedDream:
         # log(w) from the true log-odds: "sample" undoes that before drawing, so the dream's
         # hazard is M's estimate of the real one rather than w times it.
         self.done_shift = float(np.log(done_weight))
+        # dream.done_bias: added to the done logit in either mode; positive ends dreams
+        # sooner (fitted so reference policies live as long as in the game: calibration)
+        self.done_bias = float(done_bias)
         # dream.precision: "bfloat16" runs the two matmuls in bf16 (state and sampling stay
         # float32); ~3x faster where the CPU has AVX512-BF16
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -249,8 +252,8 @@ class BatchedDream:
         """threshold: the original's rule, done when the logit > 0 (probability > 0.5 under
         the weighted loss); sample: done with M's (unweighted) probability."""
         if self.done_mode == "threshold":
-            return done_logit > 0
-        probability = torch.sigmoid(done_logit.float() - self.done_shift)
+            return done_logit + self.done_bias > 0
+        probability = torch.sigmoid(done_logit.float() - self.done_shift + self.done_bias)
         return self._done_uniform[rows, pos] < probability
 
     @torch.no_grad()
@@ -300,8 +303,8 @@ def dream_calibration(model: MDNRNN, start: DreamStart, tau: float, max_steps: i
                       policies: tuple[str, ...] = ("random", "noop", "left"),
                       to_vector: Callable[[torch.Tensor], torch.Tensor] | None = None,
                       raw_dim: int | None = None, device: torch.device | str = "cpu",
-                      done_mode: str = "threshold", done_weight: float = 1.0
-                      ) -> dict[str, Any]:
+                      done_mode: str = "threshold", done_weight: float = 1.0,
+                      done_bias: float = 0.0) -> dict[str, Any]:
     """Survival and return of fixed reference policies in the dream, per policy.
 
     A dream whose zero/no-op policy survives far longer than a random policy does in the
@@ -310,10 +313,10 @@ def dream_calibration(model: MDNRNN, start: DreamStart, tau: float, max_steps: i
     actions (default: M's action size).
     """
     dream = BatchedDream(model, start, tau, max_steps, device, done_mode=done_mode,
-                         done_weight=done_weight)
+                         done_weight=done_weight, done_bias=done_bias)
     seeds = np.arange(episodes) + seed * 1_000_003
     report: dict[str, Any] = {"tau": tau, "max_steps": max_steps, "episodes": episodes,
-                              "done_mode": done_mode, "policies": {}}
+                              "done_mode": done_mode, "done_bias": done_bias, "policies": {}}
     for name in policies:
         policy = reference_policy(name, raw_dim or model.shape.action_dim, seed, to_vector)
         returns, lengths = dream.rollout(policy, seeds)

@@ -84,7 +84,8 @@ EXTENDABLE_KEYS = frozenset({"mdrnn.steps", "es.generations"})
 # key existed: at that value they are left out of fingerprints, so upgrading wmlab does not
 # make finished stages look changed. A new key that defaults to the old behaviour goes here.
 LATER_KEYS: dict[str, Any] = {"es.dream_generations": 0, "es.covariance": "full",
-                               "collect.fixed_fraction": 0.0, "vae.width": 32}
+                               "collect.fixed_fraction": 0.0, "vae.width": 32,
+                               "dream.done_bias": 0.0}
 
 
 def _hash(value: Any) -> str:

@@ -470,7 +470,8 @@ def write_calibration(cfg: Config, model: MDNRNN, device: torch.device | str = "
                                max_steps=cfg.dream.max_steps,
                                episodes=cfg.mdrnn.calibration_episodes, seed=cfg.run.seed,
                                to_vector=to_vector, raw_dim=raw_dim, device=device,
-                               done_mode=cfg.dream.done, done_weight=cfg.mdrnn.done_weight)
+                               done_mode=cfg.dream.done, done_weight=cfg.mdrnn.done_weight,
+                               done_bias=cfg.dream.done_bias)
     report["note"] = ("a dream where a fixed behaviour survives much longer than it does "
                       "in the game is a hole CMA-ES will find")
     if cfg.mdrnn.calibration_real_episodes > 0:
