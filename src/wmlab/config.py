@@ -177,7 +177,8 @@ class DreamConfig:
                       min=0.0, max=10.0)
     max_steps: int = _opt(2100, "dream episode cap", min=1)
     precision: str = _opt("float32", "dream matmul precision (bfloat16: ~3x faster on CPUs "
-                          "with AVX512-BF16, trajectories differ in the last bits)",
+                          "with AVX512-BF16, trajectories differ in the last bits; "
+                          "float32 where the hardware has no native bf16)",
                           choices=("float32", "bfloat16"))
     done: str = _opt("threshold", "when a dream ends: threshold = done logit > 0 (the "
                      "original), sample = drawn with M's probability (weight undone)",

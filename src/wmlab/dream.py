@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from wmlab.device import bf16_is_native
 from wmlab.errors import WmlabError
 from wmlab.memory.fastlinear import FastLinear
 from wmlab.memory.model import MDNRNN, check_tau, select_and_sample
@@ -83,10 +84,13 @@ class BatchedDream:
         # sooner (fitted so reference policies live as long as in the game: calibration)
         self.done_bias = float(done_bias)
         # dream.precision: "bfloat16" runs the two matmuls in bf16 (state and sampling stay
-        # float32); ~3x faster where the CPU has AVX512-BF16
+        # float32); ~3x faster where the CPU has AVX512-BF16, and emulated (slower than
+        # float32) where it has not, so there the dream stays in float32
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         if self.dtype not in (torch.float32, torch.bfloat16):
             raise WmlabError(f"dream precision must be float32 or bfloat16, got {dtype}")
+        if self.dtype == torch.bfloat16 and not bf16_is_native(self.device):
+            self.dtype = torch.float32
         self.block = int(noise_block)
         lstm, head = model.lstm, model.head
         with torch.no_grad():
