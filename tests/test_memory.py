@@ -319,6 +319,42 @@ def test_training_learns_and_the_reward_head_tracks_returns(tmp_path):
     assert result.history[-1]["done_recall"] >= 0.0
 
 
+def test_bf16_step_matches_float32_and_bf16_training_learns(tmp_path, monkeypatch):
+    """mdrnn.bf16: the LSTM and head under bf16 autocast give the float32 loss and
+    gradients to bf16 rounding (with and without resets mid-sequence), and train as well."""
+    from wmlab.memory.data import SeriesBatch
+    from wmlab.memory.train import batch_losses
+
+    model = MDNRNN(MdrnnShape(z_dim=4, action_dim=1, hidden=32, done_head=True,
+                              restart_input=True))
+    for resets in (False, True):
+        batch = episode_batch(make_series(6, 30, seed=3), 4, 20, seed=1, step=0)
+        if resets:  # a restart after the first step takes the scan path
+            restart = batch.restart.clone()
+            restart[1, 7] = 1.0
+            batch = SeriesBatch(**{**batch.__dict__, "restart": restart})
+        z_in, z_next = batch.sample_z(torch.Generator().manual_seed(0))
+        results = []
+        for bf16 in (False, True):
+            model.zero_grad()
+            loss, _, state = batch_losses(model, batch, z_in, z_next, 10.0, None, bf16)
+            loss.backward()
+            assert state[0].dtype == torch.float32  # the carried state stays float32
+            grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+            results.append((float(loss.detach()), grads))
+        (loss32, g32), (loss16, g16) = results
+        assert loss16 == pytest.approx(loss32, rel=0.02)
+        assert torch.nn.functional.cosine_similarity(g32, g16, dim=0) > 0.98
+    series = make_series(40, 30, seed=5)
+    cfg = tiny_config(tmp_path, regime="episodes", seq_len=29, steps=200, batch_size=8,
+                      hidden=16, lr=0.003, calibration_episodes=0, bf16=True)
+    monkeypatch.setattr("wmlab.memory.train.resolve_bf16", lambda requested, device: requested)
+    losses = []
+    train_mdrnn(cfg, progress=False, series=SeriesSet(series[:32], series[32:]),
+                on_step=lambda step, parts: losses.append(parts["z_nll"]))
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
+
+
 def test_bad_series_are_refused_before_anything_is_written(tmp_path):
     cfg = tiny_config(tmp_path, regime="episodes", seq_len=50)
     with pytest.raises(WmlabError, match="shorter than mdrnn.seq_len"):

@@ -85,7 +85,7 @@ EXTENDABLE_KEYS = frozenset({"mdrnn.steps", "es.generations"})
 # make finished stages look changed. A new key that defaults to the old behaviour goes here.
 LATER_KEYS: dict[str, Any] = {"es.dream_generations": 0, "es.covariance": "full",
                                "collect.fixed_fraction": 0.0, "vae.width": 32,
-                               "dream.done_bias": 0.0}
+                               "dream.done_bias": 0.0, "mdrnn.bf16": False}
 
 
 def _hash(value: Any) -> str:

@@ -31,7 +31,7 @@ from wmlab.checkpoint import (
 )
 from wmlab.config import Config
 from wmlab.data.series import Series, SeriesStore
-from wmlab.device import resolve_device
+from wmlab.device import resolve_bf16, resolve_device
 from wmlab.errors import StoreError, WmlabError
 from wmlab.fsio import atomic_write_bytes
 from wmlab.memory.calibration import CALIBRATION_FILE, add_real_game
@@ -83,11 +83,18 @@ def learning_rate(cfg: Config, step: int) -> float:
 
 
 def batch_losses(model: MDNRNN, batch: SeriesBatch, z_in: torch.Tensor, z_next: torch.Tensor,
-                 done_weight: float, state=None) -> tuple[torch.Tensor, dict[str, Any], Any]:
-    """Total loss, its parts (floats, plus done counts for precision/recall), next state."""
+                 done_weight: float, state=None, bf16: bool = False
+                 ) -> tuple[torch.Tensor, dict[str, Any], Any]:
+    """Total loss, its parts (floats, plus done counts for precision/recall), next state.
+
+    ``bf16`` runs M's LSTM and head under bfloat16 autocast; the head's outputs, the losses
+    and the carried state stay float32."""
     # the flags always zero the state at episode starts (streams hold several episodes);
     # they are also an input only where M has the restart input
-    out, _, state = model(z_in, batch.actions, restart=batch.restart, state=state)
+    with torch.autocast(z_in.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out, _, state = model(z_in, batch.actions, restart=batch.restart, state=state)
+    if bf16:
+        state = (state[0].float(), state[1].float())
     nll = mixture_nll(out, z_next, batch.mask)
     total = nll
     parts: dict[str, Any] = {"z_nll": float(nll.detach())}
@@ -229,6 +236,7 @@ def train_mdrnn(cfg: Config, *, progress: bool = True, stop_after_steps: int | N
     check_series(cfg, data)
     train, val = data.train, data.val
     device = resolve_device(cfg.run.device)
+    bf16 = resolve_bf16(m.bf16, device)
     z_dim, action_dim = train[0].mu.shape[1], train[0].actions.shape[1]
     shape = shape_from_config(cfg, z_dim, action_dim)
     with torch.random.fork_rng(devices=[]):
@@ -297,7 +305,7 @@ def train_mdrnn(cfg: Config, *, progress: bool = True, stop_after_steps: int | N
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step)
             loss, parts, state_out = batch_losses(model, batch, z_in, z_next, m.done_weight,
-                                                  state_in)
+                                                  state_in, bf16)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_value_(model.parameters(), m.grad_clip)
