@@ -325,15 +325,21 @@ def test_bf16_step_matches_float32_and_bf16_training_learns(tmp_path, monkeypatc
     from wmlab.memory.data import SeriesBatch
     from wmlab.memory.train import batch_losses
 
-    model = MDNRNN(MdrnnShape(z_dim=4, action_dim=1, hidden=32, done_head=True,
+    # Doom's sizes: at these, oneDNN's linear (the scan's input projection) runs in bf16
+    # under autocast, which the scan's float32 backward must not see
+    model = MDNRNN(MdrnnShape(z_dim=64, action_dim=1, hidden=512, done_head=True,
                               restart_input=True))
     for resets in (False, True):
-        batch = episode_batch(make_series(6, 30, seed=3), 4, 20, seed=1, step=0)
+        batch = episode_batch(make_series(6, 30, z_dim=64, seed=3), 4, 20, seed=1, step=0)
         if resets:  # a restart after the first step takes the scan path
             restart = batch.restart.clone()
             restart[1, 7] = 1.0
             batch = SeriesBatch(**{**batch.__dict__, "restart": restart})
         z_in, z_next = batch.sample_z(torch.Generator().manual_seed(0))
+        if resets:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                _, hidden, _ = model(z_in, batch.actions, restart=batch.restart)
+            assert hidden.dtype == torch.float32  # the scan ran in float32
         results = []
         for bf16 in (False, True):
             model.zero_grad()

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from wmlab.device import bf16_is_native
 from wmlab.dream import BatchedDream, DreamStart
 from wmlab.memory.model import MDNRNN, MdrnnShape, mixture_nll
 
@@ -75,8 +76,9 @@ def _train_case(size: str, batch: int, steps: int, repeats: int) -> list[dict[st
     restart[:, 0] = 1.0
     restart[torch.arange(batch), torch.randint(0, steps, (batch,))] = 1.0  # episode starts
 
-    def wmlab_step() -> None:
-        out, _, _ = model(z, actions, restart=restart if shape.restart_input else None)
+    def wmlab_step(bf16: bool = False) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # mdrnn.bf16
+            out, _, _ = model(z, actions, restart=restart if shape.restart_input else None)
         loss = mixture_nll(out, target)
         if out.done_logit is not None:
             loss = loss + out.done_logit.mean()
@@ -104,7 +106,10 @@ def _train_case(size: str, batch: int, steps: int, repeats: int) -> list[dict[st
         plain_opt.step()
 
     flops = training_flops(shape, batch, steps)
-    cases = (("plain nn.LSTM + Linear (naive)", plain_step), ("wmlab M", wmlab_step))
+    cases: tuple[tuple[str, Callable[[], None]], ...] = (
+        ("plain nn.LSTM + Linear (naive)", plain_step), ("wmlab M", wmlab_step))
+    if bf16_is_native(torch.device("cpu")):  # emulated bf16 would only measure emulation
+        cases += (("wmlab M, bf16 autocast (mdrnn.bf16)", lambda: wmlab_step(True)),)
     best = {label: float("inf") for label, _ in cases}
     for _label, fn in cases:
         fn()  # warm-up
