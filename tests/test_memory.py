@@ -454,7 +454,9 @@ def test_benchmark_cases_run_and_format():
     from wmlab.dream import DreamStart
 
     rows = bench._train_case("doom", batch=2, steps=4, repeats=1)
-    assert [r["case"] for r in rows] == ["plain nn.LSTM + Linear (naive)", "wmlab M"]
+    bf16 = ["wmlab M, bf16 (mdrnn.bf16)"] if bench.bf16_is_native(
+        torch.device("cpu")) else []  # timed only where bf16 is not emulated
+    assert [r["case"] for r in rows] == ["plain nn.LSTM + Linear (naive)", "wmlab M", *bf16]
     assert all(r["steps_per_s"] > 0 and r["gflops"] > 0 for r in rows)
     for r in rows:
         r.update(vs_plain=1.0, peak_fraction=0.5, threads=1)

@@ -109,7 +109,7 @@ def _train_case(size: str, batch: int, steps: int, repeats: int) -> list[dict[st
     cases: tuple[tuple[str, Callable[[], None]], ...] = (
         ("plain nn.LSTM + Linear (naive)", plain_step), ("wmlab M", wmlab_step))
     if bf16_is_native(torch.device("cpu")):  # emulated bf16 would only measure emulation
-        cases += (("wmlab M, bf16 autocast (mdrnn.bf16)", lambda: wmlab_step(True)),)
+        cases += (("wmlab M, bf16 (mdrnn.bf16)", lambda: wmlab_step(True)),)
     best = {label: float("inf") for label, _ in cases}
     for _label, fn in cases:
         fn()  # warm-up
