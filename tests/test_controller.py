@@ -120,6 +120,12 @@ def test_dream_rollouts_follow_the_controller(tmp_path):
     still = run_dream(models, standing, seeds, tau=1.0, max_steps=30)
     assert right.tolist() == [[30.0] * 4]
     assert still.tolist() == [[1.0] * 4]
+    # dream.done_bias reaches C's dream rollouts (and only the dream's): a large bias ends
+    # the dreams that lasted to the cap
+    cfg.dream.done_bias = 20.0
+    assert workload_from_config(cfg, "real").done_bias == 0.0
+    runner = workload_from_config(cfg, "dream").build()
+    assert runner.run(always_right, seeds).max() < 30
 
 
 def test_models_that_do_not_fit_are_refused(tmp_path):

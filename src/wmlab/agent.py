@@ -215,7 +215,7 @@ class RolloutWorkload:
     precision: str = "float32"  # dream matmuls: float32 or bfloat16
     done_mode: str = "threshold"  # dream.done
     done_weight: float = 1.0  # mdrnn.done_weight, undone by done_mode "sample"
-    done_bias: float = 0.0  # dream.done_bias (or the one M's calibration fitted)
+    done_bias: float = 0.0  # dream.done_bias, added to the done logit
 
     def load(self) -> AgentModels:
         from wmlab.checkpoint import load_checkpoint
@@ -267,10 +267,6 @@ class RolloutRunner:
         self.env_batches.clear()
 
 
-def dream_done_bias(cfg: Any) -> float:
-    return float(cfg.dream.done_bias)
-
-
 def workload_from_config(cfg: Any, kind: str | None = None, backend: str | None = None
                          ) -> RolloutWorkload:
     """The rollouts a run's config describes (``kind`` defaults to es.fitness)."""
@@ -286,7 +282,7 @@ def workload_from_config(cfg: Any, kind: str | None = None, backend: str | None 
         bias=cfg.controller.bias,
         max_steps=cfg.dream.max_steps if dream else cfg.env.max_steps, tau=cfg.dream.tau,
         precision=cfg.dream.precision, done_mode=cfg.dream.done,
-        done_weight=cfg.mdrnn.done_weight, done_bias=dream_done_bias(cfg) if dream else 0.0)
+        done_weight=cfg.mdrnn.done_weight, done_bias=cfg.dream.done_bias if dream else 0.0)
 
 
 class AgentPolicy:

@@ -81,7 +81,7 @@ class BatchedDream:
         # hazard is M's estimate of the real one rather than w times it.
         self.done_shift = float(np.log(done_weight))
         # dream.done_bias: added to the done logit in either mode; positive ends dreams
-        # sooner (fitted so reference policies live as long as in the game: calibration)
+        # sooner, for matching the dream's survival to the game's by hand
         self.done_bias = float(done_bias)
         # dream.precision: "bfloat16" runs the two matmuls in bf16 (state and sampling stay
         # float32); ~3x faster where the CPU has AVX512-BF16, and emulated (slower than
