@@ -82,8 +82,11 @@ class _Linear(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
            ) -> torch.Tensor:
-    """``F.linear`` with autograd, its three matmuls through oneDNN where usable."""
-    if not _usable(x, weight):
+    """``F.linear`` with autograd, its three matmuls through oneDNN where usable.
+
+    Under autocast it is ``F.linear``: autocast lowers oneDNN's forward op to bf16, which the
+    float32 matmuls of this backward cannot take."""
+    if not _usable(x, weight) or torch.is_autocast_enabled(x.device.type):
         return F.linear(x, weight, bias)
     lead = x.shape[:-1]
     y = _Linear.apply(x.reshape(-1, x.shape[-1]), weight, bias)

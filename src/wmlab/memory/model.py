@@ -106,13 +106,10 @@ class MDNRNN(nn.Module):
         return self.read_out(hidden), hidden, (h.unsqueeze(0), c.unsqueeze(0))
 
     def read_out(self, hidden: torch.Tensor) -> MdrnnOutput:
-        if torch.is_autocast_enabled(hidden.device.type):
-            # bf16 training (mdrnn.bf16): autocast runs F.linear in bf16; the mixture
-            # parameters go on in float32 so the losses keep their precision
-            out = F.linear(hidden, self.head.weight, self.head.bias).float()
-            return self.split_output(out)
-        # the head's matmuls through oneDNN (2x MKL's sgemm on this project's CPUs)
-        return self.split_output(linear(hidden, self.head.weight, self.head.bias))
+        # the head's matmuls through oneDNN (2x MKL's sgemm on this project's CPUs); under
+        # bf16 autocast (mdrnn.bf16) the mixture parameters go on in float32 so the losses
+        # keep their precision
+        return self.split_output(linear(hidden, self.head.weight, self.head.bias).float())
 
     def split_output(self, out: torch.Tensor) -> MdrnnOutput:
         """The head's raw outputs (..., output_size) as mixture parameters and heads."""

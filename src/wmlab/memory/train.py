@@ -93,8 +93,7 @@ def batch_losses(model: MDNRNN, batch: SeriesBatch, z_in: torch.Tensor, z_next: 
     # they are also an input only where M has the restart input
     with torch.autocast(z_in.device.type, dtype=torch.bfloat16, enabled=bf16):
         out, _, state = model(z_in, batch.actions, restart=batch.restart, state=state)
-    if bf16:
-        state = (state[0].float(), state[1].float())
+    state = (state[0].float(), state[1].float())  # bf16 under autocast
     nll = mixture_nll(out, z_next, batch.mask)
     total = nll
     parts: dict[str, Any] = {"z_nll": float(nll.detach())}
