@@ -121,6 +121,43 @@ def test_finished_dreams_are_frozen_and_later_steps_give_no_reward():
     assert list(dream.t) == [3, 3]
 
 
+@pytest.mark.parametrize("done_mode", ["threshold", "sample"])
+def test_stepping_only_running_dreams_changes_nothing_but_the_work(done_mode):
+    model = make_model(seed=8)
+    row = 3 * model.shape.z_dim * model.shape.gaussians
+    with torch.no_grad():  # deaths that depend on the state, so lengths spread
+        model.head.weight[row] *= 30.0
+        model.head.bias[row] = -3.0
+    seeds = np.arange(40)
+
+    def play(compact):
+        dream = BatchedDream(model, starts(), 1.15, 300, done_mode=done_mode)
+        dream.compact = compact
+        dream.reset(seeds)
+        zs, rewards, widths = [], [], []
+        real_gates = dream._gates
+        dream._gates = lambda x: (widths.append(len(x)), real_gates(x))[1]
+        while not bool(dream.done.all()):
+            actions = torch.tanh(dream.z[:, :1] + dream.hidden[:, :1])  # depends on the state
+            z, reward, _ = dream.step(actions)
+            zs.append(z.clone())
+            rewards.append(reward.clone())
+        return torch.stack(zs), torch.stack(rewards), dream.t.copy(), widths
+
+    zs, rewards, lengths, widths = play(True)
+    full_zs, full_rewards, full_lengths, full_widths = play(False)
+    assert len(set(lengths.tolist())) > 5, "dreams should end at many different steps"
+    assert np.array_equal(lengths, full_lengths)
+    assert torch.allclose(zs, full_zs, atol=1e-5) and torch.equal(rewards, full_rewards)
+    # the full-width way computes all 40 rows every step; compacting, the running ones
+    # rounded up to a multiple of COMPACT_ROUND
+    assert set(full_widths) == {40}
+    running = [int((lengths > t).sum()) for t in range(len(widths))]
+    round_up = dream_module.COMPACT_ROUND
+    assert widths == [min(40, -(-n // round_up) * round_up) for n in running]
+    assert sum(widths) < 0.8 * sum(full_widths)
+
+
 def test_predicted_reward_is_the_dream_reward():
     model = constant_heads(make_model(reward_head=True), done=-5.0, reward=0.25)
     dream = BatchedDream(model, starts(), 1.0, 8)

@@ -174,8 +174,12 @@ def run_real(models: AgentModels, env_batch: Any, params: np.ndarray, seeds: np.
 @torch.no_grad()
 def run_dream(models: AgentModels, params: np.ndarray, seeds: np.ndarray, tau: float,
               max_steps: int, precision: str = "float32", done_mode: str = "threshold",
-              done_weight: float = 1.0, done_bias: float = 0.0) -> np.ndarray:
-    """Dream episodes, all members' rollouts as one batched dream: (P, n), (P, R) -> (P, R)."""
+              done_weight: float = 1.0, done_bias: float = 0.0, compact: bool = True
+              ) -> np.ndarray:
+    """Dream episodes, all members' rollouts as one batched dream: (P, n), (P, R) -> (P, R).
+
+    ``compact=False`` steps every row to the last dream's end (the naive way, for benchmarks).
+    """
     if models.start is None:
         raise WmlabError("dream rollouts need M's first-frame latents (memory/initial_z): "
                          "train M with `wmlab train-mdrnn`")
@@ -184,6 +188,7 @@ def run_dream(models: AgentModels, params: np.ndarray, seeds: np.ndarray, tau: f
     theta = _member_params(params, models.shape)
     dream = BatchedDream(models.mdrnn, models.start, tau, max_steps, dtype=precision,
                          done_mode=done_mode, done_weight=done_weight, done_bias=done_bias)
+    dream.compact = compact
     z = dream.reset(seeds.ravel())
     returns = torch.zeros(len(z), dtype=torch.float64)
     done = torch.zeros(len(z), dtype=torch.bool)

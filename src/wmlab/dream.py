@@ -47,6 +47,10 @@ class DreamStart:
                              "train-mdrnn` again to rewrite it")
 
 
+# The running dreams are stepped in groups of this many rows (see BatchedDream.step).
+COMPACT_ROUND = 16
+
+
 def _row_rng(seed: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), 0x5EED])
 
@@ -92,6 +96,7 @@ class BatchedDream:
         if self.dtype == torch.bfloat16 and not bf16_is_native(self.device):
             self.dtype = torch.float32
         self.block = int(noise_block)
+        self.compact = True  # step only the running dreams (False: every row, then mask)
         lstm, head = model.lstm, model.head
         with torch.no_grad():
             # [W_ih, W_hh] side by side: the gates of a step are one matmul of [x, h]
@@ -211,41 +216,54 @@ class BatchedDream:
         if actions.shape[1] != self.shape.action_dim:
             raise WmlabError(f"dream actions have {actions.shape[1]} values per dream but M "
                              f"takes {self.shape.action_dim}")
-        parts = [self.z, actions]
-        if self.shape.restart_input:
-            parts.append(self.restart.unsqueeze(1))
-        parts.append(self.h)
-        x = torch.cat(parts, 1).to(self.dtype)
-        gates = self._gates(x).float()
-        i, f, g, o = gates.chunk(4, 1)
-        c = torch.sigmoid(f) * self.c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
-        raw = self._head(h.to(self.dtype)).float()
-        out = self.model.split_output(raw)
-        pos = torch.as_tensor(self.t % self.block, device=self.device)
-        rows = torch.arange(self.batch, device=self.device)
-        next_z = select_and_sample(out, self.tau, self._uniform[rows, pos],
-                                   self._normal[rows, pos])
-
         running = ~self.done
         if active is not None:
             running = running & torch.as_tensor(np.asarray(active, bool), device=self.device)
-        reward = out.reward if out.reward is not None else torch.ones_like(self.returns)
-        reward = torch.where(running, reward, torch.zeros_like(reward))
-        keep = running.unsqueeze(1)
-        self.h = torch.where(keep, h, self.h)
-        self.c = torch.where(keep, c, self.c)
-        self.z = torch.where(keep, next_z, self.z)
+        # Only the running dreams are computed: a population's dreams end at very different
+        # times (a few hundred steps to the 2,100 cap), and a full-width step for the last
+        # survivors would spend most of its matmuls on frozen rows.
+        rows = torch.nonzero(running).squeeze(1)
+        if not self.compact:  # the naive full-width step, kept for `wmlab bench controller`
+            rows = torch.arange(self.batch, device=self.device)
+        elif len(rows) % COMPACT_ROUND and len(rows) < self.batch:
+            # a few frozen rows ride along (computed, not written) so that the matmuls see
+            # few distinct batch sizes: oneDNN builds a kernel for each new shape
+            extra = COMPACT_ROUND - len(rows) % COMPACT_ROUND
+            rows = torch.cat([rows, torch.nonzero(~running).squeeze(1)[:extra]])
+        reward = torch.zeros_like(self.returns)
+        died = torch.zeros_like(self.done)
+        if bool(running.any()):
+            parts = [self.z[rows], actions[rows]]
+            if self.shape.restart_input:
+                parts.append(self.restart[rows].unsqueeze(1))
+            parts.append(self.h[rows])
+            x = torch.cat(parts, 1).to(self.dtype)
+            gates = self._gates(x).float()
+            i, f, g, o = gates.chunk(4, 1)
+            c = torch.sigmoid(f) * self.c[rows] + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            raw = self._head(h.to(self.dtype)).float()
+            out = self.model.split_output(raw)
+            pos = torch.as_tensor(self.t % self.block, device=self.device)[rows]
+            next_z = select_and_sample(out, self.tau, self._uniform[rows, pos],
+                                       self._normal[rows, pos])
+            keep = running[rows]
+            # new tensors rather than writes in place: callers may hold z, h or c of a step
+            self.h, self.c, self.z = self.h.clone(), self.c.clone(), self.z.clone()
+            self.restart = self.restart.clone()
+            written = rows[keep]
+            self.h[written], self.c[written], self.z[written] = h[keep], c[keep], next_z[keep]
+            reward[written] = out.reward[keep] if out.reward is not None else 1.0
+            self.restart[written] = 0.0
+            if out.done_logit is not None:
+                died[written] = self._died(out.done_logit, pos, rows)[keep]
         self.returns += reward
-        self.restart = torch.where(running, torch.zeros_like(self.restart), self.restart)
 
         ran = running.cpu().numpy()
         self.t += ran
         capped = torch.as_tensor(self.t >= self.max_steps, device=self.device)
-        died = self._died(out.done_logit, pos, rows) if out.done_logit is not None else \
-            torch.zeros_like(capped)
-        self.terminated |= running & died
-        self.done |= running & (died | capped)
+        self.terminated |= died
+        self.done |= died | (running & capped)
         refill = np.flatnonzero(ran & (self.t % self.block == 0) & ~self.done.cpu().numpy())
         if len(refill):
             self._refill(refill)
