@@ -18,8 +18,9 @@ from wmlab.cli import main
 from wmlab.config import load_config
 from wmlab.data import Episode, EpisodeStore
 from wmlab.data.series import SeriesStore
+from wmlab.device import bf16_is_native
 from wmlab.errors import WmlabError
-from wmlab.vision.encode import encode_store
+from wmlab.vision.encode import encode_frames, encode_store
 from wmlab.vision.model import frames_to_tensor
 from wmlab.vision.train import (
     FRAME_BYTES,
@@ -210,6 +211,21 @@ def test_encode_matches_the_model_and_resumes_only_missing_episodes(root):
     assert encode_store(cfg, progress=False).encoded == 0
     with pytest.raises(WmlabError, match="z_dim 8, the config asks for 16"):
         encode_store(tiny_config(root, "enc", **{"vae.z_dim": 16}), progress=False)
+
+
+@pytest.mark.skipif(not bf16_is_native(torch.device("cpu")),
+                    reason="bf16 is emulated on this CPU; encoding stays float32 there")
+def test_bf16_encoding_stays_within_the_posterior_noise(root):
+    cfg = tiny_config(root, "enc16", **{"vae.epochs": 1, "vae.max_frames": 32})
+    train_vae(cfg, progress=False)
+    model, _ = load_vae(vision_dir(cfg))
+    store = EpisodeStore.open(cfg.store_url())
+    frames = store.load(store.episode_ids()[0]).frames
+    mu, logvar = encode_frames(model, frames, torch.device("cpu"))
+    mu16, logvar16 = encode_frames(model, frames, torch.device("cpu"), bf16=True)
+    assert not np.array_equal(mu, mu16)  # bf16 did run
+    assert np.quantile(np.abs(mu - mu16) / np.exp(0.5 * logvar), 0.99) < 0.25
+    assert np.abs(logvar - logvar16).max() < 0.1
 
 
 # -- bad input ---------------------------------------------------------------------------------

@@ -103,7 +103,8 @@ class VaeConfig:
     loader_mb: float = _opt(256.0, "memory allowance of the frame loader (its shuffle pools, "
                             "prefetch and batches), whatever the store's size", min=1.0)
     channels_last: bool = _opt(True, "channels-last memory layout (faster on CPU)")
-    bf16: bool = _opt(False, "bfloat16 autocast")
+    bf16: bool = _opt(False, "bfloat16 autocast for training V and encoding with it, where the "
+                      "hardware runs bf16 natively (float32 elsewhere)")
     gan_weight: float = _opt(0.001, "VAE-GAN: weight per pixel of the adversarial + "
                              "feature-matching terms, against the per-pixel squared error",
                              min=0.0)
