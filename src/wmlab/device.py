@@ -41,6 +41,6 @@ def resolve_bf16(requested: bool, device: torch.device, log=print) -> bool:
     """``requested`` if the hardware runs bf16 natively; otherwise False, saying why."""
     if requested and not bf16_is_native(device):
         log(f"bf16 requested but {device.type} has no native bfloat16 (no AVX-512 / "
-            "bf16-capable GPU): running in float32, which is faster here")
+            "bf16-capable GPU): running in fp32, which is faster here")
         return False
     return requested
