@@ -245,6 +245,32 @@ def test_scan_gradients_match_pytorch_lstm_and_a_reference_loop():
         assert torch.allclose(mine, theirs, atol=1e-10)
 
 
+def test_scan_in_bf16_rounds_only_the_recurrent_products():
+    """matmul_dtype=bfloat16 (mdrnn.bf16) changes the result by bf16 rounding, no more, in
+    the outputs and in every gradient, with resets mid-sequence."""
+    torch.manual_seed(4)
+    lstm = torch.nn.LSTM(66, 512, batch_first=True)
+    x = torch.randn(8, 40, 66, requires_grad=True)
+    h0, c0 = torch.randn(8, 512) * 0.1, torch.randn(8, 512) * 0.1
+    keep = torch.ones(8, 40)
+    keep[torch.arange(8), torch.randint(1, 40, (8,))] = 0.0
+    bias = lstm.bias_ih_l0 + lstm.bias_hh_l0
+    weights = torch.randn(8, 40, 512)
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        out, h, c = lstm_scan(x, lstm.weight_ih_l0, lstm.weight_hh_l0, bias, h0, c0, keep,
+                              dtype)
+        assert out.dtype == h.dtype == c.dtype == torch.float32
+        grads = torch.autograd.grad((out * weights).sum() + c.sum(),
+                                    [x, lstm.weight_hh_l0, lstm.weight_ih_l0])
+        results.append((out, grads))
+    (out32, g32), (out16, g16) = results
+    difference = (out16 - out32).abs().max()
+    assert 0 < difference < 0.05  # the products were rounded, and only by bf16's precision
+    for mine, full in zip(g16, g32, strict=True):
+        assert torch.nn.functional.cosine_similarity(mine.flatten(), full.flatten(), dim=0) > 0.99
+
+
 # ---------------------------------------------------------------------------------------------
 # The regimes
 
@@ -339,7 +365,7 @@ def test_bf16_step_matches_float32_and_bf16_training_learns(tmp_path, monkeypatc
         if resets:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 _, hidden, _ = model(z_in, batch.actions, restart=batch.restart)
-            assert hidden.dtype == torch.float32  # the scan ran in float32
+            assert hidden.dtype == torch.float32  # bf16 products, float32 states
         results = []
         for bf16 in (False, True):
             model.zero_grad()

@@ -97,12 +97,15 @@ class MDNRNN(nn.Module):
             hidden, (h, c) = self.lstm(x, (state[0] * first, state[1] * first))
             return self.read_out(hidden), hidden, (h, c)
         lstm = self.lstm
-        # the scan's hand-written backward is float32 throughout: under bf16 autocast
-        # (mdrnn.bf16) only nn.LSTM's batches and the head run in bf16
-        with torch.autocast(x.device.type, enabled=False):
+        # the scan has its own backward: under bf16 autocast (mdrnn.bf16) it runs only its
+        # recurrent products in bf16, the rest (states, gates, weight gradients) in float32
+        device = x.device.type
+        low = torch.bfloat16 if torch.is_autocast_enabled(device) and \
+            torch.get_autocast_dtype(device) == torch.bfloat16 else torch.float32
+        with torch.autocast(device, enabled=False):
             hidden, h, c = lstm_scan(x.float(), lstm.weight_ih_l0, lstm.weight_hh_l0,
                                      lstm.bias_ih_l0 + lstm.bias_hh_l0, state[0][0].float(),
-                                     state[1][0].float(), keep.float())
+                                     state[1][0].float(), keep.float(), low)
         return self.read_out(hidden), hidden, (h.unsqueeze(0), c.unsqueeze(0))
 
     def read_out(self, hidden: torch.Tensor) -> MdrnnOutput:
