@@ -96,3 +96,38 @@ def test_calibration_measures_the_game_and_gates_training_in_the_dream(tmp_path:
     Path(calibration_path(cfg)).write_text("{not json")
     assert main(["calibrate", *base]) == 2
     assert "damaged" in capsys.readouterr().err
+
+
+def test_fitted_done_bias_makes_random_play_live_as_long_as_in_the_game(tmp_path: Path,
+                                                                          monkeypatch):
+    from wmlab.es import controller_dir, train_controller
+    from wmlab.memory import calibration
+
+    tiny = [*TINY, "mdrnn.calibration_episodes=32", "dream.max_steps=200"]
+    cfg = load_config("doom", "quick", [f"run.root=\"{tmp_path}\"", *tiny,
+                                        "dream.fit_done_bias=true"])
+    Pipeline(cfg, progress=False, log=lambda _: None).run(until="memory")
+    report = json.loads(Path(calibration_path(cfg)).read_text())
+    before = report["policies"]["random"]["survival_mean"]
+    assert before > 4  # room to shorten
+    # pretend the game is twice as hard as the dream: the fit must shorten the dreams
+    report["policies"]["random"]["real_survival_mean"] = before / 2
+    Path(calibration_path(cfg)).write_text(json.dumps(report))
+
+    bias = calibration.dream_done_bias(cfg)
+    fitted = json.loads((Path(controller_dir(cfg)) / calibration.FITTED_BIAS_FILE).read_text())
+    assert fitted["dream_survival_before"] == pytest.approx(before)  # the calibration's dreams
+    assert bias == fitted["fitted"] > 0
+    assert fitted["dream_survival_after"] == pytest.approx(before / 2, rel=0.25)
+    # read back, not fitted again (a resumed C keeps its dream)
+    monkeypatch.setattr(calibration, "fit_done_bias", lambda *a, **k: pytest.fail("refit"))
+    assert calibration.dream_done_bias(cfg) == bias
+    from wmlab.agent import workload_from_config
+
+    assert workload_from_config(cfg).done_bias == bias
+    assert workload_from_config(cfg, kind="real").done_bias == 0.0
+    assert train_controller(cfg, progress=False).generation == 1
+    # without the option the configured bias is used as it is
+    plain = load_config("doom", "quick", [f"run.root=\"{tmp_path}\"", *tiny,
+                                          "dream.done_bias=0.5"])
+    assert calibration.dream_done_bias(plain) == 0.5

@@ -287,7 +287,13 @@ def workload_from_config(cfg: Any, kind: str | None = None, backend: str | None 
         bias=cfg.controller.bias,
         max_steps=cfg.dream.max_steps if dream else cfg.env.max_steps, tau=cfg.dream.tau,
         precision=cfg.dream.precision, done_mode=cfg.dream.done,
-        done_weight=cfg.mdrnn.done_weight, done_bias=cfg.dream.done_bias if dream else 0.0)
+        done_weight=cfg.mdrnn.done_weight, done_bias=_dream_done_bias(cfg) if dream else 0.0)
+
+
+def _dream_done_bias(cfg: Any) -> float:
+    from wmlab.memory.calibration import dream_done_bias
+
+    return dream_done_bias(cfg)
 
 
 class AgentPolicy:

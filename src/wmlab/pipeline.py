@@ -85,7 +85,8 @@ EXTENDABLE_KEYS = frozenset({"mdrnn.steps", "es.generations"})
 # make finished stages look changed. A new key that defaults to the old behaviour goes here.
 LATER_KEYS: dict[str, Any] = {"es.dream_generations": 0, "es.covariance": "full",
                                "collect.fixed_fraction": 0.0, "vae.width": 32,
-                               "dream.done_bias": 0.0, "mdrnn.bf16": False}
+                               "dream.done_bias": 0.0, "mdrnn.bf16": False,
+                               "dream.fit_done_bias": False}
 
 
 def _hash(value: Any) -> str:
@@ -421,8 +422,13 @@ def _run_controller(cfg: Config, progress: bool) -> dict[str, Any]:
     from wmlab.es import train_controller
 
     result = train_controller(cfg, progress=progress)
-    return {"generations": result.generation, "best_score": result.best_score,
-            "best_generation": result.best_generation, "fitness": cfg.es.fitness}
+    summary = {"generations": result.generation, "best_score": result.best_score,
+               "best_generation": result.best_generation, "fitness": cfg.es.fitness}
+    if cfg.es.fitness == "dream" and cfg.dream.fit_done_bias:
+        from wmlab.memory.calibration import dream_done_bias
+
+        summary["dream_done_bias"] = dream_done_bias(cfg)
+    return summary
 
 
 def _controller_output(cfg: Config) -> str | None:

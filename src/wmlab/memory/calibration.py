@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
+
 from wmlab.config import Config
 from wmlab.errors import WmlabError
 from wmlab.fsio import atomic_write_bytes
@@ -82,6 +84,87 @@ def calibrate_real(cfg: Config, episodes: int | None = None) -> dict[str, Any]:
     report = add_real_game(cfg, report, episodes)
     atomic_write_bytes(calibration_path(cfg), json.dumps(report, indent=2).encode())
     return report
+
+
+FITTED_BIAS_FILE = "fitted-done-bias.json"
+
+
+def dream_done_bias(cfg: Config) -> float:
+    """The done bias C's dreams run with: ``dream.done_bias``, plus, with
+    ``dream.fit_done_bias``, the fitted shift (measured once per C stage, then read back)."""
+    if not cfg.dream.fit_done_bias:
+        return cfg.dream.done_bias
+    import fsspec
+
+    from wmlab.es import controller_dir
+
+    path = f"{controller_dir(cfg)}/{FITTED_BIAS_FILE}"
+    fs, root = fsspec.core.url_to_fs(path)
+    if fs.exists(root):
+        try:
+            with fs.open(root, "rb") as handle:
+                fitted = json.loads(handle.read())
+            return float(fitted["base"]) + float(fitted["fitted"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise WmlabError(f"{path} is damaged ({exc}): delete it and train C again") from exc
+    fitted = fit_done_bias(cfg)
+    atomic_write_bytes(path, json.dumps(fitted, indent=2).encode())
+    return float(fitted["base"]) + float(fitted["fitted"])
+
+
+def fit_done_bias(cfg: Config, iterations: int = 10, span: float = 4.0) -> dict[str, Any]:
+    """The shift of M's done logit (on top of ``dream.done_bias``) at which random play
+    survives in the dream as long as it does in the game, by bisection on the calibration's
+    dreams (the same seeds at every trial, so survival falls monotonically with the shift).
+
+    A briefly trained M's dream is often too lenient everywhere, and CMA-ES exploits that;
+    where random play lived 1.7-2.7x longer in the dream than in the game, C did not beat
+    random until this shift was added (docs/results/doom-quick.md, seventh pass).
+    """
+    from wmlab.device import resolve_device
+    from wmlab.dream import BatchedDream, reference_policy
+    from wmlab.memory.train import action_converter, load_initial_z, load_mdrnn, memory_dir
+
+    report = read_calibration(cfg)
+    if report is None or "random" not in report.get("policies", {}):
+        raise WmlabError("dream.fit_done_bias needs M's calibration (memory/calibration.json "
+                         "with random play): train M with a done head and "
+                         "mdrnn.calibration_episodes > 0, or set dream.fit_done_bias=false")
+    if "real_survival_mean" not in report["policies"]["random"]:
+        episodes = cfg.mdrnn.calibration_real_episodes
+        if episodes < 1:
+            raise WmlabError("dream.fit_done_bias needs random play's survival in the game: "
+                             "set mdrnn.calibration_real_episodes to 1 or more")
+        report = calibrate_real(cfg, episodes)
+    target = float(report["policies"]["random"]["real_survival_mean"])
+    folder = memory_dir(cfg)
+    device = resolve_device(cfg.run.device)
+    model, _ = load_mdrnn(folder, device)
+    to_vector, raw_dim = action_converter(cfg.env.name)
+    episodes = max(cfg.mdrnn.calibration_episodes, 1)
+    dream = BatchedDream(model, load_initial_z(folder), cfg.dream.tau, cfg.dream.max_steps,
+                         device, done_mode=cfg.dream.done, done_weight=cfg.mdrnn.done_weight,
+                         done_bias=cfg.dream.done_bias)
+    seeds = np.arange(episodes) + cfg.run.seed * 1_000_003
+
+    def survival(shift: float) -> float:
+        dream.done_bias = cfg.dream.done_bias + shift
+        policy = reference_policy("random", raw_dim, cfg.run.seed, to_vector)  # same draws
+        _, lengths = dream.rollout(policy, seeds)
+        return float(lengths.mean())
+
+    before = survival(0.0)
+    low, high = -span, span
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        if survival(middle) > target:
+            low = middle  # still too lenient: end dreams sooner
+        else:
+            high = middle
+    shift = (low + high) / 2
+    return {"base": cfg.dream.done_bias, "fitted": shift, "real_survival": target,
+            "dream_survival_before": before, "dream_survival_after": survival(shift),
+            "episodes": episodes}
 
 
 def far_policies(report: dict[str, Any], tolerance: float) -> list[str]:
