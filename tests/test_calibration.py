@@ -98,8 +98,10 @@ def test_calibration_measures_the_game_and_gates_training_in_the_dream(tmp_path:
     assert "damaged" in capsys.readouterr().err
 
 
-def test_fitted_done_bias_makes_random_play_live_as_long_as_in_the_game(tmp_path: Path,
-                                                                          monkeypatch):
+def test_fitted_done_bias_shortens_a_lenient_dream_by_the_log_ratio(tmp_path: Path,
+                                                                       monkeypatch):
+    import math
+
     from wmlab.es import controller_dir, train_controller
     from wmlab.memory import calibration
 
@@ -116,9 +118,8 @@ def test_fitted_done_bias_makes_random_play_live_as_long_as_in_the_game(tmp_path
 
     bias = calibration.dream_done_bias(cfg)
     fitted = json.loads((Path(controller_dir(cfg)) / calibration.FITTED_BIAS_FILE).read_text())
-    assert fitted["dream_survival_before"] == pytest.approx(before)  # the calibration's dreams
-    assert bias == fitted["fitted"] > 0
-    assert fitted["dream_survival_after"] == pytest.approx(before / 2, rel=0.25)
+    assert bias == fitted["fitted"] == pytest.approx(math.log(2))
+    assert fitted["dream_survival_after"] < before  # the same dreams, ended sooner
     # read back, not fitted again (a resumed C keeps its dream)
     monkeypatch.setattr(calibration, "fit_done_bias", lambda *a, **k: pytest.fail("refit"))
     assert calibration.dream_done_bias(cfg) == bias

@@ -188,9 +188,9 @@ class DreamConfig:
                      choices=("threshold", "sample"))
     done_bias: float = _opt(0.0, "added to M's done logit in the dream; positive ends "
                             "dreams sooner", min=-20.0, max=20.0)
-    fit_done_bias: bool = _opt(False, "before C trains in the dream, add to done_bias the "
-                               "shift of M's done logit that makes random play live as "
-                               "long in the dream as in the game (from M's calibration)")
+    fit_done_bias: bool = _opt(False, "before C trains in the dream, add to done_bias "
+                               "ln(dream / game survival of random play) from M's "
+                               "calibration, so a lenient dream ends sooner")
     calibration_tolerance: float = _opt(
         0.0, "refuse to train C in a dream where a reference policy (random, no-op, left) "
         "survives more than this many times longer, or shorter, than in the game; 0 = off",

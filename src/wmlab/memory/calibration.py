@@ -91,7 +91,7 @@ FITTED_BIAS_FILE = "fitted-done-bias.json"
 
 def dream_done_bias(cfg: Config) -> float:
     """The done bias C's dreams run with: ``dream.done_bias``, plus, with
-    ``dream.fit_done_bias``, the fitted shift (measured once per C stage, then read back)."""
+    ``dream.fit_done_bias``, the fitted shift (computed once per C stage, then read back)."""
     if not cfg.dream.fit_done_bias:
         return cfg.dream.done_bias
     import fsspec
@@ -112,14 +112,16 @@ def dream_done_bias(cfg: Config) -> float:
     return float(fitted["base"]) + float(fitted["fitted"])
 
 
-def fit_done_bias(cfg: Config, iterations: int = 10, span: float = 4.0) -> dict[str, Any]:
-    """The shift of M's done logit (on top of ``dream.done_bias``) at which random play
-    survives in the dream as long as it does in the game, by bisection on the calibration's
-    dreams (the same seeds at every trial, so survival falls monotonically with the shift).
+def fit_done_bias(cfg: Config) -> dict[str, Any]:
+    """The shift of M's done logit (on top of ``dream.done_bias``) for C's dreams:
+    ln(dream / game survival of random play), from M's calibration.
 
-    A briefly trained M's dream is often too lenient everywhere, and CMA-ES exploits that;
-    where random play lived 1.7-2.7x longer in the dream than in the game, C did not beat
-    random until this shift was added (docs/results/doom-quick.md, seventh pass).
+    For a constant per-step hazard p, adding ln r to the logit multiplies a small p by ~r
+    and so divides survival by r. Dreams are not constant-hazard: a lenient dream's long
+    tail barely moves, and matching random play's mean survival exactly needed shifts of
+    1.9 and 4.0, which end dreams at random everywhere; C then learned nothing
+    (docs/results/doom-quick.md, seventh pass). The log-ratio shift (0.54 and 1.0 there)
+    rescued both of those failed runs, so that is the rule.
     """
     from wmlab.device import resolve_device
     from wmlab.dream import BatchedDream, reference_policy
@@ -136,7 +138,10 @@ def fit_done_bias(cfg: Config, iterations: int = 10, span: float = 4.0) -> dict[
             raise WmlabError("dream.fit_done_bias needs random play's survival in the game: "
                              "set mdrnn.calibration_real_episodes to 1 or more")
         report = calibrate_real(cfg, episodes)
-    target = float(report["policies"]["random"]["real_survival_mean"])
+    row = report["policies"]["random"]
+    real, dreamt = float(row["real_survival_mean"]), float(row["survival_mean"])
+    shift = float(np.log(max(dreamt, 1.0) / max(real, 1.0)))
+    # random play's survival at the new bias, for the record (the calibration's dreams)
     folder = memory_dir(cfg)
     device = resolve_device(cfg.run.device)
     model, _ = load_mdrnn(folder, device)
@@ -144,26 +149,11 @@ def fit_done_bias(cfg: Config, iterations: int = 10, span: float = 4.0) -> dict[
     episodes = max(cfg.mdrnn.calibration_episodes, 1)
     dream = BatchedDream(model, load_initial_z(folder), cfg.dream.tau, cfg.dream.max_steps,
                          device, done_mode=cfg.dream.done, done_weight=cfg.mdrnn.done_weight,
-                         done_bias=cfg.dream.done_bias)
-    seeds = np.arange(episodes) + cfg.run.seed * 1_000_003
-
-    def survival(shift: float) -> float:
-        dream.done_bias = cfg.dream.done_bias + shift
-        policy = reference_policy("random", raw_dim, cfg.run.seed, to_vector)  # same draws
-        _, lengths = dream.rollout(policy, seeds)
-        return float(lengths.mean())
-
-    before = survival(0.0)
-    low, high = -span, span
-    for _ in range(iterations):
-        middle = (low + high) / 2
-        if survival(middle) > target:
-            low = middle  # still too lenient: end dreams sooner
-        else:
-            high = middle
-    shift = (low + high) / 2
-    return {"base": cfg.dream.done_bias, "fitted": shift, "real_survival": target,
-            "dream_survival_before": before, "dream_survival_after": survival(shift),
+                         done_bias=cfg.dream.done_bias + shift)
+    policy = reference_policy("random", raw_dim, cfg.run.seed, to_vector)
+    _, lengths = dream.rollout(policy, np.arange(episodes) + cfg.run.seed * 1_000_003)
+    return {"base": cfg.dream.done_bias, "fitted": shift, "real_survival": real,
+            "dream_survival_before": dreamt, "dream_survival_after": float(lengths.mean()),
             "episodes": episodes}
 
 
