@@ -120,8 +120,9 @@ def fit_done_bias(cfg: Config) -> dict[str, Any]:
     and so divides survival by r. Dreams are not constant-hazard: a lenient dream's long
     tail barely moves, and matching random play's mean survival exactly needed shifts of
     1.9 and 4.0, which end dreams at random everywhere; C then learned nothing
-    (docs/results/doom-quick.md, seventh pass). The log-ratio shift (0.54 and 1.0 there)
-    rescued both of those failed runs, so that is the rule.
+    (docs/results/doom-quick.md, seventh pass). A hand-set log-ratio shift (0.54 and 1.0
+    there) rescued both of those failed runs once; the same shifts set by this function
+    (0.005 away) did not, so it is an opt-in knob, not a remedy.
     """
     from wmlab.device import resolve_device
     from wmlab.dream import BatchedDream, reference_policy
