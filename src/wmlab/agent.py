@@ -275,6 +275,7 @@ class RolloutRunner:
 def workload_from_config(cfg: Any, kind: str | None = None, backend: str | None = None
                          ) -> RolloutWorkload:
     """The rollouts a run's config describes (``kind`` defaults to es.fitness)."""
+    from wmlab.memory.calibration import dream_done_bias
     from wmlab.memory.train import memory_dir
     from wmlab.vision.train import vision_dir
 
@@ -287,13 +288,7 @@ def workload_from_config(cfg: Any, kind: str | None = None, backend: str | None 
         bias=cfg.controller.bias,
         max_steps=cfg.dream.max_steps if dream else cfg.env.max_steps, tau=cfg.dream.tau,
         precision=cfg.dream.precision, done_mode=cfg.dream.done,
-        done_weight=cfg.mdrnn.done_weight, done_bias=_dream_done_bias(cfg) if dream else 0.0)
-
-
-def _dream_done_bias(cfg: Any) -> float:
-    from wmlab.memory.calibration import dream_done_bias
-
-    return dream_done_bias(cfg)
+        done_weight=cfg.mdrnn.done_weight, done_bias=dream_done_bias(cfg) if dream else 0.0)
 
 
 class AgentPolicy:

@@ -11,9 +11,8 @@ C when a policy's dream survival is more than ``dream.calibration_tolerance`` ti
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
-
-import numpy as np
 
 from wmlab.config import Config
 from wmlab.errors import WmlabError
@@ -125,8 +124,7 @@ def fit_done_bias(cfg: Config) -> dict[str, Any]:
     (0.005 away) did not, so it is an opt-in knob, not a remedy.
     """
     from wmlab.device import resolve_device
-    from wmlab.dream import BatchedDream, reference_policy
-    from wmlab.memory.train import action_converter, load_initial_z, load_mdrnn, memory_dir
+    from wmlab.memory.train import calibration_dreams, load_mdrnn, memory_dir
 
     report = read_calibration(cfg)
     if report is None or "random" not in report.get("policies", {}):
@@ -141,21 +139,15 @@ def fit_done_bias(cfg: Config) -> dict[str, Any]:
         report = calibrate_real(cfg, episodes)
     row = report["policies"]["random"]
     real, dreamt = float(row["real_survival_mean"]), float(row["survival_mean"])
-    shift = float(np.log(max(dreamt, 1.0) / max(real, 1.0)))
+    shift = math.log(max(dreamt, 1.0) / max(real, 1.0))
     # random play's survival at the new bias, for the record (the calibration's dreams)
-    folder = memory_dir(cfg)
     device = resolve_device(cfg.run.device)
-    model, _ = load_mdrnn(folder, device)
-    to_vector, raw_dim = action_converter(cfg.env.name)
-    episodes = max(cfg.mdrnn.calibration_episodes, 1)
-    dream = BatchedDream(model, load_initial_z(folder), cfg.dream.tau, cfg.dream.max_steps,
-                         device, done_mode=cfg.dream.done, done_weight=cfg.mdrnn.done_weight,
-                         done_bias=cfg.dream.done_bias + shift)
-    policy = reference_policy("random", raw_dim, cfg.run.seed, to_vector)
-    _, lengths = dream.rollout(policy, np.arange(episodes) + cfg.run.seed * 1_000_003)
+    model, _ = load_mdrnn(memory_dir(cfg), device)
+    after = calibration_dreams(cfg, model, device, shift, ("random",))
     return {"base": cfg.dream.done_bias, "fitted": shift, "real_survival": real,
-            "dream_survival_before": dreamt, "dream_survival_after": float(lengths.mean()),
-            "episodes": episodes}
+            "dream_survival_before": dreamt,
+            "dream_survival_after": after["policies"]["random"]["survival_mean"],
+            "episodes": after["episodes"]}
 
 
 def far_policies(report: dict[str, Any], tolerance: float) -> list[str]:

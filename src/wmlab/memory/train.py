@@ -466,19 +466,30 @@ def action_converter(env_name: str
     return convert, int(spec.controller_outputs)
 
 
+def calibration_dreams(cfg: Config, model: MDNRNN, device: torch.device | str = "cpu",
+                       extra_bias: float = 0.0,
+                       policies: tuple[str, ...] = ("random", "noop", "left")
+                       ) -> dict[str, Any]:
+    """The dream side of M's calibration: the reference policies' survival in the run's
+    dream (its tau, cap, done rule and ``dream.done_bias`` + ``extra_bias``), on the
+    calibration's seeds."""
+    from wmlab.dream import dream_calibration
+
+    to_vector, raw_dim = action_converter(cfg.env.name)
+    return dream_calibration(model, load_initial_z(memory_dir(cfg)), cfg.dream.tau,
+                             max_steps=cfg.dream.max_steps,
+                             episodes=cfg.mdrnn.calibration_episodes, seed=cfg.run.seed,
+                             policies=policies, to_vector=to_vector, raw_dim=raw_dim,
+                             device=device, done_mode=cfg.dream.done,
+                             done_weight=cfg.mdrnn.done_weight,
+                             done_bias=cfg.dream.done_bias + extra_bias)
+
+
 def write_calibration(cfg: Config, model: MDNRNN, device: torch.device | str = "cpu"
                       ) -> dict[str, Any]:
     """Survival of the reference policies in M's dream, as ``memory/calibration.json``."""
-    from wmlab.dream import dream_calibration
-
     folder = memory_dir(cfg)
-    to_vector, raw_dim = action_converter(cfg.env.name)
-    report = dream_calibration(model, load_initial_z(folder), cfg.dream.tau,
-                               max_steps=cfg.dream.max_steps,
-                               episodes=cfg.mdrnn.calibration_episodes, seed=cfg.run.seed,
-                               to_vector=to_vector, raw_dim=raw_dim, device=device,
-                               done_mode=cfg.dream.done, done_weight=cfg.mdrnn.done_weight,
-                               done_bias=cfg.dream.done_bias)
+    report = calibration_dreams(cfg, model, device)
     report["note"] = ("a dream where a fixed behaviour survives much longer than it does "
                       "in the game is a hole CMA-ES will find")
     if cfg.mdrnn.calibration_real_episodes > 0:
