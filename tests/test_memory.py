@@ -387,6 +387,63 @@ def test_bf16_step_matches_float32_and_bf16_training_learns(tmp_path, monkeypatc
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
 
 
+@pytest.mark.parametrize("parts", [2, 3])
+def test_a_batch_split_over_threads_has_the_whole_batchs_gradient(parts):
+    """mdrnn.batch_parts: row groups run in parallel threads; each group's loss weighted by
+    its share of the real (unpadded) steps, their gradients sum to the single pass's, and
+    the loss parts and the carried state are the single pass's too."""
+    from wmlab.memory.data import SeriesBatch
+    from wmlab.memory.train import BatchBackward
+
+    torch.manual_seed(0)
+    model = MDNRNN(MdrnnShape(z_dim=4, action_dim=1, hidden=16, done_head=True,
+                              reward_head=True, restart_input=True))
+    # episodes of unequal length: the groups hold different numbers of real steps
+    series = make_series(7, [9, 30, 14, 25, 6, 30, 18], seed=2)
+    batch = episode_batch(series, 7, 24, seed=0, step=0)
+    restart = batch.restart.clone()
+    restart[2, 5] = 1.0  # a reset mid-sequence in one group only: the scan path there
+    batch = SeriesBatch(**{**batch.__dict__, "restart": restart})
+    assert float(batch.mask.sum()) < batch.mask.numel()
+    z_in, z_next = batch.sample_z(torch.Generator().manual_seed(1))
+    state = (torch.randn(1, 7, 16), torch.randn(1, 7, 16))
+    results = []
+    for backward in (BatchBackward(1), BatchBackward(parts, threads=parts)):
+        model.zero_grad(set_to_none=True)
+        loss_parts, state_out = backward(model, batch, z_in, z_next, 10.0, state)
+        backward.close()
+        results.append((loss_parts, state_out,
+                        torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (one, state1, g1), (split, state2, g2) = results
+    assert one.keys() == split.keys()
+    for key in one:
+        assert split[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
+    assert torch.allclose(state1[0], state2[0], atol=1e-6)
+    assert torch.allclose(state1[1], state2[1], atol=1e-6)
+    assert torch.allclose(g1, g2, rtol=1e-4, atol=1e-6)
+    # a weighting error (e.g. a plain mean of the group losses) would move the gradient
+    # by far more than float rounding
+    assert float((g1 - g2).abs().max()) < 1e-3 * float(g1.abs().max())
+
+
+def test_training_with_split_batches_follows_the_single_pass(tmp_path):
+    series = make_series(10, [23, 31, 17, 40, 26, 19, 35, 22, 28, 30])
+    data = SeriesSet(series[:8], series[8:])
+    weights, losses = [], []
+    for parts in (1, 2):
+        cfg = tiny_config(tmp_path / f"p{parts}", regime="streams", batch_parts=parts)
+        curve: list[float] = []
+        train_mdrnn(cfg, progress=False, series=data,
+                    on_step=lambda step, parts, curve=curve: curve.append(parts["loss"]))
+        weights.append(_weights(cfg))
+        losses.append(curve)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    a, b = weights
+    # Adam divides by the gradient's running size, so float rounding in near-zero gradient
+    # entries moves a weight by up to ~1e-4 over these six steps of lr 1e-3
+    assert all(torch.allclose(a[k], b[k], atol=2e-4) for k in a)
+
+
 def test_bad_series_are_refused_before_anything_is_written(tmp_path):
     cfg = tiny_config(tmp_path, regime="episodes", seq_len=50)
     with pytest.raises(WmlabError, match="shorter than mdrnn.seq_len"):
@@ -486,6 +543,10 @@ def test_benchmark_cases_run_and_format():
     assert all(r["steps_per_s"] > 0 and r["gflops"] > 0 for r in rows)
     for r in rows:
         r.update(vs_plain=1.0, peak_fraction=0.5, threads=1)
+    # with two threads the training loop's split step is timed too
+    two = bench._with_threads(2, lambda: bench._train_case("doom", batch=4, steps=3,
+                                                           repeats=1))
+    assert "rows split over 2 threads" in two[-1]["case"] and two[-1]["steps_per_s"] > 0
     model = MDNRNN(bench.SIZES["doom"]).eval()
     start = DreamStart(torch.zeros(2, 64), torch.zeros(2, 64))
     assert bench._dream_rate(model, start, 4, 2) > 0

@@ -29,6 +29,7 @@ from wmlab.device import bf16_is_native
 from wmlab.errors import WmlabError
 from wmlab.memory.fastlinear import FastLinear
 from wmlab.memory.model import MDNRNN, check_tau, select_and_sample
+from wmlab.memory.scan import tanh
 
 DONE_MODES = ("threshold", "sample")
 FEATURES = ("z", "zh", "zch")
@@ -232,31 +233,35 @@ class BatchedDream:
             rows = torch.cat([rows, torch.nonzero(~running).squeeze(1)[:extra]])
         reward = torch.zeros_like(self.returns)
         died = torch.zeros_like(self.done)
-        if bool(running.any()):
-            parts = [self.z[rows], actions[rows]]
-            if self.shape.restart_input:
-                parts.append(self.restart[rows].unsqueeze(1))
-            parts.append(self.h[rows])
-            x = torch.cat(parts, 1).to(self.dtype)
-            gates = self._gates(x).float()
-            i, f, g, o = gates.chunk(4, 1)
-            c = torch.sigmoid(f) * self.c[rows] + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
-            raw = self._head(h.to(self.dtype)).float()
-            out = self.model.split_output(raw)
-            pos = torch.as_tensor(self.t % self.block, device=self.device)[rows]
-            next_z = select_and_sample(out, self.tau, self._uniform[rows, pos],
-                                       self._normal[rows, pos])
-            keep = running[rows]
-            # new tensors rather than writes in place: callers may hold z, h or c of a step
-            self.h, self.c, self.z = self.h.clone(), self.c.clone(), self.z.clone()
-            self.restart = self.restart.clone()
-            written = rows[keep]
-            self.h[written], self.c[written], self.z[written] = h[keep], c[keep], next_z[keep]
-            reward[written] = out.reward[keep] if out.reward is not None else 1.0
-            self.restart[written] = 0.0
+        # every dream running (most of a generation's early steps): no gathers or scatters
+        everyone = len(rows) == self.batch and bool(running.all())
+        if everyone:
+            h, c, next_z, out, flat = self._advance(actions, None)
+            self.h, self.c, self.z = h, c, next_z
+            reward = out.reward.clone() if out.reward is not None else \
+                torch.ones_like(self.returns)
+            self.restart = torch.zeros_like(self.restart)
             if out.done_logit is not None:
-                died[written] = self._died(out.done_logit, pos, rows)[keep]
+                died = self._died(out.done_logit, flat)
+        elif bool(running.any()):
+            h, c, next_z, out, flat = self._advance(actions, rows)
+            kept = torch.nonzero(running.index_select(0, rows)).squeeze(1)
+            written = rows.index_select(0, kept)
+
+            def kept_rows(tensor: torch.Tensor) -> torch.Tensor:
+                return tensor.index_select(0, kept)
+
+            # new tensors (index_copy, not in place): callers may hold z, h or c of a step
+            self.h = self.h.index_copy(0, written, kept_rows(h))
+            self.c = self.c.index_copy(0, written, kept_rows(c))
+            self.z = self.z.index_copy(0, written, kept_rows(next_z))
+            self.restart = self.restart.index_fill(0, written, 0.0)
+            if out.reward is not None:
+                reward.index_copy_(0, written, kept_rows(out.reward))
+            else:
+                reward.index_fill_(0, written, 1.0)
+            if out.done_logit is not None:
+                died.index_copy_(0, written, kept_rows(self._died(out.done_logit, flat)))
         self.returns += reward
 
         ran = running.cpu().numpy()
@@ -269,14 +274,44 @@ class BatchedDream:
             self._refill(refill)
         return self.z, reward, self.done
 
-    def _died(self, done_logit: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor
-              ) -> torch.Tensor:
+    def _advance(self, actions: torch.Tensor, rows: torch.Tensor | None):
+        """One LSTM step and the next z for the dreams at ``rows`` (None: all of them):
+        (h, c, z', out, pos)."""
+        def take(tensor: torch.Tensor) -> torch.Tensor:
+            # index_select: ~5x faster than tensor[rows] for these row gathers
+            return tensor if rows is None else tensor.index_select(0, rows)
+
+        parts = [take(self.z), take(actions)]
+        if self.shape.restart_input:
+            parts.append(take(self.restart).unsqueeze(1))
+        parts.append(take(self.h))
+        x = torch.cat(parts, 1).to(self.dtype)
+        gates = self._gates(x).float()
+        hidden = self.shape.hidden
+        # gate order i, f, g, o: one sigmoid over i and f together
+        in_forget = torch.sigmoid(gates[:, :2 * hidden])
+        i, f = in_forget.chunk(2, 1)
+        c = torch.addcmul(f * take(self.c), i, tanh(gates[:, 2 * hidden:3 * hidden]))
+        h = torch.sigmoid(gates[:, 3 * hidden:]).mul_(tanh(c))
+        out = self.model.split_output(self._head(h.to(self.dtype)).float())
+        # each dream's place in its noise block, as rows of the flattened (B * block) noise
+        pos = torch.as_tensor(self.t % self.block, device=self.device)
+        flat = torch.arange(self.batch, device=self.device) * self.block + pos
+        flat = take(flat)
+        z_dim = self.shape.z_dim
+        next_z = select_and_sample(out, self.tau,
+                                   self._uniform.view(-1, z_dim).index_select(0, flat),
+                                   self._normal.view(-1, z_dim).index_select(0, flat))
+        return h, c, next_z, out, flat
+
+    def _died(self, done_logit: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         """threshold: the original's rule, done when the logit > 0 (probability > 0.5 under
-        the weighted loss); sample: done with M's (unweighted) probability."""
+        the weighted loss); sample: done with M's (unweighted) probability, drawn from each
+        dream's noise at ``flat`` (rows of the flattened (B * block) noise)."""
         if self.done_mode == "threshold":
             return done_logit + self.done_bias > 0
         probability = torch.sigmoid(done_logit.float() - self.done_shift + self.done_bias)
-        return self._done_uniform[rows, pos] < probability
+        return self._done_uniform.view(-1).index_select(0, flat) < probability
 
     @torch.no_grad()
     def rollout(self, policy: Callable[[BatchedDream], torch.Tensor], seeds: np.ndarray

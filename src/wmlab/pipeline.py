@@ -38,7 +38,7 @@ from wmlab.runs import prepare_run_dir
 # Keys that change how fast or where a stage runs, never what it produces.
 NEUTRAL_KEYS = frozenset({
     "collect.workers", "collect.envs_per_worker", "collect.episodes",
-    "vae.checkpoint_every", "mdrnn.checkpoint_every",
+    "vae.checkpoint_every", "mdrnn.checkpoint_every", "mdrnn.batch_parts",
     "es.engine", "es.workers", "es.ray_address", "es.timeout",
     # the dream's calibration gate and its real-game column decide whether C may train,
     # not what any stage computes

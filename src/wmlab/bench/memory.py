@@ -25,7 +25,9 @@ from torch import nn
 
 from wmlab.device import bf16_is_native
 from wmlab.dream import BatchedDream, DreamStart
+from wmlab.memory.data import SeriesBatch
 from wmlab.memory.model import MDNRNN, MdrnnShape, mixture_nll
+from wmlab.memory.train import BatchBackward
 
 SIZES = {
     "carracing": MdrnnShape(z_dim=32, action_dim=3, hidden=256),
@@ -105,17 +107,36 @@ def _train_case(size: str, batch: int, steps: int, repeats: int) -> list[dict[st
         torch.nn.utils.clip_grad_value_(plain_params, 1.0)
         plain_opt.step()
 
+    # the training loop's own step (mdrnn.batch_parts): the batch's rows split over threads
+    series = SeriesBatch(mu=torch.zeros(batch, steps, 2, shape.z_dim),
+                         logvar=torch.zeros(batch, steps, 2, shape.z_dim), actions=actions,
+                         rewards=torch.zeros(batch, steps), dones=restart.roll(-1, 1),
+                         restart=restart, mask=torch.ones(batch, steps))
+    split = BatchBackward(2)
+
+    def split_step(bf16: bool) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        split(model, series, z, target, 10.0, None, bf16)
+        torch.nn.utils.clip_grad_value_(model.parameters(), 1.0)
+        optimizer.step()
+
     flops = training_flops(shape, batch, steps)
+    bf16 = bf16_is_native(torch.device("cpu"))  # emulated bf16 would only measure emulation
     cases: tuple[tuple[str, Callable[[], None]], ...] = (
         ("plain nn.LSTM + Linear (naive)", plain_step), ("wmlab M", wmlab_step))
-    if bf16_is_native(torch.device("cpu")):  # emulated bf16 would only measure emulation
+    if bf16:
         cases += (("wmlab M, bf16 (mdrnn.bf16)", lambda: wmlab_step(True)),)
+    if torch.get_num_threads() >= 2:
+        label = "wmlab M, bf16, rows split over 2 threads" if bf16 else \
+            "wmlab M, rows split over 2 threads"
+        cases += ((f"{label} (mdrnn.batch_parts)", lambda: split_step(bf16)),)
     best = {label: float("inf") for label, _ in cases}
     for _label, fn in cases:
         fn()  # warm-up
     for _ in range(repeats):  # interleaved, so both see the same background load
         for label, fn in cases:
             best[label] = min(best[label], _timed(fn, 1, warmup=0))
+    split.close()
     return [{"bench": "train", "size": size, "case": label, "batch": batch, "seq_len": steps,
              "steps_per_s": batch * steps / best[label], "gflops": flops / best[label] / 1e9}
             for label, _ in cases]

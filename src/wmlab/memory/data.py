@@ -43,9 +43,16 @@ class SeriesBatch:
         return z[:, :, 0], z[:, :, 1]
 
     def to(self, device: torch.device) -> SeriesBatch:
-        moved = {k: getattr(self, k).to(device) for k in
-                 ("mu", "logvar", "actions", "rewards", "dones", "restart", "mask")}
+        moved = {k: getattr(self, k).to(device) for k in _FIELDS}
         return SeriesBatch(**moved, new_streams=self.new_streams)
+
+    def rows(self, index: slice) -> SeriesBatch:
+        """The sequences (streams) at ``index``, as a batch of their own (views)."""
+        return SeriesBatch(**{k: getattr(self, k)[index] for k in _FIELDS},
+                           new_streams=self.new_streams)
+
+
+_FIELDS = ("mu", "logvar", "actions", "rewards", "dones", "restart", "mask")
 
 
 def _require(series: list[Series], min_length: int = 1) -> None:

