@@ -426,6 +426,24 @@ def test_a_batch_split_over_threads_has_the_whole_batchs_gradient(parts):
     assert float((g1 - g2).abs().max()) < 1e-3 * float(g1.abs().max())
 
 
+def test_batches_split_automatically_only_where_it_pays():
+    from wmlab.memory.train import batch_parts
+
+    cpu = torch.device("cpu")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert batch_parts(0, cpu, 32, "streams") == 2  # the scan's small products
+        assert batch_parts(0, cpu, 32, "episodes") == 1  # oneDNN's fused LSTM: not split
+        assert batch_parts(0, cpu, 1, "streams") == 1
+        assert batch_parts(3, cpu, 32, "episodes") == 3  # asked for: done as asked
+        assert batch_parts(0, torch.device("cuda"), 32, "streams") == 1
+        torch.set_num_threads(1)
+        assert batch_parts(0, cpu, 32, "streams") == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_training_with_split_batches_follows_the_single_pass(tmp_path):
     series = make_series(10, [23, 31, 17, 40, 26, 19, 35, 22, 28, 30])
     data = SeriesSet(series[:8], series[8:])

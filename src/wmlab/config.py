@@ -131,8 +131,8 @@ class MdrnnConfig:
     grad_clip: float = _opt(1.0, "elementwise gradient clip", min=0.0)
     checkpoint_every: int = _opt(200, "optimiser steps between checkpoints", min=1)
     batch_parts: int = _opt(0, "row groups of each batch trained in parallel threads, one "
-                            "core each (same gradient); 0 = 2 on a CPU with 2+ threads, "
-                            "1 on a GPU", min=0, max=64)
+                            "core each (same gradient); 0 = 2 for streams on a CPU with 2+ "
+                            "threads, else 1", min=0, max=64)
     bf16: bool = _opt(False, "bfloat16 autocast for M's LSTM and head in training, where the "
                       "hardware runs bf16 natively (float32 elsewhere)")
     initial_z: int = _opt(1000, "first-frame latents kept for starting dreams", min=1)

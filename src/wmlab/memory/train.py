@@ -113,13 +113,19 @@ def batch_losses(model: MDNRNN, batch: SeriesBatch, z_in: torch.Tensor, z_next: 
     return total, parts, state
 
 
-def batch_parts(requested: int, device: torch.device, batch_size: int) -> int:
+def batch_parts(requested: int, device: torch.device, batch_size: int,
+                regime: str = "streams") -> int:
     """How many row groups of each batch run in parallel threads (``mdrnn.batch_parts``):
-    0 = two on a CPU where torch has two or more threads, one elsewhere (a GPU runs the
-    whole batch as one program)."""
+    0 = two for streams (Doom) on a CPU where torch has two or more threads, one elsewhere.
+
+    Streams batches restart episodes mid-chunk and run in ``lstm_scan``, whose small
+    per-step products are what two threads share badly. Episodes batches (CarRacing) never
+    reset after their first step and run in oneDNN's fused LSTM, which uses both cores well
+    on its own: split, it ran at 0.45x (`wmlab bench memory`). A GPU runs the whole batch
+    as one program."""
     if requested > 0:
         return max(1, min(requested, batch_size))
-    if device.type != "cpu" or torch.get_num_threads() < 2:
+    if device.type != "cpu" or torch.get_num_threads() < 2 or regime != "streams":
         return 1
     return min(2, batch_size)
 
@@ -362,7 +368,7 @@ def train_mdrnn(cfg: Config, *, progress: bool = True, stop_after_steps: int | N
 
     bar = tqdm(total=m.steps, initial=step, desc="train M", unit="batch",
                disable=not progress, dynamic_ncols=True)
-    backward = BatchBackward(batch_parts(m.batch_parts, device, m.batch_size))
+    backward = BatchBackward(batch_parts(m.batch_parts, device, m.batch_size, m.regime))
     started, sequences, steps_seen = time.monotonic(), 0, 0
     try:
         while step < m.steps:
