@@ -220,22 +220,10 @@ class BatchedDream:
         running = ~self.done
         if active is not None:
             running = running & torch.as_tensor(np.asarray(active, bool), device=self.device)
-        # Only the running dreams are computed: a population's dreams end at very different
-        # times (a few hundred steps to the 2,100 cap), and a full-width step for the last
-        # survivors would spend most of its matmuls on frozen rows.
-        rows = torch.nonzero(running).squeeze(1)
-        if not self.compact:  # the naive full-width step, kept for `wmlab bench controller`
-            rows = torch.arange(self.batch, device=self.device)
-        elif len(rows) % COMPACT_ROUND and len(rows) < self.batch:
-            # a few frozen rows ride along (computed, not written) so that the matmuls see
-            # few distinct batch sizes: oneDNN builds a kernel for each new shape
-            extra = COMPACT_ROUND - len(rows) % COMPACT_ROUND
-            rows = torch.cat([rows, torch.nonzero(~running).squeeze(1)[:extra]])
         reward = torch.zeros_like(self.returns)
         died = torch.zeros_like(self.done)
         # every dream running (most of a generation's early steps): no gathers or scatters
-        everyone = len(rows) == self.batch and bool(running.all())
-        if everyone:
+        if bool(running.all()):
             h, c, next_z, out, flat = self._advance(actions, None)
             self.h, self.c, self.z = h, c, next_z
             reward = out.reward.clone() if out.reward is not None else \
@@ -244,6 +232,7 @@ class BatchedDream:
             if out.done_logit is not None:
                 died = self._died(out.done_logit, flat)
         elif bool(running.any()):
+            rows = self._rows_to_step(running)
             h, c, next_z, out, flat = self._advance(actions, rows)
             kept = torch.nonzero(running.index_select(0, rows)).squeeze(1)
             written = rows.index_select(0, kept)
@@ -274,9 +263,23 @@ class BatchedDream:
             self._refill(refill)
         return self.z, reward, self.done
 
+    def _rows_to_step(self, running: torch.Tensor) -> torch.Tensor:
+        """Only the running dreams are computed: a population's dreams end at very different
+        times (a few hundred steps to the 2,100 cap), and a full-width step for the last
+        survivors would spend most of its matmuls on frozen rows."""
+        if not self.compact:  # the naive full-width step, kept for `wmlab bench controller`
+            return torch.arange(self.batch, device=self.device)
+        rows = torch.nonzero(running).squeeze(1)
+        if len(rows) % COMPACT_ROUND:
+            # a few frozen rows ride along (computed, not written) so that the matmuls see
+            # few distinct batch sizes: oneDNN builds a kernel for each new shape
+            extra = COMPACT_ROUND - len(rows) % COMPACT_ROUND
+            rows = torch.cat([rows, torch.nonzero(~running).squeeze(1)[:extra]])
+        return rows
+
     def _advance(self, actions: torch.Tensor, rows: torch.Tensor | None):
         """One LSTM step and the next z for the dreams at ``rows`` (None: all of them):
-        (h, c, z', out, pos)."""
+        (h, c, z', out, flat), ``flat`` the dreams' rows of the flattened noise."""
         def take(tensor: torch.Tensor) -> torch.Tensor:
             # index_select: ~5x faster than tensor[rows] for these row gathers
             return tensor if rows is None else tensor.index_select(0, rows)

@@ -112,7 +112,7 @@ def _train_case(size: str, batch: int, steps: int, repeats: int) -> list[dict[st
                          logvar=torch.zeros(batch, steps, 2, shape.z_dim), actions=actions,
                          rewards=torch.zeros(batch, steps), dones=restart.roll(-1, 1),
                          restart=restart, mask=torch.ones(batch, steps))
-    split = BatchBackward(2)
+    split = BatchBackward(2 if torch.get_num_threads() >= 2 else 1)
 
     def split_step(bf16: bool) -> None:
         optimizer.zero_grad(set_to_none=True)
