@@ -98,7 +98,7 @@ class MDNRNN(nn.Module):
             return self.read_out(hidden), hidden, (h, c)
         lstm = self.lstm
         # the scan has its own backward: under bf16 autocast (mdrnn.bf16) it runs only its
-        # recurrent products in bf16, the rest (states, gates, weight gradients) in float32
+        # recurrent products (and their weight gradient) in bf16, states and gates in float32
         device = x.device.type
         low = torch.bfloat16 if torch.is_autocast_enabled(device) and \
             torch.get_autocast_dtype(device) == torch.bfloat16 else torch.float32

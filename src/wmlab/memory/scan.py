@@ -95,8 +95,10 @@ class _LstmScan(torch.autograd.Function):
             if ctx.resets[t]:
                 dh, dc = dh * keep_t[t], dc * keep_t[t]
         d_gates = d_gates.view(steps, batch, 4 * hidden)
-        d_w_hh = matmul(d_gates.reshape(-1, 4 * hidden).t(), h_prev.reshape(-1, hidden))
-        # (one large matmul over all steps, kept in float32: it sums 10^4 products)
+        # one large matmul over all steps; under bf16 its operands are rounded like every
+        # other weight gradient's under autocast (oneDNN sums the products in float32)
+        d_w_hh = matmul(d_gates.reshape(-1, 4 * hidden).t().to(low),
+                        h_prev.reshape(-1, hidden).to(low)).float()
         return d_gates, d_w_hh, dh, dc, None, None
 
 
