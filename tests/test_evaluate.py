@@ -105,7 +105,7 @@ def test_train_controller_cli_runs_and_resumes(tmp_path, capsys):
 
 def test_episode_rows_keep_every_seed_once():
     rows = episode_rows(10, 100)
-    assert rows.shape == (10, 10) and rows.ravel().tolist() == list(range(10, 110))
+    assert rows.shape == (4, 25) and rows.ravel().tolist() == list(range(10, 110))
     assert episode_rows(0, 7).shape == (1, 7)
 
 
@@ -145,3 +145,24 @@ def test_a_c_no_better_than_random_is_told_the_next_step(tmp_path):
     assert "--iteration 3" in not_learned_hint(config("doom", "r/iterations/2"))
     # a C trained in the real env has not been misled by a dream: more generations
     assert "es.generations" in not_learned_hint(config("carracing", "r"))
+
+
+def test_real_rollouts_encode_frames_as_the_encode_stage(tmp_path):
+    """Under vae.bf16 an agent's V runs in bf16, as it did when M's series were encoded."""
+    from wmlab.agent import _sample_z, workload_from_config
+    from wmlab.device import bf16_is_native
+    from wmlab.vision.model import ConvVAE
+
+    torch.manual_seed(0)
+    vae = ConvVAE(Z_DIM).eval().to(memory_format=torch.channels_last)
+    frames = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    eps = np.random.default_rng(1).standard_normal((4, Z_DIM)).astype(np.float32)
+    with torch.no_grad():
+        full, low = _sample_z(vae, frames, eps), _sample_z(vae, frames, eps, bf16=True)
+    assert full.dtype == low.dtype == torch.float32
+    assert torch.allclose(full, low, atol=0.05)
+    if bf16_is_native(torch.device("cpu")):
+        assert not torch.equal(full, low)  # the convolutions did run in bf16
+    for bf16 in (True, False):
+        cfg = make_run(tmp_path / str(bf16), overrides=(*EVAL, f"vae.bf16={str(bf16).lower()}"))
+        assert workload_from_config(cfg, "real").vae_bf16 is bf16

@@ -203,6 +203,29 @@ def test_carried_state_across_chunks_equals_one_long_unroll():
     assert torch.allclose(torch.cat(pieces, 1), hidden_whole, atol=1e-6)
 
 
+def test_one_step_at_a_time_equals_the_unroll():
+    """Single steps (how an agent in an env advances M) run in the LSTM cell, not the fused
+    LSTM: the same states, restarts honoured, gradients through it."""
+    torch.manual_seed(2)
+    model = MDNRNN(MdrnnShape(z_dim=3, action_dim=1, hidden=5, done_head=True,
+                              restart_input=True))
+    z, a = torch.randn(3, 9, 3), torch.randn(3, 9, 1)
+    restart = torch.zeros(3, 9)
+    restart[:, 0], restart[1, 4], restart[2, 8] = 1.0, 1.0, 1.0
+    whole, hidden_whole, (h_end, c_end) = model(z, a, restart=restart)
+    state, steps = (torch.randn(1, 3, 5), torch.randn(1, 3, 5)), []  # wiped by the restart
+    for t in range(9):
+        out, hidden, state = model(z[:, t:t + 1], a[:, t:t + 1], restart=restart[:, t:t + 1],
+                                   state=state)
+        steps.append(hidden)
+        assert torch.allclose(out.means, whole.means[:, t:t + 1], atol=1e-6)
+    assert torch.allclose(torch.cat(steps, 1), hidden_whole, atol=1e-6)
+    assert torch.allclose(state[0], h_end, atol=1e-6) and torch.allclose(state[1], c_end,
+                                                                         atol=1e-6)
+    state[1].sum().backward()
+    assert model.lstm.weight_hh_l0.grad.abs().sum() > 0
+
+
 def test_scan_gradients_match_pytorch_lstm_and_a_reference_loop():
     torch.manual_seed(2)
     lstm = torch.nn.LSTM(3, 4, batch_first=True).double()

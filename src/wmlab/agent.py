@@ -27,6 +27,7 @@ from wmlab.controller import (
     population_forward,
     raw_to_env_actions,
 )
+from wmlab.device import bf16_is_native
 from wmlab.dream import BatchedDream, DreamStart
 from wmlab.envs.spec import EnvSpec
 from wmlab.errors import WmlabError
@@ -46,10 +47,12 @@ class AgentModels:
     shape: ControllerShape
     vae: ConvVAE | None = None
     start: DreamStart | None = None
+    vae_bf16: bool = False  # encode real frames in bf16, as the run's series were (vae.bf16)
 
 
 def build_models(spec: EnvSpec, mdrnn: MDNRNN, vae: ConvVAE | None, features: str,
-                 hidden: int, bias: bool, start: DreamStart | None = None) -> AgentModels:
+                 hidden: int, bias: bool, start: DreamStart | None = None,
+                 vae_bf16: bool = False) -> AgentModels:
     """Check that V, M and the env fit together and derive C's shape from them."""
     m = mdrnn.shape
     if vae is not None and vae.z_dim != m.z_dim:
@@ -65,7 +68,7 @@ def build_models(spec: EnvSpec, mdrnn: MDNRNN, vae: ConvVAE | None, features: st
         # HWC uint8, which is already that layout).
         vae = vae.eval().to(memory_format=torch.channels_last)
     return AgentModels(spec=spec, mdrnn=mdrnn.eval(), features=features, shape=shape, vae=vae,
-                       start=start)
+                       start=start, vae_bf16=vae_bf16 and vae is not None)
 
 
 class SeedNoise:
@@ -110,9 +113,14 @@ def _act(models: AgentModels, params: torch.Tensor, z: torch.Tensor, h: torch.Te
     return raw_np, env_actions, models.spec.action_vector(env_actions)
 
 
-def _sample_z(vae: ConvVAE, frames: np.ndarray, eps: np.ndarray) -> torch.Tensor:
-    """z sampled from V's posterior for (B, 64, 64, 3) frames, with the given noise."""
-    mu, logvar = vae.encode(frames_to_tensor(torch.from_numpy(frames), channels_last=True))
+def _sample_z(vae: ConvVAE, frames: np.ndarray, eps: np.ndarray, bf16: bool = False
+              ) -> torch.Tensor:
+    """z sampled from V's posterior for (B, 64, 64, 3) frames, with the given noise;
+    ``bf16`` runs the convolutions in bf16, as the encode stage does under vae.bf16."""
+    pixels = frames_to_tensor(torch.from_numpy(frames), channels_last=True)
+    with torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=bf16):
+        mu, logvar = vae.encode(pixels)
+    mu, logvar = mu.float(), logvar.float()
     return mu + torch.exp(0.5 * logvar) * torch.from_numpy(eps)
 
 
@@ -157,7 +165,7 @@ def run_real(models: AgentModels, env_batch: Any, params: np.ndarray, seeds: np.
     while running.any():
         rows = np.flatnonzero(running)
         # Only running envs are encoded and advanced: finished ones keep their last state.
-        z[rows] = _sample_z(vae, obs[rows], noise.next()[rows])
+        z[rows] = _sample_z(vae, obs[rows], noise.next()[rows], models.vae_bf16)
         _, env_actions, vectors = _act(models, theta, z, h, c, members,
                                        env_batch.masks)
         if record is not None and running[0]:
@@ -221,6 +229,7 @@ class RolloutWorkload:
     done_mode: str = "threshold"  # dream.done
     done_weight: float = 1.0  # mdrnn.done_weight, undone by done_mode "sample"
     done_bias: float = 0.0  # dream.done_bias, added to the done logit
+    vae_bf16: bool = False  # vae.bf16 where the hardware runs it: V as in the encode stage
 
     def load(self) -> AgentModels:
         from wmlab.checkpoint import load_checkpoint
@@ -234,8 +243,9 @@ class RolloutWorkload:
         if self.kind == "dream":
             ckpt = load_checkpoint(self.memory_folder, INITIAL_Z, with_state=False)
             start = DreamStart(ckpt.weights["mu"].float(), ckpt.weights["logvar"].float())
+        bf16 = self.vae_bf16 and bf16_is_native(torch.device("cpu"))
         return build_models(get_spec(self.env), mdrnn, vae, self.features, self.hidden,
-                            self.bias, start)
+                            self.bias, start, bf16)
 
     def build(self) -> RolloutRunner:
         return RolloutRunner(self, self.load())
@@ -288,7 +298,8 @@ def workload_from_config(cfg: Any, kind: str | None = None, backend: str | None 
         bias=cfg.controller.bias,
         max_steps=cfg.dream.max_steps if dream else cfg.env.max_steps, tau=cfg.dream.tau,
         precision=cfg.dream.precision, done_mode=cfg.dream.done,
-        done_weight=cfg.mdrnn.done_weight, done_bias=dream_done_bias(cfg) if dream else 0.0)
+        done_weight=cfg.mdrnn.done_weight, done_bias=dream_done_bias(cfg) if dream else 0.0,
+        vae_bf16=cfg.vae.bf16)
 
 
 class AgentPolicy:
@@ -336,7 +347,7 @@ class AgentPolicy:
         models, m = self.models, self.models.mdrnn
         eps = np.stack([rng.standard_normal(m.shape.z_dim, dtype=np.float32)
                         for rng in self._rngs])
-        z = _sample_z(models.vae, frames, eps)
+        z = _sample_z(models.vae, frames, eps, models.vae_bf16)
         raw, _, vectors = _act(models, self.theta, z, self.h, self.c, 1)
         self.h, self.c = _memory_step(m, z, vectors, self.h, self.c, self.restart)
         self.restart.zero_()

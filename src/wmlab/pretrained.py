@@ -504,7 +504,8 @@ class AgentSession(RealtimeSession):
     episode seed's noise stream, C on [z, h] or [z, c, h], then M), so an episode here has
     the return the evaluation gives that seed. The picture shows the real frame, V's
     reconstruction of z and either the frame M predicted one step earlier (the mean of each
-    dimension's most likely component, decoded by V) or C's actions as bars. ``recording`` keeps every picture for a GIF.
+    dimension's most likely component, decoded by V) or C's actions as bars. ``recording``
+    keeps every picture for a GIF.
     """
 
     models: Any = None  # AgentModels with V
@@ -537,7 +538,7 @@ class AgentSession(RealtimeSession):
     def _observe(self) -> None:
         from wmlab.agent import _sample_z
 
-        self.z = _sample_z(self.models.vae, self.obs, self.noise.next())
+        self.z = _sample_z(self.models.vae, self.obs, self.noise.next(), self.models.vae_bf16)
         self._picture = self._compose()
         if self.recording:
             self.pictures.append(self._picture)
