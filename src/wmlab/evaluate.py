@@ -22,8 +22,8 @@ from wmlab.errors import WmlabError
 from wmlab.fsio import atomic_write_bytes
 
 # Episodes one evaluator row runs as a batch (one job). Rows of 25 split the 50 or 100
-# episodes of an evaluation evenly over 2 or 4 workers; rows of 10 put 3 rows of Doom's 50
-# on one of 2 workers and 2 on the other (35 s against 24 s for the same episodes).
+# episodes of an evaluation evenly over 2 or 4 workers; rows of 10 put 3 of Doom's 5 rows
+# on one of 2 workers (docs/benchmarks.md: evaluation).
 EPISODES_PER_ROW = 25
 # Dreams batch far better than real envs (one M step for 64 dreams costs little more than
 # for 8): 256 scored dreams at Doom size took 34 s in rows of 64, 130 s in rows of 8
@@ -310,7 +310,8 @@ def evaluate_random_policy(cfg: Config, *, episodes: int | None = None,
     options = {"max_steps": cfg.env.max_steps} if cfg.env.max_steps else {}
     returns: list[float] = []
     lengths: list[int] = []
-    seeds = episode_rows(cfg.eval.seed if first_seed is None else first_seed, episodes)
+    # rows of 10 here: one process runs them all, and 25 games at once took longer to start
+    seeds = episode_rows(cfg.eval.seed if first_seed is None else first_seed, episodes, 10)
     chosen = make_policy(PolicyConfig(name=policy), seeds.shape[1], spec.controller_outputs)
     with make_batch(spec.name, seeds.shape[1], backend, **options) as env_batch:
         for row in seeds:
