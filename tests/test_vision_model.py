@@ -122,3 +122,23 @@ def test_gan_losses_train_their_own_parameters():
     disc.zero_grad()
     generator_loss(disc, real, fake).backward()
     assert fake.grad is not None and fake.grad.abs().sum() > 0
+
+
+def test_decoder_first_layer_as_matmul_equals_the_transposed_convolution():
+    """The decoder computes its first transposed convolution (1x1 input) as a matmul: the
+    same frames and the same gradients as the layer run as a convolution, in both layouts."""
+    torch.manual_seed(0)
+    for channels_last in (False, True):
+        model = ConvVAE(8, width=8)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        z = torch.randn(5, 8)
+        decoder = model.decoder
+        reference = decoder.deconvs(decoder.fc(z).view(-1, decoder.features, 1, 1))
+        reference_grad = torch.autograd.grad(reference.pow(2).sum(),
+                                             decoder.deconvs[0].weight)[0]
+        frames = decoder(z)
+        grad = torch.autograd.grad(frames.pow(2).sum(), decoder.deconvs[0].weight)[0]
+        assert frames.shape == (5, 3, 64, 64)
+        assert torch.allclose(frames, reference, atol=1e-6)
+        assert torch.allclose(grad, reference_grad, atol=1e-5)
