@@ -357,3 +357,37 @@ def test_bf16_falls_back_to_fp32_where_the_cpu_would_emulate_it(root, monkeypatc
     plain = tiny_config(root, "fp32", **{"vae.bf16": False})
     assert not vision_train.build_trainer(plain, torch.device("cpu"), log=messages.append).bf16
     assert not messages
+
+
+def test_batched_encoder_cuts_full_batches_across_episodes():
+    """Every batch but the last is full, whatever the episode lengths, and each episode gets
+    back exactly its own frames' codes, in order."""
+    from types import SimpleNamespace
+
+    from wmlab.vision.encode import BatchedEncoder
+
+    sizes: list[int] = []
+
+    def encode(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        sizes.append(len(frames))
+        values = frames.reshape(len(frames), -1)[:, :2].astype(np.float32)
+        return values, -values
+
+    lengths = [5, 1, 17, 8, 8, 3, 31]  # 73 frames: nine full batches and one
+    episodes = []
+    for i, length in enumerate(lengths):
+        frames = np.zeros((length, 64, 64, 3), np.uint8)
+        frames[:, 0, 0, 0] = i  # which episode
+        frames[:, 0, 0, 1] = np.arange(length)  # which frame
+        episodes.append(SimpleNamespace(frames=frames))
+    encoder = BatchedEncoder(encode, batch=8)
+    returned = []
+    for i, episode in enumerate(episodes):
+        returned += encoder.add(f"ep{i}", episode)
+        assert all(len(e.frames) for _, e, _, _ in returned)
+    returned += encoder.flush()
+    assert [key for key, _, _, _ in returned] == [f"ep{i}" for i in range(len(lengths))]
+    assert sizes == [8] * 9 + [1]
+    for i, (_, _, mu, logvar) in enumerate(returned):
+        assert mu.shape == (lengths[i], 2) and np.array_equal(logvar, -mu)
+        assert (mu[:, 0] == i).all() and np.array_equal(mu[:, 1], np.arange(lengths[i]))
