@@ -71,7 +71,7 @@ class Decoder(nn.Module):
         # The first transposed convolution sees a 1x1 input, so it is a matmul of the
         # features with its weight viewed (features, out * k * k): the same result (up to
         # float rounding), computed that way because oneDNN's transposed convolution took
-        # ~40x its arithmetic's time on that shape (a third of V's training step on CPU).
+        # over 10x its arithmetic's time on that shape (a third of V's training step on CPU).
         first = self.deconvs[0]
         out_channels, k = first.out_channels, first.kernel_size[0]
         features = self.fc(z)
