@@ -27,7 +27,7 @@ from wmlab.controller import (
     population_forward,
     raw_to_env_actions,
 )
-from wmlab.device import bf16_is_native
+from wmlab.device import resolve_bf16
 from wmlab.dream import BatchedDream, DreamStart
 from wmlab.envs.spec import EnvSpec
 from wmlab.errors import WmlabError
@@ -243,7 +243,8 @@ class RolloutWorkload:
         if self.kind == "dream":
             ckpt = load_checkpoint(self.memory_folder, INITIAL_Z, with_state=False)
             start = DreamStart(ckpt.weights["mu"].float(), ckpt.weights["logvar"].float())
-        bf16 = self.vae_bf16 and bf16_is_native(torch.device("cpu"))
+        # silent: every worker builds this, and the encode stage has said it once already
+        bf16 = resolve_bf16(self.vae_bf16, torch.device("cpu"), log=lambda message: None)
         return build_models(get_spec(self.env), mdrnn, vae, self.features, self.hidden,
                             self.bias, start, bf16)
 

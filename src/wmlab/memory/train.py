@@ -136,10 +136,10 @@ class BatchBackward:
     M's LSTM is a chain of small dependent products (each of 200 steps multiplies 32 x 512
     by 512 x 2,048), which two OpenMP threads share badly: the second core adds ~45%. Two
     threads that each run half the rows on their own core (one OpenMP thread apiece; torch
-    ops release the GIL) ran the demo's batches 1.2x faster than that. The gradient is still the whole batch's:
-    each group's loss (a mean over its real steps) is weighted by its share of the batch's
-    real steps, so the weighted sum is the mean over all of them, the same function the
-    single pass differentiates; only the order of float additions differs.
+    ops release the GIL) ran the demo's batches 1.2x faster than that. The gradient is still
+    the whole batch's: each group's loss (a mean over its real steps) is weighted by its
+    share of the batch's real steps, so the weighted sum is the mean over all of them, the
+    same function the single pass differentiates; only the order of float additions differs.
     """
 
     def __init__(self, parts: int, threads: int | None = None) -> None:

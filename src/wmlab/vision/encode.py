@@ -118,15 +118,18 @@ class BatchedEncoder:
         self.ready += count
 
     def _finished(self) -> list[tuple[str, Any, np.ndarray, np.ndarray]]:
-        done = []
-        while self.episodes and len(self.episodes[0][1].frames) <= self.ready:
+        if not self.episodes or len(self.episodes[0][1].frames) > self.ready:
+            return []
+        mu = np.concatenate([m for m, _ in self.outputs])
+        logvar = np.concatenate([v for _, v in self.outputs])
+        done, start = [], 0
+        while self.episodes and start + len(self.episodes[0][1].frames) <= self.ready:
             key, episode = self.episodes.popleft()
-            size = len(episode.frames)
-            mu = np.concatenate([m for m, _ in self.outputs])
-            logvar = np.concatenate([v for _, v in self.outputs])
-            done.append((key, episode, mu[:size], logvar[:size]))
-            self.outputs = [(mu[size:], logvar[size:])]
-            self.ready -= size
+            end = start + len(episode.frames)
+            done.append((key, episode, mu[start:end], logvar[start:end]))
+            start = end
+        self.outputs = [(mu[start:], logvar[start:])]
+        self.ready -= start
         return done
 
 

@@ -77,7 +77,7 @@ class Decoder(nn.Module):
         features = self.fc(z)
         grid = torch.matmul(features, first.weight.flatten(1).to(features.dtype))
         grid = grid.view(-1, out_channels, k, k) + first.bias.view(1, -1, 1, 1).to(grid.dtype)
-        if self.deconvs[2].weight.is_contiguous(memory_format=torch.channels_last):
+        if first.weight.is_contiguous(memory_format=torch.channels_last):
             grid = grid.contiguous(memory_format=torch.channels_last)
         return self.deconvs[1:](grid)
 
