@@ -51,6 +51,42 @@ class FastLinear:
                         None if self.bias is None else self.bias.to(x.dtype))
 
 
+@functools.cache
+def packing_works(dtype: torch.dtype) -> bool:
+    """Whether oneDNN here multiplies by a weight packed once into its own layout
+    (``torch.ops.mkldnn._reorder_linear_weight``) and gets the plain product."""
+    if not onednn_works():
+        return False
+    try:
+        x, w = torch.randn(3, 8).to(dtype), torch.randn(16, 8).to(dtype)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 3)
+        return bool(torch.allclose(_onednn_linear(x, packed, None).float(),
+                                   F.linear(x, w).float(), atol=1e-2))
+    except (RuntimeError, AttributeError):
+        return False
+
+
+class PackedLinear:
+    """y = x @ weight.T for a weight used many times at one batch size (a recurrence's
+    steps), packed once into oneDNN's blocked layout; a plain call re-packs it every time
+    (a 2,048 x 512 bf16 step: 170 against 222 us). Float32 or bfloat16 on the CPU; elsewhere
+    ``FastLinear``. The output has the input's dtype."""
+
+    def __init__(self, weight: torch.Tensor, batch: int) -> None:
+        self.plain = FastLinear(weight)
+        self.packed = None
+        w = self.plain.weight
+        if w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16) and \
+                packing_works(w.dtype):
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w, batch)
+            self.dtype = w.dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and x.dtype == self.dtype and x.device.type == "cpu":
+            return _onednn_linear(x.contiguous(), self.packed, None)
+        return self.plain(x)
+
+
 def _usable(*tensors: torch.Tensor) -> bool:
     return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and \
         onednn_works()

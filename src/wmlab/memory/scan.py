@@ -11,11 +11,13 @@ Gate order and weights are those of ``nn.LSTM`` (i, f, g, o), so the two are int
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
 import torch
 
-from wmlab.memory.fastlinear import FastLinear, linear, matmul
+from wmlab.memory.fastlinear import FastLinear, PackedLinear, linear, matmul
+from wmlab.native import load_library
 
 
 def tanh(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -30,6 +32,98 @@ def tanh(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     return y.mul_(2.0).sub_(1.0)
 
 
+def lstm_kernels() -> ctypes.CDLL | None:
+    """The scan's C step kernels (``lstm_steps.c``), or None where they cannot be built."""
+    lib = load_library("wmlab.memory", "lstm_steps.c")
+    if lib is not None and not getattr(lib, "wmlab_ready", False):
+        i64, ptr, flag = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        lib.lstm_forward_step.argtypes = [i64, i64, ptr, ptr, flag, ptr, ptr, ptr, ptr, ptr,
+                                          ptr, ptr, flag, ptr]
+        lib.lstm_forward_step.restype = None
+        lib.lstm_backward_step.argtypes = [i64, i64, ptr, flag, ptr, ptr, ptr, ptr, ptr, ptr,
+                                           ptr, ptr, ptr, flag, ptr]
+        lib.lstm_backward_step.restype = None
+        lib.wmlab_ready = True
+    return lib
+
+
+class _Rows:
+    """Addresses of a contiguous (T, ...) tensor's steps, without building a view per step
+    (the step loop's Python overhead is a good part of what the kernels save)."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        assert tensor.is_contiguous()
+        self.base = tensor.data_ptr()
+        self.stride = tensor[0].numel() * tensor.element_size() if len(tensor) else 0
+
+    def __getitem__(self, t: int) -> int:
+        return self.base + t * self.stride
+
+
+def _native_usable(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
+def _forward_native(lib: ctypes.CDLL, proj: torch.Tensor, w_hh: torch.Tensor,
+                    h0: torch.Tensor, c0: torch.Tensor, keep: torch.Tensor,
+                    low: torch.dtype):
+    """The forward loop with each step's elementwise work in one C call. Returns the saved
+    tensors of ``_backward_native``: acts, cells, outputs and the matmul inputs h_low
+    ((T + 1, B, H) in the low dtype: step t's state after its reset)."""
+    steps, batch, four_h = proj.shape
+    hidden = four_h // 4
+    bf16 = int(low == torch.bfloat16)
+    acts = torch.empty_like(proj)
+    cells = proj.new_empty(steps, batch, hidden)
+    outputs = proj.new_empty(steps, batch, hidden)
+    h_low = torch.empty(steps + 1, batch, hidden, dtype=low)
+    h_low[0] = (h0 * keep[0].unsqueeze(-1)).to(low)
+    scratch = proj.new_empty(5 * hidden)
+    recurrent = PackedLinear(w_hh.to(low), batch)
+    p_proj, p_keep, p_acts = _Rows(proj), _Rows(keep), _Rows(acts)
+    p_cells, p_out, p_low = _Rows(cells), _Rows(outputs), _Rows(h_low)
+    c_prev = c0.data_ptr()
+    for t in range(steps):
+        rec = recurrent(h_low[t])
+        lib.lstm_forward_step(batch, hidden, p_proj[t], rec.data_ptr(), bf16, c_prev,
+                              p_keep[t], p_keep[t + 1] if t + 1 < steps else None,
+                              p_acts[t], p_cells[t], p_out[t], p_low[t + 1], bf16,
+                              scratch.data_ptr())
+        c_prev = p_cells[t]
+    return acts, cells, outputs, h_low
+
+
+def _backward_native(lib: ctypes.CDLL, acts: torch.Tensor, cells: torch.Tensor,
+                     h_low: torch.Tensor, w_hh: torch.Tensor, keep: torch.Tensor,
+                     c0: torch.Tensor, d_out: torch.Tensor | None, d_h: torch.Tensor | None,
+                     d_c: torch.Tensor | None):
+    steps, batch, hidden = cells.shape
+    low = h_low.dtype
+    bf16 = int(low == torch.bfloat16)
+    d_out = d_out.contiguous() if d_out is not None else None
+    dc = d_c.float().contiguous().clone() if d_c is not None else cells.new_zeros(batch, hidden)
+    dh = d_h.float().contiguous() if d_h is not None else cells.new_zeros(batch, hidden)
+    d_gates = torch.empty_like(acts)
+    d_low = torch.empty(acts.shape, dtype=low) if bf16 else d_gates
+    scratch = cells.new_empty(hidden)
+    back = PackedLinear(w_hh.t().to(low), batch)  # dG @ w_hh
+    p_acts, p_cells, p_keep = _Rows(acts), _Rows(cells), _Rows(keep)
+    p_gates, p_low = _Rows(d_gates), _Rows(d_low)
+    p_out = _Rows(d_out) if d_out is not None else None
+    dh_bf16 = 0
+    for t in range(steps - 1, -1, -1):
+        lib.lstm_backward_step(batch, hidden, dh.data_ptr(), dh_bf16,
+                               p_keep[t + 1] if t + 1 < steps else None,
+                               p_out[t] if p_out is not None else None, p_acts[t],
+                               p_cells[t], p_cells[t - 1] if t > 0 else c0.data_ptr(),
+                               p_keep[t], dc.data_ptr(), p_gates[t],
+                               p_low[t] if bf16 else None, bf16, scratch.data_ptr())
+        dh, dh_bf16 = back(d_low[t]), bf16
+    dh = dh.float() * keep[0].unsqueeze(-1)
+    d_w_hh = matmul(d_low.view(-1, 4 * hidden).t(), h_low[:steps].view(-1, hidden)).float()
+    return d_gates, d_w_hh, dh, dc
+
+
 class _LstmScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, projected: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
@@ -37,6 +131,16 @@ class _LstmScan(torch.autograd.Function):
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # time-major, so each step reads and writes contiguous (B, .) blocks
         proj = projected.contiguous()  # (T, B, 4H)
+        lib = lstm_kernels() if _native_usable(proj, w_hh, h0, c0, keep) else None
+        ctx.native = lib
+        ctx.matmul_dtype = matmul_dtype
+        if lib is not None:
+            keep_c = keep.contiguous()
+            h0c, c0c = h0.contiguous(), c0.contiguous()
+            acts, cells, outputs, h_low = _forward_native(lib, proj, w_hh, h0c, c0c, keep_c,
+                                                          matmul_dtype)
+            ctx.save_for_backward(acts, cells, h_low, w_hh, keep_c, c0c)
+            return outputs, outputs[-1].clone(), cells[-1].clone()
         keep_t = keep.contiguous().unsqueeze(-1)  # (T, B, 1)
         steps, batch, four_h = proj.shape
         hidden = four_h // 4
@@ -61,12 +165,16 @@ class _LstmScan(torch.autograd.Function):
             h = torch.mul(o, tanh(c), out=outputs[t])
         ctx.save_for_backward(acts, cells, outputs, w_hh, keep_t, h0, c0)
         ctx.resets = resets
-        ctx.matmul_dtype = matmul_dtype
         return outputs, h.clone(), c.clone()
 
     @staticmethod
     def backward(ctx: Any, d_out: torch.Tensor | None, d_h: torch.Tensor | None,
                  d_c: torch.Tensor | None):
+        if ctx.native is not None:
+            acts, cells, h_low, w_hh, keep, c0 = ctx.saved_tensors
+            d_gates, d_w_hh, dh, dc = _backward_native(ctx.native, acts, cells, h_low, w_hh,
+                                                       keep, c0, d_out, d_h, d_c)
+            return d_gates, d_w_hh, dh, dc, None, None
         acts, cells, outputs, w_hh, keep_t, h0, c0 = ctx.saved_tensors
         steps, batch, hidden = cells.shape
         # the states entering each step (after any reset), for all steps at once
