@@ -3,6 +3,7 @@ reference code they replace, and a clean fallback to that code wherever they can
 built."""
 
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import wmlab.memory.model as model_module
 import wmlab.memory.scan as scan_module
 from wmlab.memory.model import MDNRNN, MdrnnShape, mixture_nll, mixture_nll_reference
 from wmlab.memory.scan import lstm_kernels, lstm_scan
-from wmlab.native import load_library
+from wmlab.native import load_library, native_enabled
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,6 +30,12 @@ def fresh_loader(monkeypatch, tmp_path):
 def needs_kernels():
     if lstm_kernels() is None or model_module.mixture_kernel() is None:
         pytest.skip("no C compiler here: the PyTorch path is the only one")
+
+
+def test_kernels_build_wherever_gcc_is_installed():
+    if shutil.which("gcc") is None or not native_enabled():
+        pytest.skip("no gcc here")
+    assert lstm_kernels() is not None and model_module.mixture_kernel() is not None
 
 
 def test_kernels_are_built_once_into_the_cache(fresh_loader):

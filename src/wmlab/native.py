@@ -18,6 +18,8 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -58,6 +60,7 @@ def _cpu_signature() -> str:
     return f"{platform.machine()} {platform.processor()}"
 
 
+@functools.cache
 def _compiler_version(compiler: str) -> str:
     try:
         done = subprocess.run([compiler, "--version"], capture_output=True, text=True,
@@ -112,3 +115,20 @@ def load_library(package: str, filename: str) -> ctypes.CDLL | None:
             return ctypes.CDLL(str(target))
     except OSError:
         return None
+
+
+@contextmanager
+def disabled() -> Iterator[None]:
+    """Run the callers' PyTorch code instead of the kernels inside this block (benchmarks
+    compare the two in one process)."""
+    previous = os.environ.get("WMLAB_NATIVE")
+    os.environ["WMLAB_NATIVE"] = "0"
+    load_library.cache_clear()
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["WMLAB_NATIVE"]
+        else:
+            os.environ["WMLAB_NATIVE"] = previous
+        load_library.cache_clear()

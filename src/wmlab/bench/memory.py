@@ -23,10 +23,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from wmlab import native
 from wmlab.device import bf16_is_native
 from wmlab.dream import BatchedDream, DreamStart
 from wmlab.memory.data import SeriesBatch
-from wmlab.memory.model import MDNRNN, MdrnnShape, mixture_nll
+from wmlab.memory.model import MDNRNN, MdrnnShape, mixture_nll, mixture_nll_reference
+from wmlab.memory.scan import lstm_kernels
 from wmlab.memory.train import BatchBackward
 
 SIZES = {
@@ -99,7 +101,7 @@ def _train_case(size: str, batch: int, steps: int, repeats: int) -> list[dict[st
     def plain_step() -> None:
         hidden, _ = lstm(x)
         out = model.split_output(head(hidden))
-        loss = mixture_nll(out, target)
+        loss = mixture_nll_reference(out, target)
         if out.done_logit is not None:
             loss = loss + out.done_logit.mean()
         plain_opt.zero_grad(set_to_none=True)
@@ -120,6 +122,10 @@ def _train_case(size: str, batch: int, steps: int, repeats: int) -> list[dict[st
         torch.nn.utils.clip_grad_value_(model.parameters(), 1.0)
         optimizer.step()
 
+    def split_step_torch_only(bf16: bool) -> None:
+        with native.disabled():
+            split_step(bf16)
+
     flops = training_flops(shape, batch, steps)
     bf16 = bf16_is_native(torch.device("cpu"))  # emulated bf16 would only measure emulation
     cases: tuple[tuple[str, Callable[[], None]], ...] = (
@@ -130,6 +136,9 @@ def _train_case(size: str, batch: int, steps: int, repeats: int) -> list[dict[st
         label = "wmlab M, bf16, rows split over 2 threads" if bf16 else \
             "wmlab M, rows split over 2 threads"
         cases += ((f"{label} (mdrnn.batch_parts)", lambda: split_step(bf16)),)
+        if lstm_kernels() is not None:  # the same step without the C kernels
+            cases += ((f"{label}, PyTorch ops only (WMLAB_NATIVE=0)",
+                       lambda: split_step_torch_only(bf16)),)
     best = {label: float("inf") for label, _ in cases}
     for _label, fn in cases:
         fn()  # warm-up

@@ -75,10 +75,18 @@ class Decoder(nn.Module):
         first = self.deconvs[0]
         out_channels, k = first.out_channels, first.kernel_size[0]
         features = self.fc(z)
-        grid = torch.matmul(features, first.weight.flatten(1).to(features.dtype))
-        grid = grid.view(-1, out_channels, k, k) + first.bias.view(1, -1, 1, 1).to(grid.dtype)
-        if first.weight.is_contiguous(memory_format=torch.channels_last):
-            grid = grid.contiguous(memory_format=torch.channels_last)
+        weight = first.weight
+        if weight.is_contiguous(memory_format=torch.channels_last):
+            # read the weight in its stored order (features, k, k, out): a view, where
+            # flattening it (features, out * k * k) copied 13 MB three times per step (a
+            # sixth of the step); the product is then the channels-last grid, also a view
+            grid = torch.matmul(features, weight.permute(0, 2, 3, 1).flatten(1)
+                                .to(features.dtype))
+            grid = grid.view(-1, k, k, out_channels).permute(0, 3, 1, 2)
+        else:
+            grid = torch.matmul(features, weight.flatten(1).to(features.dtype))
+            grid = grid.view(-1, out_channels, k, k)
+        grid = grid + first.bias.view(1, -1, 1, 1).to(grid.dtype)
         return self.deconvs[1:](grid)
 
 
