@@ -1,69 +1,146 @@
-/* M's mixture loss and its gradient in one pass (wmlab.memory.model.mixture_nll_fused).
+/* M's mixture loss and its gradient in one pass (wmlab.memory.model.mixture_nll).
  *
  * Each row is one step's head output: for every z dimension, K mixture logits, K means and
  * K log sigmas, contiguous (the head's layout), then anything else (the done head), which
  * this kernel leaves alone. In PyTorch the loss is ~25 ops over (rows, z, K) tensors with
  * K = 5, each a pass over memory, and log_softmax over a last dimension of 5 is slow; here
- * the loss and all three gradients come from one read of the row. Compiled by wmlab.native.
+ * the loss and all three gradients come from one read of the row. Each row is first
+ * transposed to component-major order (k, d) so that every loop below runs over the z
+ * dimensions, which the compiler vectorises. Compiled by wmlab.native.
  */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
+
+#define MAX_Z 1024
+#define MAX_K 16
 
 static const float HALF_LOG_2PI = 0.91893853320467274f;
 
+/* The per-row working set, component-major ([k][d] at k * stride + d), packed tightly so
+ * that it stays in L1: a stride of a power of two made the arrays alias in the cache. */
+typedef struct {
+    int64_t stride;
+    float *logit, *mean, *log_sigma, *u, *inv_sigma, *e_logit, *a;
+    float *l_max, *l_sum, *l_lse, *a_max, *a_sum;
+} Work;
+
+#define WORK_FLOATS (7 * MAX_K * (MAX_Z + 16) + 5 * (MAX_Z + 16))
+
+static Work make_work(float *base, int64_t z_dim, int64_t k_count) {
+    Work w;
+    w.stride = ((z_dim + 15) / 16) * 16 + 16;  /* a multiple of 16 floats, not of 2^n */
+    const int64_t block = k_count * w.stride;
+    float *p = base;
+    w.logit = p; p += block;
+    w.mean = p; p += block;
+    w.log_sigma = p; p += block;
+    w.u = p; p += block;
+    w.inv_sigma = p; p += block;
+    w.e_logit = p; p += block;
+    w.a = p; p += block;
+    w.l_max = p; p += w.stride;
+    w.l_sum = p; p += w.stride;
+    w.l_lse = p; p += w.stride;
+    w.a_max = p; p += w.stride;
+    w.a_sum = p;
+    return w;
+}
+
+#define AT(array, k, d) (array)[(k) * s + (d)]
+
+static void row_loss(int64_t z_dim, int64_t k_count, const float *restrict y, const Work *w,
+                     float *restrict nll) {
+    const int64_t s = w->stride;
+    float *restrict logit = w->logit, *restrict mean = w->mean, *restrict ls = w->log_sigma;
+    float *restrict u_all = w->u, *restrict inv_all = w->inv_sigma, *restrict e_l = w->e_logit;
+    float *restrict a = w->a, *restrict l_max = w->l_max, *restrict l_sum = w->l_sum;
+    float *restrict l_lse = w->l_lse, *restrict a_max = w->a_max, *restrict a_sum = w->a_sum;
+    for (int64_t d = 0; d < z_dim; d++) l_max[d] = AT(logit, 0, d);
+    for (int64_t k = 1; k < k_count; k++)
+        for (int64_t d = 0; d < z_dim; d++) l_max[d] = fmaxf(l_max[d], AT(logit, k, d));
+    for (int64_t d = 0; d < z_dim; d++) l_sum[d] = 0.0f;
+    for (int64_t k = 0; k < k_count; k++)
+        for (int64_t d = 0; d < z_dim; d++) {
+            AT(e_l, k, d) = expf(AT(logit, k, d) - l_max[d]);
+            l_sum[d] += AT(e_l, k, d);
+        }
+    for (int64_t d = 0; d < z_dim; d++) l_lse[d] = l_max[d] + logf(l_sum[d]);
+    for (int64_t k = 0; k < k_count; k++)
+        for (int64_t d = 0; d < z_dim; d++) {
+            const float inv = expf(-AT(ls, k, d));
+            const float u = (y[d] - AT(mean, k, d)) * inv;
+            AT(inv_all, k, d) = inv;
+            AT(u_all, k, d) = u;
+            AT(a, k, d) = (AT(logit, k, d) - l_lse[d]) - 0.5f * u * u - AT(ls, k, d) -
+                          HALF_LOG_2PI;
+        }
+    for (int64_t d = 0; d < z_dim; d++) a_max[d] = AT(a, 0, d);
+    for (int64_t k = 1; k < k_count; k++)
+        for (int64_t d = 0; d < z_dim; d++) a_max[d] = fmaxf(a_max[d], AT(a, k, d));
+    for (int64_t d = 0; d < z_dim; d++) a_sum[d] = 0.0f;
+    for (int64_t k = 0; k < k_count; k++)
+        for (int64_t d = 0; d < z_dim; d++) {
+            AT(a, k, d) = expf(AT(a, k, d) - a_max[d]);  /* a now holds exp(a - a_max) */
+            a_sum[d] += AT(a, k, d);
+        }
+    for (int64_t d = 0; d < z_dim; d++) nll[d] = -(a_max[d] + logf(a_sum[d]));
+}
+
 /* Returns sum over rows and dimensions of weight[row] * nll; writes d(scale * that sum)
  * into grad (same layout as params; only the mixture part of each row). weight may be
- * NULL (all ones). */
+ * NULL (all ones). Returns -1 for sizes beyond MAX_Z or MAX_K (the caller checks first). */
 double mixture_nll_rows(int64_t rows, int64_t z_dim, int64_t k_count, int64_t row_stride,
                         const float *params, const float *target, const float *weight,
                         float scale, float *grad) {
+    if (z_dim > MAX_Z || k_count > MAX_K) return -1.0;
+    static __thread float work_storage[WORK_FLOATS];  /* per thread: M's row groups */
+    const Work w = make_work(work_storage, z_dim, k_count);
+    const int64_t s = w.stride;
+    float nll[MAX_Z];
     double total = 0.0;
-    float u[64], a[64], inv_sigma[64], e_logit[64], e_a[64];
-    if (k_count > 64) return -1.0;  /* the caller checks K first */
+    const int64_t width = 3 * k_count * z_dim;
     for (int64_t r = 0; r < rows; r++) {
-        const float w = weight ? weight[r] : 1.0f;
+        const float wr = weight ? weight[r] : 1.0f;
         const float *row = params + r * row_stride;
         float *g_row = grad + r * row_stride;
-        const float *y_row = target + r * z_dim;
+        if (wr == 0.0f) {  /* masked step: no loss, no gradient */
+            memset(g_row, 0, (size_t)width * sizeof(float));
+            continue;
+        }
         for (int64_t d = 0; d < z_dim; d++) {
-            const float *logit = row + d * 3 * k_count;
-            const float *mean = logit + k_count, *log_sigma = mean + k_count;
-            float *g_logit = g_row + d * 3 * k_count;
-            float *g_mean = g_logit + k_count, *g_sigma = g_mean + k_count;
-            if (w == 0.0f) {  /* masked step: no loss, no gradient */
-                for (int64_t k = 0; k < 3 * k_count; k++) g_logit[k] = 0.0f;
-                continue;
-            }
-            const float y = y_row[d];
-            float l_max = logit[0];
-            for (int64_t k = 1; k < k_count; k++) l_max = fmaxf(l_max, logit[k]);
-            float l_sum = 0.0f;
+            const float *p = row + d * 3 * k_count;
             for (int64_t k = 0; k < k_count; k++) {
-                e_logit[k] = expf(logit[k] - l_max);
-                l_sum += e_logit[k];
+                AT(w.logit, k, d) = p[k];
+                AT(w.mean, k, d) = p[k_count + k];
+                AT(w.log_sigma, k, d) = p[2 * k_count + k];
             }
-            const float l_lse = l_max + logf(l_sum);
-            for (int64_t k = 0; k < k_count; k++) {
-                inv_sigma[k] = expf(-log_sigma[k]);
-                u[k] = (y - mean[k]) * inv_sigma[k];
-                a[k] = (logit[k] - l_lse) - 0.5f * u[k] * u[k] - log_sigma[k] - HALF_LOG_2PI;
+        }
+        row_loss(z_dim, k_count, target + r * z_dim, &w, nll);
+        double row_total = 0.0;
+        for (int64_t d = 0; d < z_dim; d++) row_total += (double)nll[d];
+        total += (double)wr * row_total;
+        const float sc = wr * scale;
+        for (int64_t d = 0; d < z_dim; d++) {
+            w.l_sum[d] = 1.0f / w.l_sum[d];  /* now the reciprocals */
+            w.a_sum[d] = 1.0f / w.a_sum[d];
+        }
+        /* gradients, component-major, into the transposed buffers (reused) */
+        for (int64_t k = 0; k < k_count; k++)
+            for (int64_t d = 0; d < z_dim; d++) {
+                const float posterior = AT(w.a, k, d) * w.a_sum[d];  /* of k given y */
+                const float prior = AT(w.e_logit, k, d) * w.l_sum[d];
+                const float u = AT(w.u, k, d);
+                AT(w.logit, k, d) = sc * (prior - posterior);
+                AT(w.mean, k, d) = -sc * posterior * u * AT(w.inv_sigma, k, d);
+                AT(w.log_sigma, k, d) = sc * posterior * (1.0f - u * u);
             }
-            float a_max = a[0];
-            for (int64_t k = 1; k < k_count; k++) a_max = fmaxf(a_max, a[k]);
-            float a_sum = 0.0f;
+        for (int64_t d = 0; d < z_dim; d++) {
+            float *g = g_row + d * 3 * k_count;
             for (int64_t k = 0; k < k_count; k++) {
-                e_a[k] = expf(a[k] - a_max);
-                a_sum += e_a[k];
-            }
-            const float a_lse = a_max + logf(a_sum);
-            total += (double)w * (double)(-a_lse);
-            const float s = w * scale, inv_l_sum = 1.0f / l_sum, inv_a_sum = 1.0f / a_sum;
-            for (int64_t k = 0; k < k_count; k++) {
-                const float posterior = e_a[k] * inv_a_sum;  /* of component k given y */
-                const float prior = e_logit[k] * inv_l_sum;
-                g_logit[k] = s * (prior - posterior);
-                g_mean[k] = -s * posterior * u[k] * inv_sigma[k];
-                g_sigma[k] = s * posterior * (1.0f - u[k] * u[k]);
+                g[k] = AT(w.logit, k, d);
+                g[k_count + k] = AT(w.mean, k, d);
+                g[2 * k_count + k] = AT(w.log_sigma, k, d);
             }
         }
     }

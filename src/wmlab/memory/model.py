@@ -196,7 +196,8 @@ def _fused_applies(out: MdrnnOutput, target: torch.Tensor, mask: torch.Tensor | 
     if any(v._base is None or id(v._base) not in roots
            for v in (out.logits, out.means, out.log_sigmas)):
         return False
-    if out.logits.shape[-1] > 64 or target.shape != out.means.shape[:-1]:
+    z_dim, gaussians = out.logits.shape[-2:]
+    if z_dim > 1024 or gaussians > 16 or target.shape != out.means.shape[:-1]:  # the C limits
         return False
     if mask is not None and mask.shape != target.shape[:-1]:
         return False
