@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import wmlab.dream as dream_module
 import wmlab.memory.model as model_module
 import wmlab.memory.scan as scan_module
 from wmlab.memory.model import MDNRNN, MdrnnShape, mixture_nll, mixture_nll_reference
@@ -28,7 +29,8 @@ def fresh_loader(monkeypatch, tmp_path):
 
 
 def needs_kernels():
-    if lstm_kernels() is None or model_module.mixture_kernel() is None:
+    if lstm_kernels() is None or model_module.mixture_kernel() is None or \
+            dream_module.dream_kernels() is None:
         pytest.skip("no C compiler here: the PyTorch path is the only one")
 
 
@@ -51,7 +53,8 @@ def test_kernels_are_built_once_into_the_cache(fresh_loader):
     assert (fresh_loader / built[0]).stat().st_mtime_ns == mtime  # reused, not rebuilt
     # only the two libraries: no temporaries left behind
     assert sorted(p.name for p in fresh_loader.iterdir()) == everything
-    assert {name.split("-")[0] for name in everything} == {"lstm_steps", "mixture_nll"}
+    assert {name.split("-")[0] for name in everything} == {"lstm_steps", "mixture_nll",
+                                                           "dream_steps"}
 
 
 def test_without_a_compiler_or_when_turned_off_the_kernels_are_absent(fresh_loader,
@@ -180,3 +183,58 @@ def test_mdrnn_training_step_is_the_same_with_and_without_kernels(monkeypatch):
     for mine, theirs in zip(grads_native, grads_ref, strict=True):
         assert torch.nn.functional.cosine_similarity(mine.flatten(), theirs.flatten(),
                                                      dim=0) > 0.999
+
+
+def _dream_pair(monkeypatch, dtype: str, done_mode: str, tau: float = 1.15):
+    """Two BatchedDreams on the same M and starts: with the C kernels and without."""
+    torch.manual_seed(3)
+    model = MDNRNN(MdrnnShape(z_dim=6, action_dim=1, hidden=32, gaussians=5, done_head=True,
+                              restart_input=True)).eval()
+    with torch.no_grad():  # a done logit spread around -1: ends some dreams, not all at once
+        model.head.weight[3 * 6 * 5] *= 8.0
+        model.head.bias[3 * 6 * 5] = -1.0
+    start = dream_module.DreamStart(torch.randn(7, 6), torch.full((7, 6), -2.0))
+
+    def make():
+        return dream_module.BatchedDream(model, start, tau, 50, dtype=dtype,
+                                         done_mode=done_mode, done_weight=4.0)
+
+    native = make()
+    monkeypatch.setattr(dream_module, "dream_kernels", lambda: None)
+    reference = make()
+    monkeypatch.undo()
+    assert native._kernels is not None and reference._kernels is None
+    return native, reference
+
+
+@pytest.mark.parametrize("done_mode", ["threshold", "sample"])
+def test_dream_kernels_draw_what_the_pytorch_dream_draws(monkeypatch, done_mode):
+    """Float32: every step's z', rewards and ends agree (to float rounding) over 12 steps of
+    20 dreams, including the compacted steps after some dreams end."""
+    needs_kernels()
+    native, reference = _dream_pair(monkeypatch, "float32", done_mode)
+    seeds = np.arange(20)
+    native.reset(seeds)
+    reference.reset(seeds)
+    actions = torch.linspace(-1, 1, 20).unsqueeze(1)
+    ended_somewhere = False
+    for _ in range(12):
+        z_a, r_a, d_a = native.step(actions)
+        z_b, r_b, d_b = reference.step(actions)
+        assert torch.allclose(z_a, z_b, atol=1e-5)
+        assert torch.equal(d_a, d_b) and torch.equal(r_a, r_b)
+        assert torch.allclose(native.h, reference.h, atol=1e-6)
+        ended_somewhere |= bool(d_a.any()) and not bool(d_a.all())
+    assert ended_somewhere  # the partial (compacted) steps were exercised
+
+
+def test_dream_kernels_in_bf16_stay_within_bf16_rounding(monkeypatch):
+    needs_kernels()
+    if not dream_module.bf16_is_native(torch.device("cpu")):
+        pytest.skip("bf16 dreams run in float32 on this CPU")
+    native, reference = _dream_pair(monkeypatch, "bfloat16", "threshold")
+    native.reset([1, 2, 3])
+    reference.reset([1, 2, 3])
+    z_a, _, _ = native.step(torch.zeros(3, 1))
+    z_b, _, _ = reference.step(torch.zeros(3, 1))
+    assert torch.allclose(z_a, z_b, atol=0.05)

@@ -18,6 +18,7 @@ component draw; no per-dream Python work except refilling a dream's noise block 
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from wmlab.errors import WmlabError
 from wmlab.memory.fastlinear import FastLinear
 from wmlab.memory.model import MDNRNN, check_tau, select_and_sample
 from wmlab.memory.scan import tanh
+from wmlab.native import load_library
 
 DONE_MODES = ("threshold", "sample")
 FEATURES = ("z", "zh", "zch")
@@ -54,6 +56,21 @@ COMPACT_ROUND = 16
 
 def _row_rng(seed: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), 0x5EED])
+
+
+def dream_kernels() -> ctypes.CDLL | None:
+    """The dream's C step kernels (``memory/dream_steps.c``), or None where they cannot be
+    built (the PyTorch path then runs, the same formulas)."""
+    lib = load_library("wmlab.memory", "dream_steps.c")
+    if lib is not None and not getattr(lib, "wmlab_ready", False):
+        i64, ptr, flag, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+        lib.dream_lstm_step.argtypes = [i64, i64, ptr, flag, ptr, ptr, ptr, ptr, flag, ptr]
+        lib.dream_lstm_step.restype = None
+        lib.dream_sample.argtypes = [i64, i64, i64, i64, ptr, flag, f32, ptr, ptr, ptr, ptr,
+                                     i64, flag, f32, f32, ptr, ptr, ptr]
+        lib.dream_sample.restype = None
+        lib.wmlab_ready = True
+    return lib
 
 
 class BatchedDream:
@@ -110,6 +127,9 @@ class BatchedDream:
             else:
                 self._gates = FastLinear(w_gates.to(self.dtype), b_gates.to(self.dtype))
                 self._head = FastLinear(w_head.to(self.dtype), b_head.to(self.dtype))
+        # the C step kernels on the CPU (K <= 64 components); None: the PyTorch ops
+        self._kernels = dream_kernels() if self.device.type == "cpu" and \
+            self.shape.gaussians <= 64 else None
         self.batch = 0
 
     # -- state ---------------------------------------------------------------------------
@@ -224,16 +244,16 @@ class BatchedDream:
         died = torch.zeros_like(self.done)
         # every dream running (most of a generation's early steps): no gathers or scatters
         if bool(running.all()):
-            h, c, next_z, out, flat = self._advance(actions, None)
+            h, c, next_z, out, flat, ended = self._advance(actions, None)
             self.h, self.c, self.z = h, c, next_z
             reward = out.reward.clone() if out.reward is not None else \
                 torch.ones_like(self.returns)
             self.restart = torch.zeros_like(self.restart)
             if out.done_logit is not None:
-                died = self._died(out.done_logit, flat)
+                died = ended if ended is not None else self._died(out.done_logit, flat)
         elif bool(running.any()):
             rows = self._rows_to_step(running)
-            h, c, next_z, out, flat = self._advance(actions, rows)
+            h, c, next_z, out, flat, ended = self._advance(actions, rows)
             kept = torch.nonzero(running.index_select(0, rows)).squeeze(1)
             written = rows.index_select(0, kept)
 
@@ -250,7 +270,8 @@ class BatchedDream:
             else:
                 reward.index_fill_(0, written, 1.0)
             if out.done_logit is not None:
-                died.index_copy_(0, written, kept_rows(self._died(out.done_logit, flat)))
+                ended = ended if ended is not None else self._died(out.done_logit, flat)
+                died.index_copy_(0, written, kept_rows(ended))
         self.returns += reward
 
         ran = running.cpu().numpy()
@@ -279,7 +300,8 @@ class BatchedDream:
 
     def _advance(self, actions: torch.Tensor, rows: torch.Tensor | None):
         """One LSTM step and the next z for the dreams at ``rows`` (None: all of them):
-        (h, c, z', out, flat), ``flat`` the dreams' rows of the flattened noise."""
+        (h, c, z', out, flat, died), ``flat`` the dreams' rows of the flattened noise,
+        ``died`` the ends drawn by the C kernel (None: draw them with ``_died``)."""
         def take(tensor: torch.Tensor) -> torch.Tensor:
             # index_select: ~5x faster than tensor[rows] for these row gathers
             return tensor if rows is None else tensor.index_select(0, rows)
@@ -289,6 +311,12 @@ class BatchedDream:
             parts.append(take(self.restart).unsqueeze(1))
         parts.append(take(self.h))
         x = torch.cat(parts, 1).to(self.dtype)
+        # each dream's place in its noise block, as rows of the flattened (B * block) noise
+        pos = torch.as_tensor(self.t % self.block, device=self.device)
+        flat = torch.arange(self.batch, device=self.device) * self.block + pos
+        flat = take(flat)
+        if self._kernels is not None:
+            return self._advance_native(self._gates(x), take(self.c), flat)
         gates = self._gates(x).float()
         hidden = self.shape.hidden
         # gate order i, f, g, o: one sigmoid over i and f together
@@ -297,15 +325,39 @@ class BatchedDream:
         c = torch.addcmul(f * take(self.c), i, tanh(gates[:, 2 * hidden:3 * hidden]))
         h = torch.sigmoid(gates[:, 3 * hidden:]).mul_(tanh(c))
         out = self.model.split_output(self._head(h.to(self.dtype)).float())
-        # each dream's place in its noise block, as rows of the flattened (B * block) noise
-        pos = torch.as_tensor(self.t % self.block, device=self.device)
-        flat = torch.arange(self.batch, device=self.device) * self.block + pos
-        flat = take(flat)
         z_dim = self.shape.z_dim
         next_z = select_and_sample(out, self.tau,
                                    self._uniform.view(-1, z_dim).index_select(0, flat),
                                    self._normal.view(-1, z_dim).index_select(0, flat))
-        return h, c, next_z, out, flat
+        return h, c, next_z, out, flat, None
+
+    def _advance_native(self, gates: torch.Tensor, c_prev: torch.Tensor, flat: torch.Tensor):
+        """``_advance`` after the gates' matmul, with the cell, the draw of z' and of the
+        dream's end each one C call over the rows (same formulas, float32)."""
+        lib, s = self._kernels, self.shape
+        rows, hidden = gates.shape[0], s.hidden
+        gates, c_prev = gates.contiguous(), c_prev.float().contiguous()
+        low = int(self.dtype == torch.bfloat16)
+        c = torch.empty(rows, hidden)
+        h = torch.empty(rows, hidden)
+        h_low = torch.empty(rows, hidden, dtype=self.dtype)
+        scratch = torch.empty(max(4 * hidden, s.output_size))
+        lib.dream_lstm_step(rows, hidden, gates.data_ptr(), int(gates.dtype == torch.bfloat16),
+                            c_prev.data_ptr(), c.data_ptr(), h.data_ptr(), h_low.data_ptr(),
+                            low, scratch.data_ptr())
+        head = self._head(h_low).contiguous()
+        next_z = torch.empty(rows, s.z_dim)
+        died = torch.zeros(rows, dtype=torch.bool)
+        flat = flat.to(torch.int64).contiguous()
+        done_column = 3 * s.z_dim * s.gaussians if s.done_head else -1
+        lib.dream_sample(rows, s.z_dim, s.gaussians, head.shape[1], head.data_ptr(),
+                         int(head.dtype == torch.bfloat16), self.tau,
+                         self._uniform.data_ptr(), self._normal.data_ptr(), flat.data_ptr(),
+                         next_z.data_ptr(), done_column, int(self.done_mode == "sample"),
+                         self.done_shift, self.done_bias, self._done_uniform.data_ptr(),
+                         died.data_ptr(), scratch.data_ptr())
+        out = self.model.split_output(head.float())
+        return h, c, next_z, out, flat, died if s.done_head else None
 
     def _died(self, done_logit: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         """threshold: the original's rule, done when the logit > 0 (probability > 0.5 under
