@@ -174,7 +174,7 @@ def test_mdrnn_training_step_is_the_same_with_and_without_kernels(monkeypatch):
             out, _, _ = model(z, actions, restart)
         loss = mixture_nll(out, target)
         loss.backward()
-        return float(loss), [p.grad.clone() for p in model.parameters()]
+        return float(loss.detach()), [p.grad.clone() for p in model.parameters()]
 
     loss_native, grads_native = step()
     monkeypatch.setattr(scan_module, "lstm_kernels", lambda: None)
