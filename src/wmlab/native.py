@@ -132,3 +132,24 @@ def disabled() -> Iterator[None]:
         else:
             os.environ["WMLAB_NATIVE"] = previous
         load_library.cache_clear()
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Ask glibc's allocator to keep freed blocks (up to 32 MB each) for reuse.
+
+    By default glibc returns every block over its dynamic threshold to the kernel when it is
+    freed, so a training step that allocates the same tens of MB each time pays page faults
+    and page zeroing on every step (~9% of an M step measured). The process's peak memory
+    is unchanged; it is only not handed back between steps. A no-op (False) elsewhere than
+    glibc."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    trim_threshold, top_pad, mmap_threshold = -1, -2, -3  # glibc's M_* parameter numbers
+    return bool(mallopt(mmap_threshold, 32 << 20) and mallopt(trim_threshold, 1 << 30)
+                and mallopt(top_pad, 64 << 20))

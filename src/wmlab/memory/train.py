@@ -38,6 +38,7 @@ from wmlab.fsio import atomic_write_bytes
 from wmlab.memory.calibration import CALIBRATION_FILE, add_real_game
 from wmlab.memory.data import SeriesBatch, episode_batch, locate_chunk, stream_batch
 from wmlab.memory.model import MDNRNN, MdrnnShape, check_tau, done_loss, mixture_nll
+from wmlab.native import keep_freed_memory
 
 TRAIN_CHECKPOINT = "train"
 FINAL_WEIGHTS = "mdrnn"
@@ -316,6 +317,8 @@ def train_mdrnn(cfg: Config, *, progress: bool = True, stop_after_steps: int | N
     check_series(cfg, data)
     train, val = data.train, data.val
     device = resolve_device(cfg.run.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # the same large tensors every step: no page faults each time
     bf16 = resolve_bf16(m.bf16, device)
     z_dim, action_dim = train[0].mu.shape[1], train[0].actions.shape[1]
     shape = shape_from_config(cfg, z_dim, action_dim)
