@@ -239,3 +239,13 @@ def test_dream_kernels_in_bf16_stay_within_bf16_rounding(monkeypatch):
     z_a, _, _ = native.step(torch.zeros(3, 1))
     z_b, _, _ = reference.step(torch.zeros(3, 1))
     assert torch.allclose(z_a, z_b, atol=0.05)
+
+
+def test_freed_memory_is_kept_for_reuse_on_glibc():
+    import platform
+
+    from wmlab.native import keep_freed_memory
+    keep_freed_memory.cache_clear()
+    kept = keep_freed_memory()
+    assert kept == (platform.libc_ver()[0] == "glibc")
+    assert keep_freed_memory() == kept  # once per process; asking again changes nothing

@@ -23,6 +23,7 @@ from wmlab.data import EpisodeStore
 from wmlab.data.series import Series, SeriesStore
 from wmlab.device import resolve_bf16, resolve_device
 from wmlab.errors import WmlabError
+from wmlab.native import keep_freed_memory
 from wmlab.vision.model import FRAME_SHAPE, ConvVAE, frames_to_tensor
 from wmlab.vision.train import load_vae, read_vae_info, vision_dir
 
@@ -152,6 +153,8 @@ def check_encodable(cfg: Config) -> EpisodeStore:
 def encode_store(cfg: Config, *, progress: bool = True) -> EncodeSummary:
     """Encode every episode of the run's store that has no series under the trained V yet."""
     device = resolve_device(cfg.run.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # the same large tensors every step: no page faults each time
     store = check_encodable(cfg)
     all_ids = store.episode_ids()
     model, info = load_vae(vision_dir(cfg), device, z_dim=cfg.vae.z_dim)

@@ -35,6 +35,7 @@ from wmlab.device import resolve_bf16, resolve_device
 from wmlab.errors import WmlabError
 from wmlab.fsio import atomic_write_bytes
 from wmlab.metrics import MetricsLogger
+from wmlab.native import keep_freed_memory
 from wmlab.vision.model import (
     FRAME_SHAPE,
     PAPER_WIDTH,
@@ -299,6 +300,8 @@ def train_vae(cfg: Config, *, progress: bool = True, stop_after_steps: int | Non
     """
     c = cfg.vae
     device = resolve_device(cfg.run.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # the same large tensors every step: no page faults each time
     store = EpisodeStore.open(cfg.store_url())
     data = plan_data(cfg, store)
     folder = vision_dir(cfg)
