@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -43,6 +44,10 @@ def test_evaluate_real_doom_writes_every_episode(tmp_path):
     assert saved["mean"] == pytest.approx(np.mean(saved["returns"]))
     assert saved["std"] == pytest.approx(np.std(saved["returns"]))
     assert video.read_bytes()[:6] in (b"GIF89a", b"GIF87a")
+    from PIL import Image
+    with Image.open(video) as gif:  # every 2nd step of the first episode: frame | V's view
+        assert gif.size == (2 * (64 + 2 + 64), 2 * 64)
+        assert gif.n_frames == math.ceil(result.returns[0] / 2)
     # Same seeds, same controller: the same returns (fixed, recorded protocol).
     again = evaluate_controller(cfg, out=str(tmp_path / "again.json"))
     assert again.returns == result.returns

@@ -248,3 +248,17 @@ def test_evaluation_files_are_read_leniently(data, mean, std, episodes):
 def test_each_env_is_compared_with_its_own_published_numbers(preset, profile, key, number):
     assert env_key(load_config(preset, profile)) == key
     assert number in [score.score() for score in PUBLISHED[key]]
+
+
+def test_gif_bytes_keeps_every_frame_and_its_colours():
+    from PIL import Image
+
+    from wmlab.plots import gif_bytes
+    rng = np.random.default_rng(0)
+    colours = rng.integers(0, 255, (12, 3), dtype=np.uint8)
+    frames = [colours[rng.integers(0, 12, (16, 20))] for _ in range(7)]
+    with Image.open(io.BytesIO(gif_bytes(frames, duration_ms=50))) as gif:
+        assert gif.n_frames == 7 and gif.size == (20, 16)
+        for index, frame in enumerate(frames):  # 12 colours: the shared palette is exact
+            gif.seek(index)
+            assert np.array_equal(np.asarray(gif.convert("RGB")), frame)

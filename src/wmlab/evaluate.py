@@ -9,7 +9,6 @@ view (V's reconstruction of the z that C and M see).
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 from wmlab.config import Config
 from wmlab.errors import WmlabError
 from wmlab.fsio import atomic_write_bytes
+from wmlab.plots import gif_bytes
 
 # Episodes one evaluator row runs as a batch (one job). Rows of 25 split the 50 or 100
 # episodes of an evaluation evenly over 2 or 4 workers; rows of 10 put 3 of Doom's 5 rows
@@ -267,31 +267,34 @@ def record_video(models: Any, workload: Any, params: np.ndarray, seed: int,
     Every ``every``-th step, played back at ``fps`` steps per second: a Doom episode that
     survives the full 2,100 steps is a minute of video (every frame at 3x made a 30 MB GIF
     whose recording took half as long as the 50 episodes it illustrates)."""
-    import imageio.v2 as imageio
-
     from wmlab.agent import run_real
     from wmlab.envs import make_batch
 
-    frames: list[np.ndarray] = []
+    seen: list[np.ndarray] = []
+    latents: list[torch.Tensor] = []
+    vae = None
     steps = 0
 
     def record(step: dict[str, Any]) -> None:
-        nonlocal steps
+        nonlocal steps, vae
         steps += 1
         if (steps - 1) % every:
             return
-        recon = step["vae"].decode(step["z"][None])[0].clamp(0, 1)
-        view = (recon.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-        pair = np.concatenate([step["frame"], np.full((64, 2, 3), 255, np.uint8), view],
-                              axis=1)
-        frames.append(pair.repeat(scale, axis=0).repeat(scale, axis=1))
+        seen.append(step["frame"])
+        latents.append(step["z"])
+        vae = step["vae"]
 
     options = {"max_steps": workload.max_steps} if workload.max_steps else {}
     with make_batch(workload.env, 1, workload.backend, **options) as env:
         run_real(models, env, params[None].astype(np.float32), np.array([[seed]]), record)
-    buffer = io.BytesIO()
-    imageio.mimsave(buffer, frames, format="GIF", duration=1000 * every / fps, loop=0)
-    return buffer.getvalue()
+    frames = []
+    for start in range(0, len(seen), 256):  # V's reconstructions in batches, not one by one
+        recon = vae.decode(torch.stack(latents[start:start + 256])).float().clamp(0, 1)
+        views = (recon.permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
+        for frame, view in zip(seen[start:start + 256], views, strict=True):
+            pair = np.concatenate([frame, np.full((64, 2, 3), 255, np.uint8), view], axis=1)
+            frames.append(pair.repeat(scale, axis=0).repeat(scale, axis=1))
+    return gif_bytes(frames, duration_ms=1000 * every / fps)
 
 
 def evaluate_random_policy(cfg: Config, *, episodes: int | None = None,

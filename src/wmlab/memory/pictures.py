@@ -7,7 +7,6 @@ by V in one batched call at the end, so making a GIF costs about as much as the 
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ from wmlab.dream import BatchedDream, DreamStart
 from wmlab.errors import WmlabError
 from wmlab.fsio import atomic_write_bytes
 from wmlab.memory.model import MDNRNN
+from wmlab.plots import gif_bytes
 
 SCALE = 3  # GIF pixels per frame pixel: 64x64 frames are too small to read
 
@@ -39,13 +39,9 @@ def _enlarge(frame: np.ndarray, scale: int = SCALE) -> np.ndarray:
 
 def write_gif(url: str, frames: list[np.ndarray] | np.ndarray, fps: int = 20) -> None:
     """Frames (H, W, 3) uint8 -> an animated GIF at ``url`` (written atomically)."""
-    import imageio.v3 as iio
-
     if len(frames) == 0:
         raise WmlabError("no frames to write: the dream ended before its first step")
-    buffer = io.BytesIO()
-    iio.imwrite(buffer, np.stack(frames), extension=".gif", duration=1000 / fps, loop=0)
-    atomic_write_bytes(url, buffer.getvalue())
+    atomic_write_bytes(url, gif_bytes(list(frames), duration_ms=1000 / fps))
 
 
 @dataclass
