@@ -53,8 +53,7 @@ def test_kernels_are_built_once_into_the_cache(fresh_loader):
     assert (fresh_loader / built[0]).stat().st_mtime_ns == mtime  # reused, not rebuilt
     # only the two libraries: no temporaries left behind
     assert sorted(p.name for p in fresh_loader.iterdir()) == everything
-    assert {name.split("-")[0] for name in everything} == {"lstm_steps", "mixture_nll",
-                                                           "dream_steps"}
+    assert {name.split("-")[0] for name in everything} == {"lstm_steps", "mixture_nll"}
 
 
 def test_without_a_compiler_or_when_turned_off_the_kernels_are_absent(fresh_loader,

@@ -30,8 +30,7 @@ from wmlab.device import bf16_is_native
 from wmlab.errors import WmlabError
 from wmlab.memory.fastlinear import FastLinear
 from wmlab.memory.model import MDNRNN, check_tau, select_and_sample
-from wmlab.memory.scan import tanh
-from wmlab.native import load_library
+from wmlab.memory.scan import lstm_kernels, tanh
 
 DONE_MODES = ("threshold", "sample")
 FEATURES = ("z", "zh", "zch")
@@ -59,18 +58,9 @@ def _row_rng(seed: int) -> np.random.Generator:
 
 
 def dream_kernels() -> ctypes.CDLL | None:
-    """The dream's C step kernels (``memory/dream_steps.c``), or None where they cannot be
+    """The dream's C step kernels (in ``memory/lstm_steps.c``), or None where they cannot be
     built (the PyTorch path then runs, the same formulas)."""
-    lib = load_library("wmlab.memory", "dream_steps.c")
-    if lib is not None and not getattr(lib, "wmlab_ready", False):
-        i64, ptr, flag, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-        lib.dream_lstm_step.argtypes = [i64, i64, ptr, flag, ptr, ptr, ptr, ptr, flag, ptr]
-        lib.dream_lstm_step.restype = None
-        lib.dream_sample.argtypes = [i64, i64, i64, i64, ptr, flag, f32, ptr, ptr, ptr, ptr,
-                                     i64, flag, f32, f32, ptr, ptr, ptr]
-        lib.dream_sample.restype = None
-        lib.wmlab_ready = True
-    return lib
+    return lstm_kernels()
 
 
 class BatchedDream:
@@ -341,7 +331,7 @@ class BatchedDream:
         c = torch.empty(rows, hidden)
         h = torch.empty(rows, hidden)
         h_low = torch.empty(rows, hidden, dtype=self.dtype)
-        scratch = torch.empty(max(4 * hidden, s.output_size))
+        scratch = torch.empty(max(9 * hidden, s.output_size))
         lib.dream_lstm_step(rows, hidden, gates.data_ptr(), int(gates.dtype == torch.bfloat16),
                             c_prev.data_ptr(), c.data_ptr(), h.data_ptr(), h_low.data_ptr(),
                             low, scratch.data_ptr())

@@ -1,5 +1,7 @@
 /* One LSTM step's elementwise work, forward and backward, each as a single pass over the
- * batch (wmlab.memory.scan). In PyTorch each of these is ~15 small ops per step whose
+ * batch (wmlab.memory.scan), and a dream step's (wmlab.dream.BatchedDream): its cell, then
+ * the next z drawn from the mixture and the dream's end drawn (or thresholded) from the
+ * done head, with the formulas of the PyTorch path (select_and_sample, BatchedDream._died). In PyTorch each of these is ~15 small ops per step whose
  * overheads, not their arithmetic, cost more than the step's matmul.
  *
  * Layout: row-major (batch, 4 * hidden) gates in nn.LSTM's order (i, f, g, o) and
@@ -145,5 +147,70 @@ void lstm_backward_step(int64_t batch, int64_t hidden, const void *dh_in, int dh
         backward_row(hidden, a, c_row, cp, k, dh, dc_row, d);
         if (d_gates_low)
             from_float(d, four, (char *)d_gates_low + row * (low_bf16 ? 2 : 4), low_bf16);
+    }
+}
+
+/* A dream step's cell, for rows dreams at once: gates (rows, 4 * hidden) from the step's
+ * one matmul ([x, h] @ [W_ih, W_hh]^T + b), in the low dtype or float32; c_prev, c_out,
+ * h_out (rows, hidden) float32; h_low (rows, hidden) the head's input in the low dtype.
+ * scratch holds 9 * hidden floats. */
+void dream_lstm_step(int64_t rows, int64_t hidden, const void *gates, int gates_bf16,
+                     const float *c_prev, float *c_out, float *h_out, void *h_low,
+                     int low_bf16, float *scratch) {
+    const int64_t four = 4 * hidden;
+    float *z = scratch, *acts = scratch + four, *masked = scratch + 2 * four;
+    for (int64_t r = 0; r < rows; r++) {
+        to_float((const char *)gates + r * four * (gates_bf16 ? 2 : 4), gates_bf16, four, z);
+        forward_row(hidden, z, c_prev + r * hidden, 1.0f, 1.0f, acts, c_out + r * hidden,
+                    h_out + r * hidden, masked);
+        from_float(masked, hidden, (char *)h_low + r * hidden * (low_bf16 ? 2 : 4),
+                   low_bf16);
+    }
+}
+
+/* For each of rows dreams, from its head output (row_stride values, bf16 or float32; per z
+ * dimension K logits, K means, K log sigmas): z' per dimension by the inverse-CDF draw of a
+ * component from softmax(logits / tau) with uniform, then mean + sigma * sqrt(tau) *
+ * normal; the noise rows are flat[r] of the (rows_total, z_dim) noise arrays. If
+ * done_column >= 0, died[r] = 1 when the dream ends: mode 0, logit + bias > 0; mode 1,
+ * done_uniform[flat[r]] < sigmoid(logit - shift + bias). scratch holds row_stride floats. */
+void dream_sample(int64_t rows, int64_t z_dim, int64_t k_count, int64_t row_stride,
+                  const void *head, int head_bf16, float tau, const float *uniform,
+                  const float *normal, const int64_t *flat, float *z_out,
+                  int64_t done_column, int done_mode, float done_shift, float done_bias,
+                  const float *done_uniform, uint8_t *died, float *scratch) {
+    /* as PyTorch computes them: logits / tau, sqrt(tau) rounded from double, cumulative
+     * sums accumulated in double */
+    const float noise_scale = (float)sqrt((double)tau);
+    for (int64_t r = 0; r < rows; r++) {
+        float *p = scratch;
+        to_float((const char *)head + r * row_stride * (head_bf16 ? 2 : 4), head_bf16,
+                 row_stride, p);
+        const float *u_row = uniform + flat[r] * z_dim, *n_row = normal + flat[r] * z_dim;
+        float *z_row = z_out + r * z_dim;
+        for (int64_t d = 0; d < z_dim; d++) {
+            const float *logit = p + d * 3 * k_count;
+            const float *mean = logit + k_count, *log_sigma = mean + k_count;
+            float top = logit[0] / tau;
+            for (int64_t k = 1; k < k_count; k++) top = fmaxf(top, logit[k] / tau);
+            float cdf[64];
+            double running = 0.0;
+            for (int64_t k = 0; k < k_count; k++) {
+                running += (double)expf(logit[k] / tau - top);
+                cdf[k] = (float)running;
+            }
+            const float threshold = u_row[d] * cdf[k_count - 1];
+            int64_t component = 0;
+            for (int64_t k = 0; k < k_count; k++) component += threshold >= cdf[k];
+            if (component > k_count - 1) component = k_count - 1;  /* u * total rounded up */
+            z_row[d] = mean[component] + expf(log_sigma[component]) * noise_scale * n_row[d];
+        }
+        if (done_column >= 0) {
+            const float logit = p[done_column];
+            if (done_mode == 0)
+                died[r] = logit + done_bias > 0.0f;
+            else
+                died[r] = done_uniform[flat[r]] < sigmoid(logit - done_shift + done_bias);
+        }
     }
 }

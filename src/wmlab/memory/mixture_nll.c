@@ -22,10 +22,10 @@ static const float HALF_LOG_2PI = 0.91893853320467274f;
 typedef struct {
     int64_t stride;
     float *logit, *mean, *log_sigma, *u, *inv_sigma, *e_logit, *a;
-    float *l_max, *l_sum, *l_lse, *a_max, *a_sum;
+    float *l_max, *l_sum, *l_lse, *a_max, *a_sum, *a_lse;
 } Work;
 
-#define WORK_FLOATS (7 * MAX_K * (MAX_Z + 16) + 5 * (MAX_Z + 16))
+#define WORK_FLOATS (7 * MAX_K * (MAX_Z + 16) + 6 * (MAX_Z + 16))
 
 static Work make_work(float *base, int64_t z_dim, int64_t k_count) {
     Work w;
@@ -43,29 +43,36 @@ static Work make_work(float *base, int64_t z_dim, int64_t k_count) {
     w.l_sum = p; p += w.stride;
     w.l_lse = p; p += w.stride;
     w.a_max = p; p += w.stride;
-    w.a_sum = p;
+    w.a_sum = p; p += w.stride;
+    w.a_lse = p;
     return w;
 }
 
 #define AT(array, k, d) (array)[(k) * s + (d)]
 
+/* Per z dimension d, over the k_count components of x ([k][d]): top = max, e = exp(x - top)
+ * (e may be x itself), total = sum of e, lse = log-sum-exp. */
+static void log_sum_exp(int64_t z_dim, int64_t k_count, int64_t s, const float *x, float *e,
+                        float *restrict top, float *restrict total, float *restrict lse) {
+    for (int64_t d = 0; d < z_dim; d++) top[d] = AT(x, 0, d);
+    for (int64_t k = 1; k < k_count; k++)
+        for (int64_t d = 0; d < z_dim; d++) top[d] = fmaxf(top[d], AT(x, k, d));
+    for (int64_t d = 0; d < z_dim; d++) total[d] = 0.0f;
+    for (int64_t k = 0; k < k_count; k++)
+        for (int64_t d = 0; d < z_dim; d++) {
+            AT(e, k, d) = expf(AT(x, k, d) - top[d]);
+            total[d] += AT(e, k, d);
+        }
+    for (int64_t d = 0; d < z_dim; d++) lse[d] = top[d] + logf(total[d]);
+}
+
 static void row_loss(int64_t z_dim, int64_t k_count, const float *restrict y, const Work *w,
                      float *restrict nll) {
     const int64_t s = w->stride;
     float *restrict logit = w->logit, *restrict mean = w->mean, *restrict ls = w->log_sigma;
-    float *restrict u_all = w->u, *restrict inv_all = w->inv_sigma, *restrict e_l = w->e_logit;
-    float *restrict a = w->a, *restrict l_max = w->l_max, *restrict l_sum = w->l_sum;
-    float *restrict l_lse = w->l_lse, *restrict a_max = w->a_max, *restrict a_sum = w->a_sum;
-    for (int64_t d = 0; d < z_dim; d++) l_max[d] = AT(logit, 0, d);
-    for (int64_t k = 1; k < k_count; k++)
-        for (int64_t d = 0; d < z_dim; d++) l_max[d] = fmaxf(l_max[d], AT(logit, k, d));
-    for (int64_t d = 0; d < z_dim; d++) l_sum[d] = 0.0f;
-    for (int64_t k = 0; k < k_count; k++)
-        for (int64_t d = 0; d < z_dim; d++) {
-            AT(e_l, k, d) = expf(AT(logit, k, d) - l_max[d]);
-            l_sum[d] += AT(e_l, k, d);
-        }
-    for (int64_t d = 0; d < z_dim; d++) l_lse[d] = l_max[d] + logf(l_sum[d]);
+    float *restrict u_all = w->u, *restrict inv_all = w->inv_sigma, *restrict a = w->a;
+    const float *restrict l_lse = w->l_lse;
+    log_sum_exp(z_dim, k_count, s, logit, w->e_logit, w->l_max, w->l_sum, w->l_lse);
     for (int64_t k = 0; k < k_count; k++)
         for (int64_t d = 0; d < z_dim; d++) {
             const float inv = expf(-AT(ls, k, d));
@@ -75,16 +82,9 @@ static void row_loss(int64_t z_dim, int64_t k_count, const float *restrict y, co
             AT(a, k, d) = (AT(logit, k, d) - l_lse[d]) - 0.5f * u * u - AT(ls, k, d) -
                           HALF_LOG_2PI;
         }
-    for (int64_t d = 0; d < z_dim; d++) a_max[d] = AT(a, 0, d);
-    for (int64_t k = 1; k < k_count; k++)
-        for (int64_t d = 0; d < z_dim; d++) a_max[d] = fmaxf(a_max[d], AT(a, k, d));
-    for (int64_t d = 0; d < z_dim; d++) a_sum[d] = 0.0f;
-    for (int64_t k = 0; k < k_count; k++)
-        for (int64_t d = 0; d < z_dim; d++) {
-            AT(a, k, d) = expf(AT(a, k, d) - a_max[d]);  /* a now holds exp(a - a_max) */
-            a_sum[d] += AT(a, k, d);
-        }
-    for (int64_t d = 0; d < z_dim; d++) nll[d] = -(a_max[d] + logf(a_sum[d]));
+    /* a then holds exp(a - a_max), the posterior's numerators */
+    log_sum_exp(z_dim, k_count, s, a, a, w->a_max, w->a_sum, w->a_lse);
+    for (int64_t d = 0; d < z_dim; d++) nll[d] = -w->a_lse[d];
 }
 
 /* Returns sum over rows and dimensions of weight[row] * nll; writes d(scale * that sum)

@@ -33,7 +33,8 @@ def tanh(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
 
 
 def lstm_kernels() -> ctypes.CDLL | None:
-    """The scan's C step kernels (``lstm_steps.c``), or None where they cannot be built."""
+    """The C step kernels of the scan and the dream (``lstm_steps.c``), or None where they
+    cannot be built."""
     lib = load_library("wmlab.memory", "lstm_steps.c")
     if lib is not None and not getattr(lib, "wmlab_ready", False):
         i64, ptr, flag = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
@@ -43,6 +44,13 @@ def lstm_kernels() -> ctypes.CDLL | None:
         lib.lstm_backward_step.argtypes = [i64, i64, ptr, flag, ptr, ptr, ptr, ptr, ptr, ptr,
                                            ptr, ptr, ptr, flag, ptr]
         lib.lstm_backward_step.restype = None
+        # the dream's step (wmlab.dream): the cell after its matmul, then the draws
+        f32 = ctypes.c_float
+        lib.dream_lstm_step.argtypes = [i64, i64, ptr, flag, ptr, ptr, ptr, ptr, flag, ptr]
+        lib.dream_lstm_step.restype = None
+        lib.dream_sample.argtypes = [i64, i64, i64, i64, ptr, flag, f32, ptr, ptr, ptr, ptr,
+                                     i64, flag, f32, f32, ptr, ptr, ptr]
+        lib.dream_sample.restype = None
         lib.wmlab_ready = True
     return lib
 
