@@ -248,3 +248,18 @@ def test_freed_memory_is_kept_for_reuse_on_glibc():
     kept = keep_freed_memory()
     assert kept == (platform.libc_ver()[0] == "glibc")
     assert keep_freed_memory() == kept  # once per process; asking again changes nothing
+
+
+def test_a_cache_that_cannot_be_written_falls_back_to_pytorch(monkeypatch, tmp_path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("WMLAB_CACHE_DIR", str(blocker))  # kernels/ cannot be made under it
+    load_library.cache_clear()
+    try:
+        assert load_library("wmlab.memory", "lstm_steps.c") is None
+        x = torch.randn(2, 5, 3)
+        out, h, c = lstm_scan(x, torch.randn(8, 3), torch.randn(8, 2), torch.zeros(8),
+                              torch.zeros(2, 2), torch.zeros(2, 2), torch.ones(2, 5))
+        assert out.shape == (2, 5, 2) and torch.equal(out[:, -1], h)
+    finally:
+        load_library.cache_clear()
