@@ -18,7 +18,6 @@ component draw; no per-dream Python work except refilling a dream's noise block 
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -55,12 +54,6 @@ COMPACT_ROUND = 16
 
 def _row_rng(seed: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), 0x5EED])
-
-
-def dream_kernels() -> ctypes.CDLL | None:
-    """The dream's C step kernels (in ``memory/lstm_steps.c``), or None where they cannot be
-    built (the PyTorch path then runs, the same formulas)."""
-    return lstm_kernels()
 
 
 class BatchedDream:
@@ -117,8 +110,9 @@ class BatchedDream:
             else:
                 self._gates = FastLinear(w_gates.to(self.dtype), b_gates.to(self.dtype))
                 self._head = FastLinear(w_head.to(self.dtype), b_head.to(self.dtype))
-        # the C step kernels on the CPU (K <= 64 components); None: the PyTorch ops
-        self._kernels = dream_kernels() if self.device.type == "cpu" and \
+        # the C step kernels (memory/lstm_steps.c) on the CPU for K <= 64 components; None:
+        # the PyTorch ops, the same formulas
+        self._kernels = lstm_kernels() if self.device.type == "cpu" and \
             self.shape.gaussians <= 64 else None
         self.batch = 0
 

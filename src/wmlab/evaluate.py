@@ -272,24 +272,22 @@ def record_video(models: Any, workload: Any, params: np.ndarray, seed: int,
 
     seen: list[np.ndarray] = []
     latents: list[torch.Tensor] = []
-    vae = None
     steps = 0
 
     def record(step: dict[str, Any]) -> None:
-        nonlocal steps, vae
+        nonlocal steps
         steps += 1
         if (steps - 1) % every:
             return
         seen.append(step["frame"])
         latents.append(step["z"])
-        vae = step["vae"]
 
     options = {"max_steps": workload.max_steps} if workload.max_steps else {}
     with make_batch(workload.env, 1, workload.backend, **options) as env:
         run_real(models, env, params[None].astype(np.float32), np.array([[seed]]), record)
     frames = []
     for start in range(0, len(seen), 256):  # V's reconstructions in batches, not one by one
-        recon = vae.decode(torch.stack(latents[start:start + 256])).float().clamp(0, 1)
+        recon = models.vae.decode(torch.stack(latents[start:start + 256])).float().clamp(0, 1)
         views = (recon.permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
         for frame, view in zip(seen[start:start + 256], views, strict=True):
             pair = np.concatenate([frame, np.full((64, 2, 3), 255, np.uint8), view], axis=1)

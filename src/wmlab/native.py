@@ -48,6 +48,7 @@ def _compiler() -> str | None:
     return None
 
 
+@functools.cache
 def _cpu_signature() -> str:
     """What a -march=native build depends on: a shared cache (a home directory on several
     machines) must not hand one CPU's build to another."""
@@ -135,15 +136,16 @@ def disabled() -> Iterator[None]:
 
 
 @functools.cache
-def keep_freed_memory() -> bool:
-    """Ask glibc's allocator to keep freed blocks (up to 32 MB each) for reuse.
+def keep_freed_memory(device_type: str = "cpu") -> bool:
+    """Ask glibc's allocator to keep freed blocks (up to 32 MB each) for reuse, for a stage
+    about to run on ``device_type`` (only the CPU's tensors live in glibc's heap).
 
     By default glibc returns every block over its dynamic threshold to the kernel when it is
     freed, so a training step that allocates the same tens of MB each time pays page faults
     and page zeroing on every step (~9% of an M step measured). The process's peak memory
     is unchanged; it is only not handed back between steps. A no-op (False) elsewhere than
-    glibc."""
-    if platform.libc_ver()[0] != "glibc":
+    glibc or for another device."""
+    if device_type != "cpu" or platform.libc_ver()[0] != "glibc":
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt

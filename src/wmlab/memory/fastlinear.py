@@ -79,10 +79,10 @@ class PackedLinear:
         if w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16) and \
                 packing_works(w.dtype):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(w, batch)
-            self.dtype = w.dtype
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.dtype == self.dtype and x.device.type == "cpu":
+        if self.packed is not None and x.dtype == self.plain.weight.dtype and \
+                x.device.type == "cpu":
             return _onednn_linear(x.contiguous(), self.packed, None)
         return self.plain(x)
 

@@ -317,8 +317,7 @@ def train_mdrnn(cfg: Config, *, progress: bool = True, stop_after_steps: int | N
     check_series(cfg, data)
     train, val = data.train, data.val
     device = resolve_device(cfg.run.device)
-    if device.type == "cpu":
-        keep_freed_memory()  # the same large tensors every step: no page faults each time
+    keep_freed_memory(device.type)  # the same large tensors every step: no page faults
     bf16 = resolve_bf16(m.bf16, device)
     z_dim, action_dim = train[0].mu.shape[1], train[0].actions.shape[1]
     shape = shape_from_config(cfg, z_dim, action_dim)

@@ -153,8 +153,7 @@ def check_encodable(cfg: Config) -> EpisodeStore:
 def encode_store(cfg: Config, *, progress: bool = True) -> EncodeSummary:
     """Encode every episode of the run's store that has no series under the trained V yet."""
     device = resolve_device(cfg.run.device)
-    if device.type == "cpu":
-        keep_freed_memory()  # the same large tensors every step: no page faults each time
+    keep_freed_memory(device.type)  # the same large tensors every step: no page faults
     store = check_encodable(cfg)
     all_ids = store.episode_ids()
     model, info = load_vae(vision_dir(cfg), device, z_dim=cfg.vae.z_dim)

@@ -300,8 +300,7 @@ def train_vae(cfg: Config, *, progress: bool = True, stop_after_steps: int | Non
     """
     c = cfg.vae
     device = resolve_device(cfg.run.device)
-    if device.type == "cpu":
-        keep_freed_memory()  # the same large tensors every step: no page faults each time
+    keep_freed_memory(device.type)  # the same large tensors every step: no page faults
     store = EpisodeStore.open(cfg.store_url())
     data = plan_data(cfg, store)
     folder = vision_dir(cfg)
