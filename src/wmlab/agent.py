@@ -32,7 +32,7 @@ from wmlab.dream import BatchedDream, DreamStart
 from wmlab.envs.spec import EnvSpec
 from wmlab.errors import WmlabError
 from wmlab.memory.model import MDNRNN
-from wmlab.vision.model import ConvVAE, frames_to_tensor
+from wmlab.vision.model import ConvVAE, PackedEncoder, frames_to_tensor
 
 NOISE_BLOCK = 64  # steps of z-noise drawn at once per env (a numpy call per block, not step)
 
@@ -48,11 +48,12 @@ class AgentModels:
     vae: ConvVAE | None = None
     start: DreamStart | None = None
     vae_bf16: bool = False  # encode real frames in bf16, as the run's series were (vae.bf16)
+    packed: PackedEncoder | None = None  # V's encoder packed for acting (controller.packed_encoder)
 
 
 def build_models(spec: EnvSpec, mdrnn: MDNRNN, vae: ConvVAE | None, features: str,
                  hidden: int, bias: bool, start: DreamStart | None = None,
-                 vae_bf16: bool = False) -> AgentModels:
+                 vae_bf16: bool = False, packed_encoder: bool = False) -> AgentModels:
     """Check that V, M and the env fit together and derive C's shape from them."""
     m = mdrnn.shape
     if vae is not None and vae.z_dim != m.z_dim:
@@ -67,8 +68,12 @@ def build_models(spec: EnvSpec, mdrnn: MDNRNN, vae: ConvVAE | None, features: st
         # Channels-last convolutions: ~1.3-1.8x faster encoding on CPU (frames arrive as
         # HWC uint8, which is already that layout).
         vae = vae.eval().to(memory_format=torch.channels_last)
+    bf16 = vae_bf16 and vae is not None
+    packed = None
+    if vae is not None and packed_encoder:
+        packed = PackedEncoder(vae.encoder, torch.bfloat16 if bf16 else torch.float32)
     return AgentModels(spec=spec, mdrnn=mdrnn.eval(), features=features, shape=shape, vae=vae,
-                       start=start, vae_bf16=vae_bf16 and vae is not None)
+                       start=start, vae_bf16=bf16, packed=packed)
 
 
 class SeedNoise:
@@ -113,25 +118,24 @@ def _act(models: AgentModels, params: torch.Tensor, z: torch.Tensor, h: torch.Te
     return raw_np, env_actions, models.spec.action_vector(env_actions)
 
 
-def _sample_z(vae: ConvVAE, frames: np.ndarray, eps: np.ndarray, bf16: bool = False
-              ) -> torch.Tensor:
-    """z sampled from V's posterior for (B, 64, 64, 3) frames, with the given noise;
-    ``bf16`` runs the convolutions in bf16, as the encode stage does under vae.bf16."""
-    pixels = frames_to_tensor(torch.from_numpy(frames), channels_last=True)
-    with torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=bf16):
-        mu, logvar = vae.encode(pixels)
-    mu, logvar = mu.float(), logvar.float()
+def _sample_z(models: AgentModels, frames: np.ndarray, eps: np.ndarray) -> torch.Tensor:
+    """z sampled from V's posterior for (B, 64, 64, 3) frames, with the given noise; V runs
+    in bf16 under vae.bf16 (as the encode stage did), packed under controller.packed_encoder."""
+    if models.packed is not None:
+        mu, logvar = models.packed(torch.from_numpy(frames))
+    else:
+        pixels = frames_to_tensor(torch.from_numpy(frames), channels_last=True)
+        with torch.autocast(pixels.device.type, dtype=torch.bfloat16,
+                            enabled=models.vae_bf16):
+            mu, logvar = models.vae.encode(pixels)
+        mu, logvar = mu.float(), logvar.float()
     return mu + torch.exp(0.5 * logvar) * torch.from_numpy(eps)
 
 
 def _memory_step(m: MDNRNN, z: torch.Tensor, vectors: np.ndarray, h: torch.Tensor,
                  c: torch.Tensor, restart: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """M advanced one step on [z, a(, restart)] from (h, c): the new (h, c), each (B, H)."""
-    actions = torch.from_numpy(vectors).float().unsqueeze(1)
-    flag = restart if m.shape.restart_input else None
-    _, _, (h_new, c_new) = m(z.unsqueeze(1), actions, restart=flag,
-                             state=(h.unsqueeze(0), c.unsqueeze(0)))
-    return h_new[0], c_new[0]
+    return m.advance(z, torch.from_numpy(vectors).float(), restart, h, c)
 
 
 Recorder = Callable[[dict[str, Any]], None]
@@ -139,11 +143,16 @@ Recorder = Callable[[dict[str, Any]], None]
 
 @torch.no_grad()
 def run_real(models: AgentModels, env_batch: Any, params: np.ndarray, seeds: np.ndarray,
-             record: Recorder | None = None) -> np.ndarray:
+             record: Recorder | None = None, stall_steps: int = 0, cap: int = 0
+             ) -> np.ndarray:
     """Episodes of real envs: ``params`` (P, n), ``seeds`` (P, R) -> returns (P, R).
 
     ``env_batch`` must hold P * R envs. ``record`` (for videos) is called every step with
-    the first env's frame, z and V's reconstruction.
+    the first env's frame, z and V's reconstruction. ``stall_steps`` > 0 ends an episode
+    after that many steps in a row without a positive reward (CarRacing: no new tile) and
+    charges the steps it had left, up to ``cap``, at its mean reward over the stall (on
+    CarRacing's grass the -0.1 of every frame, so the return is the one the whole episode
+    would have had if the car never found the road again); 0 leaves episodes as they are.
     """
     if models.vae is None:
         raise WmlabError("real-env rollouts need V: load the run's vision model")
@@ -161,22 +170,57 @@ def run_real(models: AgentModels, env_batch: Any, params: np.ndarray, seeds: np.
     restart = torch.ones(batch, 1)
     returns = np.zeros(batch, dtype=np.float64)
     running = np.ones(batch, dtype=bool)
+    stall = _Stall(batch, stall_steps, cap) if stall_steps > 0 else None
     z = torch.zeros(batch, m.shape.z_dim)
     while running.any():
-        rows = np.flatnonzero(running)
+        every = bool(running.all())
+        rows = slice(None) if every else np.flatnonzero(running)
         # Only running envs are encoded and advanced: finished ones keep their last state.
-        z[rows] = _sample_z(vae, obs[rows], noise.next()[rows], models.vae_bf16)
+        z[rows] = _sample_z(models, obs if every else obs[rows], noise.next()[rows])
         _, env_actions, vectors = _act(models, theta, z, h, c, members,
                                        env_batch.masks)
         if record is not None and running[0]:
             record({"frame": obs[0], "z": z[0].clone(), "vae": vae})
         obs, rewards, terminated, truncated = env_batch.step(env_actions)
         returns += np.where(running, rewards, 0.0)
-        h[rows], c[rows] = _memory_step(m, z[rows], vectors[rows], h[rows], c[rows],
-                                        restart[rows])
+        if every:
+            h, c = _memory_step(m, z, vectors, h, c, restart)
+        else:
+            h[rows], c[rows] = _memory_step(m, z[rows], vectors[rows], h[rows], c[rows],
+                                            restart[rows])
         restart.zero_()
         running = running & ~(terminated | truncated)
+        if stall is not None:
+            stalled = stall.update(rewards, running)
+            if stalled.size:
+                returns[stalled] += stall.charge(stalled)
+                env_batch.end(stalled)
+                running[stalled] = False
     return returns.reshape(members, per_member)
+
+
+class _Stall:
+    """Per env: steps since its last positive reward, and what those steps paid."""
+
+    def __init__(self, batch: int, limit: int, cap: int) -> None:
+        self.limit, self.cap = limit, cap
+        self.steps = np.zeros(batch, dtype=np.int64)  # steps taken in the episode
+        self.since = np.zeros(batch, dtype=np.int64)
+        self.paid = np.zeros(batch, dtype=np.float64)  # rewards summed since then
+
+    def update(self, rewards: np.ndarray, running: np.ndarray) -> np.ndarray:
+        """Count one step of the envs that were running; the ids that have now stalled."""
+        # the envs still running took this step (those that just ended no longer count)
+        self.steps += running
+        progress = rewards > 0
+        self.since = np.where(progress, 0, self.since + running)
+        self.paid = np.where(progress, 0.0, self.paid + np.where(running, rewards, 0.0))
+        return np.flatnonzero(running & (self.since >= self.limit))
+
+    def charge(self, ids: np.ndarray) -> np.ndarray:
+        """The reward of the steps ``ids`` had left, at their mean over the stall."""
+        left = np.maximum(self.cap - self.steps[ids], 0)
+        return self.paid[ids] / self.since[ids] * left
 
 
 @torch.no_grad()
@@ -230,6 +274,8 @@ class RolloutWorkload:
     done_weight: float = 1.0  # mdrnn.done_weight, undone by done_mode "sample"
     done_bias: float = 0.0  # dream.done_bias, added to the done logit
     vae_bf16: bool = False  # vae.bf16 where the hardware runs it: V as in the encode stage
+    packed_encoder: bool = False  # controller.packed_encoder: V's encoder packed for acting
+    stall_steps: int = 0  # es.stall_steps: end real episodes that stopped scoring; 0 = off
 
     def load(self) -> AgentModels:
         from wmlab.checkpoint import load_checkpoint
@@ -246,7 +292,7 @@ class RolloutWorkload:
         # silent: every worker builds this, and the encode stage has said it once already
         bf16 = resolve_bf16(self.vae_bf16, torch.device("cpu"), log=lambda message: None)
         return build_models(get_spec(self.env), mdrnn, vae, self.features, self.hidden,
-                            self.bias, start, bf16)
+                            self.bias, start, bf16, self.packed_encoder)
 
     def build(self) -> RolloutRunner:
         return RolloutRunner(self, self.load())
@@ -275,7 +321,9 @@ class RolloutRunner:
                              self.workload.max_steps, self.workload.precision,
                              self.workload.done_mode, self.workload.done_weight,
                              self.workload.done_bias)
-        return run_real(self.models, self.env_batch(seeds.size), params, seeds)
+        cap = self.workload.max_steps or self.models.spec.max_steps
+        return run_real(self.models, self.env_batch(seeds.size), params, seeds,
+                        stall_steps=self.workload.stall_steps, cap=cap)
 
     def close(self) -> None:
         for batch in self.env_batches.values():
@@ -300,7 +348,8 @@ def workload_from_config(cfg: Any, kind: str | None = None, backend: str | None 
         max_steps=cfg.dream.max_steps if dream else cfg.env.max_steps, tau=cfg.dream.tau,
         precision=cfg.dream.precision, done_mode=cfg.dream.done,
         done_weight=cfg.mdrnn.done_weight, done_bias=dream_done_bias(cfg) if dream else 0.0,
-        vae_bf16=cfg.vae.bf16)
+        vae_bf16=cfg.vae.bf16, packed_encoder=cfg.controller.packed_encoder,
+        stall_steps=cfg.es.stall_steps if kind == "real" else 0)
 
 
 class AgentPolicy:
@@ -348,7 +397,7 @@ class AgentPolicy:
         models, m = self.models, self.models.mdrnn
         eps = np.stack([rng.standard_normal(m.shape.z_dim, dtype=np.float32)
                         for rng in self._rngs])
-        z = _sample_z(models.vae, frames, eps, models.vae_bf16)
+        z = _sample_z(models, frames, eps)
         raw, _, vectors = _act(models, self.theta, z, self.h, self.c, 1)
         self.h, self.c = _memory_step(m, z, vectors, self.h, self.c, self.restart)
         self.restart.zero_()

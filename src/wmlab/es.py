@@ -34,6 +34,7 @@ have drawn.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import math
 import pickle
@@ -54,6 +55,7 @@ from wmlab.metrics import MetricsLogger
 STATE_FILE = "es-state.pkl"
 MEAN_WEIGHTS = "controller"
 BEST_WEIGHTS = "best"
+SNAPSHOTS = "snapshots"  # every scored mean: snapshots/g<generation>
 SEED_RANGE = 2**31 - 1  # seeds every backend accepts (EnvPool needs int32)
 
 
@@ -192,11 +194,14 @@ def run_es(fitness: Fitness, num_params: int, es: EsConfig, folder: str, *, seed
            info: dict[str, Any] | None = None, progress: bool = True,
            stop_after_generations: int | None = None,
            on_generation: Callable[[int, dict[str, float]], None] | None = None,
-           dream_fitness: Fitness | None = None) -> EsResult:
+           dream_fitness: Fitness | None = None,
+           score_fitness: Fitness | None = None) -> EsResult:
     """Run (or resume) CMA-ES until ``es.generations``; checkpoints in ``folder``.
 
     With ``es.dream_generations`` = N > 0, generations 1..N score members with
-    ``dream_fitness`` and the rest with ``fitness`` (which also scores the mean throughout).
+    ``dream_fitness`` and the rest with ``fitness``. The mean is scored with
+    ``score_fitness`` (default ``fitness``): whole episodes where members' rollouts may be
+    cut short (es.stall_steps), so scored means compare like with like.
     """
     check_es_config(es)
     if es.dream_generations and dream_fitness is None:
@@ -244,8 +249,14 @@ def run_es(fitness: Fitness, num_params: int, es: EsConfig, folder: str, *, seed
                 row["in_dream"] = 1.0 if in_dream else 0.0  # which fitness the members had
             step = generation + 1
             if step % es.eval_every == 0 or step == es.generations:
-                score = score_mean(fitness, mean, fixed_seeds)
+                score = score_mean(score_fitness or fitness, mean, fixed_seeds)
                 row["eval_mean"] = score
+                # every scored mean is kept (a few KB): the controllers along the run,
+                # with their real scores, are what the dream's fidelity is measured on
+                save_checkpoint(f"{folder}/{SNAPSHOTS}", f"g{step:05d}", step,
+                                _weights(mean), None, {**(info or {}), "generation": step,
+                                                       "eval_mean": score,
+                                                       "eval_rollouts": es.eval_rollouts})
                 if state["best_score"] is None or score > state["best_score"]:
                     state.update(best_score=score, best_params=mean.copy(),
                                  best_generation=step)
@@ -288,6 +299,34 @@ def load_controller_params(folder: str) -> tuple[np.ndarray, dict[str, Any]]:
     if "params" not in ckpt.weights:
         raise WmlabError(f"{folder}/{name} is not a controller checkpoint (no 'params')")
     return ckpt.weights["params"].double().numpy(), {**ckpt.info, "source": f"{folder}/{name}"}
+
+
+@dataclass
+class Snapshot:
+    """The mean of the search distribution at one scoring, and its score on the fixed
+    seeds the run scores every mean on."""
+
+    generation: int
+    params: np.ndarray
+    eval_mean: float
+
+
+def load_snapshots(folder: str) -> list[Snapshot]:
+    """Every scored mean of the CMA-ES run in ``folder``, in generation order."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(f"{folder.rstrip('/')}/{SNAPSHOTS}")
+    if not fs.exists(path):
+        return []
+    names = sorted(p.rsplit("/", 1)[-1][:-5] for p in fs.ls(path, detail=False)
+                   if p.endswith(".json"))
+    out = []
+    for name in names:
+        ckpt = load_checkpoint(f"{folder.rstrip('/')}/{SNAPSHOTS}", name, with_state=False)
+        out.append(Snapshot(int(ckpt.info["generation"]),
+                            ckpt.weights["params"].double().numpy(),
+                            float(ckpt.info["eval_mean"])))
+    return sorted(out, key=lambda snap: snap.generation)
 
 
 def _bar(progress: bool, start: int, total: int) -> Any:
@@ -402,13 +441,19 @@ def train_controller(cfg: Any, *, progress: bool = True,
                                                  cfg.es.timeout, cfg.es.job_members,
                                                  cfg.es.ray_address))
 
+        scorer = None
         if fitness is None:
             fitness = evaluator(workload)
+            if cfg.es.stall_steps and workload.kind == "real":
+                # members' rollouts may end when they stop scoring; the mean is scored on
+                # whole episodes, by workers of its own (idle between scorings)
+                scorer = evaluator(dataclasses.replace(workload, stall_steps=0))
         # the dream's workers load M only; they sit idle once the real generations start
         dream = evaluator(workload_from_config(cfg, "dream")) if mixed else None
         return run_es(fitness, models.shape.num_params, cfg.es, folder,
                       seed=cfg.run.seed, info=info, progress=progress,
-                      stop_after_generations=stop_after_generations, dream_fitness=dream)
+                      stop_after_generations=stop_after_generations, dream_fitness=dream,
+                      score_fitness=scorer)
 
 
 def check_dream_heads(shape: Any, dream_generations: int, survival_reward: bool = False

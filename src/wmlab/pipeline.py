@@ -22,6 +22,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +34,12 @@ import fsspec
 from wmlab.config import Config
 from wmlab.errors import WmlabError
 from wmlab.fsio import atomic_write_bytes
+from wmlab.machine import cpu_description, cpu_seconds
 from wmlab.runs import prepare_run_dir
+
+# How often a running stage writes its compute so far into its record: a stage killed
+# between two beats loses at most this much of its count.
+HEARTBEAT_SECONDS = 30.0
 
 # Keys that change how fast or where a stage runs, never what it produces.
 NEUTRAL_KEYS = frozenset({
@@ -86,7 +92,9 @@ EXTENDABLE_KEYS = frozenset({"mdrnn.steps", "es.generations"})
 LATER_KEYS: dict[str, Any] = {"es.dream_generations": 0, "es.covariance": "full",
                                "collect.fixed_fraction": 0.0, "vae.width": 32,
                                "dream.done_bias": 0.0, "mdrnn.bf16": False,
-                               "dream.fit_done_bias": False}
+                               "dream.fit_done_bias": False, "es.stall_steps": 0,
+                               "controller.packed_encoder": False,
+                               "eval.fidelity_dreams": 0}
 
 
 def _hash(value: Any) -> str:
@@ -259,19 +267,23 @@ class Pipeline:
             status = "ran"
         self.log(f"[{stage.name}] {stage.description}")
         started_at = _now()
-        self._write_record(stage.name, {"stage": stage.name, "input": expected,
-                                        "extent": extent, "status": "running",
-                                        "started": started_at})
-        started = time.monotonic()
-        summary = stage.run(self.cfg, self.progress)
-        seconds = time.monotonic() - started
+        # Compute is counted over the stage's own attempts (a resumed or extended stage
+        # adds to what it had; one started again begins at zero), never across pauses.
+        earlier = _attempts(record) if record and status in (
+            "resumed", "extended", "repaired") else []
+        base = {"stage": stage.name, "input": expected, "extent": extent}
+        clock = _StageClock(started_at, earlier, lambda compute: self._write_record(
+            stage.name, {**base, "status": "running", "started": started_at, **compute}))
+        with clock:
+            summary = stage.run(self.cfg, self.progress)
+        seconds = clock.seconds
         output = stage.output(self.cfg)
         if output is None:
             raise WmlabError(f"stage '{stage.name}' finished without its outputs: see the "
                              "messages above")
-        self._write_record(stage.name, {"stage": stage.name, "input": expected,
-                                        "extent": extent, "status": "done", "output": output,
-                                        "started": started_at, "finished": _now(), "seconds": round(seconds, 2),
+        self._write_record(stage.name, {**base, "status": "done", "output": output,
+                                        "started": started_at, "finished": _now(),
+                                        "seconds": round(seconds, 2), **clock.compute(),
                                         "summary": summary})
         return StageResult(stage.name, status, seconds, summary)
 
@@ -286,6 +298,55 @@ class Pipeline:
         target = f"{self.root}/trash/{stage.folder.replace('/', '_')}-{stamp}"
         self.fs.makedirs(f"{self.root}/trash", exist_ok=True)
         self.fs.mv(source, target, recursive=True)
+
+
+def _attempts(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The attempts a stage record counts (a record from before attempts were kept: its
+    one timed invocation)."""
+    if "attempts" in record:
+        return list(record["attempts"])
+    return [{"seconds": record["seconds"]}] if "seconds" in record else []
+
+
+class _StageClock:
+    """Times one attempt of a stage (wall-clock and CPU seconds) and, while it runs, has
+    ``write`` record the compute so far every HEARTBEAT_SECONDS, so a killed attempt still
+    counts up to its last beat."""
+
+    def __init__(self, started: str, earlier: list[dict[str, Any]],
+                 write: Callable[[dict[str, Any]], None]) -> None:
+        self.started, self.earlier, self.write = started, earlier, write
+        self._began = time.monotonic()
+        self._cpu_began = cpu_seconds()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+        self.seconds = 0.0
+
+    def __enter__(self) -> _StageClock:
+        self._began, self._cpu_began = time.monotonic(), cpu_seconds()
+        self.write(self.compute())
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.seconds = time.monotonic() - self._began
+        self._stop.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            self.write(self.compute())
+
+    def compute(self) -> dict[str, Any]:
+        """{"compute_seconds", "cpu_seconds", "cpu", "attempts"} with this attempt so far."""
+        seconds = self.seconds or time.monotonic() - self._began
+        attempt = {"started": self.started, "seconds": round(seconds, 2),
+                   "cpu_seconds": round(cpu_seconds() - self._cpu_began, 2),
+                   "cpu": cpu_description()}
+        attempts = [*self.earlier, attempt]
+        return {"compute_seconds": round(sum(a.get("seconds", 0.0) for a in attempts), 2),
+                "cpu_seconds": round(sum(a.get("cpu_seconds", 0.0) for a in attempts), 2),
+                "cpu": cpu_description(), "attempts": attempts}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,6 +535,12 @@ def _run_evaluate(cfg: Config, progress: bool) -> dict[str, Any]:
         if not paired.clearly_better:
             summary["hint"] = not_learned_hint(cfg)
             print(f"  {summary['hint']}")
+    if cfg.eval.fidelity_dreams and cfg.es.fitness == "real":
+        from wmlab.fidelity import measure_fidelity
+
+        fidelity = measure_fidelity(cfg, cfg.eval.fidelity_dreams)
+        summary["fidelity"] = fidelity.line()
+        print(f"  {fidelity.line()}")
     if cfg.es.fitness == "dream":
         dream = evaluate_controller(cfg, where="dream")
         summary["dream"] = dream.line()

@@ -538,7 +538,7 @@ class AgentSession(RealtimeSession):
     def _observe(self) -> None:
         from wmlab.agent import _sample_z
 
-        self.z = _sample_z(self.models.vae, self.obs, self.noise.next(), self.models.vae_bf16)
+        self.z = _sample_z(self.models, self.obs, self.noise.next())
         self._picture = self._compose()
         if self.recording:
             self.pictures.append(self._picture)

@@ -398,6 +398,25 @@ def plot_learning_curve(rows: list[dict[str, float]], title: str) -> bytes:
     return _png(fig)
 
 
+def plot_fidelity(fidelity: Any) -> bytes:
+    """Each controller's dream return against its real return, the diagonal for reference."""
+    fig, (ax,) = _figure(1, 4.6, 4.0)
+    real = [row.real for row in fidelity.rows]
+    dream = [row.dream for row in fidelity.rows]
+    ax.scatter(dream, real, s=18)
+    for row in fidelity.rows:
+        if not row.controller.startswith("generation"):
+            ax.annotate(row.controller, (row.dream, row.real), fontsize=7)
+    low, high = min(real + dream), max(real + dream)
+    ax.plot([low, high], [low, high], color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xlabel("dream return")
+    ax.set_ylabel("real return")
+    ax.set_title(f"dream fidelity: rank correlation {fidelity.rank_correlation:+.2f}",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
 def plot_compare(curves: list[tuple[str, list[float], list[float]]]) -> bytes:
     fig, (ax,) = _figure(1, width=7.5, height=4.2)
     for label, xs, ys in curves:
@@ -566,6 +585,8 @@ class _Builder:
         calibration = self._first_existing(["memory/calibration.json", "dream/calibration.json"])
         if calibration is not None:
             section.blocks.extend(self.calibration_blocks(calibration))
+        if self.run.exists("eval/fidelity.json"):
+            section.blocks.extend(self.fidelity_blocks("eval/fidelity.json"))
         dream = self._first_existing(["memory/dream.gif", "dream/dream.gif"]) or _newest(
             [p for p in self.run.glob("dream/*.gif") if "compare" not in p])
         if dream is None:
@@ -607,6 +628,27 @@ class _Builder:
         if warning:
             blocks.append(Text(f"Warning: {warning}.", True))
         return blocks
+
+    def fidelity_blocks(self, rel: str) -> list[Block]:
+        from wmlab.fidelity import Fidelity
+
+        try:
+            fidelity = Fidelity.from_json(self.run.read_text(rel))
+        except (ValueError, KeyError, TypeError):
+            return [Text(f"{rel} is damaged or in an unknown format.", True)]
+        head = (f"Dream fidelity ({rel}): controllers along the real-env CMA-ES run, the zero "
+                f"controller and a random one, each on the same {fidelity.dream_episodes} "
+                f"dreams at tau {fidelity.tau:g} and on {fidelity.real_episodes} real "
+                f"episodes. Rank correlation of dream and real returns "
+                f"**{fidelity.rank_correlation:+.2f}** (1: the dream orders controllers as "
+                f"the game does); real / dream return {fidelity.ratio:.2f}.")
+        rows = [[row.controller, f"{row.real:.1f}", f"{row.dream:.1f}",
+                 "-" if math.isnan(row.ratio) else f"{row.ratio:.2f}"]
+                for row in fidelity.rows]
+        return [Text(head), Table(["controller", "real return", "dream return",
+                                   "real / dream"], rows),
+                self.figure("dream-fidelity.png", plot_fidelity(fidelity),
+                            "dream against real returns")]
 
     def controller_section(self) -> Section:
         section = Section("C: the controller")

@@ -129,6 +129,74 @@ def _real_agent_rows(quick: bool, folder: str) -> list[dict[str, Any]]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------
+# Real rollouts against EnvPool's own rate, side by side on the same cores
+
+
+def _stepping_rate(kind: str, folder: str, envs: int, cap: int, seconds: float,
+                   packed: bool) -> tuple[int, float]:
+    """One worker (one core): env steps taken in about ``seconds`` and the time they took,
+    stepping ``envs`` EnvPool envs with random actions (``kind='random'``) or with the full
+    agent (V bf16, M, C), episode after episode, as a C stage's worker does."""
+    import dataclasses
+
+    from wmlab.agent import run_real
+    from wmlab.envs import get_spec, make_batch
+
+    torch.set_num_threads(1)
+    batch = _CountingBatch(make_batch("carracing", envs, "envpool", max_steps=cap))
+    spec = get_spec("carracing")
+    rng = np.random.default_rng(0)
+    models = params = None
+    if kind == "agent":
+        workload = dataclasses.replace(_workload(folder, "carracing", "real", cap, "envpool"),
+                                       vae_bf16=True, packed_encoder=packed)
+        models = workload.load()
+        params = _params(models.shape.num_params, envs)
+    episode, began = 0, time.perf_counter()
+    while time.perf_counter() - began < seconds:
+        seeds = np.arange(episode * envs, (episode + 1) * envs)
+        if models is not None:
+            run_real(models, batch, params, seeds[:, None])
+        else:
+            batch.reset(seeds.tolist())
+            while batch.inner.running.any():
+                batch.step(spec.to_env_action(rng.uniform(-1, 1, (envs, 3)).astype(np.float32)))
+        episode += 1
+    return batch.steps, time.perf_counter() - began
+
+
+def _stepping_rate_job(args: tuple) -> tuple[int, float]:
+    return _stepping_rate(*args)
+
+
+def _side_by_side_rows(quick: bool, folder: str) -> list[dict[str, Any]]:
+    """EnvPool alone with random actions against C's real rollouts, both as 2 worker
+    processes x 8 envs (EnvPool's best layout on 2 cores), each for the same time."""
+    import multiprocessing as mp
+
+    workers, envs = 2, 8
+    cap, seconds = (200, 20.0) if quick else (1000, 60.0)
+    cases = [("random", False, "EnvPool alone, random actions"),
+             ("agent", False, "full agent (V bf16 convolutions + M + C)"),
+             ("agent", True, "full agent, V's encoder packed (controller.packed_encoder)")]
+    rows = []
+    ctx = mp.get_context("spawn")
+    for kind, packed, what in cases:
+        jobs = [(kind, f"{folder}/{kind}-{packed}-{w}", envs, cap, seconds, packed)
+                for w in range(workers)]
+        with ctx.Pool(workers) as pool:
+            out = pool.map(_stepping_rate_job, jobs)
+        steps = sum(o[0] for o in out)
+        took = max(o[1] for o in out)
+        rows.append({"case": f"CarRacing envpool, {workers} workers x {envs} envs: {what}",
+                     "steps": steps, "seconds": took, "per_second": steps / took})
+    base = rows[0]["per_second"]
+    for row in rows[1:]:
+        row["case"] += f" = {row['per_second'] / base:.2f}x EnvPool's rate"
+    return rows
+
+
 def _dream_generation(workload, engine: str, members: int, rollouts: int, workers: int = 2,
                       warm: bool = True) -> dict[str, Any]:
     from wmlab.evaluators import Evaluator
@@ -214,7 +282,8 @@ def _ray_rows(quick: bool, folder: str) -> list[dict[str, Any]]:
 
 def run(quick: bool = True) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as folder:
-        rows = _real_agent_rows(quick, f"{folder}/car")
+        rows = _side_by_side_rows(quick, f"{folder}/side")
+        rows += _real_agent_rows(quick, f"{folder}/car")
         rows += _dream_rows(quick, f"{folder}/doom")
         rows += _compaction_rows(quick, f"{folder}/compact")
         rows += _ray_rows(quick, f"{folder}/ray")

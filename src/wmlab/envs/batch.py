@@ -85,6 +85,11 @@ class _BatchBase(ABC):
         self._started = True
         return checked
 
+    def end(self, ids: np.ndarray) -> None:
+        """End the episodes of envs ``ids`` now, as truncated: they are not stepped again
+        until the next reset (a rollout that can no longer score stops costing steps)."""
+        self._truncated[np.asarray(ids, dtype=np.int64)] = True
+
     def _check_step(self, env_actions: Any) -> None:
         if not self._started:
             raise WmlabError("call reset(seeds) on the env batch before step()")

@@ -95,13 +95,7 @@ class MDNRNN(nn.Module):
         keep = torch.ones(batch, steps, device=x.device, dtype=x.dtype) if restart is None \
             else 1.0 - restart.to(x.dtype)
         if steps == 1 and not torch.is_autocast_enabled(x.device.type):
-            # one step (an agent acting in an env): the cell itself, without oneDNN's fused
-            # LSTM, which sets up a primitive per call (3x the time at a rollout's batch sizes)
-            first = keep[:, 0].view(batch, 1)
-            lstm = self.lstm
-            h, c = torch.lstm_cell(x[:, 0], (state[0][0] * first, state[1][0] * first),
-                                   lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0,
-                                   lstm.bias_hh_l0)
+            h, c = self._cell(x[:, 0], keep[:, 0], state[0][0], state[1][0])
             hidden = h.unsqueeze(1)
             return self.read_out(hidden), hidden, (h.unsqueeze(0), c.unsqueeze(0))
         if steps == 1 or not bool((keep[:, 1:] < 1).any()):
@@ -121,6 +115,25 @@ class MDNRNN(nn.Module):
                                      lstm.bias_ih_l0 + lstm.bias_hh_l0, state[0][0].float(),
                                      state[1][0].float(), keep.float(), low)
         return self.read_out(hidden), hidden, (h.unsqueeze(0), c.unsqueeze(0))
+
+    def _cell(self, x: torch.Tensor, keep: torch.Tensor, h: torch.Tensor, c: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step for (B, inputs) from (h, c) zeroed where ``keep`` (B,) is 0: the cell
+        itself, without oneDNN's fused LSTM, which sets up a primitive per call (3x the
+        time at a rollout's batch sizes)."""
+        first = keep.view(-1, 1)
+        lstm = self.lstm
+        return torch.lstm_cell(x, (h * first, c * first), lstm.weight_ih_l0,
+                               lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0)
+
+    def advance(self, z: torch.Tensor, actions: torch.Tensor, restart: torch.Tensor,
+                h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step of an agent acting: (B, z), (B, A), restart (B, 1), (h, c) each (B, H)
+        -> the new (h, c), without the mixture head (the agent reads only h): the same
+        state as ``forward`` on one step."""
+        parts = [z, actions, restart.to(z.dtype)] if self.shape.restart_input \
+            else [z, actions]
+        return self._cell(torch.cat(parts, dim=-1), 1.0 - restart.view(-1).to(z.dtype), h, c)
 
     def read_out(self, hidden: torch.Tensor) -> MdrnnOutput:
         # the head's matmuls through oneDNN (2x MKL's sgemm on this project's CPUs); under

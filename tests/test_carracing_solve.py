@@ -1,0 +1,218 @@
+"""Issue 26: the solve profile, real rollouts at the env's speed (V's encoder packed for
+acting, M's state without its head), rollouts that end when they can no longer score."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from wmlab.agent import build_models, run_real
+from wmlab.envs import get_spec, make_batch
+from wmlab.memory.model import MDNRNN, MdrnnShape
+from wmlab.vision.model import ConvVAE, PackedEncoder, frames_to_tensor
+
+pytest.importorskip("envpool")
+
+
+@pytest.fixture
+def carracing_models():
+    torch.manual_seed(3)
+    vae = ConvVAE(32)
+    mdrnn = MDNRNN(MdrnnShape(z_dim=32, action_dim=3, hidden=32, gaussians=2,
+                              reward_head=True, done_head=True))
+
+    def build(packed: bool = False):
+        return build_models(get_spec("carracing"), mdrnn, vae, "zh", 0, True,
+                            packed_encoder=packed)
+
+    return build
+
+
+# --- V's encoder packed for acting ------------------------------------------------------------
+
+
+def test_packed_encoder_equals_the_convolutions():
+    torch.manual_seed(0)
+    vae = ConvVAE(32).eval()
+    frames = torch.randint(0, 256, (5, 64, 64, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        mu, logvar = vae.encode(frames_to_tensor(frames))
+        packed_mu, packed_logvar = PackedEncoder(vae.encoder, torch.float32)(frames)
+    # the same arithmetic in another order of float sums
+    torch.testing.assert_close(packed_mu, mu, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(packed_logvar, logvar, atol=1e-6, rtol=1e-5)
+    # bf16: as V under autocast, within bf16 rounding of the float32 result
+    with torch.no_grad():
+        low_mu, low_logvar = PackedEncoder(vae.encoder)(frames)
+    assert low_mu.dtype == torch.float32
+    scale = float(mu.abs().max())
+    assert float((low_mu - mu).abs().max()) < 0.02 * scale
+    assert float((low_mu - mu).abs().max()) > 0  # it did run in bf16
+
+
+def test_packed_encoder_reads_the_weights_once_at_build():
+    torch.manual_seed(0)
+    vae = ConvVAE(32, width=16).eval()
+    frames = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    packed = PackedEncoder(vae.encoder, torch.float32)
+    before = packed(frames)[0]
+    with torch.no_grad():
+        vae.encoder.mu.bias.add_(1.0)  # a later change to V does not reach the packed copy
+    torch.testing.assert_close(packed(frames)[0], before)
+    with torch.no_grad():
+        mu, _ = vae.encode(frames_to_tensor(frames))
+    torch.testing.assert_close(PackedEncoder(vae.encoder, torch.float32)(frames)[0], mu,
+                               atol=1e-6, rtol=1e-5)
+
+
+def test_advance_gives_the_state_of_a_forward_step():
+    torch.manual_seed(0)
+    for restart_input in (False, True):
+        m = MDNRNN(MdrnnShape(z_dim=4, action_dim=2, hidden=8, gaussians=2,
+                              restart_input=restart_input)).eval()
+        z, a = torch.randn(3, 4), torch.randn(3, 2)
+        h, c = torch.randn(3, 8), torch.randn(3, 8)
+        restart = torch.tensor([[1.0], [0.0], [1.0]])
+        with torch.no_grad():
+            flag = restart if restart_input else None
+            _, _, (h_ref, c_ref) = m(z[:, None], a[:, None], restart=flag,
+                                     state=(h[None], c[None]))
+            h_new, c_new = m.advance(z, a, restart, h, c)
+        if restart_input:
+            torch.testing.assert_close(h_new, h_ref[0], rtol=0, atol=0)
+            torch.testing.assert_close(c_new, c_ref[0], rtol=0, atol=0)
+        else:  # forward without the flag as input keeps the state; advance zeroes it
+            torch.testing.assert_close(h_new[1], h_ref[0][1], rtol=0, atol=0)
+
+
+def test_real_rollouts_with_the_packed_encoder_agree(carracing_models):
+    params = np.random.default_rng(0).normal(0, 0.1, (2, build_shape(carracing_models)))
+    seeds = np.array([[11, 12], [11, 12]])
+    with make_batch("carracing", 4, "envpool", max_steps=60) as batch:
+        plain = run_real(carracing_models(False), batch, params, seeds)
+        packed = run_real(carracing_models(True), batch, params, seeds)
+    # float32 packing changes only the order of float sums: the same driving, to a hair
+    np.testing.assert_allclose(packed, plain, atol=0.5)
+
+
+def build_shape(build) -> int:
+    return build().shape.num_params
+
+
+# --- rollouts that end when they stop scoring -------------------------------------------------
+
+
+def _parked(models) -> np.ndarray:
+    """A controller that brakes and never gives gas: the car sits still, no tile comes."""
+    shape = models.shape
+    params = np.zeros(shape.num_params, dtype=np.float32)
+    bias = params[-shape.outputs:]  # the output layer's bias comes last
+    bias[1], bias[2] = -5.0, 5.0  # gas (a1 + 1) / 2 -> 0, brake -> 1
+    return params[None]
+
+
+class _Counting:
+    def __init__(self, inner) -> None:
+        self.inner, self.steps = inner, 0
+        self.num_envs = inner.num_envs
+
+    @property
+    def masks(self):
+        return self.inner.masks
+
+    def reset(self, seeds):
+        return self.inner.reset(seeds)
+
+    def step(self, actions):
+        self.steps += int(self.inner.running.sum())
+        return self.inner.step(actions)
+
+    def end(self, ids):
+        self.inner.end(ids)
+
+
+def test_stalled_rollouts_end_and_are_charged_what_the_whole_episode_pays(carracing_models):
+    models = carracing_models()
+    parked = _parked(models)
+    mover = np.random.default_rng(1).normal(0, 0.3, parked.shape)
+    params = np.concatenate([parked, mover])
+    seeds = np.array([[21, 22], [21, 22]])
+    with make_batch("carracing", 4, "envpool", max_steps=300) as inner:
+        whole = _Counting(inner)
+        full = run_real(models, whole, params, seeds)
+        cut = _Counting(inner)
+        short = run_real(models, cut, params, seeds, stall_steps=40, cap=300)
+        never = run_real(models, inner, params, seeds, stall_steps=10_000, cap=300)
+    # the parked car earns -0.1 a frame all episode: ending it after 40 such steps and
+    # charging the 260 left at that rate gives the whole episode's return
+    np.testing.assert_allclose(short[0], full[0], atol=1e-3)
+    assert cut.steps < whole.steps - 2 * 200
+    # a limit never reached changes nothing, to the last bit
+    np.testing.assert_array_equal(never, full)
+
+
+# --- the dream's fidelity ---------------------------------------------------------------------
+
+
+def test_rank_correlation():
+    from wmlab.fidelity import average_ranks, rank_correlation
+
+    assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert rank_correlation([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert rank_correlation([1, 2, 3, 4], [1, 100, 2, 3]) == pytest.approx(0.4)
+    np.testing.assert_array_equal(average_ranks([5, 1, 5, 2]), [3.5, 1, 3.5, 2])
+    assert np.isnan(rank_correlation([1, 2], [1, 2]))  # too few to rank
+    assert np.isnan(rank_correlation([1, 2, 3], [7, 7, 7]))  # no order to agree with
+
+
+class _SameDreams:
+    """A fitness that plays every member on the same fixed seeds, whatever it is given: a
+    deterministic function of the controller, so two of them agree exactly."""
+
+    def __init__(self, inner, seeds, scale: float = 1.0) -> None:
+        self.inner, self.seeds, self.scale = inner, np.asarray(seeds), scale
+
+    def evaluate(self, params, seeds):
+        rows = np.repeat(self.seeds[None], len(params), axis=0)
+        return self.scale * self.inner.evaluate(params, rows)
+
+
+def test_a_dream_that_copies_the_game_ranks_controllers_perfectly(tmp_path, one_thread):
+    """A tiny M (survival depends on the action) trained on by CMA-ES: its scored means are
+    the controllers; a 'game' that is the same dream ranks them exactly as the dream."""
+    import json
+
+    from agent_fixtures import make_run
+    from wmlab.agent import workload_from_config
+    from wmlab.es import controller_dir, load_snapshots, run_es
+    from wmlab.evaluate import eval_dir
+    from wmlab.evaluators import Evaluator
+    from wmlab.fidelity import measure_fidelity
+
+    cfg = make_run(tmp_path, overrides=("es.population=16", "es.rollouts=2",
+                                        "es.generations=6", "es.eval_every=1",
+                                        "es.eval_rollouts=4", "es.sigma0=0.5",
+                                        "dream.max_steps=30"))
+    with Evaluator(workload_from_config(cfg, "dream"), "serial") as dream:
+        game = _SameDreams(dream, [1, 2, 3])
+        n = dream.engine.runner.models.shape.num_params
+        run_es(game, n, cfg.es, controller_dir(cfg), seed=0, progress=False)
+        snapshots = load_snapshots(controller_dir(cfg))
+        assert [s.generation for s in snapshots] == [1, 2, 3, 4, 5, 6]
+        same = measure_fidelity(cfg, 3, real=game, dream=game)
+        flattering = measure_fidelity(cfg, 3, real=game, dream=_SameDreams(dream, [1, 2, 3],
+                                                                           scale=2.0))
+    names = [row.controller for row in same.rows]
+    assert names == [f"generation {g}" for g in range(1, 7)] + ["zero", "random"]
+    returns = [row.real for row in same.rows]
+    assert len(set(returns)) > 2  # controllers that differ, or ranking proves nothing
+    assert same.rank_correlation == pytest.approx(1.0)
+    assert same.ratio == pytest.approx(1.0)
+    # a dream that pays twice the game's returns: the same order, half the ratio
+    assert flattering.rank_correlation == pytest.approx(1.0)
+    assert flattering.ratio == pytest.approx(0.5)
+    saved = json.loads((Path(eval_dir(cfg)) / "fidelity.json").read_text())
+    assert saved["ratio"] == pytest.approx(0.5) and len(saved["rows"]) == 8
