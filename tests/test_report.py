@@ -137,7 +137,7 @@ def test_report_of_a_finished_run_has_every_section_and_picture(tmp_path):
     # C: the best scored mean and where it was found
     assert "| best scored mean | 250 (generation 10) |" in md
     assert "| generations | 20 |" in md
-    assert "| vision | done | 12.3 s | then |" in md  # the pipeline's stage records
+    assert "| vision | done | 12.3 s | - | - | then |" in md  # the pipeline's stage records
     # evaluation: this run's score beside every published Doom number
     assert "| eval-vizdoom-3 | 200 +- 81.65 | 3 | vizdoom |" in md
     for score in PUBLISHED["doom"]:
@@ -148,11 +148,11 @@ def test_report_of_a_finished_run_has_every_section_and_picture(tmp_path):
     # figures written as PNGs and every picture inline in the page
     names = {Path(p).name for p in paths.figures}
     assert names == {"data.png", "vision-losses.png", "memory-losses.png",
-                     "controller-progress.png"}
+                     "controller-progress.png", "compute-curve.png"}
     for figure in paths.figures:
         assert Path(figure).read_bytes().startswith(PNG_MAGIC)
     pngs = embedded(page, "image/png")
-    assert len(pngs) == 5 and all(p.startswith(PNG_MAGIC) for p in pngs)
+    assert len(pngs) == 6 and all(p.startswith(PNG_MAGIC) for p in pngs)
     assert png(200) in pngs  # the newest reconstruction, byte for byte
     gifs = embedded(page, "image/gif")
     assert sorted(len(iio.imread(g, index=None)) for g in gifs) == [3, 4]
@@ -262,3 +262,61 @@ def test_gif_bytes_keeps_every_frame_and_its_colours():
         for index, frame in enumerate(frames):  # 12 colours: the shared palette is exact
             gif.seek(index)
             assert np.array_equal(np.asarray(gif.convert("RGB")), frame)
+
+
+def test_stages_in_pipeline_order_with_their_compute_and_the_curve_per_hour(tmp_path):
+    from wmlab.report import RunFiles, compute_curve
+
+    run = new_run(tmp_path)
+    fill_run(run)
+    stages = Path(run) / "stages"
+    cpu = {"model": "Some CPU", "cores": 2, "flags": ["avx2"]}
+    for name, seconds in (("memory", 1800.0), ("collect", 600.0)):
+        (stages / f"{name}.json").write_text(json.dumps(
+            {"stage": name, "status": "done", "seconds": 60.0, "compute_seconds": seconds,
+             "cpu": cpu, "attempts": [{"seconds": seconds / 2}, {"seconds": seconds / 2}],
+             "finished": "now"}))
+    (stages / "evaluate.json").write_text(json.dumps(
+        {"stage": "evaluate", "status": "done", "seconds": 360.0}))
+    metrics = Path(run) / "controller" / "metrics.csv"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0] + ",seconds"] + [f"{x},360" for x in lines[1:]]))
+    # a second iteration: its own data and M, then its own C
+    second = Path(run) / "iterations" / "2"
+    (second / "stages").mkdir(parents=True)
+    (second / "controller").mkdir()
+    (second / "stages" / "memory.json").write_text(json.dumps(
+        {"stage": "memory", "status": "done", "compute_seconds": 3600.0}))
+    (second / "controller" / "metrics.csv").write_text("step,eval_mean,seconds\n1,400,1800\n")
+    md = Path(write_report(run).markdown).read_text()
+    order = [md.index(f"| {name} | done") for name in ("collect", "vision", "memory",
+                                                       "evaluate")]
+    assert order == sorted(order)
+    assert "| memory | done | 30.0 min | 2 | Some CPU | now |" in md
+    assert "in all" in md and "compute-curve.png" in md
+    curves = compute_curve([("first", RunFiles(run)), ("second", RunFiles(str(second)))])
+    (label, hours, scores), (label2, hours2, scores2) = curves
+    # C's 5th generation comes after collect, V and M (2,412 s) and five of its own
+    assert hours[0] == pytest.approx((600 + 12.34 + 1800 + 5 * 360) / 3600)
+    assert scores == [155.0, 250.0, 165.0, 170.0]
+    # iteration 2 starts where iteration 1 ended: its C, its evaluation, its own M
+    end_of_first = 600 + 12.34 + 1800 + 20 * 360 + 360
+    assert hours2 == [pytest.approx((end_of_first + 3600 + 1800) / 3600)]
+    assert scores2 == [400.0] and label2 == "second"
+
+
+def test_the_dream_fidelity_table_sits_beside_the_calibration(tmp_path):
+    from wmlab.fidelity import compare
+
+    run = new_run(tmp_path)
+    fill_run(run)
+    fidelity = compare({"generation 5": 300.0, "zero": -80.0, "random": -50.0},
+                       {"generation 5": 250.0, "zero": -90.0, "random": -95.0},
+                       tau=1.1, real_episodes=32, dream_episodes=64)
+    Path(f"{run}/eval/fidelity.json").write_text(fidelity.to_json())
+    paths = write_report(run)
+    md = Path(paths.markdown).read_text()
+    assert "Rank correlation of dream and real returns **+0.50**" in md
+    assert "| generation 5 | 300.0 | 250.0 | 1.20 |" in md
+    assert md.index("Dream calibration") < md.index("Dream fidelity") < md.index("## C:")
+    assert "dream-fidelity.png" in {Path(p).name for p in paths.figures}

@@ -94,6 +94,13 @@ PUBLISHED_SETTING: dict[str, str] = {
     "binpacking": "bin packing, capacity 30, perfectly packable item distribution",
 }
 
+# The published compute behind a score, in hours of a 2-core machine (SPEC.md section 7:
+# ~200 generations, ~4 days on 64 cores, gave ~890), and each task's "solved" line.
+PUBLISHED_COMPUTE: dict[str, tuple[float, float, str]] = {
+    "carracing": (4 * 24 * 64 / 2, 890.0, "paper: ~890 after ~4 days of 64 cores"),
+}
+SOLVED: dict[str, float] = {"carracing": 900.0, "doom": 750.0}
+
 # What to run to produce each stage's outputs, for the "not run yet" notes.
 STAGE_COMMANDS: dict[str, str] = {
     "collect": "wmlab collect",
@@ -398,6 +405,65 @@ def plot_learning_curve(rows: list[dict[str, float]], title: str) -> bytes:
     return _png(fig)
 
 
+# Stages whose compute comes before C's first generation (the x offset of C's curve).
+UPSTREAM_STAGES = ("collect", "vision", "encode", "memory")
+
+
+def stage_compute(run: RunFiles, name: str) -> float:
+    """A stage's compute over its attempts (seconds; 0 when it has no record)."""
+    if not run.exists(f"stages/{name}.json"):
+        return 0.0
+    try:
+        record = json.loads(run.read_bytes(f"stages/{name}.json"))
+        return float(record.get("compute_seconds", record.get("seconds", 0.0)) or 0.0)
+    except (ValueError, TypeError, AttributeError):
+        return 0.0
+
+
+def compute_curve(runs: list[tuple[str, RunFiles]]) -> list[tuple[str, list[float],
+                                                                  list[float]]]:
+    """Per run (iterations after each other): the scored means against the hours of
+    compute spent so far, every earlier stage and iteration included. The evaluate and
+    report stages of an iteration count before the next iteration starts."""
+    curves, spent = [], 0.0
+    for label, run in runs:
+        spent += sum(stage_compute(run, name) for name in UPSTREAM_STAGES)
+        rows = read_metrics(run, "controller/metrics.csv") \
+            if run.exists("controller/metrics.csv") else []
+        hours, scores, elapsed = [], [], spent
+        for row in rows:
+            elapsed += row.get("seconds", 0.0)
+            if "eval_mean" in row and elapsed > 0:  # (a log axis: no point at hour 0)
+                hours.append(elapsed / 3600)
+                scores.append(row["eval_mean"])
+        if hours:
+            curves.append((label, hours, scores))
+        spent = elapsed + stage_compute(run, "evaluate") + stage_compute(run, "report")
+    return curves
+
+
+def plot_compute_curve(curves: list[tuple[str, list[float], list[float]]],
+                       published: tuple[float, float, str] | None, solved: float | None
+                       ) -> bytes:
+    """Scored means against hours of compute on this machine (log axis), with the paper's
+    compute and score marked where known."""
+    fig, (ax,) = _figure(1, width=7.5, height=4.2)
+    for label, hours, scores in curves:
+        ax.plot(hours, scores, "o-", markersize=3, label=label)
+    if published is not None:
+        hours, score, text = published
+        ax.plot([hours], [score], "*", color="black", markersize=10, label=text)
+    if solved is not None:
+        ax.axhline(solved, color="grey", linestyle="--", linewidth=0.8, label="solved")
+    ax.set_xscale("log")
+    ax.set_xlabel("hours of compute on this machine, every stage before included")
+    ax.set_ylabel("scored mean (fixed seeds)")
+    ax.set_title("C's learning curve per hour of compute", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="best")
+    return _png(fig)
+
+
 def plot_fidelity(fidelity: Any) -> bytes:
     """Each controller's dream return against its real return, the diagonal for reference."""
     fig, (ax,) = _figure(1, 4.6, 4.0)
@@ -650,7 +716,7 @@ class _Builder:
                 self.figure("dream-fidelity.png", plot_fidelity(fidelity),
                             "dream against real returns")]
 
-    def controller_section(self) -> Section:
+    def controller_section(self, runs: list[tuple[str, RunFiles]] | None = None) -> Section:
         section = Section("C: the controller")
         rows = self.metrics("controller/metrics.csv")
         if rows is None:
@@ -678,6 +744,16 @@ class _Builder:
         section.blocks.append(self.figure("controller-progress.png",
                                           plot_learning_curve(rows, title),
                                           "C's learning curve"))
+        curves = compute_curve(runs or [("this run", self.run)])
+        if curves:
+            key = env_key(self.cfg) if self.cfg is not None else None
+            section.blocks.append(Text("The scored means against the compute spent to reach "
+                                       "them (every stage before C included, iterations "
+                                       "one after another):"))
+            section.blocks.append(self.figure(
+                "compute-curve.png", plot_compute_curve(
+                    curves, PUBLISHED_COMPUTE.get(key or ""), SOLVED.get(key or "")),
+                "scored mean against hours of compute"))
         return section
 
     def evaluation_section(self, runs: list[tuple[str, RunFiles]]) -> Section:
@@ -752,19 +828,29 @@ class _Builder:
         records = self.run.glob("stages/*.json")
         if not records:
             return None
-        rows = []
+        found: dict[str, dict[str, Any]] = {}
         for rel in records:
             try:
                 record = json.loads(self.run.read_bytes(rel))
             except (ValueError, UnicodeDecodeError):
                 continue
-            if not isinstance(record, dict):
-                continue
-            seconds = record.get("seconds")
-            rows.append([str(record.get("stage", rel)), str(record.get("status", "?")),
-                         f"{seconds:.1f} s" if isinstance(seconds, (int, float)) else "-",
-                         str(record.get("finished", "-"))])
-        return Section("Pipeline", [Table(["stage", "status", "took", "finished"], rows)])
+            if isinstance(record, dict):
+                found[str(record.get("stage", rel))] = record
+        order = {name: i for i, name in enumerate(STAGE_ORDER)}
+        rows = []
+        for name in sorted(found, key=lambda n: (order.get(n, len(order)), n)):
+            record = found[name]
+            compute = record.get("compute_seconds", record.get("seconds"))
+            cpu = record.get("cpu") or {}
+            rows.append([name, str(record.get("status", "?")), _duration(compute),
+                         str(len(record.get("attempts", [])) or "-"),
+                         str(cpu.get("model", "-")), str(record.get("finished", "-"))])
+        total = sum(float(r.get("compute_seconds", r.get("seconds", 0.0)) or 0.0)
+                    for r in found.values())
+        return Section("Pipeline", [
+            Text(f"Compute of each stage over its own attempts (pauses between sessions "
+                 f"not counted): {_duration(total)} in all."),
+            Table(["stage", "status", "compute", "attempts", "CPU", "finished"], rows)])
 
     def _first_existing(self, rels: list[str]) -> str | None:
         return next((rel for rel in rels if self.run.exists(rel)), None)
@@ -816,6 +902,19 @@ def versus_random_line(run: RunFiles, cfg: Config) -> str | None:
         found.append(data)
     paired = versus_random(*found)
     return None if paired is None else paired.line()
+
+
+# The pipeline's stages in the order they run (the report lists them so).
+STAGE_ORDER = ("collect", "vision", "encode", "memory", "controller", "evaluate", "report")
+
+
+def _duration(seconds: Any) -> str:
+    """Seconds as '42.0 s', '12.5 min' or '3.20 h'."""
+    if not isinstance(seconds, (int, float)):
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.2f} h"
 
 
 def _score(mean: float | None, std: float | None) -> str:
@@ -961,7 +1060,7 @@ def write_report(run_dir: str, compare: Iterable[str] = (), *, title: str | None
     if stages is not None:
         sections.append(stages)
     sections += [builder.data_section(), builder.vision_section(), builder.memory_section(),
-                 builder.controller_section(), builder.evaluation_section(runs),
+                 builder.controller_section(runs), builder.evaluation_section(runs),
                  builder.side_by_side_section()]
     if builder.missing:
         sections.insert(1, Section("Not run yet", [Text(
