@@ -216,3 +216,79 @@ def test_a_dream_that_copies_the_game_ranks_controllers_perfectly(tmp_path, one_
     assert flattering.ratio == pytest.approx(0.5)
     saved = json.loads((Path(eval_dir(cfg)) / "fidelity.json").read_text())
     assert saved["ratio"] == pytest.approx(0.5) and len(saved["rows"]) == 8
+
+
+# --- iterations one after another in one run --------------------------------------------------
+
+
+def test_later_iterations_take_their_overrides_and_keep_their_own_keys(tmp_path):
+    from wmlab.checkpoint import save_checkpoint
+    from wmlab.config import load_config
+    from wmlab.errors import ConfigError
+    from wmlab.es import controller_dir
+    from wmlab.pipeline import iteration_config
+
+    cfg = load_config("carracing", "solve", [f'run.root="{tmp_path}"', 'run.name="r"',
+                                             "run.iterations=2",
+                                             'run.later=["vae.epochs=0", "es.generations=7",'
+                                             ' "vae.init_from=elsewhere"]'])
+    save_checkpoint(controller_dir(cfg), "controller", 1,
+                    {"params": torch.zeros(3)}, None, {})
+    second = iteration_config(cfg, 2)
+    assert second.vae.epochs == 0 and second.es.generations == 7
+    assert cfg.vae.epochs == 2 and cfg.es.generations == 200  # the first is untouched
+    # what makes it the next iteration cannot be overridden
+    assert second.vae.init_from == f"{cfg.run_dir()}/vision"
+    assert second.collect.agent_run == cfg.run_dir()
+    with pytest.raises(ConfigError, match="run.later: unknown config key 'vae.epoch'"):
+        load_config("carracing", "solve", ['run.later=["vae.epoch=0"]'])
+
+
+# --- the profile and its budget ---------------------------------------------------------------
+
+# Rates measured in the solve run on the reference machine (2 cores of an Intel Xeon with
+# AVX512-BF16 and AMX; docs/results/carracing.md), per second of 2-core wall-clock:
+RATES = {"collect": 2130,       # brown-noise env steps (EnvPool, 2 workers x 8 envs)
+         "vision": 750,         # V training frames (bf16)
+         "encode": 6000,        # frames encoded
+         "memory": 12000,       # M training frame-steps (bf16, batch 32 x 999)
+         "controller": 2000,    # agent steps in C's real rollouts (packed V, 8 envs a job)
+         "gymnasium": 250}      # Gymnasium CarRacing steps with the agent (2 workers)
+
+
+def test_solve_profile_plans_within_eight_hours():
+    cfg = load_config_solve()
+    assert cfg.env.backend == "envpool" and cfg.eval.backend == "gymnasium"
+    assert cfg.eval.episodes == 100 and cfg.es.fitness == "real"
+    assert (cfg.vae.z_dim, cfg.mdrnn.hidden, cfg.controller.inputs) == (32, 256, "zh")
+    assert cfg.mdrnn.reward_head and cfg.mdrnn.done_head  # the dream needs both
+    assert cfg.controller.packed_encoder and cfg.es.stall_steps > 0
+    # 8 envs per job (EnvPool's best batch per core) and whole rounds of 2 jobs
+    assert cfg.es.job_members * cfg.es.rollouts == 8
+    assert (cfg.es.population // cfg.es.job_members) % 2 == 0
+    steps = 1000
+    frames = cfg.collect.episodes * steps
+    seconds = {
+        "collect": frames / RATES["collect"],
+        "vision": cfg.vae.epochs * 0.95 * frames / RATES["vision"],  # 5% held out
+        "encode": frames / RATES["encode"],
+        "memory": cfg.mdrnn.steps * cfg.mdrnn.batch_size * cfg.mdrnn.seq_len
+        / RATES["memory"] + 120,  # and the dream's calibration
+        # every member's rollouts run whole here: stalled ones end sooner
+        "controller": (cfg.es.generations * cfg.es.population * cfg.es.rollouts
+                       + cfg.es.generations // cfg.es.eval_every * cfg.es.eval_rollouts)
+        * steps / RATES["controller"],
+        # C and the random policy on 100 Gymnasium tracks, C on 100 EnvPool tracks, the
+        # dream's fidelity
+        "evaluate": 2 * cfg.eval.episodes * steps / RATES["gymnasium"]
+        + cfg.eval.episodes * steps / RATES["controller"] + 120,
+    }
+    total = sum(seconds.values())
+    # the first iteration leaves a quarter of the 8 hours to the next one
+    assert total < 6 * 3600, {k: round(v / 3600, 2) for k, v in seconds.items()}
+
+
+def load_config_solve():
+    from wmlab.config import load_config
+
+    return load_config("carracing", "solve")

@@ -41,6 +41,12 @@ class RunConfig:
     root: str = _opt("runs", "folder (or fsspec URL) that holds run directories")
     seed: int = _opt(0, "master seed; every stage derives its own seeds from it", min=0)
     device: str = _opt("auto", "torch device: auto (CUDA when present), cpu, cuda, cuda:N")
+    iterations: int = _opt(1, "agent generations `wmlab run` trains one after another; from "
+                           "the 2nd on, the previous one's agent collects part of the data "
+                           "(collect.agent_fraction) and V and M start from its weights",
+                           min=1, max=100)
+    later: list[str] = _opt([], "overrides (section.key=value, as --set) for iterations 2 "
+                            "and on, e.g. [\"vae.epochs=0\"] to keep the first V")
 
 
 @dataclass
@@ -382,6 +388,12 @@ def _check_consistency(cfg: Config) -> None:
     if cfg.mdrnn.lr_min > cfg.mdrnn.lr:
         raise ConfigError(f"mdrnn.lr_min ({cfg.mdrnn.lr_min}) must not exceed mdrnn.lr "
                           f"({cfg.mdrnn.lr})")
+    if cfg.run.later:  # the later iterations' overrides, checked now, not hours from now
+        probe = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, later=[]))
+        try:
+            with_overrides(probe, cfg.run.later)
+        except ConfigError as exc:
+            raise ConfigError(f"run.later: {exc}") from None
     if cfg.es.antithetic and cfg.es.population % 2:
         raise ConfigError(f"es.population ({cfg.es.population}) must be even with "
                           "es.antithetic = true")
@@ -409,6 +421,11 @@ def load_config(preset: str, profile: str = "paper",
     data = _read_profile(preset, profile)
     data = _merge(data, {"preset": preset, "profile": profile})
     return from_dict(_merge(data, overrides_to_dict(overrides)))
+
+
+def with_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """A copy of ``cfg`` with ``section.key=value`` overrides applied and checked."""
+    return from_dict(_merge(to_dict(cfg), overrides_to_dict(overrides)))
 
 
 def load_config_file(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:

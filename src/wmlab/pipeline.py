@@ -31,7 +31,7 @@ from typing import Any
 
 import fsspec
 
-from wmlab.config import Config
+from wmlab.config import Config, with_overrides
 from wmlab.errors import WmlabError
 from wmlab.fsio import atomic_write_bytes
 from wmlab.machine import cpu_description, cpu_seconds
@@ -371,6 +371,8 @@ def iteration_config(cfg: Config, iteration: int) -> Config:
                          f"trained agent, and {previous} has none: run `wmlab run` with "
                          f"--iteration {iteration - 1} first")
     new = copy.deepcopy(cfg)
+    if cfg.run.later:
+        new = with_overrides(new, cfg.run.later)
     name = cfg.run.name or f"{cfg.preset}-{cfg.profile}"
     new.run.name = f"{name}/iterations/{iteration}"
     new.collect.out = ""

@@ -18,14 +18,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         from wmlab.evaluators import check_ray_address
 
         check_ray_address(cfg.es.ray_address)  # before any stage starts
-    pipeline = Pipeline(cfg, progress=not args.no_progress, iteration=args.iteration)
-    print(f"run directory: {pipeline.run_dir}")
-    results = pipeline.run(until=args.until)
-    print("stages:")
-    print(describe_results(results))
-    report = pipeline.report_path()
-    if report:
-        print(f"report: {report}")
+    # --iteration K runs that iteration alone; without it, iterations 1..run.iterations run
+    # one after another (each resumes or skips what it has done)
+    iterations = [args.iteration] if args.iteration is not None else \
+        range(1, cfg.run.iterations + 1)
+    for iteration in iterations:
+        pipeline = Pipeline(cfg, progress=not args.no_progress, iteration=iteration)
+        print(f"run directory: {pipeline.run_dir}")
+        last = iteration == iterations[-1]
+        results = pipeline.run(until=args.until if last else None)
+        print("stages:")
+        print(describe_results(results))
+        report = pipeline.report_path()
+        if report:
+            print(f"report: {report}")
     return 0
 
 
@@ -49,8 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "controller, evaluate, report)")
     p.add_argument("--fitness", choices=("real", "dream"),
                    help="train C in the real env or in M's dream (es.fitness)")
-    p.add_argument("--iteration", type=int, default=1,
-                   help="agent generation: 2+ collects with the previous iteration's agent "
+    p.add_argument("--iteration", type=int, default=None,
+                   help="run this agent generation alone (default: 1..run.iterations, one "
+                        "after another): 2+ collects with the previous iteration's agent "
                         "(and the random policy), retrains V and M from its weights, "
                         "retrains C; runs in <run>/iterations/<k>/")
     p.add_argument("--engine", choices=("serial", "process", "ray"),
