@@ -231,7 +231,8 @@ def test_later_iterations_take_their_overrides_and_keep_their_own_keys(tmp_path)
     cfg = load_config("carracing", "solve", [f'run.root="{tmp_path}"', 'run.name="r"',
                                              "run.iterations=2",
                                              'run.later=["vae.epochs=0", "es.generations=7",'
-                                             ' "vae.init_from=elsewhere"]'])
+                                             ' "vae.init_from=elsewhere",'
+                                             ' "es.init_from=previous"]'])
     save_checkpoint(controller_dir(cfg), "controller", 1,
                     {"params": torch.zeros(3)}, None, {})
     second = iteration_config(cfg, 2)
@@ -240,6 +241,7 @@ def test_later_iterations_take_their_overrides_and_keep_their_own_keys(tmp_path)
     # what makes it the next iteration cannot be overridden
     assert second.vae.init_from == f"{cfg.run_dir()}/vision"
     assert second.collect.agent_run == cfg.run_dir()
+    assert second.es.init_from == f"{cfg.run_dir()}/controller"
     with pytest.raises(ConfigError, match="run.later: unknown config key 'vae.epoch'"):
         load_config("carracing", "solve", ['run.later=["vae.epoch=0"]'])
 
@@ -292,3 +294,20 @@ def load_config_solve():
     from wmlab.config import load_config
 
     return load_config("carracing", "solve")
+
+
+def test_cma_es_can_start_at_a_given_controller(tmp_path):
+    from wmlab.config import EsConfig
+    from wmlab.es import new_strategy, run_es
+
+    es = EsConfig(population=8, rollouts=1, generations=1, eval_every=1, eval_rollouts=1,
+                  sigma0=1e-6, l2=0.0)
+    start = np.linspace(-1, 1, 5)
+    np.testing.assert_array_equal(new_strategy(5, es, 0, start).mean, start)
+
+    class Flat:
+        def evaluate(self, params, seeds):
+            return np.zeros(len(params))
+
+    result = run_es(Flat(), 5, es, str(tmp_path), progress=False, start=start)
+    np.testing.assert_allclose(result.mean, start, atol=1e-4)  # a tiny step from there

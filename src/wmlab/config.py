@@ -166,6 +166,9 @@ class EsConfig:
                                   "mdrnn.done_head, and reward_head unless the env pays "
                                   "+1 per step alive), the rest in the real env, in one "
                                   "CMA-ES run; 0 = off", min=0)
+    init_from: str = _opt("", "controller folder whose best (else latest) controller is "
+                          "CMA-ES's initial mean; 'previous' = the previous iteration's; "
+                          "empty = zero, as the paper")
     population: int = _opt(64, "CMA-ES population", min=2)
     rollouts: int = _opt(16, "rollouts per member; fitness is their mean return", min=1)
     sigma0: float = _opt(0.1, "initial step size", min=0.0)

@@ -143,7 +143,9 @@ class SeededRandn:
         return self.rng.standard_normal(shape)
 
 
-def new_strategy(num_params: int, es: EsConfig, seed: int) -> Any:
+def new_strategy(num_params: int, es: EsConfig, seed: int, start: np.ndarray | None = None
+                 ) -> Any:
+    """A fresh CMA-ES whose mean starts at ``start`` (default: zero, as the paper)."""
     import cma
 
     options = {"popsize": es.population, "randn": SeededRandn(seed), "verbose": -9,
@@ -155,7 +157,8 @@ def new_strategy(num_params: int, es: EsConfig, seed: int) -> Any:
         # sample: 600 MB a generation for BinPacking's 8,670-parameter controller.
         options["CMA_diagonal"] = True
     with numpy_seeded(seed, 17):
-        return cma.CMAEvolutionStrategy(np.zeros(num_params), es.sigma0, options)
+        x0 = np.zeros(num_params) if start is None else np.asarray(start, dtype=np.float64)
+        return cma.CMAEvolutionStrategy(x0, es.sigma0, options)
 
 
 def score_mean(fitness: Fitness, mean: np.ndarray, seeds: np.ndarray) -> float:
@@ -195,13 +198,15 @@ def run_es(fitness: Fitness, num_params: int, es: EsConfig, folder: str, *, seed
            stop_after_generations: int | None = None,
            on_generation: Callable[[int, dict[str, float]], None] | None = None,
            dream_fitness: Fitness | None = None,
-           score_fitness: Fitness | None = None) -> EsResult:
+           score_fitness: Fitness | None = None, start: np.ndarray | None = None
+           ) -> EsResult:
     """Run (or resume) CMA-ES until ``es.generations``; checkpoints in ``folder``.
 
     With ``es.dream_generations`` = N > 0, generations 1..N score members with
     ``dream_fitness`` and the rest with ``fitness``. The mean is scored with
     ``score_fitness`` (default ``fitness``): whole episodes where members' rollouts may be
-    cut short (es.stall_steps), so scored means compare like with like.
+    cut short (es.stall_steps), so scored means compare like with like. A new run's mean
+    starts at ``start`` (default zero).
     """
     check_es_config(es)
     if es.dream_generations and dream_fitness is None:
@@ -211,7 +216,7 @@ def run_es(fitness: Fitness, num_params: int, es: EsConfig, folder: str, *, seed
     folder = folder.rstrip("/")
     state = _load_state(folder, num_params, es)
     if state is None:
-        state = {"es": new_strategy(num_params, es, seed), "generation": 0,
+        state = {"es": new_strategy(num_params, es, seed, start), "generation": 0,
                  "best_score": None, "best_params": None, "best_generation": 0,
                  "num_params": num_params, "population": es.population}
     strategy = state["es"]
@@ -397,6 +402,10 @@ def check_training_inputs(cfg: Any) -> tuple[Any, Any]:
     from wmlab.evaluators import check_ray_address
 
     check_es_config(cfg.es)
+    if cfg.es.init_from == "previous":
+        raise WmlabError("es.init_from = 'previous' starts C at the previous iteration's "
+                         "controller, so it applies from iteration 2 on: set it in run.later "
+                         "(or give a controller folder)")
     if cfg.es.engine == "ray":
         check_ray_address(cfg.es.ray_address)
     workload = workload_from_config(cfg)
@@ -432,6 +441,12 @@ def train_controller(cfg: Any, *, progress: bool = True,
         message = noop_order_warning(report) if report else None
         if message:
             warn(message)
+    start = None
+    if cfg.es.init_from:
+        from wmlab.controller import check_shape
+
+        start, start_info = load_controller_params(cfg.es.init_from)
+        check_shape(start_info, models.shape, cfg.controller.inputs, start_info["source"])
     info = {**shape_info(models.shape, cfg.controller.inputs), "env": cfg.env.name,
             "fitness": cfg.es.fitness, "tau": cfg.dream.tau,
             **({"dream_generations": cfg.es.dream_generations} if mixed else {})}
@@ -453,7 +468,7 @@ def train_controller(cfg: Any, *, progress: bool = True,
         return run_es(fitness, models.shape.num_params, cfg.es, folder,
                       seed=cfg.run.seed, info=info, progress=progress,
                       stop_after_generations=stop_after_generations, dream_fitness=dream,
-                      score_fitness=scorer)
+                      score_fitness=scorer, start=start)
 
 
 def check_dream_heads(shape: Any, dream_generations: int, survival_reward: bool = False

@@ -94,7 +94,7 @@ LATER_KEYS: dict[str, Any] = {"es.dream_generations": 0, "es.covariance": "full"
                                "dream.done_bias": 0.0, "mdrnn.bf16": False,
                                "dream.fit_done_bias": False, "es.stall_steps": 0,
                                "controller.packed_encoder": False,
-                               "eval.fidelity_dreams": 0}
+                               "eval.fidelity_dreams": 0, "es.init_from": ""}
 
 
 def _hash(value: Any) -> str:
@@ -380,6 +380,8 @@ def iteration_config(cfg: Config, iteration: int) -> Config:
     new.collect.agent_run = previous
     new.vae.init_from = f"{previous}/vision"
     new.mdrnn.init_from = f"{previous}/memory"
+    if new.es.init_from == "previous":
+        new.es.init_from = f"{previous}/controller"
     return new
 
 
