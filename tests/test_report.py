@@ -320,3 +320,18 @@ def test_the_dream_fidelity_table_sits_beside_the_calibration(tmp_path):
     assert "| generation 5 | 300.0 | 250.0 | 1.20 |" in md
     assert md.index("Dream calibration") < md.index("Dream fidelity") < md.index("## C:")
     assert "dream-fidelity.png" in {Path(p).name for p in paths.figures}
+
+
+def test_the_report_opens_with_the_result(tmp_path):
+    run = new_run(tmp_path)
+    fill_run(run)
+    for name, returns in (("eval", [300.0, 500.0, 700.0]), ("random", [100.0, 300.0, 200.0])):
+        Path(f"{run}/eval/{name}-vizdoom.json").write_text(json.dumps(
+            {"backend": "vizdoom", "returns": returns, "seeds": [1, 2, 3]}))
+    md = Path(write_report(run).markdown).read_text()
+    assert md.index("## Summary") < md.index("## Config")
+    summary = md[md.index("## Summary"):md.index("## Config")]
+    assert "500 +- 163.3 over 3 episodes (vizdoom)" in summary
+    assert "| 200 +- 81.65 |" in summary  # the random policy on the same seeds
+    assert "+300" in summary  # the paired difference
+    assert "Published: World Models, C trained in the dream, tau 1.15, 1092 +- 556" in summary

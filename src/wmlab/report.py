@@ -88,6 +88,11 @@ PUBLISHED: dict[str, tuple[PublishedScore, ...]] = {
     ),
 }
 
+# The figure each env's report leads with (the paper's best result on it).
+HEADLINE: dict[str, str] = {"carracing": "World Models: full world model (z, h)",
+                            "doom": "World Models, C trained in the dream, tau 1.15",
+                            "binpacking": "World Models"}
+
 PUBLISHED_SETTING: dict[str, str] = {
     "carracing": "CarRacing, 100 random tracks",
     "doom": "DoomTakeCover, 100 episodes in the real game (and in the dream where marked)",
@@ -562,6 +567,46 @@ class _Builder:
             return []
 
     # -- the sections --------------------------------------------------------------------
+
+    def summary_section(self, runs: list[tuple[str, RunFiles]]) -> Section:
+        """The result first: C's score, the random policy on the same seeds, the published
+        figure, and the compute it took."""
+        section = Section("Summary")
+        if self.cfg is None:
+            section.blocks.append(Text("No readable config.toml: see below.", True))
+            return section
+        from wmlab.evaluate import reported_backend
+
+        try:
+            backend = reported_backend(self.cfg)
+        except WmlabError:
+            backend = ""
+        rows = []
+        for label, run in runs:
+            found = {name: parse_eval(json.loads(run.read_bytes(rel)), label, name)
+                     for name, rel in ((n, f"eval/{n}-{backend}.json")
+                                       for n in ("eval", "random")) if run.exists(rel)}
+            if "eval" not in found:
+                rows.append([label, "not evaluated yet", "-", "-"])
+                continue
+            score, floor = found["eval"], found.get("random")
+            paired = versus_random_line(run, self.cfg) or "-"
+            rows.append([label, f"{_score(score.mean, score.std)} over "
+                         f"{score.episodes} episodes ({backend})",
+                         _score(floor.mean, floor.std) if floor else "-", paired])
+        section.blocks.append(Table(["run", "C", "random policy, same seeds",
+                                     "C - random, paired"], rows))
+        key = env_key(self.cfg)
+        if key is not None:
+            headline = next(p for p in PUBLISHED[key]
+                            if p.method == HEADLINE[key] and p.where == "real")
+            section.blocks.append(Text(f"Published: {headline.method}, {headline.score()} "
+                                       f"({PUBLISHED_SETTING[key]})."))
+        total = sum(stage_compute(run, name) for _, run in runs for name in STAGE_ORDER)
+        if total:
+            section.blocks.append(Text(f"Compute: {_duration(total)}, every stage and "
+                                       "iteration included (the Pipeline section below)."))
+        return section
 
     def config_section(self, text: str, problem: str) -> Section:
         section = Section("Config")
@@ -1055,7 +1100,8 @@ def write_report(run_dir: str, compare: Iterable[str] = (), *, title: str | None
         runs.append((label, other_run))
 
     builder = _Builder(run, cfg)
-    sections = [builder.config_section(config_text, config_problem)]
+    sections = [builder.summary_section(runs),
+                builder.config_section(config_text, config_problem)]
     stages = builder.stages_section()
     if stages is not None:
         sections.append(stages)
@@ -1063,7 +1109,7 @@ def write_report(run_dir: str, compare: Iterable[str] = (), *, title: str | None
                  builder.controller_section(runs), builder.evaluation_section(runs),
                  builder.side_by_side_section()]
     if builder.missing:
-        sections.insert(1, Section("Not run yet", [Text(
+        sections.insert(2, Section("Not run yet", [Text(
             "Stages without outputs in this run directory: " + ", ".join(builder.missing)
             + ". Their sections below say what to run.", emphasis=True)]))
 
