@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from wmlab.agent import build_models, run_real
+from wmlab.bench.controller import CountingBatch
 from wmlab.envs import get_spec, make_batch
 from wmlab.memory.model import MDNRNN, MdrnnShape
 from wmlab.vision.model import ConvVAE, PackedEncoder, frames_to_tensor
@@ -114,26 +115,6 @@ def _parked(models) -> np.ndarray:
     return params[None]
 
 
-class _Counting:
-    def __init__(self, inner) -> None:
-        self.inner, self.steps = inner, 0
-        self.num_envs = inner.num_envs
-
-    @property
-    def masks(self):
-        return self.inner.masks
-
-    def reset(self, seeds):
-        return self.inner.reset(seeds)
-
-    def step(self, actions):
-        self.steps += int(self.inner.running.sum())
-        return self.inner.step(actions)
-
-    def end(self, ids):
-        self.inner.end(ids)
-
-
 def test_stalled_rollouts_end_and_are_charged_what_the_whole_episode_pays(carracing_models):
     models = carracing_models()
     parked = _parked(models)
@@ -141,9 +122,9 @@ def test_stalled_rollouts_end_and_are_charged_what_the_whole_episode_pays(carrac
     params = np.concatenate([parked, mover])
     seeds = np.array([[21, 22], [21, 22]])
     with make_batch("carracing", 4, "envpool", max_steps=300) as inner:
-        whole = _Counting(inner)
+        whole = CountingBatch(inner)
         full = run_real(models, whole, params, seeds)
-        cut = _Counting(inner)
+        cut = CountingBatch(inner)
         short = run_real(models, cut, params, seeds, stall_steps=40, cap=300)
         never = run_real(models, inner, params, seeds, stall_steps=10_000, cap=300)
     # the parked car earns -0.1 a frame all episode: ending it after 40 such steps and

@@ -70,7 +70,7 @@ def _workload(folder: str, env: str, kind: str, max_steps: int, backend: str | N
                            max_steps=max_steps, tau=1.15, precision=precision)
 
 
-class _CountingBatch:
+class CountingBatch:
     """An env batch that counts the env steps taken (running envs only)."""
 
     def __init__(self, inner: Any) -> None:
@@ -87,6 +87,9 @@ class _CountingBatch:
     def step(self, actions):
         self.steps += int(self.inner.running.sum())
         return self.inner.step(actions)
+
+    def end(self, ids):
+        self.inner.end(ids)
 
 
 def _params(num_params: int, members: int, scale: float = 0.1) -> np.ndarray:
@@ -106,13 +109,13 @@ def _real_agent_rows(quick: bool, folder: str) -> list[dict[str, Any]]:
     seeds = np.arange(envs)[None]
     rows = []
 
-    batch = _CountingBatch(make_batch("carracing", envs, "envpool", max_steps=steps))
+    batch = CountingBatch(make_batch("carracing", envs, "envpool", max_steps=steps))
     began = time.perf_counter()
     run_real(models, batch, params, seeds)
     seconds = time.perf_counter() - began
     rows.append({"case": f"full agent, CarRacing envpool, {envs} envs batched (1 core)",
                  "steps": batch.steps, "seconds": seconds, "per_second": batch.steps / seconds})
-    single = _CountingBatch(make_batch("carracing", 1, "envpool", max_steps=steps))
+    single = CountingBatch(make_batch("carracing", 1, "envpool", max_steps=steps))
     count = 2 if quick else 4
     began = time.perf_counter()
     for i in range(count):
@@ -144,7 +147,7 @@ def _stepping_rate(kind: str, folder: str, envs: int, cap: int, seconds: float,
     from wmlab.envs import get_spec, make_batch
 
     torch.set_num_threads(1)
-    batch = _CountingBatch(make_batch("carracing", envs, "envpool", max_steps=cap))
+    batch = CountingBatch(make_batch("carracing", envs, "envpool", max_steps=cap))
     spec = get_spec("carracing")
     rng = np.random.default_rng(0)
     models = params = None
