@@ -292,3 +292,30 @@ def test_cma_es_can_start_at_a_given_controller(tmp_path):
 
     result = run_es(Flat(), 5, es, str(tmp_path), progress=False, start=start)
     np.testing.assert_allclose(result.mean, start, atol=1e-4)  # a tiny step from there
+
+
+def test_generations_record_their_env_steps(tmp_path, one_thread):
+    """Each generation logs the steps its members took (in the dream here), what the
+    budget's share of dream steps is computed from."""
+    import csv
+
+    from agent_fixtures import make_run
+    from wmlab.agent import run_dream, workload_from_config
+    from wmlab.es import controller_dir, train_controller
+
+    cfg = make_run(tmp_path, overrides=("es.population=4", "es.rollouts=2", "es.generations=2",
+                                        "es.eval_every=2", "es.eval_rollouts=2",
+                                        'es.fitness="dream"', "dream.max_steps=30"))
+    models = workload_from_config(cfg, "dream").load()
+    params = np.zeros((2, models.shape.num_params))
+    params[1, :8] = 1.0  # z starts near +1: move right, which survives this M to the cap
+    params[1, 8:] = 2.0  # c and h follow the action: keep moving right
+    seeds = np.array([[1, 2], [1, 2]])
+    steps = np.zeros(seeds.shape, dtype=np.int64)
+    returns = run_dream(models, params, seeds, 1.0, 30, steps=steps)
+    np.testing.assert_array_equal(steps, returns)  # +1 a step alive: return = length
+    assert steps[1].tolist() == [30, 30] and steps[0].max() < 30
+    train_controller(cfg, progress=False)
+    text = Path(f"{controller_dir(cfg)}/metrics.csv").read_text()
+    rows = list(csv.DictReader(text.splitlines()))
+    assert all(float(r["env_steps"]) >= 8 for r in rows)  # 8 dreams of at least a step

@@ -125,7 +125,7 @@ def test_dream_rollouts_follow_the_controller(tmp_path):
     cfg.dream.done_bias = 20.0
     assert workload_from_config(cfg, "real").done_bias == 0.0
     runner = workload_from_config(cfg, "dream").build()
-    assert runner.run(always_right, seeds).max() < 30
+    assert runner.run(always_right, seeds).returns.max() < 30
 
 
 def test_models_that_do_not_fit_are_refused(tmp_path):

@@ -162,8 +162,13 @@ def test_real_rollouts_encode_frames_as_the_encode_stage(tmp_path):
     vae = ConvVAE(Z_DIM).eval().to(memory_format=torch.channels_last)
     frames = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
     eps = np.random.default_rng(1).standard_normal((4, Z_DIM)).astype(np.float32)
+    from types import SimpleNamespace
+
+    def models(bf16: bool) -> SimpleNamespace:  # what _sample_z reads of AgentModels
+        return SimpleNamespace(vae=vae, vae_bf16=bf16, packed=None)
+
     with torch.no_grad():
-        full, low = _sample_z(vae, frames, eps), _sample_z(vae, frames, eps, bf16=True)
+        full, low = _sample_z(models(False), frames, eps), _sample_z(models(True), frames, eps)
     assert full.dtype == low.dtype == torch.float32
     assert torch.allclose(full, low, atol=0.05)
     if bf16_is_native(torch.device("cpu")):

@@ -31,6 +31,7 @@ from wmlab.device import resolve_bf16
 from wmlab.dream import BatchedDream, DreamStart
 from wmlab.envs.spec import EnvSpec
 from wmlab.errors import WmlabError
+from wmlab.evaluators import Rollouts
 from wmlab.memory.model import MDNRNN
 from wmlab.vision.model import ConvVAE, PackedEncoder, frames_to_tensor
 
@@ -143,8 +144,8 @@ Recorder = Callable[[dict[str, Any]], None]
 
 @torch.no_grad()
 def run_real(models: AgentModels, env_batch: Any, params: np.ndarray, seeds: np.ndarray,
-             record: Recorder | None = None, stall_steps: int = 0, cap: int = 0
-             ) -> np.ndarray:
+             record: Recorder | None = None, stall_steps: int = 0, cap: int = 0,
+             steps: np.ndarray | None = None) -> np.ndarray:
     """Episodes of real envs: ``params`` (P, n), ``seeds`` (P, R) -> returns (P, R).
 
     ``env_batch`` must hold P * R envs. ``record`` (for videos) is called every step with
@@ -153,6 +154,7 @@ def run_real(models: AgentModels, env_batch: Any, params: np.ndarray, seeds: np.
     charges the steps it had left, up to ``cap``, at its mean reward over the stall (on
     CarRacing's grass the -0.1 of every frame, so the return is the one the whole episode
     would have had if the car never found the road again); 0 leaves episodes as they are.
+    ``steps``, if given, a (P, R) array, receives each episode's env steps.
     """
     if models.vae is None:
         raise WmlabError("real-env rollouts need V: load the run's vision model")
@@ -171,8 +173,10 @@ def run_real(models: AgentModels, env_batch: Any, params: np.ndarray, seeds: np.
     returns = np.zeros(batch, dtype=np.float64)
     running = np.ones(batch, dtype=bool)
     stall = _Stall(batch, stall_steps, cap) if stall_steps > 0 else None
+    lengths = np.zeros(batch, dtype=np.int64)
     z = torch.zeros(batch, m.shape.z_dim)
     while running.any():
+        lengths += running
         every = bool(running.all())
         rows = slice(None) if every else np.flatnonzero(running)
         # Only running envs are encoded and advanced: finished ones keep their last state.
@@ -196,6 +200,8 @@ def run_real(models: AgentModels, env_batch: Any, params: np.ndarray, seeds: np.
                 returns[stalled] += stall.charge(stalled)
                 env_batch.end(stalled)
                 running[stalled] = False
+    if steps is not None:
+        steps[...] = lengths.reshape(members, per_member)
     return returns.reshape(members, per_member)
 
 
@@ -226,11 +232,12 @@ class _Stall:
 @torch.no_grad()
 def run_dream(models: AgentModels, params: np.ndarray, seeds: np.ndarray, tau: float,
               max_steps: int, precision: str = "float32", done_mode: str = "threshold",
-              done_weight: float = 1.0, done_bias: float = 0.0, compact: bool = True
-              ) -> np.ndarray:
+              done_weight: float = 1.0, done_bias: float = 0.0, compact: bool = True,
+              steps: np.ndarray | None = None) -> np.ndarray:
     """Dream episodes, all members' rollouts as one batched dream: (P, n), (P, R) -> (P, R).
 
     ``compact=False`` steps every row to the last dream's end (the naive way, for benchmarks).
+    ``steps``, if given, a (P, R) array, receives each dream's length.
     """
     if models.start is None:
         raise WmlabError("dream rollouts need M's first-frame latents (memory/initial_z): "
@@ -244,10 +251,14 @@ def run_dream(models: AgentModels, params: np.ndarray, seeds: np.ndarray, tau: f
     z = dream.reset(seeds.ravel())
     returns = torch.zeros(len(z), dtype=torch.float64)
     done = torch.zeros(len(z), dtype=torch.bool)
+    lengths = torch.zeros(len(z), dtype=torch.int64)
     while not bool(done.all()):
         _, _, vectors = _act(models, theta, z, dream.hidden, dream.cell, members)
+        lengths += ~done
         z, reward, done = dream.step(torch.from_numpy(vectors))
         returns += reward.double()
+    if steps is not None:
+        steps[...] = lengths.numpy().reshape(members, per_member)
     return returns.numpy().reshape(members, per_member)
 
 
@@ -314,16 +325,19 @@ class RolloutRunner:
                                                 **options)
         return self.env_batches[size]
 
-    def run(self, params: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    def run(self, params: np.ndarray, seeds: np.ndarray) -> Rollouts:
         seeds = np.asarray(seeds)
+        steps = np.zeros(seeds.shape, dtype=np.int64)
         if self.workload.kind == "dream":
-            return run_dream(self.models, params, seeds, self.workload.tau,
-                             self.workload.max_steps, self.workload.precision,
-                             self.workload.done_mode, self.workload.done_weight,
-                             self.workload.done_bias)
-        cap = self.workload.max_steps or self.models.spec.max_steps
-        return run_real(self.models, self.env_batch(seeds.size), params, seeds,
-                        stall_steps=self.workload.stall_steps, cap=cap)
+            returns = run_dream(self.models, params, seeds, self.workload.tau,
+                                self.workload.max_steps, self.workload.precision,
+                                self.workload.done_mode, self.workload.done_weight,
+                                self.workload.done_bias, steps=steps)
+        else:
+            cap = self.workload.max_steps or self.models.spec.max_steps
+            returns = run_real(self.models, self.env_batch(seeds.size), params, seeds,
+                               stall_steps=self.workload.stall_steps, cap=cap, steps=steps)
+        return Rollouts(returns, steps)
 
     def close(self) -> None:
         for batch in self.env_batches.values():

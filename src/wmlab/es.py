@@ -243,6 +243,7 @@ def run_es(fitness: Fitness, num_params: int, es: EsConfig, folder: str, *, seed
             members = dream_fitness if in_dream and dream_fitness is not None else fitness
             returns = np.asarray(members.evaluate(candidates.astype(np.float32), seeds),
                                  dtype=np.float64)
+            steps = getattr(members, "last_steps", None)
             scores = returns - l2_penalty(candidates, es.l2)
             with numpy_seeded(seed, generation, 4):
                 strategy.tell(list(candidates), list(-scores))
@@ -252,6 +253,8 @@ def run_es(fitness: Fitness, num_params: int, es: EsConfig, folder: str, *, seed
                    "sigma": float(strategy.sigma)}
             if es.dream_generations:
                 row["in_dream"] = 1.0 if in_dream else 0.0  # which fitness the members had
+            if steps is not None:  # the members' env (or dream) steps, for the budget
+                row["env_steps"] = float(np.sum(steps))
             step = generation + 1
             if step % es.eval_every == 0 or step == es.generations:
                 score = score_mean(score_fitness or fitness, mean, fixed_seeds)

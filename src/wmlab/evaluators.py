@@ -44,8 +44,17 @@ ENGINES = ("serial", "process", "ray")
 POLL_SECONDS = 0.2
 
 
+@dataclass
+class Rollouts:
+    """What a runner may return instead of bare returns: each rollout's return and the
+    env (or dream) steps it took, both (p, R)."""
+
+    returns: np.ndarray
+    steps: np.ndarray
+
+
 class Runner(Protocol):
-    def run(self, params: np.ndarray, seeds: np.ndarray) -> np.ndarray: ...
+    def run(self, params: np.ndarray, seeds: np.ndarray) -> np.ndarray | Rollouts: ...
 
 
 class Workload(Protocol):
@@ -59,6 +68,10 @@ def split_jobs(params: np.ndarray, seeds: np.ndarray, members_per_job: int) -> l
     """Chunks of ``members_per_job`` members (the unit that runs as one batch, and retries)."""
     step = max(1, members_per_job)
     return [(params[i:i + step], seeds[i:i + step]) for i in range(0, len(params), step)]
+
+
+def _result(out: Any) -> np.ndarray | Rollouts:
+    return out if isinstance(out, Rollouts) else np.asarray(out)
 
 
 def warn(message: str) -> None:
@@ -77,7 +90,7 @@ class SerialEngine:
 
     def map(self, jobs: Sequence[Job]) -> list[np.ndarray]:
         with _torch_threads(self.threads):
-            return [np.asarray(self.runner.run(p, s)) for p, s in jobs]
+            return [_result(self.runner.run(p, s)) for p, s in jobs]
 
     def worker_pids(self) -> list[int]:
         return [os.getpid()]
@@ -125,7 +138,7 @@ def _worker_main(workload: Workload, conn: Any, threads: int) -> None:
             return
         job_id, params, seeds = message
         try:
-            conn.send(("done", job_id, np.asarray(runner.run(params, seeds))))
+            conn.send(("done", job_id, _result(runner.run(params, seeds))))
         except WmlabError as exc:
             conn.send(("error", job_id, str(exc)))
         except Exception:
@@ -317,7 +330,7 @@ class _RayWorker:
         return os.getpid()
 
     def run(self, params: np.ndarray, seeds: np.ndarray) -> np.ndarray:
-        return np.asarray(self.runner.run(params, seeds))
+        return _result(self.runner.run(params, seeds))
 
 
 class RayEngine:
@@ -423,6 +436,8 @@ class Evaluator:
             raise WmlabError(f"es.engine '{engine}' is not one of {', '.join(ENGINES)}")
         workers = workers or (os.cpu_count() or 1)
         self.members_per_job = members_per_job
+        # (P, R) env or dream steps of the last run, where the runner counts them
+        self.last_steps: np.ndarray | None = None
         if engine == "serial":
             self.engine: Any = SerialEngine(workload, threads=1)
         elif engine == "process":
@@ -450,6 +465,10 @@ class Evaluator:
             raise WmlabError(f"evaluator needs params (P, n) and seeds (P, R), got "
                              f"{params.shape} and {seeds.shape}")
         outputs = self.engine.map(split_jobs(params, seeds, self.members_per_job))
+        if outputs and all(isinstance(out, Rollouts) for out in outputs):
+            self.last_steps = np.concatenate([out.steps for out in outputs], axis=0)
+            return np.concatenate([out.returns for out in outputs], axis=0)
+        self.last_steps = None
         return np.concatenate(outputs, axis=0) if outputs else np.zeros(seeds.shape)
 
     def evaluate(self, params: np.ndarray, seeds: np.ndarray) -> np.ndarray:
