@@ -165,6 +165,7 @@ def test_a_dream_that_copies_the_game_ranks_controllers_perfectly(tmp_path, one_
     """A tiny M (survival depends on the action) trained on by CMA-ES: its scored means are
     the controllers; a 'game' that is the same dream ranks them exactly as the dream."""
     import json
+    import shutil
 
     from agent_fixtures import make_run
     from wmlab.agent import workload_from_config
@@ -183,9 +184,14 @@ def test_a_dream_that_copies_the_game_ranks_controllers_perfectly(tmp_path, one_
         run_es(game, n, cfg.es, controller_dir(cfg), seed=0, progress=False)
         snapshots = load_snapshots(controller_dir(cfg))
         assert [s.generation for s in snapshots] == [1, 2, 3, 4, 5, 6]
-        same = measure_fidelity(cfg, 3, real=game, dream=game)
-        flattering = measure_fidelity(cfg, 3, real=game, dream=_SameDreams(dream, [1, 2, 3],
-                                                                           scale=2.0))
+        (same,) = measure_fidelity(cfg, 3, real=game, dream=game)
+        (flattering,) = measure_fidelity(cfg, 3, real=game,
+                                         dream=_SameDreams(dream, [1, 2, 3], scale=2.0))
+        # snapshots of another run are scored again in this run's game
+        shutil.copytree(controller_dir(cfg), tmp_path / "other")
+        scored = []
+        again = measure_fidelity(cfg, 3, taus=(1.0, 1.2), snapshots_from=str(
+            tmp_path / "other"), real=_Recording(game, scored), dream=game)
     names = [row.controller for row in same.rows]
     assert names == [f"generation {g}" for g in range(1, 7)] + ["zero", "random"]
     returns = [row.real for row in same.rows]
@@ -195,8 +201,20 @@ def test_a_dream_that_copies_the_game_ranks_controllers_perfectly(tmp_path, one_
     # a dream that pays twice the game's returns: the same order, half the ratio
     assert flattering.rank_correlation == pytest.approx(1.0)
     assert flattering.ratio == pytest.approx(0.5)
-    saved = json.loads((Path(eval_dir(cfg)) / "fidelity.json").read_text())
-    assert saved["ratio"] == pytest.approx(0.5) and len(saved["rows"]) == 8
+    assert [r.tau for r in again] == [1.0, 1.2]
+    assert len(scored) == 8  # every controller scored in the real env, the copy's too
+    assert again[0].rank_correlation == pytest.approx(1.0)
+    saved = json.loads((Path(eval_dir(cfg)) / "fidelity.json").read_text())["results"]
+    assert [s["tau"] for s in saved] == [1.0, 1.2] and len(saved[0]["rows"]) == 8
+
+
+class _Recording:
+    def __init__(self, inner, calls) -> None:
+        self.inner, self.calls = inner, calls
+
+    def evaluate(self, params, seeds):
+        self.calls.append(len(params))
+        return self.inner.evaluate(params, seeds)
 
 
 # --- iterations one after another in one run --------------------------------------------------
@@ -319,3 +337,21 @@ def test_generations_record_their_env_steps(tmp_path, one_thread):
     text = Path(f"{controller_dir(cfg)}/metrics.csv").read_text()
     rows = list(csv.DictReader(text.splitlines()))
     assert all(float(r["env_steps"]) >= 8 for r in rows)  # 8 dreams of at least a step
+
+
+def test_fidelity_refuses_an_m_without_the_dream_heads(tmp_path):
+    from agent_fixtures import make_run
+    from wmlab.errors import WmlabError
+    from wmlab.es import SNAPSHOTS, controller_dir
+    from wmlab.fidelity import measure_fidelity
+
+    plain = MDNRNN(MdrnnShape(z_dim=8, action_dim=1, hidden=16, gaussians=2,
+                              restart_input=True))
+    cfg = make_run(tmp_path, mdrnn=plain)
+    from wmlab.checkpoint import save_checkpoint
+
+    save_checkpoint(f"{controller_dir(cfg)}/{SNAPSHOTS}", "g00001", 1,
+                    {"params": torch.zeros(8)}, None, {"generation": 1, "eval_mean": 1.0})
+    with pytest.raises(WmlabError, match="needs M's done_head"):
+        measure_fidelity(cfg, 4)
+    assert not (Path(cfg.run_dir()) / "eval").exists()  # nothing written

@@ -306,17 +306,20 @@ def test_stages_in_pipeline_order_with_their_compute_and_the_curve_per_hour(tmp_
 
 
 def test_the_dream_fidelity_table_sits_beside_the_calibration(tmp_path):
-    from wmlab.fidelity import compare
+    from wmlab.fidelity import compare, dump
 
     run = new_run(tmp_path)
     fill_run(run)
-    fidelity = compare({"generation 5": 300.0, "zero": -80.0, "random": -50.0},
-                       {"generation 5": 250.0, "zero": -90.0, "random": -95.0},
-                       tau=1.1, real_episodes=32, dream_episodes=64)
-    Path(f"{run}/eval/fidelity.json").write_text(fidelity.to_json())
+    real = {"generation 5": 300.0, "zero": -80.0, "random": -50.0}
+    fidelity = [compare(real, {"generation 5": 250.0, "zero": -90.0, "random": -95.0},
+                        tau=1.25, real_episodes=32, dream_episodes=64),
+                compare(real, {"generation 5": 25.0, "zero": -9.0, "random": -5.0},
+                        tau=0.5, real_episodes=32, dream_episodes=64)]
+    Path(f"{run}/eval/fidelity.json").write_text(dump(fidelity))
     paths = write_report(run)
     md = Path(paths.markdown).read_text()
-    assert "Rank correlation of dream and real returns **+0.50**" in md
+    assert "| 1.25 | +0.50 | 2.62 |" in md and "| 0.5 | +1.00 | 15.45 |" in md
+    assert "At tau 1.25: rank correlation **+0.50**" in md  # the run's own tau in detail
     assert "| generation 5 | 300.0 | 250.0 | 1.20 |" in md
     assert md.index("Dream calibration") < md.index("Dream fidelity") < md.index("## C:")
     assert "dream-fidelity.png" in {Path(p).name for p in paths.figures}

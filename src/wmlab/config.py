@@ -225,6 +225,8 @@ class EvalConfig:
                                 "scored means, zero and random, in the dream against their "
                                 "real returns; needs M's reward and done heads); 0 = skip",
                                 min=0)
+    fidelity_taus: list[float] = _opt([], "taus at which the dream's fidelity is measured "
+                                      "(how tau is chosen by measurement); empty = dream.tau")
 
 
 @dataclass

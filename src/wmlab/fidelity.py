@@ -19,6 +19,7 @@ Every controller plays the same dreams.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 from collections.abc import Sequence
@@ -120,13 +121,18 @@ def reference_controllers(num_params: int, sigma: float, seed: int) -> dict[str,
     return {"zero": np.zeros(num_params), "random": rng.normal(0.0, sigma, num_params)}
 
 
-def measure_fidelity(cfg: Any, dream_episodes: int, *, real: Any = None, dream: Any = None
-                     ) -> Fidelity:
-    """Score the run's snapshots (and the zero and a random controller) in M's dream and
-    compare with their real returns; writes ``<eval>/fidelity.json``.
+def measure_fidelity(cfg: Any, dream_episodes: int, *, taus: Sequence[float] = (),
+                     snapshots_from: str = "", real: Any = None, dream: Any = None
+                     ) -> list[Fidelity]:
+    """Score controllers in M's dream at each of ``taus`` (default: dream.tau) and compare
+    with their real returns; writes ``<eval>/fidelity.json`` and returns one result a tau.
 
-    ``real`` and ``dream`` are fitnesses (``evaluate(params, seeds) -> means``); by default
-    the run's real env and M's dream on its evaluator engine.
+    The controllers are the scored means of the CMA-ES run in ``snapshots_from`` (default:
+    this run's C), plus the zero controller and a random one. Their real returns are the
+    scores the run gave them on its fixed seeds; snapshots from another run (e.g. the
+    previous iteration's, whose M was another) are scored again in the real env here, with
+    this run's V and M, on the same seeds. ``real`` and ``dream`` are fitnesses
+    (``evaluate(params, seeds) -> means``); by default the run's real env and M's dream.
     """
     from wmlab.agent import workload_from_config
     from wmlab.es import controller_dir, eval_seeds, load_snapshots, score_mean
@@ -134,36 +140,69 @@ def measure_fidelity(cfg: Any, dream_episodes: int, *, real: Any = None, dream: 
     from wmlab.evaluators import Evaluator
     from wmlab.fsio import atomic_write_bytes
 
-    snapshots = load_snapshots(controller_dir(cfg))
+    source = (snapshots_from or controller_dir(cfg)).rstrip("/")
+    snapshots = load_snapshots(source)
     if not snapshots:
-        raise WmlabError(f"{controller_dir(cfg)} has no scored means (snapshots/): train C "
-                         "in the real env first (its scorings are the controllers compared)")
+        raise WmlabError(f"{source} has no scored means (snapshots/): train C in the real "
+                         "env first (its scorings are the controllers compared)")
     if dream_episodes < 1:
         raise WmlabError(f"eval.fidelity_dreams is {dream_episodes}: give at least 1 dream "
                          "per controller")
+    if dream is None:
+        check_heads(workload_from_config(cfg, "dream").load())
     es = cfg.es
+    own = source == controller_dir(cfg).rstrip("/")
     fixed = eval_seeds(cfg.run.seed, es.eval_rollouts, es.rollouts)
-    real_returns = {f"generation {s.generation}": s.eval_mean for s in snapshots}
     controllers = {f"generation {s.generation}": s.params for s in snapshots}
-    references = reference_controllers(len(snapshots[0].params), es.sigma0, cfg.run.seed)
-    controllers.update(references)
-    rng = np.random.default_rng([cfg.run.seed, 7907])
-    seeds = rng.integers(0, 2**31 - 1, dream_episodes)
+    real_returns = {f"generation {s.generation}": s.eval_mean for s in snapshots} if own \
+        else {}
+    controllers.update(reference_controllers(len(snapshots[0].params), es.sigma0,
+                                             cfg.run.seed))
     names = list(controllers)
     params = np.stack([controllers[n] for n in names]).astype(np.float32)
-    with contextlib.ExitStack() as stack:
-        def evaluator(kind: str) -> Evaluator:
-            return stack.enter_context(Evaluator(
-                workload_from_config(cfg, kind), es.engine, es.workers, es.timeout,
-                es.job_members, es.ray_address))
+    seeds = np.random.default_rng([cfg.run.seed, 7907]).integers(0, 2**31 - 1,
+                                                                  dream_episodes)
+    dream_seeds = np.repeat(seeds[None], len(names), axis=0)
 
-        real = real if real is not None else evaluator("real")
-        for name, reference in references.items():
-            real_returns[name] = score_mean(real, reference, fixed)
-        dream = dream if dream is not None else evaluator("dream")
-        dreamt = dream.evaluate(params, np.repeat(seeds[None], len(names), axis=0))
-    result = compare(real_returns, dict(zip(names, map(float, dreamt), strict=True)),
-                     tau=cfg.dream.tau, real_episodes=int(fixed.size),
-                     dream_episodes=dream_episodes)
-    atomic_write_bytes(f"{eval_dir(cfg)}/{FIDELITY_FILE}", result.to_json().encode())
-    return result
+    def engine(workload: Any) -> Evaluator:
+        return Evaluator(workload, es.engine, es.workers, es.timeout, es.job_members,
+                         es.ray_address)
+
+    with contextlib.ExitStack() as stack:
+        game = real if real is not None else stack.enter_context(
+            engine(workload_from_config(cfg, "real")))
+        for name in names:
+            if name not in real_returns:
+                real_returns[name] = score_mean(game, controllers[name], fixed)
+    results = []
+    for tau in (list(taus) or [cfg.dream.tau]):
+        with contextlib.ExitStack() as stack:
+            fitness = dream if dream is not None else stack.enter_context(engine(
+                dataclasses.replace(workload_from_config(cfg, "dream"), tau=float(tau))))
+            dreamt = fitness.evaluate(params, dream_seeds)
+        results.append(compare(real_returns, dict(zip(names, map(float, dreamt), strict=True)),
+                               tau=float(tau), real_episodes=int(fixed.size),
+                               dream_episodes=dream_episodes, notes={"snapshots": source}))
+    atomic_write_bytes(f"{eval_dir(cfg)}/{FIDELITY_FILE}", dump(results).encode())
+    return results
+
+
+def check_heads(models: Any) -> None:
+    """A dream scores controllers only where M predicts rewards (or the env pays +1 a step
+    alive) and when episodes end."""
+    shape = models.mdrnn.shape
+    needed = ("done_head",) if models.spec.survival_reward else ("reward_head", "done_head")
+    missing = [name for name in needed if not getattr(shape, name)]
+    if missing:
+        raise WmlabError(f"the dream's fidelity needs M's {' and '.join(missing)}: this M "
+                         "was trained without (its dream has no reward or no end); train "
+                         "M with " + " ".join(f"--set mdrnn.{m}=true" for m in missing))
+
+
+def dump(results: list[Fidelity]) -> str:
+    return json.dumps({"results": [json.loads(r.to_json()) for r in results]}, indent=2)
+
+
+def load(text: str) -> list[Fidelity]:
+    """The results of a fidelity.json (one a tau)."""
+    return [Fidelity.from_json(json.dumps(item)) for item in json.loads(text)["results"]]

@@ -94,7 +94,8 @@ LATER_KEYS: dict[str, Any] = {"es.dream_generations": 0, "es.covariance": "full"
                                "dream.done_bias": 0.0, "mdrnn.bf16": False,
                                "dream.fit_done_bias": False, "es.stall_steps": 0,
                                "controller.packed_encoder": False,
-                               "eval.fidelity_dreams": 0, "es.init_from": ""}
+                               "eval.fidelity_dreams": 0, "eval.fidelity_taus": [],
+                               "es.init_from": ""}
 
 
 def _hash(value: Any) -> str:
@@ -542,9 +543,10 @@ def _run_evaluate(cfg: Config, progress: bool) -> dict[str, Any]:
     if cfg.eval.fidelity_dreams and cfg.es.fitness == "real":
         from wmlab.fidelity import measure_fidelity
 
-        fidelity = measure_fidelity(cfg, cfg.eval.fidelity_dreams)
-        summary["fidelity"] = fidelity.line()
-        print(f"  {fidelity.line()}")
+        for fidelity in measure_fidelity(cfg, cfg.eval.fidelity_dreams,
+                                         taus=cfg.eval.fidelity_taus):
+            summary[f"fidelity tau {fidelity.tau:g}"] = fidelity.line()
+            print(f"  {fidelity.line()}")
     if cfg.es.fitness == "dream":
         dream = evaluate_controller(cfg, where="dream")
         summary["dream"] = dream.line()

@@ -741,25 +741,35 @@ class _Builder:
         return blocks
 
     def fidelity_blocks(self, rel: str) -> list[Block]:
-        from wmlab.fidelity import Fidelity
+        from wmlab.fidelity import load
 
         try:
-            fidelity = Fidelity.from_json(self.run.read_text(rel))
+            results = load(self.run.read_text(rel))
         except (ValueError, KeyError, TypeError):
             return [Text(f"{rel} is damaged or in an unknown format.", True)]
-        head = (f"Dream fidelity ({rel}): controllers along the real-env CMA-ES run, the zero "
-                f"controller and a random one, each on the same {fidelity.dream_episodes} "
-                f"dreams at tau {fidelity.tau:g} and on {fidelity.real_episodes} real "
-                f"episodes. Rank correlation of dream and real returns "
-                f"**{fidelity.rank_correlation:+.2f}** (1: the dream orders controllers as "
-                f"the game does); real / dream return {fidelity.ratio:.2f}.")
+        if not results:
+            return []
+        tau = self.cfg.dream.tau if self.cfg is not None else None
+        shown = next((r for r in results if r.tau == tau), results[0])
+        blocks: list[Block] = [Text(
+            f"Dream fidelity ({rel}): {len(shown.rows)} controllers (the scored means of a "
+            f"real-env CMA-ES run, the zero controller and a random one), each on the same "
+            f"{shown.dream_episodes} dreams and on {shown.real_episodes} real episodes. The "
+            "rank correlation of their dream and real returns says whether the dream orders "
+            "controllers as the game does (1: exactly); real / dream compares the returns.")]
+        if len(results) > 1:
+            blocks.append(Table(["tau", "rank correlation", "real / dream"], [
+                [f"{r.tau:g}", f"{r.rank_correlation:+.2f}", f"{r.ratio:.2f}"]
+                for r in results]))
+        blocks.append(Text(f"At tau {shown.tau:g}: rank correlation "
+                           f"**{shown.rank_correlation:+.2f}**, real / dream {shown.ratio:.2f}."))
         rows = [[row.controller, f"{row.real:.1f}", f"{row.dream:.1f}",
                  "-" if math.isnan(row.ratio) else f"{row.ratio:.2f}"]
-                for row in fidelity.rows]
-        return [Text(head), Table(["controller", "real return", "dream return",
-                                   "real / dream"], rows),
-                self.figure("dream-fidelity.png", plot_fidelity(fidelity),
-                            "dream against real returns")]
+                for row in shown.rows]
+        blocks += [Table(["controller", "real return", "dream return", "real / dream"], rows),
+                   self.figure("dream-fidelity.png", plot_fidelity(shown),
+                               "dream against real returns")]
+        return blocks
 
     def controller_section(self, runs: list[tuple[str, RunFiles]] | None = None) -> Section:
         section = Section("C: the controller")

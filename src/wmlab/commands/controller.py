@@ -43,6 +43,21 @@ def register(sub: argparse._SubParsersAction) -> None:
                           "the agent's view (V's reconstruction)")
     evaluate.set_defaults(func=cmd_evaluate)
 
+    fidelity = sub.add_parser("fidelity", help="how faithful M's dream is for C: controllers "
+                              "of a real-env CMA-ES run scored in the dream and in the game "
+                              "(rank correlation, real / dream ratio), at one or more taus")
+    add_config_args(fidelity)
+    fidelity.add_argument("--iteration", type=int, default=1,
+                          help="the agent generation whose V and M dream (default 1)")
+    fidelity.add_argument("--dreams", type=int, help="dreams per controller (overrides "
+                          "eval.fidelity_dreams; default 64 where that is 0)")
+    fidelity.add_argument("--taus", type=float, nargs="+",
+                          help="taus to measure at (overrides eval.fidelity_taus)")
+    fidelity.add_argument("--snapshots", metavar="CONTROLLER_DIR",
+                          help="the CMA-ES run whose scored means are compared (default: "
+                          "this run's C; another run's are scored again in this run's game)")
+    fidelity.set_defaults(func=cmd_fidelity)
+
 
 def cmd_train_controller(args: argparse.Namespace) -> int:
     from wmlab.es import check_training_inputs, train_controller
@@ -83,4 +98,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(reproduce(args.pretrained, result))
     if args.video:
         print(f"video: {args.video}")
+    return 0
+
+
+def cmd_fidelity(args: argparse.Namespace) -> int:
+    from wmlab.fidelity import measure_fidelity
+    from wmlab.pipeline import iteration_config
+
+    cfg = config_from_args(args)
+    if args.iteration < 1:
+        from wmlab.errors import WmlabError
+
+        raise WmlabError(f"--iteration must be 1 or more, got {args.iteration}")
+    if args.iteration > 1:
+        cfg = iteration_config(cfg, args.iteration)
+    dreams = args.dreams or cfg.eval.fidelity_dreams or 64
+    for result in measure_fidelity(cfg, dreams, taus=args.taus or cfg.eval.fidelity_taus,
+                                   snapshots_from=args.snapshots or ""):
+        print(result.line())
+    print(f"table and controllers: {cfg.run_dir()}/eval/fidelity.json (and the report)")
     return 0
