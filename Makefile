@@ -1,9 +1,13 @@
 # `make demo` and `make test` create .venv themselves. Override any of these on the command
 # line, e.g. `make test TORCH_SPEC="torch==2.5.1"` or `make demo PYTHON=python3.12`.
+# Without a GPU, take PyTorch's CPU build from its own index (no multi-GB CUDA download):
+#   make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
 PYTHON ?= python3
 VENV ?= .venv
-# Installed first, so that pip never pulls a multi-GB CUDA build on a CPU-only machine.
+# Installed first, so that wmlab's `torch>=2.4` is already met and pip fetches no other torch.
 TORCH_SPEC ?= torch==2.13.0
+# Package index for torch alone; empty = pip's default index.
+TORCH_INDEX ?=
 EXTRAS ?= envpool,dev
 BIN := $(VENV)/bin
 export SDL_VIDEODRIVER ?= dummy
@@ -13,7 +17,7 @@ export SDL_VIDEODRIVER ?= dummy
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 

@@ -330,7 +330,7 @@ def test_heuristics_match_their_definitions():
 def test_heuristics_beat_random():
     """Best fit and the ORL benchmark's sum of squares beat random everywhere; the textbook
     sum of squares on the perfectly packable and bounded waste distributions it is designed
-    for (on linear waste it does not: see the README)."""
+    for (on linear waste it does not: see docs/guide/binpacking.md)."""
     for name in DISTRIBUTIONS:
         problem = dataclasses.replace(make_problem(name), horizon=1000)
         episodes = 8 if problem.capacity == 9 else 3

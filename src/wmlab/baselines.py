@@ -12,7 +12,8 @@
 Sum of squares is designed for perfectly packable and bounded-waste distributions (waste
 O(sqrt T) and O(1)); on linear-waste ones it counts the dead bags (levels no item fits) in
 its squares, so it opens new bags rather than add to them, and loses even to random (see
-the README). Heuristics only ever choose valid actions, so the variant does not change their scores.
+docs/guide/binpacking.md). Heuristics only ever choose valid actions, so the variant does not
+change their scores.
 Each episode's item sequence is seeded by (seed, episode index), so two policies see the
 same items and their returns compare pair by pair.
 """
