@@ -184,14 +184,17 @@ def test_mdrnn_training_step_is_the_same_with_and_without_kernels(monkeypatch):
                                                      dim=0) > 0.999
 
 
-def _dream_pair(monkeypatch, dtype: str, done_mode: str, tau: float = 1.15):
-    """Two BatchedDreams on the same M and starts: with the C kernels and without."""
+def _dream_pair(monkeypatch, dtype: str, done_mode: str, tau: float = 1.15, tweak=None):
+    """Two BatchedDreams on the same M and starts: with the C kernels and without.
+    ``tweak(model)`` changes M's weights first."""
     torch.manual_seed(3)
     model = MDNRNN(MdrnnShape(z_dim=6, action_dim=1, hidden=32, gaussians=5, done_head=True,
                               restart_input=True)).eval()
     with torch.no_grad():  # a done logit spread around -1: ends some dreams, not all at once
         model.head.weight[3 * 6 * 5] *= 8.0
         model.head.bias[3 * 6 * 5] = -1.0
+        if tweak is not None:
+            tweak(model)
     start = dream_module.DreamStart(torch.randn(7, 6), torch.full((7, 6), -2.0))
 
     def make():
@@ -237,6 +240,33 @@ def test_dream_kernels_in_bf16_stay_within_bf16_rounding(monkeypatch):
     z_a, _, _ = native.step(torch.zeros(3, 1))
     z_b, _, _ = reference.step(torch.zeros(3, 1))
     assert torch.allclose(z_a, z_b, atol=0.05)
+
+
+def test_dream_kernels_stay_finite_where_the_cell_state_grows_large(monkeypatch):
+    """A forget gate held open and an input gate driving the cell down: after a few steps
+    tanh(c) saturates at -1. Under -ffast-math an overflowing exp turned that into NaN (a
+    CarRacing dream's cell state reached -60 in about a hundred steps); the kernels clamp
+    where float32 has saturated already, and agree with the reference."""
+    needs_kernels()
+    hidden = 32
+
+    def saturate(model):
+        lstm = model.lstm
+        lstm.bias_ih_l0[:hidden] = 30.0  # input gate open
+        lstm.bias_ih_l0[hidden:2 * hidden] = 30.0  # forget gate open: c accumulates
+        lstm.bias_ih_l0[2 * hidden:3 * hidden] = -30.0  # g = -1: c falls by 1 a step
+        model.head.weight[3 * 6 * 5] = 0.0
+        model.head.bias[3 * 6 * 5] = -5.0  # no dream ends before the cap
+
+    native, reference = _dream_pair(monkeypatch, "float32", "threshold", tweak=saturate)
+    native.reset(np.arange(4))
+    reference.reset(np.arange(4))
+    for _ in range(50):
+        native.step(torch.zeros(4, 1))
+        reference.step(torch.zeros(4, 1))
+    assert float(native.c.min()) < -40  # deep in the saturated range
+    assert torch.isfinite(native.h).all() and torch.isfinite(native.z).all()
+    assert torch.allclose(native.h, reference.h, atol=1e-6)
 
 
 def test_freed_memory_is_kept_for_reuse_on_glibc():

@@ -13,10 +13,15 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+/* Arguments clamped where the result is already 0, 1 or -1 in float32: -ffast-math assumes
+ * finite values, and an expf that overflows to infinity then turns into NaN (a CarRacing
+ * dream's cell state reached -60 after a hundred steps). */
+static inline float sigmoid(float x) { return 1.0f / (1.0f + expf(-fmaxf(x, -80.0f))); }
 
 /* tanh as 2 sigmoid(2x) - 1, the same formula as wmlab.memory.scan.tanh */
-static inline float tanh_via_sigmoid(float x) { return 2.0f / (1.0f + expf(-2.0f * x)) - 1.0f; }
+static inline float tanh_via_sigmoid(float x) {
+    return 2.0f / (1.0f + expf(-2.0f * fminf(fmaxf(x, -40.0f), 40.0f))) - 1.0f;
+}
 
 static inline uint16_t to_bf16(float x) {
     uint32_t u;
