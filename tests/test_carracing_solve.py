@@ -248,12 +248,13 @@ def test_later_iterations_take_their_overrides_and_keep_their_own_keys(tmp_path)
 # --- the profile and its budget ---------------------------------------------------------------
 
 # Rates measured in the solve run on the reference machine (2 cores of an Intel Xeon with
-# AVX512-BF16 and AMX; docs/results/carracing.md), per second of 2-core wall-clock:
+# AVX512-BF16 and AMX; its stage records), per second of 2-core wall-clock, with other work
+# on the cores part of the time:
 RATES = {"collect": 2130,       # brown-noise env steps (EnvPool, 2 workers x 8 envs)
-         "vision": 750,         # V training frames (bf16)
-         "encode": 6000,        # frames encoded
-         "memory": 12000,       # M training frame-steps (bf16, batch 32 x 999)
-         "controller": 2000,    # agent steps in C's real rollouts (packed V, 8 envs a job)
+         "vision": 895,         # V training frames (bf16)
+         "encode": 15400,       # frames encoded
+         "memory": 50000,       # M training frame-steps (bf16, batch 32 x 999; 74,000 idle)
+         "controller": 1950,    # agent steps in C's real rollouts (packed V, 8 envs a job)
          "gymnasium": 250}      # Gymnasium CarRacing steps with the agent (2 workers)
 
 
