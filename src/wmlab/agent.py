@@ -197,7 +197,7 @@ def run_real(models: AgentModels, env_batch: Any, params: np.ndarray, seeds: np.
         if stall is not None:
             stalled = stall.update(rewards, running)
             if stalled.size:
-                returns[stalled] += stall.charge(stalled)
+                returns[stalled] += stall.charge(stalled, lengths[stalled])
                 env_batch.end(stalled)
                 running[stalled] = False
     if steps is not None:
@@ -210,22 +210,21 @@ class _Stall:
 
     def __init__(self, batch: int, limit: int, cap: int) -> None:
         self.limit, self.cap = limit, cap
-        self.steps = np.zeros(batch, dtype=np.int64)  # steps taken in the episode
         self.since = np.zeros(batch, dtype=np.int64)
         self.paid = np.zeros(batch, dtype=np.float64)  # rewards summed since then
 
     def update(self, rewards: np.ndarray, running: np.ndarray) -> np.ndarray:
-        """Count one step of the envs that were running; the ids that have now stalled."""
-        # the envs still running took this step (those that just ended no longer count)
-        self.steps += running
+        """Count one step of the envs still running (those that just ended no longer
+        count); the ids that have now stalled."""
         progress = rewards > 0
         self.since = np.where(progress, 0, self.since + running)
         self.paid = np.where(progress, 0.0, self.paid + np.where(running, rewards, 0.0))
         return np.flatnonzero(running & (self.since >= self.limit))
 
-    def charge(self, ids: np.ndarray) -> np.ndarray:
-        """The reward of the steps ``ids`` had left, at their mean over the stall."""
-        left = np.maximum(self.cap - self.steps[ids], 0)
+    def charge(self, ids: np.ndarray, taken: np.ndarray) -> np.ndarray:
+        """The reward of the steps ``ids`` had left after ``taken``, at their mean over
+        the stall."""
+        left = np.maximum(self.cap - taken, 0)
         return self.paid[ids] / self.since[ids] * left
 
 
