@@ -317,8 +317,7 @@ class _StageClock:
     def __init__(self, started: str, earlier: list[dict[str, Any]],
                  write: Callable[[dict[str, Any]], None]) -> None:
         self.started, self.earlier, self.write = started, earlier, write
-        self._began = time.monotonic()
-        self._cpu_began = cpu_seconds()
+        self._began = self._cpu_began = 0.0  # set when the attempt starts (__enter__)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True)
         self.seconds = 0.0
