@@ -185,3 +185,47 @@ def test_keys_added_later_at_their_old_behaviour_leave_fingerprints_alone(setup)
     # fingerprints, and a narrower V is a different V
     assert "vae.width" not in config_slice(cfg("vae.width=32"), ("vae",))
     assert config_slice(cfg("vae.width=16"), ("vae",))["vae.width"] == 16
+
+
+def test_a_stage_counts_its_compute_over_its_own_attempts(setup, tmp_path, monkeypatch):
+    """A stage cut short and resumed adds its attempts (never the pause between them), with
+    the CPU it ran on; one started again from scratch counts from zero."""
+    import time
+
+    import wmlab.pipeline as pipeline_module
+
+    rec, cfg = setup
+    monkeypatch.setattr(pipeline_module, "HEARTBEAT_SECONDS", 0.05)
+    slow = rec.stage("b", ("vae",))
+
+    def run_slowly(config, progress):
+        time.sleep(0.3)  # long enough for a few heartbeats
+        return slow.run(config, progress)
+
+    def pipeline():
+        stages = [rec.stage("a", ("collect",)), Stage("b", ("vae",), "b", run_slowly,
+                                                       slow.output, "fake b")]
+        return Pipeline(cfg(), stages=stages, progress=False, log=lambda _: None)
+
+    rec.fail_in = "b"
+    with pytest.raises(KeyboardInterrupt):
+        pipeline().run()
+    record = json.loads((tmp_path / "runs/doom-quick/stages/b.json").read_text())
+    assert record["status"] == "running" and record["compute_seconds"] >= 0.2  # the beats
+    time.sleep(0.5)  # a pause between sessions: not counted
+    rec.fail_in = None
+    results = pipeline().run()
+    assert [r.status for r in results] == ["skipped", "resumed"]
+    record = json.loads((tmp_path / "runs/doom-quick/stages/b.json").read_text())
+    assert len(record["attempts"]) == 2
+    total = sum(a["seconds"] for a in record["attempts"])
+    assert record["compute_seconds"] == pytest.approx(total, abs=0.01)
+    assert 0.55 < total < 1.0  # two attempts of ~0.3 s, not the 0.5 s pause
+    assert record["cpu"]["cores"] >= 1 and record["cpu"]["model"]
+    assert record["attempts"][0]["cpu"] == record["cpu"]
+    # changed inputs: the stage starts again, and so does its count
+    stages = [rec.stage("a", ("collect",)), Stage("b", ("vae",), "b", run_slowly,
+                                                   slow.output, "fake b")]
+    Pipeline(cfg("vae.epochs=7"), stages=stages, progress=False, log=lambda _: None).run()
+    record = json.loads((tmp_path / "runs/doom-quick/stages/b.json").read_text())
+    assert len(record["attempts"]) == 1 and record["compute_seconds"] < 0.5
