@@ -338,3 +338,14 @@ def test_the_report_opens_with_the_result(tmp_path):
     assert "| 200 +- 81.65 |" in summary  # the random policy on the same seeds
     assert "+300" in summary  # the paired difference
     assert "Published: World Models, C trained in the dream, tau 1.15, 1092 +- 556" in summary
+
+
+def test_the_share_of_cs_steps_taken_in_the_dream(tmp_path):
+    run = new_run(tmp_path)
+    fill_run(run)
+    metrics = Path(run) / "controller" / "metrics.csv"
+    rows = ["step,best,mean,worst,in_dream,env_steps"]
+    rows += [f"{g},1,1,1,{1 if g <= 3 else 0},{9000 if g <= 3 else 1000}" for g in range(1, 6)]
+    metrics.write_text("\n".join(rows) + "\n")
+    md = Path(write_report(run).markdown).read_text()
+    assert "| members' steps: real env / dream | 2,000 / 27,000 (93% in the dream) |" in md

@@ -794,6 +794,14 @@ class _Builder:
                                               f"{int(best['step'])})"])
         if "sigma" in last:
             table.append(["CMA-ES step size", f"{last['sigma']:.4g}"])
+        counted = [r for r in rows if "env_steps" in r]
+        if counted:
+            dreamt = sum(r["env_steps"] for r in counted
+                         if r.get("in_dream", 1.0 if where == "dream" else 0.0))
+            total = sum(r["env_steps"] for r in counted)
+            table.append(["members' steps: real env / dream",
+                          f"{total - dreamt:,.0f} / {dreamt:,.0f} "
+                          f"({100 * dreamt / total:.0f}% in the dream)"])
         section.blocks.append(Table(["", "value"], table))
         title = f"CMA-ES training progress ({'dream' if where == 'dream' else 'real env'})"
         section.blocks.append(self.figure("controller-progress.png",
