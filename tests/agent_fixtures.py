@@ -90,6 +90,10 @@ class RecordingFitness:
         self.calls.append(np.array(seeds))
         return self.evaluator.evaluate(params, seeds)
 
+    @property
+    def last_steps(self) -> np.ndarray | None:  # what the ES loop logs as env_steps
+        return self.evaluator.last_steps
+
 
 class SlowQuadratic:
     """A workload for engine tests: a quadratic fitness with a little seed-dependent noise,
