@@ -474,12 +474,17 @@ def train_controller(cfg: Any, *, progress: bool = True,
                       score_fitness=scorer, start=start)
 
 
+def missing_dream_heads(shape: Any, survival_reward: bool = False) -> list[str]:
+    """The heads M lacks for its dream to score C: it must predict when episodes end and,
+    unless the env pays just +1 per step alive (Doom, where the dream's reward is that),
+    what they pay."""
+    needed = ("done_head",) if survival_reward else ("reward_head", "done_head")
+    return [name for name in needed if not getattr(shape, name)]
+
+
 def check_dream_heads(shape: Any, dream_generations: int, survival_reward: bool = False
                       ) -> None:
-    """A dream scores C only if M predicts when episodes end and, unless the env pays just
-    +1 per step alive (Doom, where the dream's reward is that), what they pay."""
-    needed = ("done_head",) if survival_reward else ("reward_head", "done_head")
-    missing = [name for name in needed if not getattr(shape, name)]
+    missing = missing_dream_heads(shape, survival_reward)
     if missing:
         raise WmlabError(f"es.dream_generations = {dream_generations} trains C in M's dream "
                          f"first, but M has no {' and no '.join(missing)}: the dream would "

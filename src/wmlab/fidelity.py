@@ -190,9 +190,9 @@ def measure_fidelity(cfg: Any, dream_episodes: int, *, taus: Sequence[float] = (
 def check_heads(models: Any) -> None:
     """A dream scores controllers only where M predicts rewards (or the env pays +1 a step
     alive) and when episodes end."""
-    shape = models.mdrnn.shape
-    needed = ("done_head",) if models.spec.survival_reward else ("reward_head", "done_head")
-    missing = [name for name in needed if not getattr(shape, name)]
+    from wmlab.es import missing_dream_heads
+
+    missing = missing_dream_heads(models.mdrnn.shape, models.spec.survival_reward)
     if missing:
         raise WmlabError(f"the dream's fidelity needs M's {' and '.join(missing)}: this M "
                          "was trained without (its dream has no reward or no end); train "
