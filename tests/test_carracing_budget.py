@@ -152,6 +152,26 @@ def test_mixed_schedule_dreams_first_then_real_and_resumes_exactly(tmp_path):
     assert not np.array_equal(plain.mean, whole.mean)
 
 
+def test_the_dream_generations_take_their_own_rollouts(tmp_path):
+    class Shapes:
+        def __init__(self) -> None:
+            self.shapes: list[tuple[int, int]] = []
+
+        def evaluate(self, params: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+            self.shapes.append(seeds.shape)
+            return -np.sum(params ** 2, axis=1)
+
+    es = _es(dream_rollouts=5, eval_every=10)
+    real, dream = Shapes(), Shapes()
+    run_es(real, 6, es, str(tmp_path), progress=False, dream_fitness=dream)
+    assert dream.shapes == [(8, 5), (8, 5)]
+    # the real generations keep es.rollouts, and the final scoring its fixed rows
+    assert real.shapes[:3] == [(8, 2), (8, 2), (8, 2)] and len(real.shapes) == 4
+    with pytest.raises(WmlabError, match="es.dream_rollouts"):
+        run_es(Shapes(), 6, _es(dream_rollouts=5, dream_generations=0), str(tmp_path / "b"),
+               progress=False)
+
+
 def test_mixed_schedule_needs_a_real_run_and_a_dream(tmp_path):
     with pytest.raises(WmlabError, match="no dream fitness"):
         run_es(Target(0.0, 4, _es()), 4, _es(), str(tmp_path / "a"), progress=False)

@@ -255,10 +255,13 @@ RATES = {"collect": 2130,       # brown-noise env steps (EnvPool, 2 workers x 8 
          "encode": 15400,       # frames encoded
          "memory": 50000,       # M training frame-steps (bf16, batch 32 x 999; 74,000 idle)
          "controller": 1950,    # agent steps in C's real rollouts (packed V, 8 envs a job)
-         "gymnasium": 250}      # Gymnasium CarRacing steps with the agent (2 workers)
+         "gymnasium": 250,      # Gymnasium CarRacing steps with the agent (2 workers)
+         "dream": 30000}        # dream steps of C's members (bf16, 32 dreams a job)
 
 
 def test_solve_profile_plans_within_eight_hours():
+    from wmlab.pipeline import iteration_config
+
     cfg = load_config_solve()
     assert cfg.env.backend == "envpool" and cfg.eval.backend == "gymnasium"
     assert cfg.eval.episodes == 100 and cfg.es.fitness == "real"
@@ -268,26 +271,55 @@ def test_solve_profile_plans_within_eight_hours():
     # 8 envs per job (EnvPool's best batch per core) and whole rounds of 2 jobs
     assert cfg.es.job_members * cfg.es.rollouts == 8
     assert (cfg.es.population // cfg.es.job_members) % 2 == 0
+    first = _planned_seconds(cfg)
+    # the first iteration leaves a quarter of the 8 hours to the next one
+    assert sum(first.values()) < 6 * 3600, {k: round(v / 3600, 2) for k, v in first.items()}
+
+    cfg.run.name = "/nowhere/solve"  # iteration 2's settings, without a trained iteration 1
+    later = iteration_config_unchecked(cfg, iteration_config)
+    assert cfg.run.iterations == 2 and later.vae.epochs == 0
+    assert later.collect.agent_fraction > 0 and later.mdrnn.init_from.endswith("/memory")
+    assert later.es.init_from.endswith("/controller")
+    # most of C's members' rollouts in iteration 2 are dreams
+    dreams = later.es.dream_generations * later.es.dream_rollouts
+    real = (later.es.generations - later.es.dream_generations) * later.es.rollouts
+    assert dreams > 2 * real
+    second = _planned_seconds(later)
+    total = sum(first.values()) + sum(second.values())
+    assert total < 8 * 3600, {k: round(v / 3600, 2) for k, v in second.items()}
+
+
+def iteration_config_unchecked(cfg, iteration_config):
+    """``iteration_config(cfg, 2)`` with iteration 1's trained C taken as there."""
+    from unittest import mock
+
+    with mock.patch("wmlab.checkpoint.checkpoint_exists", return_value=True):
+        return iteration_config(cfg, 2)
+
+
+def _planned_seconds(cfg) -> dict[str, float]:
+    """Each stage's compute at the rates the solve run measured (whole tracks of 1,000)."""
     steps = 1000
     frames = cfg.collect.episodes * steps
-    seconds = {
+    es = cfg.es
+    in_dream = es.dream_generations
+    real_members = (es.generations - in_dream) * es.population * es.rollouts
+    dream_members = in_dream * es.population * (es.dream_rollouts or es.rollouts)
+    scored = es.generations // es.eval_every * es.eval_rollouts
+    return {
         "collect": frames / RATES["collect"],
         "vision": cfg.vae.epochs * 0.95 * frames / RATES["vision"],  # 5% held out
         "encode": frames / RATES["encode"],
         "memory": cfg.mdrnn.steps * cfg.mdrnn.batch_size * cfg.mdrnn.seq_len
         / RATES["memory"] + 120,  # and the dream's calibration
         # every member's rollouts run whole here: stalled ones end sooner
-        "controller": (cfg.es.generations * cfg.es.population * cfg.es.rollouts
-                       + cfg.es.generations // cfg.es.eval_every * cfg.es.eval_rollouts)
-        * steps / RATES["controller"],
+        "controller": (real_members + scored) * steps / RATES["controller"]
+        + dream_members * steps / RATES["dream"],
         # C and the random policy on 100 Gymnasium tracks, C on 100 EnvPool tracks, the
         # dream's fidelity
         "evaluate": 2 * cfg.eval.episodes * steps / RATES["gymnasium"]
         + cfg.eval.episodes * steps / RATES["controller"] + 120,
     }
-    total = sum(seconds.values())
-    # the first iteration leaves a quarter of the 8 hours to the next one
-    assert total < 6 * 3600, {k: round(v / 3600, 2) for k, v in seconds.items()}
 
 
 def load_config_solve():

@@ -171,6 +171,9 @@ class EsConfig:
                           "empty = zero, as the paper")
     population: int = _opt(64, "CMA-ES population", min=2)
     rollouts: int = _opt(16, "rollouts per member; fitness is their mean return", min=1)
+    dream_rollouts: int = _opt(0, "rollouts per member in the mixed schedule's dream "
+                               "generations (a dream step costs ~1/20 of a real one, so "
+                               "the dream affords the paper's 16); 0 = es.rollouts", min=0)
     sigma0: float = _opt(0.1, "initial step size", min=0.0)
     covariance: str = _opt("full", "CMA-ES covariance: full (the paper's), or diagonal "
                            "(sep-CMA-ES: linear cost and a small checkpoint, for controllers "

@@ -91,6 +91,10 @@ def check_es_config(es: EsConfig) -> None:
                          "schedule of a real-env run (dream generations first, then real "
                          "ones): set es.fitness = \"real\", or es.dream_generations = 0 to "
                          "train in the dream only")
+    if es.dream_rollouts and not es.dream_generations:
+        raise WmlabError(f"es.dream_rollouts ({es.dream_rollouts}) sets the rollouts of the "
+                         "mixed schedule's dream generations, and es.dream_generations is 0: "
+                         "set es.dream_generations, or es.rollouts for a run in one world")
 
 
 def generation_seeds(seed: int, generation: int, population: int, rollouts: int,
@@ -237,9 +241,10 @@ def run_es(fitness: Fitness, num_params: int, es: EsConfig, folder: str, *, seed
             began = time.monotonic()
             with numpy_seeded(seed, generation, 3):
                 candidates = np.asarray(strategy.ask(), dtype=np.float64)
-            seeds = generation_seeds(seed, generation, es.population, es.rollouts,
-                                     es.antithetic)
             in_dream = generation < es.dream_generations
+            rollouts = es.dream_rollouts if in_dream and es.dream_rollouts else es.rollouts
+            seeds = generation_seeds(seed, generation, es.population, rollouts,
+                                     es.antithetic)
             members = dream_fitness if in_dream and dream_fitness is not None else fitness
             returns = np.asarray(members.evaluate(candidates.astype(np.float32), seeds),
                                  dtype=np.float64)
