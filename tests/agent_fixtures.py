@@ -20,10 +20,10 @@ from wmlab.config import Config, load_config
 from wmlab.evaluators import Evaluator
 from wmlab.memory.model import MDNRNN, MdrnnShape
 from wmlab.memory.train import FINAL_WEIGHTS as M_WEIGHTS
-from wmlab.memory.train import INITIAL_Z, memory_dir
+from wmlab.memory.train import INITIAL_Z
+from wmlab.runs import RunLayout
 from wmlab.vision.model import ConvVAE
 from wmlab.vision.train import FINAL_WEIGHTS as V_WEIGHTS
-from wmlab.vision.train import vision_dir
 
 Z_DIM = 8
 M_HIDDEN = 16
@@ -66,15 +66,15 @@ def make_run(tmp_path: Path, preset: str = "doom", overrides: tuple[str, ...] = 
                                         *overrides])
     torch.manual_seed(1)
     vae = ConvVAE(z_dim)
-    save_checkpoint(vision_dir(cfg), V_WEIGHTS, 1, vae.state_dict(), None,
+    save_checkpoint(RunLayout.of(cfg).vision, V_WEIGHTS, 1, vae.state_dict(), None,
                     {"z_dim": z_dim, "kind": "vae"})
     if mdrnn is None:
         mdrnn = survival_mdrnn(z_dim)
     shape = mdrnn.shape
-    save_checkpoint(memory_dir(cfg), M_WEIGHTS, 1, mdrnn.state_dict(), None,
+    save_checkpoint(RunLayout.of(cfg).memory, M_WEIGHTS, 1, mdrnn.state_dict(), None,
                     {"shape": {k: getattr(shape, k) for k in shape.__dataclass_fields__}})
     gen = torch.Generator().manual_seed(2)
-    save_checkpoint(memory_dir(cfg), INITIAL_Z, 10,
+    save_checkpoint(RunLayout.of(cfg).memory, INITIAL_Z, 10,
                     {"mu": 1.0 + 0.1 * torch.randn(10, shape.z_dim, generator=gen),
                      "logvar": torch.full((10, shape.z_dim), -4.0)}, None, {"episodes": 10})
     return cfg

@@ -11,9 +11,10 @@ import pytest
 from wmlab.cli import main
 from wmlab.config import load_config
 from wmlab.errors import WmlabError
-from wmlab.memory.calibration import calibration_path, far_policies, noop_order_warning
+from wmlab.memory.calibration import far_policies, noop_order_warning
 from wmlab.pipeline import Pipeline
 from wmlab.policies import PolicyConfig, make_policy
+from wmlab.runs import RunLayout
 
 TINY = [
     "collect.workers=1", "collect.min_length=0", "collect.episodes=3", "env.max_steps=40",
@@ -66,13 +67,13 @@ def test_calibration_measures_the_game_and_gates_training_in_the_dream(tmp_path:
                                                                          capsys):
     cfg = load_config("doom", "quick", [f"run.root=\"{tmp_path}\"", *TINY])
     Pipeline(cfg, progress=False, log=lambda _: None).run(until="memory")
-    report = json.loads(Path(calibration_path(cfg)).read_text())
+    report = json.loads(Path(RunLayout.of(cfg).calibration).read_text())
     assert report["real_episodes"] == 2
     assert set(report["policies"]) == {"random", "noop", "left"}
     ratios = [row["survival_ratio"] for row in report["policies"].values()]
     assert all(r > 0 for r in ratios)
 
-    from wmlab.es import controller_dir, train_controller
+    from wmlab.es import train_controller
 
     # a tolerance no dream can meet: refused before any generation, nothing written
     strict = load_config("doom", "quick", [f"run.root=\"{tmp_path}\"", *TINY,
@@ -80,7 +81,7 @@ def test_calibration_measures_the_game_and_gates_training_in_the_dream(tmp_path:
     if any(r != 1.0 for r in ratios):
         with pytest.raises(WmlabError, match="too far from the game"):
             train_controller(strict, progress=False)
-        assert not Path(controller_dir(strict)).exists()
+        assert not Path(RunLayout.of(strict).controller).exists()
     # off (the default): trains
     result = train_controller(cfg, progress=False)
     assert result.generation == 1
@@ -93,7 +94,7 @@ def test_calibration_measures_the_game_and_gates_training_in_the_dream(tmp_path:
     out = capsys.readouterr().out
     assert "dream/game" in out and "noop" in out
     # a damaged report is one clear message
-    Path(calibration_path(cfg)).write_text("{not json")
+    Path(RunLayout.of(cfg).calibration).write_text("{not json")
     assert main(["calibrate", *base]) == 2
     assert "damaged" in capsys.readouterr().err
 
@@ -102,22 +103,22 @@ def test_fitted_done_bias_shortens_a_lenient_dream_by_the_log_ratio(tmp_path: Pa
                                                                        monkeypatch):
     import math
 
-    from wmlab.es import controller_dir, train_controller
+    from wmlab.es import train_controller
     from wmlab.memory import calibration
 
     tiny = [*TINY, "mdrnn.calibration_episodes=32", "dream.max_steps=200"]
     cfg = load_config("doom", "quick", [f"run.root=\"{tmp_path}\"", *tiny,
                                         "dream.fit_done_bias=true"])
     Pipeline(cfg, progress=False, log=lambda _: None).run(until="memory")
-    report = json.loads(Path(calibration_path(cfg)).read_text())
+    report = json.loads(Path(RunLayout.of(cfg).calibration).read_text())
     before = report["policies"]["random"]["survival_mean"]
     assert before > 4  # room to shorten
     # pretend the game is twice as hard as the dream: the fit must shorten the dreams
     report["policies"]["random"]["real_survival_mean"] = before / 2
-    Path(calibration_path(cfg)).write_text(json.dumps(report))
+    Path(RunLayout.of(cfg).calibration).write_text(json.dumps(report))
 
     bias = calibration.dream_done_bias(cfg)
-    fitted = json.loads((Path(controller_dir(cfg)) / calibration.FITTED_BIAS_FILE).read_text())
+    fitted = json.loads((Path(RunLayout.of(cfg).controller) / calibration.FITTED_BIAS_FILE).read_text())
     assert bias == fitted["fitted"] == pytest.approx(math.log(2))
     assert fitted["dream_survival_after"] < before  # the same dreams, ended sooner
     # read back, not fitted again (a resumed C keeps its dream)

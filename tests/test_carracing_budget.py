@@ -16,10 +16,11 @@ from agent_fixtures import RecordingFitness, make_run
 from wmlab.agent import workload_from_config
 from wmlab.config import EsConfig, load_config
 from wmlab.errors import WmlabError
-from wmlab.es import controller_dir, generation_seeds, run_es, train_controller
+from wmlab.es import generation_seeds, run_es, train_controller
 from wmlab.evaluate import backend_gap, gap_from_evals
 from wmlab.evaluators import Evaluator
 from wmlab.memory.model import MDNRNN, MdrnnShape
+from wmlab.runs import RunLayout
 
 # --- the profiles -----------------------------------------------------------------------------
 
@@ -207,7 +208,7 @@ def test_mixed_schedule_on_carracing_dreams_generation_1_and_drives_generation_2
     np.testing.assert_array_equal(generation_calls[0],
                                   generation_seeds(0, 1, 4, 1, True))
     assert len(real.calls) == 3  # plus the mean scored on real tracks after each generation
-    info = json.loads(Path(controller_dir(cfg), "controller.json").read_text())
+    info = json.loads(Path(RunLayout.of(cfg).controller, "controller.json").read_text())
     assert info["dream_generations"] == 1
     # killed after the dream generation and resumed: the same controller as straight through
     other = make_run(tmp_path / "b", "carracing", TINY_CAR, mdrnn=carracing_mdrnn(True))
@@ -216,7 +217,7 @@ def test_mixed_schedule_on_carracing_dreams_generation_1_and_drives_generation_2
     resumed = train_controller(other, progress=False)
     assert resumed.resumed_from == 1
     np.testing.assert_array_equal(result.mean, resumed.mean)
-    assert _rows(Path(controller_dir(cfg))) == _rows(Path(controller_dir(other)))
+    assert _rows(Path(RunLayout.of(cfg).controller)) == _rows(Path(RunLayout.of(other).controller))
 
 
 def test_mixed_schedule_refused_when_m_has_no_reward_or_done_head(tmp_path, capsys):
@@ -226,7 +227,7 @@ def test_mixed_schedule_refused_when_m_has_no_reward_or_done_head(tmp_path, caps
     with pytest.raises(WmlabError, match="no reward_head and no done_head.*"
                                          "--set mdrnn.reward_head=true"):
         train_controller(cfg, progress=False)
-    assert not Path(controller_dir(cfg)).exists()
+    assert not Path(RunLayout.of(cfg).controller).exists()
     args = ["train-controller", "--preset", "carracing", "--profile", "quick",
             "--no-progress", "--set", f'run.root="{tmp_path}"', "--set", 'run.name="r"']
     for item in TINY_CAR:

@@ -13,6 +13,7 @@ from wmlab.agent import build_models, run_real
 from wmlab.bench.controller import CountingBatch
 from wmlab.envs import get_spec, make_batch
 from wmlab.memory.model import MDNRNN, MdrnnShape
+from wmlab.runs import RunLayout
 from wmlab.vision.model import ConvVAE, PackedEncoder, frames_to_tensor
 
 pytest.importorskip("envpool")
@@ -169,8 +170,7 @@ def test_a_dream_that_copies_the_game_ranks_controllers_perfectly(tmp_path, one_
 
     from agent_fixtures import make_run
     from wmlab.agent import workload_from_config
-    from wmlab.es import controller_dir, load_snapshots, run_es
-    from wmlab.evaluate import eval_dir
+    from wmlab.es import load_snapshots, run_es
     from wmlab.evaluators import Evaluator
     from wmlab.fidelity import measure_fidelity
 
@@ -181,14 +181,14 @@ def test_a_dream_that_copies_the_game_ranks_controllers_perfectly(tmp_path, one_
     with Evaluator(workload_from_config(cfg, "dream"), "serial") as dream:
         game = _SameDreams(dream, [1, 2, 3])
         n = dream.engine.runner.models.shape.num_params
-        run_es(game, n, cfg.es, controller_dir(cfg), seed=0, progress=False)
-        snapshots = load_snapshots(controller_dir(cfg))
+        run_es(game, n, cfg.es, RunLayout.of(cfg).controller, seed=0, progress=False)
+        snapshots = load_snapshots(RunLayout.of(cfg).controller)
         assert [s.generation for s in snapshots] == [1, 2, 3, 4, 5, 6]
         (same,) = measure_fidelity(cfg, 3, real=game, dream=game)
         (flattering,) = measure_fidelity(cfg, 3, real=game,
                                          dream=_SameDreams(dream, [1, 2, 3], scale=2.0))
         # snapshots of another run are scored again in this run's game
-        shutil.copytree(controller_dir(cfg), tmp_path / "other")
+        shutil.copytree(RunLayout.of(cfg).controller, tmp_path / "other")
         scored = []
         again = measure_fidelity(cfg, 3, taus=(1.0, 1.2), snapshots_from=str(
             tmp_path / "other"), real=_Recording(game, scored), dream=game)
@@ -204,7 +204,7 @@ def test_a_dream_that_copies_the_game_ranks_controllers_perfectly(tmp_path, one_
     assert [r.tau for r in again] == [1.0, 1.2]
     assert len(scored) == 8  # every controller scored in the real env, the copy's too
     assert again[0].rank_correlation == pytest.approx(1.0)
-    saved = json.loads((Path(eval_dir(cfg)) / "fidelity.json").read_text())["results"]
+    saved = json.loads((Path(RunLayout.of(cfg).eval) / "fidelity.json").read_text())["results"]
     assert [s["tau"] for s in saved] == [1.0, 1.2] and len(saved[0]["rows"]) == 8
 
 
@@ -224,7 +224,6 @@ def test_later_iterations_take_their_overrides_and_keep_their_own_keys(tmp_path)
     from wmlab.checkpoint import save_checkpoint
     from wmlab.config import load_config
     from wmlab.errors import ConfigError
-    from wmlab.es import controller_dir
     from wmlab.pipeline import iteration_config
 
     cfg = load_config("carracing", "solve", [f'run.root="{tmp_path}"', 'run.name="r"',
@@ -232,7 +231,7 @@ def test_later_iterations_take_their_overrides_and_keep_their_own_keys(tmp_path)
                                              'run.later=["vae.epochs=0", "es.generations=7",'
                                              ' "vae.init_from=elsewhere",'
                                              ' "es.init_from=previous"]'])
-    save_checkpoint(controller_dir(cfg), "controller", 1,
+    save_checkpoint(RunLayout.of(cfg).controller, "controller", 1,
                     {"params": torch.zeros(3)}, None, {})
     second = iteration_config(cfg, 2)
     assert second.vae.epochs == 0 and second.es.generations == 7
@@ -352,7 +351,7 @@ def test_generations_record_their_env_steps(tmp_path, one_thread):
 
     from agent_fixtures import make_run
     from wmlab.agent import run_dream, workload_from_config
-    from wmlab.es import controller_dir, train_controller
+    from wmlab.es import train_controller
 
     cfg = make_run(tmp_path, overrides=("es.population=4", "es.rollouts=2", "es.generations=2",
                                         "es.eval_every=2", "es.eval_rollouts=2",
@@ -367,7 +366,7 @@ def test_generations_record_their_env_steps(tmp_path, one_thread):
     np.testing.assert_array_equal(steps, returns)  # +1 a step alive: return = length
     assert steps[1].tolist() == [30, 30] and steps[0].max() < 30
     train_controller(cfg, progress=False)
-    text = Path(f"{controller_dir(cfg)}/metrics.csv").read_text()
+    text = Path(f"{RunLayout.of(cfg).controller}/metrics.csv").read_text()
     rows = list(csv.DictReader(text.splitlines()))
     assert all(float(r["env_steps"]) >= 8 for r in rows)  # 8 dreams of at least a step
 
@@ -375,7 +374,7 @@ def test_generations_record_their_env_steps(tmp_path, one_thread):
 def test_fidelity_refuses_an_m_without_the_dream_heads(tmp_path):
     from agent_fixtures import make_run
     from wmlab.errors import WmlabError
-    from wmlab.es import SNAPSHOTS, controller_dir
+    from wmlab.es import SNAPSHOTS
     from wmlab.fidelity import measure_fidelity
 
     plain = MDNRNN(MdrnnShape(z_dim=8, action_dim=1, hidden=16, gaussians=2,
@@ -383,7 +382,7 @@ def test_fidelity_refuses_an_m_without_the_dream_heads(tmp_path):
     cfg = make_run(tmp_path, mdrnn=plain)
     from wmlab.checkpoint import save_checkpoint
 
-    save_checkpoint(f"{controller_dir(cfg)}/{SNAPSHOTS}", "g00001", 1,
+    save_checkpoint(f"{RunLayout.of(cfg).controller}/{SNAPSHOTS}", "g00001", 1,
                     {"params": torch.zeros(8)}, None, {"generation": 1, "eval_mean": 1.0})
     with pytest.raises(WmlabError, match="needs M's done_head"):
         measure_fidelity(cfg, 4)

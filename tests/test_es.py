@@ -17,14 +17,9 @@ from wmlab.agent import workload_from_config
 from wmlab.checkpoint import load_checkpoint
 from wmlab.config import EsConfig
 from wmlab.errors import WmlabError
-from wmlab.es import (
-    controller_dir,
-    generation_seeds,
-    l2_penalty,
-    run_es,
-    train_controller,
-)
+from wmlab.es import generation_seeds, l2_penalty, run_es, train_controller
 from wmlab.evaluators import Evaluator, check_ray_address
+from wmlab.runs import RunLayout
 
 DREAM = ("es.population=16", "es.rollouts=2", "es.generations=8", "es.eval_every=4",
          "es.eval_rollouts=8", "dream.max_steps=30")
@@ -105,7 +100,7 @@ def test_dream_training_improves_survival(tmp_path):
     # The zero controller (the initial mean) never moves and dies on the first step.
     assert result.best_score == max(scored) and result.best_score > 10
     assert result.history[-1]["mean"] > result.history[0]["mean"] + 5
-    best = load_checkpoint(controller_dir(cfg), "best", with_state=False)
+    best = load_checkpoint(RunLayout.of(cfg).controller, "best", with_state=False)
     assert best.weights["params"].shape == (8 + 32,)
     assert best.info["inputs"] == 40 and best.info["bias"] is False
 
@@ -141,13 +136,13 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert straight.best_score == resumed.best_score
 
     def metrics(cfg):
-        text = Path(controller_dir(cfg), "metrics.csv").read_text()
+        text = Path(RunLayout.of(cfg).controller, "metrics.csv").read_text()
         rows = list(csv.DictReader(text.splitlines()))
         return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
 
     assert metrics(whole) == metrics(parts)
-    a = load_checkpoint(controller_dir(whole), "controller", with_state=False)
-    b = load_checkpoint(controller_dir(parts), "controller", with_state=False)
+    a = load_checkpoint(RunLayout.of(whole).controller, "controller", with_state=False)
+    b = load_checkpoint(RunLayout.of(parts).controller, "controller", with_state=False)
     assert a.info["fingerprint"] == b.info["fingerprint"]
 
 
@@ -156,7 +151,7 @@ def test_bad_es_config_writes_nothing(tmp_path):
     cfg.es.population = 1
     with pytest.raises(WmlabError, match="at least 2 members"):
         train_controller(cfg, progress=False)
-    assert not os.path.exists(controller_dir(cfg))
+    assert not os.path.exists(RunLayout.of(cfg).controller)
     from wmlab.config import load_config
 
     with pytest.raises(WmlabError, match="es.population"):

@@ -16,15 +16,16 @@ from wmlab.checkpoint import save_checkpoint
 from wmlab.cli import main
 from wmlab.controller import controller_shape, shape_info
 from wmlab.errors import WmlabError
-from wmlab.es import BEST_WEIGHTS, controller_dir
-from wmlab.evaluate import episode_rows, eval_dir, evaluate_controller
+from wmlab.es import BEST_WEIGHTS
+from wmlab.evaluate import episode_rows, evaluate_controller
+from wmlab.runs import RunLayout
 
 EVAL = ("env.max_steps=12", "eval.episodes=3", "eval.seed=500")
 
 
 def _save_controller(cfg, params: np.ndarray, z_dim: int = Z_DIM, hidden: int = 16) -> None:
     shape = controller_shape("zch", z_dim, hidden, 1, bias=False)
-    save_checkpoint(controller_dir(cfg), BEST_WEIGHTS, 1,
+    save_checkpoint(RunLayout.of(cfg).controller, BEST_WEIGHTS, 1,
                     {"params": torch.as_tensor(params, dtype=torch.float32)}, None,
                     {**shape_info(shape, "zch"), "generation": 1})
 
@@ -37,7 +38,7 @@ def test_evaluate_real_doom_writes_every_episode(tmp_path):
     result = evaluate_controller(cfg, video=str(video))
     assert result.episodes == 3 and result.seeds == [500, 501, 502]
     assert result.backend == "vizdoom" and result.where == "real"
-    path = f"{eval_dir(cfg)}/eval-vizdoom.json"
+    path = f"{RunLayout.of(cfg).eval}/eval-vizdoom.json"
     saved = json.loads(Path(path).read_text())
     assert saved["returns"] == result.returns and len(saved["returns"]) == 3
     assert all(1 <= r <= 12 for r in saved["returns"])
@@ -64,7 +65,7 @@ def test_evaluate_in_the_dream_and_through_the_cli(tmp_path, capsys):
                  "--episodes", "4", "--dream"])
     assert code == 0
     assert "20.0 +- 0.0 over 4 episodes" in capsys.readouterr().out
-    saved = json.loads(Path(eval_dir(cfg), "eval-dream.json").read_text())
+    saved = json.loads(Path(RunLayout.of(cfg).eval, "eval-dream.json").read_text())
     assert saved["returns"] == [20.0] * 4 and saved["tau"] == cfg.dream.tau
 
 
@@ -73,7 +74,7 @@ def test_controller_of_another_shape_is_refused(tmp_path):
     _save_controller(cfg, np.zeros(64 + 1024), z_dim=64, hidden=512)
     with pytest.raises(WmlabError, match="does not fit this run's V, M"):
         evaluate_controller(cfg)
-    assert not os.path.exists(eval_dir(cfg))
+    assert not os.path.exists(RunLayout.of(cfg).eval)
 
 
 def test_bad_episode_counts_and_ray_address_are_refused(tmp_path, capsys):
@@ -82,7 +83,7 @@ def test_bad_episode_counts_and_ray_address_are_refused(tmp_path, capsys):
     for bad in (0, -3):
         with pytest.raises(WmlabError, match="positive integer"):
             evaluate_controller(cfg, episodes=bad)
-    assert not os.path.exists(eval_dir(cfg))
+    assert not os.path.exists(RunLayout.of(cfg).eval)
     base = ["--preset", "doom", "--profile", "quick", "--run", "r", "--set",
             f"run.root={tmp_path}"]
     assert main(["evaluate", *base, "--episodes", "0"]) == 2
@@ -91,7 +92,7 @@ def test_bad_episode_counts_and_ray_address_are_refused(tmp_path, capsys):
     assert main(["train-controller", *base, "--ray-address", "127.0.0.1:1",
                  "--no-progress"]) == 2
     assert "does not answer" in capsys.readouterr().err
-    assert not os.path.exists(f"{controller_dir(cfg)}/es-state.pkl")
+    assert not os.path.exists(f"{RunLayout.of(cfg).controller}/es-state.pkl")
     assert not os.path.exists(f"{tmp_path}/r/config.toml")
 
 

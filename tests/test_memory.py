@@ -28,10 +28,10 @@ from wmlab.memory.train import (
     SeriesSet,
     load_initial_z,
     load_mdrnn,
-    memory_dir,
     return_tracking,
     train_mdrnn,
 )
+from wmlab.runs import RunLayout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -333,7 +333,7 @@ def test_episode_batches_are_a_function_of_seed_and_step():
 
 
 def _weights(cfg) -> dict[str, torch.Tensor]:
-    return load_checkpoint(memory_dir(cfg), FINAL_WEIGHTS, with_state=False).weights
+    return load_checkpoint(RunLayout.of(cfg).memory, FINAL_WEIGHTS, with_state=False).weights
 
 
 @pytest.mark.parametrize("regime", ["streams", "episodes"])
@@ -361,7 +361,7 @@ def test_training_learns_and_the_reward_head_tracks_returns(tmp_path):
     result = train_mdrnn(cfg, progress=False, series=SeriesSet(series[:32], series[32:]),
                          on_step=lambda step, parts: losses.append(parts["z_nll"]))
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
-    model, _ = load_mdrnn(memory_dir(cfg))
+    model, _ = load_mdrnn(RunLayout.of(cfg).memory)
     tracking = return_tracking(model, series[32:])
     assert tracking["return_correlation"] > 0.8
     assert "return_correlation" in result.history[-1]

@@ -15,7 +15,8 @@ from agent_fixtures import make_run
 from wmlab.cli import main
 from wmlab.config import to_toml
 from wmlab.errors import WmlabError
-from wmlab.sweep import check_taus, parse_taus, sweep_dir, tau_label, tau_sweep
+from wmlab.runs import RunLayout
+from wmlab.sweep import check_taus, parse_taus, tau_label, tau_sweep
 
 TINY = ("es.population=4", "es.rollouts=2", "es.eval_every=1", "es.eval_rollouts=2",
         "dream.max_steps=30", "env.max_steps=40")
@@ -36,7 +37,7 @@ def test_sweep_resumes_after_a_kill_skips_finished_taus_and_writes_the_table(
     import wmlab.es as es
 
     cfg = make_run(tmp_path, overrides=TINY)
-    root = Path(sweep_dir(cfg))
+    root = Path(RunLayout.of(cfg).tau_sweep)
     real_train = es.train_controller
 
     def killed_after_one_generation(cfg, **kwargs):
@@ -122,7 +123,7 @@ def test_bad_sweep_input_changes_nothing(tmp_path, capsys):
         tau_sweep(cfg, [0.5], generations=1, episodes=2, dream_episodes=-3, progress=False)
     with pytest.raises(WmlabError, match="population .* even"):
         tau_sweep(cfg, [0.5], generations=1, population=5, **SIZES)
-    assert not Path(sweep_dir(cfg)).exists()
+    assert not Path(RunLayout.of(cfg).tau_sweep).exists()
     assert parse_taus(" 0.1, 1.15 ,1.3") == [0.1, 1.15, 1.3]
     with pytest.raises(WmlabError, match="'x' is not a number"):
         parse_taus("0.1,x")
@@ -138,12 +139,12 @@ def test_bad_sweep_input_changes_nothing(tmp_path, capsys):
 
 def test_sweep_reuses_the_runs_random_policy_only_when_it_played_the_same_episodes(
         tmp_path, one_thread):
-    from wmlab.evaluate import eval_dir, evaluate_random_policy
+    from wmlab.evaluate import evaluate_random_policy
 
     cfg = make_run(tmp_path, overrides=TINY)
     # the run's evaluate stage played the random policy on 3 episodes: not the sweep's 2
     evaluate_random_policy(cfg, episodes=3)
-    stored = Path(eval_dir(cfg)) / "random-vizdoom.json"
+    stored = Path(RunLayout.of(cfg).eval) / "random-vizdoom.json"
     assert stored.exists()
     lines: list[str] = []
     table = tau_sweep(cfg, [1.15], generations=1, log=lines.append, **SIZES)
@@ -152,7 +153,7 @@ def test_sweep_reuses_the_runs_random_policy_only_when_it_played_the_same_episod
 
     # on exactly the sweep's episodes it is reused, not played again
     own = evaluate_random_policy(cfg, episodes=2)
-    (Path(sweep_dir(cfg)) / "random.json").unlink()
+    (Path(RunLayout.of(cfg).tau_sweep) / "random.json").unlink()
     marked = json.loads(stored.read_text())
     marked["mean"] = own.mean + 1000.0  # a mark no replay could produce
     stored.write_text(json.dumps(marked))

@@ -20,16 +20,10 @@ from wmlab.data import Episode, EpisodeStore
 from wmlab.data.series import SeriesStore
 from wmlab.device import bf16_is_native
 from wmlab.errors import WmlabError
+from wmlab.runs import RunLayout
 from wmlab.vision.encode import encode_frames, encode_store
 from wmlab.vision.model import frames_to_tensor
-from wmlab.vision.train import (
-    FRAME_BYTES,
-    MB,
-    load_vae,
-    loader_pool_chunks,
-    train_vae,
-    vision_dir,
-)
+from wmlab.vision.train import FRAME_BYTES, MB, load_vae, loader_pool_chunks, train_vae
 
 
 def moving_square_episode(index: int, steps: int, noise: bool = False) -> Episode:
@@ -111,7 +105,7 @@ def test_loss_falls_within_a_few_dozen_steps(root):
     # a validation row per epoch, the picture of each epoch, and the exported V
     assert [h["epoch"] for h in result.history] == [0, 1, 2, 3, 4]
     assert result.history[-1]["loss"] < result.history[0]["loss"]
-    folder = vision_dir(cfg)
+    folder = RunLayout.of(cfg).vision
     assert os.path.exists(f"{folder}/recon-vae-epoch005.png")
     assert any(name.startswith("events.") for name in os.listdir(f"{folder}/tb"))
     model, info = load_vae(folder)
@@ -122,12 +116,12 @@ def test_loss_falls_within_a_few_dozen_steps(root):
 def test_a_narrow_v_trains_saves_and_loads_at_its_width(root):
     cfg = tiny_config(root, "narrow", **{"vae.width": 8, "vae.epochs": 1})
     train_vae(cfg, progress=False)
-    model, info = load_vae(vision_dir(cfg))
+    model, info = load_vae(RunLayout.of(cfg).vision)
     assert model.width == info["width"] == 8
     assert model.encoder.convs[0].out_channels == 8
     # starting the next iteration's V from it needs the same width
     with pytest.raises(WmlabError, match="width 8, this run asks for 8 and 32"):
-        train_vae(tiny_config(root, "wider", **{"vae.init_from": vision_dir(cfg)}),
+        train_vae(tiny_config(root, "wider", **{"vae.init_from": RunLayout.of(cfg).vision}),
                   progress=False)
 
 
@@ -138,7 +132,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(root):
     stopped = tiny_config(root, "stopped")
     first = train_vae(stopped, progress=False, stop_after_steps=5)
     assert not first.finished and first.steps == 5
-    assert not os.path.exists(f"{vision_dir(stopped)}/vae.json")
+    assert not os.path.exists(f"{RunLayout.of(stopped).vision}/vae.json")
     second = train_vae(stopped, progress=False)
     assert second.finished and second.resumed_from == 5
 
@@ -151,15 +145,15 @@ def test_kill_and_resume_equals_an_uninterrupted_run(root):
 
     with pytest.raises(KeyboardInterrupt):
         train_vae(killed, progress=False, on_step=kill)
-    assert json.loads(Path(f"{vision_dir(killed)}/train.json").read_text())["step"] == 3
+    assert json.loads(Path(f"{RunLayout.of(killed).vision}/train.json").read_text())["step"] == 3
     assert train_vae(killed, progress=False).resumed_from == 3
 
-    reference = weights(vision_dir(straight))
+    reference = weights(RunLayout.of(straight).vision)
     for cfg in (stopped, killed):
-        assert_same_weights(weights(vision_dir(cfg)), reference)
-        assert_same_weights(weights(vision_dir(cfg), "train"),
-                            weights(vision_dir(straight), "train"))
-        assert metric_rows(vision_dir(cfg)) == metric_rows(vision_dir(straight))
+        assert_same_weights(weights(RunLayout.of(cfg).vision), reference)
+        assert_same_weights(weights(RunLayout.of(cfg).vision, "train"),
+                            weights(RunLayout.of(straight).vision, "train"))
+        assert metric_rows(RunLayout.of(cfg).vision) == metric_rows(RunLayout.of(straight).vision)
 
 
 def test_vae_gan_trains_without_nan(root):
@@ -169,12 +163,12 @@ def test_vae_gan_trains_without_nan(root):
     assert result.finished and len(seen) == result.steps == 6
     assert all(math.isfinite(v) for logs in seen for v in logs.values())
     assert {"generator", "critic"} <= seen[0].keys()
-    trained = weights(vision_dir(cfg), "train")
+    trained = weights(RunLayout.of(cfg).vision, "train")
     assert any(k.startswith("disc.") for k in trained)
     assert all(np.isfinite(v).all() for v in trained.values())
-    assert os.path.exists(f"{vision_dir(cfg)}/recon-vae-gan-epoch001.png")
+    assert os.path.exists(f"{RunLayout.of(cfg).vision}/recon-vae-gan-epoch001.png")
     # the exported V is a plain ConvVAE that encode and M load like any other
-    model, info = load_vae(vision_dir(cfg))
+    model, info = load_vae(RunLayout.of(cfg).vision)
     assert info["kind"] == "vae-gan" and model.z_dim == 8
 
 
@@ -187,7 +181,7 @@ def test_encode_matches_the_model_and_resumes_only_missing_episodes(root):
     summary = encode_store(cfg, progress=False)
     store = EpisodeStore.open(cfg.store_url())
     assert summary.encoded == summary.episodes == 4 and summary.frames == 4 * 41
-    model, info = load_vae(vision_dir(cfg))
+    model, info = load_vae(RunLayout.of(cfg).vision)
     series = SeriesStore.current(cfg.store_url())
     assert series.fingerprint == info["fingerprint"] == summary.fingerprint
     assert series.info()["z_dim"] == 8 and series.info()["vae_step"] == info["step"]
@@ -218,7 +212,7 @@ def test_encode_matches_the_model_and_resumes_only_missing_episodes(root):
 def test_bf16_encoding_stays_within_the_posterior_noise(root):
     cfg = tiny_config(root, "enc16", **{"vae.epochs": 1, "vae.max_frames": 32})
     train_vae(cfg, progress=False)
-    model, _ = load_vae(vision_dir(cfg))
+    model, _ = load_vae(RunLayout.of(cfg).vision)
     store = EpisodeStore.open(cfg.store_url())
     frames = store.load(store.episode_ids()[0]).frames
     mu, logvar = encode_frames(model, frames, torch.device("cpu"))
@@ -243,13 +237,13 @@ def test_empty_store_and_wrong_frames_are_refused(tmp_path):
     manifest.write_text(json.dumps({**data, "frame_shape": [96, 96, 3]}))
     with pytest.raises(WmlabError, match=r"shape \(96, 96, 3\)"):
         train_vae(cfg, progress=False)
-    assert not os.path.exists(vision_dir(cfg))
+    assert not os.path.exists(RunLayout.of(cfg).vision)
 
 
 def test_resume_with_another_model_or_data_order_is_refused_without_damage(root):
     cfg = tiny_config(root, "changed")
     train_vae(cfg, progress=False, stop_after_steps=4)
-    sidecar = Path(f"{vision_dir(cfg)}/train.json")
+    sidecar = Path(f"{RunLayout.of(cfg).vision}/train.json")
     before = sidecar.read_bytes()
     for change, message in [({"vae.z_dim": 16}, "vae.z_dim was 8, now 16"),
                             ({"vae.width": 16}, "vae.width was 32, now 16"),

@@ -33,6 +33,7 @@ from wmlab.envs.spec import EnvSpec
 from wmlab.errors import WmlabError
 from wmlab.evaluators import Rollouts
 from wmlab.memory.model import MDNRNN
+from wmlab.runs import RunLayout
 from wmlab.vision.model import ConvVAE, PackedEncoder, frames_to_tensor
 
 NOISE_BLOCK = 64  # steps of z-noise drawn at once per env (a numpy call per block, not step)
@@ -348,13 +349,11 @@ def workload_from_config(cfg: Any, kind: str | None = None, backend: str | None 
                          ) -> RolloutWorkload:
     """The rollouts a run's config describes (``kind`` defaults to es.fitness)."""
     from wmlab.memory.calibration import dream_done_bias
-    from wmlab.memory.train import memory_dir
-    from wmlab.vision.train import vision_dir
 
     kind = kind or cfg.es.fitness
     dream = kind == "dream"
     return RolloutWorkload(
-        kind=kind, vision_folder=vision_dir(cfg), memory_folder=memory_dir(cfg),
+        kind=kind, vision_folder=RunLayout.of(cfg).vision, memory_folder=RunLayout.of(cfg).memory,
         env=cfg.env.name, backend=(backend if backend is not None else cfg.env.backend) or None,
         features=cfg.controller.inputs, hidden=cfg.controller.hidden,
         bias=cfg.controller.bias,
@@ -377,15 +376,15 @@ class AgentPolicy:
     def __init__(self, num_envs: int, outputs: int, run_dir: str) -> None:
         from wmlab.config import load_config_file
         from wmlab.controller import check_shape
-        from wmlab.es import controller_dir, load_controller_params
+        from wmlab.es import load_controller_params
 
         try:
-            cfg = load_config_file(f"{run_dir.rstrip('/')}/config.toml")
+            cfg = load_config_file(RunLayout(run_dir.rstrip("/")).config)
         except WmlabError:
             raise WmlabError(f"collect.agent_run: {run_dir} is not a run directory (no "
                              "config.toml): give the run whose controller should act") from None
         self.models = workload_from_config(cfg, "real").load()
-        params, info = load_controller_params(controller_dir(cfg))
+        params, info = load_controller_params(RunLayout.of(cfg).controller)
         check_shape(info, self.models.shape, cfg.controller.inputs, info["source"])
         if outputs != self.models.spec.controller_outputs:
             raise WmlabError(f"the agent of {run_dir} emits {self.models.spec.controller_outputs}"

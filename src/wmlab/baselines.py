@@ -37,6 +37,7 @@ from wmlab.envs.binpacking import (
     valid_mask,
 )
 from wmlab.errors import WmlabError
+from wmlab.runs import RunLayout
 
 if TYPE_CHECKING:
     from wmlab.config import Config
@@ -211,7 +212,7 @@ def evaluate_on_eval_seeds(cfg: Config, policies: Sequence[str] = (
     """The heuristics on the run's own problem and the very episodes its controller is
     scored on (``eval.seed`` ..), written as ``eval/baseline-<policy>.json`` so the report
     lists them beside the controller and the random policy."""
-    from wmlab.evaluate import EvalResult, episode_rows, eval_dir, scored_env
+    from wmlab.evaluate import EvalResult, episode_rows, scored_env
     from wmlab.fsio import atomic_write_bytes
 
     problem = problem_from_name(cfg.env.name)
@@ -229,7 +230,7 @@ def evaluate_on_eval_seeds(cfg: Config, policies: Sequence[str] = (
                             std=float(returns.std()), seeds=seeds,
                             returns=returns.tolist(), controller=f"{name} heuristic",
                             controller_fingerprint="", extra={"policy": name})
-        atomic_write_bytes(f"{eval_dir(cfg)}/baseline-{name}.json",
+        atomic_write_bytes(f"{RunLayout.of(cfg).eval}/baseline-{name}.json",
                            json.dumps(asdict(result), indent=2).encode())
         results.append(result)
     return results

@@ -51,6 +51,7 @@ from wmlab.config import EsConfig
 from wmlab.errors import WmlabError
 from wmlab.fsio import atomic_write_bytes, exists
 from wmlab.metrics import MetricsLogger
+from wmlab.runs import RunLayout
 
 STATE_FILE = "es-state.pkl"
 MEAN_WEIGHTS = "controller"
@@ -398,10 +399,6 @@ def write_progress_plot(folder: str, rows: list[dict[str, str]]) -> None:
 # The stage: C trained on a run's V and M
 
 
-def controller_dir(cfg: Any) -> str:
-    return f"{cfg.run_dir()}/controller"
-
-
 def check_training_inputs(cfg: Any) -> tuple[Any, Any]:
     """Everything that can be wrong before training starts: the ES settings, the Ray
     address, V and M (present, fitting each other and the env, with the dream's heads for a
@@ -433,7 +430,7 @@ def train_controller(cfg: Any, *, progress: bool = True,
     from wmlab.controller import shape_info
     from wmlab.evaluators import Evaluator
 
-    folder = folder or controller_dir(cfg)
+    folder = folder or RunLayout.of(cfg).controller
     workload, models = check_training_inputs(cfg)
     mixed = cfg.es.dream_generations > 0
     if cfg.es.fitness == "dream" or mixed:

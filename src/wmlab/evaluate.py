@@ -20,6 +20,7 @@ from wmlab.config import Config
 from wmlab.errors import WmlabError
 from wmlab.fsio import atomic_write_bytes
 from wmlab.plots import gif_bytes
+from wmlab.runs import RunLayout
 
 # Episodes one evaluator row runs as a batch (one job). Rows of 25 split the 50 or 100
 # episodes of an evaluation evenly over 2 or 4 workers; rows of 10 put 3 of Doom's 5 rows
@@ -54,10 +55,6 @@ class EvalResult:
             f"{self.env} dream (tau {self.tau})"
         return (f"{where}: {self.mean:.1f} +- {self.std:.1f} over {self.episodes} episodes "
                 f"(seeds {self.seeds[0]}..{self.seeds[-1]})")
-
-
-def eval_dir(cfg: Config) -> str:
-    return f"{cfg.run_dir()}/eval"
 
 
 def episode_rows(first_seed: int, episodes: int, max_per_row: int = EPISODES_PER_ROW
@@ -96,7 +93,7 @@ def evaluate_controller(cfg: Config, *, episodes: int | None = None, where: str 
     the training backend, on the same seeds)."""
     from wmlab.agent import workload_from_config
     from wmlab.controller import check_shape
-    from wmlab.es import controller_dir, load_controller_params
+    from wmlab.es import load_controller_params
     from wmlab.evaluators import Evaluator
 
     episodes = _episodes(cfg, episodes)
@@ -107,7 +104,7 @@ def evaluate_controller(cfg: Config, *, episodes: int | None = None, where: str 
     spec, backend = scored_env(cfg, backend)
     workload = workload_from_config(cfg, where, backend)
     models = workload.load()
-    params, info = load_controller_params(controller_folder or controller_dir(cfg))
+    params, info = load_controller_params(controller_folder or RunLayout.of(cfg).controller)
     check_shape(info, models.shape, cfg.controller.inputs, info["source"])
     seeds = episode_rows(cfg.eval.seed, episodes,
                          DREAM_EPISODES_PER_ROW if where == "dream" else EPISODES_PER_ROW)
@@ -127,7 +124,7 @@ def evaluate_controller(cfg: Config, *, episodes: int | None = None, where: str 
                                "max_steps": cfg.env.max_steps or spec.max_steps})
     gif = record_video(models, workload, params, int(seeds.ravel()[0])) if video else None
     suffix = "dream" if where == "dream" else backend
-    path = out or f"{eval_dir(cfg)}/eval-{suffix}.json"
+    path = out or f"{RunLayout.of(cfg).eval}/eval-{suffix}.json"
     atomic_write_bytes(path, json.dumps(asdict(result), indent=2).encode())
     if gif is not None:
         atomic_write_bytes(video, gif)
@@ -337,6 +334,6 @@ def evaluate_random_policy(cfg: Config, *, episodes: int | None = None,
                                "lengths": lengths,
                                "length_mean": float(steps.mean()),
                                "length_std": float(steps.std())})
-    path = out or f"{eval_dir(cfg)}/{name}-{backend}.json"
+    path = out or f"{RunLayout.of(cfg).eval}/{name}-{backend}.json"
     atomic_write_bytes(path, json.dumps(asdict(result), indent=2).encode())
     return result

@@ -29,8 +29,7 @@ from typing import Any
 import numpy as np
 
 from wmlab.errors import WmlabError
-
-FIDELITY_FILE = "fidelity.json"
+from wmlab.runs import RunLayout
 
 
 @dataclass(frozen=True)
@@ -135,12 +134,11 @@ def measure_fidelity(cfg: Any, dream_episodes: int, *, taus: Sequence[float] = (
     (``evaluate(params, seeds) -> means``); by default the run's real env and M's dream.
     """
     from wmlab.agent import workload_from_config
-    from wmlab.es import controller_dir, eval_seeds, load_snapshots, score_mean
-    from wmlab.evaluate import eval_dir
+    from wmlab.es import eval_seeds, load_snapshots, score_mean
     from wmlab.evaluators import Evaluator
     from wmlab.fsio import atomic_write_bytes
 
-    source = (snapshots_from or controller_dir(cfg)).rstrip("/")
+    source = (snapshots_from or RunLayout.of(cfg).controller).rstrip("/")
     snapshots = load_snapshots(source)
     if not snapshots:
         raise WmlabError(f"{source} has no scored means (snapshots/): train C in the real "
@@ -151,7 +149,7 @@ def measure_fidelity(cfg: Any, dream_episodes: int, *, taus: Sequence[float] = (
     if dream is None:
         check_heads(workload_from_config(cfg, "dream").load())
     es = cfg.es
-    own = source == controller_dir(cfg).rstrip("/")
+    own = source == RunLayout.of(cfg).controller.rstrip("/")
     fixed = eval_seeds(cfg.run.seed, es.eval_rollouts, es.rollouts)
     controllers = {f"generation {s.generation}": s.params for s in snapshots}
     real_returns = {f"generation {s.generation}": s.eval_mean for s in snapshots} if own \
@@ -183,7 +181,7 @@ def measure_fidelity(cfg: Any, dream_episodes: int, *, taus: Sequence[float] = (
         results.append(compare(real_returns, dict(zip(names, map(float, dreamt), strict=True)),
                                tau=float(tau), real_episodes=int(fixed.size),
                                dream_episodes=dream_episodes, notes={"snapshots": source}))
-    atomic_write_bytes(f"{eval_dir(cfg)}/{FIDELITY_FILE}", dump(results).encode())
+    atomic_write_bytes(RunLayout.of(cfg).fidelity, dump(results).encode())
     return results
 
 

@@ -35,7 +35,7 @@ from wmlab.config import Config, with_overrides
 from wmlab.errors import WmlabError
 from wmlab.fsio import atomic_write_bytes
 from wmlab.machine import cpu_description, cpu_seconds
-from wmlab.runs import prepare_run_dir
+from wmlab.runs import ITERATIONS, RunLayout, prepare_run_dir
 
 # How often a running stage writes its compute so far into its record: a stage killed
 # between two beats loses at most this much of its count.
@@ -152,13 +152,14 @@ class Pipeline:
         self.stages = stages if stages is not None else default_stages(cfg)
         self.progress = progress
         self.log = log
-        self.run_dir = cfg.run_dir()
+        self.layout = RunLayout.of(cfg)
+        self.run_dir = self.layout.root
         self.fs, self.root = fsspec.core.url_to_fs(self.run_dir)
 
     # -- records ---------------------------------------------------------------------------
 
     def _record_path(self, name: str) -> str:
-        return f"{self.run_dir}/stages/{name}.json"
+        return f"{self.layout.stages}/{name}.json"
 
     def record(self, name: str) -> dict[str, Any] | None:
         fs, path = fsspec.core.url_to_fs(self._record_path(name))
@@ -209,8 +210,8 @@ class Pipeline:
 
     def report_path(self) -> str | None:
         """The run's report, once the report stage has written it."""
-        path = f"{self.root}/report.html"
-        return f"{self.run_dir}/report.html" if self.fs.exists(path) else None
+        html = self.layout.report_html
+        return html if self.fs.exists(fsspec.core.url_to_fs(html)[1]) else None
 
     def status(self) -> list[dict[str, Any]]:
         """Per stage: its record's status and whether its inputs still match."""
@@ -296,8 +297,9 @@ class Pipeline:
         if not self.fs.exists(source):
             return
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-        target = f"{self.root}/trash/{stage.folder.replace('/', '_')}-{stamp}"
-        self.fs.makedirs(f"{self.root}/trash", exist_ok=True)
+        trash = fsspec.core.url_to_fs(self.layout.trash)[1]
+        target = f"{trash}/{stage.folder.replace('/', '_')}-{stamp}"
+        self.fs.makedirs(trash, exist_ok=True)
         self.fs.mv(source, target, recursive=True)
 
 
@@ -364,30 +366,24 @@ def iteration_config(cfg: Config, iteration: int) -> Config:
     from wmlab.checkpoint import checkpoint_exists
     from wmlab.es import MEAN_WEIGHTS
 
-    base = cfg.run_dir()
-    previous = base if iteration == 2 else f"{base}/iterations/{iteration - 1}"
-    if not checkpoint_exists(f"{previous}/controller", MEAN_WEIGHTS):
+    previous = RunLayout.of(cfg).iteration(iteration - 1)
+    if not checkpoint_exists(previous.controller, MEAN_WEIGHTS):
         raise WmlabError(f"iteration {iteration} starts from iteration {iteration - 1}'s "
-                         f"trained agent, and {previous} has none: run `wmlab run` with "
+                         f"trained agent, and {previous.root} has none: run `wmlab run` with "
                          f"--iteration {iteration - 1} first")
     new = copy.deepcopy(cfg)
     if cfg.run.later:
         new = with_overrides(new, cfg.run.later)
     name = cfg.run.name or f"{cfg.preset}-{cfg.profile}"
-    new.run.name = f"{name}/iterations/{iteration}"
+    new.run.name = f"{name}/{ITERATIONS}/{iteration}"
     new.collect.out = ""
     new.collect.seed = cfg.collect.seed + 1000 * (iteration - 1)
-    new.collect.agent_run = previous
-    new.vae.init_from = f"{previous}/vision"
-    new.mdrnn.init_from = f"{previous}/memory"
+    new.collect.agent_run = previous.root
+    new.vae.init_from = previous.vision
+    new.mdrnn.init_from = previous.memory
     if new.es.init_from == "previous":
-        new.es.init_from = f"{previous}/controller"
+        new.es.init_from = previous.controller
     return new
-
-
-def base_run_dir(cfg: Config) -> str:
-    """The run directory of iteration 1 (for an iteration's config, its parent run)."""
-    return cfg.run_dir().split("/iterations/")[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,9 +434,9 @@ def _run_vision(cfg: Config, progress: bool) -> dict[str, Any]:
 
 
 def _vision_output(cfg: Config) -> str | None:
-    from wmlab.vision.train import FINAL_WEIGHTS, vision_dir
+    from wmlab.vision.train import FINAL_WEIGHTS
 
-    return _sidecar_fingerprint(vision_dir(cfg), FINAL_WEIGHTS)
+    return _sidecar_fingerprint(RunLayout.of(cfg).vision, FINAL_WEIGHTS)
 
 
 def _run_encode(cfg: Config, progress: bool) -> dict[str, Any]:
@@ -476,10 +472,10 @@ def _run_memory(cfg: Config, progress: bool) -> dict[str, Any]:
 
 
 def _memory_output(cfg: Config) -> str | None:
-    from wmlab.memory.train import FINAL_WEIGHTS, INITIAL_Z, memory_dir
+    from wmlab.memory.train import FINAL_WEIGHTS, INITIAL_Z
 
-    weights = _sidecar_fingerprint(memory_dir(cfg), FINAL_WEIGHTS)
-    start = _sidecar_fingerprint(memory_dir(cfg), INITIAL_Z)
+    weights = _sidecar_fingerprint(RunLayout.of(cfg).memory, FINAL_WEIGHTS)
+    start = _sidecar_fingerprint(RunLayout.of(cfg).memory, INITIAL_Z)
     return None if weights is None or start is None else _hash([weights, start])
 
 
@@ -497,9 +493,9 @@ def _run_controller(cfg: Config, progress: bool) -> dict[str, Any]:
 
 
 def _controller_output(cfg: Config) -> str | None:
-    from wmlab.es import BEST_WEIGHTS, MEAN_WEIGHTS, controller_dir
+    from wmlab.es import BEST_WEIGHTS, MEAN_WEIGHTS
 
-    folder = controller_dir(cfg)
+    folder = RunLayout.of(cfg).controller
     found = [_sidecar_fingerprint(folder, name) for name in (BEST_WEIGHTS, MEAN_WEIGHTS)]
     return None if found[1] is None else _hash(found)
 
@@ -507,7 +503,6 @@ def _controller_output(cfg: Config) -> str | None:
 def _run_evaluate(cfg: Config, progress: bool) -> dict[str, Any]:
     from wmlab.evaluate import (
         backend_gap,
-        eval_dir,
         evaluate_controller,
         evaluate_random_policy,
         same_episodes,
@@ -516,7 +511,7 @@ def _run_evaluate(cfg: Config, progress: bool) -> dict[str, Any]:
     )
 
     summary: dict[str, Any] = {}
-    real = evaluate_controller(cfg, video=f"{eval_dir(cfg)}/episode.gif")
+    real = evaluate_controller(cfg, video=f"{RunLayout.of(cfg).eval}/episode.gif")
     summary["controller"] = real.line()
     print(f"  controller: {real.line()}")
     trained_on = training_backend(cfg)
@@ -564,8 +559,7 @@ def not_learned_hint(cfg: Config) -> str:
     if cfg.es.fitness != "dream":
         return ("C is not clearly better than the random policy yet: train it longer "
                 "(a larger es.generations continues from its checkpoint)")
-    parts = cfg.run_dir().split("/iterations/")
-    iteration = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 1
+    iteration = RunLayout.of(cfg).iteration_number
     return ("C is not clearly better than the random policy: its dream rewards something "
             "the game does not (the report's calibration section compares them). The "
             "paper's remedy is the next iteration, which collects episodes with this C so "
@@ -575,9 +569,7 @@ def not_learned_hint(cfg: Config) -> str:
 
 
 def _eval_output(cfg: Config) -> str | None:
-    from wmlab.evaluate import eval_dir
-
-    fs, path = fsspec.core.url_to_fs(eval_dir(cfg))
+    fs, path = fsspec.core.url_to_fs(RunLayout.of(cfg).eval)
     if not fs.exists(path):
         return None
     names = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".json"))
@@ -590,14 +582,14 @@ def _dream_pictures(cfg: Config) -> dict[str, Any]:
     """The dream GIFs the report shows: C (or random actions) driving M's dream, and real
     frames | V's reconstruction | M's imagined continuation from the same start."""
     from wmlab.checkpoint import checkpoint_exists
-    from wmlab.es import BEST_WEIGHTS, controller_dir
+    from wmlab.es import BEST_WEIGHTS
     from wmlab.memory.dreaming import DreamRequest, make_dream_pictures
 
     if not cfg.mdrnn.done_head and not cfg.mdrnn.reward_head and cfg.es.fitness == "real":
         steps = 150  # a dream without an end: a short one shows what M imagines
     else:
         steps = min(300, cfg.dream.max_steps)
-    best = BEST_WEIGHTS if checkpoint_exists(controller_dir(cfg), BEST_WEIGHTS) else None
+    best = BEST_WEIGHTS if checkpoint_exists(RunLayout.of(cfg).controller, BEST_WEIGHTS) else None
     try:
         return make_dream_pictures(cfg, DreamRequest(steps=steps, seed=cfg.run.seed,
                                                      controller=best))
@@ -609,15 +601,16 @@ def _run_report(cfg: Config, progress: bool) -> dict[str, Any]:
     from wmlab.report import write_report
 
     dream = _dream_pictures(cfg)
-    paths = write_report(cfg.run_dir())
-    if base_run_dir(cfg) != cfg.run_dir():  # an iteration: the first run's report lists all
-        write_report(base_run_dir(cfg))
+    layout = RunLayout.of(cfg)
+    paths = write_report(layout.root)
+    if layout.base != layout:  # an iteration: the first run's report lists all
+        write_report(layout.base.root)
     return {"markdown": str(paths.markdown), "html": str(paths.html),
             "dream": {k: v for k, v in dream.items() if isinstance(v, (str, int, float))}}
 
 
 def _report_output(cfg: Config) -> str | None:
-    fs, path = fsspec.core.url_to_fs(f"{cfg.run_dir()}/report.md")
+    fs, path = fsspec.core.url_to_fs(RunLayout.of(cfg).report_md)
     return _hash(fs.cat_file(path).decode()) if fs.exists(path) else None
 
 

@@ -38,6 +38,7 @@ from wmlab.config import Config, load_config_file, to_toml
 from wmlab.errors import WmlabError
 from wmlab.fsio import atomic_write_bytes
 from wmlab.play import RealtimeSession
+from wmlab.runs import RunLayout
 
 ENV_VAR = "WMLAB_PRETRAINED_PATH"
 PACKAGE_FOLDER = "pretrained_agents"
@@ -146,30 +147,29 @@ def _run_config(run: str | Path | Config, overrides: Sequence[str] = ()) -> Conf
 def _check_finished(cfg: Config, allow_unfinished: bool) -> dict[str, Any]:
     """Refuse a run without a trained V, M or C; returns C's sidecar."""
     from wmlab.checkpoint import checkpoint_exists, read_info
-    from wmlab.es import BEST_WEIGHTS, MEAN_WEIGHTS, controller_dir
+    from wmlab.es import BEST_WEIGHTS, MEAN_WEIGHTS
     from wmlab.memory.train import FINAL_WEIGHTS as M_WEIGHTS
-    from wmlab.memory.train import INITIAL_Z, memory_dir
+    from wmlab.memory.train import INITIAL_Z
     from wmlab.vision.train import FINAL_WEIGHTS as V_WEIGHTS
-    from wmlab.vision.train import vision_dir
 
     run = cfg.run_dir()
-    needs = [(vision_dir(cfg), V_WEIGHTS, "trained V", "wmlab train-vae"),
-             (memory_dir(cfg), M_WEIGHTS, "trained M", "wmlab train-mdrnn"),
-             (memory_dir(cfg), INITIAL_Z, "dream starts of M", "wmlab train-mdrnn"),
-             (controller_dir(cfg), BEST_WEIGHTS, "scored controller",
+    needs = [(RunLayout.of(cfg).vision, V_WEIGHTS, "trained V", "wmlab train-vae"),
+             (RunLayout.of(cfg).memory, M_WEIGHTS, "trained M", "wmlab train-mdrnn"),
+             (RunLayout.of(cfg).memory, INITIAL_Z, "dream starts of M", "wmlab train-mdrnn"),
+             (RunLayout.of(cfg).controller, BEST_WEIGHTS, "scored controller",
               "wmlab train-controller")]
     for folder, name, what, command in needs:
         if not checkpoint_exists(folder, name):
             raise WmlabError(f"run {run} has no {what} ({folder}/{name}.json): finish it with "
                              f"`{command}` (or `wmlab run`) before exporting")
-    mean = read_info(controller_dir(cfg), MEAN_WEIGHTS) if checkpoint_exists(
-        controller_dir(cfg), MEAN_WEIGHTS) else {}
+    mean = read_info(RunLayout.of(cfg).controller, MEAN_WEIGHTS) if checkpoint_exists(
+        RunLayout.of(cfg).controller, MEAN_WEIGHTS) else {}
     generation = int(mean.get("generation", 0))
     if generation < cfg.es.generations and not allow_unfinished:
         raise WmlabError(f"run {run}: C is at generation {generation} of {cfg.es.generations}"
                          ": finish `wmlab train-controller` (or `wmlab run`), or pass "
                          "--allow-unfinished to ship its best scored mean so far")
-    return read_info(controller_dir(cfg), BEST_WEIGHTS)
+    return read_info(RunLayout.of(cfg).controller, BEST_WEIGHTS)
 
 
 def _compact(weights: dict[str, torch.Tensor], dtype: torch.dtype
@@ -206,7 +206,7 @@ def _data_summary(cfg: Config) -> dict[str, Any] | None:
 
 
 def _stage_records(cfg: Config) -> dict[str, Any]:
-    folder = Path(cfg.run_dir()) / "stages"
+    folder = Path(RunLayout.of(cfg).stages)
     records: dict[str, Any] = {}
     if not folder.is_dir():
         return records
@@ -238,9 +238,6 @@ def export_agent(run: str | Path | Config, name: str, dest: str | Path | None = 
     from wmlab import __version__
     from wmlab.checkpoint import load_checkpoint
     from wmlab.envs import get_spec
-    from wmlab.es import controller_dir
-    from wmlab.memory.train import memory_dir
-    from wmlab.vision.train import vision_dir
 
     _check_name(name)
     if dtype not in DTYPES:
@@ -248,8 +245,8 @@ def export_agent(run: str | Path | Config, name: str, dest: str | Path | None = 
     cfg = _run_config(run)
     controller_info = _check_finished(cfg, allow_unfinished)
     target = (Path(dest) if dest is not None else pretrained_root()) / name
-    folders = {"vision": vision_dir(cfg), "memory": memory_dir(cfg),
-               "controller": controller_dir(cfg)}
+    folders = {"vision": RunLayout.of(cfg).vision, "memory": RunLayout.of(cfg).memory,
+               "controller": RunLayout.of(cfg).controller}
     files, sidecars, params, kept32, errors, dtypes = {}, {}, {}, {}, {}, {}
     blobs: dict[str, bytes] = {}
     for part in _parts():
@@ -301,11 +298,11 @@ def export_agent(run: str | Path | Config, name: str, dest: str | Path | None = 
 
 def _controller_done(cfg: Config) -> bool:
     from wmlab.checkpoint import checkpoint_exists, read_info
-    from wmlab.es import MEAN_WEIGHTS, controller_dir
+    from wmlab.es import MEAN_WEIGHTS
 
-    if not checkpoint_exists(controller_dir(cfg), MEAN_WEIGHTS):
+    if not checkpoint_exists(RunLayout.of(cfg).controller, MEAN_WEIGHTS):
         return False
-    info = read_info(controller_dir(cfg), MEAN_WEIGHTS)
+    info = read_info(RunLayout.of(cfg).controller, MEAN_WEIGHTS)
     return int(info.get("generation", 0)) >= cfg.es.generations
 
 
@@ -349,10 +346,7 @@ def materialize(name: str, runs_root: str | None = None,
     from safetensors.torch import load as load_safetensors
 
     from wmlab.checkpoint import checkpoint_exists, read_info, save_checkpoint
-    from wmlab.es import controller_dir
-    from wmlab.memory.train import memory_dir
     from wmlab.runs import prepare_run_dir
-    from wmlab.vision.train import vision_dir
 
     folder = agent_folder(name, root)
     metadata = read_metadata(name, root)
@@ -366,8 +360,8 @@ def materialize(name: str, runs_root: str | None = None,
                  f"eval.seed={int(score['first_seed'])}",
                  f'eval.backend="{score.get("backend", "")}"']
     cfg = load_config_file(folder / CONFIG, [*base, *overrides])
-    folders = {"vision": vision_dir(cfg), "memory": memory_dir(cfg),
-               "controller": controller_dir(cfg)}
+    folders = {"vision": RunLayout.of(cfg).vision, "memory": RunLayout.of(cfg).memory,
+               "controller": RunLayout.of(cfg).controller}
     for part in _parts():  # V before M: M's sidecar names the V it reads
         sha = metadata["files"][part.file]["sha256"]
         target = folders[part.folder]
@@ -420,12 +414,12 @@ def compare_float32(source: Config, shipped: Any, scratch: str) -> dict[str, Any
     import copy
 
     from wmlab.checkpoint import read_info
-    from wmlab.es import BEST_WEIGHTS, controller_dir
-    from wmlab.evaluate import eval_dir, evaluate_controller
+    from wmlab.es import BEST_WEIGHTS
+    from wmlab.evaluate import evaluate_controller
 
     returns: list[float] | None = None
-    path = Path(f"{eval_dir(source)}/eval-{shipped.backend}.json")
-    fingerprint = read_info(controller_dir(source), BEST_WEIGHTS).get("fingerprint")
+    path = Path(f"{RunLayout.of(source).eval}/eval-{shipped.backend}.json")
+    fingerprint = read_info(RunLayout.of(source).controller, BEST_WEIGHTS).get("fingerprint")
     if path.is_file():
         try:
             previous = json.loads(path.read_text())
@@ -635,13 +629,13 @@ def agent_session(cfg: Config, seed: int | None = None, recording: bool = False
     from wmlab.agent import workload_from_config
     from wmlab.controller import check_shape
     from wmlab.envs import make_batch
-    from wmlab.es import controller_dir, load_controller_params
+    from wmlab.es import load_controller_params
     from wmlab.evaluate import scored_env
 
     _, backend = scored_env(cfg)
     workload = workload_from_config(cfg, "real", backend)
     models = workload.load()
-    params, info = load_controller_params(controller_dir(cfg))
+    params, info = load_controller_params(RunLayout.of(cfg).controller)
     check_shape(info, models.shape, cfg.controller.inputs, info["source"])
     options = {"max_steps": workload.max_steps} if workload.max_steps else {}
     env = make_batch(workload.env, 1, workload.backend, **options)

@@ -32,8 +32,8 @@ from typing import Any
 from wmlab.config import Config
 from wmlab.errors import WmlabError
 from wmlab.fsio import atomic_write_bytes, exists
+from wmlab.runs import RunLayout
 
-SWEEP_DIR = "sweeps/tau"
 MAX_TAU = 10.0  # dream.tau's range in the config
 
 # SPEC section 7: DoomTakeCover, C trained only in the dream, 100 real episodes (mean, std).
@@ -47,10 +47,6 @@ PAPER_TABLE: dict[float, dict[str, tuple[float, float]]] = {
 PAPER_TAUS = tuple(PAPER_TABLE)
 
 Log = Callable[[str], None]
-
-
-def sweep_dir(cfg: Config) -> str:
-    return f"{cfg.run_dir()}/{SWEEP_DIR}"
 
 
 def tau_label(tau: float) -> str:
@@ -122,7 +118,7 @@ def _fingerprint(folder: str, name: str) -> str:
 
 def training_settings(cfg: Config) -> dict[str, Any]:
     """What a tau's controller depends on (not how fast it is computed: engine, workers)."""
-    from wmlab.memory.train import FINAL_WEIGHTS, INITIAL_Z, memory_dir
+    from wmlab.memory.train import FINAL_WEIGHTS, INITIAL_Z
 
     es, dream, ctrl = cfg.es, cfg.dream, cfg.controller
     return {
@@ -133,8 +129,8 @@ def training_settings(cfg: Config) -> dict[str, Any]:
         "dream_precision": dream.precision, "dream_done": dream.done,
         "done_weight": cfg.mdrnn.done_weight, "controller_inputs": ctrl.inputs,
         "controller_hidden": ctrl.hidden, "controller_bias": ctrl.bias,
-        "memory": _fingerprint(memory_dir(cfg), FINAL_WEIGHTS),
-        "initial_z": _fingerprint(memory_dir(cfg), INITIAL_Z),
+        "memory": _fingerprint(RunLayout.of(cfg).memory, FINAL_WEIGHTS),
+        "initial_z": _fingerprint(RunLayout.of(cfg).memory, INITIAL_Z),
         "generations": es.generations,
     }
 
@@ -147,7 +143,7 @@ def config_drift(cfg: Config) -> list[str]:
     from wmlab.config import to_toml
     from wmlab.runs import tomllib
 
-    path = f"{cfg.run_dir()}/config.toml"
+    path = RunLayout.of(cfg).config
     if not exists(path):
         return []
     with fsspec.open(path, "rb") as handle:
@@ -244,9 +240,9 @@ def _random_key(cfg: Config, episodes: int) -> dict[str, Any]:
 def _run_random_policy(cfg: Config, key: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
     """The random policy's episodes from the run's evaluate stage, if they are exactly the
     ones the sweep would play (same seeds in the same order, backend and step cap)."""
-    from wmlab.evaluate import episode_rows, eval_dir
+    from wmlab.evaluate import episode_rows
 
-    path = f"{eval_dir(cfg)}/random-{key['backend']}.json"
+    path = f"{RunLayout.of(cfg).eval}/random-{key['backend']}.json"
     stored = _read_json(path)
     if not isinstance(stored, dict):
         return None
@@ -300,7 +296,7 @@ def tau_sweep(cfg: Config, taus: Sequence[float], *, generations: int,
     for name, value in (("population", population), ("rollouts", rollouts)):
         if value is not None:
             _positive_int(name, value, "the paper uses 64 members x 16 rollouts")
-    root = sweep_dir(cfg)
+    root = RunLayout.of(cfg).tau_sweep
     configs = [tau_config(cfg, tau, generations, population, rollouts) for tau in values]
     # Every input is checked before anything is trained or written.
     check_es_config(configs[0].es)

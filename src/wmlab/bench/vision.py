@@ -146,12 +146,13 @@ def _interleaved_case(folder: str, rounds: int, results: mp.Queue) -> None:
 def _encode_case(folder: str, channels_last: bool, results: mp.Queue) -> None:
     from wmlab.config import load_config
     from wmlab.data.series import SeriesStore
+    from wmlab.runs import RunLayout
     from wmlab.vision.encode import encode_store
     from wmlab.vision.train import load_vae
 
     cfg = load_config("carracing", "paper", _overrides(
         folder, _run_name(TRAIN_CASES[1], 0), **{"vae.channels_last": channels_last}))
-    _, info = load_vae(f"{cfg.run_dir()}/vision")
+    _, info = load_vae(RunLayout.of(cfg).vision)
     shutil.rmtree(SeriesStore(cfg.store_url(), info["fingerprint"]).url, ignore_errors=True)
     encode_store(cfg, progress=False)  # warms up the kernels; then timed from scratch
     shutil.rmtree(SeriesStore(cfg.store_url(), info["fingerprint"]).url, ignore_errors=True)

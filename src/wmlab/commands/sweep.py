@@ -34,13 +34,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_sweep_tau(args: argparse.Namespace) -> int:
-    from wmlab.sweep import parse_taus, sweep_dir, table_markdown, tau_sweep
+    from wmlab.runs import RunLayout
+    from wmlab.sweep import parse_taus, table_markdown, tau_sweep
 
     taus = parse_taus(args.taus)
     # The run's own config.toml is left alone: the sweep writes only under sweeps/tau.
     cfg = config_from_args(args, {"es.engine": args.engine, "es.workers": args.workers})
     generations = cfg.es.generations if args.generations is None else args.generations
-    print(f"sweep directory: {sweep_dir(cfg)}")
+    print(f"sweep directory: {RunLayout.of(cfg).tau_sweep}")
     table = tau_sweep(cfg, taus, generations=generations, population=args.population,
                       rollouts=args.rollouts, episodes=args.episodes,
                       dream_episodes=args.dream_episodes, progress=not args.no_progress,

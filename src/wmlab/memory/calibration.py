@@ -17,8 +17,8 @@ from typing import Any
 from wmlab.config import Config
 from wmlab.errors import WmlabError
 from wmlab.fsio import atomic_write_bytes
+from wmlab.runs import RunLayout
 
-CALIBRATION_FILE = "calibration.json"
 # Real calibration episodes start here: away from the evaluation seeds (eval.seed ..
 # eval.seed + episodes) so that the check never looks at the episodes C is scored on.
 REAL_SEED_OFFSET = 500_000
@@ -26,15 +26,11 @@ REAL_SEED_OFFSET = 500_000
 REAL_POLICY = {"random": "uniform", "noop": "noop", "left": "left"}
 
 
-def calibration_path(cfg: Config) -> str:
-    return f"{cfg.run_dir()}/memory/{CALIBRATION_FILE}"
-
-
 def read_calibration(cfg: Config) -> dict[str, Any] | None:
     """The run's calibration report, or None when M was trained without one."""
     import fsspec
 
-    path = calibration_path(cfg)
+    path = RunLayout.of(cfg).calibration
     fs, root = fsspec.core.url_to_fs(path)
     if not fs.exists(root):
         return None
@@ -59,7 +55,7 @@ def add_real_game(cfg: Config, report: dict[str, Any], episodes: int) -> dict[st
             continue
         real = evaluate_random_policy(
             cfg, episodes=episodes, policy=REAL_POLICY[name], first_seed=first_seed,
-            out=f"{cfg.run_dir()}/memory/reference-{name}-real.json")
+            out=RunLayout.of(cfg).reference_real(name))
         row["real_survival_mean"] = real.extra["length_mean"]
         row["real_survival_std"] = real.extra["length_std"]
         row["real_return_mean"] = real.mean
@@ -75,13 +71,13 @@ def calibrate_real(cfg: Config, episodes: int | None = None) -> dict[str, Any]:
     """Measure the real-game side of the run's calibration and write it back."""
     report = read_calibration(cfg)
     if report is None:
-        raise WmlabError(f"no {calibration_path(cfg)}: M has no done head, or was trained "
+        raise WmlabError(f"no {RunLayout.of(cfg).calibration}: M has no done head, or was trained "
                          "with mdrnn.calibration_episodes = 0; train M with a done head first")
     episodes = cfg.mdrnn.calibration_real_episodes if episodes is None else episodes
     if episodes < 1:
         raise WmlabError(f"real calibration episodes must be at least 1, got {episodes}")
     report = add_real_game(cfg, report, episodes)
-    atomic_write_bytes(calibration_path(cfg), json.dumps(report, indent=2).encode())
+    atomic_write_bytes(RunLayout.of(cfg).calibration, json.dumps(report, indent=2).encode())
     return report
 
 
@@ -95,9 +91,7 @@ def dream_done_bias(cfg: Config) -> float:
         return cfg.dream.done_bias
     import fsspec
 
-    from wmlab.es import controller_dir
-
-    path = f"{controller_dir(cfg)}/{FITTED_BIAS_FILE}"
+    path = f"{RunLayout.of(cfg).controller}/{FITTED_BIAS_FILE}"
     fs, root = fsspec.core.url_to_fs(path)
     if fs.exists(root):
         try:
@@ -124,7 +118,7 @@ def fit_done_bias(cfg: Config) -> dict[str, Any]:
     (0.005 away) did not, so it is an opt-in knob, not a remedy.
     """
     from wmlab.device import resolve_device
-    from wmlab.memory.train import calibration_dreams, load_mdrnn, memory_dir
+    from wmlab.memory.train import calibration_dreams, load_mdrnn
 
     report = read_calibration(cfg)
     if report is None or "random" not in report.get("policies", {}):
@@ -142,7 +136,7 @@ def fit_done_bias(cfg: Config) -> dict[str, Any]:
     shift = math.log(max(dreamt, 1.0) / max(real, 1.0))
     # random play's survival at the new bias, for the record (the calibration's dreams)
     device = resolve_device(cfg.run.device)
-    model, _ = load_mdrnn(memory_dir(cfg), device)
+    model, _ = load_mdrnn(RunLayout.of(cfg).memory, device)
     after = calibration_dreams(cfg, model, device, shift, ("random",))
     return {"base": cfg.dream.done_bias, "fitted": shift, "real_survival": real,
             "dream_survival_before": dreamt,

@@ -16,7 +16,8 @@ from wmlab.config import Config
 from wmlab.dream import BatchedDream, DreamStart
 from wmlab.errors import StoreError, WmlabError
 from wmlab.memory.model import MDNRNN, check_tau
-from wmlab.memory.train import action_converter, load_initial_z, load_mdrnn, memory_dir
+from wmlab.memory.train import action_converter, load_initial_z, load_mdrnn
+from wmlab.runs import RunLayout
 
 
 @dataclass
@@ -38,13 +39,13 @@ class DreamModels:
 
 
 def load_dream_models(cfg: Config) -> DreamModels:
-    from wmlab.vision.train import load_vae, vision_dir
+    from wmlab.vision.train import load_vae
 
     check_tau(cfg.dream.tau)
-    folder = memory_dir(cfg)
+    folder = RunLayout.of(cfg).memory
     mdrnn, info = load_mdrnn(folder)
     start = load_initial_z(folder)
-    vae, vae_info = load_vae(vision_dir(cfg))
+    vae, vae_info = load_vae(RunLayout.of(cfg).vision)
     if info.get("series") and vae_info.get("fingerprint") and \
             info["series"] != vae_info["fingerprint"]:
         raise WmlabError(f"M in {folder} was trained on latents of V {info['series']}, but "
@@ -65,7 +66,7 @@ def controller_policy(cfg: Config, path: str, mdrnn: MDNRNN
 
     from wmlab.checkpoint import checkpoint_exists, load_checkpoint
 
-    folder = f"{cfg.run_dir()}/controller"
+    folder = RunLayout.of(cfg).controller
     if not path.endswith(".safetensors") and checkpoint_exists(folder, path):
         # a checkpoint name of the run's controller folder, e.g. "best"
         return _policy_from(cfg, load_checkpoint(folder, path, with_state=False).weights,
@@ -123,7 +124,7 @@ def make_dream_pictures(cfg: Config, request: DreamRequest,
         policy = random_policy(raw_dim or m.shape.action_dim, request.seed, to_vector)
         driver = "random"
     comparison = _comparison_episode(cfg, request) if request.compare else None
-    out = (request.out or memory_dir(cfg)).rstrip("/")
+    out = (request.out or RunLayout.of(cfg).memory).rstrip("/")
     steps = min(request.steps, cfg.dream.max_steps)
     trace = dream_gif(f"{out}/dream.gif", m, models.vae, models.start, cfg.dream.tau, steps,
                       request.seed, policy)

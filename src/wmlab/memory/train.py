@@ -35,20 +35,17 @@ from wmlab.data.series import Series, SeriesStore
 from wmlab.device import resolve_bf16, resolve_device
 from wmlab.errors import StoreError, WmlabError
 from wmlab.fsio import atomic_write_bytes
-from wmlab.memory.calibration import CALIBRATION_FILE, add_real_game
+from wmlab.memory.calibration import add_real_game
 from wmlab.memory.data import SeriesBatch, episode_batch, locate_chunk, stream_batch
 from wmlab.memory.model import MDNRNN, MdrnnShape, check_tau, done_loss, mixture_nll
 from wmlab.native import keep_freed_memory
+from wmlab.runs import RunLayout
 
 TRAIN_CHECKPOINT = "train"
 FINAL_WEIGHTS = "mdrnn"
 INITIAL_Z = "initial_z"
 LOG_EVERY = 10
 VALIDATE_EVERY = 100
-
-
-def memory_dir(cfg: Config) -> str:
-    return f"{cfg.run_dir()}/memory"
 
 
 def shape_from_config(cfg: Config, z_dim: int, action_dim: int) -> MdrnnShape:
@@ -281,14 +278,14 @@ def _check_fingerprint(cfg: Config, fingerprint: str) -> None:
     """Series must come from this run's V, and a resumed M from the same series."""
     if not fingerprint:
         return
-    vision = f"{cfg.run_dir()}/vision"
+    vision = RunLayout.of(cfg).vision
     if checkpoint_exists(vision, "vae"):
         v_fingerprint = read_info(vision, "vae").get("fingerprint", "")
         if v_fingerprint and v_fingerprint != fingerprint:
             raise WmlabError(f"the series in {cfg.store_url()} were encoded by V {fingerprint} "
                              f"but this run's V is {v_fingerprint}: run `wmlab encode` with "
                              "this run's V first")
-    folder = memory_dir(cfg)
+    folder = RunLayout.of(cfg).memory
     if checkpoint_exists(folder, TRAIN_CHECKPOINT):
         previous = read_info(folder, TRAIN_CHECKPOINT).get("series", "")
         if previous and previous != fingerprint:
@@ -332,7 +329,7 @@ def train_mdrnn(cfg: Config, *, progress: bool = True, stop_after_steps: int | N
                              "size, trained on the same env")
         model.load_state_dict(previous.state_dict())
     optimizer = torch.optim.Adam(model.parameters(), lr=m.lr)
-    folder = memory_dir(cfg)
+    folder = RunLayout.of(cfg).memory
     # what fixes the sequence of batches: a resume with other values would not continue
     # the same run
     batching = {"regime": m.regime, "batch_size": m.batch_size, "seq_len": m.seq_len,
@@ -505,7 +502,7 @@ def write_initial_z(cfg: Config, train: list[Series]) -> None:
     keep = train[: cfg.mdrnn.initial_z]
     mu = torch.from_numpy(np.stack([s.mu[0] for s in keep]).astype(np.float32))
     logvar = torch.from_numpy(np.stack([s.logvar[0] for s in keep]).astype(np.float32))
-    save_checkpoint(memory_dir(cfg), INITIAL_Z, len(keep), {"mu": mu, "logvar": logvar}, None,
+    save_checkpoint(RunLayout.of(cfg).memory, INITIAL_Z, len(keep), {"mu": mu, "logvar": logvar}, None,
                     {"episodes": len(keep)})
 
 
@@ -560,7 +557,7 @@ def calibration_dreams(cfg: Config, model: MDNRNN, device: torch.device | str = 
     from wmlab.dream import dream_calibration
 
     to_vector, raw_dim = action_converter(cfg.env.name)
-    return dream_calibration(model, load_initial_z(memory_dir(cfg)), cfg.dream.tau,
+    return dream_calibration(model, load_initial_z(RunLayout.of(cfg).memory), cfg.dream.tau,
                              max_steps=cfg.dream.max_steps,
                              episodes=cfg.mdrnn.calibration_episodes, seed=cfg.run.seed,
                              policies=policies, to_vector=to_vector, raw_dim=raw_dim,
@@ -572,11 +569,10 @@ def calibration_dreams(cfg: Config, model: MDNRNN, device: torch.device | str = 
 def write_calibration(cfg: Config, model: MDNRNN, device: torch.device | str = "cpu"
                       ) -> dict[str, Any]:
     """Survival of the reference policies in M's dream, as ``memory/calibration.json``."""
-    folder = memory_dir(cfg)
     report = calibration_dreams(cfg, model, device)
     report["note"] = ("a dream where a fixed behaviour survives much longer than it does "
                       "in the game is a hole CMA-ES will find")
     if cfg.mdrnn.calibration_real_episodes > 0:
         report = add_real_game(cfg, report, cfg.mdrnn.calibration_real_episodes)
-    atomic_write_bytes(f"{folder}/{CALIBRATION_FILE}", json.dumps(report, indent=2).encode())
+    atomic_write_bytes(RunLayout.of(cfg).calibration, json.dumps(report, indent=2).encode())
     return report

@@ -24,8 +24,9 @@ from wmlab.data.series import Series, SeriesStore
 from wmlab.device import resolve_bf16, resolve_device
 from wmlab.errors import WmlabError
 from wmlab.native import keep_freed_memory
+from wmlab.runs import RunLayout
 from wmlab.vision.model import FRAME_SHAPE, ConvVAE, frames_to_tensor
-from wmlab.vision.train import load_vae, read_vae_info, vision_dir
+from wmlab.vision.train import load_vae, read_vae_info
 
 # Small batches keep each layer's activations in cache: 256 encodes ~2x faster than 1024.
 ENCODE_BATCH = 256
@@ -142,9 +143,9 @@ def check_encodable(cfg: Config) -> EpisodeStore:
                          f"V takes {FRAME_SHAPE}: encode a store collected for V")
     if not store.episode_ids():
         raise WmlabError(f"store {store.url} has no episodes: run `wmlab collect` first")
-    info = read_vae_info(vision_dir(cfg))
+    info = read_vae_info(RunLayout.of(cfg).vision)
     if int(info.get("z_dim", -1)) != cfg.vae.z_dim:
-        raise WmlabError(f"the V in {vision_dir(cfg)} has z_dim {info.get('z_dim')}, the config "
+        raise WmlabError(f"the V in {RunLayout.of(cfg).vision} has z_dim {info.get('z_dim')}, the config "
                          f"asks for {cfg.vae.z_dim}: set vae.z_dim={info.get('z_dim')} or train V "
                          "again in another run")
     return store
@@ -156,14 +157,14 @@ def encode_store(cfg: Config, *, progress: bool = True) -> EncodeSummary:
     keep_freed_memory(device.type)  # the same large tensors every step: no page faults
     store = check_encodable(cfg)
     all_ids = store.episode_ids()
-    model, info = load_vae(vision_dir(cfg), device, z_dim=cfg.vae.z_dim)
+    model, info = load_vae(RunLayout.of(cfg).vision, device, z_dim=cfg.vae.z_dim)
     channels_last = cfg.vae.channels_last
     bf16 = resolve_bf16(cfg.vae.bf16, device)  # as V was trained, where the hardware has it
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     series = SeriesStore(cfg.store_url(), info["fingerprint"])
     series.write_info({"z_dim": model.z_dim, "kind": info.get("kind", "vae"),
-                       "vae_step": info.get("step"), "vae_folder": vision_dir(cfg)})
+                       "vae_step": info.get("step"), "vae_folder": RunLayout.of(cfg).vision})
     done = set(series.ids())
     todo = [episode_id for episode_id in all_ids if episode_id not in done]
 

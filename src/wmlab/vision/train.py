@@ -36,6 +36,7 @@ from wmlab.errors import WmlabError
 from wmlab.fsio import atomic_write_bytes
 from wmlab.metrics import MetricsLogger
 from wmlab.native import keep_freed_memory
+from wmlab.runs import RunLayout
 from wmlab.vision.model import (
     FRAME_SHAPE,
     PAPER_WIDTH,
@@ -55,10 +56,6 @@ VAL_BATCH = 256
 LOG_EVERY = 10
 FRAME_BYTES = math.prod(FRAME_SHAPE)
 MB = 1 << 20
-
-
-def vision_dir(cfg: Config) -> str:
-    return f"{cfg.run_dir()}/vision"
 
 
 @dataclass
@@ -303,7 +300,7 @@ def train_vae(cfg: Config, *, progress: bool = True, stop_after_steps: int | Non
     keep_freed_memory(device.type)  # the same large tensors every step: no page faults
     store = EpisodeStore.open(cfg.store_url())
     data = plan_data(cfg, store)
-    folder = vision_dir(cfg)
+    folder = RunLayout.of(cfg).vision
     trainer = build_trainer(cfg, device, fused_adam)
     epoch, batch_in_epoch, step = _resume(cfg, trainer, data, device)
     logger = MetricsLogger(folder, resume_step=step)
@@ -381,7 +378,7 @@ def check_resumable(cfg: Config, data: DataPlan | None = None) -> dict[str, Any]
     or store would no longer reproduce; at an epoch boundary new data or batch settings are
     fine (the next epoch is planned afresh). ``data`` defaults to the plan of the run's store.
     """
-    folder = vision_dir(cfg)
+    folder = RunLayout.of(cfg).vision
     if data is None:
         data = plan_data(cfg, EpisodeStore.open(cfg.store_url()))
     if not checkpoint_exists(folder, TRAIN_CHECKPOINT):
@@ -411,7 +408,7 @@ def _resume(cfg: Config, trainer: _Trainer, data: DataPlan, device: torch.device
     info = check_resumable(cfg, data)
     if info is None:
         return 0, 0, 0
-    folder = vision_dir(cfg)
+    folder = RunLayout.of(cfg).vision
     ckpt = load_checkpoint(folder, TRAIN_CHECKPOINT, map_location=device)
     trainer.restore(ckpt.weights, ckpt.state, f"{folder}/{TRAIN_CHECKPOINT}")
     return int(info["epoch"]), int(info["batch"]), int(info["step"])

@@ -1,0 +1,29 @@
+"""The run directory's layout: one object knows every path, iterations included."""
+
+from __future__ import annotations
+
+from wmlab.config import load_config
+from wmlab.runs import RunLayout
+
+
+def test_layout_of_a_config_under_its_root_or_at_a_path_or_url():
+    cfg = load_config("carracing", "quick", ["run.root=/tmp/r"])
+    assert RunLayout.of(cfg).root == "/tmp/r/carracing-quick"
+    cfg = load_config("carracing", "quick", ["run.name=s3://bucket/runs/a/"])
+    layout = RunLayout.of(cfg)
+    assert layout.controller == "s3://bucket/runs/a/controller"
+    assert layout.calibration == "s3://bucket/runs/a/memory/calibration.json"
+    assert layout.fidelity == "s3://bucket/runs/a/eval/fidelity.json"
+    assert layout.config == "s3://bucket/runs/a/config.toml"
+
+
+def test_iterations_live_inside_the_first_run():
+    first = RunLayout("runs/x")
+    second = first.iteration(2)
+    assert second.root == "runs/x/iterations/2"
+    assert second.vision == "runs/x/iterations/2/vision"
+    assert second.base == first and first.base == first
+    assert (first.iteration_number, second.iteration_number) == (1, 2)
+    # from any iteration, another iteration is a sibling, and iteration 1 the run itself
+    assert second.iteration(3).root == "runs/x/iterations/3"
+    assert second.iteration(1) == first
