@@ -242,7 +242,7 @@ def test_mixed_schedule_refused_when_m_has_no_reward_or_done_head(tmp_path, caps
 
 def test_evaluate_stage_scores_the_training_backend_and_the_report_shows_the_gap(
         tmp_path, one_thread):
-    from wmlab.pipeline import _run_evaluate
+    from wmlab.pipeline.stages import _run_evaluate
     from wmlab.report import write_report
     from wmlab.runs import prepare_run_dir
 
@@ -271,7 +271,7 @@ def test_evaluate_stage_scores_the_training_backend_and_the_report_shows_the_gap
 
 
 def test_no_transfer_when_trained_on_the_reference_backend(tmp_path, one_thread):
-    from wmlab.pipeline import _run_evaluate
+    from wmlab.pipeline.stages import _run_evaluate
 
     cfg = make_run(tmp_path, "carracing", (
         'env.backend="gymnasium"', "env.max_steps=8", 'es.fitness="real"', "es.population=2",

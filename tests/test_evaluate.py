@@ -141,7 +141,7 @@ def test_versus_random_pairs_episodes_and_asks_for_two_standard_errors():
 
 def test_a_c_no_better_than_random_is_told_the_next_step(tmp_path):
     from wmlab.config import load_config
-    from wmlab.pipeline import not_learned_hint
+    from wmlab.pipeline.stages import not_learned_hint
 
     def config(preset: str, name: str):
         return load_config(preset, "quick", [f'run.root="{tmp_path}"', f'run.name="{name}"'])

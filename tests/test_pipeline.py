@@ -192,7 +192,7 @@ def test_a_stage_counts_its_compute_over_its_own_attempts(setup, tmp_path, monke
     the CPU it ran on; one started again from scratch counts from zero."""
     import time
 
-    import wmlab.pipeline as pipeline_module
+    import wmlab.pipeline.engine as pipeline_module
 
     rec, cfg = setup
     monkeypatch.setattr(pipeline_module, "HEARTBEAT_SECONDS", 0.05)

@@ -1,0 +1,8 @@
+"""A run's pipeline: a generic stage engine (``engine``) and the stages of World Models
+(``stages``), with ``Pipeline`` running them over one run directory."""
+
+from wmlab.pipeline.engine import Engine, Stage, StageResult, config_slice
+from wmlab.pipeline.stages import Pipeline, default_stages, describe_results, iteration_config
+
+__all__ = ["Engine", "Pipeline", "Stage", "StageResult", "config_slice", "default_stages",
+           "describe_results", "iteration_config"]
