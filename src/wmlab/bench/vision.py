@@ -78,7 +78,7 @@ def _overrides(folder: str, run: str, **values) -> list[str]:
 
 
 def _literal(value: object) -> str:
-    from wmlab.commands.common import toml_literal
+    from wmlab.cli.common import toml_literal
 
     return toml_literal(value)
 

@@ -1,4 +1,5 @@
-"""Subcommands of this stage: ``wmlab play ENV`` and ``wmlab baseline binpacking``."""
+"""``wmlab play ENV`` (by hand, or ``--pretrained``: an agent plays) and
+``wmlab baseline binpacking`` (the heuristics of bin packing)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import argparse
 import os
 import sys
 
+from wmlab.baselines import POLICIES
+from wmlab.envs.binpacking import DISTRIBUTIONS
 from wmlab.errors import WmlabError
 
 
@@ -20,8 +23,6 @@ def cmd_play(args: argparse.Namespace) -> int:
                              "run it on a desktop, or pass --headless-ok to play blind")
         os.environ.pop("SDL_VIDEODRIVER")
     if args.pretrained is not None:
-        from wmlab.commands.pretrained import play_agent
-
         return play_agent(args)
     if args.record:
         raise WmlabError("--record records an agent: add --pretrained")
@@ -29,6 +30,31 @@ def cmd_play(args: argparse.Namespace) -> int:
     returns = run_window(session, fps=args.fps, scale=args.scale, max_frames=args.max_frames)
     for i, value in enumerate(returns):
         print(f"episode {i}: return {value:g}")
+    return 0
+
+
+def play_agent(args: argparse.Namespace) -> int:
+    """``wmlab play ENV --pretrained [NAME]``: the agent plays in the window."""
+    from wmlab.play import run_window
+    from wmlab.pretrained import agent_session, materialize, write_pictures_gif
+
+    name = args.pretrained or args.env
+    cfg = materialize(name)
+    if cfg.env.name != args.env:
+        raise WmlabError(f"pretrained agent '{name}' plays {cfg.env.name}, not {args.env}: "
+                         f"run `wmlab play {cfg.env.name} --pretrained {name}`")
+    session = agent_session(cfg, seed=args.seed, recording=bool(args.record))
+    try:
+        returns = run_window(session, fps=args.fps, scale=args.scale,
+                             max_frames=args.max_frames)
+    finally:
+        session.env.close()
+    for i, value in enumerate(returns):
+        print(f"episode {i}: return {value:g}")
+    print(f"{session.steps} steps of the last episode, score {session.score:g}")
+    if args.record:
+        write_pictures_gif(args.record, session.pictures)
+        print(f"recording: {args.record} ({len(session.pictures)} frames)")
     return 0
 
 
@@ -48,10 +74,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add this stage's subcommands to the ``wmlab`` parser."""
-    from wmlab.baselines import POLICIES
-    from wmlab.envs.binpacking import DISTRIBUTIONS
-
+    """Add ``play`` and ``baseline`` to the ``wmlab`` parser."""
     p = sub.add_parser("play", help="play binpacking, carracing or doom by hand in a window",
                        description="Keys: bin packing - a digit plays that level (C > 10: "
                        "type it and press Enter), 0/N new bag, Left/Right + Space cursor, "

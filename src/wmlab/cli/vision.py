@@ -1,10 +1,10 @@
-"""Subcommands of V: ``wmlab train-vae`` and ``wmlab encode`` (see wmlab.commands)."""
+"""Subcommands of V: ``wmlab train-vae`` and ``wmlab encode`` (see wmlab.cli)."""
 
 from __future__ import annotations
 
 import argparse
 
-from wmlab.commands.common import add_config_args, config_from_args
+from wmlab.cli.common import add_config_args, config_from_args
 
 
 def cmd_train_vae(args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from wmlab.commands.common import add_config_args, config_from_args
+from wmlab.cli.common import add_config_args, config_from_args
 
 
 def cmd_run(args: argparse.Namespace) -> int:

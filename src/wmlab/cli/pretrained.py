@@ -1,77 +1,17 @@
-"""Pretrained agents: ``wmlab export`` and ``wmlab pretrained``, and the ``--pretrained``
-option that ``evaluate``, ``dream`` and ``play`` share (see ``wmlab.pretrained``)."""
+"""Pretrained agents: ``wmlab export`` and ``wmlab pretrained`` (see ``wmlab.pretrained``).
+
+The ``--pretrained`` option of ``evaluate`` and ``dream`` is in ``wmlab.cli.common``, that of
+``play`` in ``wmlab.cli.play``."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from wmlab.commands.common import toml_literal
+from wmlab.cli.common import toml_literal
 from wmlab.errors import WmlabError
 
 SHIPPED_MB = 15  # what one agent may add to the package
-
-
-def add_pretrained_arg(parser: argparse.ArgumentParser, what: str) -> None:
-    """``--pretrained NAME`` on a command that also takes the config arguments; with it,
-    ``--preset`` is not needed (the agent brings its own config)."""
-    parser.add_argument("--pretrained", metavar="NAME",
-                        help=f"{what} a pretrained agent shipped with wmlab (e.g. doom; "
-                        "`wmlab pretrained` lists them) instead of a run of --preset")
-    for action in parser._actions:
-        if "--preset" in action.option_strings:
-            action.required = False
-            action.help = f"{action.help} (required unless --pretrained)"
-
-
-def _overrides(args: argparse.Namespace, extra: dict[str, object] | None) -> list[str]:
-    flags = {"run.name": getattr(args, "run_name", None),
-             "env.backend": getattr(args, "backend", None),
-             "run.seed": getattr(args, "seed", None), **(extra or {})}
-    return [*(f"{key}={toml_literal(value)}" for key, value in flags.items()
-              if value is not None), *getattr(args, "overrides", [])]
-
-
-def config_or_pretrained(args: argparse.Namespace, extra: dict[str, object] | None = None):
-    """The config of ``--pretrained NAME`` (its run directory made or reused), else of
-    ``--preset``; ``extra`` are flag values as ``section.key`` -> value (None: not given)."""
-    from wmlab.commands.common import config_from_args
-
-    if not getattr(args, "pretrained", None):
-        if not args.preset:
-            raise WmlabError("give --preset (e.g. --preset doom) or --pretrained NAME")
-        return config_from_args(args, extra)
-    if args.preset or getattr(args, "env", None):
-        raise WmlabError("--preset and --env do not apply to --pretrained: the agent brings "
-                         "its own config and plays the env it was trained on")
-    from wmlab.pretrained import materialize
-
-    return materialize(args.pretrained, overrides=_overrides(args, extra))
-
-
-def play_agent(args: argparse.Namespace) -> int:
-    """``wmlab play ENV --pretrained [NAME]``: the agent plays in the window."""
-    from wmlab.play import run_window
-    from wmlab.pretrained import agent_session, materialize, write_pictures_gif
-
-    name = args.pretrained or args.env
-    cfg = materialize(name)
-    if cfg.env.name != args.env:
-        raise WmlabError(f"pretrained agent '{name}' plays {cfg.env.name}, not {args.env}: "
-                         f"run `wmlab play {cfg.env.name} --pretrained {name}`")
-    session = agent_session(cfg, seed=args.seed, recording=bool(args.record))
-    try:
-        returns = run_window(session, fps=args.fps, scale=args.scale,
-                             max_frames=args.max_frames)
-    finally:
-        session.env.close()
-    for i, value in enumerate(returns):
-        print(f"episode {i}: return {value:g}")
-    print(f"{session.steps} steps of the last episode, score {session.score:g}")
-    if args.record:
-        write_pictures_gif(args.record, session.pictures)
-        print(f"recording: {args.record} ({len(session.pictures)} frames)")
-    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -1,12 +1,16 @@
-"""Subcommands of M: ``wmlab train-mdrnn`` and ``wmlab dream`` (see wmlab.commands)."""
+"""Subcommands of M: ``wmlab train-mdrnn``, ``calibrate`` and ``dream`` (see wmlab.cli)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from wmlab.commands.common import add_config_args, config_from_args
-from wmlab.commands.pretrained import add_pretrained_arg, config_or_pretrained
+from wmlab.cli.common import (
+    add_config_args,
+    add_pretrained_arg,
+    config_from_args,
+    config_or_pretrained,
+)
 from wmlab.errors import WmlabError
 
 

@@ -1,11 +1,16 @@
-"""Subcommands of this stage: ``train-controller`` and ``evaluate``."""
+"""Subcommands of C: ``wmlab train-controller``, ``evaluate`` and ``fidelity``."""
 
 from __future__ import annotations
 
 import argparse
 
-from wmlab.commands.common import add_config_args, config_from_args
-from wmlab.commands.pretrained import add_pretrained_arg, config_or_pretrained
+from wmlab.cli.common import (
+    add_config_args,
+    add_pretrained_arg,
+    config_from_args,
+    config_or_pretrained,
+)
+from wmlab.errors import WmlabError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -85,8 +90,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = config_or_pretrained(args, {"eval.backend": args.eval_backend,
                                       "es.engine": args.engine, "es.workers": args.workers})
     if args.episodes is not None and args.episodes <= 0:
-        from wmlab.errors import WmlabError
-
         raise WmlabError(f"--episodes must be at least 1, got {args.episodes}")
     result = evaluate_controller(cfg, episodes=args.episodes,
                                  where="dream" if args.dream else "real", out=args.out,
@@ -107,8 +110,6 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     if args.iteration < 1:
-        from wmlab.errors import WmlabError
-
         raise WmlabError(f"--iteration must be 1 or more, got {args.iteration}")
     if args.iteration > 1:
         cfg = iteration_config(cfg, args.iteration)

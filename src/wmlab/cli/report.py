@@ -1,4 +1,4 @@
-"""Subcommand of the report: ``wmlab report RUN [--compare RUN2 ...]`` (see wmlab.commands)."""
+"""Subcommand of the report: ``wmlab report RUN [--compare RUN2 ...]`` (see wmlab.cli)."""
 
 from __future__ import annotations
 
