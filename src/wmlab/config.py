@@ -455,13 +455,13 @@ def to_toml(cfg: Config) -> str:
     for name, value in to_dict(cfg).items():
         if isinstance(value, dict):
             sections.append(f"\n[{name}]")
-            sections.extend(f"{k} = {_toml_value(v)}" for k, v in value.items())
+            sections.extend(f"{k} = {toml_value(v)}" for k, v in value.items())
         else:
-            top.append(f"{name} = {_toml_value(value)}")
+            top.append(f"{name} = {toml_value(value)}")
     return "\n".join(top + sections) + "\n"
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -470,7 +470,7 @@ def _toml_value(value: Any) -> str:
         escaped = value.replace("\\", "\\\\").replace('"', '\\"')
         return f'"{escaped}"'
     if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
@@ -481,6 +481,6 @@ def describe(cfg_type: type = Config) -> list[tuple[str, str, str]]:
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(default):
             for sub in dataclasses.fields(default):
-                rows.append((f"{f.name}.{sub.name}", _toml_value(getattr(default, sub.name)),
+                rows.append((f"{f.name}.{sub.name}", toml_value(getattr(default, sub.name)),
                              sub.metadata.get("help", "")))
     return rows

@@ -18,6 +18,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from wmlab.config import toml_value
+
 GFLOP_PER_FRAME = 0.23  # one forward + backward of the 64x64 ConvVAE (SPEC.md section 3)
 
 
@@ -74,13 +76,7 @@ TRAIN_CASES = [
 def _overrides(folder: str, run: str, **values) -> list[str]:
     base = {"run.root": folder, "run.name": run, "collect.out": f"{folder}/store",
             "run.device": "cpu", "vae.epochs": 1, "vae.val_fraction": 0.1}
-    return [f"{k}={_literal(v)}" for k, v in {**base, **values}.items()]
-
-
-def _literal(value: object) -> str:
-    from wmlab.cli.common import toml_literal
-
-    return toml_literal(value)
+    return [f"{k}={toml_value(v)}" for k, v in {**base, **values}.items()]
 
 
 def _peak_rss_mb() -> float:
@@ -173,12 +169,12 @@ def _memory_case(folder: str, allowance_mb: float, results: mp.Queue) -> None:
     cfg = load_config("carracing", "paper", [
         *_overrides(folder, "memory", **{"vae.loader_mb": allowance_mb,
                                          "vae.checkpoint_every": 100000}),
-        f"collect.out={_literal(folder + '/big')}"])
+        f"collect.out={toml_value(folder + '/big')}"])
     store_mb = EpisodeStore.open(cfg.store_url()).num_frames() * 64 * 64 * 3 / 2**20
     # One step first, so that what the first step imports (TensorBoard, optimiser kernels:
     # tens of MB of Python objects) is not counted as the loader's.
     warm = load_config("carracing", "paper", [*_overrides(folder, "memory-warm"),
-                                              f"collect.out={_literal(folder + '/store')}"])
+                                              f"collect.out={toml_value(folder + '/store')}"])
     train_vae(warm, progress=False, stop_after_steps=1)
     peaks: list[int] = []
     tracemalloc.start()
@@ -230,7 +226,7 @@ def _collect(folder: str, episodes: int, max_steps: int) -> None:
     except ImportError:
         backend = "gymnasium"
     cfg = load_config("carracing", "quick", [
-        f"run.root={_literal(folder)}", f"collect.out={_literal(folder + '/store')}",
+        f"run.root={toml_value(folder)}", f"collect.out={toml_value(folder + '/store')}",
         f"env.backend={backend}", f"collect.episodes={episodes}",
         f"collect.envs_per_worker={min(episodes, 4)}", "collect.workers=1",
         f"env.max_steps={max_steps}"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from wmlab.config import toml_value
 from wmlab.errors import WmlabError
 
 
@@ -33,17 +34,9 @@ def config_from_args(args: argparse.Namespace, extra: dict[str, object] | None =
     flags = {"run.name": args.run_name, "env.name": args.env, "env.backend": args.backend,
              "run.seed": args.seed, **(extra or {})}
     # Flags become overrides so they pass the same validation as --set (and name the key).
-    overrides = [f"{key}={toml_literal(value)}" for key, value in flags.items()
+    overrides = [f"{key}={toml_value(value)}" for key, value in flags.items()
                  if value is not None]
     return load_config(args.preset, args.profile, [*overrides, *args.overrides])
-
-
-def toml_literal(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def add_pretrained_arg(parser: argparse.ArgumentParser, what: str) -> None:
@@ -63,7 +56,7 @@ def _pretrained_overrides(args: argparse.Namespace,
     flags = {"run.name": getattr(args, "run_name", None),
              "env.backend": getattr(args, "backend", None),
              "run.seed": getattr(args, "seed", None), **(extra or {})}
-    return [*(f"{key}={toml_literal(value)}" for key, value in flags.items()
+    return [*(f"{key}={toml_value(value)}" for key, value in flags.items()
               if value is not None), *getattr(args, "overrides", [])]
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from wmlab.cli.common import toml_literal
+from wmlab.config import toml_value
 from wmlab.errors import WmlabError
 
 SHIPPED_MB = 15  # what one agent may add to the package
@@ -29,7 +29,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"note: {metadata['size_bytes'] / 1e6:.1f} MB is more than the ~{SHIPPED_MB} MB "
               "an agent shipped in the package should add")
     if args.evaluate:
-        overrides = [f"es.{key}={toml_literal(value)}" for key, value in
+        overrides = [f"es.{key}={toml_value(value)}" for key, value in
                      (("engine", args.engine), ("workers", args.workers)) if value is not None]
         metadata = evaluate_and_record(args.name, args.evaluate,
                                        source=None if args.no_float32 else args.run_dir,
