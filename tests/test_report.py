@@ -18,7 +18,9 @@ from wmlab.config import load_config
 from wmlab.data import Episode, EpisodeStore
 from wmlab.errors import WmlabError
 from wmlab.metrics import MetricsLogger
-from wmlab.report import PUBLISHED, env_key, parse_eval, write_report
+from wmlab.published import PUBLISHED
+from wmlab.report import write_report
+from wmlab.report.reading import RunFiles, compute_curve, env_key, parse_eval
 from wmlab.runs import prepare_run_dir
 
 SECTIONS = ("## Config", "## Data", "## V: the vision model", "## M: the memory model",
@@ -265,8 +267,6 @@ def test_gif_bytes_keeps_every_frame_and_its_colours():
 
 
 def test_stages_in_pipeline_order_with_their_compute_and_the_curve_per_hour(tmp_path):
-    from wmlab.report import RunFiles, compute_curve
-
     run = new_run(tmp_path)
     fill_run(run)
     stages = Path(run) / "stages"

@@ -32,19 +32,10 @@ from typing import Any
 from wmlab.config import Config
 from wmlab.errors import WmlabError
 from wmlab.fsio import atomic_write_bytes, exists
+from wmlab.published import PAPER_TAU_TABLE
 from wmlab.runs import RunLayout
 
 MAX_TAU = 10.0  # dream.tau's range in the config
-
-# SPEC section 7: DoomTakeCover, C trained only in the dream, 100 real episodes (mean, std).
-PAPER_TABLE: dict[float, dict[str, tuple[float, float]]] = {
-    0.10: {"dream": (2086, 140), "real": (193, 58)},
-    0.50: {"dream": (2060, 277), "real": (196, 50)},
-    1.00: {"dream": (1145, 690), "real": (868, 511)},
-    1.15: {"dream": (918, 546), "real": (1092, 556)},
-    1.30: {"dream": (732, 269), "real": (753, 139)},
-}
-PAPER_TAUS = tuple(PAPER_TABLE)
 
 Log = Callable[[str], None]
 
@@ -371,7 +362,7 @@ def _train_and_score(cfg: Config, folder: str, settings: dict[str, Any], episode
         real = asdict(evaluate(cfg, episodes=episodes, where="real",
                                out=f"{folder}/eval-real.json", controller_folder=folder))
         _write_json(f"{folder}/scores.json", {"key": key, "dream": dream, "real": real})
-    paper = PAPER_TABLE.get(round(tau, 2)) if tau_label(tau) == f"{tau:.2f}" else None
+    paper = PAPER_TAU_TABLE.get(round(tau, 2)) if tau_label(tau) == f"{tau:.2f}" else None
     return {"tau": tau, "folder": folder, "generations": _done_generations(folder),
             "controller": key["controller"], "controller_generation": key["generation"],
             "seconds_per_generation": _metrics_seconds(folder),
