@@ -27,3 +27,14 @@ def test_iterations_live_inside_the_first_run():
     # from any iteration, another iteration is a sibling, and iteration 1 the run itself
     assert second.iteration(3).root == "runs/x/iterations/3"
     assert second.iteration(1) == first
+
+
+def test_an_empty_root_names_paths_relative_to_any_run():
+    relative = RunLayout("")
+    assert relative.calibration == "memory/calibration.json"
+    assert relative.stages == "stages" and relative.config == "config.toml"
+    assert relative.iteration(2).controller == "iterations/2/controller"
+    assert relative.iteration(2).base == relative
+    assert relative.iteration(3).iteration_number == 3
+    assert RunLayout("/abs/x/iterations/2").base.root == "/abs/x"
+    assert RunLayout("s3://b/x/iterations/4").base.root == "s3://b/x"

@@ -230,7 +230,7 @@ def evaluate_on_eval_seeds(cfg: Config, policies: Sequence[str] = (
                             std=float(returns.std()), seeds=seeds,
                             returns=returns.tolist(), controller=f"{name} heuristic",
                             controller_fingerprint="", extra={"policy": name})
-        atomic_write_bytes(f"{RunLayout.of(cfg).eval}/baseline-{name}.json",
+        atomic_write_bytes(RunLayout.of(cfg).baseline_scores(name),
                            json.dumps(asdict(result), indent=2).encode())
         results.append(result)
     return results

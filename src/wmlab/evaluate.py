@@ -124,7 +124,7 @@ def evaluate_controller(cfg: Config, *, episodes: int | None = None, where: str 
                                "max_steps": cfg.env.max_steps or spec.max_steps})
     gif = record_video(models, workload, params, int(seeds.ravel()[0])) if video else None
     suffix = "dream" if where == "dream" else backend
-    path = out or f"{RunLayout.of(cfg).eval}/eval-{suffix}.json"
+    path = out or RunLayout.of(cfg).scores("eval", suffix)
     atomic_write_bytes(path, json.dumps(asdict(result), indent=2).encode())
     if gif is not None:
         atomic_write_bytes(video, gif)
@@ -334,6 +334,6 @@ def evaluate_random_policy(cfg: Config, *, episodes: int | None = None,
                                "lengths": lengths,
                                "length_mean": float(steps.mean()),
                                "length_std": float(steps.std())})
-    path = out or f"{RunLayout.of(cfg).eval}/{name}-{backend}.json"
+    path = out or RunLayout.of(cfg).scores(name, backend)
     atomic_write_bytes(path, json.dumps(asdict(result), indent=2).encode())
     return result

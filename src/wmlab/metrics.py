@@ -13,11 +13,13 @@ from typing import Any
 
 import fsspec
 
+METRICS_FILE = "metrics.csv"  # the plain metrics of a training stage, in its folder
+
 
 class MetricsLogger:
     def __init__(self, folder: str, resume_step: int | None = None, tensorboard: bool = True):
         self.folder = folder.rstrip("/")
-        self.fs, self.path = fsspec.core.url_to_fs(f"{self.folder}/metrics.csv")
+        self.fs, self.path = fsspec.core.url_to_fs(f"{self.folder}/{METRICS_FILE}")
         self.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
         self._fields: list[str] | None = None
         self._rows = self._read_existing(resume_step)

@@ -418,7 +418,7 @@ def compare_float32(source: Config, shipped: Any, scratch: str) -> dict[str, Any
     from wmlab.evaluate import evaluate_controller
 
     returns: list[float] | None = None
-    path = Path(f"{RunLayout.of(source).eval}/eval-{shipped.backend}.json")
+    path = Path(RunLayout.of(source).scores("eval", shipped.backend))
     fingerprint = read_info(RunLayout.of(source).controller, BEST_WEIGHTS).get("fingerprint")
     if path.is_file():
         try:

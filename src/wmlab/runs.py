@@ -34,7 +34,10 @@ class RunLayout:
     ('runs/carracing-quick/memory', 'runs/carracing-quick/iterations/2/controller')
     """
 
-    root: str
+    root: str  # "" names every path relative to a run directory (readers of any run)
+
+    def _at(self, relative: str) -> str:
+        return f"{self.root}/{relative}" if self.root else relative
 
     @classmethod
     def of(cls, cfg: Config) -> RunLayout:
@@ -43,83 +46,97 @@ class RunLayout:
     @property
     def config(self) -> str:
         """The run's resolved config (``config.toml``)."""
-        return f"{self.root}/config.toml"
+        return self._at("config.toml")
 
     @property
     def data(self) -> str:
         """The episode store, unless ``collect.out`` puts it elsewhere."""
-        return f"{self.root}/data"
+        return self._at("data")
 
     @property
     def vision(self) -> str:
-        return f"{self.root}/vision"
+        return self._at("vision")
 
     @property
     def memory(self) -> str:
-        return f"{self.root}/memory"
+        return self._at("memory")
 
     @property
     def calibration(self) -> str:
         """M's dream beside the real game (reference policies), written by the M stage."""
-        return f"{self.memory}/calibration.json"
+        return self._at("memory/calibration.json")
 
     def reference_real(self, policy: str) -> str:
         """A reference policy's real-game episodes, measured for the calibration."""
-        return f"{self.memory}/reference-{policy}-real.json"
+        return self._at(f"memory/reference-{policy}-real.json")
 
     @property
     def controller(self) -> str:
-        return f"{self.root}/controller"
+        return self._at("controller")
 
     @property
     def eval(self) -> str:
-        return f"{self.root}/eval"
+        return self._at("eval")
+
+    def scores(self, who: str, where: str) -> str:
+        """The evaluation of ``who`` ("eval": the run's C, "random", or another policy's
+        name) in ``where`` (a backend, or "dream")."""
+        return self._at(f"eval/{who}-{where}.json")
+
+    def baseline_scores(self, policy: str) -> str:
+        """A heuristic baseline's evaluation on the same episodes (BinPacking)."""
+        return self._at(f"eval/baseline-{policy}.json")
 
     @property
     def fidelity(self) -> str:
         """The dream's fidelity for C (rank correlation of dream and real returns)."""
-        return f"{self.eval}/fidelity.json"
+        return self._at("eval/fidelity.json")
 
     @property
     def tau_sweep(self) -> str:
-        return f"{self.root}/sweeps/tau"
+        return self._at("sweeps/tau")
 
     @property
     def stages(self) -> str:
         """One record per pipeline stage."""
-        return f"{self.root}/stages"
+        return self._at("stages")
 
     @property
     def trash(self) -> str:
         """Outputs of stages whose inputs changed (moved here, never deleted)."""
-        return f"{self.root}/trash"
+        return self._at("trash")
 
     @property
     def report_md(self) -> str:
-        return f"{self.root}/report.md"
+        return self._at("report.md")
 
     @property
     def report_html(self) -> str:
-        return f"{self.root}/report.html"
+        return self._at("report.html")
 
     @property
     def pictures(self) -> str:
         """The report's figures."""
-        return f"{self.root}/report"
+        return self._at("report")
 
     @property
     def base(self) -> RunLayout:
         """Iteration 1's directory (the run itself, for an iteration's layout)."""
-        return RunLayout(self.root.split(f"/{ITERATIONS}/")[0])
+        return RunLayout(self._split_iteration()[0])
 
     @property
     def iteration_number(self) -> int:
-        tail = self.root.split(f"/{ITERATIONS}/")
-        return int(tail[1]) if len(tail) > 1 and tail[1].isdigit() else 1
+        tail = self._split_iteration()[1:]
+        return int(tail[0]) if tail and tail[0].isdigit() else 1
+
+    def _split_iteration(self) -> list[str]:
+        # a leading "/" lets a relative layout ("iterations/2") split like a full path
+        head, *tail = f"/{self.root}".split(f"/{ITERATIONS}/")
+        return [head[1:], *tail]
 
     def iteration(self, k: int) -> RunLayout:
         """Iteration ``k`` of this run (1: the run itself)."""
-        return self.base if k == 1 else RunLayout(f"{self.base.root}/{ITERATIONS}/{k}")
+        return self.base if k == 1 else RunLayout(self.base._at(f"{ITERATIONS}/{k}"))
 
 
 def prepare_run_dir(cfg: Config) -> str:

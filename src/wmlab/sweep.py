@@ -233,7 +233,7 @@ def _run_random_policy(cfg: Config, key: dict[str, Any]) -> tuple[str, dict[str,
     ones the sweep would play (same seeds in the same order, backend and step cap)."""
     from wmlab.evaluate import episode_rows
 
-    path = f"{RunLayout.of(cfg).eval}/random-{key['backend']}.json"
+    path = RunLayout.of(cfg).scores("random", key["backend"])
     stored = _read_json(path)
     if not isinstance(stored, dict):
         return None

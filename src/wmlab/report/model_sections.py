@@ -11,10 +11,11 @@ from wmlab.data import EpisodeStore
 from wmlab.errors import WmlabError
 from wmlab.fidelity import load as load_fidelity
 from wmlab.memory.calibration import noop_order_warning
+from wmlab.metrics import METRICS_FILE
 from wmlab.report.document import Block, Image, Section, Table, Text
 from wmlab.report.page import Page
 from wmlab.report.plots import metric_panels, plot_data, plot_fidelity
-from wmlab.report.reading import newest
+from wmlab.report.reading import RUN, newest
 
 
 def data_section(page: Page) -> Section:
@@ -58,15 +59,15 @@ def _store_rows(info: dict[str, Any]) -> list[list[str]]:
 
 def vision_section(page: Page) -> Section:
     section = Section("V: the vision model")
-    rows = page.metrics("vision/metrics.csv")
+    rows = page.metrics(f"{RUN.vision}/{METRICS_FILE}")
     if rows is None:
         section.blocks.append(page.miss("vision", "no vision/metrics.csv"))
     elif not rows:
-        section.blocks.append(Text("vision/metrics.csv holds no readable rows yet.", True))
+        section.blocks.append(Text(f"{RUN.vision}/{METRICS_FILE} holds no readable rows yet.", True))
     else:
         panels = metric_panels(rows, ("loss", "reconstruction", "kl"))
         section.blocks += page.curves(rows, panels, "vision-losses.png", "V training")
-    recon = newest(page.run.glob("vision/recon-*.png"))
+    recon = newest(page.run.glob(f"{RUN.vision}/recon-*.png"))
     if recon is None:
         if rows is not None:
             section.blocks.append(Text("No reconstruction picture yet (one is written at "
@@ -81,21 +82,21 @@ def vision_section(page: Page) -> Section:
 
 def memory_section(page: Page) -> Section:
     section = Section("M: the memory model")
-    rows = page.metrics("memory/metrics.csv")
+    rows = page.metrics(f"{RUN.memory}/{METRICS_FILE}")
     if rows is None:
         section.blocks.append(page.miss("memory", "no memory/metrics.csv"))
     elif not rows:
-        section.blocks.append(Text("memory/metrics.csv holds no readable rows yet.", True))
+        section.blocks.append(Text(f"{RUN.memory}/{METRICS_FILE} holds no readable rows yet.", True))
     else:
         panels = metric_panels(rows, ("z_nll", "done_loss", "reward_mse", "loss"),
                                {"done precision / recall": ("done_precision",
                                                             "done_recall")})
         section.blocks += page.curves(rows, panels, "memory-losses.png", "M training")
-    calibration = page.first_existing(["memory/calibration.json", "dream/calibration.json"])
+    calibration = page.first_existing([RUN.calibration, "dream/calibration.json"])  # old runs: dream/
     if calibration is not None:
         section.blocks.extend(calibration_blocks(page, calibration))
-    if page.run.exists("eval/fidelity.json"):
-        section.blocks.extend(fidelity_blocks(page, "eval/fidelity.json"))
+    if page.run.exists(RUN.fidelity):
+        section.blocks.extend(fidelity_blocks(page, RUN.fidelity))
     dream = page.first_existing(["memory/dream.gif", "dream/dream.gif"]) or newest(
         [p for p in page.run.glob("dream/*.gif") if "compare" not in p])
     if dream is None:

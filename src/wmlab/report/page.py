@@ -10,7 +10,7 @@ from wmlab.config import Config
 from wmlab.published import format_number
 from wmlab.report.document import Block, Image, Table, Text
 from wmlab.report.plots import plot_metrics
-from wmlab.report.reading import RunFiles, read_metrics, series
+from wmlab.report.reading import RUN, RunFiles, read_metrics, series
 
 # What to run to produce each stage's outputs, for the "not run yet" notes.
 STAGE_COMMANDS: dict[str, str] = {
@@ -71,7 +71,7 @@ class Page:
         self.missing: list[str] = []
 
     def figure(self, name: str, data: bytes, alt: str) -> Image:
-        rel = f"report/{name}"
+        rel = f"{RUN.pictures}/{name}"
         self.figures[rel] = data
         return Image(rel, alt)
 

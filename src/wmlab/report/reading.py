@@ -22,6 +22,10 @@ import fsspec
 
 from wmlab.config import Config, from_dict
 from wmlab.errors import WmlabError
+from wmlab.metrics import METRICS_FILE
+from wmlab.runs import ITERATIONS, RunLayout
+
+RUN = RunLayout("")  # every path of a run, relative to its directory
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -67,7 +71,7 @@ class RunFiles:
 def iteration_runs(run: RunFiles) -> list[tuple[str, RunFiles]]:
     """The sub-runs ``<run>/iterations/<k>/``, in numeric order."""
     found = []
-    for rel in run.glob("iterations/*"):
+    for rel in run.glob(f"{ITERATIONS}/*"):
         name = rel.rsplit("/", 1)[-1]
         if name.isdigit() and run.fs.isdir(f"{run.root}/{rel}"):
             found.append((int(name), RunFiles(f"{run.url}/{rel}")))
@@ -91,9 +95,9 @@ def read_config(run: RunFiles) -> tuple[Config | None, str, str]:
     A damaged config is reported rather than raised: the rest of the run may still be worth
     looking at.
     """
-    if not run.exists("config.toml"):
+    if not run.exists(RUN.config):
         return None, "", "no config.toml in this run directory"
-    text = run.read_bytes("config.toml").decode(errors="replace")
+    text = run.read_bytes(RUN.config).decode(errors="replace")
     try:
         return from_dict(tomllib.loads(text)), text, ""
     except tomllib.TOMLDecodeError as exc:
@@ -144,10 +148,10 @@ def series(rows: list[dict[str, float]], key: str, x: str = "step"
 
 def stage_compute(run: RunFiles, name: str) -> float:
     """A stage's compute over its attempts (seconds; 0 when it has no record)."""
-    if not run.exists(f"stages/{name}.json"):
+    if not run.exists(f"{RUN.stages}/{name}.json"):
         return 0.0
     try:
-        record = json.loads(run.read_bytes(f"stages/{name}.json"))
+        record = json.loads(run.read_bytes(f"{RUN.stages}/{name}.json"))
         return float(record.get("compute_seconds", record.get("seconds", 0.0)) or 0.0)
     except (ValueError, TypeError, AttributeError):
         return 0.0
@@ -161,8 +165,8 @@ def compute_curve(runs: list[tuple[str, RunFiles]]) -> list[tuple[str, list[floa
     curves, spent = [], 0.0
     for label, run in runs:
         spent += sum(stage_compute(run, name) for name in UPSTREAM_STAGES)
-        rows = read_metrics(run, "controller/metrics.csv") \
-            if run.exists("controller/metrics.csv") else []
+        metrics = f"{RUN.controller}/{METRICS_FILE}"
+        rows = read_metrics(run, metrics) if run.exists(metrics) else []
         hours, scores, elapsed = [], [], spent
         for row in rows:
             elapsed += row.get("seconds", 0.0)
@@ -250,7 +254,7 @@ def parse_eval(data: Any, run: str, name: str) -> EvalResult:
 
 def read_evals(run: RunFiles, label: str) -> list[EvalResult]:
     results = []
-    for rel in run.glob("eval/*.json"):
+    for rel in run.glob(f"{RUN.eval}/*.json"):
         name = rel.rsplit("/", 1)[-1][:-len(".json")]
         try:
             data = json.loads(run.read_bytes(rel))
@@ -285,7 +289,7 @@ def backend_transfer_line(run: RunFiles, cfg: Config) -> str | None:
         return None
     found: dict[str, dict[str, Any]] = {}
     for backend in {trained_on, reported}:
-        data = _read_json(run, f"eval/eval-{backend}.json")
+        data = _read_json(run, RUN.scores("eval", backend))
         if isinstance(data, dict) and data.get("where", "real") == "real":
             found[backend] = data
     if trained_on == reported or len(found) < 2:
@@ -306,7 +310,7 @@ def versus_random_line(run: RunFiles, cfg: Config) -> str | None:
     except WmlabError:
         return None
     found = []
-    for rel in (f"eval/eval-{backend}.json", f"eval/random-{backend}.json"):
+    for rel in (RUN.scores("eval", backend), RUN.scores("random", backend)):
         data = _read_json(run, rel)
         if not isinstance(data, dict):
             return None

@@ -12,6 +12,7 @@ import json
 
 from wmlab.config import Config
 from wmlab.errors import WmlabError
+from wmlab.metrics import METRICS_FILE
 from wmlab.published import (
     HEADLINE,
     PUBLISHED,
@@ -24,6 +25,7 @@ from wmlab.report.document import Code, Image, Section, Table, Text
 from wmlab.report.page import Page, duration_text, score_text
 from wmlab.report.plots import plot_compare, plot_compute_curve, plot_learning_curve
 from wmlab.report.reading import (
+    RUN,
     STAGE_ORDER,
     EvalResult,
     RunFiles,
@@ -76,7 +78,7 @@ def summary_section(page: Page, runs: Runs) -> Section:
 def _summary_row(label: str, run: RunFiles, cfg: Config, backend: str) -> list[str]:
     """One run's C and random policy on the reported backend, and their paired difference."""
     found = {name: parse_eval(json.loads(run.read_bytes(rel)), label, name)
-             for name, rel in ((n, f"eval/{n}-{backend}.json")
+             for name, rel in ((n, RUN.scores(n, backend))
                                for n in ("eval", "random")) if run.exists(rel)}
     if "eval" not in found:
         return [label, "not evaluated yet", "-", "-"]
@@ -105,7 +107,7 @@ def config_section(page: Page, text: str, problem: str) -> Section:
 
 def stages_section(page: Page) -> Section | None:
     """The pipeline's stage records, in pipeline order; None when the run has none."""
-    records = page.run.glob("stages/*.json")
+    records = page.run.glob(f"{RUN.stages}/*.json")
     if not records:
         return None
     found = stage_records(page.run, records)
@@ -128,12 +130,12 @@ def stages_section(page: Page) -> Section | None:
 
 def controller_section(page: Page, runs: Runs | None = None) -> Section:
     section = Section("C: the controller")
-    rows = page.metrics("controller/metrics.csv")
+    rows = page.metrics(f"{RUN.controller}/{METRICS_FILE}")
     if rows is None:
         section.blocks.append(page.miss("controller", "no controller/metrics.csv"))
         return section
     if not rows:
-        section.blocks.append(Text("controller/metrics.csv holds no readable rows yet.",
+        section.blocks.append(Text(f"{RUN.controller}/{METRICS_FILE} holds no readable rows yet.",
                                    True))
         return section
     where = page.cfg.es.fitness if page.cfg is not None else "?"
@@ -184,7 +186,7 @@ def evaluation_section(page: Page, runs: Runs) -> Section:
     section = Section("Evaluation")
     results: list[EvalResult] = []
     for label, run in runs:
-        found = read_evals(run, label) if run.exists("eval") else []
+        found = read_evals(run, label) if run.exists(RUN.eval) else []
         if found:
             results.extend(found)
             continue
@@ -215,7 +217,7 @@ def evaluation_section(page: Page, runs: Runs) -> Section:
     if len(runs) > 1 and curves:
         section.blocks.append(page.figure("compare-controller.png", plot_compare(curves),
                                           "C's scored means, run by run"))
-    videos = [p for p in page.run.glob("eval/*.gif")]
+    videos = [p for p in page.run.glob(f"{RUN.eval}/*.gif")]
     for video in videos[:2]:
         section.blocks.append(Text(f"An evaluation episode ({video})."))
         section.blocks.append(Image(video, "evaluation episode"))
@@ -236,8 +238,8 @@ def _scored_means(runs: Runs) -> list[tuple[str, list[float], list[float]]]:
     curves: list[tuple[str, list[float], list[float]]] = []
     for label, run in runs:
         try:
-            rows = read_metrics(run, "controller/metrics.csv") if run.exists(
-                "controller/metrics.csv") else []
+            metrics = f"{RUN.controller}/{METRICS_FILE}"
+            rows = read_metrics(run, metrics) if run.exists(metrics) else []
         except (ValueError, UnicodeDecodeError, csv.Error):
             rows = []
         xs, ys = series(rows, "eval_mean")
