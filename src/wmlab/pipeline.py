@@ -646,12 +646,6 @@ def default_stages(cfg: Config) -> list[Stage]:
     ]
 
 
-def run_pipeline(cfg: Config, until: str | None = None, progress: bool = True
-                 ) -> list[StageResult]:
-    """Run (or resume) every stage of ``cfg``'s run that is not done yet."""
-    return Pipeline(cfg, progress=progress).run(until=until)
-
-
 def describe_results(results: list[StageResult]) -> str:
     lines = []
     for r in results:
