@@ -381,7 +381,6 @@ def test_problem_from_name_custom_and_named():
 
 
 def test_env_batch_exposes_the_action_mask_and_c_chooses_only_valid_actions():
-    from wmlab.controller import raw_to_env_actions
     from wmlab.envs import make_batch
 
     with make_batch("binpacking", 2) as batch:
@@ -392,7 +391,7 @@ def test_env_batch_exposes_the_action_mask_and_c_chooses_only_valid_actions():
         assert batch.masks[:, 0].all() and not batch.masks[:, 1:].any()
         raw = np.full((2, capacity), -1.0, dtype=np.float32)
         raw[:, 5] = 1.0  # C prefers level 5, which holds no bag
-        assert raw_to_env_actions(batch.spec, raw, batch.masks).tolist() == [0, 0]
+        assert batch.spec.to_env_action(raw, batch.masks).tolist() == [0, 0]
         batch.step(np.zeros(2, dtype=np.int64))
         # one bag now sits at the first item's level: valid exactly where the env says
         for env, mask in zip(batch.envs, batch.masks, strict=True):

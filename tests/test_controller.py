@@ -1,4 +1,4 @@
-"""C: parameter counts, the batched population forward, action mappings, the agent loop."""
+"""C: parameter counts, the batched population forward, the agent loop."""
 
 from __future__ import annotations
 
@@ -12,13 +12,10 @@ from wmlab.controller import (
     ControllerShape,
     check_shape,
     controller_shape,
-    masked_argmax,
     population_forward,
-    raw_to_env_actions,
     shape_info,
 )
 from wmlab.envs import get_spec, make_batch
-from wmlab.envs.spec import DOOM_LEFT, DOOM_NOOP, DOOM_RIGHT
 from wmlab.errors import WmlabError
 
 
@@ -55,21 +52,6 @@ def test_wrong_parameter_count_is_refused():
     with pytest.raises(WmlabError, match="needs 867"):
         population_forward(controller_shape("zh", 32, 256, 3), torch.zeros(2, 866),
                            torch.zeros(2, 1, 288))
-
-
-def test_action_mappings():
-    car = get_spec("carracing")
-    raw = np.array([[-0.5, -1.0, -0.3], [0.9, 1.0, 0.7]], dtype=np.float32)
-    np.testing.assert_allclose(raw_to_env_actions(car, raw),
-                               [[-0.5, 0.0, 0.0], [0.9, 1.0, 0.7]])
-    doom = get_spec("doom")
-    raw = np.array([[-0.9], [-1 / 3], [0.0], [1 / 3], [0.34]], dtype=np.float32)
-    assert raw_to_env_actions(doom, raw).tolist() == [DOOM_LEFT, DOOM_NOOP, DOOM_NOOP,
-                                                     DOOM_NOOP, DOOM_RIGHT]
-    logits = torch.tensor([[0.9, 0.5, -0.2], [0.1, 0.2, 0.3]])
-    mask = torch.tensor([[False, True, True], [True, True, False]])
-    assert masked_argmax(logits, mask).tolist() == [1, 1]
-    assert masked_argmax(logits, None).tolist() == [0, 2]
 
 
 def test_checkpoint_shape_mismatch_is_named():

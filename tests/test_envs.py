@@ -156,6 +156,25 @@ def test_doom_thresholds_and_action_vector():
     assert vectors.ravel().tolist() == [-1, -1, 0, 0, 0, 0, 0, 1, 1]
 
 
+def test_discrete_actions_take_the_best_valid_output():
+    spec = envs.EnvSpec(name="x", gym_id="x", description="", backends=("gymnasium",),
+                        default_backend="gymnasium", max_steps=10, action_kind="discrete",
+                        action_dim=3, controller_outputs=3)
+    logits = np.array([[0.9, 0.5, -0.2], [0.1, 0.2, 0.3], [0.4, 0.4, 0.4]], np.float32)
+    mask = np.array([[False, True, True], [True, True, False], [False, True, True]])
+    unmasked = spec.to_env_action(logits)
+    assert unmasked.dtype == np.int64 and unmasked.tolist() == [0, 2, 0]
+    # an invalid output never wins, however large; of equal valid ones the first does
+    masked = spec.to_env_action(logits, mask)
+    assert masked.dtype == np.int64 and masked.tolist() == [1, 1, 1]
+    # masks as envs report them (BinPacking's int8 action_mask) mean the same
+    assert spec.to_env_action(logits, mask.astype(np.int8)).tolist() == [1, 1, 1]
+    # only discrete actions have something to mask
+    car = envs.get_spec("carracing")
+    np.testing.assert_array_equal(car.to_env_action(logits, np.zeros((3, 3), bool)),
+                                  car.to_env_action(logits))
+
+
 def test_action_maps_refuse_the_wrong_width():
     spec = envs.get_spec("carracing")
     with pytest.raises(WmlabError, match="3 values each"):

@@ -251,3 +251,17 @@ def test_carracing_agent_plays_with_its_actions_shown(tmp_path, monkeypatch, one
     # steer, gas and brake as green (positive) or red (negative) bars
     coloured = (np.abs(bars[:, 1] - bars[:, 0]) > 60).sum()
     assert coloured > 100
+
+
+def test_action_bars_show_the_valid_action_the_agent_took():
+    from wmlab.envs import EnvSpec
+    from wmlab.pretrained import _action_bars
+
+    spec = EnvSpec(name="x", gym_id="x", description="", backends=("gymnasium",),
+                   default_backend="gymnasium", max_steps=10, action_kind="discrete",
+                   action_dim=3, controller_outputs=3)
+    raw = np.array([0.9, 0.5, -0.2], np.float32)  # C prefers action 0 ...
+    mask = np.array([[False, True, True]])  # ... which the env says is invalid: 1 is played
+    played = _action_bars(np.array([-1.0, 1.0, -1.0], np.float32), None, spec)
+    np.testing.assert_array_equal(_action_bars(raw, mask, spec), played)
+    assert not np.array_equal(_action_bars(raw, None, spec), played)

@@ -25,7 +25,6 @@ from wmlab.controller import (
     controller_features,
     controller_shape,
     population_forward,
-    raw_to_env_actions,
 )
 from wmlab.device import resolve_bf16
 from wmlab.dream import BatchedDream, DreamStart
@@ -116,7 +115,7 @@ def _act(models: AgentModels, params: torch.Tensor, z: torch.Tensor, h: torch.Te
     feats = controller_features(models.features, z, h, c)
     raw = population_forward(models.shape, params, feats.reshape(members, -1, feats.shape[-1]))
     raw_np = raw.reshape(len(z), -1).numpy()
-    env_actions = raw_to_env_actions(models.spec, raw_np, mask)
+    env_actions = models.spec.to_env_action(raw_np, mask)
     return raw_np, env_actions, models.spec.action_vector(env_actions)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from wmlab.errors import WmlabError
@@ -90,13 +89,6 @@ def population_forward(shape: ControllerShape, params: torch.Tensor,
     return x
 
 
-def masked_argmax(raw: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Discrete actions: the best valid logit (invalid ones can never win)."""
-    if mask is None:
-        return raw.argmax(-1)
-    return raw.masked_fill(~mask.bool(), float("-inf")).argmax(-1)
-
-
 def controller_shape(kind: str, z_dim: int, m_hidden: int, outputs: int, hidden: int = 0,
                      bias: bool = True) -> ControllerShape:
     """The controller that fits a V of ``z_dim`` and an M of ``m_hidden`` units."""
@@ -120,12 +112,3 @@ def check_shape(info: dict, shape: ControllerShape, kind: str, source: str) -> N
         raise WmlabError(f"controller {source} does not fit this run's V, M and controller "
                          f"config ({diff}): evaluate it with the config it was trained with, "
                          "or train a controller for these V and M")
-
-
-def raw_to_env_actions(spec, raw: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    """Raw outputs (B, k) in [-1, 1] -> env actions: Box through the spec's transform,
-    Discrete through argmax over the logits, masked to the valid actions when a mask is
-    given (masked-out actions can never be chosen)."""
-    if spec.action_kind == "discrete" and mask is not None:
-        return masked_argmax(torch.as_tensor(raw), torch.as_tensor(mask)).numpy()
-    return spec.to_env_action(raw)

@@ -428,12 +428,6 @@ def dream_calibration(model: MDNRNN, start: DreamStart, tau: float, max_steps: i
 # The Gymnasium vector-env face of the dream
 
 
-def make_vector_env(model: MDNRNN, start: DreamStart, tau: float, max_steps: int,
-                    num_envs: int, features: str = "zh", device: torch.device | str = "cpu"):
-    """A ``gymnasium.vector.VectorEnv`` of ``num_envs`` dreams (see ``DreamVectorEnv``)."""
-    return DreamVectorEnv(model, start, tau, max_steps, num_envs, features, device)
-
-
 def _vector_env_base() -> type:
     import gymnasium
 

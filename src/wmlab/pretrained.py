@@ -525,6 +525,7 @@ class AgentSession(RealtimeSession):
         self.flag = torch.ones(1, 1)
         self.predicted: np.ndarray | None = None
         self.raw = np.zeros(self.models.spec.controller_outputs, np.float32)
+        self.mask: np.ndarray | None = None  # the valid actions C chose among (BinPacking)
         self.score, self.steps, self.done = 0.0, 0, False
         self._observe()
 
@@ -545,9 +546,11 @@ class AgentSession(RealtimeSession):
         if self.done:
             self.restart()
             return
+        # a copy: the env batch updates its masks in place at the step
+        mask = None if self.env.masks is None else self.env.masks.copy()
         raw, env_actions, vectors = _act(self.models, self.theta, self.z, self.h, self.c, 1,
-                                         self.env.masks)
-        self.raw = raw[0]
+                                         mask)
+        self.raw, self.mask = raw[0], mask
         obs, rewards, terminated, truncated = self.env.step(env_actions)
         self.score += float(rewards[0])
         self.steps += 1
@@ -581,7 +584,7 @@ class AgentSession(RealtimeSession):
             panels.append(("M: predicted frame", self.predicted if self.predicted is not None
                            else blank))
         else:
-            panels.append(("C: actions", _action_bars(self.raw, self.models.spec)))
+            panels.append(("C: actions", _action_bars(self.raw, self.mask, self.models.spec)))
         return _side_by_side(panels)
 
     def picture(self) -> np.ndarray:
@@ -608,10 +611,12 @@ def _side_by_side(panels: list[tuple[str, np.ndarray]]) -> np.ndarray:
     return np.asarray(canvas)
 
 
-def _action_bars(raw: np.ndarray, spec: Any) -> np.ndarray:
-    """A 64x64 panel with one bar per env action value (CarRacing: steer, gas, brake)."""
+def _action_bars(raw: np.ndarray, mask: np.ndarray | None, spec: Any) -> np.ndarray:
+    """A 64x64 panel with one bar per value of the action C took (CarRacing: steer, gas,
+    brake), chosen among the valid actions of ``mask`` as the step did."""
     panel = np.full((64, 64, 3), 20, np.uint8)
-    values = np.asarray(spec.action_vector(spec.to_env_action(raw[None])), np.float32)[0]
+    values = np.asarray(spec.action_vector(spec.to_env_action(raw[None], mask)),
+                        np.float32)[0]
     count = max(1, len(values))
     width = 64 // count
     for i, value in enumerate(values):

@@ -34,7 +34,6 @@ from wmlab.errors import StoreError
 
 FORMAT = "wmep/1"
 EXTENSION = ".wmep"
-FRAME_SHAPE = (64, 64, 3)
 CHUNK_FRAMES = 64
 LEVEL = 3
 META_MEMBER = "meta.json"

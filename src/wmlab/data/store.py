@@ -36,7 +36,6 @@ from wmlab.data.episode_file import (
     CHUNK_FRAMES,
     EXTENSION,
     FORMAT,
-    FRAME_SHAPE,
     LEVEL,
     Episode,
     EpisodeFileError,
@@ -45,7 +44,9 @@ from wmlab.data.episode_file import (
     write_episode,
 )
 from wmlab.data.sampling import ChunkTable, EpochPlan, iterate_batches
+from wmlab.envs.frames import FRAME_SHAPE
 from wmlab.errors import StoreError
+from wmlab.fsio import atomic_write_on
 
 STORE_FORMAT = "wmlab-store/1"
 MANIFEST = "store.json"
@@ -204,8 +205,8 @@ class EpisodeStore:
                                      created=_now())
             try:
                 fs.makedirs(f"{root}/episodes", exist_ok=True)
-                _atomic_write(fs, f"{root}/{MANIFEST}", json.dumps(manifest.to_json(),
-                                                                    indent=2).encode())
+                atomic_write_on(fs, f"{root}/{MANIFEST}", json.dumps(manifest.to_json(),
+                                                                     indent=2).encode())
             except OSError as exc:
                 raise StoreError(f"cannot create an episode store at {url} ({_reason(exc)}): "
                                  "choose a writable --out") from None
@@ -231,8 +232,8 @@ class EpisodeStore:
                              "choose another --out or set collect.allow_mixed_backends=true")
         self.manifest = dataclasses.replace(m, backends=(*m.backends, backend))
         try:
-            _atomic_write(self.fs, f"{self.root}/{MANIFEST}",
-                          json.dumps(self.manifest.to_json(), indent=2).encode())
+            atomic_write_on(self.fs, f"{self.root}/{MANIFEST}",
+                            json.dumps(self.manifest.to_json(), indent=2).encode())
         except OSError as exc:
             raise StoreError(f"cannot update {self.url}/{MANIFEST} ({_reason(exc)}): check "
                              "its permissions") from None
@@ -477,7 +478,7 @@ class EpisodeStore:
         payload = json.dumps({"version": INDEX_VERSION, "episodes": entries}).encode()
         # a read-only store still reads; the cache is rebuilt next time
         with contextlib.suppress(OSError):
-            _atomic_write(self.fs, f"{self.root}/{INDEX}", payload)
+            atomic_write_on(self.fs, f"{self.root}/{INDEX}", payload)
 
     def num_frames(self, ids: list[str] | None = None) -> int:
         return sum(int(m["length"]) + 1 for m in self.metas(ids))
@@ -713,18 +714,6 @@ def _url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
     return bool({"file", "local", "memory"} & set(protocols))
-
-
-def _atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Readers see the old file or the whole new one, never a torn write."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open(tmp, "wb") as handle:
-        handle.write(data)
-    try:
-        fs.mv(tmp, path)
-    except OSError:
-        fs.rm(tmp)
-        raise
 
 
 def _unit_hash(text: str) -> float:

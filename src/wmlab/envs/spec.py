@@ -65,15 +65,20 @@ class EnvSpec:
                              f"{', '.join(self.backends)}")
         return chosen
 
-    def to_env_action(self, raw: np.ndarray) -> np.ndarray:
-        """(B, controller_outputs) raw outputs in [-1, 1] -> a batch of B env actions."""
+    def to_env_action(self, raw: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        """(B, controller_outputs) raw outputs in [-1, 1] -> a batch of B env actions.
+
+        ``mask`` (B, controller_outputs), for discrete envs that report their valid actions
+        (``EnvBatch.masks``, BinPacking's): the best valid output is chosen, so an invalid
+        action never is. Other kinds of action have nothing to mask and ignore it.
+        """
         raw = _as_batch(raw, self.controller_outputs, "controller outputs")
         if self.action_kind == "carracing":
             return _carracing_action(raw)
         if self.action_kind == "doom":
             return _doom_action(raw[:, 0])
         if self.action_kind == "discrete":
-            return raw.argmax(axis=1).astype(np.int64)
+            return _discrete_action(raw, mask)
         return self._box_action(raw)
 
     def action_vector(self, env_actions: np.ndarray) -> np.ndarray:
@@ -118,6 +123,14 @@ def _carracing_action(raw: np.ndarray) -> np.ndarray:
     out[:, 1] = (raw[:, 1] + 1.0) / 2.0
     out[:, 2] = np.clip(raw[:, 2], 0.0, 1.0)
     return out
+
+
+def _discrete_action(logits: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """The index of the largest logit (the first of equal ones), among the valid ones when
+    ``mask`` is given: an invalid logit becomes -inf, so it can never win."""
+    if mask is not None:
+        logits = np.where(np.asarray(mask, dtype=bool), logits, -np.inf)
+    return logits.argmax(axis=1).astype(np.int64)
 
 
 def _doom_action(a: np.ndarray) -> np.ndarray:

@@ -22,10 +22,11 @@ from wmlab.config import Config
 from wmlab.data import EpisodeStore
 from wmlab.data.series import Series, SeriesStore
 from wmlab.device import resolve_bf16, resolve_device
+from wmlab.envs.frames import FRAME_SHAPE
 from wmlab.errors import WmlabError
 from wmlab.native import keep_freed_memory
 from wmlab.runs import RunLayout
-from wmlab.vision.model import FRAME_SHAPE, ConvVAE, frames_to_tensor
+from wmlab.vision.model import ConvVAE, frames_to_tensor
 from wmlab.vision.train import load_vae, read_vae_info
 
 # Small batches keep each layer's activations in cache: 256 encodes ~2x faster than 1024.

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FRAME_SHAPE = (64, 64, 3)
 PAPER_WIDTH = 32  # channels of the first convolution; then 64, 128, 256
 
 
@@ -27,14 +26,6 @@ def _encoder_channels(width: int) -> tuple[int, int, int, int]:
 
 def _features(width: int) -> int:
     return 8 * width * 2 * 2  # the last convolution's channels x 2 x 2 (1024 in the paper)
-
-
-@dataclass(frozen=True)
-class VaeShape:
-    """What fixes the tensor shapes of V (and so which checkpoints fit which model)."""
-
-    z_dim: int = 32
-    width: int = PAPER_WIDTH
 
 
 class Encoder(nn.Module):

@@ -32,13 +32,13 @@ from wmlab.checkpoint import (
 from wmlab.config import Config
 from wmlab.data import EpisodeStore
 from wmlab.device import resolve_bf16, resolve_device
+from wmlab.envs.frames import FRAME_SHAPE
 from wmlab.errors import WmlabError
 from wmlab.fsio import atomic_write_bytes
 from wmlab.metrics import MetricsLogger
 from wmlab.native import keep_freed_memory
 from wmlab.runs import RunLayout
 from wmlab.vision.model import (
-    FRAME_SHAPE,
     PAPER_WIDTH,
     ConvVAE,
     Discriminator,
