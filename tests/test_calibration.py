@@ -10,8 +10,8 @@ import pytest
 
 from wmlab.cli import main
 from wmlab.config import load_config
+from wmlab.dream.calibration import far_policies, noop_order_warning
 from wmlab.errors import WmlabError
-from wmlab.memory.calibration import far_policies, noop_order_warning
 from wmlab.pipeline import Pipeline
 from wmlab.policies import PolicyConfig, make_policy
 from wmlab.runs import RunLayout
@@ -73,7 +73,7 @@ def test_calibration_measures_the_game_and_gates_training_in_the_dream(tmp_path:
     ratios = [row["survival_ratio"] for row in report["policies"].values()]
     assert all(r > 0 for r in ratios)
 
-    from wmlab.es import train_controller
+    from wmlab.pipeline.controller_stage import train_controller
 
     # a tolerance no dream can meet: refused before any generation, nothing written
     strict = load_config("doom", "quick", [f"run.root=\"{tmp_path}\"", *TINY,
@@ -103,8 +103,10 @@ def test_fitted_done_bias_shortens_a_lenient_dream_by_the_log_ratio(tmp_path: Pa
                                                                        monkeypatch):
     import math
 
-    from wmlab.es import train_controller
-    from wmlab.memory import calibration
+    from wmlab import calibrate
+    from wmlab.agent import workload_from_config
+    from wmlab.dream.calibration import dream_done_bias
+    from wmlab.pipeline.controller_stage import train_controller
 
     tiny = [*TINY, "mdrnn.calibration_episodes=32", "dream.max_steps=200"]
     cfg = load_config("doom", "quick", [f"run.root=\"{tmp_path}\"", *tiny,
@@ -116,20 +118,50 @@ def test_fitted_done_bias_shortens_a_lenient_dream_by_the_log_ratio(tmp_path: Pa
     # pretend the game is twice as hard as the dream: the fit must shorten the dreams
     report["policies"]["random"]["real_survival_mean"] = before / 2
     Path(RunLayout.of(cfg).calibration).write_text(json.dumps(report))
+    # nothing fits it behind a reader's back: C's dreams are built after the C stage fits it
+    with pytest.raises(WmlabError, match="does not exist yet"):
+        dream_done_bias(cfg)
+    assert dream_done_bias(cfg, missing_ok=True) == 0.0  # pictures before C: the base
 
-    bias = calibration.dream_done_bias(cfg)
-    fitted = json.loads((Path(RunLayout.of(cfg).controller) / calibration.FITTED_BIAS_FILE).read_text())
+    calibrate.ensure_fitted_done_bias(cfg)
+    bias = dream_done_bias(cfg)
+    fitted = json.loads(Path(RunLayout.of(cfg).fitted_done_bias).read_text())
     assert bias == fitted["fitted"] == pytest.approx(math.log(2))
     assert fitted["dream_survival_after"] < before  # the same dreams, ended sooner
     # read back, not fitted again (a resumed C keeps its dream)
-    monkeypatch.setattr(calibration, "fit_done_bias", lambda *a, **k: pytest.fail("refit"))
-    assert calibration.dream_done_bias(cfg) == bias
-    from wmlab.agent import workload_from_config
-
-    assert workload_from_config(cfg).done_bias == bias
-    assert workload_from_config(cfg, kind="real").done_bias == 0.0
+    monkeypatch.setattr(calibrate, "fit_done_bias", lambda *a, **k: pytest.fail("refit"))
+    calibrate.ensure_fitted_done_bias(cfg)
+    assert dream_done_bias(cfg) == bias
+    assert workload_from_config(cfg).dream.done_bias == bias
+    assert workload_from_config(cfg, kind="real").dream is None
     assert train_controller(cfg, progress=False).generation == 1
     # without the option the configured bias is used as it is
     plain = load_config("doom", "quick", [f"run.root=\"{tmp_path}\"", *tiny,
                                           "dream.done_bias=0.5"])
-    assert calibration.dream_done_bias(plain) == 0.5
+    assert dream_done_bias(plain) == 0.5
+
+
+def test_a_calibration_goes_stale_when_the_dream_changes(tmp_path: Path):
+    """The calibration is stamped with what its dream side depends on: another tau
+    measures the dream side again (the real game's side is kept); a sweep's taus leave the
+    run's file alone."""
+    from wmlab.calibrate import current_calibration
+    from wmlab.dream.calibration import is_current, read_calibration
+
+    cfg = load_config("doom", "quick", [f"run.root=\"{tmp_path}\"", *TINY])
+    Pipeline(cfg, progress=False, log=lambda _: None).run(until="memory")
+    measured = read_calibration(cfg)
+    assert is_current(cfg, measured) and measured["tau"] == cfg.dream.tau
+    assert current_calibration(cfg) == measured  # current: read as it is
+    hotter = load_config("doom", "quick", [f"run.root=\"{tmp_path}\"", *TINY,
+                                           "dream.tau=1.6"])
+    assert not is_current(hotter, measured)
+    seen = current_calibration(hotter, save=False)
+    assert seen["tau"] == 1.6 and read_calibration(cfg) == measured  # not written
+    refreshed = current_calibration(hotter)
+    assert refreshed["tau"] == 1.6 and is_current(hotter, read_calibration(cfg))
+    for name, row in refreshed["policies"].items():
+        old = measured["policies"][name]
+        assert row["real_survival_mean"] == old["real_survival_mean"]  # the game's side
+        assert row["survival_ratio"] == row["survival_mean"] / max(
+            old["real_survival_mean"], 1.0)

@@ -15,11 +15,12 @@ import torch
 from agent_fixtures import RecordingFitness, make_run
 from wmlab.agent import workload_from_config
 from wmlab.config import EsConfig, load_config
+from wmlab.controller.cmaes import generation_seeds, run_es
 from wmlab.errors import WmlabError
-from wmlab.es import generation_seeds, run_es, train_controller
 from wmlab.evaluate import backend_gap, gap_from_evals
 from wmlab.evaluators import Evaluator
 from wmlab.memory.model import MDNRNN, MdrnnShape
+from wmlab.pipeline.controller_stage import train_controller
 from wmlab.runs import RunLayout
 
 # --- the profiles -----------------------------------------------------------------------------

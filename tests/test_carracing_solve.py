@@ -11,6 +11,7 @@ import torch
 
 from wmlab.agent import build_models, run_real
 from wmlab.bench.controller import CountingBatch
+from wmlab.dream import DreamSettings
 from wmlab.envs import get_spec, make_batch
 from wmlab.memory.model import MDNRNN, MdrnnShape
 from wmlab.runs import RunLayout
@@ -170,7 +171,7 @@ def test_a_dream_that_copies_the_game_ranks_controllers_perfectly(tmp_path, one_
 
     from agent_fixtures import make_run
     from wmlab.agent import workload_from_config
-    from wmlab.es import load_snapshots, run_es
+    from wmlab.controller.cmaes import load_snapshots, run_es
     from wmlab.evaluators import Evaluator
     from wmlab.fidelity import measure_fidelity
 
@@ -329,7 +330,7 @@ def load_config_solve():
 
 def test_cma_es_can_start_at_a_given_controller(tmp_path):
     from wmlab.config import EsConfig
-    from wmlab.es import new_strategy, run_es
+    from wmlab.controller.cmaes import new_strategy, run_es
 
     es = EsConfig(population=8, rollouts=1, generations=1, eval_every=1, eval_rollouts=1,
                   sigma0=1e-6, l2=0.0)
@@ -351,7 +352,7 @@ def test_generations_record_their_env_steps(tmp_path, one_thread):
 
     from agent_fixtures import make_run
     from wmlab.agent import run_dream, workload_from_config
-    from wmlab.es import train_controller
+    from wmlab.pipeline.controller_stage import train_controller
 
     cfg = make_run(tmp_path, overrides=("es.population=4", "es.rollouts=2", "es.generations=2",
                                         "es.eval_every=2", "es.eval_rollouts=2",
@@ -362,7 +363,7 @@ def test_generations_record_their_env_steps(tmp_path, one_thread):
     params[1, 8:] = 2.0  # c and h follow the action: keep moving right
     seeds = np.array([[1, 2], [1, 2]])
     steps = np.zeros(seeds.shape, dtype=np.int64)
-    returns = run_dream(models, params, seeds, 1.0, 30, steps=steps)
+    returns = run_dream(models, params, seeds, DreamSettings(1.0, 30), steps=steps)
     np.testing.assert_array_equal(steps, returns)  # +1 a step alive: return = length
     assert steps[1].tolist() == [30, 30] and steps[0].max() < 30
     train_controller(cfg, progress=False)
@@ -373,8 +374,8 @@ def test_generations_record_their_env_steps(tmp_path, one_thread):
 
 def test_fidelity_refuses_an_m_without_the_dream_heads(tmp_path):
     from agent_fixtures import make_run
+    from wmlab.controller.cmaes import SNAPSHOTS
     from wmlab.errors import WmlabError
-    from wmlab.es import SNAPSHOTS
     from wmlab.fidelity import measure_fidelity
 
     plain = MDNRNN(MdrnnShape(z_dim=8, action_dim=1, hidden=16, gaussians=2,

@@ -15,6 +15,7 @@ from wmlab.controller import (
     population_forward,
     shape_info,
 )
+from wmlab.dream import DreamSettings
 from wmlab.envs import get_spec, make_batch
 from wmlab.errors import WmlabError
 
@@ -98,14 +99,14 @@ def test_dream_rollouts_follow_the_controller(tmp_path):
     always_right[0, Z_DIM:] = 2.0  # c and h follow the action: keep moving right
     standing = np.zeros((1, n), np.float32)
     seeds = np.arange(4)[None]
-    right = run_dream(models, always_right, seeds, tau=1.0, max_steps=30)
-    still = run_dream(models, standing, seeds, tau=1.0, max_steps=30)
+    right = run_dream(models, always_right, seeds, DreamSettings(tau=1.0, max_steps=30))
+    still = run_dream(models, standing, seeds, DreamSettings(tau=1.0, max_steps=30))
     assert right.tolist() == [[30.0] * 4]
     assert still.tolist() == [[1.0] * 4]
     # dream.done_bias reaches C's dream rollouts (and only the dream's): a large bias ends
     # the dreams that lasted to the cap
     cfg.dream.done_bias = 20.0
-    assert workload_from_config(cfg, "real").done_bias == 0.0
+    assert workload_from_config(cfg, "real").dream is None
     runner = workload_from_config(cfg, "dream").build()
     assert runner.run(always_right, seeds).returns.max() < 30
 

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-import wmlab.dream as dream_module
+import wmlab.dream.batched as dream_module
 from wmlab.dream import (
     BatchedDream,
+    DreamSettings,
     DreamStart,
     DreamVectorEnv,
     dream_calibration,
@@ -59,12 +60,13 @@ def run(dream: BatchedDream, seeds, steps, action=0.3):
 
 def test_done_threshold_is_a_positive_logit():
     # logit just above 0: every dream ends after its first step, counted as a termination
-    dream = BatchedDream(constant_heads(make_model(), done=0.01), starts(), 1.15, 50)
+    dream = BatchedDream(constant_heads(make_model(), done=0.01), starts(), DreamSettings(1.15, 50))
     returns, lengths = dream.rollout(lambda d: torch.zeros(d.batch, 1), np.arange(6))
     assert np.all(lengths == 1) and np.all(returns == 1.0)
     assert bool(dream.terminated.all())
     # just below 0: never dies, runs to the cap exactly, +1 per step, not a termination
-    dream = BatchedDream(constant_heads(make_model(), done=-0.01), starts(), 1.15, 37)
+    dream = BatchedDream(constant_heads(make_model(), done=-0.01), starts(),
+                         DreamSettings(1.15, 37))
     returns, lengths = dream.rollout(lambda d: torch.zeros(d.batch, 1), np.arange(6))
     assert np.all(lengths == 37) and np.all(returns == 37.0)
     assert not bool(dream.terminated.any()) and bool(dream.done.all())
@@ -75,23 +77,24 @@ def test_sampled_done_has_the_unweighted_probability_of_the_head():
     ends a dream with probability sigmoid(l - log w), so lengths are geometric."""
     weight, probability = 10.0, 0.05
     logit = float(np.log(weight * probability / (1 - probability)))
-    dream = BatchedDream(constant_heads(make_model(), done=logit), starts(), 1.15, 10_000,
-                         done_mode="sample", done_weight=weight)
+    dream = BatchedDream(constant_heads(make_model(), done=logit), starts(),
+                         DreamSettings(1.15, 10_000, done_mode="sample", done_weight=weight))
     _, lengths = dream.rollout(lambda d: torch.zeros(d.batch, 1), np.arange(2000))
     assert abs(lengths.mean() - 1 / probability) < 1.5  # geometric mean 20, sd ~0.43
     assert bool(dream.terminated.all())
     # the threshold rule on the same head never ends a dream (logit < 0) ...
-    never = BatchedDream(constant_heads(make_model(), done=logit), starts(), 1.15, 50)
+    never = BatchedDream(constant_heads(make_model(), done=logit), starts(),
+                         DreamSettings(1.15, 50))
     assert np.all(never.rollout(lambda d: torch.zeros(d.batch, 1), np.arange(4))[1] == 50)
     # ... and sampled dreams are still a function of their seed alone
-    again = BatchedDream(constant_heads(make_model(), done=logit), starts(), 1.15, 10_000,
-                         done_mode="sample", done_weight=weight)
+    again = BatchedDream(constant_heads(make_model(), done=logit), starts(),
+                         DreamSettings(1.15, 10_000, done_mode="sample", done_weight=weight))
     assert np.array_equal(again.rollout(lambda d: torch.zeros(d.batch, 1),
                                         np.arange(1000, 1010))[1],
                           dream.rollout(lambda d: torch.zeros(d.batch, 1),
                                         np.arange(1000, 1010))[1])
     with pytest.raises(WmlabError, match="done mode"):
-        BatchedDream(make_model(), starts(), 1.15, 5, done_mode="coin")
+        BatchedDream(make_model(), starts(), DreamSettings(1.15, 5, done_mode="coin"))
 
 
 def test_done_bias_shifts_the_logit_in_both_modes():
@@ -99,18 +102,19 @@ def test_done_bias_shifts_the_logit_in_both_modes():
     sampled lengths are geometric with that p, and the threshold rule fires when l + b > 0."""
     weight, bias = 10.0, float(np.log(4.0))
     logit = float(np.log(weight * 0.05 / 0.95))  # p = 0.05 without the bias
-    dream = BatchedDream(constant_heads(make_model(), done=logit), starts(), 1.15, 10_000,
-                         done_mode="sample", done_weight=weight, done_bias=bias)
+    dream = BatchedDream(constant_heads(make_model(), done=logit), starts(),
+                         DreamSettings(1.15, 10_000, done_mode="sample", done_weight=weight,
+                                       done_bias=bias))
     _, lengths = dream.rollout(lambda d: torch.zeros(d.batch, 1), np.arange(2000))
     odds = 4.0 * 0.05 / 0.95
     assert abs(lengths.mean() - (1 + odds) / odds) < 0.5  # p ~ 0.174: mean ~5.75
-    below = BatchedDream(constant_heads(make_model(), done=-0.5), starts(), 1.15, 30,
-                         done_bias=0.6)
+    below = BatchedDream(constant_heads(make_model(), done=-0.5), starts(),
+                         DreamSettings(1.15, 30, done_bias=0.6))
     assert np.all(below.rollout(lambda d: torch.zeros(d.batch, 1), np.arange(4))[1] == 1)
 
 
 def test_finished_dreams_are_frozen_and_later_steps_give_no_reward():
-    dream = BatchedDream(constant_heads(make_model(), done=-5.0), starts(), 1.0, 3)
+    dream = BatchedDream(constant_heads(make_model(), done=-5.0), starts(), DreamSettings(1.0, 3))
     dream.reset([1, 2])
     for _ in range(3):
         dream.step(torch.zeros(2, 1))
@@ -131,7 +135,7 @@ def test_stepping_only_running_dreams_changes_nothing_but_the_work(done_mode):
     seeds = np.arange(40)
 
     def play(compact):
-        dream = BatchedDream(model, starts(), 1.15, 300, done_mode=done_mode)
+        dream = BatchedDream(model, starts(), DreamSettings(1.15, 300, done_mode=done_mode))
         dream.compact = compact
         dream.reset(seeds)
         zs, rewards, widths = [], [], []
@@ -160,15 +164,15 @@ def test_stepping_only_running_dreams_changes_nothing_but_the_work(done_mode):
 
 def test_predicted_reward_is_the_dream_reward():
     model = constant_heads(make_model(reward_head=True), done=-5.0, reward=0.25)
-    dream = BatchedDream(model, starts(), 1.0, 8)
+    dream = BatchedDream(model, starts(), DreamSettings(1.0, 8))
     returns, lengths = dream.rollout(lambda d: torch.zeros(d.batch, 1), np.arange(3))
     assert np.all(lengths == 8) and np.allclose(returns, 8 * 0.25)
 
 
 def test_same_seed_same_dream_wherever_it_runs():
     model = make_model(seed=3)
-    a = run(BatchedDream(model, starts(), 1.15, 100), [5, 7, 9], 70)
-    b = run(BatchedDream(model, starts(), 1.15, 100), [9, 11, 5, 7, 5], 70)
+    a = run(BatchedDream(model, starts(), DreamSettings(1.15, 100)), [5, 7, 9], 70)
+    b = run(BatchedDream(model, starts(), DreamSettings(1.15, 100)), [9, 11, 5, 7, 5], 70)
     # same batch size and kernels: bit for bit; duplicates inside a batch agree exactly
     assert torch.equal(b[2], b[4])
     for i, j in ((0, 2), (1, 3), (2, 0)):
@@ -176,25 +180,25 @@ def test_same_seed_same_dream_wherever_it_runs():
     # a different seed gives a different dream
     assert not torch.allclose(b[0], b[1], atol=1e-2)
     # and a dream alone (batch of one) follows the same path
-    alone = run(BatchedDream(model, starts(), 1.15, 100), [7], 70)
+    alone = run(BatchedDream(model, starts(), DreamSettings(1.15, 100)), [7], 70)
     assert torch.allclose(alone[0], a[1], atol=1e-5)
 
 
 def test_tau_changes_the_dream_and_must_be_positive():
     model = make_model(seed=4)
-    cold = run(BatchedDream(model, starts(), 0.2, 100), [1, 2, 3, 4] * 8, 30)
-    hot = run(BatchedDream(model, starts(), 2.0, 100), [1, 2, 3, 4] * 8, 30)
+    cold = run(BatchedDream(model, starts(), DreamSettings(0.2, 100)), [1, 2, 3, 4] * 8, 30)
+    hot = run(BatchedDream(model, starts(), DreamSettings(2.0, 100)), [1, 2, 3, 4] * 8, 30)
     # noise is scaled by sqrt(tau): step-to-step changes are larger when hot
     assert (hot.diff(dim=1).std() > 1.5 * cold.diff(dim=1).std())
     for tau in (0.0, -0.5):
         with pytest.raises(WmlabError, match="tau"):
-            BatchedDream(model, starts(), tau, 10)
+            BatchedDream(model, starts(), DreamSettings(tau, 10))
 
 
 def test_reset_of_some_dreams_leaves_the_others_untouched():
     model = constant_heads(make_model(seed=5), done=-5.0)
-    reference = run(BatchedDream(model, starts(), 1.1, 100), [10, 11, 12], 20)
-    dream = BatchedDream(model, starts(), 1.1, 100)
+    reference = run(BatchedDream(model, starts(), DreamSettings(1.1, 100)), [10, 11, 12], 20)
+    dream = BatchedDream(model, starts(), DreamSettings(1.1, 100))
     dream.reset([10, 11, 12])
     zs = [dream.z.clone()]
     for t in range(20):
@@ -206,7 +210,7 @@ def test_reset_of_some_dreams_leaves_the_others_untouched():
     assert torch.allclose(zs[0], reference[0], atol=1e-6)
     assert torch.allclose(zs[2], reference[2], atol=1e-6)
     # the restarted dream follows seed 99's own dream from its start
-    alone = run(BatchedDream(model, starts(), 1.1, 100), [99], 12)
+    alone = run(BatchedDream(model, starts(), DreamSettings(1.1, 100)), [99], 12)
     assert torch.allclose(zs[1, 9:], alone[0, 1:13], atol=1e-5)
     assert int(dream.t[1]) == 12 and int(dream.t[0]) == 20
 
@@ -221,13 +225,13 @@ def test_vector_env_resets_finished_dreams_independently():
     with torch.no_grad():
         model.head.weight[row] *= 40.0
         model.head.bias[row] = -1000.0  # the probe must not die
-        probe = BatchedDream(model, starts(), 1.15, 200)
+        probe = BatchedDream(model, starts(), DreamSettings(1.15, 200))
         probe.reset(np.arange(16))
         for _ in range(40):
             probe.step(torch.zeros(16, 1))
             logits.append(probe.hidden @ model.head.weight[row])
         model.head.bias[row] = -float(torch.quantile(torch.stack(logits).flatten(), 0.97))
-    env = DreamVectorEnv(model, starts(), 1.15, 60, num_envs=8, features="zch")
+    env = DreamVectorEnv(model, starts(), DreamSettings(1.15, 60), num_envs=8, features="zch")
     assert env.observation_space.shape == (8, 4 + 2 * 16)
     assert env.single_action_space.shape == (1,)
     obs, info = env.reset(seed=100)
@@ -250,7 +254,7 @@ def test_vector_env_resets_finished_dreams_independently():
     assert len(set(ended_at.values())) > 1, "dreams should end at different steps"
     assert restarted and env._episode.sum() == len(restarted)
     # seeds: the same reset seed replays the same episodes
-    env2 = DreamVectorEnv(model, starts(), 1.15, 60, num_envs=8, features="zch")
+    env2 = DreamVectorEnv(model, starts(), DreamSettings(1.15, 60), num_envs=8, features="zch")
     first, _ = env2.reset(seed=100)
     again, _ = env.reset(seed=100)
     assert np.array_equal(first, again)
@@ -258,19 +262,19 @@ def test_vector_env_resets_finished_dreams_independently():
 
 def test_calibration_reports_survival_per_reference_policy():
     dying = constant_heads(make_model(seed=7), done=3.0)
-    report = dream_calibration(dying, starts(), 1.15, max_steps=30, episodes=8)
+    report = dream_calibration(dying, starts(), DreamSettings(1.15, 30), episodes=8)
     assert set(report["policies"]) == {"random", "noop", "left"}
     for row in report["policies"].values():
         assert row["survival_mean"] == 1.0 and row["survival_std"] == 0.0
     immortal = constant_heads(make_model(seed=7), done=-3.0)
-    report = dream_calibration(immortal, starts(), 1.15, max_steps=30, episodes=8)
+    report = dream_calibration(immortal, starts(), DreamSettings(1.15, 30), episodes=8)
     for row in report["policies"].values():
         assert row["survival_mean"] == 30 and row["capped_fraction"] == 1.0
     # Doom's mapping: raw -1 is "left" (-1 in M's action), noop 0, random in {-1, 0, 1}
-    from wmlab.memory.train import action_converter
+    from wmlab.dream import action_converter
 
     to_vector, raw_dim = action_converter("doom")
-    dream = BatchedDream(immortal, starts(), 1.0, 5)
+    dream = BatchedDream(immortal, starts(), DreamSettings(1.0, 5))
     dream.reset(np.arange(64))
     assert torch.equal(reference_policy("left", raw_dim, 0, to_vector)(dream),
                        -torch.ones(64, 1))
@@ -282,29 +286,31 @@ def test_calibration_reports_survival_per_reference_policy():
 
 def test_bfloat16_dream_stays_close_to_float32(monkeypatch):
     model = constant_heads(make_model(seed=8, hidden=32), done=-5.0)
-    a = run(BatchedDream(model, starts(), 1e-3, 100), [1, 2], 5)
-    bf16 = BatchedDream(model, starts(), 1e-3, 100, dtype="bfloat16")
+    a = run(BatchedDream(model, starts(), DreamSettings(1e-3, 100)), [1, 2], 5)
+    bf16 = BatchedDream(model, starts(), DreamSettings(1e-3, 100, precision="bfloat16"))
     b = run(bf16, [1, 2], 5)
     assert torch.allclose(a, b, atol=0.1)
     # bf16 only where the hardware has it: emulated bf16 would be slower than float32
     assert bf16.dtype == (torch.bfloat16 if dream_module.bf16_is_native(bf16.device)
                           else torch.float32)
     monkeypatch.setattr(dream_module, "bf16_is_native", lambda device: False)
-    assert BatchedDream(model, starts(), 1e-3, 100, dtype="bfloat16").dtype == torch.float32
+    assert BatchedDream(model, starts(),
+                        DreamSettings(1e-3, 100, precision="bfloat16")).dtype == torch.float32
     with pytest.raises(WmlabError, match="precision"):
-        BatchedDream(model, starts(), 1.0, 10, dtype="float16")
+        BatchedDream(model, starts(), DreamSettings(1.0, 10, precision="float16"))
 
 
 def test_dream_and_comparison_gifs(tmp_path):
     import imageio.v3 as iio
 
-    from wmlab.memory.pictures import compare_gif, dream_gif, random_policy
+    from wmlab.dream.pictures import compare_gif, dream_gif, random_policy
     from wmlab.vision.model import ConvVAE
 
     torch.manual_seed(0)
     vae = ConvVAE(4).eval()
     model = constant_heads(make_model(seed=9), done=-5.0)
-    trace = dream_gif(str(tmp_path / "dream.gif"), model, vae, starts(), 1.15, 12, 3,
+    trace = dream_gif(str(tmp_path / "dream.gif"), model, vae, starts(),
+                      DreamSettings(1.15, 12), 12, 3,
                       random_policy(1, 3))
     frames = iio.imread(tmp_path / "dream.gif")
     assert frames.shape[0] == 13 and frames.shape[1:3] == (192, 192)
@@ -313,7 +319,8 @@ def test_dream_and_comparison_gifs(tmp_path):
     real = rng.integers(0, 255, (11, 64, 64, 3), dtype=np.uint8)
     mu = rng.normal(size=(11, 4)).astype(np.float32)
     count = compare_gif(str(tmp_path / "compare.gif"), model, vae, real, mu,
-                        np.full_like(mu, -3.0), rng.uniform(-1, 1, (10, 1)), 1.15, 0)
+                        np.full_like(mu, -3.0), rng.uniform(-1, 1, (10, 1)),
+                        DreamSettings(1.15, 2100), 0)
     panels = iio.imread(tmp_path / "compare.gif")
     assert count == 11 and panels.shape[1:3] == (192, 3 * 192)
 
@@ -389,7 +396,7 @@ def test_pipeline_encode_train_mdrnn_and_dream_cli(tmp_path, capsys):
 def test_keyboard_mapping_for_play_mode():
     import pygame
 
-    from wmlab.memory.pictures import keyboard_mapping, play_dream  # noqa: F401 (importable)
+    from wmlab.dream.pictures import keyboard_mapping, play_dream  # noqa: F401 (importable)
 
     pressed = {pygame.K_LEFT: True, pygame.K_RIGHT: False, pygame.K_UP: True,
                pygame.K_DOWN: False}

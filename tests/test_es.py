@@ -16,9 +16,10 @@ from agent_fixtures import RecordingFitness, SlowQuadratic, make_run
 from wmlab.agent import workload_from_config
 from wmlab.checkpoint import load_checkpoint
 from wmlab.config import EsConfig
+from wmlab.controller.cmaes import generation_seeds, l2_penalty, run_es
 from wmlab.errors import WmlabError
-from wmlab.es import generation_seeds, l2_penalty, run_es, train_controller
 from wmlab.evaluators import Evaluator, check_ray_address
+from wmlab.pipeline.controller_stage import train_controller
 from wmlab.runs import RunLayout
 
 DREAM = ("es.population=16", "es.rollouts=2", "es.generations=8", "es.eval_every=4",

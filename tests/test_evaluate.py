@@ -15,8 +15,8 @@ from agent_fixtures import Z_DIM, make_run
 from wmlab.checkpoint import save_checkpoint
 from wmlab.cli import main
 from wmlab.controller import controller_shape, shape_info
+from wmlab.controller.cmaes import BEST_WEIGHTS
 from wmlab.errors import WmlabError
-from wmlab.es import BEST_WEIGHTS
 from wmlab.evaluate import episode_rows, evaluate_controller
 from wmlab.runs import RunLayout
 

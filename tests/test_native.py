@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-import wmlab.dream as dream_module
+import wmlab.dream.batched as dream_module
 import wmlab.memory.model as model_module
 import wmlab.memory.scan as scan_module
+from wmlab.dream import DreamSettings
 from wmlab.memory.model import MDNRNN, MdrnnShape, mixture_nll, mixture_nll_reference
 from wmlab.memory.scan import lstm_kernels, lstm_scan
 from wmlab.native import load_library, native_enabled
@@ -198,8 +199,9 @@ def _dream_pair(monkeypatch, dtype: str, done_mode: str, tau: float = 1.15, twea
     start = dream_module.DreamStart(torch.randn(7, 6), torch.full((7, 6), -2.0))
 
     def make():
-        return dream_module.BatchedDream(model, start, tau, 50, dtype=dtype,
-                                         done_mode=done_mode, done_weight=4.0)
+        return dream_module.BatchedDream(model, start,
+                                         DreamSettings(tau, 50, precision=dtype, done_mode=done_mode,
+                                                       done_weight=4.0))
 
     native = make()
     monkeypatch.setattr(dream_module, "lstm_kernels", lambda: None)

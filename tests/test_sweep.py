@@ -34,7 +34,7 @@ def _steps(folder: Path) -> list[int]:
 
 def test_sweep_resumes_after_a_kill_skips_finished_taus_and_writes_the_table(
         tmp_path, monkeypatch, one_thread):
-    import wmlab.es as es
+    import wmlab.pipeline.controller_stage as es
 
     cfg = make_run(tmp_path, overrides=TINY)
     root = Path(RunLayout.of(cfg).tau_sweep)

@@ -20,14 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from wmlab.controller import (
+from wmlab.controller.model import (
     ControllerShape,
     controller_features,
     controller_shape,
     population_forward,
 )
 from wmlab.device import resolve_bf16
-from wmlab.dream import BatchedDream, DreamStart
+from wmlab.dream import BatchedDream, DreamSettings, DreamStart
+from wmlab.dream.calibration import dream_settings
 from wmlab.envs.spec import EnvSpec
 from wmlab.errors import WmlabError
 from wmlab.evaluators import Rollouts
@@ -229,9 +230,8 @@ class _Stall:
 
 
 @torch.no_grad()
-def run_dream(models: AgentModels, params: np.ndarray, seeds: np.ndarray, tau: float,
-              max_steps: int, precision: str = "float32", done_mode: str = "threshold",
-              done_weight: float = 1.0, done_bias: float = 0.0, compact: bool = True,
+def run_dream(models: AgentModels, params: np.ndarray, seeds: np.ndarray,
+              settings: DreamSettings, compact: bool = True,
               steps: np.ndarray | None = None) -> np.ndarray:
     """Dream episodes, all members' rollouts as one batched dream: (P, n), (P, R) -> (P, R).
 
@@ -244,8 +244,7 @@ def run_dream(models: AgentModels, params: np.ndarray, seeds: np.ndarray, tau: f
     seeds = np.asarray(seeds, dtype=np.int64)
     members, per_member = seeds.shape
     theta = _member_params(params, models.shape)
-    dream = BatchedDream(models.mdrnn, models.start, tau, max_steps, dtype=precision,
-                         done_mode=done_mode, done_weight=done_weight, done_bias=done_bias)
+    dream = BatchedDream(models.mdrnn, models.start, settings)
     dream.compact = compact
     z = dream.reset(seeds.ravel())
     returns = torch.zeros(len(z), dtype=torch.float64)
@@ -277,12 +276,8 @@ class RolloutWorkload:
     features: str
     hidden: int = 0
     bias: bool = True
-    max_steps: int = 0  # real: episode cap (0 = env default); dream: step cap
-    tau: float = 1.0
-    precision: str = "float32"  # dream matmuls: float32 or bfloat16
-    done_mode: str = "threshold"  # dream.done
-    done_weight: float = 1.0  # mdrnn.done_weight, undone by done_mode "sample"
-    done_bias: float = 0.0  # dream.done_bias, added to the done logit
+    max_steps: int = 0  # real episodes' cap (0 = the env's own)
+    dream: DreamSettings | None = None  # the dream's rules (kind "dream")
     vae_bf16: bool = False  # vae.bf16 where the hardware runs it: V as in the encode stage
     packed_encoder: bool = False  # controller.packed_encoder: V's encoder packed for acting
     stall_steps: int = 0  # es.stall_steps: end real episodes that stopped scoring; 0 = off
@@ -328,10 +323,7 @@ class RolloutRunner:
         seeds = np.asarray(seeds)
         steps = np.zeros(seeds.shape, dtype=np.int64)
         if self.workload.kind == "dream":
-            returns = run_dream(self.models, params, seeds, self.workload.tau,
-                                self.workload.max_steps, self.workload.precision,
-                                self.workload.done_mode, self.workload.done_weight,
-                                self.workload.done_bias, steps=steps)
+            returns = run_dream(self.models, params, seeds, self.workload.dream, steps=steps)
         else:
             cap = self.workload.max_steps or self.models.spec.max_steps
             returns = run_real(self.models, self.env_batch(seeds.size), params, seeds,
@@ -347,8 +339,6 @@ class RolloutRunner:
 def workload_from_config(cfg: Any, kind: str | None = None, backend: str | None = None
                          ) -> RolloutWorkload:
     """The rollouts a run's config describes (``kind`` defaults to es.fitness)."""
-    from wmlab.memory.calibration import dream_done_bias
-
     kind = kind or cfg.es.fitness
     dream = kind == "dream"
     return RolloutWorkload(
@@ -356,9 +346,8 @@ def workload_from_config(cfg: Any, kind: str | None = None, backend: str | None 
         env=cfg.env.name, backend=(backend if backend is not None else cfg.env.backend) or None,
         features=cfg.controller.inputs, hidden=cfg.controller.hidden,
         bias=cfg.controller.bias,
-        max_steps=cfg.dream.max_steps if dream else cfg.env.max_steps, tau=cfg.dream.tau,
-        precision=cfg.dream.precision, done_mode=cfg.dream.done,
-        done_weight=cfg.mdrnn.done_weight, done_bias=dream_done_bias(cfg) if dream else 0.0,
+        max_steps=0 if dream else cfg.env.max_steps,
+        dream=dream_settings(cfg) if dream else None,
         vae_bf16=cfg.vae.bf16, packed_encoder=cfg.controller.packed_encoder,
         stall_steps=cfg.es.stall_steps if kind == "real" else 0)
 
@@ -374,8 +363,8 @@ class AgentPolicy:
 
     def __init__(self, num_envs: int, outputs: int, run_dir: str) -> None:
         from wmlab.config import load_config_file
-        from wmlab.controller import check_shape
-        from wmlab.es import load_controller_params
+        from wmlab.controller.cmaes import load_controller_params
+        from wmlab.controller.model import check_shape
 
         try:
             cfg = load_config_file(RunLayout(run_dir.rstrip("/")).config)

@@ -21,14 +21,16 @@ import queue
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from wmlab import envs
+from wmlab.agent import AgentPolicy
 from wmlab.config import Config
 from wmlab.data import Episode, EpisodeStore
 from wmlab.errors import WmlabError
-from wmlab.policies import PolicyConfig, make_policy
+from wmlab.policies import AGENT_POLICY, PolicyConfig, make_policy
 from wmlab.procs import init_worker_process, kill_process_group
 
 # How long a worker waits for a task before checking that its parent is still alive.
@@ -122,6 +124,16 @@ def run_episodes(env_batch: envs.EnvBatch, policy, seeds: list[tuple[int, int]],
                 yield slot, episode
 
 
+def collection_policy(config: PolicyConfig, num_envs: int, outputs: int) -> Any:
+    """The policy that collects: a random one, or a trained run's agent (``agent``)."""
+    if config.name != AGENT_POLICY:
+        return make_policy(config, num_envs, outputs)
+    if not config.agent_run:
+        raise WmlabError("policy 'agent' needs the run whose controller acts: set "
+                         "collect.agent_run=RUN_DIR")
+    return AgentPolicy(num_envs, outputs, config.agent_run)
+
+
 class _Worker:
     """Runs tasks (lists of episode indices) with one env batch and one policy."""
 
@@ -129,8 +141,8 @@ class _Worker:
         self.job = job
         self.env_batch = envs.make_batch(job.env, job.envs_per_worker, job.backend,
                                          **_env_kwargs(job))
-        self.policy = make_policy(job.policy, job.envs_per_worker,
-                                  self.env_batch.spec.controller_outputs)
+        self.policy = collection_policy(job.policy, job.envs_per_worker,
+                                        self.env_batch.spec.controller_outputs)
         self.store = EpisodeStore.open(job.store_url)
 
     def run(self, indices: list[int]) -> Iterator[dict]:

@@ -92,8 +92,8 @@ def evaluate_controller(cfg: Config, *, episodes: int | None = None, where: str 
     ``backend`` scores on another backend than the reported one (the backend transfer:
     the training backend, on the same seeds)."""
     from wmlab.agent import workload_from_config
-    from wmlab.controller import check_shape
-    from wmlab.es import load_controller_params
+    from wmlab.controller.cmaes import load_controller_params
+    from wmlab.controller.model import check_shape
     from wmlab.evaluators import Evaluator
 
     episodes = _episodes(cfg, episodes)

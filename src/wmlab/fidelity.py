@@ -134,7 +134,7 @@ def measure_fidelity(cfg: Any, dream_episodes: int, *, taus: Sequence[float] = (
     (``evaluate(params, seeds) -> means``); by default the run's real env and M's dream.
     """
     from wmlab.agent import workload_from_config
-    from wmlab.es import eval_seeds, load_snapshots, score_mean
+    from wmlab.controller.cmaes import eval_seeds, load_snapshots, score_mean
     from wmlab.evaluators import Evaluator
     from wmlab.fsio import atomic_write_bytes
 
@@ -175,8 +175,9 @@ def measure_fidelity(cfg: Any, dream_episodes: int, *, taus: Sequence[float] = (
     results = []
     for tau in (list(taus) or [cfg.dream.tau]):
         with contextlib.ExitStack() as stack:
+            workload = workload_from_config(cfg, "dream")
             fitness = dream if dream is not None else stack.enter_context(engine(
-                dataclasses.replace(workload_from_config(cfg, "dream"), tau=float(tau))))
+                dataclasses.replace(workload, dream=workload.dream.with_tau(tau))))
             dreamt = fitness.evaluate(params, dream_seeds)
         results.append(compare(real_returns, dict(zip(names, map(float, dreamt), strict=True)),
                                tau=float(tau), real_episodes=int(fixed.size),
@@ -188,7 +189,7 @@ def measure_fidelity(cfg: Any, dream_episodes: int, *, taus: Sequence[float] = (
 def check_heads(models: Any) -> None:
     """A dream scores controllers only where M predicts rewards (or the env pays +1 a step
     alive) and when episodes end."""
-    from wmlab.es import missing_dream_heads
+    from wmlab.dream.settings import missing_dream_heads
 
     missing = missing_dream_heads(models.mdrnn.shape, models.spec.survival_reward)
     if missing:

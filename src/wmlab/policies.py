@@ -22,7 +22,7 @@ POLICY_NAMES = ("uniform", "brown", "held", "random-weights", "fixed")  # random
 # trained there: a dream that lets one of them live far longer than the game does is a hole
 # CMA-ES will find. The same raw outputs as wmlab.dream.reference_policy.
 REFERENCE_POLICY_NAMES = ("noop", "left")
-AGENT_POLICY = "agent"  # a trained run's V, M and C (wmlab.agent.AgentPolicy)
+AGENT_POLICY = "agent"  # a trained run's V, M and C (wmlab.agent.AgentPolicy, via collect)
 
 
 @dataclass(frozen=True)
@@ -168,13 +168,7 @@ class RandomWeightsPolicy(BatchPolicy):
 
 
 def make_policy(config: PolicyConfig, num_envs: int, outputs: int) -> BatchPolicy:
-    if config.name == AGENT_POLICY:
-        if not config.agent_run:
-            raise WmlabError("policy 'agent' needs the run whose controller acts: set "
-                             "collect.agent_run=RUN_DIR")
-        from wmlab.agent import AgentPolicy
-
-        return AgentPolicy(num_envs, outputs, config.agent_run)
+    """A random (or fixed) policy; the trained agent's is ``wmlab.collect``'s to make."""
     classes = {"uniform": UniformPolicy, "brown": BrownPolicy, "held": HeldPolicy,
                "random-weights": RandomWeightsPolicy, "fixed": FixedPolicy,
                "noop": ConstantPolicy, "left": ConstantPolicy}

@@ -62,7 +62,7 @@ class Part:
 
 
 def _parts() -> tuple[Part, ...]:
-    from wmlab.es import BEST_WEIGHTS
+    from wmlab.controller.cmaes import BEST_WEIGHTS
     from wmlab.memory.train import FINAL_WEIGHTS as M_WEIGHTS
     from wmlab.memory.train import INITIAL_Z
     from wmlab.vision.train import FINAL_WEIGHTS as V_WEIGHTS
@@ -147,7 +147,7 @@ def _run_config(run: str | Path | Config, overrides: Sequence[str] = ()) -> Conf
 def _check_finished(cfg: Config, allow_unfinished: bool) -> dict[str, Any]:
     """Refuse a run without a trained V, M or C; returns C's sidecar."""
     from wmlab.checkpoint import checkpoint_exists, read_info
-    from wmlab.es import BEST_WEIGHTS, MEAN_WEIGHTS
+    from wmlab.controller.cmaes import BEST_WEIGHTS, MEAN_WEIGHTS
     from wmlab.memory.train import FINAL_WEIGHTS as M_WEIGHTS
     from wmlab.memory.train import INITIAL_Z
     from wmlab.vision.train import FINAL_WEIGHTS as V_WEIGHTS
@@ -298,7 +298,7 @@ def export_agent(run: str | Path | Config, name: str, dest: str | Path | None = 
 
 def _controller_done(cfg: Config) -> bool:
     from wmlab.checkpoint import checkpoint_exists, read_info
-    from wmlab.es import MEAN_WEIGHTS
+    from wmlab.controller.cmaes import MEAN_WEIGHTS
 
     if not checkpoint_exists(RunLayout.of(cfg).controller, MEAN_WEIGHTS):
         return False
@@ -414,7 +414,7 @@ def compare_float32(source: Config, shipped: Any, scratch: str) -> dict[str, Any
     import copy
 
     from wmlab.checkpoint import read_info
-    from wmlab.es import BEST_WEIGHTS
+    from wmlab.controller.cmaes import BEST_WEIGHTS
     from wmlab.evaluate import evaluate_controller
 
     returns: list[float] | None = None
@@ -568,14 +568,14 @@ class AgentSession(RealtimeSession):
 
     def _predict(self, out: Any) -> np.ndarray:
         """V's decoding of the mean of each dimension's most likely mixture component."""
-        from wmlab.memory.pictures import decode_latents
+        from wmlab.dream.pictures import decode_latents
 
         component = out.logits.argmax(-1, keepdim=True)
         z = out.means.gather(-1, component).squeeze(-1).reshape(1, -1)
         return decode_latents(self.models.vae, z)[0]
 
     def _compose(self) -> np.ndarray:
-        from wmlab.memory.pictures import decode_latents
+        from wmlab.dream.pictures import decode_latents
 
         recon = decode_latents(self.models.vae, self.z)[0]
         panels = [("real frame", self.obs[0]), ("V: reconstruction", recon)]
@@ -632,9 +632,9 @@ def agent_session(cfg: Config, seed: int | None = None, recording: bool = False
                   ) -> AgentSession:
     """A session of the run ``cfg``'s agent on its real env (one env, the eval backend)."""
     from wmlab.agent import workload_from_config
-    from wmlab.controller import check_shape
+    from wmlab.controller.cmaes import load_controller_params
+    from wmlab.controller.model import check_shape
     from wmlab.envs import make_batch
-    from wmlab.es import load_controller_params
     from wmlab.evaluate import scored_env
 
     _, backend = scored_env(cfg)
@@ -653,7 +653,7 @@ def agent_session(cfg: Config, seed: int | None = None, recording: bool = False
 
 
 def write_pictures_gif(path: str, pictures: list[np.ndarray], fps: int = 20) -> None:
-    from wmlab.memory.pictures import write_gif
+    from wmlab.dream.pictures import write_gif
 
     write_gif(path, pictures, fps=fps)
 

@@ -75,6 +75,11 @@ class RunLayout:
         return self._at("controller")
 
     @property
+    def fitted_done_bias(self) -> str:
+        """The done-logit shift C's dreams run with under ``dream.fit_done_bias``."""
+        return self._at("controller/fitted-done-bias.json")
+
+    @property
     def eval(self) -> str:
         return self._at("eval")
 

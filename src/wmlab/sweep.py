@@ -209,7 +209,7 @@ def check_folder(folder: str, wanted: dict[str, Any]) -> None:
 
 
 def _score_key(cfg: Config, folder: str, episodes: int, dream_episodes: int) -> dict[str, Any]:
-    from wmlab.es import load_controller_params
+    from wmlab.controller.cmaes import load_controller_params
     from wmlab.evaluate import scored_env
 
     _, info = load_controller_params(folder)
@@ -273,8 +273,9 @@ def tau_sweep(cfg: Config, taus: Sequence[float], *, generations: int,
     same real seeds once.
     """
     from wmlab.agent import workload_from_config
-    from wmlab.es import check_es_config, check_training_inputs, train_controller
+    from wmlab.controller.cmaes import check_es_config
     from wmlab.evaluate import evaluate_controller, evaluate_random_policy
+    from wmlab.pipeline.controller_stage import check_training_inputs, train_controller
 
     say = log or (lambda _: None)
     values = check_taus(list(taus))
@@ -293,7 +294,7 @@ def tau_sweep(cfg: Config, taus: Sequence[float], *, generations: int,
     check_es_config(configs[0].es)
     check_training_inputs(configs[0])
     if configs[0].dream.calibration_tolerance > 0:
-        from wmlab.memory.calibration import check_dream_calibration
+        from wmlab.calibrate import check_dream_calibration
 
         check_dream_calibration(configs[0])  # the gate train_controller applies, before any tau
     workload_from_config(configs[0], "real").load()  # V too: the real scores need it

@@ -62,12 +62,15 @@ def _save_models(folder: str, env: str, seed: int = 0) -> tuple[str, str]:
 def _workload(folder: str, env: str, kind: str, max_steps: int, backend: str | None = None,
               precision: str = "float32"):
     from wmlab.agent import RolloutWorkload
+    from wmlab.dream import DreamSettings
 
     vision, memory = _save_models(folder, env)
     doom = env == "doom"
+    dream = DreamSettings(tau=1.15, max_steps=max_steps, precision=precision) \
+        if kind == "dream" else None
     return RolloutWorkload(kind=kind, vision_folder=vision, memory_folder=memory, env=env,
                            backend=backend, features="zch" if doom else "zh", bias=not doom,
-                           max_steps=max_steps, tau=1.15, precision=precision)
+                           max_steps=0 if dream else max_steps, dream=dream)
 
 
 class CountingBatch:
@@ -246,17 +249,16 @@ def _compaction_rows(quick: bool, folder: str) -> list[dict[str, Any]]:
     members, rollouts = (16, 4) if quick else (32, 8)
     workload = _workload(folder, "doom", "dream", steps)
     # the bench M's done logit sits near -2 (see _save_models): move it to log(2.5 / cap)
-    workload = dataclasses.replace(workload, done_mode="sample",
-                                   done_bias=math.log(2.5 / steps) + 2.0)
+    workload = dataclasses.replace(workload, dream=dataclasses.replace(
+        workload.dream, max_steps=steps, done_mode="sample",
+        done_bias=math.log(2.5 / steps) + 2.0))
     models = workload.load()
     params = _params(models.shape.num_params, members)
     seeds = np.arange(members * rollouts).reshape(members, rollouts)
     rows = []
     for compact in (True, False):
         began = time.perf_counter()
-        returns = run_dream(models, params, seeds, workload.tau, steps, workload.precision,
-                            workload.done_mode, workload.done_weight, workload.done_bias,
-                            compact=compact)
+        returns = run_dream(models, params, seeds, workload.dream, compact=compact)
         seconds = time.perf_counter() - began
         way = "running dreams only" if compact else "every row to the last end (naive)"
         total = float(returns.sum())

@@ -25,7 +25,7 @@ from torch import nn
 
 from wmlab import native
 from wmlab.device import bf16_is_native
-from wmlab.dream import BatchedDream, DreamStart
+from wmlab.dream import BatchedDream, DreamSettings, DreamStart
 from wmlab.memory.data import SeriesBatch
 from wmlab.memory.model import MDNRNN, MdrnnShape, mixture_nll, mixture_nll_reference
 from wmlab.memory.scan import lstm_kernels
@@ -153,7 +153,7 @@ def _train_case(size: str, batch: int, steps: int, repeats: int) -> list[dict[st
 
 def _dream_rate(model: MDNRNN, start: DreamStart, batch: int, steps: int,
                 dtype: str = "float32") -> float:
-    dream = BatchedDream(model, start, 1.15, 10 ** 9, dtype=dtype)
+    dream = BatchedDream(model, start, DreamSettings(1.15, 10 ** 9, precision=dtype))
     dream.reset(np.arange(batch))
     actions = torch.zeros(batch, model.shape.action_dim)
     dream.step(actions)
@@ -166,7 +166,7 @@ def _dream_rate(model: MDNRNN, start: DreamStart, batch: int, steps: int,
 
 def _single_loop_rate(model: MDNRNN, start: DreamStart, dreams: int, steps: int) -> float:
     """The naive way: each dream its own object, stepped one after another."""
-    singles = [BatchedDream(model, start, 1.15, 10 ** 9) for _ in range(dreams)]
+    singles = [BatchedDream(model, start, DreamSettings(1.15, 10 ** 9)) for _ in range(dreams)]
     for i, dream in enumerate(singles):
         dream.reset([i])
     actions = torch.zeros(1, model.shape.action_dim)

@@ -65,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train_controller(args: argparse.Namespace) -> int:
-    from wmlab.es import check_training_inputs, train_controller
+    from wmlab.pipeline.controller_stage import check_training_inputs, train_controller
     from wmlab.runs import prepare_run_dir
 
     engine = args.engine or ("ray" if args.ray_address else None)

@@ -15,6 +15,7 @@ from wmlab.errors import WmlabError
 
 
 def cmd_train_mdrnn(args: argparse.Namespace) -> int:
+    from wmlab.calibrate import calibrate_trained_memory
     from wmlab.memory.train import check_series, load_series, train_mdrnn
     from wmlab.runs import prepare_run_dir
 
@@ -27,8 +28,9 @@ def cmd_train_mdrnn(args: argparse.Namespace) -> int:
     shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "step")
     print(f"{result.folder}: M trained to step {result.steps} (from {result.resumed_from}), "
           f"{result.steps_per_second:,.0f} steps/s" + (f"; validation: {shown}" if shown else ""))
-    if result.calibration:
-        print_calibration(result.calibration)
+    calibration = calibrate_trained_memory(cfg) if result.finished else None
+    if calibration:
+        print_calibration(calibration)
     return 0
 
 
@@ -45,7 +47,7 @@ def print_calibration(report: dict) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from wmlab.memory.calibration import calibrate_real, check_dream_calibration
+    from wmlab.calibrate import calibrate_real, check_dream_calibration
 
     cfg = config_from_args(args, {})
     report = calibrate_real(cfg, args.episodes)
@@ -57,7 +59,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_dream(args: argparse.Namespace) -> int:
-    from wmlab.memory.dreaming import (
+    from wmlab.dream.gallery import (
         DreamRequest,
         controller_policy,
         load_dream_models,

@@ -14,13 +14,14 @@ import gymnasium as gym
 import numpy as np
 
 from wmlab.envs.batch import EnvBatch, EnvpoolBatch, GymnasiumBatch
+from wmlab.envs.entry import EnvEntry
 from wmlab.envs.frames import (
     preprocess_carracing,
     preprocess_carracing_batch,
     resize_batch,
     resize_frame,
 )
-from wmlab.envs.registry import EnvEntry, builtin_entries
+from wmlab.envs.registry import builtin_entries
 from wmlab.envs.spec import EnvSpec
 from wmlab.errors import WmlabError
 

@@ -40,8 +40,8 @@ import numpy as np
 
 from wmlab.envs.batch import GymnasiumBatch
 from wmlab.envs.binpacking_draw import draw_frame, draw_human
+from wmlab.envs.entry import EnvEntry
 from wmlab.envs.frames import FRAME_SHAPE
-from wmlab.envs.registry import EnvEntry
 from wmlab.envs.spec import EnvSpec, check_max_steps
 from wmlab.errors import WmlabError
 

@@ -12,13 +12,13 @@ import gymnasium as gym
 import numpy as np
 
 from wmlab.envs.batch import EnvpoolBatch, GymnasiumBatch
+from wmlab.envs.entry import EnvEntry
 from wmlab.envs.frames import (
     FRAME_SHAPE,
     headless_pygame,
     preprocess_carracing,
     preprocess_carracing_batch,
 )
-from wmlab.envs.registry import EnvEntry
 from wmlab.envs.spec import EnvSpec, check_max_steps
 
 GYM_ID = "CarRacing-v3"

@@ -14,8 +14,8 @@ import gymnasium as gym
 import numpy as np
 
 from wmlab.envs.batch import GymnasiumBatch
+from wmlab.envs.entry import EnvEntry
 from wmlab.envs.frames import FRAME_SHAPE, resize_frame
-from wmlab.envs.registry import EnvEntry
 from wmlab.envs.spec import EnvSpec, check_max_steps
 from wmlab.errors import WmlabError
 

@@ -300,3 +300,16 @@ def sample_next_z(out: MdrnnOutput, tau: float, generator: torch.Generator | Non
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+@dataclass
+class DreamStart:
+    """The first-frame latent distributions dreams start from."""
+
+    mu: torch.Tensor  # (N, z)
+    logvar: torch.Tensor  # (N, z)
+
+    def __post_init__(self) -> None:
+        if self.mu.ndim != 2 or self.mu.shape != self.logvar.shape or len(self.mu) == 0:
+            raise WmlabError("the initial-z store is empty or malformed: run `wmlab "
+                             "train-mdrnn` again to rewrite it")

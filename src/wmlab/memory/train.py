@@ -13,7 +13,6 @@ V of this run (series of another V would train M on latents that V cannot decode
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -34,10 +33,15 @@ from wmlab.config import Config
 from wmlab.data.series import Series, SeriesStore
 from wmlab.device import resolve_bf16, resolve_device
 from wmlab.errors import StoreError, WmlabError
-from wmlab.fsio import atomic_write_bytes
-from wmlab.memory.calibration import add_real_game
 from wmlab.memory.data import SeriesBatch, episode_batch, locate_chunk, stream_batch
-from wmlab.memory.model import MDNRNN, MdrnnShape, check_tau, done_loss, mixture_nll
+from wmlab.memory.model import (
+    MDNRNN,
+    DreamStart,
+    MdrnnShape,
+    check_tau,
+    done_loss,
+    mixture_nll,
+)
 from wmlab.native import keep_freed_memory
 from wmlab.runs import RunLayout
 
@@ -64,7 +68,6 @@ class MdrnnTrainResult:
     sequences_per_second: float = 0.0
     steps_per_second: float = 0.0
     finished: bool = True
-    calibration: dict[str, Any] | None = None
 
 
 @dataclass
@@ -271,7 +274,7 @@ def check_series(cfg: Config, data: SeriesSet) -> None:
                          "or collect more episodes")
     _check_fingerprint(cfg, data.fingerprint)
     if m.done_head and m.calibration_episodes > 0:
-        check_tau(cfg.dream.tau)  # the calibration at the end dreams at dream.tau
+        check_tau(cfg.dream.tau)  # the M stage ends by calibrating the dream at dream.tau
 
 
 def _check_fingerprint(cfg: Config, fingerprint: str) -> None:
@@ -416,8 +419,6 @@ def train_mdrnn(cfg: Config, *, progress: bool = True, stop_after_steps: int | N
                 break
         if step >= m.steps:
             save_checkpoint(folder, FINAL_WEIGHTS, step, model.state_dict(), None, info)
-            if shape.done_head and m.calibration_episodes > 0:
-                result.calibration = write_calibration(cfg, model, device)
     finally:
         backward.close()
         bar.close()
@@ -494,7 +495,7 @@ def return_tracking(model: MDNRNN, series: list[Series], device: torch.device | 
 
 
 # ---------------------------------------------------------------------------------------------
-# What dreams need: the initial latents, M itself, and the calibration of its dream
+# What dreams need: the initial latents and M itself
 
 
 def write_initial_z(cfg: Config, train: list[Series]) -> None:
@@ -508,8 +509,6 @@ def write_initial_z(cfg: Config, train: list[Series]) -> None:
 
 def load_initial_z(folder: str):
     """The dream starts of a memory folder (``DreamStart``), or a message saying why not."""
-    from wmlab.dream import DreamStart
-
     if not checkpoint_exists(folder, INITIAL_Z):
         raise WmlabError(f"no initial-z store in {folder}: dreams start from it; run `wmlab "
                          "train-mdrnn` (it writes the store before training)")
@@ -528,51 +527,3 @@ def load_mdrnn(folder: str, device: torch.device | str = "cpu") -> tuple[MDNRNN,
     model = MDNRNN(shape)
     load_weights_into(model, ckpt.weights, f"{folder}/{FINAL_WEIGHTS}")
     return model.to(device).eval(), ckpt.info
-
-
-def action_converter(env_name: str
-                     ) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, int | None]:
-    """(raw controller outputs -> M's action vectors, number of raw outputs) through the
-    env's own mapping; (None, None) when the env's spec is not available."""
-    try:
-        from wmlab.envs import get_spec
-
-        spec = get_spec(env_name)
-    except Exception:  # generic ids may need their simulator; identity is the fallback
-        return None, None
-
-    def convert(raw: torch.Tensor) -> torch.Tensor:
-        vectors = spec.action_vector(spec.to_env_action(raw.cpu().numpy()))
-        return torch.from_numpy(np.asarray(vectors, np.float32))
-    return convert, int(spec.controller_outputs)
-
-
-def calibration_dreams(cfg: Config, model: MDNRNN, device: torch.device | str = "cpu",
-                       extra_bias: float = 0.0,
-                       policies: tuple[str, ...] = ("random", "noop", "left")
-                       ) -> dict[str, Any]:
-    """The dream side of M's calibration: the reference policies' survival in the run's
-    dream (its tau, cap, done rule and ``dream.done_bias`` + ``extra_bias``), on the
-    calibration's seeds."""
-    from wmlab.dream import dream_calibration
-
-    to_vector, raw_dim = action_converter(cfg.env.name)
-    return dream_calibration(model, load_initial_z(RunLayout.of(cfg).memory), cfg.dream.tau,
-                             max_steps=cfg.dream.max_steps,
-                             episodes=cfg.mdrnn.calibration_episodes, seed=cfg.run.seed,
-                             policies=policies, to_vector=to_vector, raw_dim=raw_dim,
-                             device=device, done_mode=cfg.dream.done,
-                             done_weight=cfg.mdrnn.done_weight,
-                             done_bias=cfg.dream.done_bias + extra_bias)
-
-
-def write_calibration(cfg: Config, model: MDNRNN, device: torch.device | str = "cpu"
-                      ) -> dict[str, Any]:
-    """Survival of the reference policies in M's dream, as ``memory/calibration.json``."""
-    report = calibration_dreams(cfg, model, device)
-    report["note"] = ("a dream where a fixed behaviour survives much longer than it does "
-                      "in the game is a hole CMA-ES will find")
-    if cfg.mdrnn.calibration_real_episodes > 0:
-        report = add_real_game(cfg, report, cfg.mdrnn.calibration_real_episodes)
-    atomic_write_bytes(RunLayout.of(cfg).calibration, json.dumps(report, indent=2).encode())
-    return report

@@ -28,7 +28,7 @@ def iteration_config(cfg: Config, iteration: int) -> Config:
     afresh. Evaluation uses the same seeds, so iterations compare episode for episode.
     """
     from wmlab.checkpoint import checkpoint_exists
-    from wmlab.es import MEAN_WEIGHTS
+    from wmlab.controller.cmaes import MEAN_WEIGHTS
 
     previous = RunLayout.of(cfg).iteration(iteration - 1)
     if not checkpoint_exists(previous.controller, MEAN_WEIGHTS):
@@ -126,9 +126,12 @@ def _encode_output(cfg: Config) -> str | None:
 
 
 def _run_memory(cfg: Config, progress: bool) -> dict[str, Any]:
+    from wmlab.calibrate import calibrate_trained_memory
     from wmlab.memory.train import train_mdrnn
 
     result = train_mdrnn(cfg, progress=progress)
+    if result.finished:  # M's dream beside the real game, before C is trained in it
+        calibrate_trained_memory(cfg)
     last = result.history[-1] if result.history else {}
     return {"steps": result.steps,
             "sequences_per_second": round(result.sequences_per_second, 1),
@@ -144,20 +147,20 @@ def _memory_output(cfg: Config) -> str | None:
 
 
 def _run_controller(cfg: Config, progress: bool) -> dict[str, Any]:
-    from wmlab.es import train_controller
+    from wmlab.pipeline.controller_stage import train_controller
 
     result = train_controller(cfg, progress=progress)
     summary = {"generations": result.generation, "best_score": result.best_score,
                "best_generation": result.best_generation, "fitness": cfg.es.fitness}
     if cfg.es.fitness == "dream" and cfg.dream.fit_done_bias:
-        from wmlab.memory.calibration import dream_done_bias
+        from wmlab.dream.calibration import dream_done_bias
 
         summary["dream_done_bias"] = dream_done_bias(cfg)
     return summary
 
 
 def _controller_output(cfg: Config) -> str | None:
-    from wmlab.es import BEST_WEIGHTS, MEAN_WEIGHTS
+    from wmlab.controller.cmaes import BEST_WEIGHTS, MEAN_WEIGHTS
 
     folder = RunLayout.of(cfg).controller
     found = [_sidecar_fingerprint(folder, name) for name in (BEST_WEIGHTS, MEAN_WEIGHTS)]
@@ -246,8 +249,8 @@ def _dream_pictures(cfg: Config) -> dict[str, Any]:
     """The dream GIFs the report shows: C (or random actions) driving M's dream, and real
     frames | V's reconstruction | M's imagined continuation from the same start."""
     from wmlab.checkpoint import checkpoint_exists
-    from wmlab.es import BEST_WEIGHTS
-    from wmlab.memory.dreaming import DreamRequest, make_dream_pictures
+    from wmlab.controller.cmaes import BEST_WEIGHTS
+    from wmlab.dream.gallery import DreamRequest, make_dream_pictures
 
     if not cfg.mdrnn.done_head and not cfg.mdrnn.reward_head and cfg.es.fitness == "real":
         steps = 150  # a dream without an end: a short one shows what M imagines

@@ -8,9 +8,9 @@ import math
 from typing import Any
 
 from wmlab.data import EpisodeStore
+from wmlab.dream.calibration import noop_order_warning
 from wmlab.errors import WmlabError
 from wmlab.fidelity import load as load_fidelity
-from wmlab.memory.calibration import noop_order_warning
 from wmlab.metrics import METRICS_FILE
 from wmlab.report.document import Block, Image, Section, Table, Text
 from wmlab.report.page import Page

@@ -1,4 +1,4 @@
-"""CMA-ES over controller parameters, with checkpoints that resume the same future.
+"""CMA-ES over C's parameters, with checkpoints that resume the same future.
 
 The loop sees fitness only through ``Fitness.evaluate(params (P, n), seeds (P, R)) -> (P,)``
 (mean return per member): real envs, the dream or a test function are all the same to it.
@@ -34,7 +34,6 @@ have drawn.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import math
 import pickle
@@ -51,7 +50,6 @@ from wmlab.config import EsConfig
 from wmlab.errors import WmlabError
 from wmlab.fsio import atomic_write_bytes, exists
 from wmlab.metrics import MetricsLogger
-from wmlab.runs import RunLayout
 
 STATE_FILE = "es-state.pkl"
 MEAN_WEIGHTS = "controller"
@@ -180,7 +178,7 @@ def _load_state(folder: str, num_params: int, es: EsConfig) -> dict[str, Any] | 
 
     with fsspec.open(path, "rb") as handle:
         try:
-            state = pickle.load(handle)
+            state = _StateUnpickler(handle).load()
         except Exception as exc:
             raise WmlabError(f"ES state {path} is damaged ({type(exc).__name__}): delete "
                              f"{folder} to train the controller from scratch") from None
@@ -190,6 +188,15 @@ def _load_state(folder: str, num_params: int, es: EsConfig) -> dict[str, Any] | 
                          f"{es.population} x {num_params}: use another run name or delete "
                          f"{folder}")
     return state
+
+
+class _StateUnpickler(pickle.Unpickler):
+    """Reads CMA-ES states written before this module moved (they name ``wmlab.es``)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "wmlab.es":
+            module = __name__
+        return super().find_class(module, name)
 
 
 def _save_state(folder: str, state: dict[str, Any]) -> None:
@@ -393,103 +400,3 @@ def write_progress_plot(folder: str, rows: list[dict[str, str]]) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     atomic_write_bytes(f"{folder}/progress.png", pyplot_png(fig))
-
-
-# ---------------------------------------------------------------------------------------------
-# The stage: C trained on a run's V and M
-
-
-def check_training_inputs(cfg: Any) -> tuple[Any, Any]:
-    """Everything that can be wrong before training starts: the ES settings, the Ray
-    address, V and M (present, fitting each other and the env, with the dream's heads for a
-    mixed schedule). Returns (workload, models)."""
-    from wmlab.agent import workload_from_config
-    from wmlab.evaluators import check_ray_address
-
-    check_es_config(cfg.es)
-    if cfg.es.init_from == "previous":
-        raise WmlabError("es.init_from = 'previous' starts C at the previous iteration's "
-                         "controller, so it applies from iteration 2 on: set it in run.later "
-                         "(or give a controller folder)")
-    if cfg.es.engine == "ray":
-        check_ray_address(cfg.es.ray_address)
-    workload = workload_from_config(cfg)
-    models = workload.load()
-    if cfg.es.dream_generations:
-        check_dream_heads(models.mdrnn.shape, cfg.es.dream_generations,
-                          models.spec.survival_reward)
-    return workload, models
-
-
-def train_controller(cfg: Any, *, progress: bool = True,
-                     stop_after_generations: int | None = None,
-                     fitness: Fitness | None = None, folder: str | None = None) -> EsResult:
-    """Train C for the run of ``cfg`` (real envs or the dream, per es.fitness); checkpoints
-    go to ``folder`` (default ``<run>/controller``; sweeps keep one controller per folder)."""
-    from wmlab.agent import workload_from_config
-    from wmlab.controller import shape_info
-    from wmlab.evaluators import Evaluator
-
-    folder = folder or RunLayout.of(cfg).controller
-    workload, models = check_training_inputs(cfg)
-    mixed = cfg.es.dream_generations > 0
-    if cfg.es.fitness == "dream" or mixed:
-        from wmlab.evaluators import warn
-        from wmlab.memory.calibration import (
-            check_dream_calibration,
-            noop_order_warning,
-            read_calibration,
-        )
-
-        check_dream_calibration(cfg)
-        report = read_calibration(cfg)
-        message = noop_order_warning(report) if report else None
-        if message:
-            warn(message)
-    start = None
-    if cfg.es.init_from:
-        from wmlab.controller import check_shape
-
-        start, start_info = load_controller_params(cfg.es.init_from)
-        check_shape(start_info, models.shape, cfg.controller.inputs, start_info["source"])
-    info = {**shape_info(models.shape, cfg.controller.inputs), "env": cfg.env.name,
-            "fitness": cfg.es.fitness, "tau": cfg.dream.tau,
-            **({"dream_generations": cfg.es.dream_generations} if mixed else {})}
-    with contextlib.ExitStack() as stack:
-        def evaluator(rollouts: Any) -> Any:
-            return stack.enter_context(Evaluator(rollouts, cfg.es.engine, cfg.es.workers,
-                                                 cfg.es.timeout, cfg.es.job_members,
-                                                 cfg.es.ray_address))
-
-        scorer = None
-        if fitness is None:
-            fitness = evaluator(workload)
-            if cfg.es.stall_steps and workload.kind == "real":
-                # members' rollouts may end when they stop scoring; the mean is scored on
-                # whole episodes, by workers of its own (idle between scorings)
-                scorer = evaluator(dataclasses.replace(workload, stall_steps=0))
-        # the dream's workers load M only; they sit idle once the real generations start
-        dream = evaluator(workload_from_config(cfg, "dream")) if mixed else None
-        return run_es(fitness, models.shape.num_params, cfg.es, folder,
-                      seed=cfg.run.seed, info=info, progress=progress,
-                      stop_after_generations=stop_after_generations, dream_fitness=dream,
-                      score_fitness=scorer, start=start)
-
-
-def missing_dream_heads(shape: Any, survival_reward: bool = False) -> list[str]:
-    """The heads M lacks for its dream to score C: it must predict when episodes end and,
-    unless the env pays just +1 per step alive (Doom, where the dream's reward is that),
-    what they pay."""
-    needed = ("done_head",) if survival_reward else ("reward_head", "done_head")
-    return [name for name in needed if not getattr(shape, name)]
-
-
-def check_dream_heads(shape: Any, dream_generations: int, survival_reward: bool = False
-                      ) -> None:
-    missing = missing_dream_heads(shape, survival_reward)
-    if missing:
-        raise WmlabError(f"es.dream_generations = {dream_generations} trains C in M's dream "
-                         f"first, but M has no {' and no '.join(missing)}: the dream would "
-                         "have no reward or no end. Train M with "
-                         + " ".join(f"--set mdrnn.{m}=true" for m in missing)
-                         + ", or set es.dream_generations = 0")

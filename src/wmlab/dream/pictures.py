@@ -7,13 +7,16 @@ by V in one batched call at the end, so making a GIF costs about as much as the 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from wmlab.dream import BatchedDream, DreamStart
+from wmlab.dream.batched import BatchedDream, DreamStart
+from wmlab.dream.reference import reference_policy
+from wmlab.dream.settings import DreamSettings
 from wmlab.errors import WmlabError
 from wmlab.fsio import atomic_write_bytes
 from wmlab.memory.model import MDNRNN
@@ -52,10 +55,10 @@ class DreamTrace:
 
 
 @torch.no_grad()
-def trace_dream(model: MDNRNN, start: DreamStart, tau: float, steps: int, seed: int,
-                policy: Callable[[BatchedDream], torch.Tensor]) -> DreamTrace:
+def trace_dream(model: MDNRNN, start: DreamStart, settings: DreamSettings, steps: int,
+                seed: int, policy: Callable[[BatchedDream], torch.Tensor]) -> DreamTrace:
     """One dream of at most ``steps`` steps under ``policy``, keeping every latent."""
-    dream = BatchedDream(model, start, tau, steps)
+    dream = BatchedDream(model, start, dataclasses.replace(settings, max_steps=steps))
     latents = [dream.reset([seed])[0].clone()]
     rewards = []
     while not bool(dream.done[0]):
@@ -67,11 +70,11 @@ def trace_dream(model: MDNRNN, start: DreamStart, tau: float, steps: int, seed: 
                       len(rewards) if ended else None)
 
 
-def dream_gif(url: str, model: MDNRNN, vae, start: DreamStart, tau: float, steps: int,
-              seed: int, policy: Callable[[BatchedDream], torch.Tensor], fps: int = 20
-              ) -> DreamTrace:
+def dream_gif(url: str, model: MDNRNN, vae, start: DreamStart, settings: DreamSettings,
+              steps: int, seed: int, policy: Callable[[BatchedDream], torch.Tensor],
+              fps: int = 20) -> DreamTrace:
     """A GIF of one dream decoded by V; the last frame is tinted red if the dream died."""
-    trace = trace_dream(model, start, tau, steps, seed, policy)
+    trace = trace_dream(model, start, settings, steps, seed, policy)
     frames = [_enlarge(f) for f in decode_latents(vae, trace.latents)]
     if trace.done_at is not None:
         frames[-1] = (frames[-1] * np.array([1.0, 0.4, 0.4])).astype(np.uint8)
@@ -81,7 +84,7 @@ def dream_gif(url: str, model: MDNRNN, vae, start: DreamStart, tau: float, steps
 
 @torch.no_grad()
 def compare_gif(url: str, model: MDNRNN, vae, frames: np.ndarray, mu: np.ndarray,
-                logvar: np.ndarray, actions: np.ndarray, tau: float, seed: int,
+                logvar: np.ndarray, actions: np.ndarray, settings: DreamSettings, seed: int,
                 steps: int | None = None, fps: int = 20) -> int:
     """Side by side: a real episode | V's reconstruction | M's imagined continuation.
 
@@ -99,7 +102,7 @@ def compare_gif(url: str, model: MDNRNN, vae, frames: np.ndarray, mu: np.ndarray
     def replay(dream: BatchedDream) -> torch.Tensor:
         return recorded[min(int(dream.t[0]), steps - 1)].unsqueeze(0)
 
-    trace = trace_dream(model, start, tau, steps, seed, replay)
+    trace = trace_dream(model, start, settings, steps, seed, replay)
     recon = decode_latents(vae, torch.as_tensor(np.asarray(mu[:steps + 1], np.float32)))
     imagined = decode_latents(vae, trace.latents)
     out = []
@@ -116,12 +119,10 @@ def compare_gif(url: str, model: MDNRNN, vae, frames: np.ndarray, mu: np.ndarray
 def random_policy(action_dim: int, seed: int,
                   to_vector: Callable[[torch.Tensor], torch.Tensor] | None = None
                   ) -> Callable[[BatchedDream], torch.Tensor]:
-    from wmlab.dream import reference_policy
-
     return reference_policy("random", action_dim, seed, to_vector)
 
 
-def play_dream(model: MDNRNN, vae, start: DreamStart, tau: float, max_steps: int,
+def play_dream(model: MDNRNN, vae, start: DreamStart, settings: DreamSettings,
                key_action: Callable[[object], np.ndarray], seed: int = 0,
                fps: int = 30) -> None:  # pragma: no cover - needs a display and a person
     """Play inside the dream: the window shows V's decoding of M's z, the keyboard acts.
@@ -136,7 +137,7 @@ def play_dream(model: MDNRNN, vae, start: DreamStart, tau: float, max_steps: int
     screen = pygame.display.set_mode((size, size))
     pygame.display.set_caption("wmlab: inside the dream (arrows act, R restarts, Esc quits)")
     clock = pygame.time.Clock()
-    dream = BatchedDream(model, start, tau, max_steps)
+    dream = BatchedDream(model, start, settings)
     dream.reset([seed])
     running = True
     while running:

@@ -19,33 +19,18 @@ component draw; no per-dream Python work except refilling a dream's noise block 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
 from wmlab.device import bf16_is_native
+from wmlab.dream.settings import DreamSettings
 from wmlab.errors import WmlabError
 from wmlab.memory.fastlinear import FastLinear
-from wmlab.memory.model import MDNRNN, check_tau, select_and_sample
+from wmlab.memory.model import MDNRNN, DreamStart, select_and_sample
 from wmlab.memory.scan import lstm_kernels, tanh
 
-DONE_MODES = ("threshold", "sample")
 FEATURES = ("z", "zh", "zch")
-
-
-@dataclass
-class DreamStart:
-    """The first-frame latent distributions dreams start from."""
-
-    mu: torch.Tensor  # (N, z)
-    logvar: torch.Tensor  # (N, z)
-
-    def __post_init__(self) -> None:
-        if self.mu.ndim != 2 or self.mu.shape != self.logvar.shape or len(self.mu) == 0:
-            raise WmlabError("the initial-z store is empty or malformed: run `wmlab "
-                             "train-mdrnn` again to rewrite it")
 
 
 # The running dreams are stepped in groups of this many rows (see BatchedDream.step).
@@ -59,41 +44,31 @@ def _row_rng(seed: int) -> np.random.Generator:
 class BatchedDream:
     """B dreams stepped together; finished dreams are frozen until reset (all or some)."""
 
-    def __init__(self, model: MDNRNN, start: DreamStart, tau: float, max_steps: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype | str = torch.float32,
-                 noise_block: int = 64, done_mode: str = "threshold",
-                 done_weight: float = 1.0, done_bias: float = 0.0) -> None:
-        if max_steps < 1:
-            raise WmlabError(f"dream max_steps must be at least 1, got {max_steps}")
+    def __init__(self, model: MDNRNN, start: DreamStart, settings: DreamSettings,
+                 device: torch.device | str = "cpu", noise_block: int = 64) -> None:
         if start.mu.shape[1] != model.shape.z_dim:
             raise WmlabError(f"the initial-z store has z of size {start.mu.shape[1]} but M "
                              f"expects {model.shape.z_dim}: they come from different runs")
         self.model = model.eval()
         self.shape = model.shape
+        self.settings = settings
         self.device = torch.device(device)
         self.start = DreamStart(start.mu.to(self.device).float(),
                                 start.logvar.to(self.device).float())
-        self.tau = check_tau(tau)
-        self.max_steps = int(max_steps)
-        if done_mode not in DONE_MODES:
-            raise WmlabError(f"dream done mode must be one of {', '.join(DONE_MODES)}, got "
-                             f"'{done_mode}'")
-        if not done_weight > 0:
-            raise WmlabError(f"the done head's positive weight must be > 0, got {done_weight}")
-        self.done_mode = done_mode
+        self.tau = settings.tau
+        self.max_steps = int(settings.max_steps)
+        self.done_mode = settings.done_mode
         # The done head was trained with positives weighted by w, which shifts its logit by
         # log(w) from the true log-odds: "sample" undoes that before drawing, so the dream's
         # hazard is M's estimate of the real one rather than w times it.
-        self.done_shift = float(np.log(done_weight))
+        self.done_shift = float(np.log(settings.done_weight))
         # dream.done_bias: added to the done logit in either mode; positive ends dreams
         # sooner, for matching the dream's survival to the game's by hand
-        self.done_bias = float(done_bias)
+        self.done_bias = float(settings.done_bias)
         # dream.precision: "bfloat16" runs the two matmuls in bf16 (state and sampling stay
         # float32); ~3x faster where the CPU has AVX512-BF16, and emulated (slower than
         # float32) where it has not, so there the dream stays in float32
-        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        if self.dtype not in (torch.float32, torch.bfloat16):
-            raise WmlabError(f"dream precision must be float32 or bfloat16, got {dtype}")
+        self.dtype = getattr(torch, settings.precision)
         if self.dtype == torch.bfloat16 and not bf16_is_native(self.device):
             self.dtype = torch.float32
         self.block = int(noise_block)
@@ -361,150 +336,3 @@ class BatchedDream:
         while not bool(self.done.all()):
             self.step(policy(self))
         return self.returns.cpu().numpy(), self.t.copy()
-
-
-# ---------------------------------------------------------------------------------------------
-# Reference policies and the dream's calibration (SPEC section 8)
-
-
-def reference_policy(name: str, action_dim: int, seed: int = 0,
-                     to_vector: Callable[[torch.Tensor], torch.Tensor] | None = None
-                     ) -> Callable[[BatchedDream], torch.Tensor]:
-    """Fixed policies whose survival in the dream is compared with the real game.
-
-    Outputs are raw controller outputs in [-1, 1] (random: uniform each step; noop: 0;
-    left: -1 on the first output, 0 elsewhere), turned into M's action vectors by
-    ``to_vector`` (e.g. Doom's -1/3, +1/3 thresholds); identity when not given.
-    """
-    convert = to_vector or (lambda raw: raw)
-    if name == "random":
-        generator = torch.Generator().manual_seed(seed)
-
-        def act(dream: BatchedDream) -> torch.Tensor:
-            raw = torch.rand(dream.batch, action_dim, generator=generator) * 2 - 1
-            return convert(raw)
-        return act
-    if name in ("noop", "left"):
-        def fixed(dream: BatchedDream) -> torch.Tensor:
-            raw = torch.zeros(dream.batch, action_dim)
-            if name == "left":
-                raw[:, 0] = -1.0
-            return convert(raw)
-        return fixed
-    raise WmlabError(f"unknown reference policy '{name}': use random, noop or left")
-
-
-def dream_calibration(model: MDNRNN, start: DreamStart, tau: float, max_steps: int = 2100,
-                      episodes: int = 64, seed: int = 0,
-                      policies: tuple[str, ...] = ("random", "noop", "left"),
-                      to_vector: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                      raw_dim: int | None = None, device: torch.device | str = "cpu",
-                      done_mode: str = "threshold", done_weight: float = 1.0,
-                      done_bias: float = 0.0) -> dict[str, Any]:
-    """Survival and return of fixed reference policies in the dream, per policy.
-
-    A dream whose zero/no-op policy survives far longer than a random policy does in the
-    real game is exploitable (SPEC section 8): check this before training C in it.
-    ``raw_dim`` is the number of raw controller outputs that ``to_vector`` maps to M's
-    actions (default: M's action size).
-    """
-    dream = BatchedDream(model, start, tau, max_steps, device, done_mode=done_mode,
-                         done_weight=done_weight, done_bias=done_bias)
-    seeds = np.arange(episodes) + seed * 1_000_003
-    report: dict[str, Any] = {"tau": tau, "max_steps": max_steps, "episodes": episodes,
-                              "done_mode": done_mode, "done_bias": done_bias, "policies": {}}
-    for name in policies:
-        policy = reference_policy(name, raw_dim or model.shape.action_dim, seed, to_vector)
-        returns, lengths = dream.rollout(policy, seeds)
-        report["policies"][name] = {
-            "survival_mean": float(lengths.mean()), "survival_std": float(lengths.std()),
-            "survival_min": int(lengths.min()), "survival_max": int(lengths.max()),
-            "capped_fraction": float((lengths >= max_steps).mean()),
-            "return_mean": float(returns.mean()), "return_std": float(returns.std())}
-    return report
-
-
-# ---------------------------------------------------------------------------------------------
-# The Gymnasium vector-env face of the dream
-
-
-def _vector_env_base() -> type:
-    import gymnasium
-
-    return gymnasium.vector.VectorEnv
-
-
-class DreamVectorEnv(_vector_env_base()):  # type: ignore[misc]
-    """Dreams behind the Gymnasium vector-env API (autoreset mode NEXT_STEP).
-
-    Observations are what a controller sees (``features``: z, [z, h] or [z, c, h]) as float32
-    numpy arrays; actions are M's action vectors (B, A). A dream that ended is restarted by
-    the next ``step`` call, which ignores its action and returns its first observation with
-    reward 0, as Gymnasium's vector envs do. Dream i's k-th episode uses a seed derived from
-    (its reset seed, k), so a run is reproducible from the seeds given to ``reset``.
-    Terminations come from the done head; truncations from the step cap.
-    """
-
-    def __init__(self, model: MDNRNN, start: DreamStart, tau: float, max_steps: int,
-                 num_envs: int, features: str = "zh", device: torch.device | str = "cpu"
-                 ) -> None:
-        import gymnasium
-        from gymnasium.vector.utils import batch_space
-
-        if num_envs < 1:
-            raise WmlabError(f"num_envs must be at least 1, got {num_envs}")
-        self.dream = BatchedDream(model, start, tau, max_steps, device)
-        self.features_kind = features
-        s = model.shape
-        size = {"z": s.z_dim, "zh": s.z_dim + s.hidden, "zch": s.z_dim + 2 * s.hidden}
-        if features not in size:
-            raise WmlabError(f"features must be one of {', '.join(FEATURES)}, got '{features}'")
-        self.num_envs = num_envs
-        self.single_observation_space = gymnasium.spaces.Box(
-            -np.inf, np.inf, (size[features],), np.float32)
-        self.single_action_space = gymnasium.spaces.Box(-1.0, 1.0, (s.action_dim,), np.float32)
-        self.observation_space = batch_space(self.single_observation_space, num_envs)
-        self.action_space = batch_space(self.single_action_space, num_envs)
-        self.metadata = {"autoreset_mode": gymnasium.vector.AutoresetMode.NEXT_STEP}
-        self._base = np.zeros(num_envs, dtype=np.int64)
-        self._episode = np.zeros(num_envs, dtype=np.int64)
-        self._pending = np.zeros(num_envs, dtype=bool)
-
-    def _obs(self) -> np.ndarray:
-        return self.dream.features(self.features_kind).cpu().numpy().astype(np.float32)
-
-    def _seed_of(self, slot: int) -> int:
-        if self._episode[slot] == 0:
-            return int(self._base[slot])
-        state = np.random.SeedSequence([int(self._base[slot]), int(self._episode[slot])])
-        return int(state.generate_state(1, np.uint32)[0])
-
-    def reset(self, *, seed: int | list[int] | None = None,
-              options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-        if seed is None:
-            seed = int(np.random.SeedSequence().generate_state(1, np.uint32)[0])
-        if isinstance(seed, (int, np.integer)):
-            self._base = int(seed) + np.arange(self.num_envs, dtype=np.int64)
-        else:
-            if len(seed) != self.num_envs:
-                raise WmlabError(f"reset got {len(seed)} seeds for {self.num_envs} dreams")
-            self._base = np.asarray(seed, dtype=np.int64)
-        self._episode[:] = 0
-        self._pending[:] = False
-        self.dream.reset(self._base)
-        return self._obs(), {}
-
-    def step(self, actions: np.ndarray
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-        restarting = np.flatnonzero(self._pending)
-        if len(restarting):
-            self._episode[restarting] += 1
-            self.dream.reset_rows(restarting, [self._seed_of(i) for i in restarting])
-        active = ~self._pending
-        _, reward, done = self.dream.step(actions, active=active)
-        done_np = done.cpu().numpy() & active
-        terminated = self.dream.terminated.cpu().numpy() & done_np
-        truncated = done_np & ~terminated
-        self._pending = done_np
-        rewards = np.where(active, reward.cpu().numpy(), 0.0).astype(np.float32)
-        return self._obs(), rewards, terminated, truncated, {}

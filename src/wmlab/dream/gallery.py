@@ -13,10 +13,20 @@ from typing import Any
 import torch
 
 from wmlab.config import Config
-from wmlab.dream import BatchedDream, DreamStart
+from wmlab.dream.batched import BatchedDream
+from wmlab.dream.calibration import dream_settings
+from wmlab.dream.pictures import (
+    compare_gif,
+    dream_gif,
+    keyboard_mapping,
+    play_dream,
+    random_policy,
+)
+from wmlab.dream.reference import action_converter
+from wmlab.dream.settings import DreamSettings
 from wmlab.errors import StoreError, WmlabError
-from wmlab.memory.model import MDNRNN, check_tau
-from wmlab.memory.train import action_converter, load_initial_z, load_mdrnn
+from wmlab.memory.model import MDNRNN, DreamStart
+from wmlab.memory.train import load_initial_z, load_mdrnn
 from wmlab.runs import RunLayout
 
 
@@ -36,12 +46,13 @@ class DreamModels:
     vae: Any
     start: DreamStart
     info: dict[str, Any]
+    settings: DreamSettings  # the dream C trains in (before C's fitted done bias: the base)
 
 
 def load_dream_models(cfg: Config) -> DreamModels:
     from wmlab.vision.train import load_vae
 
-    check_tau(cfg.dream.tau)
+    settings = dream_settings(cfg, missing_ok=True)
     folder = RunLayout.of(cfg).memory
     mdrnn, info = load_mdrnn(folder)
     start = load_initial_z(folder)
@@ -54,7 +65,7 @@ def load_dream_models(cfg: Config) -> DreamModels:
     if vae.z_dim != mdrnn.shape.z_dim:
         raise WmlabError(f"V has z of size {vae.z_dim} but M expects {mdrnn.shape.z_dim}: "
                          "they belong to different runs")
-    return DreamModels(mdrnn, vae, start, info)
+    return DreamModels(mdrnn, vae, start, info, settings)
 
 
 def controller_policy(cfg: Config, path: str, mdrnn: MDNRNN
@@ -85,7 +96,7 @@ def controller_policy(cfg: Config, path: str, mdrnn: MDNRNN
 
 def _policy_from(cfg: Config, tensors: dict[str, torch.Tensor], path: str, mdrnn: MDNRNN
                  ) -> Callable[[BatchedDream], torch.Tensor]:
-    from wmlab.controller import ControllerShape, feature_size, population_forward
+    from wmlab.controller.model import ControllerShape, feature_size, population_forward
 
     params = tensors.get("params", next(iter(tensors.values()), None))
     if params is None:
@@ -110,8 +121,6 @@ def _policy_from(cfg: Config, tensors: dict[str, torch.Tensor], path: str, mdrnn
 def make_dream_pictures(cfg: Config, request: DreamRequest,
                         models: DreamModels | None = None) -> dict[str, Any]:
     """Write dream.gif (and dream-compare.gif when the episodes are at hand)."""
-    from wmlab.memory.pictures import compare_gif, dream_gif, random_policy
-
     if request.steps < 1:
         raise WmlabError(f"--steps must be at least 1, got {request.steps}")
     models = models or load_dream_models(cfg)
@@ -126,16 +135,16 @@ def make_dream_pictures(cfg: Config, request: DreamRequest,
     comparison = _comparison_episode(cfg, request) if request.compare else None
     out = (request.out or RunLayout.of(cfg).memory).rstrip("/")
     steps = min(request.steps, cfg.dream.max_steps)
-    trace = dream_gif(f"{out}/dream.gif", m, models.vae, models.start, cfg.dream.tau, steps,
+    trace = dream_gif(f"{out}/dream.gif", m, models.vae, models.start, models.settings, steps,
                       request.seed, policy)
     summary: dict[str, Any] = {"dream_gif": f"{out}/dream.gif", "driver": driver,
-                               "tau": cfg.dream.tau, "steps": len(trace.rewards),
+                               "tau": models.settings.tau, "steps": len(trace.rewards),
                                "died_at": trace.done_at,
                                "dream_return": float(trace.rewards.sum())}
     if comparison is not None:
         frames, series = comparison
         count = compare_gif(f"{out}/dream-compare.gif", m, models.vae, frames, series.mu,
-                            series.logvar, series.actions, cfg.dream.tau, request.seed,
+                            series.logvar, series.actions, models.settings, request.seed,
                             steps=request.steps)
         summary.update(compare_gif=f"{out}/dream-compare.gif", compare_frames=count,
                        episode=series.episode_id)
@@ -167,8 +176,6 @@ def _comparison_episode(cfg: Config, request: DreamRequest):
 
 def play(cfg: Config, request: DreamRequest, models: DreamModels | None = None
          ) -> None:  # pragma: no cover - needs a display and a person
-    from wmlab.memory.pictures import keyboard_mapping, play_dream
-
     models = models or load_dream_models(cfg)
-    play_dream(models.mdrnn, models.vae, models.start, cfg.dream.tau, cfg.dream.max_steps,
+    play_dream(models.mdrnn, models.vae, models.start, models.settings,
                keyboard_mapping(cfg.env.name, models.mdrnn.shape.action_dim), request.seed)

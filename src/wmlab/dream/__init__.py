@@ -1,0 +1,12 @@
+"""M's dream: B dreams stepped as one tensor program (``batched``), the rules a dream runs
+by (``settings``), the Gymnasium vector-env face of it (``env``), the reference policies and
+the dream side of M's calibration (``reference``, ``calibration``), and the pictures: GIFs
+decoded by V and the playable dream (``pictures``, ``gallery``)."""
+
+from wmlab.dream.batched import FEATURES, BatchedDream, DreamStart
+from wmlab.dream.env import DreamVectorEnv
+from wmlab.dream.reference import action_converter, dream_calibration, reference_policy
+from wmlab.dream.settings import DreamSettings
+
+__all__ = ["FEATURES", "BatchedDream", "DreamSettings", "DreamStart", "DreamVectorEnv",
+           "action_converter", "dream_calibration", "reference_policy"]

@@ -1,0 +1,65 @@
+"""How M's dream runs: one object built from the config and used wherever a dream is made
+(C's rollouts, the calibration, the pictures, the playable dream, the vector env), so every
+dream a user looks at is the dream C is trained in."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from wmlab.errors import WmlabError
+from wmlab.memory.model import check_tau
+
+DONE_MODES = ("threshold", "sample")
+PRECISIONS = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class DreamSettings:
+    """The rules of a dream.
+
+    >>> DreamSettings(tau=1.15, max_steps=2100).with_tau(1.0).tau
+    1.0
+    """
+
+    tau: float  # sampling temperature of the next z
+    max_steps: int  # the step cap (a dream that reaches it is truncated)
+    done_mode: str = "threshold"  # threshold: done logit > 0; sample: drawn from M's odds
+    done_weight: float = 1.0  # the done head's positive-class weight, undone by "sample"
+    done_bias: float = 0.0  # added to the done logit; positive ends dreams sooner
+    precision: str = "float32"  # the two matmuls of a step: float32 or bfloat16
+
+    def __post_init__(self) -> None:
+        check_tau(self.tau)
+        if self.max_steps < 1:
+            raise WmlabError(f"dream max_steps must be at least 1, got {self.max_steps}")
+        if self.done_mode not in DONE_MODES:
+            raise WmlabError(f"dream done mode must be one of {', '.join(DONE_MODES)}, got "
+                             f"'{self.done_mode}'")
+        if not self.done_weight > 0:
+            raise WmlabError("the done head's positive weight must be > 0, got "
+                             f"{self.done_weight}")
+        if self.precision not in PRECISIONS:
+            raise WmlabError(f"dream precision must be float32 or bfloat16, got "
+                             f"{self.precision}")
+
+    @classmethod
+    def from_config(cls, cfg: Any, done_bias: float | None = None) -> DreamSettings:
+        """The dream of a run's config (``done_bias`` replaces ``dream.done_bias``, e.g.
+        with the fitted shift added)."""
+        return cls(tau=cfg.dream.tau, max_steps=cfg.dream.max_steps, done_mode=cfg.dream.done,
+                   done_weight=cfg.mdrnn.done_weight,
+                   done_bias=cfg.dream.done_bias if done_bias is None else done_bias,
+                   precision=cfg.dream.precision)
+
+    def with_tau(self, tau: float) -> DreamSettings:
+        return dataclasses.replace(self, tau=float(tau))
+
+
+def missing_dream_heads(shape: Any, survival_reward: bool = False) -> list[str]:
+    """The heads M lacks for its dream to score C: it must predict when episodes end and,
+    unless the env pays just +1 per step alive (Doom, where the dream's reward is that),
+    what they pay."""
+    needed = ("done_head",) if survival_reward else ("reward_head", "done_head")
+    return [name for name in needed if not getattr(shape, name)]

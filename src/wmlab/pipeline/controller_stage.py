@@ -1,0 +1,102 @@
+"""The C stage: C trained by CMA-ES (``wmlab.controller.cmaes``) on the rollouts of the run's
+agent (``wmlab.agent``: V, M and C in the real env or in M's dream), checkpoints in
+``<run>/controller``. It sits above the agent, which uses C's model, so it lives here with
+the other stages rather than in ``wmlab.controller``."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any
+
+from wmlab.agent import workload_from_config
+from wmlab.calibrate import check_dream_calibration, current_calibration, ensure_fitted_done_bias
+from wmlab.controller.cmaes import (
+    EsResult,
+    Fitness,
+    check_es_config,
+    load_controller_params,
+    run_es,
+)
+from wmlab.controller.model import check_shape, shape_info
+from wmlab.dream.calibration import noop_order_warning
+from wmlab.dream.settings import missing_dream_heads
+from wmlab.errors import WmlabError
+from wmlab.evaluators import Evaluator, check_ray_address, warn
+from wmlab.runs import RunLayout
+
+
+def check_training_inputs(cfg: Any) -> tuple[Any, Any]:
+    """Everything that can be wrong before training starts: the ES settings, the Ray
+    address, V and M (present, fitting each other and the env, with the dream's heads for a
+    mixed schedule). Returns (workload, models)."""
+    check_es_config(cfg.es)
+    if cfg.es.init_from == "previous":
+        raise WmlabError("es.init_from = 'previous' starts C at the previous iteration's "
+                         "controller, so it applies from iteration 2 on: set it in run.later "
+                         "(or give a controller folder)")
+    if cfg.es.engine == "ray":
+        check_ray_address(cfg.es.ray_address)
+    workload = workload_from_config(cfg)
+    models = workload.load()
+    if cfg.es.dream_generations:
+        check_dream_heads(models.mdrnn.shape, cfg.es.dream_generations,
+                          models.spec.survival_reward)
+    return workload, models
+
+
+def train_controller(cfg: Any, *, progress: bool = True,
+                     stop_after_generations: int | None = None,
+                     fitness: Fitness | None = None, folder: str | None = None) -> EsResult:
+    """Train C for the run of ``cfg`` (real envs or the dream, per es.fitness); checkpoints
+    go to ``folder`` (default ``<run>/controller``; sweeps keep one controller per folder)."""
+    own = folder is None  # the run's C, not a sweep's: its dream's calibration is the run's
+    folder = folder or RunLayout.of(cfg).controller
+    mixed = cfg.es.dream_generations > 0
+    check_es_config(cfg.es)
+    if cfg.es.fitness == "dream" or mixed:
+        ensure_fitted_done_bias(cfg)  # C's dreams are built with it
+    workload, models = check_training_inputs(cfg)
+    if cfg.es.fitness == "dream" or mixed:
+        check_dream_calibration(cfg, save=own)
+        report = current_calibration(cfg, save=own)
+        message = noop_order_warning(report) if report else None
+        if message:
+            warn(message)
+    start = None
+    if cfg.es.init_from:
+        start, start_info = load_controller_params(cfg.es.init_from)
+        check_shape(start_info, models.shape, cfg.controller.inputs, start_info["source"])
+    info = {**shape_info(models.shape, cfg.controller.inputs), "env": cfg.env.name,
+            "fitness": cfg.es.fitness, "tau": cfg.dream.tau,
+            **({"dream_generations": cfg.es.dream_generations} if mixed else {})}
+    with contextlib.ExitStack() as stack:
+        def evaluator(rollouts: Any) -> Any:
+            return stack.enter_context(Evaluator(rollouts, cfg.es.engine, cfg.es.workers,
+                                                 cfg.es.timeout, cfg.es.job_members,
+                                                 cfg.es.ray_address))
+
+        scorer = None
+        if fitness is None:
+            fitness = evaluator(workload)
+            if cfg.es.stall_steps and workload.kind == "real":
+                # members' rollouts may end when they stop scoring; the mean is scored on
+                # whole episodes, by workers of its own (idle between scorings)
+                scorer = evaluator(dataclasses.replace(workload, stall_steps=0))
+        # the dream's workers load M only; they sit idle once the real generations start
+        dream = evaluator(workload_from_config(cfg, "dream")) if mixed else None
+        return run_es(fitness, models.shape.num_params, cfg.es, folder,
+                      seed=cfg.run.seed, info=info, progress=progress,
+                      stop_after_generations=stop_after_generations, dream_fitness=dream,
+                      score_fitness=scorer, start=start)
+
+
+def check_dream_heads(shape: Any, dream_generations: int, survival_reward: bool = False
+                      ) -> None:
+    missing = missing_dream_heads(shape, survival_reward)
+    if missing:
+        raise WmlabError(f"es.dream_generations = {dream_generations} trains C in M's dream "
+                         f"first, but M has no {' and no '.join(missing)}: the dream would "
+                         "have no reward or no end. Train M with "
+                         + " ".join(f"--set mdrnn.{m}=true" for m in missing)
+                         + ", or set es.dream_generations = 0")
