@@ -41,7 +41,8 @@ def tiny_run(tmp_path_factory, one_thread):
 @pytest.fixture(scope="module")
 def shipped(tiny_run, tmp_path_factory):
     """The tiny run exported as 'tiny' and scored on EPISODES real episodes."""
-    from wmlab.pretrained import evaluate_and_record, export_agent
+    from wmlab.pretrained import evaluate_and_record
+    from wmlab.shipped import export_agent
 
     agents = tmp_path_factory.mktemp("agents")
     exported = export_agent(tiny_run.run_dir(), "tiny", agents)
@@ -157,7 +158,8 @@ def test_play_headless_records_three_panels_and_plays_the_evaluated_episode(
         shipped, use_agents, capsys):
     import imageio.v3 as iio
 
-    from wmlab.pretrained import agent_session, materialize
+    from wmlab.pretrained import agent_session
+    from wmlab.shipped import materialize
 
     assert main(["play", "doom", "--pretrained", "tiny", "--max-steps", "12", "--fps", "1000",
                  "--record", "play.gif"]) == 0
@@ -191,7 +193,7 @@ def test_bad_names_damaged_files_and_unfinished_runs_are_refused(tiny_run, shipp
                                                                  tmp_path, capsys):
     import shutil
 
-    from wmlab.pretrained import export_agent, materialize
+    from wmlab.shipped import export_agent, materialize
 
     assert main(["evaluate", "--pretrained", "nope"]) == 2
     err = capsys.readouterr().err.strip()
@@ -226,7 +228,8 @@ def test_carracing_agent_plays_with_its_actions_shown(tmp_path, monkeypatch, one
                                                      capsys):
     import imageio.v3 as iio
 
-    from wmlab.pretrained import evaluate_and_record, export_agent
+    from wmlab.pretrained import evaluate_and_record
+    from wmlab.shipped import export_agent
 
     cfg = load_config("carracing", "quick", [
         f'run.root="{tmp_path}"', "collect.workers=1", "collect.min_length=0",

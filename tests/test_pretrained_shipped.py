@@ -11,7 +11,7 @@ import pytest
 from safetensors.torch import load_file
 
 from wmlab.evaluate import evaluate_controller
-from wmlab.pretrained import agent_folder, available, materialize, read_metadata
+from wmlab.shipped import agent_folder, available, materialize, read_metadata
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 

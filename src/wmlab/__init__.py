@@ -1,7 +1,6 @@
 """wmlab: World Models (Ha & Schmidhuber 2018) as real software."""
 
 from wmlab.errors import WmlabError
-
-__version__ = "0.1.0"
+from wmlab.version import __version__
 
 __all__ = ["WmlabError", "__version__"]

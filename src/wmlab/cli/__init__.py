@@ -16,7 +16,6 @@ import os
 import sys
 from collections.abc import Sequence
 
-from wmlab import __version__
 from wmlab.cli import (
     bench,
     config,
@@ -31,6 +30,7 @@ from wmlab.cli import (
     vision,
 )
 from wmlab.errors import WmlabError
+from wmlab.version import __version__
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130

@@ -70,6 +70,6 @@ def config_or_pretrained(args: argparse.Namespace, extra: dict[str, object] | No
     if args.preset or getattr(args, "env", None):
         raise WmlabError("--preset and --env do not apply to --pretrained: the agent brings "
                          "its own config and plays the env it was trained on")
-    from wmlab.pretrained import materialize
+    from wmlab.shipped import materialize
 
     return materialize(args.pretrained, overrides=_pretrained_overrides(args, extra))

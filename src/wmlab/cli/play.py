@@ -36,7 +36,8 @@ def cmd_play(args: argparse.Namespace) -> int:
 def play_agent(args: argparse.Namespace) -> int:
     """``wmlab play ENV --pretrained [NAME]``: the agent plays in the window."""
     from wmlab.play import run_window
-    from wmlab.pretrained import agent_session, materialize, write_pictures_gif
+    from wmlab.pretrained import agent_session, write_pictures_gif
+    from wmlab.shipped import materialize
 
     name = args.pretrained or args.env
     cfg = materialize(name)

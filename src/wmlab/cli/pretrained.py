@@ -15,7 +15,8 @@ SHIPPED_MB = 15  # what one agent may add to the package
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from wmlab.pretrained import evaluate_and_record, export_agent, pretrained_root
+    from wmlab.pretrained import evaluate_and_record
+    from wmlab.shipped import export_agent, pretrained_root
 
     if args.evaluate is not None and args.evaluate < 1:
         raise WmlabError(f"--evaluate must be at least 1 episode, got {args.evaluate}")
@@ -47,7 +48,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrained(args: argparse.Namespace) -> int:
-    from wmlab.pretrained import available, describe, pretrained_root, read_metadata
+    from wmlab.shipped import available, describe, pretrained_root, read_metadata
 
     root = pretrained_root()
     names = available(root)

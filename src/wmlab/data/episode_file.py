@@ -29,8 +29,8 @@ import numpy as np
 import zstandard
 from fsspec import AbstractFileSystem
 
-from wmlab import __version__
 from wmlab.errors import StoreError
+from wmlab.version import __version__
 
 FORMAT = "wmep/1"
 EXTENSION = ".wmep"

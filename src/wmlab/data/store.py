@@ -31,7 +31,6 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from wmlab import __version__
 from wmlab.data.episode_file import (
     CHUNK_FRAMES,
     EXTENSION,
@@ -47,6 +46,7 @@ from wmlab.data.sampling import ChunkTable, EpochPlan, iterate_batches
 from wmlab.envs.frames import FRAME_SHAPE
 from wmlab.errors import StoreError
 from wmlab.fsio import atomic_write_on
+from wmlab.version import __version__
 
 STORE_FORMAT = "wmlab-store/1"
 MANIFEST = "store.json"
