@@ -13,7 +13,7 @@ evaluation engine, that makes the serial, process and Ray engines agree exactly.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,24 +78,29 @@ def build_models(spec: EnvSpec, mdrnn: MDNRNN, vae: ConvVAE | None, features: st
                        start=start, vae_bf16=bf16, packed=packed)
 
 
-class SeedNoise:
-    """Standard normal noise for sampling z, one independent stream per env seed."""
+class EnvNoise:
+    """Standard normal noise for sampling z: each env its own stream, seeded by its episode's
+    seed, drawn NOISE_BLOCK steps at a time (one numpy call per block, not per step)."""
 
-    def __init__(self, seeds: np.ndarray, z_dim: int) -> None:
-        self.rngs = [np.random.default_rng([int(s), 4101]) for s in np.asarray(seeds).ravel()]
+    def __init__(self, num_envs: int, z_dim: int) -> None:
         self.z_dim = z_dim
-        self.block = np.empty((len(self.rngs), 0, z_dim), np.float32)
-        self.offset = 0
+        self.rngs = [np.random.default_rng([0, 4101]) for _ in range(num_envs)]
+        self.blocks = np.zeros((num_envs, NOISE_BLOCK, z_dim), np.float32)
+        self.offsets = np.full(num_envs, NOISE_BLOCK)
+
+    def reset(self, env: int, seed: int) -> None:
+        """Start env ``env``'s stream for the episode of ``seed``."""
+        self.rngs[env] = np.random.default_rng([int(seed), 4101])
+        self.offsets[env] = NOISE_BLOCK
 
     def next(self) -> np.ndarray:
         """(B, z) noise for the next step of every env."""
-        if self.offset >= self.block.shape[1]:
-            self.block = np.stack([rng.standard_normal((NOISE_BLOCK, self.z_dim),
-                                                       dtype=np.float32)
-                                   for rng in self.rngs])
-            self.offset = 0
-        out = self.block[:, self.offset]
-        self.offset += 1
+        for env in np.flatnonzero(self.offsets >= NOISE_BLOCK):
+            self.blocks[env] = self.rngs[env].standard_normal((NOISE_BLOCK, self.z_dim),
+                                                              dtype=np.float32)
+            self.offsets[env] = 0
+        out = self.blocks[np.arange(len(self.rngs)), self.offsets]
+        self.offsets += 1
         return out
 
 
@@ -140,6 +145,126 @@ def _memory_step(m: MDNRNN, z: torch.Tensor, vectors: np.ndarray, h: torch.Tenso
     return m.advance(z, torch.from_numpy(vectors).float(), restart, h, c)
 
 
+class Agent:
+    """V + M + C acting in B envs at once: the one step loop of every real rollout, of
+    collection by a trained agent, of the evaluation and of the play window.
+
+    Each step encodes the envs' frames with V, samples z from V's posterior (each env's
+    noise from its episode seed, so an episode depends on its seed alone), lets C act on
+    [z, h] (z alone, or [z, c, h], per ``controller.inputs``) and advances M on (z, the
+    action). ``params`` is one controller (n,), or P of them (P, n) acting in B = P x R envs
+    grouped by member (CMA-ES's population).
+
+    >>> from wmlab import Agent, make_env
+    >>> agent = Agent.load("carracing")  # a shipped agent's name, or a run directory
+    >>> env = make_env("carracing")
+    >>> frame, _ = env.reset(seed=7)
+    >>> agent.reset(seed=7)
+    >>> action = agent.act(frame)  # (64, 64, 3) uint8 -> the env's action
+    """
+
+    def __init__(self, models: AgentModels, params: np.ndarray, num_envs: int = 1) -> None:
+        if models.vae is None:
+            raise WmlabError("an agent acting in real envs needs V: load the run's vision "
+                             "model")
+        params = np.asarray(params, dtype=np.float32)
+        self.theta = _member_params(params if params.ndim == 2 else params[None], models.shape)
+        self.members = len(self.theta)
+        if num_envs < 1 or num_envs % self.members:
+            raise WmlabError(f"{num_envs} envs cannot be shared by {self.members} controllers: "
+                             "give each the same number of envs")
+        self.models, self.num_envs = models, num_envs
+        m = models.mdrnn.shape
+        self.noise = EnvNoise(num_envs, m.z_dim)
+        self.z = torch.zeros(num_envs, m.z_dim)
+        self.h = torch.zeros(num_envs, m.hidden)
+        self.c = torch.zeros(num_envs, m.hidden)
+        self.restart = torch.ones(num_envs, 1)
+        self.raw = np.zeros((num_envs, models.spec.controller_outputs), np.float32)
+
+    @classmethod
+    def load(cls, source: str, num_envs: int = 1, runs_root: str | None = None) -> Agent:
+        """The trained agent of a run directory, or of a shipped agent (``wmlab
+        pretrained`` lists them; it is materialized as a run under ``runs_root``)."""
+        from wmlab.config import load_config_file
+        from wmlab.shipped import available, materialize
+
+        if source in available():
+            return cls.of_run(materialize(source, runs_root), num_envs)
+        try:
+            cfg = load_config_file(RunLayout(source.rstrip("/")).config)
+        except WmlabError:
+            raise WmlabError(f"{source} is neither a shipped agent ({', '.join(available())}) "
+                             "nor a run directory (no config.toml)") from None
+        return cls.of_run(cfg, num_envs)
+
+    @classmethod
+    def of_run(cls, cfg: Any, num_envs: int = 1, backend: str | None = None) -> Agent:
+        """The trained agent of the run ``cfg`` describes: its V, M and best scored C."""
+        from wmlab.controller.cmaes import load_controller_params
+        from wmlab.controller.model import check_shape
+
+        models = workload_from_config(cfg, "real", backend).load()
+        params, info = load_controller_params(RunLayout.of(cfg).controller)
+        check_shape(info, models.shape, cfg.controller.inputs, info["source"])
+        return cls(models, params, num_envs)
+
+    def reset(self, seed: int | Sequence[int] = 0, envs: Sequence[int] | None = None) -> None:
+        """Start new episodes in ``envs`` (default: all), their z-noise from ``seed`` (one
+        per env, or one for a single env): pass the seeds the envs were reset with."""
+        envs = range(self.num_envs) if envs is None else envs
+        seeds = [seed] if np.isscalar(seed) else list(seed)
+        if len(seeds) != len(envs):
+            raise WmlabError(f"{len(seeds)} seeds for {len(envs)} envs: give one seed per env")
+        for env, one in zip(envs, seeds, strict=True):
+            self.noise.reset(env, int(one))
+            self.h[env], self.c[env], self.restart[env] = 0.0, 0.0, 1.0
+
+    @torch.no_grad()
+    def observe(self, frames: np.ndarray, running: np.ndarray | None = None) -> torch.Tensor:
+        """Sample z for the envs' (B, 64, 64, 3) frames; only ``running`` envs (a (B,)
+        mask, default all) are encoded, the others keep their last z. Returns z (B, z)."""
+        every = running is None or bool(running.all())
+        rows = slice(None) if every else np.flatnonzero(running)
+        noise = self.noise.next()
+        self.z[rows] = _sample_z(self.models, frames if every else frames[rows], noise[rows])
+        return self.z
+
+    @torch.no_grad()
+    def decide(self, mask: np.ndarray | None = None, running: np.ndarray | None = None
+               ) -> np.ndarray:
+        """C's actions for the last observed z (``mask``: the valid actions of discrete
+        envs), then M advanced on them for the ``running`` envs. Returns the env actions."""
+        raw, env_actions, vectors = _act(self.models, self.theta, self.z, self.h, self.c,
+                                         self.members, mask)
+        self.raw = raw
+        m = self.models.mdrnn
+        if running is None or bool(running.all()):
+            self.h, self.c = _memory_step(m, self.z, vectors, self.h, self.c, self.restart)
+        else:
+            rows = np.flatnonzero(running)
+            self.h[rows], self.c[rows] = _memory_step(m, self.z[rows], vectors[rows],
+                                                      self.h[rows], self.c[rows],
+                                                      self.restart[rows])
+        self.restart.zero_()
+        return env_actions
+
+    def act_batch(self, frames: np.ndarray, mask: np.ndarray | None = None,
+                  running: np.ndarray | None = None) -> np.ndarray:
+        """One step of all B envs: (B, 64, 64, 3) frames -> their actions."""
+        self.observe(frames, running)
+        return self.decide(mask, running)
+
+    def act(self, frame: np.ndarray, mask: np.ndarray | None = None) -> Any:
+        """One step of a single env (``num_envs`` = 1): a (64, 64, 3) frame -> its action."""
+        if self.num_envs != 1:
+            raise WmlabError(f"act() steps one env; this agent has {self.num_envs}: use "
+                             "act_batch")
+        actions = self.act_batch(np.asarray(frame)[None],
+                                 None if mask is None else np.asarray(mask)[None])
+        return actions[0]
+
+
 Recorder = Callable[[dict[str, Any]], None]
 
 
@@ -157,43 +282,27 @@ def run_real(models: AgentModels, env_batch: Any, params: np.ndarray, seeds: np.
     would have had if the car never found the road again); 0 leaves episodes as they are.
     ``steps``, if given, a (P, R) array, receives each episode's env steps.
     """
-    if models.vae is None:
-        raise WmlabError("real-env rollouts need V: load the run's vision model")
     seeds = np.asarray(seeds, dtype=np.int64)
     members, per_member = seeds.shape
     batch = members * per_member
     if env_batch.num_envs != batch:
         raise WmlabError(f"env batch has {env_batch.num_envs} envs for {batch} rollouts")
-    theta = _member_params(params, models.shape)
-    m, vae = models.mdrnn, models.vae
+    agent = Agent(models, params, batch)
     obs = env_batch.reset([int(s) for s in seeds.ravel()])
-    noise = SeedNoise(seeds, m.shape.z_dim)
-    h = torch.zeros(batch, m.shape.hidden)
-    c = torch.zeros(batch, m.shape.hidden)
-    restart = torch.ones(batch, 1)
+    agent.reset(seeds.ravel())
     returns = np.zeros(batch, dtype=np.float64)
     running = np.ones(batch, dtype=bool)
     stall = _Stall(batch, stall_steps, cap) if stall_steps > 0 else None
     lengths = np.zeros(batch, dtype=np.int64)
-    z = torch.zeros(batch, m.shape.z_dim)
     while running.any():
         lengths += running
-        every = bool(running.all())
-        rows = slice(None) if every else np.flatnonzero(running)
-        # Only running envs are encoded and advanced: finished ones keep their last state.
-        z[rows] = _sample_z(models, obs if every else obs[rows], noise.next()[rows])
-        _, env_actions, vectors = _act(models, theta, z, h, c, members,
-                                       env_batch.masks)
+        # only running envs are encoded and advanced: finished ones keep their last state
+        agent.observe(obs, running)
         if record is not None and running[0]:
-            record({"frame": obs[0], "z": z[0].clone(), "vae": vae})
-        obs, rewards, terminated, truncated = env_batch.step(env_actions)
+            record({"frame": obs[0], "z": agent.z[0].clone(), "vae": models.vae})
+        obs, rewards, terminated, truncated = env_batch.step(
+            agent.decide(env_batch.masks, running))
         returns += np.where(running, rewards, 0.0)
-        if every:
-            h, c = _memory_step(m, z, vectors, h, c, restart)
-        else:
-            h[rows], c[rows] = _memory_step(m, z[rows], vectors[rows], h[rows], c[rows],
-                                            restart[rows])
-        restart.zero_()
         running = running & ~(terminated | truncated)
         if stall is not None:
             stalled = stall.update(rewards, running)
@@ -363,42 +472,22 @@ class AgentPolicy:
 
     def __init__(self, num_envs: int, outputs: int, run_dir: str) -> None:
         from wmlab.config import load_config_file
-        from wmlab.controller.cmaes import load_controller_params
-        from wmlab.controller.model import check_shape
 
         try:
             cfg = load_config_file(RunLayout(run_dir.rstrip("/")).config)
         except WmlabError:
             raise WmlabError(f"collect.agent_run: {run_dir} is not a run directory (no "
                              "config.toml): give the run whose controller should act") from None
-        self.models = workload_from_config(cfg, "real").load()
-        params, info = load_controller_params(RunLayout.of(cfg).controller)
-        check_shape(info, self.models.shape, cfg.controller.inputs, info["source"])
-        if outputs != self.models.spec.controller_outputs:
-            raise WmlabError(f"the agent of {run_dir} emits {self.models.spec.controller_outputs}"
-                             f" outputs but this env takes {outputs}: it was trained on "
-                             "another environment")
-        self.theta = _member_params(params[None], self.models.shape)
+        self.agent = Agent.of_run(cfg, num_envs)
+        if outputs != self.agent.models.spec.controller_outputs:
+            raise WmlabError(f"the agent of {run_dir} emits "
+                             f"{self.agent.models.spec.controller_outputs} outputs but this env "
+                             f"takes {outputs}: it was trained on another environment")
         self.num_envs, self.outputs = num_envs, outputs
-        m = self.models.mdrnn.shape
-        self.h = torch.zeros(num_envs, m.hidden)
-        self.c = torch.zeros(num_envs, m.hidden)
-        self.restart = torch.ones(num_envs, 1)
-        self._rngs = [np.random.default_rng(0) for _ in range(num_envs)]
 
     def reset(self, slot: int, seed: int) -> None:
-        self._rngs[slot] = np.random.default_rng([int(seed), 4101])
-        self.h[slot] = 0.0
-        self.c[slot] = 0.0
-        self.restart[slot] = 1.0
+        self.agent.reset(seed, envs=[slot])
 
-    @torch.no_grad()
     def act(self, frames: np.ndarray) -> np.ndarray:
-        models, m = self.models, self.models.mdrnn
-        eps = np.stack([rng.standard_normal(m.shape.z_dim, dtype=np.float32)
-                        for rng in self._rngs])
-        z = _sample_z(models, frames, eps)
-        raw, _, vectors = _act(models, self.theta, z, self.h, self.c, 1)
-        self.h, self.c = _memory_step(m, z, vectors, self.h, self.c, self.restart)
-        self.restart.zero_()
-        return raw.astype(np.float32)
+        self.agent.act_batch(frames)
+        return self.agent.raw.astype(np.float32)

@@ -109,7 +109,7 @@ LABEL_H = 16
 class AgentSession(RealtimeSession):
     """A real-time session whose actions come from C rather than the keys held.
 
-    It steps one real env exactly as ``agent.run_real`` does (z sampled from V with the
+    It steps one real env with the ``Agent`` every rollout uses (z sampled from V with the
     episode seed's noise stream, C on [z, h] or [z, c, h], then M), so an episode here has
     the return the evaluation gives that seed. The picture shows the real frame, V's
     reconstruction of z and either the frame M predicted one step earlier (the mean of each
@@ -117,27 +117,19 @@ class AgentSession(RealtimeSession):
     keeps every picture for a GIF.
     """
 
-    models: Any = None  # AgentModels with V
-    params: Any = None  # (n,) controller parameters
+    agent: Any = None  # an Agent of one env (wmlab.agent.Agent)
     show_prediction: bool = True
     recording: bool = False
     pictures: list[np.ndarray] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        from wmlab.agent import _member_params
-
-        self.theta = _member_params(np.asarray(self.params)[None], self.models.shape)
-        super().__post_init__()
+    @property
+    def models(self) -> Any:
+        return self.agent.models
 
     def restart(self) -> None:
-        from wmlab.agent import SeedNoise
-
-        m = self.models.mdrnn.shape
         seed, self.seed = self.seed, self.seed + 1
         self.obs = self.env.reset([seed])
-        self.noise = SeedNoise(np.array([seed]), m.z_dim)
-        self.h, self.c = torch.zeros(1, m.hidden), torch.zeros(1, m.hidden)
-        self.flag = torch.ones(1, 1)
+        self.agent.reset(seed)
         self.predicted: np.ndarray | None = None
         self.raw = np.zeros(self.models.spec.controller_outputs, np.float32)
         self.mask: np.ndarray | None = None  # the valid actions C chose among (BinPacking)
@@ -146,9 +138,7 @@ class AgentSession(RealtimeSession):
 
     @torch.no_grad()
     def _observe(self) -> None:
-        from wmlab.agent import _sample_z
-
-        self.z = _sample_z(self.models, self.obs, self.noise.next())
+        self.z = self.agent.observe(self.obs)
         self._picture = self._compose()
         if self.recording:
             self.pictures.append(self._picture)
@@ -156,24 +146,18 @@ class AgentSession(RealtimeSession):
     @torch.no_grad()
     def tick(self, pressed: Any) -> None:
         """One agent step (the keys are ignored); a finished episode starts the next."""
-        from wmlab.agent import _act, _memory_step
-
         if self.done:
             self.restart()
             return
         # a copy: the env batch updates its masks in place at the step
         mask = None if self.env.masks is None else self.env.masks.copy()
-        raw, env_actions, vectors = _act(self.models, self.theta, self.z, self.h, self.c, 1,
-                                         mask)
-        self.raw, self.mask = raw[0], mask
+        env_actions = self.agent.decide(mask)
+        self.raw, self.mask = self.agent.raw[0], mask
         obs, rewards, terminated, truncated = self.env.step(env_actions)
         self.score += float(rewards[0])
         self.steps += 1
-        m = self.models.mdrnn
-        self.h, self.c = _memory_step(m, self.z, vectors, self.h, self.c, self.flag)
-        self.flag.zero_()
         if self.show_prediction:
-            self.predicted = self._predict(m.read_out(self.h))
+            self.predicted = self._predict(self.models.mdrnn.read_out(self.agent.h))
         if bool(terminated[0] or truncated[0]):
             self.done = True
             self.episodes.append(self.score)
@@ -246,25 +230,19 @@ def _action_bars(raw: np.ndarray, mask: np.ndarray | None, spec: Any) -> np.ndar
 def agent_session(cfg: Config, seed: int | None = None, recording: bool = False
                   ) -> AgentSession:
     """A session of the run ``cfg``'s agent on its real env (one env, the eval backend)."""
-    from wmlab.agent import workload_from_config
-    from wmlab.controller.cmaes import load_controller_params
-    from wmlab.controller.model import check_shape
+    from wmlab.agent import Agent
     from wmlab.envs import make_batch
     from wmlab.evaluate import scored_env
 
     _, backend = scored_env(cfg)
-    workload = workload_from_config(cfg, "real", backend)
-    models = workload.load()
-    params, info = load_controller_params(RunLayout.of(cfg).controller)
-    check_shape(info, models.shape, cfg.controller.inputs, info["source"])
-    options = {"max_steps": workload.max_steps} if workload.max_steps else {}
-    env = make_batch(workload.env, 1, workload.backend, **options)
+    agent = Agent.of_run(cfg, 1, backend)
+    options = {"max_steps": cfg.env.max_steps} if cfg.env.max_steps else {}
+    env = make_batch(cfg.env.name, 1, backend or None, **options)
     # An agent trained in M's dream (Doom) lives by M's predictions: show them. One trained
     # in the real env (CarRacing) never used them: show what it does, its actions.
     return AgentSession(env=env, kind=cfg.env.name,
-                        seed=cfg.eval.seed if seed is None else seed, models=models,
-                        params=params, show_prediction=cfg.es.fitness == "dream",
-                        recording=recording)
+                        seed=cfg.eval.seed if seed is None else seed, agent=agent,
+                        show_prediction=cfg.es.fitness == "dream", recording=recording)
 
 
 def write_pictures_gif(path: str, pictures: list[np.ndarray], fps: int = 20) -> None:
