@@ -8,9 +8,9 @@ import torch
 import wmlab.dream.batched as dream_module
 from wmlab.dream import (
     BatchedDream,
+    DreamEnv,
     DreamSettings,
     DreamStart,
-    DreamVectorEnv,
     dream_calibration,
     reference_policy,
 )
@@ -231,7 +231,7 @@ def test_vector_env_resets_finished_dreams_independently():
             probe.step(torch.zeros(16, 1))
             logits.append(probe.hidden @ model.head.weight[row])
         model.head.bias[row] = -float(torch.quantile(torch.stack(logits).flatten(), 0.97))
-    env = DreamVectorEnv(model, starts(), DreamSettings(1.15, 60), num_envs=8, features="zch")
+    env = DreamEnv(model, starts(), DreamSettings(1.15, 60), num_envs=8, features="zch")
     assert env.observation_space.shape == (8, 4 + 2 * 16)
     assert env.single_action_space.shape == (1,)
     obs, info = env.reset(seed=100)
@@ -254,7 +254,7 @@ def test_vector_env_resets_finished_dreams_independently():
     assert len(set(ended_at.values())) > 1, "dreams should end at different steps"
     assert restarted and env._episode.sum() == len(restarted)
     # seeds: the same reset seed replays the same episodes
-    env2 = DreamVectorEnv(model, starts(), DreamSettings(1.15, 60), num_envs=8, features="zch")
+    env2 = DreamEnv(model, starts(), DreamSettings(1.15, 60), num_envs=8, features="zch")
     first, _ = env2.reset(seed=100)
     again, _ = env.reset(seed=100)
     assert np.array_equal(first, again)

@@ -115,6 +115,8 @@ def test_example_notebook_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("WMLAB_SMOKE_TEST", "1")
     monkeypatch.setenv("WMLAB_SMOKE_OVERRIDES",
                        ";".join([f"run.root=\"{tmp_path}\"", *TINY["doom"]]))
+    code = "".join("".join(cell["source"]) for cell in cells if cell["cell_type"] == "code")
+    assert "from wmlab." not in code and "import wmlab." not in code  # the public API only
     namespace: dict = {}
     for cell in cells:
         if cell["cell_type"] == "code":

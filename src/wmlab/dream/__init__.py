@@ -4,9 +4,9 @@ the dream side of M's calibration (``reference``, ``calibration``), and the pict
 decoded by V and the playable dream (``pictures``, ``gallery``)."""
 
 from wmlab.dream.batched import FEATURES, BatchedDream, DreamStart
-from wmlab.dream.env import DreamVectorEnv
+from wmlab.dream.env import DreamEnv
 from wmlab.dream.reference import action_converter, dream_calibration, reference_policy
 from wmlab.dream.settings import DreamSettings
 
-__all__ = ["FEATURES", "BatchedDream", "DreamSettings", "DreamStart", "DreamVectorEnv",
+__all__ = ["FEATURES", "BatchedDream", "DreamSettings", "DreamStart", "DreamEnv",
            "action_converter", "dream_calibration", "reference_policy"]

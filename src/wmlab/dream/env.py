@@ -7,10 +7,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from wmlab.config import load_config_file
 from wmlab.dream.batched import FEATURES, BatchedDream, DreamStart
+from wmlab.dream.calibration import dream_settings
 from wmlab.dream.settings import DreamSettings
 from wmlab.errors import WmlabError
 from wmlab.memory.model import MDNRNN
+from wmlab.memory.train import load_initial_z, load_mdrnn
+from wmlab.runs import RunLayout
+from wmlab.shipped import available, materialize
 
 
 def _vector_env_base() -> type:
@@ -19,7 +24,7 @@ def _vector_env_base() -> type:
     return gymnasium.vector.VectorEnv
 
 
-class DreamVectorEnv(_vector_env_base()):  # type: ignore[misc]
+class DreamEnv(_vector_env_base()):  # type: ignore[misc]
     """Dreams behind the Gymnasium vector-env API (autoreset mode NEXT_STEP).
 
     Observations are what a controller sees (``features``: z, [z, h] or [z, c, h]) as float32
@@ -28,7 +33,27 @@ class DreamVectorEnv(_vector_env_base()):  # type: ignore[misc]
     reward 0, as Gymnasium's vector envs do. Dream i's k-th episode uses a seed derived from
     (its reset seed, k), so a run is reproducible from the seeds given to ``reset``.
     Terminations come from the done head; truncations from the step cap.
+
+    >>> import numpy as np
+    >>> from wmlab import DreamEnv
+    >>> env = DreamEnv.load("doom", num_envs=8)  # a shipped agent's M, or a run directory
+    >>> obs, _ = env.reset(seed=0)  # (8, 32 + 512 + 512) for Doom's [z, c, h]
+    >>> obs, reward, terminated, truncated, _ = env.step(np.zeros((8, 1), np.float32))
     """
+
+    @classmethod
+    def load(cls, source: str, num_envs: int = 1, runs_root: str | None = None,
+             device: torch.device | str = "cpu") -> DreamEnv:
+        """The dream of a run directory's M (or a shipped agent's), with the run's dream
+        settings (the ones its C was trained in) and the features its C reads."""
+        if source in available():
+            cfg = materialize(source, runs_root)
+        else:
+            cfg = load_config_file(RunLayout(source.rstrip("/")).config)
+        folder = RunLayout.of(cfg).memory
+        model, _ = load_mdrnn(folder, device)
+        return cls(model, load_initial_z(folder), dream_settings(cfg, missing_ok=True),
+                   num_envs, cfg.controller.inputs, device)
 
     def __init__(self, model: MDNRNN, start: DreamStart, settings: DreamSettings,
                  num_envs: int, features: str = "zh", device: torch.device | str = "cpu"
