@@ -204,24 +204,25 @@ def _members_of_group(pgid: int) -> list[int]:
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads process groups from /proc")
 def test_stopping_workers_leaves_no_env_processes_behind(tmp_path):
     """ViZDoom's game processes ignore SIGTERM; a stopped worker must not orphan them."""
-    from wmlab.collect import CollectJob, _Engine
+    from wmlab.collect import CollectJob, _engine
     from wmlab.policies import PolicyConfig
 
     job = CollectJob(env="doom", backend="vizdoom", max_steps=2000, envs_per_worker=1,
                      store_url=str(tmp_path / "store"), collection="held",
                      policy=PolicyConfig(name="held"), seed_prefix=(0, 0))
     EpisodeStore.create_or_open(job.store_url, env="doom", backend="vizdoom", action_dim=1)
-    engine = _Engine(job, workers=2)
-    engine.submit([0])
-    engine.submit([1])
+    engine = _engine(job, workers=2)
+    engine.wait_ready()
+    engine.submit(([0],))
+    engine.submit(([1],))
     deadline = time.monotonic() + 60
-    groups = [proc.pid for proc in engine.procs]
+    groups = engine.worker_pids()
     # wait until both workers run a game (worker + its vizdoom child in one group)
     while time.monotonic() < deadline and not all(len(_members_of_group(g)) >= 2
                                                   for g in groups):
         time.sleep(0.1)
     assert all(len(_members_of_group(g)) >= 2 for g in groups)
-    os.kill(engine.procs[0].pid, signal.SIGKILL)  # one dies hard, the other is stopped
+    os.kill(groups[0], signal.SIGKILL)  # one dies hard, the other is stopped
     engine.close()
     time.sleep(0.5)
     assert [_members_of_group(g) for g in groups] == [[], []]

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import multiprocessing as mp
 import os
-import queue
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,11 +28,11 @@ from wmlab.agent import AgentPolicy
 from wmlab.config import Config
 from wmlab.data import Episode, EpisodeStore
 from wmlab.errors import WmlabError
+from wmlab.evaluators import ProcessEngine, SerialEngine
 from wmlab.policies import AGENT_POLICY, PolicyConfig, make_policy
-from wmlab.procs import init_worker_process, kill_process_group
 
-# How long a worker waits for a task before checking that its parent is still alive.
-_POLL_SECONDS = 1.0
+# Seconds a worker may spend on one task (envs_per_worker episodes) before it counts as hung.
+TASK_TIMEOUT = 1800.0
 
 
 @dataclass(frozen=True)
@@ -49,6 +47,10 @@ class CollectJob:
     collection: str
     policy: PolicyConfig
     seed_prefix: tuple[int, ...]
+
+    def build(self) -> _Worker:
+        """What a worker process builds once: the env batch, the policy, the store."""
+        return _Worker(self)
 
 
 @dataclass
@@ -145,7 +147,12 @@ class _Worker:
                                         self.env_batch.spec.controller_outputs)
         self.store = EpisodeStore.open(job.store_url)
 
-    def run(self, indices: list[int]) -> Iterator[dict]:
+    def run(self, indices: list[int]) -> list[dict]:
+        """The task's episodes, each written to a temporary file of the store (the parent
+        commits the ones it keeps)."""
+        return list(self._episodes(indices))
+
+    def _episodes(self, indices: list[int]) -> Iterator[dict]:
         seeds = [episode_seeds(self.job.seed_prefix, i) for i in indices]
         for slot, episode in run_episodes(self.env_batch, self.policy, seeds,
                                           self.job.max_steps):
@@ -176,108 +183,13 @@ def worker_threads(workers: int, cpus: int | None = None) -> int:
     return max(1, (cpus or os.cpu_count() or 1) // max(1, workers))
 
 
-def _worker_main(job: CollectJob, tasks: mp.Queue, results: mp.Queue,
-                 threads: int = 1) -> None:
-    """Entry point of a worker process: loop over tasks until told to stop or orphaned."""
-    import torch
-
-    init_worker_process()
-    torch.set_num_threads(threads)
-    parent = mp.parent_process()
-    try:
-        worker = _Worker(job)
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it
-        results.put({"error": f"{type(exc).__name__}: {exc}"})
-        return
-    try:
-        while True:
-            try:
-                task = tasks.get(timeout=_POLL_SECONDS)
-            except queue.Empty:
-                if parent is not None and not parent.is_alive():
-                    return  # the parent was killed: stop instead of running forever
-                continue
-            if task is None:
-                return
-            for result in worker.run(task):
-                results.put(result)
-    except BaseException as exc:  # noqa: BLE001
-        results.put({"error": f"{type(exc).__name__}: {exc}"})
-    finally:
-        worker.close()
-
-
-class _Engine:
-    """Runs tasks either inline (one worker, this process) or on a pool of processes."""
-
-    def __init__(self, job: CollectJob, workers: int) -> None:
-        self.job = job
-        self.inline = workers <= 1
-        self.workers = 1 if self.inline else workers
-        self.outstanding: list[int] = []
-        if self.inline:
-            self._worker = _Worker(job)
-            self._pending: list[list[int]] = []
-            self._current: Iterator[dict] | None = None
-            return
-        ctx = mp.get_context("spawn")  # fork would copy pygame/vizdoom/torch state
-        self.tasks: mp.Queue = ctx.Queue()
-        self.results: mp.Queue = ctx.Queue()
-        threads = worker_threads(workers)
-        self.procs = [ctx.Process(target=_worker_main,
-                                  args=(job, self.tasks, self.results, threads),
-                                  daemon=True) for _ in range(workers)]
-        for proc in self.procs:
-            proc.start()
-
-    def submit(self, indices: list[int]) -> None:
-        self.outstanding.extend(indices)
-        if self.inline:
-            self._pending.append(indices)
-        else:
-            self.tasks.put(indices)
-
-    def next_result(self) -> dict:
-        """The next finished episode, from whichever worker finishes first."""
-        result = self._next_inline() if self.inline else self._next_from_pool()
-        self.outstanding.remove(result["index"])
-        return result
-
-    def _next_inline(self) -> dict:
-        while True:
-            if self._current is None:
-                self._current = self._worker.run(self._pending.pop(0))
-            try:
-                return next(self._current)
-            except StopIteration:
-                self._current = None
-
-    def _next_from_pool(self) -> dict:
-        while True:
-            try:
-                result = self.results.get(timeout=_POLL_SECONDS)
-            except queue.Empty:
-                dead = [p for p in self.procs if not p.is_alive()]
-                if dead:
-                    raise WmlabError(
-                        f"a collection worker died (exit code {dead[0].exitcode}); finished "
-                        "episodes are kept: re-run the same command to continue") from None
-                continue
-            if "error" in result:
-                raise WmlabError(f"collection worker failed: {result['error']}")
-            return result
-
-    def close(self) -> None:
-        """Stop at once: whatever is still running is surplus to the N episodes wanted."""
-        if self.inline:
-            self._worker.close()
-            return
-        for proc in self.procs:
-            if proc.is_alive():
-                proc.terminate()
-        for proc in self.procs:
-            proc.join(timeout=5)
-            kill_process_group(proc.pid)  # env children of a worker that did not exit cleanly
+def _engine(job: CollectJob, workers: int) -> Any:
+    """Workers that run collection tasks (lists of episode indices): the rollouts' process
+    pool (a lost worker is replaced and its task retried), or this process for one worker."""
+    if workers <= 1:
+        return SerialEngine(job)
+    # a task of a few episodes can take minutes (Doom at the step cap): a generous timeout
+    return ProcessEngine(job, workers, TASK_TIMEOUT, threads=worker_threads(workers))
 
 
 def resolve_workers(requested: int) -> int:
@@ -319,29 +231,25 @@ def collect(cfg: Config, *, progress: bool = True,
     next_index = _index_source(existing)
     start = time.monotonic()
     bar = _progress_bar(progress, c.episodes, len(existing), collection)
-    engine = _Engine(job, workers)
+    engine = _engine(job, workers)
+    outstanding: list[int] = []  # episode indices in flight
     # Filtered runs keep a task per worker of slack in flight, so dropped episodes are
     # replaced without the pool idling; otherwise exactly the missing episodes are run.
-    slack = c.envs_per_worker * engine.workers if c.min_length > 0 else 0
+    slack = c.envs_per_worker * workers if c.min_length > 0 else 0
     try:
         while summary.kept_now < c.episodes:
             missing = c.episodes - summary.kept_now
-            in_flight = min(missing + slack, 2 * engine.workers * c.envs_per_worker)
-            while len(engine.outstanding) < in_flight:
-                engine.submit([next(next_index) for _ in range(c.envs_per_worker)])
-            result = engine.next_result()
-            summary.steps += result["length"]
-            if result["length"] >= c.min_length and summary.kept_now < c.episodes:
-                store.commit(result["tmp"], collection, result["index"])
-                summary.kept_now += 1
-                summary.new_episodes += 1
-                summary.new_indices.append(result["index"])
-                bar.update(1)
-            else:
-                store.fs.rm(result["tmp"])
-                summary.rejected += result["length"] < c.min_length
-            if on_episode is not None:
-                on_episode(result)
+            in_flight = min(missing + slack, 2 * workers * c.envs_per_worker)
+            while len(outstanding) < in_flight:
+                task = [next(next_index) for _ in range(c.envs_per_worker)]
+                engine.submit((task,))
+                outstanding.extend(task)
+            _, episodes = engine.next_completed()
+            for result in episodes:
+                outstanding.remove(result["index"])
+                _keep_or_drop(store, summary, result, c.episodes, c.min_length, bar)
+                if on_episode is not None:
+                    on_episode(result)
             elapsed = time.monotonic() - start
             bar.set_postfix(steps_s=f"{summary.steps / max(elapsed, 1e-9):.0f}",
                             dropped=summary.rejected, refresh=False)
@@ -352,6 +260,21 @@ def collect(cfg: Config, *, progress: bool = True,
         with contextlib.suppress(Exception):
             store.clean_tmp()
     return summary
+
+
+def _keep_or_drop(store: EpisodeStore, summary: CollectSummary, result: dict, target: int,
+                  min_length: int, bar: Any) -> None:
+    """Commit a finished episode to the store, or drop it (too short, or surplus)."""
+    summary.steps += result["length"]
+    if result["length"] >= min_length and summary.kept_now < target:
+        store.commit(result["tmp"], summary.collection, result["index"])
+        summary.kept_now += 1
+        summary.new_episodes += 1
+        summary.new_indices.append(result["index"])
+        bar.update(1)
+    else:
+        store.fs.rm(result["tmp"])
+        summary.rejected += result["length"] < min_length
 
 
 def _protocols(store: EpisodeStore) -> tuple[str, ...]:

@@ -1,8 +1,9 @@
-"""Evaluators: one interface, three engines that run rollout jobs.
+"""Evaluators: one interface, three engines that run jobs on workers that live long.
 
 A *workload* is a picklable description (which V, M, env or dream) whose ``build()`` gives a
 *runner* with ``run(params (p, n), seeds (p, R)) -> returns (p, R)``; workers build it once
-and keep it (V and M loaded once, env batches reused). A generation is split into jobs of
+and keep it (V and M loaded once, env batches reused). Collection runs on the same engines
+(its runner's ``run(indices)`` writes episodes), through ``submit`` / ``next_completed``. A generation is split into jobs of
 ``members_per_job`` members: the split depends only on the population, never on the engine
 or the number of workers, so every engine computes the same batches and returns the same
 numbers for the same seeds.
@@ -54,14 +55,17 @@ class Rollouts:
 
 
 class Runner(Protocol):
-    def run(self, params: np.ndarray, seeds: np.ndarray) -> np.ndarray | Rollouts: ...
+    """Rollouts: ``run(params, seeds)``; collection: ``run(indices)``. ``close`` is optional
+    (workers call it when they stop: env batches shut their games down)."""
+
+    def run(self, *job: Any) -> Any: ...
 
 
 class Workload(Protocol):
     def build(self) -> Runner: ...
 
 
-Job = tuple[np.ndarray, np.ndarray]
+Job = tuple[Any, ...]  # the arguments of one ``Runner.run`` call
 
 
 def split_jobs(params: np.ndarray, seeds: np.ndarray, members_per_job: int) -> list[Job]:
@@ -87,16 +91,32 @@ class SerialEngine:
         self.threads = threads
         self.runner = workload.build()
         self.retries = 0
+        self._queue: deque[Job] = deque()
+        self._submitted = self._finished = 0
 
     def map(self, jobs: Sequence[Job]) -> list[np.ndarray]:
         with _torch_threads(self.threads):
-            return [_result(self.runner.run(p, s)) for p, s in jobs]
+            return [_result(self.runner.run(*job)) for job in jobs]
+
+    def submit(self, job: Job) -> int:
+        self._queue.append(job)
+        self._submitted += 1
+        return self._submitted - 1
+
+    def next_completed(self) -> tuple[int, Any]:
+        """The oldest submitted job, run now (in this process, in submission order)."""
+        with _torch_threads(self.threads):
+            result = _result(self.runner.run(*self._queue.popleft()))
+        self._finished += 1
+        return self._finished - 1, result
 
     def worker_pids(self) -> list[int]:
         return [os.getpid()]
 
     def close(self) -> None:
-        pass
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
 
 
 @contextlib.contextmanager
@@ -129,6 +149,16 @@ def _worker_main(workload: Workload, conn: Any, threads: int) -> None:
                    traceback.format_exc()))
         return
     conn.send(("ready", os.getpid()))
+    try:
+        _serve(runner, conn)
+    finally:
+        close = getattr(runner, "close", None)
+        if close is not None:
+            close()  # e.g. env batches: their games shut down rather than being killed
+
+
+def _serve(runner: Runner, conn: Any) -> None:
+    """Run the jobs the parent sends until it says stop (None) or goes away."""
     while True:
         try:
             message = conn.recv()
@@ -136,9 +166,9 @@ def _worker_main(workload: Workload, conn: Any, threads: int) -> None:
             return
         if message is None:
             return
-        job_id, params, seeds = message
+        job_id, *job = message
         try:
-            conn.send(("done", job_id, _result(runner.run(params, seeds))))
+            conn.send(("done", job_id, _result(runner.run(*job))))
         except WmlabError as exc:
             conn.send(("error", job_id, str(exc)))
         except Exception:
@@ -165,6 +195,11 @@ class ProcessEngine:
         self.ctx = mp.get_context("spawn")  # fork would copy torch's thread pools unsafely
         self.retries = 0
         self.startup_failures = 0
+        self.jobs: dict[int, Job] = {}  # submitted, not yet handed back
+        self.pending: deque[int] = deque()  # waiting for a worker
+        self.attempts: dict[int, int] = {}
+        self.completed: dict[int, Any] = {}  # results not yet handed back, in finishing order
+        self.next_id = 0
         self.slots = [self._start() for _ in range(max(1, workers))]
 
     def _start(self) -> _Slot:
@@ -181,26 +216,46 @@ class ProcessEngine:
     def wait_ready(self) -> None:
         """Block until every worker has built its runner (benchmarks time jobs, not start-up)."""
         while not all(slot.ready for slot in self.slots):
-            self._poll({}, deque(), [])
+            self._poll()
+
+    def submit(self, job: Job) -> int:
+        """Queue one job (the arguments of ``Runner.run``); returns its id."""
+        job_id, self.next_id = self.next_id, self.next_id + 1
+        self.jobs[job_id], self.attempts[job_id] = job, 0
+        self.pending.append(job_id)
+        self._dispatch()  # an idle worker starts at once
+        return job_id
+
+    def next_completed(self) -> tuple[int, Any]:
+        """(id, result) of the next job to finish, on whichever worker finishes first; lost
+        workers are replaced and their jobs retried on the way."""
+        while not self.completed:
+            self._dispatch()
+            self._poll()
+        job_id = next(iter(self.completed))
+        del self.jobs[job_id], self.attempts[job_id]
+        return job_id, self.completed.pop(job_id)
 
     def map(self, jobs: Sequence[Job]) -> list[np.ndarray]:
-        results: dict[int, np.ndarray] = {}
-        pending = deque(range(len(jobs)))
-        attempts = [0] * len(jobs)
-        while len(results) < len(jobs):
-            for index, slot in enumerate(self.slots):
-                if slot.ready and slot.job is None and pending:
-                    job_id = pending.popleft()
-                    slot.job, slot.since = job_id, time.monotonic()
-                    try:
-                        slot.conn.send((job_id, *jobs[job_id]))
-                    except OSError:  # the worker died while idle: its job goes elsewhere
-                        self._replace(index, pending, attempts, "its pipe is broken")
-            self._poll(results, pending, attempts)
-        return [results[i] for i in range(len(jobs))]
+        ids = [self.submit(job) for job in jobs]
+        results: dict[int, Any] = {}
+        while len(results) < len(ids):
+            job_id, result = self.next_completed()
+            results[job_id] = result
+        return [results[i] for i in ids]
 
-    def _poll(self, results: dict[int, np.ndarray], pending: deque, attempts: list[int]
-              ) -> None:
+    def _dispatch(self) -> None:
+        """Hand pending jobs to the idle workers that are ready."""
+        for index, slot in enumerate(self.slots):
+            if slot.ready and slot.job is None and self.pending:
+                job_id = self.pending.popleft()
+                slot.job, slot.since = job_id, time.monotonic()
+                try:
+                    slot.conn.send((job_id, *self.jobs[job_id]))
+                except OSError:  # the worker died while idle: its job goes elsewhere
+                    self._replace(index, "its pipe is broken")
+
+    def _poll(self) -> None:
         handles = [s.conn for s in self.slots] + [s.proc.sentinel for s in self.slots]
         wait(handles, timeout=POLL_SECONDS)
         now = time.monotonic()
@@ -209,42 +264,39 @@ class ProcessEngine:
                 try:
                     message = slot.conn.recv()
                 except (EOFError, OSError):
-                    self._replace(index, pending, attempts, "its pipe closed")
+                    self._replace(index, "its pipe closed")
                     continue
-                self._handle(index, message, results, pending, attempts)
+                self._handle(index, message)
             elif not slot.proc.is_alive():
-                self._replace(index, pending, attempts,
-                              f"it exited with code {slot.proc.exitcode}")
+                self._replace(index, f"it exited with code {slot.proc.exitcode}")
             elif slot.job is not None and now - slot.since > self.timeout:
-                self._replace(index, pending, attempts,
+                self._replace(index,
                               f"it was silent for more than es.timeout = {self.timeout:g} s")
             elif not slot.ready and now - slot.since > self.startup_timeout:
-                self._replace(index, pending, attempts,
-                              f"it did not start within {self.startup_timeout:g} s")
+                self._replace(index, f"it did not start within {self.startup_timeout:g} s")
 
-    def _handle(self, index: int, message: tuple, results: dict[int, np.ndarray],
-                pending: deque, attempts: list[int]) -> None:
+    def _handle(self, index: int, message: tuple) -> None:
         slot = self.slots[index]
         kind = message[0]
         if kind == "ready":
             slot.ready = True
         elif kind == "fatal":
             self.close()
-            raise WmlabError(f"an evaluator worker could not start: {message[1]}")
+            raise WmlabError(f"a worker could not start: {message[1]}")
         elif kind == "done":
-            results[message[1]] = message[2]
+            self.completed[message[1]] = message[2]
             slot.job = None
         elif kind == "error":
             job_id = message[1]
             slot.job = None
-            attempts[job_id] += 1
-            if attempts[job_id] >= self.max_attempts:
+            self.attempts[job_id] += 1
+            if self.attempts[job_id] >= self.max_attempts:
                 self.close()
-                raise WmlabError(f"rollout job {job_id} failed {attempts[job_id]} times; "
+                raise WmlabError(f"job {job_id} failed {self.attempts[job_id]} times; "
                                  f"last error: {message[2]}")
-            pending.appendleft(job_id)
+            self.pending.appendleft(job_id)
 
-    def _replace(self, index: int, pending: deque, attempts: list[int], why: str) -> None:
+    def _replace(self, index: int, why: str) -> None:
         slot = self.slots[index]
         job = slot.job
         if not slot.ready:
@@ -252,20 +304,21 @@ class ProcessEngine:
             self.startup_failures += 1
             if self.startup_failures >= self.max_attempts:
                 self.close()
-                raise WmlabError(f"evaluator workers keep failing to start ({why}); run "
-                                 "with es.engine = serial to see the error in this process")
-        warn(f"evaluator worker pid {slot.proc.pid} lost ({why}); "
-              + (f"retrying its job {job} on another worker" if job is not None else
-                 "starting a new one"))
+                raise WmlabError(f"workers keep failing to start ({why}); run with the "
+                                 "serial engine (es.engine = serial, or collect.workers = 1) "
+                                 "to see the error in this process")
+        warn(f"worker pid {slot.proc.pid} lost ({why}); "
+             + (f"retrying its job {job} on another worker" if job is not None else
+                "starting a new one"))
         _kill(slot)
         if job is not None:
-            attempts[job] += 1
+            self.attempts[job] += 1
             self.retries += 1
-            if attempts[job] >= self.max_attempts:
+            if self.attempts[job] >= self.max_attempts:
                 self.close()
-                raise WmlabError(f"rollout job {job} was lost {attempts[job]} times (last: "
-                                 f"{why}); check memory and es.timeout")
-            pending.appendleft(job)
+                raise WmlabError(f"job {job} was lost {self.attempts[job]} times (last: "
+                                 f"{why}); check memory and the timeout")
+            self.pending.appendleft(job)
         self.slots[index] = self._start()
 
     def close(self) -> None:
@@ -329,8 +382,8 @@ class _RayWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def run(self, params: np.ndarray, seeds: np.ndarray) -> np.ndarray:
-        return _result(self.runner.run(params, seeds))
+    def run(self, *job: Any) -> Any:
+        return _result(self.runner.run(*job))
 
 
 class RayEngine:
@@ -377,8 +430,7 @@ class RayEngine:
             for index in range(len(self.actors)):
                 if index not in busy and pending:
                     job_id = pending.popleft()
-                    params, seeds = jobs[job_id]
-                    ref = self.actors[index].run.remote(params, seeds)
+                    ref = self.actors[index].run.remote(*jobs[job_id])
                     running[ref] = (index, job_id, time.monotonic())
             ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_SECONDS)
             for ref in ready:
