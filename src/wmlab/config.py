@@ -224,12 +224,12 @@ class EvalConfig:
     episodes: int = _opt(100, "episodes of the reported evaluation", min=1)
     seed: int = _opt(1_000_000, "first of the fixed, recorded evaluation seeds", min=0)
     backend: str = _opt("", "backend of the reported score; empty = the reference backend")
+    fidelity_taus: list[float] = _opt([], "taus at which the dream's fidelity is measured "
+                                      "(how tau is chosen by measurement); empty = dream.tau")
     fidelity_dreams: int = _opt(0, "dreams per controller for the dream's fidelity (the run's "
                                 "scored means, zero and random, in the dream against their "
                                 "real returns; needs M's reward and done heads); 0 = skip",
                                 min=0)
-    fidelity_taus: list[float] = _opt([], "taus at which the dream's fidelity is measured "
-                                      "(how tau is chosen by measurement); empty = dream.tau")
 
 
 @dataclass

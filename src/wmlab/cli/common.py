@@ -8,9 +8,24 @@ function; ``wmlab.cli`` only assembles them.
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from wmlab.config import toml_value
 from wmlab.errors import WmlabError
+
+
+def add_training_command(sub: argparse._SubParsersAction, name: str, help: str,
+                         func: Any, options: tuple[tuple[str, dict[str, Any]], ...] = ()
+                         ) -> argparse.ArgumentParser:
+    """A stage's subcommand: the config arguments, ``options`` (flag, add_argument
+    keywords), ``--no-progress``, and ``func`` to run."""
+    parser = sub.add_parser(name, help=help)
+    add_config_args(parser)
+    for flag, keywords in options:
+        parser.add_argument(flag, **keywords)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=func)
+    return parser
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:

@@ -8,6 +8,7 @@ import json
 from wmlab.cli.common import (
     add_config_args,
     add_pretrained_arg,
+    add_training_command,
     config_from_args,
     config_or_pretrained,
 )
@@ -93,13 +94,11 @@ def cmd_dream(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this stage's subcommands to the ``wmlab`` parser."""
-    p = sub.add_parser("train-mdrnn", help="train M (the MDN-RNN) on V's encoded series; "
-                                           "resumes where a killed run stopped")
-    add_config_args(p)
-    p.add_argument("--steps", type=int, help="optimiser steps (mdrnn.steps)")
-    p.add_argument("--regime", choices=("episodes", "streams"), help="mdrnn.regime")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_train_mdrnn)
+    add_training_command(
+        sub, "train-mdrnn", "train M (the MDN-RNN) on V's encoded series; resumes where a "
+        "killed run stopped", cmd_train_mdrnn,
+        (("--steps", {"type": int, "help": "optimiser steps (mdrnn.steps)"}),
+         ("--regime", {"choices": ("episodes", "streams"), "help": "mdrnn.regime"})))
 
     p = sub.add_parser("calibrate", help="run the dream calibration's reference policies "
                                          "(random, no-op, left) in the real game too and "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from wmlab.cli.common import add_config_args, config_from_args
+from wmlab.cli.common import add_training_command, config_from_args
 
 
 def cmd_train_vae(args: argparse.Namespace) -> int:
@@ -32,16 +32,10 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this stage's subcommands to the ``wmlab`` parser."""
-    p = sub.add_parser("train-vae", help="train V (the VAE, or VAE-GAN) on the episode store; "
-                                         "resumes where a killed run stopped")
-    add_config_args(p)
-    p.add_argument("--epochs", type=int, help="passes over the training frames (vae.epochs)")
-    p.add_argument("--kind", choices=("vae", "vae-gan"), help="vision model (vae.kind)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_train_vae)
-
-    p = sub.add_parser("encode", help="write every episode's (mu, logvar) series with the "
-                                      "trained V, beside the episodes (resumable)")
-    add_config_args(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_encode)
+    add_training_command(
+        sub, "train-vae", "train V (the VAE, or VAE-GAN) on the episode store; resumes where "
+        "a killed run stopped", cmd_train_vae,
+        (("--epochs", {"type": int, "help": "passes over the training frames (vae.epochs)"}),
+         ("--kind", {"choices": ("vae", "vae-gan"), "help": "vision model (vae.kind)"})))
+    add_training_command(sub, "encode", "write every episode's (mu, logvar) series with the "
+                         "trained V, beside the episodes (resumable)", cmd_encode)

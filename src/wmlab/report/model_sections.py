@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 from wmlab.data import EpisodeStore
@@ -57,16 +58,27 @@ def _store_rows(info: dict[str, Any]) -> list[list[str]]:
     ]
 
 
+def _training_curves(page: Page, section: Section, stage: str, folder: str,
+                     panels: Callable[[list[dict[str, str]]], Any], figure: str,
+                     title: str) -> list[dict[str, str]] | None:
+    """A training stage's metrics as curves in ``section``; its rows (None: no file)."""
+    path = f"{folder}/{METRICS_FILE}"
+    rows = page.metrics(path)
+    if rows is None:
+        section.blocks.append(page.miss(stage, f"no {path}"))
+    elif not rows:
+        section.blocks.append(Text(f"{path} holds no readable rows yet.", True))
+    else:
+        section.blocks += page.curves(rows, panels(rows), figure, title)
+    return rows
+
+
 def vision_section(page: Page) -> Section:
     section = Section("V: the vision model")
-    rows = page.metrics(f"{RUN.vision}/{METRICS_FILE}")
-    if rows is None:
-        section.blocks.append(page.miss("vision", "no vision/metrics.csv"))
-    elif not rows:
-        section.blocks.append(Text(f"{RUN.vision}/{METRICS_FILE} holds no readable rows yet.", True))
-    else:
-        panels = metric_panels(rows, ("loss", "reconstruction", "kl"))
-        section.blocks += page.curves(rows, panels, "vision-losses.png", "V training")
+    rows = _training_curves(
+        page, section, "vision", RUN.vision,
+        lambda rows: metric_panels(rows, ("loss", "reconstruction", "kl")),
+        "vision-losses.png", "V training")
     recon = newest(page.run.glob(f"{RUN.vision}/recon-*.png"))
     if recon is None:
         if rows is not None:
@@ -82,16 +94,12 @@ def vision_section(page: Page) -> Section:
 
 def memory_section(page: Page) -> Section:
     section = Section("M: the memory model")
-    rows = page.metrics(f"{RUN.memory}/{METRICS_FILE}")
-    if rows is None:
-        section.blocks.append(page.miss("memory", "no memory/metrics.csv"))
-    elif not rows:
-        section.blocks.append(Text(f"{RUN.memory}/{METRICS_FILE} holds no readable rows yet.", True))
-    else:
-        panels = metric_panels(rows, ("z_nll", "done_loss", "reward_mse", "loss"),
-                               {"done precision / recall": ("done_precision",
-                                                            "done_recall")})
-        section.blocks += page.curves(rows, panels, "memory-losses.png", "M training")
+    rows = _training_curves(
+        page, section, "memory", RUN.memory,
+        lambda rows: metric_panels(rows, ("z_nll", "done_loss", "reward_mse", "loss"),
+                                   {"done precision / recall": ("done_precision",
+                                                                "done_recall")}),
+        "memory-losses.png", "M training")
     calibration = page.first_existing([RUN.calibration, "dream/calibration.json"])  # old runs: dream/
     if calibration is not None:
         section.blocks.extend(calibration_blocks(page, calibration))
