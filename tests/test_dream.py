@@ -391,14 +391,3 @@ def test_pipeline_encode_train_mdrnn_and_dream_cli(tmp_path, capsys):
     assert main(["train-mdrnn", *common, "--steps", "8", "--no-progress"]) == 2
     assert "wmlab encode" in capsys.readouterr().err
     assert sorted(p.name for p in memory.iterdir()) == before
-
-
-def test_keyboard_mapping_for_play_mode():
-    import pygame
-
-    from wmlab.dream.pictures import keyboard_mapping, play_dream  # noqa: F401 (importable)
-
-    pressed = {pygame.K_LEFT: True, pygame.K_RIGHT: False, pygame.K_UP: True,
-               pygame.K_DOWN: False}
-    assert keyboard_mapping("doom", 1)(pressed).tolist() == [-1.0]
-    assert keyboard_mapping("carracing", 3)(pressed).tolist() == [-1.0, 1.0, 0.0]

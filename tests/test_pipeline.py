@@ -10,7 +10,8 @@ import pytest
 
 from wmlab.config import load_config
 from wmlab.errors import WmlabError
-from wmlab.pipeline import Pipeline, Stage, config_slice
+from wmlab.pipeline import Pipeline, Stage, config_slice, default_stages
+from wmlab.runs import STAGES
 
 
 class Recorder:
@@ -54,6 +55,14 @@ def setup(tmp_path, monkeypatch):
         return load_config("doom", "quick", ["run.root=\"runs\"", *overrides])
 
     return rec, cfg
+
+
+def test_the_default_stages_run_in_the_order_the_run_directory_names(setup):
+    """``wmlab.runs.STAGES`` is the one list of the stages (the report reads it too)."""
+    _, cfg = setup
+    for config in (cfg(), cfg("collect.out=\"elsewhere\"")):
+        assert [stage.name for stage in default_stages(config)] == list(STAGES)
+    assert [stage.name for stage in Pipeline(cfg(), progress=False).stages] == list(STAGES)
 
 
 def test_second_run_skips_every_finished_stage(setup):

@@ -1,25 +1,37 @@
-"""Playing by hand: key -> action maps, game sessions, and the window loop (headless)."""
+"""Playing by hand: key -> action maps, game sessions (the dream's too), and the window
+loop (headless)."""
 
 import os
 
 import numpy as np
 import pytest
+import torch
 
 from wmlab import envs
 from wmlab.baselines import best_fit, sum_of_squares
 from wmlab.cli import main
+from wmlab.cli.common import use_display
+from wmlab.dream import BatchedDream, DreamSettings, DreamStart
+from wmlab.dream.gallery import DreamModels
+from wmlab.dream.pictures import decode_latents
 from wmlab.envs.binpacking import BinPackingEnv, make_problem
 from wmlab.envs.spec import DOOM_LEFT, DOOM_NOOP, DOOM_RIGHT
 from wmlab.errors import WmlabError
+from wmlab.memory.model import MDNRNN, MdrnnShape
 from wmlab.play import (
+    DREAM_CAPTION,
     BinPackingKeys,
     BinPackingSession,
     RealtimeSession,
     carracing_action,
     doom_action,
+    dream_session,
+    keyboard_mapping,
     make_session,
+    play_dream,
     run_window,
 )
+from wmlab.vision.model import ConvVAE
 
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 
@@ -102,3 +114,62 @@ def test_play_cli_headless_and_bad_names():
     assert main(["play", "binpacking", "--headless-ok", "--max-frames", "2"]) == 0
     with pytest.raises(WmlabError, match="cannot play"):
         make_session("pong")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inside the dream
+
+
+def test_keyboard_mapping_for_the_dream():
+    assert keyboard_mapping("doom", 1)({"left", "up"}).tolist() == [-1.0]
+    assert keyboard_mapping("doom", 1)({"left", "right"}).tolist() == [0.0]
+    assert keyboard_mapping("carracing", 3)({"left", "up"}).tolist() == [-1.0, 1.0, 0.0]
+    np.testing.assert_allclose(keyboard_mapping("carracing", 3)({"right", "down"}),
+                               [1.0, 0.0, 0.8])
+    assert keyboard_mapping("pong", 2)({"right", "up"}).tolist() == [1.0, 0.0]
+
+
+def dream_models(max_steps: int) -> DreamModels:
+    """A tiny untrained V and M whose dreams end only at the step cap."""
+    torch.manual_seed(0)
+    shape = MdrnnShape(z_dim=4, action_dim=1, hidden=8, done_head=True)
+    mdrnn = MDNRNN(shape).eval()
+    with torch.no_grad():
+        mdrnn.head.bias[3 * shape.z_dim * shape.gaussians] = -1e4  # the done logit
+    start = DreamStart(torch.randn(3, 4), torch.full((3, 4), -2.0))
+    return DreamModels(mdrnn, ConvVAE(4).eval(), start, {}, DreamSettings(1.15, max_steps))
+
+
+def test_dream_session_steps_with_the_keys_held_and_starts_the_next_dream():
+    models = dream_models(max_steps=4)
+    session = dream_session(models, "doom", seed=5)
+    held = [{"left"}] * 4 + [set()] + [{"right"}] * 3
+    returns = run_window(session, scripted=held, caption=DREAM_CAPTION)
+    # frames 1-4 play seed 5's dream to its cap (+1 a step: Doom's survival reward);
+    # frame 5 starts seed 6's, which frames 6-8 step with Right held
+    assert returns == [4.0] and session.steps == 3 and not session.done
+    assert "dream step 3" in session.status()
+    same = BatchedDream(models.mdrnn, models.start, models.settings)
+    same.reset([6])
+    for _ in range(3):
+        same.step(torch.ones(1, 1))
+    assert torch.equal(session.dream.z, same.z)
+    np.testing.assert_array_equal(session.picture(), decode_latents(models.vae, same.z)[0])
+    session.restart()  # R: the next seed's dream, from its start
+    assert session.seed == 8 and session.steps == 0 and session.picture().shape == (64, 64, 3)
+
+
+def test_play_dream_opens_the_window_loop_headless():
+    assert play_dream(dream_models(max_steps=3), "doom", max_frames=9) == [3.0, 3.0]
+
+
+def test_a_window_needs_a_display(monkeypatch):
+    monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")
+    for name in ("DISPLAY", "WAYLAND_DISPLAY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr("sys.platform", "linux")
+    with pytest.raises(WmlabError, match="wmlab dream --play needs a display"):
+        use_display("wmlab dream --play")
+    monkeypatch.setenv("DISPLAY", ":0")
+    use_display("wmlab dream --play")  # a display: the real driver, not the dummy
+    assert "SDL_VIDEODRIVER" not in os.environ

@@ -1,29 +1,40 @@
-"""Playing an environment by hand in a pygame window: ``wmlab play binpacking|carracing|doom``.
+"""Playing by hand in a pygame window: an environment (``wmlab play
+binpacking|carracing|doom``) or M's dream (``wmlab dream --play``).
 
 Keys -> actions and the game bookkeeping live in plain classes (``BinPackingSession``,
-``RealtimeSession``) that take key *names* (pygame's ``pygame.key.name`` strings such as
-"left", "3", "return"), so they are tested without a display. ``run_window`` only turns
-pygame events into those names and draws what the session shows.
+``RealtimeSession``, ``DreamSession``) that take key *names* (pygame's ``pygame.key.name``
+strings such as "left", "3", "return"), so they are tested without a display. ``run_window``
+only turns pygame events into those names and draws what the session shows.
 
 Keys. Bin packing: with C <= 10 a digit plays that level at once; with more levels, type the
 number and press Enter. 0 or N opens a new bag; Left/Right move a cursor and Space plays it;
 B and S play the best-fit and sum-of-squares moves; R restarts; Esc quits. CarRacing: arrows
 steer, accelerate (Up) and brake (Down). Doom: Left/Right move, nothing pressed stands still.
+The dream: the arrows act through M's action vector (``keyboard_mapping``); R starts the next
+dream, Esc quits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from wmlab.envs.spec import DOOM_LEFT, DOOM_NOOP, DOOM_RIGHT
 from wmlab.errors import WmlabError
 
+if TYPE_CHECKING:  # the dream needs torch, loaded only where a dream is played
+    from wmlab.dream.batched import BatchedDream
+    from wmlab.dream.gallery import DreamModels
+
 CARRACING_BRAKE = 0.8  # Gymnasium's own keyboard play brakes at 0.8, not 1
 QUIT_KEYS = ("escape", "q")
+CAPTION = "wmlab play"
+DREAM_CAPTION = "wmlab: inside the dream (arrows act, R restarts, Esc quits)"
+DREAM_FPS = 30
+DREAM_SCALE = 6  # 64x64 frames shown at 384x384
 
 
 def carracing_action(pressed: Collection[str]) -> np.ndarray:
@@ -40,6 +51,20 @@ def doom_action(pressed: Collection[str]) -> int:
     if left == right:
         return DOOM_NOOP
     return DOOM_LEFT if left else DOOM_RIGHT
+
+
+def keyboard_mapping(env_name: str, action_dim: int
+                     ) -> Callable[[Collection[str]], np.ndarray]:
+    """Arrow keys held -> M's action vector (what its dream steps with): Doom left/right;
+    CarRacing steer, gas (up), brake (down); otherwise left/right on the first action value."""
+    def act(pressed: Collection[str]) -> np.ndarray:
+        action = np.zeros(action_dim, np.float32)
+        action[0] = float("right" in pressed) - float("left" in pressed)
+        if env_name == "carracing" and action_dim >= 3:
+            action[1] = float("up" in pressed)
+            action[2] = CARRACING_BRAKE * float("down" in pressed)
+        return action
+    return act
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,6 +218,72 @@ class RealtimeSession:
         return self.env.render()
 
 
+# ---------------------------------------------------------------------------------------------
+# Inside M's dream: the keys held act, V shows what M imagines
+
+
+@dataclass
+class DreamSession:
+    """M's dream (a ``BatchedDream`` of batch 1) stepped once per frame with the action of
+    the keys held (``action``: key names -> M's action vector); the picture is V's decoding
+    of M's z. A dream that ends is followed by the next seed's, as R does at once."""
+
+    dream: BatchedDream
+    vae: Any  # V (ConvVAE): decodes M's z into the picture
+    action: Callable[[Collection[str]], np.ndarray]
+    seed: int = 0
+    score: float = 0.0
+    steps: int = 0
+    episodes: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.restart()
+
+    @property
+    def done(self) -> bool:
+        return bool(self.dream.done[0])
+
+    def restart(self) -> None:
+        self.dream.reset([self.seed])
+        self.seed += 1
+        self.score, self.steps = 0.0, 0
+        self._picture = self._decode()
+
+    def tick(self, pressed: Collection[str]) -> None:
+        """One dream step with the keys held now; a finished dream gives way to the next."""
+        if self.done:
+            self.restart()
+            return
+        _, reward, _ = self.dream.step(self.action(pressed)[None])
+        self.score += float(reward[0])
+        self.steps += 1
+        if self.done:
+            self.episodes.append(self.score)
+        self._picture = self._decode()
+
+    def _decode(self) -> np.ndarray:
+        from wmlab.dream.pictures import decode_latents  # torch: only where a dream is played
+
+        return decode_latents(self.vae, self.dream.z)[0]
+
+    def status(self) -> str:
+        end = "  the dream ended" if self.done else ""
+        return f"dream step {self.steps}  return {self.score:.1f}{end}"
+
+    def picture(self) -> np.ndarray:
+        return self._picture
+
+
+def dream_session(models: DreamModels, env_name: str, seed: int = 0) -> DreamSession:
+    """The dream of a run's V and M (``wmlab.dream.gallery.load_dream_models``) to play
+    with the arrow keys, starting at ``seed``."""
+    from wmlab.dream.batched import BatchedDream  # torch: only where a dream is played
+
+    dream = BatchedDream(models.mdrnn, models.start, models.settings)
+    return DreamSession(dream, models.vae,
+                        keyboard_mapping(env_name, models.mdrnn.shape.action_dim), seed)
+
+
 def make_session(env_name: str, seed: int = 0) -> BinPackingSession | RealtimeSession:
     """The session for ``binpacking[:...]``, ``carracing`` or ``doom``."""
     from wmlab import envs
@@ -211,33 +302,42 @@ def make_session(env_name: str, seed: int = 0) -> BinPackingSession | RealtimeSe
 # The window
 
 
-def run_window(session: BinPackingSession | RealtimeSession, *, fps: int = 50,
-               scale: int = 0, max_frames: int = 0,
-               scripted: Iterable[Any] | None = None) -> list[float]:
+def run_window(session: BinPackingSession | RealtimeSession | DreamSession, *, fps: int = 50,
+               scale: int = 0, max_frames: int = 0, scripted: Iterable[Any] | None = None,
+               caption: str = CAPTION) -> list[float]:
     """Show ``session`` in a pygame window until Esc (or ``max_frames`` frames if > 0).
 
     ``scripted`` replaces the keyboard (for tests and demos): for bin packing an iterable
-    of key names, for real-time games an iterable of sets of keys held, one per frame.
-    Returns the returns of the episodes finished.
+    of key names, for real-time games and the dream an iterable of sets of keys held, one
+    per frame. Returns the returns of the episodes finished.
     """
     import pygame
 
     pygame.init()
     try:
-        return _loop(pygame, session, fps, scale, max_frames, scripted)
+        return _loop(pygame, session, fps, scale, max_frames, scripted, caption)
     finally:
         pygame.quit()
 
 
+def play_dream(models: DreamModels, env_name: str, seed: int = 0, *, max_frames: int = 0,
+               scripted: Iterable[Collection[str]] | None = None) -> list[float]:
+    """Play inside the dream of ``models`` in a window (``wmlab dream --play``); the
+    returns of the dreams that ended."""
+    return run_window(dream_session(models, env_name, seed), fps=DREAM_FPS, scale=DREAM_SCALE,
+                      max_frames=max_frames, scripted=scripted, caption=DREAM_CAPTION)
+
+
 def _loop(pygame: Any, session: Any, fps: int, scale: int, max_frames: int,
-          scripted: Iterable[Any] | None) -> list[float]:
-    realtime = isinstance(session, RealtimeSession)
+          scripted: Iterable[Any] | None, caption: str) -> list[float]:
+    # every session but bin packing's is stepped once a frame with the keys held
+    realtime = not isinstance(session, BinPackingSession)
     picture = session.picture()
     zoom = scale or (1 if not realtime else max(1, 600 // max(picture.shape[:2])))
     height, width = picture.shape[0] * zoom, picture.shape[1] * zoom
     status_h = 28 if realtime else 0
     screen = pygame.display.set_mode((width, height + status_h))
-    pygame.display.set_caption("wmlab play")
+    pygame.display.set_caption(caption)
     font = pygame.font.Font(None, 24)
     clock = pygame.time.Clock()
     script = iter(scripted) if scripted is not None else None

@@ -24,6 +24,11 @@ else:  # pragma: no cover
 
 ITERATIONS = "iterations"  # iteration k >= 2 of a run lives in <run>/iterations/<k>/
 
+# The pipeline's stages in the order they run, each with its record in stages/<name>.json.
+# Written here, below both, so the pipeline that runs them and the report that reads their
+# records agree on the names and the order.
+STAGES = ("collect", "vision", "encode", "memory", "controller", "evaluate", "report")
+
 
 @dataclass(frozen=True)
 class RunLayout:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -68,65 +69,93 @@ def training_flops(shape: MdrnnShape, batch: int, steps: int) -> float:
     return 3.0 * (lstm + head) * steps
 
 
-def _train_case(size: str, batch: int, steps: int, repeats: int) -> list[dict[str, Any]]:
-    shape = SIZES[size]
-    torch.manual_seed(0)
-    model = MDNRNN(shape)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    z = torch.randn(batch, steps, shape.z_dim)
-    actions = torch.randn(batch, steps, shape.action_dim)
-    target = torch.randn(batch, steps, shape.z_dim)
-    restart = torch.zeros(batch, steps)
-    restart[:, 0] = 1.0
-    restart[torch.arange(batch), torch.randint(0, steps, (batch,))] = 1.0  # episode starts
+@dataclass
+class _Batch:
+    """A synthetic training batch of M's sizes: inputs, targets and episode starts."""
 
-    def wmlab_step(bf16: bool = False) -> None:
+    z: torch.Tensor
+    actions: torch.Tensor
+    target: torch.Tensor
+    restart: torch.Tensor
+
+    @classmethod
+    def draw(cls, shape: MdrnnShape, batch: int, steps: int) -> _Batch:
+        """From torch's global generator (the caller seeds it)."""
+        z = torch.randn(batch, steps, shape.z_dim)
+        actions = torch.randn(batch, steps, shape.action_dim)
+        target = torch.randn(batch, steps, shape.z_dim)
+        restart = torch.zeros(batch, steps)
+        restart[:, 0] = 1.0
+        restart[torch.arange(batch), torch.randint(0, steps, (batch,))] = 1.0  # episode starts
+        return cls(z, actions, target, restart)
+
+
+def _wmlab_step(model: MDNRNN, optimizer: torch.optim.Optimizer, data: _Batch
+                ) -> Callable[[bool], None]:
+    """One training step of wmlab's M (``bf16``: under autocast, as ``mdrnn.bf16``)."""
+    restart = data.restart if model.shape.restart_input else None
+
+    def step(bf16: bool = False) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # mdrnn.bf16
-            out, _, _ = model(z, actions, restart=restart if shape.restart_input else None)
-        loss = mixture_nll(out, target)
+            out, _, _ = model(data.z, data.actions, restart=restart)
+        loss = mixture_nll(out, data.target)
         if out.done_logit is not None:
             loss = loss + out.done_logit.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_value_(model.parameters(), 1.0)
         optimizer.step()
+    return step
 
+
+def _plain_step(model: MDNRNN, data: _Batch) -> Callable[[], None]:
+    """The naive step: ``nn.LSTM`` + ``nn.Linear`` (initialised from torch's global
+    generator) with the reference loss; ``model`` only splits the head's output."""
+    shape = model.shape
     lstm = nn.LSTM(shape.input_size, shape.hidden, batch_first=True)
     head = nn.Linear(shape.hidden, shape.output_size)
-    plain_params = list(lstm.parameters()) + list(head.parameters())
-    plain_opt = torch.optim.Adam(plain_params, lr=1e-4)
-    parts = [z, actions] + ([restart.unsqueeze(-1)] if shape.restart_input else [])
+    params = list(lstm.parameters()) + list(head.parameters())
+    optimizer = torch.optim.Adam(params, lr=1e-4)
+    parts = [data.z, data.actions] + ([data.restart.unsqueeze(-1)] if shape.restart_input
+                                      else [])
     x = torch.cat(parts, -1)
 
-    def plain_step() -> None:
+    def step() -> None:
         hidden, _ = lstm(x)
         out = model.split_output(head(hidden))
-        loss = mixture_nll_reference(out, target)
+        loss = mixture_nll_reference(out, data.target)
         if out.done_logit is not None:
             loss = loss + out.done_logit.mean()
-        plain_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_value_(plain_params, 1.0)
-        plain_opt.step()
-
-    # the training loop's own step (mdrnn.batch_parts): the batch's rows split over threads
-    series = SeriesBatch(mu=torch.zeros(batch, steps, 2, shape.z_dim),
-                         logvar=torch.zeros(batch, steps, 2, shape.z_dim), actions=actions,
-                         rewards=torch.zeros(batch, steps), dones=restart.roll(-1, 1),
-                         restart=restart, mask=torch.ones(batch, steps))
-    split = BatchBackward(2 if torch.get_num_threads() >= 2 else 1)
-
-    def split_step(bf16: bool) -> None:
         optimizer.zero_grad(set_to_none=True)
-        split(model, series, z, target, 10.0, None, bf16)
+        loss.backward()
+        torch.nn.utils.clip_grad_value_(params, 1.0)
+        optimizer.step()
+    return step
+
+
+def _split_step(model: MDNRNN, optimizer: torch.optim.Optimizer, data: _Batch,
+                split: BatchBackward) -> Callable[[bool], None]:
+    """The training loop's own step (``mdrnn.batch_parts``): the batch's rows split over
+    threads."""
+    batch, steps = data.z.shape[:2]
+    series = SeriesBatch(mu=torch.zeros(batch, steps, 2, model.shape.z_dim),
+                         logvar=torch.zeros(batch, steps, 2, model.shape.z_dim),
+                         actions=data.actions, rewards=torch.zeros(batch, steps),
+                         dones=data.restart.roll(-1, 1), restart=data.restart,
+                         mask=torch.ones(batch, steps))
+
+    def step(bf16: bool) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        split(model, series, data.z, data.target, 10.0, None, bf16)
         torch.nn.utils.clip_grad_value_(model.parameters(), 1.0)
         optimizer.step()
+    return step
 
-    def split_step_torch_only(bf16: bool) -> None:
-        with native.disabled():
-            split_step(bf16)
 
-    flops = training_flops(shape, batch, steps)
+def _train_cases(wmlab_step: Callable[[bool], None], plain_step: Callable[[], None],
+                 split_step: Callable[[bool], None]
+                 ) -> tuple[tuple[str, Callable[[], None]], ...]:
+    """(label, step) of every case this machine can run."""
     bf16 = bf16_is_native(torch.device("cpu"))  # emulated bf16 would only measure emulation
     cases: tuple[tuple[str, Callable[[], None]], ...] = (
         ("plain nn.LSTM + Linear (naive)", plain_step), ("wmlab M", wmlab_step))
@@ -137,15 +166,40 @@ def _train_case(size: str, batch: int, steps: int, repeats: int) -> list[dict[st
             "wmlab M, rows split over 2 threads"
         cases += ((f"{label} (mdrnn.batch_parts)", lambda: split_step(bf16)),)
         if lstm_kernels() is not None:  # the same step without the C kernels
-            cases += ((f"{label}, PyTorch ops only (WMLAB_NATIVE=0)",
-                       lambda: split_step_torch_only(bf16)),)
+
+            def torch_only() -> None:
+                with native.disabled():
+                    split_step(bf16)
+
+            cases += ((f"{label}, PyTorch ops only (WMLAB_NATIVE=0)", torch_only),)
+    return cases
+
+
+def _best_times(cases: tuple[tuple[str, Callable[[], None]], ...], repeats: int
+                ) -> dict[str, float]:
+    """Each case's best seconds per step over ``repeats`` rounds."""
     best = {label: float("inf") for label, _ in cases}
     for _label, fn in cases:
         fn()  # warm-up
     for _ in range(repeats):  # interleaved, so both see the same background load
         for label, fn in cases:
             best[label] = min(best[label], _timed(fn, 1, warmup=0))
+    return best
+
+
+def _train_case(size: str, batch: int, steps: int, repeats: int) -> list[dict[str, Any]]:
+    shape = SIZES[size]
+    torch.manual_seed(0)
+    model = MDNRNN(shape)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    data = _Batch.draw(shape, batch, steps)
+    plain_step = _plain_step(model, data)  # after the batch: its weights draw from the seed too
+    split = BatchBackward(2 if torch.get_num_threads() >= 2 else 1)
+    cases = _train_cases(_wmlab_step(model, optimizer, data), plain_step,
+                         _split_step(model, optimizer, data, split))
+    best = _best_times(cases, repeats)
     split.close()
+    flops = training_flops(shape, batch, steps)
     return [{"bench": "train", "size": size, "case": label, "batch": batch, "seq_len": steps,
              "steps_per_s": batch * steps / best[label], "gflops": flops / best[label] / 1e9}
             for label, _ in cases]

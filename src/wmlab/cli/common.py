@@ -1,5 +1,6 @@
 """What the ``wmlab`` subcommands share: the config arguments, the ``--pretrained`` option
-that ``evaluate`` and ``dream`` take, and how they resolve to a config.
+that ``evaluate`` and ``dream`` take, how they resolve to a config, and the display that
+``play`` and ``dream --play`` open a window on.
 
 Each group of subcommands lives in its own module of ``wmlab.cli`` with a ``register(sub)``
 function; ``wmlab.cli`` only assembles them.
@@ -8,6 +9,8 @@ function; ``wmlab.cli`` only assembles them.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from typing import Any
 
 from wmlab.config import toml_value
@@ -88,3 +91,16 @@ def config_or_pretrained(args: argparse.Namespace, extra: dict[str, object] | No
     from wmlab.shipped import materialize
 
     return materialize(args.pretrained, overrides=_pretrained_overrides(args, extra))
+
+
+def use_display(command: str, escape: str = "") -> None:
+    """Let pygame open a visible window: ``wmlab``'s main() sets SDL's dummy driver (for
+    envs that draw off screen), which a window to play in must not keep. Refuses, naming
+    ``command`` (and ``escape``, the way around), where there is no display."""
+    if os.environ.get("SDL_VIDEODRIVER") != "dummy":
+        return
+    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+            or sys.platform in ("darwin", "win32")):
+        raise WmlabError(f"{command} needs a display (none found: DISPLAY is not set); "
+                         f"run it on a desktop{escape}")
+    os.environ.pop("SDL_VIDEODRIVER")

@@ -11,6 +11,7 @@ from wmlab.cli.common import (
     add_training_command,
     config_from_args,
     config_or_pretrained,
+    use_display,
 )
 from wmlab.errors import WmlabError
 
@@ -65,8 +66,8 @@ def cmd_dream(args: argparse.Namespace) -> int:
         controller_policy,
         load_dream_models,
         make_dream_pictures,
-        play,
     )
+    from wmlab.play import play_dream
     from wmlab.runs import prepare_run_dir
 
     cfg = config_or_pretrained(args, {"dream.tau": args.tau})
@@ -81,7 +82,8 @@ def cmd_dream(args: argparse.Namespace) -> int:
     if request.controller:
         controller_policy(cfg, request.controller, models.mdrnn)
     if args.play:
-        play(cfg, request, models)
+        use_display("wmlab dream --play")
+        play_dream(models, cfg.env.name, request.seed)
         return 0
     print(f"run directory: {prepare_run_dir(cfg)}")
     summary = make_dream_pictures(cfg, request, models)

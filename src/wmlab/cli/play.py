@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 from wmlab.baselines import POLICIES
+from wmlab.cli.common import use_display
 from wmlab.envs.binpacking import DISTRIBUTIONS
 from wmlab.errors import WmlabError
 
@@ -15,13 +14,8 @@ from wmlab.errors import WmlabError
 def cmd_play(args: argparse.Namespace) -> int:
     from wmlab.play import make_session, run_window
 
-    if os.environ.get("SDL_VIDEODRIVER") == "dummy" and not (args.headless_ok or args.record):
-        # wmlab's main() sets the dummy driver for headless envs; a window needs the real one.
-        if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
-                or sys.platform in ("darwin", "win32")):
-            raise WmlabError("wmlab play needs a display (none found: DISPLAY is not set); "
-                             "run it on a desktop, or pass --headless-ok to play blind")
-        os.environ.pop("SDL_VIDEODRIVER")
+    if not (args.headless_ok or args.record):
+        use_display("wmlab play", ", or pass --headless-ok to play blind")
     if args.pretrained is not None:
         return play_agent(args)
     if args.record:

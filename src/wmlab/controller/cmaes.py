@@ -205,6 +205,33 @@ def _save_state(folder: str, state: dict[str, Any]) -> None:
     atomic_write_bytes(f"{folder}/{STATE_FILE}", buffer.getvalue())
 
 
+@dataclass
+class _Search:
+    """One CMA-ES run as it goes: its settings, the fitnesses, and ``state``, what
+    ``es-state.pkl`` keeps (the strategy, the generation counter and the best scored mean)."""
+
+    es: EsConfig
+    folder: str
+    seed: int
+    info: dict[str, Any]  # written into every controller checkpoint's sidecar
+    fitness: Fitness
+    dream_fitness: Fitness | None
+    score_fitness: Fitness
+    fixed_seeds: np.ndarray  # what every scored mean is scored on
+    state: dict[str, Any]
+
+    @property
+    def strategy(self) -> Any:
+        return self.state["es"]
+
+
+def _new_state(num_params: int, es: EsConfig, seed: int, start: np.ndarray | None
+               ) -> dict[str, Any]:
+    return {"es": new_strategy(num_params, es, seed, start), "generation": 0,
+            "best_score": None, "best_params": None, "best_generation": 0,
+            "num_params": num_params, "population": es.population}
+
+
 def run_es(fitness: Fitness, num_params: int, es: EsConfig, folder: str, *, seed: int = 0,
            info: dict[str, Any] | None = None, progress: bool = True,
            stop_after_generations: int | None = None,
@@ -228,69 +255,25 @@ def run_es(fitness: Fitness, num_params: int, es: EsConfig, folder: str, *, seed
     folder = folder.rstrip("/")
     state = _load_state(folder, num_params, es)
     if state is None:
-        state = {"es": new_strategy(num_params, es, seed, start), "generation": 0,
-                 "best_score": None, "best_params": None, "best_generation": 0,
-                 "num_params": num_params, "population": es.population}
-    strategy = state["es"]
-    start = state["generation"]
-    metrics = MetricsLogger(folder, resume_step=start)
-    fixed_seeds = eval_seeds(seed, es.eval_rollouts, es.rollouts)
-    result = EsResult(folder=folder, generation=start, resumed_from=start,
-                      mean=np.asarray(strategy.mean, dtype=np.float64),
+        state = _new_state(num_params, es, seed, start)
+    first = state["generation"]
+    metrics = MetricsLogger(folder, resume_step=first)
+    search = _Search(es, folder, seed, info or {}, fitness, dream_fitness,
+                     score_fitness or fitness, eval_seeds(seed, es.eval_rollouts, es.rollouts),
+                     state)
+    result = EsResult(folder=folder, generation=first, resumed_from=first,
+                      mean=np.asarray(search.strategy.mean, dtype=np.float64),
                       best_score=state["best_score"], best_params=state["best_params"],
                       best_generation=state["best_generation"])
-    bar = _bar(progress, start, es.generations)
+    bar = _bar(progress, first, es.generations)
     done_now = 0
     try:
-        for generation in range(start, es.generations):
+        for generation in range(first, es.generations):
             if stop_after_generations is not None and done_now >= stop_after_generations:
                 result.finished = False
                 break
-            began = time.monotonic()
-            with numpy_seeded(seed, generation, 3):
-                candidates = np.asarray(strategy.ask(), dtype=np.float64)
-            in_dream = generation < es.dream_generations
-            rollouts = es.dream_rollouts if in_dream and es.dream_rollouts else es.rollouts
-            seeds = generation_seeds(seed, generation, es.population, rollouts,
-                                     es.antithetic)
-            members = dream_fitness if in_dream and dream_fitness is not None else fitness
-            returns = np.asarray(members.evaluate(candidates.astype(np.float32), seeds),
-                                 dtype=np.float64)
-            steps = getattr(members, "last_steps", None)
-            scores = returns - l2_penalty(candidates, es.l2)
-            with numpy_seeded(seed, generation, 4):
-                strategy.tell(list(candidates), list(-scores))
-            mean = np.asarray(strategy.mean, dtype=np.float64)
-            row = {"best": float(returns.max()), "mean": float(returns.mean()),
-                   "worst": float(returns.min()), "best_penalised": float(scores.max()),
-                   "sigma": float(strategy.sigma)}
-            if es.dream_generations:
-                row["in_dream"] = 1.0 if in_dream else 0.0  # which fitness the members had
-            if steps is not None:  # the members' env (or dream) steps, for the budget
-                row["env_steps"] = float(np.sum(steps))
+            row = _run_generation(search, generation, metrics)
             step = generation + 1
-            if step % es.eval_every == 0 or step == es.generations:
-                score = score_mean(score_fitness or fitness, mean, fixed_seeds)
-                row["eval_mean"] = score
-                # every scored mean is kept (a few KB): the controllers along the run,
-                # with their real scores, are what the dream's fidelity is measured on
-                save_checkpoint(f"{folder}/{SNAPSHOTS}", f"g{step:05d}", step,
-                                _weights(mean), None, {**(info or {}), "generation": step,
-                                                       "eval_mean": score,
-                                                       "eval_rollouts": es.eval_rollouts})
-                if state["best_score"] is None or score > state["best_score"]:
-                    state.update(best_score=score, best_params=mean.copy(),
-                                 best_generation=step)
-                    save_checkpoint(folder, BEST_WEIGHTS, step, _weights(mean), None,
-                                    {**(info or {}), "generation": step, "eval_mean": score,
-                                     "eval_rollouts": es.eval_rollouts})
-            row["seconds"] = time.monotonic() - began
-            metrics.log(step, row)
-            write_progress_plot(folder, metrics.rows())
-            save_checkpoint(folder, MEAN_WEIGHTS, step, _weights(mean), None,
-                            {**(info or {}), "generation": step})
-            state["generation"] = step
-            _save_state(folder, state)  # last: the commit point of this generation
             result.history.append({"generation": step, **row})
             result.generation, done_now = step, done_now + 1
             if on_generation is not None:
@@ -303,10 +286,74 @@ def run_es(fitness: Fitness, num_params: int, es: EsConfig, folder: str, *, seed
         metrics.close()
         if bar is not None:
             bar.close()
-    result.mean = np.asarray(strategy.mean, dtype=np.float64)
+    result.mean = np.asarray(search.strategy.mean, dtype=np.float64)
     result.best_score, result.best_params = state["best_score"], state["best_params"]
     result.best_generation = state["best_generation"]
     return result
+
+
+def _run_generation(search: _Search, generation: int, metrics: MetricsLogger
+                    ) -> dict[str, float]:
+    """One generation, from asking for its members to its checkpoint; its metrics row."""
+    es = search.es
+    began = time.monotonic()
+    mean, row = _evolve(search, generation)
+    step = generation + 1
+    if step % es.eval_every == 0 or step == es.generations:
+        row["eval_mean"] = _score_the_mean(search, step, mean)
+    row["seconds"] = time.monotonic() - began
+    metrics.log(step, row)
+    write_progress_plot(search.folder, metrics.rows())
+    save_checkpoint(search.folder, MEAN_WEIGHTS, step, _weights(mean), None,
+                    {**search.info, "generation": step})
+    search.state["generation"] = step
+    _save_state(search.folder, search.state)  # last: the commit point of this generation
+    return row
+
+
+def _evolve(search: _Search, generation: int) -> tuple[np.ndarray, dict[str, float]]:
+    """Ask CMA-ES for the generation's members, score them and tell it the scores: the
+    new mean and the members' metrics."""
+    es, seed, strategy = search.es, search.seed, search.strategy
+    with numpy_seeded(seed, generation, 3):
+        candidates = np.asarray(strategy.ask(), dtype=np.float64)
+    in_dream = generation < es.dream_generations
+    rollouts = es.dream_rollouts if in_dream and es.dream_rollouts else es.rollouts
+    seeds = generation_seeds(seed, generation, es.population, rollouts, es.antithetic)
+    members = search.dream_fitness if in_dream and search.dream_fitness is not None \
+        else search.fitness
+    returns = np.asarray(members.evaluate(candidates.astype(np.float32), seeds),
+                         dtype=np.float64)
+    steps = getattr(members, "last_steps", None)
+    scores = returns - l2_penalty(candidates, es.l2)
+    with numpy_seeded(seed, generation, 4):
+        strategy.tell(list(candidates), list(-scores))
+    mean = np.asarray(strategy.mean, dtype=np.float64)
+    row = {"best": float(returns.max()), "mean": float(returns.mean()),
+           "worst": float(returns.min()), "best_penalised": float(scores.max()),
+           "sigma": float(strategy.sigma)}
+    if es.dream_generations:
+        row["in_dream"] = 1.0 if in_dream else 0.0  # which fitness the members had
+    if steps is not None:  # the members' env (or dream) steps, for the budget
+        row["env_steps"] = float(np.sum(steps))
+    return mean, row
+
+
+def _score_the_mean(search: _Search, step: int, mean: np.ndarray) -> float:
+    """Score the mean on the fixed seeds, keep it as a snapshot and, if no scored mean
+    was better, as the best; its score."""
+    state, folder = search.state, search.folder
+    score = score_mean(search.score_fitness, mean, search.fixed_seeds)
+    sidecar = {**search.info, "generation": step, "eval_mean": score,
+               "eval_rollouts": search.es.eval_rollouts}
+    # every scored mean is kept (a few KB): the controllers along the run, with their
+    # real scores, are what the dream's fidelity is measured on
+    save_checkpoint(f"{folder}/{SNAPSHOTS}", f"g{step:05d}", step, _weights(mean), None,
+                    sidecar)
+    if state["best_score"] is None or score > state["best_score"]:
+        state.update(best_score=score, best_params=mean.copy(), best_generation=step)
+        save_checkpoint(folder, BEST_WEIGHTS, step, _weights(mean), None, sidecar)
+    return score
 
 
 def _weights(params: np.ndarray) -> dict[str, torch.Tensor]:

@@ -1,7 +1,7 @@
 """M's dream: B dreams stepped as one tensor program (``batched``), the rules a dream runs
 by (``settings``), the Gymnasium vector-env face of it (``env``), the reference policies and
 the dream side of M's calibration (``reference``, ``calibration``), and the pictures: GIFs
-decoded by V and the playable dream (``pictures``, ``gallery``)."""
+decoded by V (``pictures``, ``gallery``). The playable dream is ``wmlab.play``'s."""
 
 from wmlab.dream.batched import FEATURES, BatchedDream, DreamStart
 from wmlab.dream.env import DreamEnv

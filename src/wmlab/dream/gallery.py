@@ -1,4 +1,5 @@
-"""What ``wmlab dream`` does: load V, M and the dream starts of a run, then draw or play.
+"""What ``wmlab dream`` does: load V, M and the dream starts of a run, then draw (``--play``
+hands the loaded models to ``wmlab.play.play_dream``).
 
 Everything is loaded and checked (tau, M, the initial-z store, V, the controller) before any
 file is written.
@@ -15,13 +16,7 @@ import torch
 from wmlab.config import Config
 from wmlab.dream.batched import BatchedDream
 from wmlab.dream.calibration import dream_settings
-from wmlab.dream.pictures import (
-    compare_gif,
-    dream_gif,
-    keyboard_mapping,
-    play_dream,
-    random_policy,
-)
+from wmlab.dream.pictures import compare_gif, dream_gif, random_policy
 from wmlab.dream.reference import action_converter
 from wmlab.dream.settings import DreamSettings
 from wmlab.errors import StoreError, WmlabError
@@ -172,10 +167,3 @@ def _comparison_episode(cfg: Config, request: DreamRequest):
     else:
         return None
     return store.load(series.episode_id).frames, series
-
-
-def play(cfg: Config, request: DreamRequest, models: DreamModels | None = None
-         ) -> None:  # pragma: no cover - needs a display and a person
-    models = models or load_dream_models(cfg)
-    play_dream(models.mdrnn, models.vae, models.start, models.settings,
-               keyboard_mapping(cfg.env.name, models.mdrnn.shape.action_dim), request.seed)

@@ -1,5 +1,5 @@
-"""Seeing the dream: GIFs of dreams decoded by V, real vs reconstruction vs dream, and a
-keyboard-driven dream in a pygame window.
+"""Seeing the dream: GIFs of dreams decoded by V, and real vs reconstruction vs dream.
+(Playing inside the dream is ``wmlab.play.DreamSession``.)
 
 The dream is stepped with ``BatchedDream`` (batch 1 for pictures) and every latent is decoded
 by V in one batched call at the end, so making a GIF costs about as much as the dream itself.
@@ -120,60 +120,3 @@ def random_policy(action_dim: int, seed: int,
                   to_vector: Callable[[torch.Tensor], torch.Tensor] | None = None
                   ) -> Callable[[BatchedDream], torch.Tensor]:
     return reference_policy("random", action_dim, seed, to_vector)
-
-
-def play_dream(model: MDNRNN, vae, start: DreamStart, settings: DreamSettings,
-               key_action: Callable[[object], np.ndarray], seed: int = 0,
-               fps: int = 30) -> None:  # pragma: no cover - needs a display and a person
-    """Play inside the dream: the window shows V's decoding of M's z, the keyboard acts.
-
-    ``key_action(pressed)`` maps pygame's key state to M's action vector. Escape or closing
-    the window quits; R restarts with the next seed.
-    """
-    import pygame
-
-    pygame.init()
-    size = 64 * 6
-    screen = pygame.display.set_mode((size, size))
-    pygame.display.set_caption("wmlab: inside the dream (arrows act, R restarts, Esc quits)")
-    clock = pygame.time.Clock()
-    dream = BatchedDream(model, start, settings)
-    dream.reset([seed])
-    running = True
-    while running:
-        for event in pygame.event.get():
-            if event.type == pygame.QUIT or (event.type == pygame.KEYDOWN
-                                             and event.key == pygame.K_ESCAPE):
-                running = False
-            elif event.type == pygame.KEYDOWN and event.key == pygame.K_r:
-                seed += 1
-                dream.reset([seed])
-        action = torch.as_tensor(key_action(pygame.key.get_pressed()),
-                                 dtype=torch.float32).reshape(1, -1)
-        if bool(dream.done[0]):
-            seed += 1
-            dream.reset([seed])
-        else:
-            dream.step(action)
-        frame = decode_latents(vae, dream.z)[0]
-        surface = pygame.surfarray.make_surface(np.ascontiguousarray(frame.swapaxes(0, 1)))
-        screen.blit(pygame.transform.scale(surface, (size, size)), (0, 0))
-        pygame.display.flip()
-        clock.tick(fps)
-    pygame.quit()
-
-
-def keyboard_mapping(env_name: str, action_dim: int) -> Callable[[object], np.ndarray]:
-    """Arrow keys -> M's action vector: Doom left/right; CarRacing steer, gas (up), brake
-    (down); otherwise left/right on the first action value."""
-    def act(pressed) -> np.ndarray:
-        import pygame
-
-        left, right = pressed[pygame.K_LEFT], pressed[pygame.K_RIGHT]
-        action = np.zeros(action_dim, np.float32)
-        action[0] = float(right) - float(left)
-        if env_name == "carracing" and action_dim >= 3:
-            action[1] = float(pressed[pygame.K_UP])
-            action[2] = 0.8 * float(pressed[pygame.K_DOWN])
-        return action
-    return act

@@ -42,6 +42,7 @@ from wmlab.memory.model import (
     done_loss,
     mixture_nll,
 )
+from wmlab.metrics import MetricsLogger
 from wmlab.native import keep_freed_memory
 from wmlab.runs import RunLayout
 
@@ -300,135 +301,220 @@ def _check_fingerprint(cfg: Config, fingerprint: str) -> None:
 # Training
 
 
-def train_mdrnn(cfg: Config, *, progress: bool = True, stop_after_steps: int | None = None,
-                on_step: Callable[[int, dict[str, float]], None] | None = None,
-                series: SeriesSet | tuple[list[Series], list[Series]] | None = None
-                ) -> MdrnnTrainResult:
-    """Train M (resuming from the run's checkpoint if there is one)."""
-    from wmlab.metrics import MetricsLogger
+@dataclass
+class _Training:
+    """One training of M as it goes: the model, its optimiser and how far it has come.
 
-    m = cfg.mdrnn
+    ``carried`` is the LSTM state the streams regime carries into its next chunk (the
+    checkpoint keeps it); ``plan`` is the current epoch's stream layout, kept so that
+    ``locate_chunk`` walks on from it rather than from epoch 0 at every step.
+    """
+
+    cfg: Config
+    train: list[Series]
+    device: torch.device
+    bf16: bool
+    model: MDNRNN
+    optimizer: torch.optim.Optimizer
+    folder: str
+    info: dict[str, Any]
+    step: int = 0
+    carried: tuple[torch.Tensor, torch.Tensor] | None = None
+    plan: Any = None
+
+    def save(self) -> None:
+        """The training checkpoint at this step (what a resume continues from)."""
+        state: dict[str, Any] = {"optimizer": self.optimizer.state_dict()}
+        if self.carried is not None:
+            state["h"] = self.carried[0].detach().cpu()
+            state["c"] = self.carried[1].detach().cpu()
+        save_checkpoint(self.folder, TRAIN_CHECKPOINT, self.step, self.model.state_dict(),
+                        state, self.info)
+
+    def next_batch(self) -> tuple[SeriesBatch, Any]:
+        """This step's batch on the device and the LSTM state it starts from."""
+        m, seed = self.cfg.mdrnn, self.cfg.run.seed
+        if m.regime == "episodes":
+            batch = episode_batch(self.train, m.batch_size, m.seq_len, seed, self.step)
+            state_in = None
+        else:
+            self.plan, chunk = locate_chunk(self.train, m.batch_size, m.seq_len, seed,
+                                            self.step, self.plan)
+            batch = stream_batch(self.train, self.plan, chunk, m.seq_len)
+            state_in = None if batch.new_streams else self.carried
+        return batch.to(self.device), state_in
+
+    def learn(self, batch: SeriesBatch, state_in: Any, backward: BatchBackward
+              ) -> dict[str, Any]:
+        """One optimiser step on ``batch``, then the next step; returns the loss parts."""
+        m = self.cfg.mdrnn
+        # the noise that samples z is a function of (seed, step), like the batch
+        generator = torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + self.step)
+        z_in, z_next = batch.sample_z(generator)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.cfg, self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        parts, state_out = backward(self.model, batch, z_in, z_next, m.done_weight, state_in,
+                                    self.bf16)
+        torch.nn.utils.clip_grad_value_(self.model.parameters(), m.grad_clip)
+        self.optimizer.step()
+        if m.regime == "streams":
+            self.carried = (state_out[0].detach(), state_out[1].detach())
+        self.step += 1
+        return parts
+
+
+@dataclass
+class _Throughput:
+    """Sequences and real (unpadded) steps trained on since ``started``."""
+
+    started: float
+    sequences: int = 0
+    steps: int = 0
+
+    def add(self, sequences: int, steps: int) -> None:
+        self.sequences += sequences
+        self.steps += steps
+
+    def rates(self) -> tuple[float, float]:
+        """(sequences, steps) per second."""
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        return self.sequences / elapsed, self.steps / elapsed
+
+
+def _series_set(cfg: Config, series: SeriesSet | tuple[list[Series], list[Series]] | None
+                ) -> SeriesSet:
+    """The series to train on: given, or the run's own."""
     if series is None:
-        data = load_series(cfg)
-    elif isinstance(series, SeriesSet):
-        data = series
-    else:
-        data = SeriesSet(list(series[0]), list(series[1]))
-    check_series(cfg, data)
-    train, val = data.train, data.val
-    device = resolve_device(cfg.run.device)
-    keep_freed_memory(device.type)  # the same large tensors every step: no page faults
-    bf16 = resolve_bf16(m.bf16, device)
-    z_dim, action_dim = train[0].mu.shape[1], train[0].actions.shape[1]
-    shape = shape_from_config(cfg, z_dim, action_dim)
+        return load_series(cfg)
+    if isinstance(series, SeriesSet):
+        return series
+    return SeriesSet(list(series[0]), list(series[1]))
+
+
+def _new_model(cfg: Config, shape: MdrnnShape, device: torch.device) -> MDNRNN:
+    """M's initial weights: from the run's seed, or the trained M of ``mdrnn.init_from``."""
+    init_from = cfg.mdrnn.init_from
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed)  # the initial weights belong to the run's seed
         model = MDNRNN(shape).to(device)
-    if m.init_from:  # begin from a trained M (the previous iteration's)
-        previous, _ = load_mdrnn(m.init_from)
+    if init_from:  # begin from a trained M (the previous iteration's)
+        previous, _ = load_mdrnn(init_from)
         if previous.shape != shape:
-            raise WmlabError(f"mdrnn.init_from: the M in {m.init_from} has shape "
+            raise WmlabError(f"mdrnn.init_from: the M in {init_from} has shape "
                              f"{previous.shape}, this run's is {shape}: use an M of the same "
                              "size, trained on the same env")
         model.load_state_dict(previous.state_dict())
+    return model
+
+
+def _start_training(cfg: Config, data: SeriesSet, device: torch.device) -> _Training:
+    """M, its optimiser and the step to go on from, restored from the run's checkpoint if
+    there is one (refused when it was made with other batching)."""
+    m = cfg.mdrnn
+    train = data.train
+    bf16 = resolve_bf16(m.bf16, device)
+    shape = shape_from_config(cfg, train[0].mu.shape[1], train[0].actions.shape[1])
+    model = _new_model(cfg, shape, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=m.lr)
-    folder = RunLayout.of(cfg).memory
     # what fixes the sequence of batches: a resume with other values would not continue
     # the same run
     batching = {"regime": m.regime, "batch_size": m.batch_size, "seq_len": m.seq_len,
                 "seed": cfg.run.seed, "episodes": len(train)}
     info = {"shape": shape.__dict__, "regime": m.regime, "series": data.fingerprint,
             "env": cfg.env.name, "batching": batching}
-    step, carried = 0, None
-    if checkpoint_exists(folder, TRAIN_CHECKPOINT):
-        ckpt = load_checkpoint(folder, TRAIN_CHECKPOINT, map_location=device)
-        before = ckpt.info.get("batching", batching)
-        changed = [k for k in batching if before.get(k) != batching[k]]
-        if changed and int(ckpt.info["step"]) < m.steps:
-            k = changed[0]
-            raise WmlabError(f"the M checkpoint in {folder} was made with {k} = {before.get(k)}"
-                             f", now {batching[k]}: resuming would not continue the same run; "
-                             f"use the same value or delete {folder} to start again")
-        load_weights_into(model, ckpt.weights, f"{folder}/{TRAIN_CHECKPOINT}")
-        optimizer.load_state_dict(ckpt.state["optimizer"])
-        step = int(ckpt.info["step"])
-        if "h" in ckpt.state:
-            carried = (ckpt.state["h"].to(device), ckpt.state["c"].to(device))
-    resumed_from = step
-    write_initial_z(cfg, train)
-    logger = MetricsLogger(folder, resume_step=step)
-    result = MdrnnTrainResult(folder=folder, steps=step, resumed_from=step)
+    training = _Training(cfg, train, device, bf16, model, optimizer, RunLayout.of(cfg).memory,
+                         info)
+    if checkpoint_exists(training.folder, TRAIN_CHECKPOINT):
+        _resume(training, batching)
+    return training
 
-    def save() -> None:
-        state: dict[str, Any] = {"optimizer": optimizer.state_dict()}
-        if carried is not None:
-            state["h"], state["c"] = carried[0].detach().cpu(), carried[1].detach().cpu()
-        save_checkpoint(folder, TRAIN_CHECKPOINT, step, model.state_dict(), state, info)
 
-    plan = None
+def _resume(training: _Training, batching: dict[str, Any]) -> None:
+    """Load the training checkpoint into ``training``: weights, optimiser, step, state."""
+    folder, device = training.folder, training.device
+    ckpt = load_checkpoint(folder, TRAIN_CHECKPOINT, map_location=device)
+    before = ckpt.info.get("batching", batching)
+    changed = [k for k in batching if before.get(k) != batching[k]]
+    if changed and int(ckpt.info["step"]) < training.cfg.mdrnn.steps:
+        k = changed[0]
+        raise WmlabError(f"the M checkpoint in {folder} was made with {k} = {before.get(k)}"
+                         f", now {batching[k]}: resuming would not continue the same run; "
+                         f"use the same value or delete {folder} to start again")
+    load_weights_into(training.model, ckpt.weights, f"{folder}/{TRAIN_CHECKPOINT}")
+    training.optimizer.load_state_dict(ckpt.state["optimizer"])
+    training.step = int(ckpt.info["step"])
+    if "h" in ckpt.state:
+        training.carried = (ckpt.state["h"].to(device), ckpt.state["c"].to(device))
+
+
+def train_mdrnn(cfg: Config, *, progress: bool = True, stop_after_steps: int | None = None,
+                on_step: Callable[[int, dict[str, float]], None] | None = None,
+                series: SeriesSet | tuple[list[Series], list[Series]] | None = None
+                ) -> MdrnnTrainResult:
+    """Train M (resuming from the run's checkpoint if there is one)."""
+    m = cfg.mdrnn
+    data = _series_set(cfg, series)
+    check_series(cfg, data)
+    device = resolve_device(cfg.run.device)
+    keep_freed_memory(device.type)  # the same large tensors every step: no page faults
+    training = _start_training(cfg, data, device)
+    resumed_from = training.step
+    write_initial_z(cfg, data.train)
+    logger = MetricsLogger(training.folder, resume_step=training.step)
+    result = MdrnnTrainResult(folder=training.folder, steps=training.step,
+                              resumed_from=training.step)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=m.steps, initial=step, desc="train M", unit="batch",
+    bar = tqdm(total=m.steps, initial=training.step, desc="train M", unit="batch",
                disable=not progress, dynamic_ncols=True)
     backward = BatchBackward(batch_parts(m.batch_parts, device, m.batch_size, m.regime))
-    started, sequences, steps_seen = time.monotonic(), 0, 0
+    throughput = _Throughput(time.monotonic())
     try:
-        while step < m.steps:
-            if m.regime == "episodes":
-                batch = episode_batch(train, m.batch_size, m.seq_len, cfg.run.seed, step)
-                state_in = None
-            else:
-                plan, chunk = locate_chunk(train, m.batch_size, m.seq_len, cfg.run.seed, step,
-                                           plan)
-                batch = stream_batch(train, plan, chunk, m.seq_len)
-                state_in = None if batch.new_streams else carried
-            batch = batch.to(device)
-            generator = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step)
-            z_in, z_next = batch.sample_z(generator)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, step)
-            optimizer.zero_grad(set_to_none=True)
-            parts, state_out = backward(model, batch, z_in, z_next, m.done_weight, state_in,
-                                        bf16)
-            torch.nn.utils.clip_grad_value_(model.parameters(), m.grad_clip)
-            optimizer.step()
-            if m.regime == "streams":
-                carried = (state_out[0].detach(), state_out[1].detach())
-            step += 1
-            sequences += m.batch_size
-            steps_seen += int(batch.mask.sum())
+        while training.step < m.steps:
+            batch, state_in = training.next_batch()
+            parts = training.learn(batch, state_in, backward)
+            throughput.add(m.batch_size, int(batch.mask.sum()))
             bar.update(1)
             parts.update(_precision_recall(parts))
             if on_step is not None:
-                on_step(step, parts)
-            if step % LOG_EVERY == 0 or step == m.steps:
-                elapsed = max(time.monotonic() - started, 1e-9)
-                logger.log(step, {**{f"train/{k}": v for k, v in parts.items()},
-                                  "train/sequences_per_s": sequences / elapsed,
-                                  "train/steps_per_s": steps_seen / elapsed,
-                                  "lr": learning_rate(cfg, step)})
-                bar.set_postfix(nll=f"{parts['z_nll']:.3f}", refresh=False)
-            if val and (step % VALIDATE_EVERY == 0 or step == m.steps):
-                metrics = validate(model, val, cfg, device)
-                logger.log(step, {f"val/{k}": v for k, v in metrics.items()})
-                result.history.append({"step": step, **metrics})
-            if step % m.checkpoint_every == 0 or step == m.steps:
-                save()
-            if stop_after_steps is not None and step >= stop_after_steps:
-                save()
+                on_step(training.step, parts)
+            _record_step(training, parts, data.val, logger, bar, throughput, result)
+            if training.step % m.checkpoint_every == 0 or training.step == m.steps:
+                training.save()
+            if stop_after_steps is not None and training.step >= stop_after_steps:
+                training.save()
                 break
-        if step >= m.steps:
-            save_checkpoint(folder, FINAL_WEIGHTS, step, model.state_dict(), None, info)
+        if training.step >= m.steps:
+            save_checkpoint(training.folder, FINAL_WEIGHTS, training.step,
+                            training.model.state_dict(), None, training.info)
     finally:
         backward.close()
         bar.close()
         logger.close()
-    elapsed = max(time.monotonic() - started, 1e-9)
-    result.steps, result.resumed_from = step, resumed_from
-    result.finished = step >= m.steps
-    result.sequences_per_second = sequences / elapsed
-    result.steps_per_second = steps_seen / elapsed
+    result.steps, result.resumed_from = training.step, resumed_from
+    result.finished = training.step >= m.steps
+    result.sequences_per_second, result.steps_per_second = throughput.rates()
     return result
+
+
+def _record_step(training: _Training, parts: dict[str, Any], val: list[Series],
+                 logger: MetricsLogger, bar: Any, throughput: _Throughput,
+                 result: MdrnnTrainResult) -> None:
+    """Log the training losses every ``LOG_EVERY`` steps and validate every
+    ``VALIDATE_EVERY`` (and both at the last step)."""
+    step, last = training.step, training.cfg.mdrnn.steps
+    if step % LOG_EVERY == 0 or step == last:
+        sequences_per_s, steps_per_s = throughput.rates()
+        logger.log(step, {**{f"train/{k}": v for k, v in parts.items()},
+                          "train/sequences_per_s": sequences_per_s,
+                          "train/steps_per_s": steps_per_s,
+                          "lr": learning_rate(training.cfg, step)})
+        bar.set_postfix(nll=f"{parts['z_nll']:.3f}", refresh=False)
+    if val and (step % VALIDATE_EVERY == 0 or step == last):
+        metrics = validate(training.model, val, training.cfg, training.device)
+        logger.log(step, {f"val/{k}": v for k, v in metrics.items()})
+        result.history.append({"step": step, **metrics})
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ import fsspec
 from wmlab.config import Config, with_overrides
 from wmlab.errors import WmlabError
 from wmlab.pipeline.engine import Engine, Stage, StageResult, _hash
-from wmlab.runs import ITERATIONS, RunLayout
+from wmlab.runs import ITERATIONS, STAGES, RunLayout
 
 # ---------------------------------------------------------------------------------------------
 # Iterations
@@ -282,9 +282,9 @@ def _report_output(cfg: Config) -> str | None:
 
 
 def default_stages(cfg: Config) -> list[Stage]:
-    """The stages of a World Models run, in order."""
+    """The stages of a World Models run, in the order of ``wmlab.runs.STAGES``."""
     store_in_run = not cfg.collect.out
-    return [
+    stages = [
         Stage("collect", ("env", "collect", "run.seed"), "data" if store_in_run else None,
               _run_collect, _store_fingerprint,
               f"collecting {cfg.collect.episodes} {cfg.collect.policy}-policy episodes"),
@@ -304,6 +304,8 @@ def default_stages(cfg: Config) -> list[Stage]:
               "seeds, and the random policy on the same seeds"),
         Stage("report", (), None, _run_report, _report_output, "writing the report"),
     ]
+    by_name = {stage.name: stage for stage in stages}
+    return [by_name[name] for name in STAGES]
 
 class Pipeline(Engine):
     """The stages of one World Models run (or of its iteration ``iteration``, which lives

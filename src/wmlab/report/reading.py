@@ -23,7 +23,7 @@ import fsspec
 from wmlab.config import Config, from_dict
 from wmlab.errors import WmlabError
 from wmlab.metrics import METRICS_FILE
-from wmlab.runs import ITERATIONS, RunLayout
+from wmlab.runs import ITERATIONS, STAGES, RunLayout
 
 RUN = RunLayout("")  # every path of a run, relative to its directory
 
@@ -33,11 +33,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-# The pipeline's stages in the order they run (the report lists them so).
-STAGE_ORDER = ("collect", "vision", "encode", "memory", "controller", "evaluate", "report")
-
 # Stages whose compute comes before C's first generation (the x offset of C's curve).
-UPSTREAM_STAGES = ("collect", "vision", "encode", "memory")
+UPSTREAM_STAGES = STAGES[:STAGES.index("controller")]
 
 
 class RunFiles:
@@ -197,7 +194,9 @@ def stage_records(run: RunFiles, rels: list[str]) -> dict[str, dict[str, Any]]:
 
 
 @dataclass
-class EvalResult:
+class EvalRow:
+    """One row of the report's evaluation table, read from an evaluation JSON."""
+
     run: str
     name: str
     mean: float | None
@@ -224,7 +223,7 @@ def _first_number(data: dict[str, Any], keys: tuple[str, ...]) -> float | None:
     return next((float(data[k]) for k in keys if isinstance(data.get(k), (int, float))), None)
 
 
-def parse_eval(data: Any, run: str, name: str) -> EvalResult:
+def parse_eval(data: Any, run: str, name: str) -> EvalRow:
     """An evaluation JSON, read leniently: the evaluation command writes mean, std, the
     episodes' returns and the backend; older or hand-made files may hold only some."""
     if not isinstance(data, dict):
@@ -247,19 +246,19 @@ def parse_eval(data: Any, run: str, name: str) -> EvalResult:
     details = [f"{k} {_short(k, data[k])}" for k in _DETAIL_KEYS
                if isinstance(data.get(k), (str, int, float)) and not isinstance(data[k], bool)
                and data[k] != ""]
-    return EvalResult(run=run, name=name, mean=mean, std=std, episodes=episodes,
+    return EvalRow(run=run, name=name, mean=mean, std=std, episodes=episodes,
                       backend=str(data.get("backend", "") or "-"),
                       detail=", ".join(details) or name)
 
 
-def read_evals(run: RunFiles, label: str) -> list[EvalResult]:
+def read_evals(run: RunFiles, label: str) -> list[EvalRow]:
     results = []
     for rel in run.glob(f"{RUN.eval}/*.json"):
         name = rel.rsplit("/", 1)[-1][:-len(".json")]
         try:
             data = json.loads(run.read_bytes(rel))
         except (ValueError, UnicodeDecodeError):
-            results.append(EvalResult(label, name, None, None, None, "-",
+            results.append(EvalRow(label, name, None, None, None, "-",
                                       f"{rel} is not valid JSON"))
             continue
         results.append(parse_eval(data, label, name))

@@ -26,8 +26,7 @@ from wmlab.report.page import Page, duration_text, score_text
 from wmlab.report.plots import plot_compare, plot_compute_curve, plot_learning_curve
 from wmlab.report.reading import (
     RUN,
-    STAGE_ORDER,
-    EvalResult,
+    EvalRow,
     RunFiles,
     backend_transfer_line,
     compute_curve,
@@ -41,6 +40,7 @@ from wmlab.report.reading import (
     stage_records,
     versus_random_line,
 )
+from wmlab.runs import STAGES
 
 Runs = list[tuple[str, RunFiles]]
 
@@ -68,7 +68,7 @@ def summary_section(page: Page, runs: Runs) -> Section:
                         if p.method == HEADLINE[key] and p.where == "real")
         section.blocks.append(Text(f"Published: {headline.method}, {headline.score()} "
                                    f"({PUBLISHED_SETTING[key]})."))
-    total = sum(stage_compute(run, name) for _, run in runs for name in STAGE_ORDER)
+    total = sum(stage_compute(run, name) for _, run in runs for name in STAGES)
     if total:
         section.blocks.append(Text(f"Compute: {duration_text(total)}, every stage and "
                                    "iteration included (the Pipeline section below)."))
@@ -111,7 +111,7 @@ def stages_section(page: Page) -> Section | None:
     if not records:
         return None
     found = stage_records(page.run, records)
-    order = {name: i for i, name in enumerate(STAGE_ORDER)}
+    order = {name: i for i, name in enumerate(STAGES)}
     rows = []
     for name in sorted(found, key=lambda n: (order.get(n, len(order)), n)):
         record = found[name]
@@ -184,7 +184,7 @@ def _controller_rows(rows: list[dict[str, float]], where: str) -> list[list[str]
 
 def evaluation_section(page: Page, runs: Runs) -> Section:
     section = Section("Evaluation")
-    results: list[EvalResult] = []
+    results: list[EvalRow] = []
     for label, run in runs:
         found = read_evals(run, label) if run.exists(RUN.eval) else []
         if found:
@@ -193,7 +193,7 @@ def evaluation_section(page: Page, runs: Runs) -> Section:
         if run is page.run:
             section.blocks.append(page.miss("evaluate", "no eval/*.json"))
         if len(runs) > 1:  # side by side, every run keeps its row
-            results.append(EvalResult(label, "-", None, None, None, "-",
+            results.append(EvalRow(label, "-", None, None, None, "-",
                                       "not evaluated yet"))
     key = env_key(page.cfg) if page.cfg is not None else None
     table = [[r.run, r.detail, score_text(r.mean, r.std), str(r.episodes or "-"), r.backend]

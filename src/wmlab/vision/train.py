@@ -286,6 +286,34 @@ def _shape_info(cfg: Config) -> dict[str, Any]:
 # The training loop
 
 
+@dataclass
+class _Training:
+    """One training of V as it goes: where it reads and writes, and its position (the
+    epoch, the batch within it and the optimiser step), which a checkpoint keeps."""
+
+    cfg: Config
+    store: EpisodeStore
+    data: DataPlan
+    trainer: _Trainer
+    folder: str
+    epoch: int
+    batch_in_epoch: int
+    step: int
+    started: float = 0.0
+    frames_seen: int = 0
+
+    def save(self) -> None:
+        """The training checkpoint at this position (where a resume goes on from)."""
+        save_checkpoint(self.folder, TRAIN_CHECKPOINT, self.step, self.trainer.weights(),
+                        self.trainer.state(),
+                        {**_shape_info(self.cfg), "epoch": self.epoch,
+                         "batch": self.batch_in_epoch, "data": self.data.fingerprint(self.cfg),
+                         "store": self.cfg.store_url()})
+
+    def frames_per_second(self) -> float:
+        return self.frames_seen / max(time.monotonic() - self.started, 1e-9)
+
+
 def train_vae(cfg: Config, *, progress: bool = True, stop_after_steps: int | None = None,
               on_step: Callable[[int, dict[str, float]], None] | None = None,
               fused_adam: bool = True) -> VaeTrainResult:
@@ -305,69 +333,82 @@ def train_vae(cfg: Config, *, progress: bool = True, stop_after_steps: int | Non
     epoch, batch_in_epoch, step = _resume(cfg, trainer, data, device)
     logger = MetricsLogger(folder, resume_step=step)
     result = VaeTrainResult(folder=folder, steps=step, epochs=epoch, resumed_from=step)
-
-    def save(next_epoch: int, next_batch: int) -> None:
-        save_checkpoint(folder, TRAIN_CHECKPOINT, step, trainer.weights(), trainer.state(),
-                        {**_shape_info(cfg), "epoch": next_epoch, "batch": next_batch,
-                         "data": data.fingerprint(cfg), "store": cfg.store_url()})
-
+    training = _Training(cfg, store, data, trainer, folder, epoch, batch_in_epoch, step)
     from tqdm.auto import tqdm
 
     total_batches = c.epochs * data.batches_per_epoch
     bar = tqdm(total=total_batches, initial=min(step, total_batches), desc="train V",
                unit="batch", disable=not progress, dynamic_ncols=True)
-    started, frames_seen = time.monotonic(), 0
+    training.started = time.monotonic()
     stopped = False
     trainer.model.train()
     try:
-        while epoch < c.epochs and not stopped:
-            batches = store.frame_batches(c.batch_size, seed=cfg.run.seed, epoch=epoch,
-                                          ids=data.train_ids, pool_chunks=data.pool_chunks,
-                                          start_batch=batch_in_epoch)
-            # closing stops the prefetch thread at once when the loop leaves early
-            with contextlib.closing(batches):
-                for frames in batches:
-                    if batch_in_epoch >= data.batches_per_epoch:
-                        break
-                    logs = trainer.step(frames)
-                    step += 1
-                    batch_in_epoch += 1
-                    frames_seen += len(frames)
-                    bar.update(1)
-                    rate = frames_seen / max(time.monotonic() - started, 1e-9)
-                    if step % LOG_EVERY == 0 or batch_in_epoch == data.batches_per_epoch:
-                        logger.log(step, {**{f"train/{k}": v for k, v in logs.items()},
-                                          "train/frames_per_s": rate, "epoch": epoch})
-                        bar.set_postfix(loss=f"{logs['loss']:.1f}", fps=f"{rate:.0f}",
-                                        refresh=False)
-                    if on_step is not None:
-                        on_step(step, logs)
-                    if stop_after_steps is not None and step >= stop_after_steps:
-                        save(epoch, batch_in_epoch)
-                        stopped = True
-                        break
-                    if step % c.checkpoint_every == 0:
-                        save(epoch, batch_in_epoch)
+        while training.epoch < c.epochs:
+            stopped = _train_epoch(training, logger, bar, on_step, stop_after_steps)
             if stopped:
                 break
-            val_ids = data.val_ids or data.train_ids
-            val = evaluate_vae(trainer, store, val_ids, cfg.run.seed, data.pool_chunks)
-            logger.log(step, {f"val/{k}": v for k, v in val.items()} | {"epoch": epoch})
-            result.history.append({"epoch": epoch, "step": step, **val})
-            write_reconstructions(trainer, store, val_ids,
-                                  f"{folder}/recon-{c.kind}-epoch{epoch + 1:03d}.png",
-                                  data.pool_chunks)
-            epoch, batch_in_epoch = epoch + 1, 0
-            save(epoch, 0)
+            _end_epoch(training, logger, result)
         if not stopped:
-            export_vae(trainer, folder, step, cfg)
+            export_vae(trainer, folder, training.step, cfg)
     finally:
         bar.close()
         logger.close()
     result.finished = not stopped
-    result.steps, result.epochs = step, epoch
-    result.frames_per_second = frames_seen / max(time.monotonic() - started, 1e-9)
+    result.steps, result.epochs = training.step, training.epoch
+    result.frames_per_second = training.frames_per_second()
     return result
+
+
+def _train_epoch(training: _Training, logger: MetricsLogger, bar: Any,
+                 on_step: Callable[[int, dict[str, float]], None] | None,
+                 stop_after_steps: int | None) -> bool:
+    """The current epoch's remaining batches; True when stopped at ``stop_after_steps``
+    (with a checkpoint), as a kill would stop it."""
+    cfg, data = training.cfg, training.data
+    batches = training.store.frame_batches(cfg.vae.batch_size, seed=cfg.run.seed,
+                                           epoch=training.epoch, ids=data.train_ids,
+                                           pool_chunks=data.pool_chunks,
+                                           start_batch=training.batch_in_epoch)
+    # closing stops the prefetch thread at once when the loop leaves early
+    with contextlib.closing(batches):
+        for frames in batches:
+            if training.batch_in_epoch >= data.batches_per_epoch:
+                break
+            logs = training.trainer.step(frames)
+            training.step += 1
+            training.batch_in_epoch += 1
+            training.frames_seen += len(frames)
+            bar.update(1)
+            rate = training.frames_per_second()
+            if training.step % LOG_EVERY == 0 or \
+                    training.batch_in_epoch == data.batches_per_epoch:
+                logger.log(training.step, {**{f"train/{k}": v for k, v in logs.items()},
+                                           "train/frames_per_s": rate,
+                                           "epoch": training.epoch})
+                bar.set_postfix(loss=f"{logs['loss']:.1f}", fps=f"{rate:.0f}", refresh=False)
+            if on_step is not None:
+                on_step(training.step, logs)
+            if stop_after_steps is not None and training.step >= stop_after_steps:
+                training.save()
+                return True
+            if training.step % cfg.vae.checkpoint_every == 0:
+                training.save()
+    return False
+
+
+def _end_epoch(training: _Training, logger: MetricsLogger, result: VaeTrainResult) -> None:
+    """Validate, draw V's reconstructions, and checkpoint at the next epoch's start."""
+    cfg, data, step = training.cfg, training.data, training.step
+    val_ids = data.val_ids or data.train_ids
+    val = evaluate_vae(training.trainer, training.store, val_ids, cfg.run.seed,
+                       data.pool_chunks)
+    logger.log(step, {f"val/{k}": v for k, v in val.items()} | {"epoch": training.epoch})
+    result.history.append({"epoch": training.epoch, "step": step, **val})
+    write_reconstructions(training.trainer, training.store, val_ids,
+                          f"{training.folder}/recon-{cfg.vae.kind}-epoch"
+                          f"{training.epoch + 1:03d}.png", data.pool_chunks)
+    training.epoch, training.batch_in_epoch = training.epoch + 1, 0
+    training.save()
 
 
 def check_resumable(cfg: Config, data: DataPlan | None = None) -> dict[str, Any] | None:
