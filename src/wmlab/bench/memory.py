@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from wmlab import native
+from wmlab.bench.tables import section
 from wmlab.device import bf16_is_native
 from wmlab.dream import BatchedDream, DreamSettings, DreamStart
 from wmlab.memory.data import SeriesBatch
@@ -293,26 +294,24 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
-    lines = []
-    for row in rows:
-        if row["bench"] == "peak":
-            lines.append(f"attainable float32 matmul peak, {row['threads']} thread(s): "
-                         f"{row['gflops']:.0f} GFLOP/s")
-    lines += ["", "training M (forward + backward + Adam, one batch):",
-              f"{'thr':>3} {'size':<10} {'case':<32} {'batch x T':>11} {'steps/s':>10} "
-              f"{'vs plain':>9} {'GFLOP/s':>8} {'of peak':>8}"]
-    for row in rows:
-        if row["bench"] == "train":
-            lines.append(f"{row['threads']:>3} {row['size']:<10} {row['case']:<32} "
-                         f"{row['batch']:>5} x {row['seq_len']:<4} {row['steps_per_s']:>10,.0f} "
-                         f"{row['vs_plain']:>8.2f}x {row['gflops']:>8.0f} "
-                         f"{100 * row['peak_fraction']:>7.0f}%")
-    lines += ["", "dream (M stepped at tau 1.15, sampling included):",
-              f"{'thr':>3} {'size':<10} {'case':<32} {'B':>6} {'dream steps/s':>14} "
-              f"{'vs loop':>8}"]
-    for row in rows:
-        if row["bench"] == "dream":
-            speedup = f"{row['speedup']:.0f}x" if "speedup" in row else ""
-            lines.append(f"{row['threads']:>3} {row['size']:<10} {row['case']:<32} "
-                         f"{row['batch']:>6} {row['steps_per_s']:>14,.0f} {speedup:>8}")
+    def case(row: dict[str, Any]) -> str:
+        return f"{row['threads']:>3} {row['size']:<10} {row['case']:<32} "
+
+    def dream(row: dict[str, Any]) -> str:
+        speedup = f"{row['speedup']:.0f}x" if "speedup" in row else ""
+        return f"{case(row)}{row['batch']:>6} {row['steps_per_s']:>14,.0f} {speedup:>8}"
+
+    lines = section(rows, "bench", "peak", [], lambda row: (
+        f"attainable float32 matmul peak, {row['threads']} thread(s): "
+        f"{row['gflops']:.0f} GFLOP/s"))
+    lines += section(rows, "bench", "train", [
+        "", "training M (forward + backward + Adam, one batch):",
+        f"{'thr':>3} {'size':<10} {'case':<32} {'batch x T':>11} {'steps/s':>10} "
+        f"{'vs plain':>9} {'GFLOP/s':>8} {'of peak':>8}"], lambda row: (
+        f"{case(row)}{row['batch']:>5} x {row['seq_len']:<4} {row['steps_per_s']:>10,.0f} "
+        f"{row['vs_plain']:>8.2f}x {row['gflops']:>8.0f} {100 * row['peak_fraction']:>7.0f}%"))
+    lines += section(rows, "bench", "dream", [
+        "", "dream (M stepped at tau 1.15, sampling included):",
+        f"{'thr':>3} {'size':<10} {'case':<32} {'B':>6} {'dream steps/s':>14} {'vs loop':>8}"],
+        dream)
     return "\n".join(lines)

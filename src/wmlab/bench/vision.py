@@ -18,6 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from wmlab.bench.tables import ruled, section
 from wmlab.config import toml_value
 
 GFLOP_PER_FRAME = 0.23  # one forward + backward of the 64x64 ConvVAE (SPEC.md section 3)
@@ -318,31 +319,21 @@ def run(quick: bool = False) -> list[dict]:
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = []
     peak = next((r for r in rows if r["what"] == "peak"), None)
-    header = (f"{'optimiser step, cases interleaved':<34} {'frames/s':>9} {'vs plain':>9} "
-              f"{'GFLOP/s':>8} {'of peak':>8}")
-    lines += [header, "-" * len(header)]
-    for r in rows:
-        if r["what"] == "step":
-            lines.append(f"{r['label']:<34} {r['frames_per_s']:>9.0f} {r['speedup']:>8.2f}x "
-                         f"{r['gflops']:>8.0f} {r['of_peak_fp32']:>7.0%}")
-    lines.append("")
-    header = (f"{'train_vae, streaming, 1 run':<32} {'frames/s':>9} {'vs plain':>9} {'GFLOP/s':>8} "
-              f"{'of peak':>8} {'peak MB':>8} {'val loss':>9} {'vs fp32':>8}")
-    lines += [header, "-" * len(header)]
-    for r in rows:
-        if r["what"] == "train":
-            lines.append(f"{r['label']:<32} {r['frames_per_s']:>9.0f} {r['speedup']:>8.2f}x "
-                         f"{r['gflops']:>8.0f} {r['of_peak_fp32']:>7.0%} {r['peak_mb']:>8.0f} "
-                         f"{r['val_loss']:>9.1f} {r['val_vs_fp32']:>+7.1%}")
-    lines.append("")
-    header = f"{'encoding case':<44} {'frames':>7} {'frames/s':>9} {'peak MB':>8}"
-    lines += [header, "-" * len(header)]
-    for r in rows:
-        if r["what"] == "encode":
-            lines.append(f"{r['label']:<44} {r['frames']:>7} {r['frames_per_s']:>9.0f} "
-                         f"{r['peak_mb']:>8.0f}")
+    lines = section(rows, "what", "step", ruled(
+        f"{'optimiser step, cases interleaved':<34} {'frames/s':>9} {'vs plain':>9} "
+        f"{'GFLOP/s':>8} {'of peak':>8}"), lambda r: (
+        f"{r['label']:<34} {r['frames_per_s']:>9.0f} {r['speedup']:>8.2f}x "
+        f"{r['gflops']:>8.0f} {r['of_peak_fp32']:>7.0%}"))
+    lines += section(rows, "what", "train", ["", *ruled(
+        f"{'train_vae, streaming, 1 run':<32} {'frames/s':>9} {'vs plain':>9} {'GFLOP/s':>8} "
+        f"{'of peak':>8} {'peak MB':>8} {'val loss':>9} {'vs fp32':>8}")], lambda r: (
+        f"{r['label']:<32} {r['frames_per_s']:>9.0f} {r['speedup']:>8.2f}x "
+        f"{r['gflops']:>8.0f} {r['of_peak_fp32']:>7.0%} {r['peak_mb']:>8.0f} "
+        f"{r['val_loss']:>9.1f} {r['val_vs_fp32']:>+7.1%}"))
+    lines += section(rows, "what", "encode", ["", *ruled(
+        f"{'encoding case':<44} {'frames':>7} {'frames/s':>9} {'peak MB':>8}")], lambda r: (
+        f"{r['label']:<44} {r['frames']:>7} {r['frames_per_s']:>9.0f} {r['peak_mb']:>8.0f}"))
     for r in rows:
         if r["what"] == "memory":
             lines += ["", f"loader memory: a store of {r['store_mb']:.0f} MB of frames, "
