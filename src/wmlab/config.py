@@ -102,9 +102,9 @@ class VaeConfig:
     batch_size: int = _opt(100, "frames per batch", min=1)
     epochs: int = _opt(10, "passes over the training frames (the paper says 1, the code 10)",
                        min=0)
+    max_frames: int = _opt(0, "cap on training frames per epoch; 0 = all", min=0)
     val_fraction: float = _opt(0.05, "fraction of episodes held out for validation",
                                min=0.0, max=0.5)
-    max_frames: int = _opt(0, "cap on training frames per epoch; 0 = all", min=0)
     checkpoint_every: int = _opt(500, "batches between checkpoints", min=1)
     loader_mb: float = _opt(256.0, "memory allowance of the frame loader (its shuffle pools, "
                             "prefetch and batches), whatever the store's size", min=1.0)
