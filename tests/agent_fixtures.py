@@ -18,12 +18,11 @@ import torch
 from wmlab.checkpoint import save_checkpoint
 from wmlab.config import Config, load_config
 from wmlab.evaluators import Evaluator
-from wmlab.memory.model import MDNRNN, MdrnnShape
-from wmlab.memory.train import FINAL_WEIGHTS as M_WEIGHTS
-from wmlab.memory.train import INITIAL_Z
+from wmlab.memory.model import FINAL_WEIGHTS as M_WEIGHTS
+from wmlab.memory.model import INITIAL_Z, MDNRNN, MdrnnShape
 from wmlab.runs import RunLayout
+from wmlab.vision.model import FINAL_WEIGHTS as V_WEIGHTS
 from wmlab.vision.model import ConvVAE
-from wmlab.vision.train import FINAL_WEIGHTS as V_WEIGHTS
 
 Z_DIM = 8
 M_HIDDEN = 16

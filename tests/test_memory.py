@@ -13,24 +13,21 @@ from wmlab.config import load_config
 from wmlab.data.series import Series, SeriesStore
 from wmlab.errors import WmlabError
 from wmlab.memory.data import episode_batch, locate_chunk, plan_streams, stream_batch
+from wmlab.memory.evaluation import return_tracking
 from wmlab.memory.model import (
+    FINAL_WEIGHTS,
     MDNRNN,
     MdrnnOutput,
     MdrnnShape,
     count_parameters,
     done_loss,
+    load_initial_z,
+    load_mdrnn,
     mixture_nll,
     sample_next_z,
 )
 from wmlab.memory.scan import lstm_scan
-from wmlab.memory.train import (
-    FINAL_WEIGHTS,
-    SeriesSet,
-    load_initial_z,
-    load_mdrnn,
-    return_tracking,
-    train_mdrnn,
-)
+from wmlab.memory.train import SeriesSet, train_mdrnn
 from wmlab.runs import RunLayout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -372,7 +369,7 @@ def test_bf16_step_matches_float32_and_bf16_training_learns(tmp_path, monkeypatc
     """mdrnn.bf16: the LSTM and head under bf16 autocast give the float32 loss and
     gradients to bf16 rounding (with and without resets mid-sequence), and train as well."""
     from wmlab.memory.data import SeriesBatch
-    from wmlab.memory.train import batch_losses
+    from wmlab.memory.evaluation import batch_losses
 
     # Doom's sizes: at these, oneDNN's linear (the scan's input projection) runs in bf16
     # under autocast, which the scan's float32 backward must not see

@@ -171,7 +171,8 @@ def test_fixed_fraction_collects_constant_behaviours_beside_the_random_policy(tm
 def test_vae_init_from_starts_training_at_the_previous_weights(tmp_path):
     import torch
 
-    from wmlab.vision.train import build_trainer, load_vae
+    from wmlab.vision.model import load_vae
+    from wmlab.vision.train import build_trainer
 
     cfg = _cfg(tmp_path, "doom")
     Pipeline(cfg, progress=False, log=lambda _: None).run(until="vision")

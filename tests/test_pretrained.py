@@ -62,9 +62,8 @@ def use_agents(shipped, monkeypatch, tmp_path):
 def test_export_writes_compact_weights_with_sha256_counts_and_metadata(tiny_run, shipped):
     from wmlab.controller import controller_shape
     from wmlab.envs import get_spec
-    from wmlab.memory.model import count_parameters
-    from wmlab.memory.train import load_mdrnn
-    from wmlab.vision.train import load_vae
+    from wmlab.memory.model import count_parameters, load_mdrnn
+    from wmlab.vision.model import load_vae
 
     agents, metadata, _ = shipped
     folder = agents / "tiny"

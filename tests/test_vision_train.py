@@ -22,8 +22,8 @@ from wmlab.device import bf16_is_native
 from wmlab.errors import WmlabError
 from wmlab.runs import RunLayout
 from wmlab.vision.encode import encode_frames, encode_store
-from wmlab.vision.model import frames_to_tensor
-from wmlab.vision.train import FRAME_BYTES, MB, load_vae, loader_pool_chunks, train_vae
+from wmlab.vision.model import frames_to_tensor, load_vae
+from wmlab.vision.train import FRAME_BYTES, MB, loader_pool_chunks, train_vae
 
 
 def moving_square_episode(index: int, steps: int, noise: bool = False) -> Episode:

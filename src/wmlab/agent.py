@@ -394,8 +394,8 @@ class RolloutWorkload:
     def load(self) -> AgentModels:
         from wmlab.checkpoint import load_checkpoint
         from wmlab.envs import get_spec
-        from wmlab.memory.train import INITIAL_Z, load_mdrnn
-        from wmlab.vision.train import load_vae
+        from wmlab.memory.model import INITIAL_Z, load_mdrnn
+        from wmlab.vision.model import load_vae
 
         mdrnn, _ = load_mdrnn(self.memory_folder)
         vae = load_vae(self.vision_folder)[0] if self.kind == "real" else None

@@ -26,7 +26,7 @@ from wmlab.dream.calibration import (
 from wmlab.errors import WmlabError
 from wmlab.evaluate import evaluate_random_policy
 from wmlab.fsio import atomic_write_bytes, exists
-from wmlab.memory.train import load_mdrnn
+from wmlab.memory.model import load_mdrnn
 from wmlab.runs import RunLayout
 
 # Real calibration episodes start here: away from the evaluation seeds (eval.seed ..

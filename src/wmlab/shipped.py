@@ -62,9 +62,9 @@ class Part:
 
 def _parts() -> tuple[Part, ...]:
     from wmlab.controller.cmaes import BEST_WEIGHTS
-    from wmlab.memory.train import FINAL_WEIGHTS as M_WEIGHTS
-    from wmlab.memory.train import INITIAL_Z
-    from wmlab.vision.train import FINAL_WEIGHTS as V_WEIGHTS
+    from wmlab.memory.model import FINAL_WEIGHTS as M_WEIGHTS
+    from wmlab.memory.model import INITIAL_Z
+    from wmlab.vision.model import FINAL_WEIGHTS as V_WEIGHTS
 
     return (Part("vision", "vision.safetensors", "vision", V_WEIGHTS, True),
             Part("memory", "memory.safetensors", "memory", M_WEIGHTS, True),
@@ -147,9 +147,9 @@ def _check_finished(cfg: Config, allow_unfinished: bool) -> dict[str, Any]:
     """Refuse a run without a trained V, M or C; returns C's sidecar."""
     from wmlab.checkpoint import checkpoint_exists, read_info
     from wmlab.controller.cmaes import BEST_WEIGHTS, MEAN_WEIGHTS
-    from wmlab.memory.train import FINAL_WEIGHTS as M_WEIGHTS
-    from wmlab.memory.train import INITIAL_Z
-    from wmlab.vision.train import FINAL_WEIGHTS as V_WEIGHTS
+    from wmlab.memory.model import FINAL_WEIGHTS as M_WEIGHTS
+    from wmlab.memory.model import INITIAL_Z
+    from wmlab.vision.model import FINAL_WEIGHTS as V_WEIGHTS
 
     run = cfg.run_dir()
     needs = [(RunLayout.of(cfg).vision, V_WEIGHTS, "trained V", "wmlab train-vae"),

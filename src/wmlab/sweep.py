@@ -109,7 +109,7 @@ def _fingerprint(folder: str, name: str) -> str:
 
 def training_settings(cfg: Config) -> dict[str, Any]:
     """What a tau's controller depends on (not how fast it is computed: engine, workers)."""
-    from wmlab.memory.train import FINAL_WEIGHTS, INITIAL_Z
+    from wmlab.memory.model import FINAL_WEIGHTS, INITIAL_Z
 
     es, dream, ctrl = cfg.es, cfg.dream, cfg.controller
     return {

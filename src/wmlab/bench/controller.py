@@ -32,11 +32,10 @@ from wmlab.checkpoint import save_checkpoint
 
 def _save_models(folder: str, env: str, seed: int = 0) -> tuple[str, str]:
     """Random paper-size V and M (and first-frame latents) saved where loaders look."""
-    from wmlab.memory.model import MDNRNN, MdrnnShape
-    from wmlab.memory.train import FINAL_WEIGHTS as M_WEIGHTS
-    from wmlab.memory.train import INITIAL_Z
+    from wmlab.memory.model import FINAL_WEIGHTS as M_WEIGHTS
+    from wmlab.memory.model import INITIAL_Z, MDNRNN, MdrnnShape
+    from wmlab.vision.model import FINAL_WEIGHTS as V_WEIGHTS
     from wmlab.vision.model import ConvVAE
-    from wmlab.vision.train import FINAL_WEIGHTS as V_WEIGHTS
 
     torch.manual_seed(seed)
     doom = env == "doom"

@@ -145,7 +145,7 @@ def _encode_case(folder: str, channels_last: bool, results: mp.Queue) -> None:
     from wmlab.data.series import SeriesStore
     from wmlab.runs import RunLayout
     from wmlab.vision.encode import encode_store
-    from wmlab.vision.train import load_vae
+    from wmlab.vision.model import load_vae
 
     cfg = load_config("carracing", "paper", _overrides(
         folder, _run_name(TRAIN_CASES[1], 0), **{"vae.channels_last": channels_last}))

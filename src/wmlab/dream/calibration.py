@@ -23,8 +23,7 @@ from wmlab.config import Config
 from wmlab.dream.reference import action_converter, dream_calibration
 from wmlab.dream.settings import DreamSettings
 from wmlab.errors import WmlabError
-from wmlab.memory.model import MDNRNN
-from wmlab.memory.train import FINAL_WEIGHTS, load_initial_z
+from wmlab.memory.model import FINAL_WEIGHTS, MDNRNN, load_initial_z
 from wmlab.runs import RunLayout
 
 REFERENCE_POLICIES = ("random", "noop", "left")

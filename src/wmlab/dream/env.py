@@ -12,8 +12,7 @@ from wmlab.dream.batched import FEATURES, BatchedDream, DreamStart
 from wmlab.dream.calibration import dream_settings
 from wmlab.dream.settings import DreamSettings
 from wmlab.errors import WmlabError
-from wmlab.memory.model import MDNRNN
-from wmlab.memory.train import load_initial_z, load_mdrnn
+from wmlab.memory.model import MDNRNN, load_initial_z, load_mdrnn
 from wmlab.runs import RunLayout
 from wmlab.shipped import available, materialize
 

@@ -20,8 +20,7 @@ from wmlab.dream.pictures import compare_gif, dream_gif, random_policy
 from wmlab.dream.reference import action_converter
 from wmlab.dream.settings import DreamSettings
 from wmlab.errors import StoreError, WmlabError
-from wmlab.memory.model import MDNRNN, DreamStart
-from wmlab.memory.train import load_initial_z, load_mdrnn
+from wmlab.memory.model import MDNRNN, DreamStart, load_initial_z, load_mdrnn
 from wmlab.runs import RunLayout
 
 
@@ -45,7 +44,7 @@ class DreamModels:
 
 
 def load_dream_models(cfg: Config) -> DreamModels:
-    from wmlab.vision.train import load_vae
+    from wmlab.vision.model import load_vae
 
     settings = dream_settings(cfg, missing_ok=True)
     folder = RunLayout.of(cfg).memory

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wmlab.checkpoint import checkpoint_exists, load_checkpoint, load_weights_into
 from wmlab.errors import WmlabError
 from wmlab.memory.fastlinear import linear
 from wmlab.memory.scan import lstm_scan
@@ -313,3 +314,32 @@ class DreamStart:
         if self.mu.ndim != 2 or self.mu.shape != self.logvar.shape or len(self.mu) == 0:
             raise WmlabError("the initial-z store is empty or malformed: run `wmlab "
                              "train-mdrnn` again to rewrite it")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a trained M (the M stage's checkpoints)
+
+FINAL_WEIGHTS = "mdrnn"  # the trained M that later stages load
+INITIAL_Z = "initial_z"  # the first-frame latents dreams start from
+
+
+def load_initial_z(folder: str) -> DreamStart:
+    """The dream starts of a memory folder (``DreamStart``), or a message saying why not."""
+    if not checkpoint_exists(folder, INITIAL_Z):
+        raise WmlabError(f"no initial-z store in {folder}: dreams start from it; run `wmlab "
+                         "train-mdrnn` (it writes the store before training)")
+    ckpt = load_checkpoint(folder, INITIAL_Z, with_state=False)
+    if "mu" not in ckpt.weights or "logvar" not in ckpt.weights:
+        raise WmlabError(f"the initial-z store in {folder} is damaged: run `wmlab "
+                         "train-mdrnn` again to rewrite it")
+    return DreamStart(ckpt.weights["mu"].float(), ckpt.weights["logvar"].float())
+
+
+def load_mdrnn(folder: str, device: torch.device | str = "cpu") -> tuple[MDNRNN, dict]:
+    if not checkpoint_exists(folder, FINAL_WEIGHTS):
+        raise WmlabError(f"no trained M in {folder}: run `wmlab train-mdrnn` to the end first")
+    ckpt = load_checkpoint(folder, FINAL_WEIGHTS, with_state=False)
+    shape = MdrnnShape(**ckpt.info["shape"])
+    model = MDNRNN(shape)
+    load_weights_into(model, ckpt.weights, f"{folder}/{FINAL_WEIGHTS}")
+    return model.to(device).eval(), ckpt.info

@@ -34,21 +34,20 @@ from wmlab.data.series import Series, SeriesStore
 from wmlab.device import resolve_bf16, resolve_device
 from wmlab.errors import StoreError, WmlabError
 from wmlab.memory.data import SeriesBatch, episode_batch, locate_chunk, stream_batch
+from wmlab.memory.evaluation import batch_losses, precision_recall, validate
 from wmlab.memory.model import (
+    FINAL_WEIGHTS,
+    INITIAL_Z,
     MDNRNN,
-    DreamStart,
     MdrnnShape,
     check_tau,
-    done_loss,
-    mixture_nll,
+    load_mdrnn,
 )
 from wmlab.metrics import MetricsLogger
 from wmlab.native import keep_freed_memory
 from wmlab.runs import RunLayout
 
 TRAIN_CHECKPOINT = "train"
-FINAL_WEIGHTS = "mdrnn"
-INITIAL_Z = "initial_z"
 LOG_EVERY = 10
 VALIDATE_EVERY = 100
 
@@ -83,36 +82,6 @@ class SeriesSet:
 def learning_rate(cfg: Config, step: int) -> float:
     m = cfg.mdrnn
     return (m.lr - m.lr_min) * m.lr_decay ** step + m.lr_min
-
-
-def batch_losses(model: MDNRNN, batch: SeriesBatch, z_in: torch.Tensor, z_next: torch.Tensor,
-                 done_weight: float, state=None, bf16: bool = False
-                 ) -> tuple[torch.Tensor, dict[str, Any], Any]:
-    """Total loss, its parts (floats, plus done counts for precision/recall), next state.
-
-    ``bf16`` runs M's LSTM and head under bfloat16 autocast; the head's outputs, the losses
-    and the carried state stay float32."""
-    # the flags always zero the state at episode starts (streams hold several episodes);
-    # they are also an input only where M has the restart input
-    with torch.autocast(z_in.device.type, dtype=torch.bfloat16, enabled=bf16):
-        out, _, state = model(z_in, batch.actions, restart=batch.restart, state=state)
-    state = (state[0].float(), state[1].float())  # bf16 under autocast
-    nll = mixture_nll(out, z_next, batch.mask)
-    total = nll
-    parts: dict[str, Any] = {"z_nll": float(nll.detach())}
-    if out.done_logit is not None:
-        d_loss = done_loss(out.done_logit, batch.dones, done_weight, batch.mask)
-        total = total + d_loss
-        predicted = (out.done_logit > 0) & (batch.mask > 0)
-        actual = (batch.dones > 0) & (batch.mask > 0)
-        parts.update(done_loss=float(d_loss.detach()), tp=int((predicted & actual).sum()),
-                     fp=int((predicted & ~actual).sum()), fn=int((~predicted & actual).sum()))
-    if out.reward is not None:
-        r_err = ((out.reward - batch.rewards).pow(2) * batch.mask).sum() / batch.mask.sum()
-        total = total + r_err
-        parts["reward_mse"] = float(r_err.detach())
-    parts["loss"] = float(total.detach())
-    return total, parts, state
 
 
 def batch_parts(requested: int, device: torch.device, batch_size: int,
@@ -193,14 +162,6 @@ class BatchBackward:
         state_out = (torch.cat([r[3][0] for r in results], 1),
                      torch.cat([r[3][1] for r in results], 1))
         return parts, state_out
-
-
-def _precision_recall(parts: dict[str, Any]) -> dict[str, float]:
-    if "tp" not in parts:
-        return {}
-    tp, fp, fn = parts.pop("tp"), parts.pop("fp"), parts.pop("fn")
-    return {"done_precision": tp / (tp + fp) if tp + fp else float("nan"),
-            "done_recall": tp / (tp + fn) if tp + fn else float("nan")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,7 +437,7 @@ def train_mdrnn(cfg: Config, *, progress: bool = True, stop_after_steps: int | N
             parts = training.learn(batch, state_in, backward)
             throughput.add(m.batch_size, int(batch.mask.sum()))
             bar.update(1)
-            parts.update(_precision_recall(parts))
+            parts.update(precision_recall(parts))
             if on_step is not None:
                 on_step(training.step, parts)
             _record_step(training, parts, data.val, logger, bar, throughput, result)
@@ -517,69 +478,6 @@ def _record_step(training: _Training, parts: dict[str, Any], val: list[Series],
         result.history.append({"step": step, **metrics})
 
 
-@torch.no_grad()
-def validate(model: MDNRNN, val: list[Series], cfg: Config, device: torch.device
-             ) -> dict[str, float]:
-    """Teacher-forced metrics on held-out whole episodes (fixed noise)."""
-    model.eval()
-    m = cfg.mdrnn
-    totals: dict[str, float] = {}
-    counts = {"tp": 0, "fp": 0, "fn": 0}
-    batches = 0
-    size = min(m.batch_size, 32)  # whole episodes (up to 2,100 steps): bounded memory
-    for start in range(0, min(len(val), 4 * m.batch_size), size):
-        chunk = val[start:start + size]
-        length = max(s.length for s in chunk)
-        batch = episode_batch(chunk, len(chunk), length, seed=12345, step=start).to(device)
-        z_in, z_next = batch.sample_z(torch.Generator().manual_seed(start))
-        _, parts, _ = batch_losses(model, batch, z_in, z_next, m.done_weight)
-        for key in ("tp", "fp", "fn"):
-            counts[key] += parts.pop(key, 0)
-        for key, value in parts.items():
-            totals[key] = totals.get(key, 0.0) + value
-        batches += 1
-    metrics = {k: v / max(batches, 1) for k, v in totals.items()}
-    if model.shape.done_head:
-        metrics.update(_precision_recall(dict(counts)))
-    if model.shape.reward_head:
-        metrics.update(return_tracking(model, val[:4 * m.batch_size], device))
-    model.train()
-    return metrics
-
-
-@torch.no_grad()
-def return_tracking(model: MDNRNN, series: list[Series], device: torch.device | str = "cpu",
-                    batch_size: int = 64) -> dict[str, float]:
-    """How well M's predicted return follows the real one on held-out episodes.
-
-    Teacher-forced: M reads each episode's own latents (their means) and actions, and its
-    predicted rewards are summed per episode. Reports the Pearson correlation of predicted
-    and real returns across episodes and their mean absolute error.
-    """
-    if not model.shape.reward_head:
-        raise WmlabError("M has no reward head: train it with mdrnn.reward_head = true")
-    predicted, real = [], []
-    for start in range(0, len(series), batch_size):
-        chunk = series[start:start + batch_size]
-        length = max(s.length for s in chunk)
-        z = np.zeros((len(chunk), length, model.shape.z_dim), np.float32)
-        actions = np.zeros((len(chunk), length, model.shape.action_dim), np.float32)
-        mask = np.zeros((len(chunk), length), np.float32)
-        for row, s in enumerate(chunk):
-            z[row, :s.length] = s.mu[:-1]
-            actions[row, :s.length] = s.actions
-            mask[row, :s.length] = 1.0
-            real.append(float(np.sum(s.rewards, dtype=np.float64)))
-        out, _, _ = model(torch.from_numpy(z).to(device), torch.from_numpy(actions).to(device))
-        sums = (out.reward * torch.from_numpy(mask).to(device)).sum(1)
-        predicted.extend(float(v) for v in sums.cpu())
-    p, r = np.asarray(predicted), np.asarray(real)
-    corr = float(np.corrcoef(p, r)[0, 1]) if len(p) >= 2 and p.std() > 0 and r.std() > 0 \
-        else float("nan")
-    return {"return_correlation": corr, "return_mae": float(np.abs(p - r).mean()),
-            "return_real_mean": float(r.mean()), "return_predicted_mean": float(p.mean())}
-
-
 # ---------------------------------------------------------------------------------------------
 # What dreams need: the initial latents and M itself
 
@@ -591,25 +489,3 @@ def write_initial_z(cfg: Config, train: list[Series]) -> None:
     logvar = torch.from_numpy(np.stack([s.logvar[0] for s in keep]).astype(np.float32))
     save_checkpoint(RunLayout.of(cfg).memory, INITIAL_Z, len(keep), {"mu": mu, "logvar": logvar}, None,
                     {"episodes": len(keep)})
-
-
-def load_initial_z(folder: str):
-    """The dream starts of a memory folder (``DreamStart``), or a message saying why not."""
-    if not checkpoint_exists(folder, INITIAL_Z):
-        raise WmlabError(f"no initial-z store in {folder}: dreams start from it; run `wmlab "
-                         "train-mdrnn` (it writes the store before training)")
-    ckpt = load_checkpoint(folder, INITIAL_Z, with_state=False)
-    if "mu" not in ckpt.weights or "logvar" not in ckpt.weights:
-        raise WmlabError(f"the initial-z store in {folder} is damaged: run `wmlab "
-                         "train-mdrnn` again to rewrite it")
-    return DreamStart(ckpt.weights["mu"].float(), ckpt.weights["logvar"].float())
-
-
-def load_mdrnn(folder: str, device: torch.device | str = "cpu") -> tuple[MDNRNN, dict]:
-    if not checkpoint_exists(folder, FINAL_WEIGHTS):
-        raise WmlabError(f"no trained M in {folder}: run `wmlab train-mdrnn` to the end first")
-    ckpt = load_checkpoint(folder, FINAL_WEIGHTS, with_state=False)
-    shape = MdrnnShape(**ckpt.info["shape"])
-    model = MDNRNN(shape)
-    load_weights_into(model, ckpt.weights, f"{folder}/{FINAL_WEIGHTS}")
-    return model.to(device).eval(), ckpt.info

@@ -98,7 +98,7 @@ def _run_vision(cfg: Config, progress: bool) -> dict[str, Any]:
 
 
 def _vision_output(cfg: Config) -> str | None:
-    from wmlab.vision.train import FINAL_WEIGHTS
+    from wmlab.vision.model import FINAL_WEIGHTS
 
     return _sidecar_fingerprint(RunLayout.of(cfg).vision, FINAL_WEIGHTS)
 
@@ -139,7 +139,7 @@ def _run_memory(cfg: Config, progress: bool) -> dict[str, Any]:
 
 
 def _memory_output(cfg: Config) -> str | None:
-    from wmlab.memory.train import FINAL_WEIGHTS, INITIAL_Z
+    from wmlab.memory.model import FINAL_WEIGHTS, INITIAL_Z
 
     weights = _sidecar_fingerprint(RunLayout.of(cfg).memory, FINAL_WEIGHTS)
     start = _sidecar_fingerprint(RunLayout.of(cfg).memory, INITIAL_Z)

@@ -26,8 +26,7 @@ from wmlab.envs.frames import FRAME_SHAPE
 from wmlab.errors import WmlabError
 from wmlab.native import keep_freed_memory
 from wmlab.runs import RunLayout
-from wmlab.vision.model import ConvVAE, frames_to_tensor
-from wmlab.vision.train import load_vae, read_vae_info
+from wmlab.vision.model import ConvVAE, frames_to_tensor, load_vae, read_vae_info
 
 # Small batches keep each layer's activations in cache: 256 encodes ~2x faster than 1024.
 ENCODE_BATCH = 256

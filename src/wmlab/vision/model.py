@@ -12,10 +12,14 @@ the paper's (the Doom quick profile).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from wmlab.checkpoint import checkpoint_exists, load_checkpoint, load_weights_into, read_info
+from wmlab.errors import WmlabError
 
 PAPER_WIDTH = 32  # channels of the first convolution; then 64, 128, 256
 
@@ -249,3 +253,39 @@ def generator_loss(discriminator: Discriminator, real: torch.Tensor, fake: torch
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a trained V (the V stage's checkpoints)
+
+FINAL_WEIGHTS = "vae"  # the trained V that later stages load
+
+
+def recorded_size(info: dict[str, Any]) -> tuple[int, int]:
+    """(z_dim, width) of a saved V; sidecars written before width existed are the paper's."""
+    return int(info.get("z_dim", -1)), int(info.get("width", PAPER_WIDTH))
+
+
+def load_vae(folder: str, device: torch.device | str = "cpu", z_dim: int | None = None
+             ) -> tuple[ConvVAE, dict]:
+    """The trained V of a run's vision folder and its sidecar (with its fingerprint).
+
+    ``z_dim``, when given, is what the caller's config expects: a V of another size is
+    refused by name rather than producing series M cannot read.
+    """
+    recorded, width = recorded_size(read_vae_info(folder))
+    if z_dim is not None and recorded != z_dim:
+        raise WmlabError(f"the V in {folder} has z_dim {recorded}, the config asks for "
+                         f"{z_dim}: set vae.z_dim={recorded} or train V again in another run")
+    ckpt = load_checkpoint(folder, FINAL_WEIGHTS, with_state=False)
+    model = ConvVAE(recorded, width)
+    load_weights_into(model, ckpt.weights, f"{folder}/{FINAL_WEIGHTS}")
+    return model.to(device).eval(), ckpt.info
+
+
+def read_vae_info(folder: str) -> dict[str, Any]:
+    """The sidecar of the trained V in ``folder`` (z_dim, kind, step, fingerprint)."""
+    if not checkpoint_exists(folder, FINAL_WEIGHTS):
+        raise WmlabError(f"no trained V in {folder}: run `wmlab train-vae` with the same "
+                         "--preset, --profile and --run first")
+    return read_info(folder, FINAL_WEIGHTS)

@@ -12,7 +12,6 @@ never stopped.
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 import time
 from collections.abc import Callable
@@ -34,25 +33,22 @@ from wmlab.data import EpisodeStore
 from wmlab.device import resolve_bf16, resolve_device
 from wmlab.envs.frames import FRAME_SHAPE
 from wmlab.errors import WmlabError
-from wmlab.fsio import atomic_write_bytes
 from wmlab.metrics import MetricsLogger
 from wmlab.native import keep_freed_memory
 from wmlab.runs import RunLayout
+from wmlab.vision.evaluation import evaluate_vae, write_reconstructions
 from wmlab.vision.model import (
-    PAPER_WIDTH,
+    FINAL_WEIGHTS,
     ConvVAE,
     Discriminator,
     critic_loss,
     frames_to_tensor,
     generator_loss,
-    sample_latent,
+    recorded_size,
     vae_loss,
 )
 
 TRAIN_CHECKPOINT = "train"  # weights + optimiser + position, for resuming
-FINAL_WEIGHTS = "vae"  # the trained V that later stages load
-VAL_FRAMES = 2048  # validation frames per epoch: enough for a stable estimate, cheap
-VAL_BATCH = 256
 LOG_EVERY = 10
 FRAME_BYTES = math.prod(FRAME_SHAPE)
 MB = 1 << 20
@@ -265,17 +261,12 @@ def build_trainer(cfg: Config, device: torch.device, fused_adam: bool = True,
 def _start_from(model: ConvVAE, folder: str) -> None:
     """Begin from a trained V (the previous iteration's) instead of random weights."""
     ckpt = load_checkpoint(folder, FINAL_WEIGHTS, with_state=False)
-    recorded = _recorded_size(ckpt.info)
+    recorded = recorded_size(ckpt.info)
     if recorded != (model.z_dim, model.width):
         raise WmlabError(f"vae.init_from: the V in {folder} has z_dim {recorded[0]} and width "
                          f"{recorded[1]}, this run asks for {model.z_dim} and {model.width}: "
                          "use a V of the same size")
     load_weights_into(model, ckpt.weights, f"{folder}/{FINAL_WEIGHTS}")
-
-
-def _recorded_size(info: dict[str, Any]) -> tuple[int, int]:
-    """(z_dim, width) of a saved V; sidecars written before width existed are the paper's."""
-    return int(info.get("z_dim", -1)), int(info.get("width", PAPER_WIDTH))
 
 
 def _shape_info(cfg: Config) -> dict[str, Any]:
@@ -425,7 +416,7 @@ def check_resumable(cfg: Config, data: DataPlan | None = None) -> dict[str, Any]
     if not checkpoint_exists(folder, TRAIN_CHECKPOINT):
         return None
     info = read_info(folder, TRAIN_CHECKPOINT)
-    recorded = {**{k: info.get(k) for k in _shape_info(cfg)}, "width": _recorded_size(info)[1]}
+    recorded = {**{k: info.get(k) for k in _shape_info(cfg)}, "width": recorded_size(info)[1]}
     if recorded != _shape_info(cfg):
         changed = ", ".join(f"vae.{k} was {recorded[k]!r}, now {v!r}"
                             for k, v in _shape_info(cfg).items() if recorded[k] != v)
@@ -464,92 +455,3 @@ def export_vae(trainer: _Trainer, folder: str, step: int, cfg: Config) -> dict[s
     return save_checkpoint(folder, FINAL_WEIGHTS, step, trainer.model.state_dict(), None,
                            {**_shape_info(cfg), "store": cfg.store_url(),
                             "config": asdict(cfg.vae)})
-
-
-def _val_batches(store: EpisodeStore, ids: list[str], seed: int, pool_chunks: int,
-                 limit: int = VAL_FRAMES):
-    """A fixed sample of validation frames (the same every epoch, so epochs compare),
-    streamed in batches so that validation keeps within the loader's allowance too."""
-    count = 0
-    batches = store.frame_batches(VAL_BATCH, seed=seed + 7919, epoch=0, ids=ids,
-                                  pool_chunks=pool_chunks, prefetch=False)
-    with contextlib.closing(batches):
-        for batch in batches:
-            batch = batch[:limit - count]
-            count += len(batch)
-            yield batch
-            if count >= limit:
-                return
-
-
-@torch.no_grad()
-def evaluate_vae(trainer: _Trainer, store: EpisodeStore, ids: list[str], seed: int,
-                 pool_chunks: int = 32) -> dict[str, float]:
-    """Mean loss parts on the validation frames, in fp32 with fixed noise so epochs (and
-    runs with and without bf16) compare."""
-    trainer.model.eval()
-    generator = torch.Generator(device=trainer.device).manual_seed(seed)
-    sums = {"loss": 0.0, "reconstruction": 0.0, "kl": 0.0}
-    frames = 0
-    for batch in _val_batches(store, ids, seed, pool_chunks):
-        x = trainer.to_input(batch)
-        mu, logvar = trainer.model.encode(x)
-        recon = trainer.model.decode(sample_latent(mu, logvar, generator))
-        parts = vae_loss(x, recon, mu, logvar, trainer.cfg.vae.kl_tolerance)
-        n = len(x)
-        sums["loss"] += float(parts.total) * n
-        sums["reconstruction"] += float(parts.reconstruction) * n
-        sums["kl"] += float(parts.kl) * n
-        frames += n
-    trainer.model.train()
-    return {k: v / max(frames, 1) for k, v in sums.items()}
-
-
-@torch.no_grad()
-def write_reconstructions(trainer: _Trainer, store: EpisodeStore, ids: list[str], url: str,
-                          pool_chunks: int = 32, count: int = 8) -> None:
-    """A PNG of three rows: validation frames, V's reconstructions of them (from mu), and
-    frames decoded from random z ~ N(0, I) (where a VAE-GAN's sharper decoder shows most)."""
-    from PIL import Image
-
-    frames = next(_val_batches(store, ids, seed=0, pool_chunks=pool_chunks, limit=count))
-    trainer.model.eval()
-    mu, _ = trainer.model.encode(trainer.to_input(frames))
-    prior = torch.randn(len(frames), trainer.model.z_dim, device=trainer.device,
-                        generator=torch.Generator(device=trainer.device).manual_seed(0))
-    rows = [frames]
-    for decoded in (trainer.model.decode(mu), trainer.model.decode(prior)):
-        rows.append((decoded.float().clamp(0, 1) * 255).round().byte()
-                    .permute(0, 2, 3, 1).cpu().numpy())
-    trainer.model.train()
-    grid = np.concatenate([np.concatenate(list(row), axis=1) for row in rows], axis=0)
-    image = Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2),
-                                         Image.NEAREST)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    atomic_write_bytes(url, buffer.getvalue())
-
-
-def load_vae(folder: str, device: torch.device | str = "cpu", z_dim: int | None = None
-             ) -> tuple[ConvVAE, dict]:
-    """The trained V of a run's vision folder and its sidecar (with its fingerprint).
-
-    ``z_dim``, when given, is what the caller's config expects: a V of another size is
-    refused by name rather than producing series M cannot read.
-    """
-    recorded, width = _recorded_size(read_vae_info(folder))
-    if z_dim is not None and recorded != z_dim:
-        raise WmlabError(f"the V in {folder} has z_dim {recorded}, the config asks for "
-                         f"{z_dim}: set vae.z_dim={recorded} or train V again in another run")
-    ckpt = load_checkpoint(folder, FINAL_WEIGHTS, with_state=False)
-    model = ConvVAE(recorded, width)
-    load_weights_into(model, ckpt.weights, f"{folder}/{FINAL_WEIGHTS}")
-    return model.to(device).eval(), ckpt.info
-
-
-def read_vae_info(folder: str) -> dict[str, Any]:
-    """The sidecar of the trained V in ``folder`` (z_dim, kind, step, fingerprint)."""
-    if not checkpoint_exists(folder, FINAL_WEIGHTS):
-        raise WmlabError(f"no trained V in {folder}: run `wmlab train-vae` with the same "
-                         "--preset, --profile and --run first")
-    return read_info(folder, FINAL_WEIGHTS)
