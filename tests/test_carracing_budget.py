@@ -283,3 +283,42 @@ def test_no_transfer_when_trained_on_the_reference_backend(tmp_path, one_thread)
     assert "transfer" not in summary
     assert sorted(p.name for p in Path(cfg.run_dir(), "eval").glob("*.json")) == [
         "eval-gymnasium.json", "random-gymnasium.json"]
+
+
+def test_tau_chosen_by_the_dreams_fidelity_before_the_dream_generations(tmp_path, one_thread,
+                                                                          monkeypatch):
+    """dream.tau_from_fidelity: the C stage measures, once, at which of eval.fidelity_taus
+    M's dream ranks the previous run's scored controllers most like the game, and its
+    dream generations run at that tau (resumed runs read the choice back)."""
+    import wmlab.pipeline.controller_stage as stage
+
+    first = make_run(tmp_path / "first", "carracing", TINY_CAR, mdrnn=carracing_mdrnn(True))
+    train_controller(first, progress=False)  # scored means: the controllers compared
+    overrides = (*TINY_CAR, f'es.init_from="{RunLayout.of(first).controller}"',
+                 "dream.tau_from_fidelity=true", "eval.fidelity_taus=[0.5, 1.5]",
+                 "eval.fidelity_dreams=2", "dream.tau=1.0")
+    cfg = make_run(tmp_path / "second", "carracing", overrides, mdrnn=carracing_mdrnn(True))
+    measured = []
+    real_measure = stage.measure_fidelity
+
+    def measure(*args, **kwargs):
+        results = real_measure(*args, **kwargs)
+        measured.append({r.tau: r.rank_correlation for r in results})
+        return results
+
+    monkeypatch.setattr(stage, "measure_fidelity", measure)
+    result = train_controller(cfg, progress=False, stop_after_generations=1)
+    assert len(measured) == 1 and set(measured[0]) == {0.5, 1.5}
+    choice = json.loads(Path(RunLayout.of(cfg).tau_choice).read_text())
+    ranked = {tau: rho for tau, rho in measured[0].items() if rho == rho}  # not NaN
+    assert choice["tau"] == max(ranked, key=lambda tau: (ranked[tau], -tau))
+    info = json.loads(Path(RunLayout.of(cfg).controller, "controller.json").read_text())
+    assert info["tau"] == choice["tau"] != cfg.dream.tau  # C's dreams ran at the choice
+    # resumed: the choice is read back, not measured again
+    train_controller(cfg, progress=False)
+    assert len(measured) == 1 and result.generation == 1
+    # without the controllers to rank, one line naming what to set
+    bare = make_run(tmp_path / "bare", "carracing",
+                    (*TINY_CAR, "dream.tau_from_fidelity=true"), mdrnn=carracing_mdrnn(True))
+    with pytest.raises(WmlabError, match="eval.fidelity_taus"):
+        train_controller(bare, progress=False)

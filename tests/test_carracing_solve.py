@@ -280,6 +280,7 @@ def test_solve_profile_plans_within_eight_hours():
     assert cfg.run.iterations == 2 and later.vae.epochs == 0
     assert later.collect.agent_fraction > 0 and later.mdrnn.init_from.endswith("/memory")
     assert later.es.init_from.endswith("/controller")
+    assert later.dream.tau_from_fidelity and len(later.eval.fidelity_taus) >= 3
     # most of C's members' rollouts in iteration 2 are dreams
     dreams = later.es.dream_generations * later.es.dream_rollouts
     real = (later.es.generations - later.es.dream_generations) * later.es.rollouts
@@ -306,6 +307,10 @@ def _planned_seconds(cfg) -> dict[str, float]:
     real_members = (es.generations - in_dream) * es.population * es.rollouts
     dream_members = in_dream * es.population * (es.dream_rollouts or es.rollouts)
     scored = es.generations // es.eval_every * es.eval_rollouts
+    if cfg.dream.tau_from_fidelity:  # iteration 1's 20 scored means, zero and random:
+        compared = 200 // 10 + 2     # scored again in this game, and dreamt at each tau
+        scored += compared * es.eval_rollouts
+        dream_members += compared * cfg.eval.fidelity_dreams * len(cfg.eval.fidelity_taus)
     return {
         "collect": frames / RATES["collect"],
         "vision": cfg.vae.epochs * 0.95 * frames / RATES["vision"],  # 5% held out

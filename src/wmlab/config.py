@@ -200,6 +200,11 @@ class EsConfig:
 class DreamConfig:
     tau: float = _opt(1.25, "sampling temperature (released code 1.25, paper's best 1.15)",
                       min=0.0, max=10.0)
+    tau_from_fidelity: bool = _opt(False, "before C trains in the dream, set tau to the one "
+                                   "of eval.fidelity_taus whose dream ranks the scored "
+                                   "controllers of es.init_from's run most like the game "
+                                   "(measured once per C stage, <run>/controller/"
+                                   "tau-choice.json)")
     max_steps: int = _opt(2100, "dream episode cap", min=1)
     precision: str = _opt("float32", "dream matmul precision (bfloat16: ~3x faster on CPUs "
                           "with AVX512-BF16, trajectories differ in the last bits; "

@@ -31,6 +31,8 @@ import numpy as np
 from wmlab.errors import WmlabError
 from wmlab.runs import RunLayout
 
+DEFAULT_FIDELITY_DREAMS = 64  # dreams per controller where eval.fidelity_dreams is 0
+
 
 @dataclass(frozen=True)
 class FidelityRow:

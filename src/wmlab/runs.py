@@ -98,6 +98,11 @@ class RunLayout:
         return self._at(f"eval/baseline-{policy}.json")
 
     @property
+    def tau_choice(self) -> str:
+        """The tau C's dreams run at under ``dream.tau_from_fidelity``, and its measurement."""
+        return self._at("controller/tau-choice.json")
+
+    @property
     def fidelity(self) -> str:
         """The dream's fidelity for C (rank correlation of dream and real returns)."""
         return self._at("eval/fidelity.json")

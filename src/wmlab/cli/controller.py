@@ -105,7 +105,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_fidelity(args: argparse.Namespace) -> int:
-    from wmlab.fidelity import measure_fidelity
+    from wmlab.fidelity import DEFAULT_FIDELITY_DREAMS, measure_fidelity
     from wmlab.pipeline import iteration_config
 
     cfg = config_from_args(args)
@@ -113,7 +113,7 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
         raise WmlabError(f"--iteration must be 1 or more, got {args.iteration}")
     if args.iteration > 1:
         cfg = iteration_config(cfg, args.iteration)
-    dreams = args.dreams or cfg.eval.fidelity_dreams or 64
+    dreams = args.dreams or cfg.eval.fidelity_dreams or DEFAULT_FIDELITY_DREAMS
     for result in measure_fidelity(cfg, dreams, taus=args.taus or cfg.eval.fidelity_taus,
                                    snapshots_from=args.snapshots or ""):
         print(result.line())

@@ -6,8 +6,13 @@ the other stages rather than in ``wmlab.controller``."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import json
+import math
 from typing import Any
+
+import fsspec
 
 from wmlab.agent import workload_from_config
 from wmlab.calibrate import check_dream_calibration, current_calibration, ensure_fitted_done_bias
@@ -23,6 +28,8 @@ from wmlab.dream.calibration import noop_order_warning
 from wmlab.dream.settings import missing_dream_heads
 from wmlab.errors import WmlabError
 from wmlab.evaluators import Evaluator, check_ray_address, warn
+from wmlab.fidelity import DEFAULT_FIDELITY_DREAMS, measure_fidelity
+from wmlab.fsio import atomic_write_bytes, exists
 from wmlab.runs import RunLayout
 
 
@@ -54,6 +61,9 @@ def train_controller(cfg: Any, *, progress: bool = True,
     folder = folder or RunLayout.of(cfg).controller
     mixed = cfg.es.dream_generations > 0
     check_es_config(cfg.es)
+    if (cfg.es.fitness == "dream" or mixed) and cfg.dream.tau_from_fidelity:
+        cfg = copy.deepcopy(cfg)
+        cfg.dream.tau = chosen_tau(cfg)
     if cfg.es.fitness == "dream" or mixed:
         ensure_fitted_done_bias(cfg)  # C's dreams are built with it
     workload, models = check_training_inputs(cfg)
@@ -89,6 +99,35 @@ def train_controller(cfg: Any, *, progress: bool = True,
                       seed=cfg.run.seed, info=info, progress=progress,
                       stop_after_generations=stop_after_generations, dream_fitness=dream,
                       score_fitness=scorer, start=start)
+
+
+def chosen_tau(cfg: Any) -> float:
+    """The tau of ``eval.fidelity_taus`` at which M's dream ranks the scored controllers of
+    ``es.init_from``'s run (plus zero and random) most like the real game (rank correlation
+    of their dream and real returns); measured once, then read back, so a resumed C keeps
+    its dream."""
+    path = RunLayout.of(cfg).tau_choice
+    if exists(path):
+        with fsspec.open(path, "rb") as handle:
+            return float(json.loads(handle.read())["tau"])
+    if not cfg.eval.fidelity_taus or not cfg.es.init_from:
+        raise WmlabError("dream.tau_from_fidelity chooses among eval.fidelity_taus by how "
+                         "M's dream ranks the controllers of es.init_from's run: set both "
+                         "(e.g. eval.fidelity_taus=[0.75, 1.0, 1.25] and "
+                         "es.init_from=previous in run.later), or dream.tau_from_fidelity=false")
+    results = measure_fidelity(cfg, cfg.eval.fidelity_dreams or DEFAULT_FIDELITY_DREAMS,
+                               taus=cfg.eval.fidelity_taus, snapshots_from=cfg.es.init_from)
+    ranked = [r for r in results if not math.isnan(r.rank_correlation)]
+    if not ranked:
+        raise WmlabError("M's dream ranks no controllers at any of eval.fidelity_taus (their "
+                         "dream returns are all equal): train M longer, or set dream.tau and "
+                         "dream.tau_from_fidelity=false")
+    best = max(ranked, key=lambda r: r.rank_correlation)  # the first of equals: lowest tau
+    choice = {"tau": best.tau, "snapshots": cfg.es.init_from,
+              "rank_correlation": {f"{r.tau:g}": r.rank_correlation for r in results},
+              "real_over_dream": {f"{r.tau:g}": r.ratio for r in results}}
+    atomic_write_bytes(path, json.dumps(choice, indent=2, default=str).encode())
+    return best.tau
 
 
 def check_dream_heads(shape: Any, dream_generations: int, survival_reward: bool = False

@@ -95,7 +95,8 @@ LATER_KEYS: dict[str, Any] = {"es.dream_generations": 0, "es.covariance": "full"
                                "dream.fit_done_bias": False, "es.stall_steps": 0,
                                "controller.packed_encoder": False,
                                "eval.fidelity_dreams": 0, "eval.fidelity_taus": [],
-                               "es.init_from": "", "es.dream_rollouts": 0}
+                               "es.init_from": "", "es.dream_rollouts": 0,
+                               "dream.tau_from_fidelity": False}
 
 
 def _hash(value: Any) -> str:
