@@ -25,6 +25,7 @@ from wmlab.data import EpisodeStore
 from wmlab.envs.binpacking import (
     DISTRIBUTIONS,
     BinPackingEnv,
+    BinPackingFrames,
     make_problem,
     nearest_valid,
     problem_from_name,
@@ -80,6 +81,26 @@ def test_base_variant_ends_with_minus_100_minus_previous_waste():
     rewards, _, terminated, _ = _play(env, [0, 2, 6])  # after an existing bag: w_prev = -3
     assert rewards == [-7.0, 3.0, -100.0 + 3.0] and terminated
     assert env.counts.tolist() == [0, 0, 0, 0, 0, 1, 0, 0, 0]  # the invalid move changed nothing
+
+
+def test_base_variant_ends_showing_the_next_item_on_the_bags_as_they_were():
+    """As in the reference, the item after the refused one is drawn and shown at the end."""
+    env = BinPackingFrames(BinPackingEnv(capacity=9, sizes=(2, 3), probs=(0.5, 0.5),
+                                         horizon=4, variant="base"))
+    env.reset(seed=0, options={"items": [2, 3, 2, 3, 2]})  # T + 1 items: the last is shown
+    # New bag (2) -> level 2; +3 -> level 5; +2 -> level 7; the 3 does not fit on 7 (last step).
+    rewards = [env.step(action)[1] for action in (0, 2, 5)]
+    frame, reward, terminated, truncated, info = env.step(7)
+    assert rewards + [reward] == [-7.0, 3.0, 2.0, -100.0 + 2.0]  # w_prev = -2
+    assert (terminated, truncated, info["invalid"], info["action"]) == (True, False, True, 7)
+    bags = [0, 0, 0, 0, 0, 0, 0, 1, 0]  # the refused 3 went nowhere
+    assert info["counts"].tolist() == bags and info["item"] == 2 and info["step"] == 4
+    assert info["action_mask"].tolist() == [1, 0, 0, 0, 0, 0, 0, 1, 0]  # a 2 fits on 7
+    np.testing.assert_array_equal(frame, draw_frame(np.array(bags), 2, 9))
+    assert not np.array_equal(frame, draw_frame(np.array(bags), 3, 9))
+    vector = _env("base", [2, 3, 2, 3, 2], horizon=4)  # the Gymnasium face: ORL's vector
+    _play(vector, [0, 2, 5])
+    assert vector.step(7)[0].tolist() == bags + [2]
 
 
 @pytest.mark.parametrize("variant", ["nearest-valid", "action-mask"])

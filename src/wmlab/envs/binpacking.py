@@ -9,7 +9,9 @@ empty space left in the open bags. Invalid actions, by variant:
 
 - ``base``: the episode ends with reward -100 - w_prev, where w_prev is the previous step's
   incremental waste (C - s' after a new bag, -s' after an existing one, 0 on the first
-  step). This is a quirk of the reference code, kept on purpose.
+  step). This is a quirk of the reference code, kept on purpose. The item is not placed,
+  but the step still counts and, as in the reference, the final observation shows the
+  next item (on the bags as they were).
 - ``nearest-valid``: the action is replaced by the existing, fitting level nearest to the
   chosen one (ties to the lower level; a new bag if none fits), with no penalty.
 - ``action-mask``: nearest-valid underneath, and the observation also carries the mask.
@@ -280,11 +282,7 @@ class BinPackingEnv(gym.Env):
         item = self.item
         valid = bool(valid_mask(self.counts, item, C)[chosen])
         if not valid and self.problem.variant == "base":
-            reward = -INVALID_PENALTY - self._last_waste
-            self.score += reward
-            self._done = True
-            info = {**self._info(), "action": chosen, "invalid": True}
-            return self._obs(), reward, True, False, info
+            return self._end_on_invalid(chosen)
         applied = chosen if valid else nearest_valid(self.counts, item, C, chosen)
         if applied == 0:
             level = item
@@ -299,12 +297,35 @@ class BinPackingEnv(gym.Env):
             self.counts[level] += 1
         reward = float(-self._last_waste)
         self.score += reward
-        self.t += 1
-        self.item = int(self._items[self.t])
+        self._next_item()
         truncated = self.t >= self.problem.horizon
         self._done = truncated
         info = {**self._info(), "action": applied, "invalid": not valid}
         return self._obs(), reward, False, truncated, info
+
+    def _end_on_invalid(self, chosen: int) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        """The base variant's end: the penalty, the bags untouched, and the next item shown.
+
+        The reference draws the next item after every step, valid or not, so its final
+        observation shows that item, not the one refused; the step counts, as it does there.
+        ``truncated`` stays False even when the refused item was the last one: the invalid
+        action ended the episode, not the horizon.
+        """
+        reward = -INVALID_PENALTY - self._last_waste
+        self.score += reward
+        self._done = True
+        self._next_item()
+        info = {**self._info(), "action": chosen, "invalid": True}
+        return self._obs(), reward, True, False, info
+
+    def _next_item(self) -> None:
+        """Move on to the next item of the sequence.
+
+        Steps only run while t < T, and the sequence holds T + 1 items, so the item after
+        the last step (valid or not) always exists: nothing is drawn past its end.
+        """
+        self.t += 1
+        self.item = int(self._items[self.t])
 
     def render(self) -> np.ndarray | None:
         if self.render_mode is None:
