@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import fsspec
 
@@ -30,6 +31,16 @@ ITERATIONS = "iterations"  # iteration k >= 2 of a run lives in <run>/iterations
 STAGES = ("collect", "vision", "encode", "memory", "controller", "evaluate", "report")
 
 
+class _Path:
+    """A path of a run directory, relative to it: ``layout.memory`` is ``<root>/memory``."""
+
+    def __init__(self, relative: str, doc: str) -> None:
+        self.relative, self.__doc__ = relative, doc
+
+    def __get__(self, layout: RunLayout | None, owner: type) -> Any:
+        return self if layout is None else layout._at(self.relative)
+
+
 @dataclass(frozen=True)
 class RunLayout:
     """Every path of a run directory (a path or an fsspec URL).
@@ -48,45 +59,35 @@ class RunLayout:
     def of(cls, cfg: Config) -> RunLayout:
         return cls(cfg.run_dir())
 
-    @property
-    def config(self) -> str:
-        """The run's resolved config (``config.toml``)."""
-        return self._at("config.toml")
-
-    @property
-    def data(self) -> str:
-        """The episode store, unless ``collect.out`` puts it elsewhere."""
-        return self._at("data")
-
-    @property
-    def vision(self) -> str:
-        return self._at("vision")
-
-    @property
-    def memory(self) -> str:
-        return self._at("memory")
-
-    @property
-    def calibration(self) -> str:
-        """M's dream beside the real game (reference policies), written by the M stage."""
-        return self._at("memory/calibration.json")
+    # The paths below are relative to the run directory, read through ``_Path``.
+    config = _Path("config.toml", "The run's resolved config.")
+    data = _Path("data", "The episode store, unless ``collect.out`` puts it elsewhere.")
+    vision = _Path("vision", "V's checkpoints, metrics and pictures.")
+    memory = _Path("memory", "M's checkpoints, metrics, calibration and dream GIFs.")
+    calibration = _Path("memory/calibration.json",
+                        "M's dream beside the real game (reference policies), written by "
+                        "the M stage.")
+    controller = _Path("controller", "C's CMA-ES state, checkpoints, snapshots and metrics.")
+    fitted_done_bias = _Path("controller/fitted-done-bias.json",
+                             "The done-logit shift C's dreams run with under "
+                             "``dream.fit_done_bias``.")
+    tau_choice = _Path("controller/tau-choice.json",
+                       "The tau C's dreams run at under ``dream.tau_from_fidelity``, and its "
+                       "measurement.")
+    eval = _Path("eval", "The evaluations, on fixed recorded seeds.")
+    fidelity = _Path("eval/fidelity.json",
+                     "The dream's fidelity for C (rank correlation of dream and real returns).")
+    tau_sweep = _Path("sweeps/tau", "The paper's temperature table (``wmlab sweep-tau``).")
+    stages = _Path("stages", "One record per pipeline stage.")
+    trash = _Path("trash", "Outputs of stages whose inputs changed (moved here, never "
+                  "deleted).")
+    report_md = _Path("report.md", "The report, in Markdown.")
+    report_html = _Path("report.html", "The report, one self-contained HTML file.")
+    pictures = _Path("report", "The report's figures.")
 
     def reference_real(self, policy: str) -> str:
         """A reference policy's real-game episodes, measured for the calibration."""
         return self._at(f"memory/reference-{policy}-real.json")
-
-    @property
-    def controller(self) -> str:
-        return self._at("controller")
-
-    @property
-    def fitted_done_bias(self) -> str:
-        """The done-logit shift C's dreams run with under ``dream.fit_done_bias``."""
-        return self._at("controller/fitted-done-bias.json")
-
-    @property
-    def eval(self) -> str:
-        return self._at("eval")
 
     def scores(self, who: str, where: str) -> str:
         """The evaluation of ``who`` ("eval": the run's C, "random", or another policy's
@@ -96,43 +97,6 @@ class RunLayout:
     def baseline_scores(self, policy: str) -> str:
         """A heuristic baseline's evaluation on the same episodes (BinPacking)."""
         return self._at(f"eval/baseline-{policy}.json")
-
-    @property
-    def tau_choice(self) -> str:
-        """The tau C's dreams run at under ``dream.tau_from_fidelity``, and its measurement."""
-        return self._at("controller/tau-choice.json")
-
-    @property
-    def fidelity(self) -> str:
-        """The dream's fidelity for C (rank correlation of dream and real returns)."""
-        return self._at("eval/fidelity.json")
-
-    @property
-    def tau_sweep(self) -> str:
-        return self._at("sweeps/tau")
-
-    @property
-    def stages(self) -> str:
-        """One record per pipeline stage."""
-        return self._at("stages")
-
-    @property
-    def trash(self) -> str:
-        """Outputs of stages whose inputs changed (moved here, never deleted)."""
-        return self._at("trash")
-
-    @property
-    def report_md(self) -> str:
-        return self._at("report.md")
-
-    @property
-    def report_html(self) -> str:
-        return self._at("report.html")
-
-    @property
-    def pictures(self) -> str:
-        """The report's figures."""
-        return self._at("report")
 
     @property
     def base(self) -> RunLayout:
