@@ -44,6 +44,11 @@ def _write(cfg: Config, report: dict[str, Any]) -> dict[str, Any]:
     return report
 
 
+def _survival_ratio(row: dict[str, Any]) -> float:
+    """Dream survival over the game's, for one reference policy's row."""
+    return row["survival_mean"] / max(row["real_survival_mean"], 1.0)
+
+
 def add_real_game(cfg: Config, report: dict[str, Any], episodes: int) -> dict[str, Any]:
     """Run each reference policy of ``report`` for ``episodes`` real episodes and add its
     survival, and the ratio dream / real, to the report (returned, not written)."""
@@ -58,7 +63,7 @@ def add_real_game(cfg: Config, report: dict[str, Any], episodes: int) -> dict[st
         row["real_survival_std"] = real.extra["length_std"]
         row["real_return_mean"] = real.mean
         row["real_return_std"] = real.std
-        row["survival_ratio"] = row["survival_mean"] / max(real.extra["length_mean"], 1.0)
+        row["survival_ratio"] = _survival_ratio(row)
         report["real_backend"] = real.backend
     report["real_episodes"] = episodes
     report["real_first_seed"] = first_seed
@@ -105,7 +110,7 @@ def current_calibration(cfg: Config, save: bool = True) -> dict[str, Any] | None
         old = report["policies"].get(name, {})
         if all(key in old for key in REAL_KEYS):
             row.update({key: old[key] for key in REAL_KEYS})
-            row["survival_ratio"] = row["survival_mean"] / max(old["real_survival_mean"], 1.0)
+            row["survival_ratio"] = _survival_ratio(row)
     return _write(cfg, fresh) if save else fresh
 
 

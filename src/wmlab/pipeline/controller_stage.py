@@ -60,16 +60,18 @@ def train_controller(cfg: Any, *, progress: bool = True,
     own = folder is None  # the run's C, not a sweep's: its dream's calibration is the run's
     folder = folder or RunLayout.of(cfg).controller
     mixed = cfg.es.dream_generations > 0
+    dreams = cfg.es.fitness == "dream" or mixed  # C trains in M's dream, all or first
     check_es_config(cfg.es)
-    if (cfg.es.fitness == "dream" or mixed) and cfg.dream.tau_from_fidelity:
+    if dreams and cfg.dream.tau_from_fidelity:
         cfg = copy.deepcopy(cfg)
         cfg.dream.tau = chosen_tau(cfg)
-    if cfg.es.fitness == "dream" or mixed:
+    if dreams:
         ensure_fitted_done_bias(cfg)  # C's dreams are built with it
     workload, models = check_training_inputs(cfg)
-    if cfg.es.fitness == "dream" or mixed:
-        check_dream_calibration(cfg, save=own)
-        report = current_calibration(cfg, save=own)
+    if dreams:
+        # the gate returns the calibration it checked; without a gate it is read here (a
+        # stale one is measured again once, not twice)
+        report = check_dream_calibration(cfg, save=own) or current_calibration(cfg, save=own)
         message = noop_order_warning(report) if report else None
         if message:
             warn(message)
