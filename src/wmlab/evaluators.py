@@ -91,24 +91,23 @@ class SerialEngine:
         self.threads = threads
         self.runner = workload.build()
         self.retries = 0
-        self._queue: deque[Job] = deque()
-        self._submitted = self._finished = 0
+        self._queue: deque[tuple[int, Job]] = deque()  # (id, job), in submission order
+        self._next_id = 0
 
     def map(self, jobs: Sequence[Job]) -> list[np.ndarray]:
         with _torch_threads(self.threads):
             return [_result(self.runner.run(*job)) for job in jobs]
 
     def submit(self, job: Job) -> int:
-        self._queue.append(job)
-        self._submitted += 1
-        return self._submitted - 1
+        job_id, self._next_id = self._next_id, self._next_id + 1
+        self._queue.append((job_id, job))
+        return job_id
 
     def next_completed(self) -> tuple[int, Any]:
         """The oldest submitted job, run now (in this process, in submission order)."""
+        job_id, job = self._queue.popleft()
         with _torch_threads(self.threads):
-            result = _result(self.runner.run(*self._queue.popleft()))
-        self._finished += 1
-        return self._finished - 1, result
+            return job_id, _result(self.runner.run(*job))
 
     def worker_pids(self) -> list[int]:
         return [os.getpid()]
