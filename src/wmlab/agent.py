@@ -34,6 +34,7 @@ from wmlab.errors import WmlabError
 from wmlab.evaluators import Rollouts
 from wmlab.memory.model import MDNRNN
 from wmlab.runs import RunLayout
+from wmlab.shipped import agent_config
 from wmlab.vision.model import ConvVAE, PackedEncoder, frames_to_tensor
 
 NOISE_BLOCK = 64  # steps of z-noise drawn at once per env (a numpy call per block, not step)
@@ -186,17 +187,7 @@ class Agent:
     def load(cls, source: str, num_envs: int = 1, runs_root: str | None = None) -> Agent:
         """The trained agent of a run directory, or of a shipped agent (``wmlab
         pretrained`` lists them; it is materialized as a run under ``runs_root``)."""
-        from wmlab.config import load_config_file
-        from wmlab.shipped import available, materialize
-
-        if source in available():
-            return cls.of_run(materialize(source, runs_root), num_envs)
-        try:
-            cfg = load_config_file(RunLayout(source.rstrip("/")).config)
-        except WmlabError:
-            raise WmlabError(f"{source} is neither a shipped agent ({', '.join(available())}) "
-                             "nor a run directory (no config.toml)") from None
-        return cls.of_run(cfg, num_envs)
+        return cls.of_run(agent_config(source, runs_root), num_envs)
 
     @classmethod
     def of_run(cls, cfg: Any, num_envs: int = 1, backend: str | None = None) -> Agent:

@@ -143,6 +143,17 @@ def _run_config(run: str | Path | Config, overrides: Sequence[str] = ()) -> Conf
     return cfg
 
 
+def agent_config(source: str, runs_root: str | None = None) -> Config:
+    """The config of a shipped agent (materialized as a run under ``runs_root``) or of a run
+    directory (pointing at that directory, wherever the run was made from)."""
+    if source in available():
+        return materialize(source, runs_root)
+    if not (Path(source).expanduser() / CONFIG).is_file():
+        raise WmlabError(f"{source} is neither a shipped agent ({', '.join(available())}) "
+                         "nor a run directory (no config.toml)")
+    return _run_config(source)
+
+
 def _check_finished(cfg: Config, allow_unfinished: bool) -> dict[str, Any]:
     """Refuse a run without a trained V, M or C; returns C's sidecar."""
     from wmlab.checkpoint import checkpoint_exists, read_info

@@ -7,14 +7,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from wmlab.config import load_config_file
 from wmlab.dream.batched import FEATURES, BatchedDream, DreamStart
 from wmlab.dream.calibration import dream_settings
 from wmlab.dream.settings import DreamSettings
 from wmlab.errors import WmlabError
 from wmlab.memory.model import MDNRNN, load_initial_z, load_mdrnn
 from wmlab.runs import RunLayout
-from wmlab.shipped import available, materialize
+from wmlab.shipped import agent_config
 
 
 def _vector_env_base() -> type:
@@ -45,10 +44,7 @@ class DreamEnv(_vector_env_base()):  # type: ignore[misc]
              device: torch.device | str = "cpu") -> DreamEnv:
         """The dream of a run directory's M (or a shipped agent's), with the run's dream
         settings (the ones its C was trained in) and the features its C reads."""
-        if source in available():
-            cfg = materialize(source, runs_root)
-        else:
-            cfg = load_config_file(RunLayout(source.rstrip("/")).config)
+        cfg = agent_config(source, runs_root)
         folder = RunLayout.of(cfg).memory
         model, _ = load_mdrnn(folder, device)
         return cls(model, load_initial_z(folder), dream_settings(cfg, missing_ok=True),
