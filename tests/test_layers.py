@@ -11,7 +11,7 @@ SRC = Path(__file__).parent.parent / "src"
 # Low to high. A part (a top-level module or package of wmlab) may import its own layer and
 # the layers below, never above. Keep in step with docs/architecture.md.
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "version", "machine", "native", "procs", "plots", "metrics", "published",
+    ("errors", "closing", "version", "machine", "native", "procs", "plots", "metrics", "published",
      "config", "device", "fsio", "checkpoint", "runs", "evaluators"),
     ("envs", "policies", "data"),
     ("vision", "memory", "controller"),

@@ -38,6 +38,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from wmlab.closing import Closing
 from wmlab.errors import WmlabError
 from wmlab.procs import init_worker_process, kill_process_group
 
@@ -477,7 +478,7 @@ class RayEngine:
 # The interface
 
 
-class Evaluator:
+class Evaluator(Closing):
     """Rollout returns for (params, seeds) on any engine; ``evaluate`` is the ES fitness."""
 
     def __init__(self, workload: Workload, engine: str = "process", workers: int = 0,
@@ -528,9 +529,3 @@ class Evaluator:
 
     def close(self) -> None:
         self.engine.close()
-
-    def __enter__(self) -> Evaluator:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()

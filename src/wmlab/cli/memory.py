@@ -96,11 +96,10 @@ def cmd_dream(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this stage's subcommands to the ``wmlab`` parser."""
-    add_training_command(
-        sub, "train-mdrnn", "train M (the MDN-RNN) on V's encoded series; resumes where a "
-        "killed run stopped", cmd_train_mdrnn,
-        (("--steps", {"type": int, "help": "optimiser steps (mdrnn.steps)"}),
-         ("--regime", {"choices": ("episodes", "streams"), "help": "mdrnn.regime"})))
+    options = (("--steps", {"type": int, "help": "optimiser steps (mdrnn.steps)"}),
+               ("--regime", {"choices": ("episodes", "streams"), "help": "mdrnn.regime"}))
+    add_training_command(sub, "train-mdrnn", "train M (the MDN-RNN) on V's encoded series; "
+                         "resumes where a killed run stopped", cmd_train_mdrnn, options)
 
     p = sub.add_parser("calibrate", help="run the dream calibration's reference policies "
                                          "(random, no-op, left) in the real game too and "

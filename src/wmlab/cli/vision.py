@@ -3,30 +3,36 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import Any
 
 from wmlab.cli.common import add_training_command, config_from_args
+from wmlab.config import Config
 
 
 def cmd_train_vae(args: argparse.Namespace) -> int:
-    from wmlab.runs import prepare_run_dir
     from wmlab.vision.train import check_resumable, train_vae
 
     cfg = config_from_args(args, {"vae.epochs": args.epochs, "vae.kind": args.kind})
-    check_resumable(cfg)  # a refused config must not overwrite the run's config.toml
-    print(f"run directory: {prepare_run_dir(cfg)}")
-    result = train_vae(cfg, progress=not args.no_progress)
-    print(result.line())
-    return 0
+    return _run_stage(cfg, check_resumable, train_vae, progress=not args.no_progress)
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from wmlab.runs import prepare_run_dir
     from wmlab.vision.encode import check_encodable, encode_store
 
-    cfg = config_from_args(args)
-    check_encodable(cfg)  # a refused config must not overwrite the run's config.toml
+    return _run_stage(config_from_args(args), check_encodable, encode_store,
+                      progress=not args.no_progress)
+
+
+def _run_stage(cfg: Config, check: Callable[[Config], object],
+               run: Callable[..., Any], progress: bool) -> int:
+    """Check first (a refused config must not overwrite the run's config.toml), then run
+    the stage and print its one-line result."""
+    from wmlab.runs import prepare_run_dir
+
+    check(cfg)
     print(f"run directory: {prepare_run_dir(cfg)}")
-    print(encode_store(cfg, progress=not args.no_progress).line())
+    print(run(cfg, progress=progress).line())
     return 0
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import zstandard
 from fsspec import AbstractFileSystem
 
+from wmlab.closing import Closing
 from wmlab.errors import StoreError
 from wmlab.version import __version__
 
@@ -225,7 +226,7 @@ def _reason(exc: BaseException) -> str:
     return text if len(text) <= 100 else text[:97] + "..."
 
 
-class EpisodeReader:
+class EpisodeReader(Closing):
     """An open episode file: the directory and meta are read once, members on demand.
 
     Use as a context manager. Every read problem is an ``EpisodeFileError`` naming the file.
@@ -264,12 +265,6 @@ class EpisodeReader:
 
     def close(self) -> None:
         self._handle.close()
-
-    def __enter__(self) -> EpisodeReader:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def _error(self, problem: str) -> EpisodeFileError:
         return EpisodeFileError(self.name, problem, self.hint)

@@ -53,10 +53,6 @@ class ChunkTable:
     def num_chunks(self) -> int:
         return len(self.frames)
 
-    @property
-    def num_frames(self) -> int:
-        return int(self.frames.sum())
-
     def refs(self, rows: np.ndarray) -> np.ndarray:
         """Selection-wide frame numbers of every frame of ``rows``, in row order."""
         if not len(rows):

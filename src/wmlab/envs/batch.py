@@ -15,6 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 import gymnasium as gym
 import numpy as np
 
+from wmlab.closing import Closing
 from wmlab.envs.frames import FRAME_SHAPE
 from wmlab.envs.spec import EnvSpec
 from wmlab.errors import WmlabError
@@ -57,7 +58,7 @@ def check_seeds(seeds: Sequence[int], num_envs: int) -> list[int]:
     return checked
 
 
-class _BatchBase(ABC):
+class _BatchBase(Closing, ABC):
     """The bookkeeping both implementations share: last frames and end flags per env."""
 
     spec: EnvSpec
@@ -110,12 +111,6 @@ class _BatchBase(ABC):
 
     @abstractmethod
     def close(self) -> None: ...
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
 
 class GymnasiumBatch(_BatchBase):

@@ -22,13 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from wmlab.checkpoint import (
-    checkpoint_exists,
-    load_checkpoint,
-    load_weights_into,
-    read_info,
-    save_checkpoint,
-)
+from wmlab import checkpoint
 from wmlab.config import Config
 from wmlab.data.series import Series, SeriesStore
 from wmlab.device import resolve_bf16, resolve_device
@@ -244,15 +238,15 @@ def _check_fingerprint(cfg: Config, fingerprint: str) -> None:
     if not fingerprint:
         return
     vision = RunLayout.of(cfg).vision
-    if checkpoint_exists(vision, "vae"):
-        v_fingerprint = read_info(vision, "vae").get("fingerprint", "")
+    if checkpoint.checkpoint_exists(vision, "vae"):
+        v_fingerprint = checkpoint.read_info(vision, "vae").get("fingerprint", "")
         if v_fingerprint and v_fingerprint != fingerprint:
             raise WmlabError(f"the series in {cfg.store_url()} were encoded by V {fingerprint} "
                              f"but this run's V is {v_fingerprint}: run `wmlab encode` with "
                              "this run's V first")
     folder = RunLayout.of(cfg).memory
-    if checkpoint_exists(folder, TRAIN_CHECKPOINT):
-        previous = read_info(folder, TRAIN_CHECKPOINT).get("series", "")
+    if checkpoint.checkpoint_exists(folder, TRAIN_CHECKPOINT):
+        previous = checkpoint.read_info(folder, TRAIN_CHECKPOINT).get("series", "")
         if previous and previous != fingerprint:
             raise WmlabError(f"the M checkpoint in {folder} was trained on series of V "
                              f"{previous}, not {fingerprint}: delete {folder} to train M anew")
@@ -289,7 +283,7 @@ class _Training:
         if self.carried is not None:
             state["h"] = self.carried[0].detach().cpu()
             state["c"] = self.carried[1].detach().cpu()
-        save_checkpoint(self.folder, TRAIN_CHECKPOINT, self.step, self.model.state_dict(),
+        checkpoint.save_checkpoint(self.folder, TRAIN_CHECKPOINT, self.step, self.model.state_dict(),
                         state, self.info)
 
     def next_batch(self) -> tuple[SeriesBatch, Any]:
@@ -386,7 +380,7 @@ def _start_training(cfg: Config, data: SeriesSet, device: torch.device) -> _Trai
             "env": cfg.env.name, "batching": batching}
     training = _Training(cfg, train, device, bf16, model, optimizer, RunLayout.of(cfg).memory,
                          info)
-    if checkpoint_exists(training.folder, TRAIN_CHECKPOINT):
+    if checkpoint.checkpoint_exists(training.folder, TRAIN_CHECKPOINT):
         _resume(training, batching)
     return training
 
@@ -394,7 +388,7 @@ def _start_training(cfg: Config, data: SeriesSet, device: torch.device) -> _Trai
 def _resume(training: _Training, batching: dict[str, Any]) -> None:
     """Load the training checkpoint into ``training``: weights, optimiser, step, state."""
     folder, device = training.folder, training.device
-    ckpt = load_checkpoint(folder, TRAIN_CHECKPOINT, map_location=device)
+    ckpt = checkpoint.load_checkpoint(folder, TRAIN_CHECKPOINT, map_location=device)
     before = ckpt.info.get("batching", batching)
     changed = [k for k in batching if before.get(k) != batching[k]]
     if changed and int(ckpt.info["step"]) < training.cfg.mdrnn.steps:
@@ -402,7 +396,7 @@ def _resume(training: _Training, batching: dict[str, Any]) -> None:
         raise WmlabError(f"the M checkpoint in {folder} was made with {k} = {before.get(k)}"
                          f", now {batching[k]}: resuming would not continue the same run; "
                          f"use the same value or delete {folder} to start again")
-    load_weights_into(training.model, ckpt.weights, f"{folder}/{TRAIN_CHECKPOINT}")
+    checkpoint.load_weights_into(training.model, ckpt.weights, f"{folder}/{TRAIN_CHECKPOINT}")
     training.optimizer.load_state_dict(ckpt.state["optimizer"])
     training.step = int(ckpt.info["step"])
     if "h" in ckpt.state:
@@ -447,7 +441,7 @@ def train_mdrnn(cfg: Config, *, progress: bool = True, stop_after_steps: int | N
                 training.save()
                 break
         if training.step >= m.steps:
-            save_checkpoint(training.folder, FINAL_WEIGHTS, training.step,
+            checkpoint.save_checkpoint(training.folder, FINAL_WEIGHTS, training.step,
                             training.model.state_dict(), None, training.info)
     finally:
         backward.close()
@@ -487,5 +481,5 @@ def write_initial_z(cfg: Config, train: list[Series]) -> None:
     keep = train[: cfg.mdrnn.initial_z]
     mu = torch.from_numpy(np.stack([s.mu[0] for s in keep]).astype(np.float32))
     logvar = torch.from_numpy(np.stack([s.logvar[0] for s in keep]).astype(np.float32))
-    save_checkpoint(RunLayout.of(cfg).memory, INITIAL_Z, len(keep), {"mu": mu, "logvar": logvar}, None,
+    checkpoint.save_checkpoint(RunLayout.of(cfg).memory, INITIAL_Z, len(keep), {"mu": mu, "logvar": logvar}, None,
                     {"episodes": len(keep)})
