@@ -59,6 +59,48 @@ def use_agents(shipped, monkeypatch, tmp_path):
     return agents
 
 
+def test_another_cpu_is_judged_by_the_paired_difference_until_it_records_its_returns(
+        shipped, monkeypatch, tmp_path, capsys):
+    """Episodes depend on the CPU's last bits: a CPU without a record gets a statistical
+    verdict, and once it records its returns they reproduce exactly there."""
+    import shutil
+
+    agents = tmp_path / "agents"
+    shutil.copytree(shipped[0], agents)  # the module's agents stay as recorded
+    monkeypatch.setenv("WMLAB_PRETRAINED_PATH", str(agents))
+    monkeypatch.chdir(tmp_path)
+    recorded = json.loads((agents / "tiny" / "metadata.json").read_text())["score"]
+    assert recorded["machine"]["model"]  # the score names the CPU it was measured on
+    monkeypatch.setattr("wmlab.shipped.cpu_description",
+                        lambda: {"model": "Other CPU", "cores": 2, "flags": ["avx2"]})
+
+    assert main(["evaluate", "--pretrained", "tiny", "--engine", "serial"]) == 0
+    out = capsys.readouterr().out
+    assert "this CPU (Other CPU) has no record: paired difference +0.0 +- 0.0" in out
+    assert f"({EPISODES} identical), within 2 standard errors" in out
+
+    assert main(["evaluate", "--pretrained", "tiny", "--engine", "serial",
+                 "--record-machine"]) == 0
+    score = json.loads((agents / "tiny" / "metadata.json").read_text())["score"]
+    assert [m["machine"]["model"] for m in score["other_machines"]] == ["Other CPU"]
+    assert score["returns"] == recorded["returns"]  # the first record is kept as it was
+    capsys.readouterr()
+    assert main(["evaluate", "--pretrained", "tiny", "--engine", "serial"]) == 0
+    assert "recorded score on this CPU" in capsys.readouterr().out
+
+    # a record that this CPU no longer matches says so, beyond the noise
+    score["other_machines"][0]["returns"] = [r + 100.0 + i for i, r in
+                                             enumerate(score["returns"])]
+    score["other_machines"][0]["mean"] += 101.5
+    meta = json.loads((agents / "tiny" / "metadata.json").read_text())
+    meta["score"] = score
+    (agents / "tiny" / "metadata.json").write_text(json.dumps(meta))
+    assert main(["evaluate", "--pretrained", "tiny", "--engine", "serial"]) == 0
+    assert "differs by -101.500" in capsys.readouterr().out
+    assert main(["evaluate", "--pretrained", "tiny", "--dream", "--record-machine"]) == 2
+    assert "--record-machine keeps" in capsys.readouterr().err
+
+
 def test_export_writes_compact_weights_with_sha256_counts_and_metadata(tiny_run, shipped):
     from wmlab.controller import controller_shape
     from wmlab.envs import get_spec

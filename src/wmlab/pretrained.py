@@ -21,7 +21,14 @@ import torch
 from wmlab.config import Config
 from wmlab.play import RealtimeSession
 from wmlab.runs import RunLayout
-from wmlab.shipped import _run_config, materialize, read_metadata, record_score
+from wmlab.shipped import (
+    _run_config,
+    machine_key,
+    materialize,
+    read_metadata,
+    record_score,
+    same_protocol,
+)
 
 
 def compare_float32(source: Config, shipped: Any, scratch: str) -> dict[str, Any]:
@@ -81,21 +88,46 @@ def evaluate_and_record(name: str, episodes: int, source: str | Path | Config | 
 
 
 def reproduce(name: str, result: Any, root: str | Path | None = None) -> str:
-    """One line comparing ``result`` with the agent's recorded score."""
+    """One line comparing ``result`` with the agent's recorded score: exactly where this CPU
+    has a record, otherwise by the paired difference over the same episodes."""
     score = read_metadata(name, root).get("score")
     if not score:
         return (f"no score recorded for '{name}' yet: `wmlab export RUN --name {name} "
                 "--evaluate 100` measures and records one")
-    same = (score["episodes"] == result.episodes and score["first_seed"] == result.seeds[0]
-            and score["backend"] == result.backend)
-    if not same:
-        return (f"recorded score: {score['mean']:.1f} +- {score['std']:.1f} over "
-                f"{score['episodes']} episodes (seeds {score['first_seed']}.."
+    recorded = f"recorded score: {score['mean']:.1f} +- {score['std']:.1f}"
+    if not same_protocol(score, result):
+        return (f"{recorded} over {score['episodes']} episodes (seeds {score['first_seed']}.."
                 f"{score['last_seed']}, {score['backend']}); this evaluation used other "
                 "episodes")
-    verdict = "reproduced exactly" if result.returns == score["returns"] else \
-        f"differs by {result.mean - score['mean']:+.3f}"
-    return f"recorded score: {score['mean']:.1f} +- {score['std']:.1f}: {verdict}"
+    here = machine_key()
+    mine = next((r for r in [score, *score.get("other_machines", [])]
+                 if r.get("machine") == here), None)
+    if mine is not None:
+        verdict = "reproduced exactly" if result.returns == mine["returns"] else \
+            f"differs by {result.mean - mine['mean']:+.3f}"
+        return f"recorded score on this CPU: {mine['mean']:.1f} +- {mine['std']:.1f}: {verdict}"
+    return f"{recorded} on {_cpu_name(score)}; {_paired_verdict(score['returns'], result)}"
+
+
+def _cpu_name(score: dict[str, Any]) -> str:
+    machine = score.get("machine")
+    if not machine:
+        return "a CPU it does not name"
+    return f"{machine['model']} ({'/'.join(machine['flags']) or 'no AVX2'})"
+
+
+def _paired_verdict(recorded: Sequence[float], result: Any) -> str:
+    """This CPU has no record: its episodes may differ from the recorded ones (the last bits
+    of V and M differ between CPUs, and a car's physics turns them into another drive), so
+    the score must agree within the noise of the paired difference, not bit for bit."""
+    diff = np.asarray(result.returns, dtype=float) - np.asarray(recorded, dtype=float)
+    se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
+    within = abs(float(diff.mean())) <= 2 * se
+    same = int((diff == 0).sum())
+    return (f"this CPU ({machine_key()['model']}) has no record: paired difference "
+            f"{diff.mean():+.1f} +- {se:.1f} over the same episodes ({same} identical), "
+            f"{'within' if within else 'BEYOND'} 2 standard errors; "
+            "`--record-machine` records this CPU's returns")
 
 
 # ---------------------------------------------------------------------------------------------

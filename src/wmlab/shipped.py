@@ -37,6 +37,7 @@ import torch
 from wmlab.config import Config, load_config_file, to_toml
 from wmlab.errors import WmlabError
 from wmlab.fsio import atomic_write_bytes
+from wmlab.machine import cpu_description
 from wmlab.runs import RunLayout
 
 ENV_VAR = "WMLAB_PRETRAINED_PATH"
@@ -408,11 +409,46 @@ def record_score(name: str, result: Any, root: str | Path | None = None,
              "first_seed": result.seeds[0], "last_seed": result.seeds[-1],
              "env": result.env, "backend": result.backend, "where": result.where,
              "max_steps": result.extra.get("max_steps"), "weights": metadata["dtype"],
-             "returns": result.returns,
+             "returns": result.returns, "machine": machine_key(),
              "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if float32 is not None:
         score["float32"] = float32
     metadata["score"] = score
+    _write_metadata(folder, metadata)
+    return metadata
+
+
+def machine_key() -> dict[str, Any]:
+    """What an episode's exact returns depend on besides the weights and the seeds: the CPU
+    model and its vector instruction sets (they pick the kernels, hence the last bits of
+    every activation, and CarRacing's physics amplifies those into other episodes)."""
+    cpu = cpu_description()
+    return {"model": cpu["model"], "flags": list(cpu["flags"])}
+
+
+def same_protocol(score: dict[str, Any], result: Any) -> bool:
+    """Whether ``result`` played the recorded score's episodes (seeds and backend)."""
+    return (score["episodes"] == result.episodes and score["first_seed"] == result.seeds[0]
+            and score["backend"] == result.backend)
+
+
+def record_machine_score(name: str, result: Any, root: str | Path | None = None
+                         ) -> dict[str, Any]:
+    """Add this machine's returns on the recorded episodes to the metadata (replacing an
+    earlier record of the same machine), so that here they reproduce exactly too."""
+    folder = agent_folder(name, root)
+    metadata = read_metadata(name, root)
+    score = metadata.get("score")
+    if not score or not same_protocol(score, result):
+        raise WmlabError(f"'{name}': a machine's returns are recorded on the episodes of its "
+                         "recorded score only: evaluate without --episodes/--eval-backend")
+    here = machine_key()
+    others = [m for m in score.get("other_machines", []) if m["machine"] != here]
+    if score.get("machine") != here:
+        others.append({"machine": here, "mean": result.mean, "std": result.std,
+                       "returns": result.returns,
+                       "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    score["other_machines"] = others
     _write_metadata(folder, metadata)
     return metadata
 

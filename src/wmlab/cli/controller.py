@@ -46,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--video", metavar="PATH.gif",
                           help="also write a GIF of the first episode: real frame beside "
                           "the agent's view (V's reconstruction)")
+    evaluate.add_argument("--record-machine", action="store_true",
+                          help="with --pretrained: keep this CPU's returns in the agent's "
+                          "metadata (they reproduce exactly here from then on)")
     evaluate.set_defaults(func=cmd_evaluate)
 
     fidelity = sub.add_parser("fidelity", help="how faithful M's dream is for C: controllers "
@@ -91,6 +94,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                       "es.engine": args.engine, "es.workers": args.workers})
     if args.episodes is not None and args.episodes <= 0:
         raise WmlabError(f"--episodes must be at least 1, got {args.episodes}")
+    if args.record_machine and (not args.pretrained or args.dream):
+        raise WmlabError("--record-machine keeps a shipped agent's real returns: use it with "
+                         "--pretrained NAME and without --dream")
     result = evaluate_controller(cfg, episodes=args.episodes,
                                  where="dream" if args.dream else "real", out=args.out,
                                  video=args.video)
@@ -99,6 +105,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from wmlab.pretrained import reproduce
 
         print(reproduce(args.pretrained, result))
+        if args.record_machine:
+            from wmlab.shipped import record_machine_score
+
+            record_machine_score(args.pretrained, result)
+            print(f"recorded this CPU's returns in '{args.pretrained}' metadata")
     if args.video:
         print(f"video: {args.video}")
     return 0
