@@ -105,6 +105,9 @@ def test_loss_falls_within_a_few_dozen_steps(root):
     # a validation row per epoch, the picture of each epoch, and the exported V
     assert [h["epoch"] for h in result.history] == [0, 1, 2, 3, 4]
     assert result.history[-1]["loss"] < result.history[0]["loss"]
+    last_epoch = result.history[-1]
+    assert 0 < last_epoch["salient_share"] < 1  # the frames move: some pixels are salient
+    assert last_epoch["salient_mse"] > 0 and math.isfinite(last_epoch["background_mse"])
     folder = RunLayout.of(cfg).vision
     assert os.path.exists(f"{folder}/recon-vae-epoch005.png")
     assert any(name.startswith("events.") for name in os.listdir(f"{folder}/tb"))
@@ -387,3 +390,21 @@ def test_batched_encoder_cuts_full_batches_across_episodes():
     for i, (_, _, mu, logvar) in enumerate(returned):
         assert mu.shape == (lengths[i], 2) and np.array_equal(logvar, -mu)
         assert (mu[:, 0] == i).all() and np.array_equal(mu[:, 1], np.arange(lengths[i]))
+
+
+def test_salient_error_counts_only_what_differs_from_the_mean_frame():
+    """A V that draws the mean frame (walls and floor) has no background error but all of the
+    salient error, one that copies the frame has neither."""
+    from wmlab.vision.evaluation import salient_error_sums
+
+    mean_frame = torch.full((3, 8, 8), 0.5)
+    x = mean_frame.expand(4, 3, 8, 8).clone()
+    x[:, :, 2:4, 2:4] = 1.0  # a monster: 4 pixels of 64 in every frame
+    x[:, :, 6, 6] = 0.55  # a shade within the threshold: not salient
+    drawn_walls = mean_frame.expand(4, 3, 8, 8)
+    sums = salient_error_sums(x, drawn_walls, mean_frame)
+    assert sums["salient"] == 4 * 3 * 4 and sums["background"] == 4 * 3 * 60
+    assert sums["salient_error"] == pytest.approx(4 * 3 * 4 * 0.25)
+    assert sums["background_error"] == pytest.approx(4 * 3 * 0.05 ** 2)
+    copied = salient_error_sums(x, x, mean_frame)
+    assert copied["salient_error"] == 0.0 and copied["background_error"] == 0.0

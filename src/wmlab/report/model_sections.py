@@ -77,7 +77,8 @@ def vision_section(page: Page) -> Section:
     section = Section("V: the vision model")
     rows = _training_curves(
         page, section, "vision", RUN.vision,
-        lambda rows: metric_panels(rows, ("loss", "reconstruction", "kl")),
+        lambda rows: metric_panels(rows, ("loss", "reconstruction", "kl"), {
+            "error per pixel: salient / background": ("salient_mse", "background_mse")}),
         "vision-losses.png", "V training")
     recon = newest(page.run.glob(f"{RUN.vision}/recon-*.png"))
     if recon is None:
