@@ -93,3 +93,20 @@ def test_describe_lists_every_key_with_help():
     keys = {key for key, _, _ in rows}
     assert {"vae.epochs", "collect.episodes", "es.population", "dream.tau"} <= keys
     assert all(help_text for _, _, help_text in rows)
+
+
+def test_dream_dropout_keeps_ms_training_rate_and_needs_one():
+    from wmlab.dream import DreamSettings
+
+    with pytest.raises(ConfigError, match="mdrnn.dropout is 0: set mdrnn.dropout"):
+        C.load_config("doom", "quick", ["dream.dropout=true"])
+    cfg = C.load_config("doom", "quick", ["mdrnn.dropout=0.2", "dream.dropout=true"])
+    assert DreamSettings.from_config(cfg).dropout == 0.2
+    # trained with dropout, dreamt without it (the default): the dream is the usual one
+    cfg = C.load_config("doom", "quick", ["mdrnn.dropout=0.2"])
+    assert DreamSettings.from_config(cfg).dropout == 0.0
+    cfg.dream.dropout, cfg.mdrnn.dropout = True, 0.0  # set by code, past the loader's check
+    with pytest.raises(ConfigError, match="dream.dropout"):
+        DreamSettings.from_config(cfg)
+    with pytest.raises(ConfigError, match="mdrnn.dropout"):
+        C.load_config("doom", "quick", ["mdrnn.dropout=1.0"])

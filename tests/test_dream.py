@@ -391,3 +391,108 @@ def test_pipeline_encode_train_mdrnn_and_dream_cli(tmp_path, capsys):
     assert main(["train-mdrnn", *common, "--steps", "8", "--no-progress"]) == 2
     assert "wmlab encode" in capsys.readouterr().err
     assert sorted(p.name for p in memory.iterdir()) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# M's dropout kept on in the dream (dream.dropout)
+
+
+def _first_steps(settings: DreamSettings, seeds, steps: int = 1):
+    """The dream of ``settings`` after ``steps`` steps: (z trajectory, h, the dream)."""
+    dream = BatchedDream(constant_heads(make_model(seed=9, hidden=32), done=-5.0), starts(),
+                         settings)
+    zs = run(dream, seeds, steps)
+    return zs, dream.h.clone(), dream
+
+
+def test_a_dream_without_dropout_draws_no_masks_and_is_the_default_dream():
+    """dropout 0 is the dream from before: the same trajectory bit for bit, and each dream's
+    generator left where the noise alone leaves it (no mask drawn)."""
+    default, _, plain = _first_steps(DreamSettings(1.15, 100), [3, 4, 5], 70)
+    off, _, dream = _first_steps(DreamSettings(1.15, 100, dropout=0.0), [3, 4, 5], 70)
+    assert torch.equal(default, off) and dream._keep is None
+    z_dim = dream.shape.z_dim
+    for row, seed in enumerate([3, 4, 5]):
+        rng = dream_module._row_rng(seed)
+        rng.integers(5)
+        rng.standard_normal(z_dim)
+        for _ in range(2):  # the blocks of noise of 70 steps: two of 64
+            rng.random((64, z_dim), dtype=np.float32)
+            rng.standard_normal((64, z_dim), dtype=np.float32)
+        assert rng.random() == dream._rngs[row].random() == plain._rngs[row].random()
+
+
+def test_dream_dropout_is_reproducible_and_changes_only_the_heads_input():
+    seeds = [3, 4, 5, 6]
+    on = DreamSettings(1.15, 100, dropout=0.3)
+    a, _, dream = _first_steps(on, seeds, 70)
+    b, _, _ = _first_steps(on, seeds, 70)
+    assert torch.equal(a, b)  # the same seeds: the same masks, the same dream
+    off, _, plain = _first_steps(DreamSettings(1.15, 100), seeds, 70)
+    assert not torch.allclose(a[:, 1:], off[:, 1:], atol=1e-3)  # the masks change the dream
+    # ...and nothing else: each dream's noise is the noise it has without dropout
+    assert torch.equal(dream._uniform, plain._uniform)
+    assert torch.equal(dream._normal, plain._normal)
+    # about p of the units dropped, a fresh mask per step and per dream
+    keep = dream._keep.float()
+    assert abs(float(keep.mean()) - 0.7) < 0.02
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
+    # the first step: the same start (the masks have a stream of their own) and the same state
+    # (dropout acts on the head's input, never on h), yet another z'
+    z_on, h_on, _ = _first_steps(on, seeds)
+    z_off, h_off, _ = _first_steps(DreamSettings(1.15, 100), seeds)
+    assert torch.equal(z_on[:, 0], z_off[:, 0]) and torch.equal(h_on, h_off)
+    assert not torch.allclose(z_on[:, 1], z_off[:, 1], atol=1e-4)
+
+
+def test_a_dropout_dream_is_the_same_wherever_it_runs():
+    on = DreamSettings(1.15, 100, dropout=0.25)
+    a, _, _ = _first_steps(on, [5, 7, 9], 70)
+    b, _, _ = _first_steps(on, [9, 11, 5, 7, 5], 70)
+    assert torch.equal(b[2], b[4])
+    for i, j in ((0, 2), (1, 3), (2, 0)):
+        assert torch.allclose(a[i], b[j], atol=1e-5), (i, j)
+    alone, _, _ = _first_steps(on, [7], 70)
+    assert torch.allclose(alone[0], a[1], atol=1e-5)
+
+
+def test_dropout_dreams_in_bfloat16_and_compacted_steps():
+    """The mask is applied before the head's bf16 matmul (reproducibly), and the compacted
+    steps of a batch whose dreams end at different times draw each dream's own mask."""
+    on = DreamSettings(1.15, 100, dropout=0.3, precision="bfloat16")
+    a, _, dream = _first_steps(on, [1, 2, 3], 20)
+    b, _, _ = _first_steps(on, [1, 2, 3], 20)
+    assert torch.equal(a, b) and dream._keep is not None
+    model = make_model(seed=8)
+    row = 3 * model.shape.z_dim * model.shape.gaussians
+    with torch.no_grad():  # deaths that depend on the state, so lengths spread
+        model.head.weight[row] *= 30.0
+        model.head.bias[row] = -3.0
+    settings = DreamSettings(1.15, 300, dropout=0.2)
+    compact, full = BatchedDream(model, starts(), settings), BatchedDream(model, starts(),
+                                                                         settings)
+    full.compact = False
+    for dream in (compact, full):
+        dream.reset(np.arange(40))
+        while not bool(dream.done.all()):
+            dream.step(torch.tanh(dream.z[:, :1] + dream.hidden[:, :1]))
+    assert len(set(compact.t.tolist())) > 5  # dreams of many lengths
+    assert np.array_equal(compact.t, full.t)
+    assert torch.allclose(compact.z, full.z, atol=1e-5)
+
+
+def test_dream_dropout_must_be_a_probability_and_stamps_the_calibration(monkeypatch):
+    import wmlab.dream.calibration as calibration
+    from wmlab.config import load_config
+
+    for p in (-0.1, 1.0):
+        with pytest.raises(WmlabError, match="dropout"):
+            DreamSettings(1.0, 10, dropout=p)
+    # the calibration's stamp of a dream without dropout is the one from before the key
+    assert "dropout" not in DreamSettings(1.0, 10).identity()
+    assert DreamSettings(1.0, 10, dropout=0.1).identity()["dropout"] == 0.1
+    # and a dream with it is another dream: its calibration is measured again
+    monkeypatch.setattr(calibration, "read_info", lambda folder, name: {"fingerprint": "m"})
+    off = load_config("doom", "quick", ["mdrnn.dropout=0.2"])
+    on = load_config("doom", "quick", ["mdrnn.dropout=0.2", "dream.dropout=true"])
+    assert calibration.calibration_fingerprint(off) != calibration.calibration_fingerprint(on)

@@ -599,3 +599,83 @@ def test_benchmark_cases_run_and_format():
     assert "wmlab M" in text and "30,000" in text and "100 GFLOP/s" in text
     assert bench.training_flops(bench.SIZES["carracing"], 1, 1) == 3 * 2 * (
         (35 + 256) * 1024 + 256 * 480)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout on h before M's head (mdrnn.dropout)
+
+
+def test_dropout_acts_in_training_mode_only_and_never_on_the_state():
+    shape = MdrnnShape(z_dim=4, action_dim=1, hidden=16, done_head=True, restart_input=True)
+    torch.manual_seed(0)
+    model = MDNRNN(shape, dropout=0.5)
+    plain = MDNRNN(shape)
+    plain.load_state_dict(model.state_dict())  # no parameters of its own: the same shapes
+    z, actions = torch.randn(3, 12, 4), torch.randn(3, 12, 1)
+    with torch.no_grad():
+        (a, h_a, _), (b, h_b, _) = model(z, actions), model(z, actions)
+        reference, h_ref, _ = plain(z, actions)
+        # training mode: another mask each call, on the head's input only
+        assert not torch.allclose(a.head, b.head, atol=1e-4)
+        assert torch.equal(h_a, h_b) and torch.equal(h_a, h_ref)
+        # a given mask: kept units scaled by 1/(1-p), the rest zeroed
+        every = torch.ones(3, 12, 16, dtype=torch.bool)
+        kept, _, _ = model(z, actions, dropout_mask=every)
+        assert torch.allclose(kept.head, plain.read_out(2.0 * h_ref).head, atol=1e-5)
+        none, _, _ = model(z, actions, dropout_mask=torch.zeros_like(every))
+        assert torch.allclose(none.head, plain.head.bias.expand_as(none.head))
+        model.eval()  # evaluation: no dropout, mask or not
+        for out in (model(z, actions)[0], model(z, actions, dropout_mask=~every)[0]):
+            assert torch.equal(out.head, reference.head)
+    for p in (1.0, -0.1):
+        with pytest.raises(WmlabError, match="dropout"):
+            MDNRNN(shape, dropout=p)
+
+
+def test_validation_losses_are_without_dropout(tmp_path):
+    from wmlab.memory.evaluation import validate
+
+    cfg = tiny_config(tmp_path, hidden=16)
+    shape = MdrnnShape(z_dim=4, action_dim=1, hidden=16, done_head=True, restart_input=True)
+    torch.manual_seed(0)
+    model = MDNRNN(shape, dropout=0.5)
+    plain = MDNRNN(shape)
+    plain.load_state_dict(model.state_dict())
+    val = make_series(6, 25, seed=4)
+    first = validate(model, val, cfg, torch.device("cpu"))
+    assert validate(model, val, cfg, torch.device("cpu")) == first
+    assert validate(plain, val, cfg, torch.device("cpu")) == first
+    assert model.training  # back to training, where dropout acts
+
+
+def test_dropout_training_resumes_exactly_and_is_recorded(tmp_path):
+    """The masks are functions of (seed, step): a killed run resumes bit for bit, a batch
+    split over threads cuts the same mask, and M's checkpoint says its dropout."""
+    series = make_series(10, [23, 31, 17, 40, 26, 19, 35, 22, 28, 30])
+    data = SeriesSet(series[:8], series[8:])
+    curves: dict[str, list[float]] = {}
+
+    def train(name: str, stop: int | None = None, **mdrnn):
+        cfg = tiny_config(tmp_path / name, regime="streams", **mdrnn)
+        curve = curves.setdefault(name, [])
+        train_mdrnn(cfg, progress=False, series=data, stop_after_steps=stop,
+                    on_step=lambda step, parts: curve.append(parts["loss"]))
+        return cfg
+
+    straight = train("straight", dropout=0.3, batch_parts=1)
+    broken = train("broken", stop=3, dropout=0.3, batch_parts=1)
+    train("broken", dropout=0.3, batch_parts=1)
+    a, b = _weights(straight), _weights(broken)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    train("split", dropout=0.3, batch_parts=2)
+    assert curves["split"] == pytest.approx(curves["straight"], rel=1e-4)
+    plain = train("plain", batch_parts=1)
+    assert curves["plain"][1:] != pytest.approx(curves["straight"][1:], rel=1e-3)
+    assert load_checkpoint(RunLayout.of(straight).memory, FINAL_WEIGHTS,
+                           with_state=False).info["dropout"] == 0.3
+    assert load_mdrnn(RunLayout.of(straight).memory)[0].dropout == 0.3
+    assert load_mdrnn(RunLayout.of(plain).memory)[0].dropout == 0.0
+    # another rate does not continue the same run
+    train("changed", stop=2, dropout=0.3)
+    with pytest.raises(WmlabError, match="dropout = 0.3, now 0.0"):
+        train("changed")

@@ -185,9 +185,10 @@ def test_mdrnn_training_step_is_the_same_with_and_without_kernels(monkeypatch):
                                                      dim=0) > 0.999
 
 
-def _dream_pair(monkeypatch, dtype: str, done_mode: str, tau: float = 1.15, tweak=None):
+def _dream_pair(monkeypatch, dtype: str, done_mode: str, tau: float = 1.15, tweak=None,
+                dropout: float = 0.0):
     """Two BatchedDreams on the same M and starts: with the C kernels and without.
-    ``tweak(model)`` changes M's weights first."""
+    ``tweak(model)`` changes M's weights first; ``dropout``: M's dropout kept on."""
     torch.manual_seed(3)
     model = MDNRNN(MdrnnShape(z_dim=6, action_dim=1, hidden=32, gaussians=5, done_head=True,
                               restart_input=True)).eval()
@@ -201,7 +202,7 @@ def _dream_pair(monkeypatch, dtype: str, done_mode: str, tau: float = 1.15, twea
     def make():
         return dream_module.BatchedDream(model, start,
                                          DreamSettings(tau, 50, precision=dtype, done_mode=done_mode,
-                                                       done_weight=4.0))
+                                                       done_weight=4.0, dropout=dropout))
 
     native = make()
     monkeypatch.setattr(dream_module, "lstm_kernels", lambda: None)
@@ -211,12 +212,14 @@ def _dream_pair(monkeypatch, dtype: str, done_mode: str, tau: float = 1.15, twea
     return native, reference
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("done_mode", ["threshold", "sample"])
-def test_dream_kernels_draw_what_the_pytorch_dream_draws(monkeypatch, done_mode):
+def test_dream_kernels_draw_what_the_pytorch_dream_draws(monkeypatch, done_mode, dropout):
     """Float32: every step's z', rewards and ends agree (to float rounding) over 12 steps of
-    20 dreams, including the compacted steps after some dreams end."""
+    20 dreams, including the compacted steps after some dreams end; with M's dropout kept
+    on, both apply each dream's mask before the head."""
     needs_kernels()
-    native, reference = _dream_pair(monkeypatch, "float32", done_mode)
+    native, reference = _dream_pair(monkeypatch, "float32", done_mode, dropout=dropout)
     seeds = np.arange(20)
     native.reset(seeds)
     reference.reset(seeds)
@@ -232,11 +235,12 @@ def test_dream_kernels_draw_what_the_pytorch_dream_draws(monkeypatch, done_mode)
     assert ended_somewhere  # the partial (compacted) steps were exercised
 
 
-def test_dream_kernels_in_bf16_stay_within_bf16_rounding(monkeypatch):
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_dream_kernels_in_bf16_stay_within_bf16_rounding(monkeypatch, dropout):
     needs_kernels()
     if not dream_module.bf16_is_native(torch.device("cpu")):
         pytest.skip("bf16 dreams run in float32 on this CPU")
-    native, reference = _dream_pair(monkeypatch, "bfloat16", "threshold")
+    native, reference = _dream_pair(monkeypatch, "bfloat16", "threshold", dropout=dropout)
     native.reset([1, 2, 3])
     reference.reset([1, 2, 3])
     z_a, _, _ = native.step(torch.zeros(3, 1))

@@ -194,6 +194,12 @@ def test_keys_added_later_at_their_old_behaviour_leave_fingerprints_alone(setup)
     # fingerprints, and a narrower V is a different V
     assert "vae.width" not in config_slice(cfg("vae.width=32"), ("vae",))
     assert config_slice(cfg("vae.width=16"), ("vae",))["vae.width"] == 16
+    # dropout came later too: off, M's and the dream's stages keep their fingerprints
+    assert "mdrnn.dropout" not in config_slice(cfg(), ("mdrnn",))
+    assert "dream.dropout" not in config_slice(cfg(), ("dream",))
+    both = cfg("mdrnn.dropout=0.1", "dream.dropout=true")
+    assert config_slice(both, ("mdrnn", "dream"))["mdrnn.dropout"] == 0.1
+    assert config_slice(both, ("mdrnn", "dream"))["dream.dropout"] is True
 
 
 def test_a_stage_counts_its_compute_over_its_own_attempts(setup, tmp_path, monkeypatch):

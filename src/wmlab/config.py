@@ -135,6 +135,9 @@ class MdrnnConfig:
     lr_min: float = _opt(0.0, "learning-rate floor of the decay schedule", min=0.0)
     lr_decay: float = _opt(1.0, "lr = (lr - lr_min) * decay^step + lr_min", min=0.0, max=1.0)
     grad_clip: float = _opt(1.0, "elementwise gradient clip", min=0.0)
+    dropout: float = _opt(0.0, "dropout probability on the LSTM's output h before M's head "
+                          "(mixture, done, reward), in training only; the recurrent state "
+                          "and what C reads stay whole; 0 = off", min=0.0, max=0.99)
     checkpoint_every: int = _opt(200, "optimiser steps between checkpoints", min=1)
     batch_parts: int = _opt(0, "row groups of each batch trained in parallel threads, one "
                             "core each (same gradient); 0 = 2 for streams on a CPU with 2+ "
@@ -215,6 +218,10 @@ class DreamConfig:
                      choices=("threshold", "sample"))
     done_bias: float = _opt(0.0, "added to M's done logit in the dream; positive ends "
                             "dreams sooner", min=-20.0, max=20.0)
+    dropout: bool = _opt(False, "keep M's training dropout (mdrnn.dropout, which must be "
+                         "> 0) on in the dream: h before the head loses each unit with that "
+                         "probability, the rest scaled by 1/(1-p), a fresh mask per dream "
+                         "and step from the dream's own seed")
     fit_done_bias: bool = _opt(False, "before C trains in the dream, add to done_bias "
                                "ln(dream / game survival of random play) from M's "
                                "calibration, so a lenient dream ends sooner")
@@ -394,7 +401,20 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
             setattr(obj, key, _check_value(path, value, hints[key], dict(fields[key].metadata)))
 
 
+def dream_dropout(cfg: Config) -> float:
+    """The dropout probability the dream runs with: mdrnn.dropout where dream.dropout is on,
+    else 0 (the dream keeps the rate M was trained with, as the published variant does)."""
+    if not cfg.dream.dropout:
+        return 0.0
+    if cfg.mdrnn.dropout <= 0.0:
+        raise ConfigError("dream.dropout = true keeps M's training dropout on in the dream, "
+                          "but mdrnn.dropout is 0: set mdrnn.dropout (e.g. --set "
+                          "mdrnn.dropout=0.1) or dream.dropout=false")
+    return float(cfg.mdrnn.dropout)
+
+
 def _check_consistency(cfg: Config) -> None:
+    dream_dropout(cfg)  # refused at load, not after V and M have trained
     if cfg.collect.hold_min > cfg.collect.hold_max:
         raise ConfigError(f"collect.hold_min ({cfg.collect.hold_min}) must not exceed "
                           f"collect.hold_max ({cfg.collect.hold_max})")

@@ -9,6 +9,8 @@ Randomness belongs to each *dream*, not to the batch: every dream owns a numpy g
 seeded by its seed, which draws its start, then its noise in blocks of steps. A dream's
 trajectory therefore depends only on its seed and its actions, whichever batch position or
 worker runs it (members i and i + P/2 can share rollouts, every evaluation engine agrees).
+With M's dropout kept on (``DreamSettings.dropout``) each dream's masks come from a second
+generator of its seed (``_mask_rng``): its noise is the noise it has without dropout.
 
 Speed: one step is two matmuls for the whole batch (the LSTM gates from [x, h] against the
 concatenated [W_ih, W_hh], then the mixture head), a few elementwise ops and an inverse-CDF
@@ -27,7 +29,7 @@ from wmlab.device import bf16_is_native
 from wmlab.dream.settings import DreamSettings
 from wmlab.errors import WmlabError
 from wmlab.memory.fastlinear import FastLinear
-from wmlab.memory.model import MDNRNN, DreamStart, select_and_sample
+from wmlab.memory.model import MDNRNN, DreamStart, inverted_dropout, select_and_sample
 from wmlab.memory.scan import lstm_kernels, tanh
 
 FEATURES = ("z", "zh", "zch")
@@ -39,6 +41,12 @@ COMPACT_ROUND = 16
 
 def _row_rng(seed: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), 0x5EED])
+
+
+def _mask_rng(seed: int) -> np.random.Generator:
+    """A dream's dropout masks: a stream of their own, so that turning dropout on leaves
+    the dream's start and noise as they were (dreams with and without compare in pairs)."""
+    return np.random.default_rng([int(seed), 0xD809])
 
 
 class BatchedDream:
@@ -71,6 +79,9 @@ class BatchedDream:
         self.dtype = getattr(torch, settings.precision)
         if self.dtype == torch.bfloat16 and not bf16_is_native(self.device):
             self.dtype = torch.float32
+        # dream.dropout: M's training dropout kept on, on h before the head (the state
+        # and what C reads stay whole): the dream is stochastic in a way C cannot exploit
+        self.dropout = float(settings.dropout)
         self.block = int(noise_block)
         self.compact = True  # step only the running dreams (False: every row, then mask)
         lstm, head = model.lstm, model.head
@@ -129,9 +140,14 @@ class BatchedDream:
         self.t = np.zeros(b, dtype=np.int64)
         self.seeds = seeds.copy()
         self._rngs: list[np.random.Generator] = [None] * b  # type: ignore[list-item]
+        self._mask_rngs: list[np.random.Generator] = [None] * b  # type: ignore[list-item]
         self._uniform = torch.zeros(b, self.block, z_dim, device=self.device)
         self._normal = torch.zeros(b, self.block, z_dim, device=self.device)
         self._done_uniform = torch.zeros(b, self.block, device=self.device)
+        # the units of h that reach the head, per dream and step of the block (bool: a
+        # quarter of float32's memory, 32 MB for 1,024 Doom dreams)
+        self._keep = torch.zeros(b, self.block, hidden, dtype=torch.bool, device=self.device) \
+            if self.dropout > 0.0 else None
         self.reset_rows(np.arange(b), seeds)
         return self.z
 
@@ -150,6 +166,8 @@ class BatchedDream:
             picks.append(int(rng.integers(len(self.start.mu))))
             eps.append(rng.standard_normal(self.shape.z_dim).astype(np.float32))
             self._rngs[row] = rng
+            if self._keep is not None:
+                self._mask_rngs[row] = _mask_rng(seed)
             self.seeds[row] = seed
         index = torch.as_tensor(rows, device=self.device)
         pick = torch.as_tensor(picks, device=self.device)
@@ -166,7 +184,8 @@ class BatchedDream:
         self._refill(rows)
 
     def _refill(self, rows: np.ndarray) -> None:
-        """The next block of (uniform, normal) noise of each dream in ``rows``."""
+        """The next block of (uniform, normal) noise, and of dropout masks where the dream
+        has them, of each dream in ``rows``."""
         shape = (self.block, self.shape.z_dim)
         uniform = np.stack([self._rngs[r].random(shape, dtype=np.float32) for r in rows])
         normal = np.stack([self._rngs[r].standard_normal(shape, dtype=np.float32)
@@ -178,6 +197,11 @@ class BatchedDream:
             done_uniform = np.stack([self._rngs[r].random(self.block, dtype=np.float32)
                                      for r in rows])
             self._done_uniform[index] = torch.as_tensor(done_uniform, device=self.device)
+        if self._keep is not None:
+            shape = (self.block, self.shape.hidden)
+            keep = np.stack([self._mask_rngs[r].random(shape, dtype=np.float32)
+                             >= self.dropout for r in rows])
+            self._keep[index] = torch.as_tensor(keep, device=self.device)
 
     # -- stepping ------------------------------------------------------------------------
 
@@ -283,7 +307,7 @@ class BatchedDream:
         i, f = in_forget.chunk(2, 1)
         c = torch.addcmul(f * take(self.c), i, tanh(gates[:, 2 * hidden:3 * hidden]))
         h = torch.sigmoid(gates[:, 3 * hidden:]).mul_(tanh(c))
-        out = self.model.split_output(self._head(h.to(self.dtype)).float())
+        out = self.model.split_output(self._head(self._head_input(h, flat)).float())
         z_dim = self.shape.z_dim
         next_z = select_and_sample(out, self.tau,
                                    self._uniform.view(-1, z_dim).index_select(0, flat),
@@ -304,7 +328,9 @@ class BatchedDream:
         lib.dream_lstm_step(rows, hidden, gates.data_ptr(), int(gates.dtype == torch.bfloat16),
                             c_prev.data_ptr(), c.data_ptr(), h.data_ptr(), h_low.data_ptr(),
                             low, scratch.data_ptr())
-        head = self._head(h_low).contiguous()
+        # with dropout, the head's input as the PyTorch path makes it (from float32 h)
+        head = self._head(h_low if self._keep is None else self._head_input(h, flat))
+        head = head.contiguous()
         next_z = torch.empty(rows, s.z_dim)
         died = torch.zeros(rows, dtype=torch.bool)
         flat = flat.to(torch.int64).contiguous()
@@ -317,6 +343,15 @@ class BatchedDream:
                          died.data_ptr(), scratch.data_ptr())
         out = self.model.split_output(head.float())
         return h, c, next_z, out, flat, died if s.done_head else None
+
+    def _head_input(self, h: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """h (rows, H) float32 as the head reads it, in the matmuls' dtype: with dropout, each
+        dream's mask of this step (at ``flat``, its row of the flattened (B * block) masks)
+        applied and the kept units scaled in float32, before any rounding to bf16."""
+        if self._keep is not None:
+            keep = self._keep.view(-1, self.shape.hidden).index_select(0, flat)
+            h = inverted_dropout(h, keep, self.dropout)
+        return h.to(self.dtype)
 
     def _died(self, done_logit: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         """threshold: the original's rule, done when the logit > 0 (probability > 0.5 under

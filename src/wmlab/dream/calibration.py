@@ -10,7 +10,6 @@ dream's settings, M's weights, the episodes and seed), so a change of tau makes 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from typing import Any
@@ -53,11 +52,11 @@ def read_calibration(cfg: Config) -> dict[str, Any] | None:
 
 
 def calibration_fingerprint(cfg: Config, extra_bias: float = 0.0) -> str:
-    """What the dream side of the calibration depends on: the dream's settings, M's
-    weights, the number of dreams and their seed."""
+    """What the dream side of the calibration depends on: the dream's settings (its
+    dropout included), M's weights, the number of dreams and their seed."""
     settings = DreamSettings.from_config(cfg, cfg.dream.done_bias + extra_bias)
     weights = read_info(RunLayout.of(cfg).memory, FINAL_WEIGHTS).get("fingerprint", "")
-    key = {"dream": dataclasses.asdict(settings), "memory": weights,
+    key = {"dream": settings.identity(), "memory": weights,
            "episodes": cfg.mdrnn.calibration_episodes, "seed": cfg.run.seed}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -61,6 +61,8 @@ def dream_calibration(model: MDNRNN, start: DreamStart, settings: DreamSettings,
     report: dict[str, Any] = {"tau": settings.tau, "max_steps": settings.max_steps,
                               "episodes": episodes, "done_mode": settings.done_mode,
                               "done_bias": settings.done_bias, "policies": {}}
+    if settings.dropout:  # M's dropout kept on in the dream
+        report["dropout"] = settings.dropout
     for name in policies:
         policy = reference_policy(name, raw_dim or model.shape.action_dim, seed, to_vector)
         returns, lengths = dream.rollout(policy, seeds)

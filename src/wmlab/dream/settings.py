@@ -8,8 +8,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from wmlab.config import dream_dropout
 from wmlab.errors import WmlabError
-from wmlab.memory.model import check_tau
+from wmlab.memory.model import check_dropout, check_tau
 
 DONE_MODES = ("threshold", "sample")
 PRECISIONS = ("float32", "bfloat16")
@@ -29,9 +30,13 @@ class DreamSettings:
     done_weight: float = 1.0  # the done head's positive-class weight, undone by "sample"
     done_bias: float = 0.0  # added to the done logit; positive ends dreams sooner
     precision: str = "float32"  # the two matmuls of a step: float32 or bfloat16
+    # M's dropout kept on: the probability that a unit of h is dropped before the head,
+    # a fresh mask per dream and step from the dream's own seed; 0 = off
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         check_tau(self.tau)
+        check_dropout(self.dropout)
         if self.max_steps < 1:
             raise WmlabError(f"dream max_steps must be at least 1, got {self.max_steps}")
         if self.done_mode not in DONE_MODES:
@@ -51,10 +56,18 @@ class DreamSettings:
         return cls(tau=cfg.dream.tau, max_steps=cfg.dream.max_steps, done_mode=cfg.dream.done,
                    done_weight=cfg.mdrnn.done_weight,
                    done_bias=cfg.dream.done_bias if done_bias is None else done_bias,
-                   precision=cfg.dream.precision)
+                   precision=cfg.dream.precision, dropout=dream_dropout(cfg))
 
     def with_tau(self, tau: float) -> DreamSettings:
         return dataclasses.replace(self, tau=float(tau))
+
+    def identity(self) -> dict[str, Any]:
+        """The settings as a dict for fingerprints: a setting added later is left out at
+        the value that gives the dream from before it (so old fingerprints still match)."""
+        fields = dataclasses.asdict(self)
+        if fields["dropout"] == 0.0:
+            del fields["dropout"]
+        return fields
 
 
 def missing_dream_heads(shape: Any, survival_reward: bool = False) -> list[str]:

@@ -17,16 +17,19 @@ from wmlab.memory.model import MDNRNN, done_loss, mixture_nll
 
 
 def batch_losses(model: MDNRNN, batch: SeriesBatch, z_in: torch.Tensor, z_next: torch.Tensor,
-                 done_weight: float, state=None, bf16: bool = False
+                 done_weight: float, state=None, bf16: bool = False,
+                 dropout_mask: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, dict[str, Any], Any]:
     """Total loss, its parts (floats, plus done counts for precision/recall), next state.
 
     ``bf16`` runs M's LSTM and head under bfloat16 autocast; the head's outputs, the losses
-    and the carried state stay float32."""
+    and the carried state stay float32. ``dropout_mask``: the units of h kept in a training
+    batch (``MDNRNN.read_out``)."""
     # the flags always zero the state at episode starts (streams hold several episodes);
     # they are also an input only where M has the restart input
     with torch.autocast(z_in.device.type, dtype=torch.bfloat16, enabled=bf16):
-        out, _, state = model(z_in, batch.actions, restart=batch.restart, state=state)
+        out, _, state = model(z_in, batch.actions, restart=batch.restart, state=state,
+                              dropout_mask=dropout_mask)
     state = (state[0].float(), state[1].float())  # bf16 under autocast
     nll = mixture_nll(out, z_next, batch.mask)
     total = nll

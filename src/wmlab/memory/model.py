@@ -61,10 +61,32 @@ class MdrnnOutput:
 LstmState = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (1, B, hidden)
 
 
+def check_dropout(p: float) -> float:
+    """A dropout probability: 0 <= p < 1 (p = 1 would drop every unit and divide by 0)."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise WmlabError(f"dropout must be a probability in [0, 1), got {p!r}: use e.g. "
+                         "--set mdrnn.dropout=0.1")
+    return float(p)
+
+
+def inverted_dropout(hidden: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    """``hidden`` with the units where ``keep`` (bool, same shape) is False zeroed and the
+    others scaled by 1/(1-p), so the head sees on average what it sees without dropout.
+    Training and both dream paths apply it through this one function: the same float ops,
+    so the dream's two paths stay in step."""
+    return hidden * keep.to(hidden.dtype) * (1.0 / (1.0 - p))
+
+
 class MDNRNN(nn.Module):
-    def __init__(self, shape: MdrnnShape) -> None:
+    """``dropout``: the probability with which, in training mode only, units of the LSTM's
+    output are dropped on their way to the head (``read_out``); the recurrent state and
+    the hidden states returned (what C reads) are never dropped. No parameters: it changes
+    no checkpoint's shapes."""
+
+    def __init__(self, shape: MdrnnShape, dropout: float = 0.0) -> None:
         super().__init__()
         self.shape = shape
+        self.dropout = check_dropout(dropout)
         self.lstm = nn.LSTM(shape.input_size, shape.hidden, batch_first=True)
         self.head = nn.Linear(shape.hidden, shape.output_size)
 
@@ -73,9 +95,13 @@ class MDNRNN(nn.Module):
         return zeros, zeros.clone()
 
     def forward(self, z: torch.Tensor, actions: torch.Tensor,
-                restart: torch.Tensor | None = None, state: LstmState | None = None
+                restart: torch.Tensor | None = None, state: LstmState | None = None,
+                dropout_mask: torch.Tensor | None = None
                 ) -> tuple[MdrnnOutput, torch.Tensor, LstmState]:
         """(B, T, z), (B, T, A)[, (B, T) restart] -> outputs, hidden states (B, T, H), state.
+
+        ``dropout_mask``: the units (B, T, H) of h that ``read_out`` passes to the head in
+        training mode (None: drawn from torch's global generator); unused in eval mode.
 
         A restart of 1 at step t zeroes the LSTM state before step t is processed: that
         step starts a new episode, and nothing of the previous one may leak into it. The
@@ -98,13 +124,13 @@ class MDNRNN(nn.Module):
         if steps == 1 and not torch.is_autocast_enabled(x.device.type):
             h, c = self._cell(x[:, 0], keep[:, 0], state[0][0], state[1][0])
             hidden = h.unsqueeze(1)
-            return self.read_out(hidden), hidden, (h.unsqueeze(0), c.unsqueeze(0))
+            return self.read_out(hidden, dropout_mask), hidden, (h.unsqueeze(0), c.unsqueeze(0))
         if steps == 1 or not bool((keep[:, 1:] < 1).any()):
             # no reset after the first step: PyTorch's fused (oneDNN) LSTM, the fastest,
             # from the state zeroed where the first step restarts
             first = keep[:, 0].view(1, batch, 1)
             hidden, (h, c) = self.lstm(x, (state[0] * first, state[1] * first))
-            return self.read_out(hidden), hidden, (h, c)
+            return self.read_out(hidden, dropout_mask), hidden, (h, c)
         lstm = self.lstm
         # the scan has its own backward: under bf16 autocast (mdrnn.bf16) it runs only its
         # recurrent products (and their weight gradient) in bf16, states and gates in float32
@@ -115,7 +141,7 @@ class MDNRNN(nn.Module):
             hidden, h, c = lstm_scan(x.float(), lstm.weight_ih_l0, lstm.weight_hh_l0,
                                      lstm.bias_ih_l0 + lstm.bias_hh_l0, state[0][0].float(),
                                      state[1][0].float(), keep.float(), low)
-        return self.read_out(hidden), hidden, (h.unsqueeze(0), c.unsqueeze(0))
+        return self.read_out(hidden, dropout_mask), hidden, (h.unsqueeze(0), c.unsqueeze(0))
 
     def _cell(self, x: torch.Tensor, keep: torch.Tensor, h: torch.Tensor, c: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,7 +162,16 @@ class MDNRNN(nn.Module):
             else [z, actions]
         return self._cell(torch.cat(parts, dim=-1), 1.0 - restart.view(-1).to(z.dtype), h, c)
 
-    def read_out(self, hidden: torch.Tensor) -> MdrnnOutput:
+    def read_out(self, hidden: torch.Tensor, dropout_mask: torch.Tensor | None = None
+                 ) -> MdrnnOutput:
+        """The head on ``hidden`` (..., H), through dropout in training mode when
+        ``self.dropout`` > 0: with ``dropout_mask`` (bool, like ``hidden``: the units kept)
+        where given (training draws it from its (seed, step) generator, for exact resume),
+        else a fresh one."""
+        if self.training and self.dropout > 0.0:
+            if dropout_mask is None:
+                dropout_mask = torch.rand(hidden.shape, device=hidden.device) >= self.dropout
+            hidden = inverted_dropout(hidden, dropout_mask, self.dropout)
         # the head's matmuls through oneDNN (2x MKL's sgemm on this project's CPUs); under
         # bf16 autocast (mdrnn.bf16) the mixture parameters go on in float32 so the losses
         # keep their precision
@@ -340,6 +375,6 @@ def load_mdrnn(folder: str, device: torch.device | str = "cpu") -> tuple[MDNRNN,
         raise WmlabError(f"no trained M in {folder}: run `wmlab train-mdrnn` to the end first")
     ckpt = load_checkpoint(folder, FINAL_WEIGHTS, with_state=False)
     shape = MdrnnShape(**ckpt.info["shape"])
-    model = MDNRNN(shape)
+    model = MDNRNN(shape, float(ckpt.info.get("dropout", 0.0)))  # trained before: none
     load_weights_into(model, ckpt.weights, f"{folder}/{FINAL_WEIGHTS}")
     return model.to(device).eval(), ckpt.info

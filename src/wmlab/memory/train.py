@@ -119,13 +119,14 @@ class BatchBackward:
             self.pool.shutdown()
 
     def __call__(self, model: MDNRNN, batch: SeriesBatch, z_in: torch.Tensor,
-                 z_next: torch.Tensor, done_weight: float, state=None, bf16: bool = False
-                 ) -> tuple[dict[str, Any], Any]:
+                 z_next: torch.Tensor, done_weight: float, state=None, bf16: bool = False,
+                 dropout_mask: torch.Tensor | None = None) -> tuple[dict[str, Any], Any]:
         """Fill every parameter's ``.grad`` with the batch's gradient; returns the loss
-        parts (as ``batch_losses``) and the state after the batch."""
+        parts (as ``batch_losses``) and the state after the batch. ``dropout_mask``: the
+        whole batch's, cut into the groups' rows like the batch."""
         if self.pool is None or len(z_in) < 2:
             loss, parts, state_out = batch_losses(model, batch, z_in, z_next, done_weight,
-                                                  state, bf16)
+                                                  state, bf16, dropout_mask)
             loss.backward()
             return parts, state_out
         params = [p for p in model.parameters() if p.requires_grad]
@@ -137,7 +138,9 @@ class BatchBackward:
             torch.set_num_threads(self.threads)  # per thread: the caller keeps its own
             state_in = None if state is None else (state[0][:, rows], state[1][:, rows])
             loss, parts, state_out = batch_losses(model, batch.rows(rows), z_in[rows],
-                                                  z_next[rows], done_weight, state_in, bf16)
+                                                  z_next[rows], done_weight, state_in, bf16,
+                                                  None if dropout_mask is None
+                                                  else dropout_mask[rows])
             share = float(batch.mask[rows].sum()) / real_steps
             grads = torch.autograd.grad(loss * share, params, allow_unused=True)
             return grads, parts, share, state_out
@@ -306,17 +309,32 @@ class _Training:
         # the noise that samples z is a function of (seed, step), like the batch
         generator = torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + self.step)
         z_in, z_next = batch.sample_z(generator)
+        kept = draw_dropout_mask(z_in.shape[:2], self.model, generator, z_in.device)
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.cfg, self.step)
         self.optimizer.zero_grad(set_to_none=True)
         parts, state_out = backward(self.model, batch, z_in, z_next, m.done_weight, state_in,
-                                    self.bf16)
+                                    self.bf16, kept)
         torch.nn.utils.clip_grad_value_(self.model.parameters(), m.grad_clip)
         self.optimizer.step()
         if m.regime == "streams":
             self.carried = (state_out[0].detach(), state_out[1].detach())
         self.step += 1
         return parts
+
+
+def draw_dropout_mask(rows_steps: torch.Size, model: MDNRNN, generator: torch.Generator,
+                 device: torch.device) -> torch.Tensor | None:
+    """The units of h (B, T, H) that reach M's head in this batch, or None without dropout.
+
+    Drawn after the z noise from the step's generator (on the CPU, as the z noise), so the
+    mask is a function of (seed, step) like the batch: a resumed run drops the units an
+    unbroken one would have, and the batch's row groups (``BatchBackward``) cut one mask.
+    """
+    if model.dropout <= 0.0:
+        return None
+    shape = (*rows_steps, model.shape.hidden)
+    return (torch.rand(shape, generator=generator) >= model.dropout).to(device)
 
 
 @dataclass
@@ -352,7 +370,7 @@ def _new_model(cfg: Config, shape: MdrnnShape, device: torch.device) -> MDNRNN:
     init_from = cfg.mdrnn.init_from
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed)  # the initial weights belong to the run's seed
-        model = MDNRNN(shape).to(device)
+        model = MDNRNN(shape, cfg.mdrnn.dropout).to(device)
     if init_from:  # begin from a trained M (the previous iteration's)
         previous, _ = load_mdrnn(init_from)
         if previous.shape != shape:
@@ -376,8 +394,9 @@ def _start_training(cfg: Config, data: SeriesSet, device: torch.device) -> _Trai
     # the same run
     batching = {"regime": m.regime, "batch_size": m.batch_size, "seq_len": m.seq_len,
                 "seed": cfg.run.seed, "episodes": len(train)}
+    # dropout: M's checkpoints say what it was trained with (load_mdrnn reads it back)
     info = {"shape": shape.__dict__, "regime": m.regime, "series": data.fingerprint,
-            "env": cfg.env.name, "batching": batching}
+            "env": cfg.env.name, "batching": batching, "dropout": m.dropout}
     training = _Training(cfg, train, device, bf16, model, optimizer, RunLayout.of(cfg).memory,
                          info)
     if checkpoint.checkpoint_exists(training.folder, TRAIN_CHECKPOINT):
@@ -389,7 +408,10 @@ def _resume(training: _Training, batching: dict[str, Any]) -> None:
     """Load the training checkpoint into ``training``: weights, optimiser, step, state."""
     folder, device = training.folder, training.device
     ckpt = checkpoint.load_checkpoint(folder, TRAIN_CHECKPOINT, map_location=device)
-    before = ckpt.info.get("batching", batching)
+    # the dropout rate, beside the batching: another rate would not continue the same run
+    # (a checkpoint from before the key trained without dropout)
+    batching = {**batching, "dropout": training.info["dropout"]}
+    before = {**ckpt.info.get("batching", batching), "dropout": ckpt.info.get("dropout", 0.0)}
     changed = [k for k in batching if before.get(k) != batching[k]]
     if changed and int(ckpt.info["step"]) < training.cfg.mdrnn.steps:
         k = changed[0]
