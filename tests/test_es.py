@@ -18,8 +18,9 @@ from wmlab.checkpoint import load_checkpoint
 from wmlab.config import EsConfig
 from wmlab.controller.cmaes import generation_seeds, l2_penalty, run_es
 from wmlab.errors import WmlabError
-from wmlab.evaluators import Evaluator, check_ray_address
+from wmlab.evaluators import Evaluator
 from wmlab.pipeline.controller_stage import train_controller
+from wmlab.raycluster import check_ray_address, version_mismatch
 from wmlab.runs import RunLayout
 
 DREAM = ("es.population=16", "es.rollouts=2", "es.generations=8", "es.eval_every=4",
@@ -226,3 +227,14 @@ def test_unreachable_ray_address_is_refused_quickly():
     with pytest.raises(WmlabError, match="not host:port"):
         check_ray_address("nonsense")
     assert time.monotonic() - started < 20
+
+
+def test_a_version_mismatch_follows_rays_rule():
+    assert version_mismatch("2.60.0", "3.11.7", "2.60.0", "3.11.7") is None
+    assert "runs Ray 2.59.0 on Python 3.11.7, this machine Ray 2.60.0 on Python 3.11.7: " \
+        "install the cluster's versions here (pip install 'ray[default]==2.59.0'" in \
+        version_mismatch("2.59.0", "3.11.7", "2.60.0", "3.11.7")
+    assert version_mismatch("2.60.0", "3.11.7", "2.60.0", "3.11.8") is not None  # to the patch
+    assert version_mismatch("2.60.0", "3.11.7", "2.60.0", "3.11.8", "minor") is None
+    assert version_mismatch("2.60.0", "3.11.7", "2.60.0", "3.12.1", "minor") is not None
+    assert version_mismatch(None, None, "2.60.0", "3.11.7") is None  # no metadata: Ray checks

@@ -12,7 +12,7 @@ SRC = Path(__file__).parent.parent / "src"
 # the layers below, never above. Keep in step with docs/architecture.md.
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "closing", "version", "machine", "native", "procs", "plots", "metrics", "published",
-     "config", "device", "fsio", "checkpoint", "runs", "evaluators"),
+     "config", "device", "fsio", "checkpoint", "runs", "raycluster", "evaluators"),
     ("envs", "policies", "data"),
     ("vision", "memory", "controller"),
     ("shipped",),

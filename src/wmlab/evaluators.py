@@ -12,7 +12,9 @@ Engines:
 
 - ``serial``: jobs one after another in this process.
 - ``process`` (default): persistent local worker processes (spawned, one torch thread each).
-- ``ray``: one Ray actor per worker, on a local Ray instance or a cluster (``ray_address``).
+- ``ray``: one Ray actor per worker, on a local Ray instance or a cluster (``ray_address``;
+  ``wmlab.raycluster`` connects, token authentication included); each job's record says
+  on which node it ran.
 
 A worker that dies (its process ends, or its actor is lost) or stays silent longer than
 ``timeout`` seconds on a job is detected, replaced, and the job is retried on another worker;
@@ -25,7 +27,6 @@ import contextlib
 import multiprocessing as mp
 import os
 import signal
-import socket
 import sys
 import time
 import traceback
@@ -41,6 +42,7 @@ import torch
 from wmlab.closing import Closing
 from wmlab.errors import WmlabError
 from wmlab.procs import init_worker_process, kill_process_group
+from wmlab.raycluster import connect, import_ray
 
 ENGINES = ("serial", "process", "ray")
 POLL_SECONDS = 0.2
@@ -345,68 +347,45 @@ def _kill(slot: _Slot) -> None:
 # Ray
 
 
-def import_ray() -> Any:
-    try:
-        import ray
-    except ImportError:
-        raise WmlabError("es.engine = ray needs Ray: pip install 'wmlab[ray]' (or use "
-                         "es.engine = process)") from None
-    return ray
+@dataclass(frozen=True)
+class JobRecord:
+    """Where one job of the last ``map`` ran: the Ray node (its id, as ``ray.nodes()``
+    gives it) and the actor's pid."""
 
-
-def check_ray_address(address: str, timeout: float = 5.0) -> None:
-    """Refuse an address that does not answer quickly, before Ray waits on it for minutes."""
-    if not address or address in ("auto", "local"):
-        return
-    target = address.split("://", 1)[-1]
-    host, _, port = target.rpartition(":")
-    if not host or not port.isdigit():
-        raise WmlabError(f"es.ray_address '{address}' is not host:port (e.g. 10.0.0.5:6379), "
-                         "'auto' or empty for a local Ray instance")
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            pass
-    except OSError as exc:
-        raise WmlabError(f"Ray cluster at {address} does not answer ({exc.strerror or exc}): "
-                         "start it with `ray start --head`, check the address, or use "
-                         "es.engine = process") from None
+    job: int
+    node_id: str
+    pid: int
 
 
 class _RayWorker:
     """The body of a Ray actor: the runner built once, jobs run on request."""
 
     def __init__(self, workload: Workload, threads: int) -> None:
+        import ray
+
         torch.set_num_threads(max(1, threads))
+        self.where = (ray.get_runtime_context().get_node_id(), os.getpid())
         self.runner = workload.build()
 
     def pid(self) -> int:
         return os.getpid()
 
-    def run(self, *job: Any) -> Any:
-        return _result(self.runner.run(*job))
+    def run(self, *job: Any) -> tuple[str, int, Any]:
+        """(node id, pid, result): the result says where it was computed."""
+        return (*self.where, _result(self.runner.run(*job)))
 
 
 class RayEngine:
     def __init__(self, workload: Workload, workers: int, timeout: float, address: str = "",
                  threads: int = 1, max_attempts: int = 3) -> None:
         self.ray = import_ray()
-        check_ray_address(address)
         self.workload, self.timeout, self.threads = workload, timeout, threads
         self.max_attempts = max_attempts
         self.retries = 0
+        self.last_jobs: list[JobRecord] = []  # where the last map's jobs ran
         self.own_ray = not self.ray.is_initialized()
         if self.own_ray:
-            options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                                       "logging_level": "ERROR"}
-            if address:
-                options["address"] = address
-            else:
-                options["num_cpus"] = max(1, workers)
-            try:
-                self.ray.init(**options)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise WmlabError(f"cannot connect to Ray at '{address or 'local'}': {exc}; "
-                                 "start the cluster or use es.engine = process") from None
+            connect(address, workers)
         self.actor_class = self.ray.remote(num_cpus=1, max_restarts=0)(_RayWorker)
         self.actors = [self._start() for _ in range(max(1, workers))]
 
@@ -425,6 +404,7 @@ class RayEngine:
         pending = deque(range(len(jobs)))
         attempts = [0] * len(jobs)
         running: dict[Any, tuple[int, int, float]] = {}  # ref -> (actor index, job, started)
+        records: dict[int, JobRecord] = {}
         while len(results) < len(jobs):
             busy = {index for index, _, _ in running.values()}
             for index in range(len(self.actors)):
@@ -436,7 +416,8 @@ class RayEngine:
             for ref in ready:
                 index, job_id, _ = running.pop(ref)
                 try:
-                    results[job_id] = ray.get(ref)
+                    node_id, pid, results[job_id] = ray.get(ref)
+                    records[job_id] = JobRecord(job_id, node_id, pid)
                 except ray.exceptions.RayActorError as exc:
                     self._retry(index, job_id, pending, attempts, f"its actor died ({exc})")
                 except ray.exceptions.RayTaskError as exc:
@@ -452,6 +433,7 @@ class RayEngine:
                     ray.kill(self.actors[index], no_restart=True)
                     self._retry(index, job_id, pending, attempts,
                                 f"silent for more than es.timeout = {self.timeout:g} s")
+        self.last_jobs = [records[i] for i in range(len(jobs))]
         return [results[i] for i in range(len(jobs))]
 
     def _retry(self, index: int, job_id: int, pending: deque, attempts: list[int],
@@ -504,6 +486,11 @@ class Evaluator(Closing):
 
     def worker_pids(self) -> list[int]:
         return self.engine.worker_pids()
+
+    @property
+    def job_records(self) -> list[JobRecord]:
+        """Where each job of the last run ran (Ray: node id and pid; other engines: none)."""
+        return list(getattr(self.engine, "last_jobs", []))
 
     def wait_ready(self) -> None:
         if hasattr(self.engine, "wait_ready"):

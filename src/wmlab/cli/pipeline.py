@@ -15,7 +15,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                                   "es.workers": args.workers,
                                   "es.ray_address": args.ray_address})
     if engine == "ray":
-        from wmlab.evaluators import check_ray_address
+        from wmlab.raycluster import check_ray_address
 
         check_ray_address(cfg.es.ray_address)  # before any stage starts
     # --iteration K runs that iteration alone; without it, iterations 1..run.iterations run

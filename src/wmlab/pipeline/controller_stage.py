@@ -27,9 +27,10 @@ from wmlab.controller.model import check_shape, shape_info
 from wmlab.dream.calibration import noop_order_warning
 from wmlab.dream.settings import missing_dream_heads
 from wmlab.errors import WmlabError
-from wmlab.evaluators import Evaluator, check_ray_address, warn
+from wmlab.evaluators import Evaluator, warn
 from wmlab.fidelity import DEFAULT_FIDELITY_DREAMS, measure_fidelity
 from wmlab.fsio import atomic_write_bytes, exists
+from wmlab.raycluster import check_ray_address
 from wmlab.runs import RunLayout
 
 
