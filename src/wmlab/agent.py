@@ -3,7 +3,10 @@
 Real env, per step and for the whole batch at once: one V encode of every running env's
 frame, z *sampled* from V's posterior (SPEC 5), one batched C forward over [z, h] / [z, c, h]
 for all population members, the env step, one M step on [z, a(, restart)]. The restart
-flag is 1 on the first step when M has that input, as in M's training data.
+flag is 1 on the first step when M has that input, as in M's training data. A look-ahead
+C (``controller.lookahead``) first steps M once for every action of every row (B x A rows,
+``MDNRNN.advance_each``) and scores the actions on M's states after them; the chosen
+action's state is then M's step, not computed again.
 
 Determinism: the noise that samples z for an env comes from a generator keyed by that env's
 seed alone, so an episode's return depends only on (seed, controller), never on which
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -24,6 +27,8 @@ from wmlab.controller.model import (
     ControllerShape,
     controller_features,
     controller_shape,
+    lookahead_features,
+    lookahead_forward,
     population_forward,
 )
 from wmlab.device import resolve_bf16
@@ -52,12 +57,17 @@ class AgentModels:
     start: DreamStart | None = None
     vae_bf16: bool = False  # encode real frames in bf16, as the run's series were (vae.bf16)
     packed: PackedEncoder | None = None  # V's encoder packed for acting (controller.packed_encoder)
+    # a look-ahead C (controller.lookahead): the action vectors of the A actions it scores
+    # (row a: action a); None for a C that reads [z, h] itself
+    candidates: torch.Tensor | None = None
 
 
 def build_models(spec: EnvSpec, mdrnn: MDNRNN, vae: ConvVAE | None, features: str,
                  hidden: int, bias: bool, start: DreamStart | None = None,
-                 vae_bf16: bool = False, packed_encoder: bool = False) -> AgentModels:
-    """Check that V, M and the env fit together and derive C's shape from them."""
+                 vae_bf16: bool = False, packed_encoder: bool = False,
+                 lookahead: bool = False) -> AgentModels:
+    """Check that V, M and the env fit together and derive C's shape from them
+    (``lookahead``: the look-ahead C of ``controller.lookahead``)."""
     m = mdrnn.shape
     if vae is not None and vae.z_dim != m.z_dim:
         raise WmlabError(f"V has z_dim {vae.z_dim} but M was trained on z_dim {m.z_dim}: "
@@ -66,7 +76,8 @@ def build_models(spec: EnvSpec, mdrnn: MDNRNN, vae: ConvVAE | None, features: st
         raise WmlabError(f"M takes actions of size {m.action_dim} but env '{spec.name}' has "
                          f"{spec.action_dim}: M was trained for another environment")
     shape = controller_shape(features, m.z_dim, m.hidden, spec.controller_outputs, hidden,
-                             bias)
+                             bias, lookahead, m.reward_head)
+    candidates = _candidates(spec) if lookahead else None
     if vae is not None:
         # Channels-last convolutions: ~1.3-1.8x faster encoding on CPU (frames arrive as
         # HWC uint8, which is already that layout).
@@ -76,7 +87,19 @@ def build_models(spec: EnvSpec, mdrnn: MDNRNN, vae: ConvVAE | None, features: st
     if vae is not None and packed_encoder:
         packed = PackedEncoder(vae.encoder, torch.bfloat16 if bf16 else torch.float32)
     return AgentModels(spec=spec, mdrnn=mdrnn.eval(), features=features, shape=shape, vae=vae,
-                       start=start, vae_bf16=bf16, packed=packed)
+                       start=start, vae_bf16=bf16, packed=packed, candidates=candidates)
+
+
+def _candidates(spec: EnvSpec) -> torch.Tensor:
+    """The (A, action_dim) action vectors a look-ahead C scores: every action of a discrete
+    env, each as M reads it. Other envs have no list of actions to try (a Box is a
+    continuum, Doom's C emits one value that thresholds pick the action from)."""
+    if spec.action_kind != "discrete":
+        raise WmlabError(f"controller.lookahead scores each of a discrete env's actions, but "
+                         f"env '{spec.name}' has {spec.action_kind} actions: set "
+                         "controller.lookahead = false")
+    actions = np.arange(spec.controller_outputs)
+    return torch.from_numpy(spec.action_vector(actions)).float()
 
 
 class EnvNoise:
@@ -114,16 +137,47 @@ def _member_params(params: np.ndarray | torch.Tensor, shape: ControllerShape) ->
     return tensor
 
 
+class Acted(NamedTuple):
+    """C's step for a batch: raw outputs, env actions, M's action vectors, and M's next
+    (h, c) where the look-ahead has already computed them (None: step M on the actions)."""
+
+    raw: np.ndarray
+    env_actions: np.ndarray
+    vectors: np.ndarray
+    next_state: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
 def _act(models: AgentModels, params: torch.Tensor, z: torch.Tensor, h: torch.Tensor,
-         c: torch.Tensor, members: int, mask: np.ndarray | None = None
-         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One batched C forward for all members: (raw outputs, env actions, M's action vectors)
-    for the B = members x rollouts rows of ``z`` (rows grouped by member)."""
+         c: torch.Tensor, restart: torch.Tensor, members: int,
+         mask: np.ndarray | None = None) -> Acted:
+    """One batched C forward for all members, for the B = members x rollouts rows of ``z``
+    (rows grouped by member) in M's state (h, c, ``restart``: 1 on an episode's first step)."""
+    if models.candidates is not None:
+        return _act_ahead(models, params, z, h, c, restart, members, mask)
     feats = controller_features(models.features, z, h, c)
     raw = population_forward(models.shape, params, feats.reshape(members, -1, feats.shape[-1]))
     raw_np = raw.reshape(len(z), -1).numpy()
     env_actions = models.spec.to_env_action(raw_np, mask)
-    return raw_np, env_actions, models.spec.action_vector(env_actions)
+    return Acted(raw_np, env_actions, models.spec.action_vector(env_actions))
+
+
+def _act_ahead(models: AgentModels, params: torch.Tensor, z: torch.Tensor, h: torch.Tensor,
+               c: torch.Tensor, restart: torch.Tensor, members: int,
+               mask: np.ndarray | None) -> Acted:
+    """The look-ahead C: M stepped from each row's state once per action (B x A rows), each
+    action scored on M's state after it (and the reward M predicts for it), the scores
+    masked and argmaxed as any discrete C's logits. The chosen action's (h', c') is M's
+    next state: the step on that action is the one already taken here."""
+    m = models.mdrnn
+    h_next, c_next = m.advance_each(z, models.candidates, restart, h, c)
+    feats = lookahead_features(models.features, h_next, c_next, m.predicted_reward(h_next))
+    scores = lookahead_forward(models.shape, params,
+                               feats.reshape(members, -1, *feats.shape[1:]))
+    raw = scores.reshape(len(z), -1).numpy()
+    env_actions = models.spec.to_env_action(raw, mask)
+    rows, chosen = torch.arange(len(z)), torch.from_numpy(env_actions)
+    return Acted(raw, env_actions, models.spec.action_vector(env_actions),
+                 (h_next[rows, chosen], c_next[rows, chosen]))
 
 
 def _sample_z(models: AgentModels, frames: np.ndarray, eps: np.ndarray) -> torch.Tensor:
@@ -226,19 +280,24 @@ class Agent:
                ) -> np.ndarray:
         """C's actions for the last observed z (``mask``: the valid actions of discrete
         envs), then M advanced on them for the ``running`` envs. Returns the env actions."""
-        raw, env_actions, vectors = _act(self.models, self.theta, self.z, self.h, self.c,
-                                         self.members, mask)
-        self.raw = raw
+        acted = _act(self.models, self.theta, self.z, self.h, self.c, self.restart,
+                     self.members, mask)
+        self.raw = acted.raw
         m = self.models.mdrnn
-        if running is None or bool(running.all()):
-            self.h, self.c = _memory_step(m, self.z, vectors, self.h, self.c, self.restart)
+        every = running is None or bool(running.all())
+        rows = slice(None) if every else np.flatnonzero(running)
+        if acted.next_state is not None:  # the look-ahead has stepped M on these actions
+            h, c = acted.next_state if every else (acted.next_state[0][rows],
+                                                   acted.next_state[1][rows])
         else:
-            rows = np.flatnonzero(running)
-            self.h[rows], self.c[rows] = _memory_step(m, self.z[rows], vectors[rows],
-                                                      self.h[rows], self.c[rows],
-                                                      self.restart[rows])
+            h, c = _memory_step(m, self.z[rows], acted.vectors[rows], self.h[rows],
+                                self.c[rows], self.restart[rows])
+        if every:  # new tensors, not written in place: callers may hold the last h
+            self.h, self.c = h, c
+        else:
+            self.h[rows], self.c[rows] = h, c
         self.restart.zero_()
-        return env_actions
+        return acted.env_actions
 
     def act_batch(self, frames: np.ndarray, mask: np.ndarray | None = None,
                   running: np.ndarray | None = None) -> np.ndarray:
@@ -351,9 +410,11 @@ def run_dream(models: AgentModels, params: np.ndarray, seeds: np.ndarray,
     done = torch.zeros(len(z), dtype=torch.bool)
     lengths = torch.zeros(len(z), dtype=torch.int64)
     while not bool(done.all()):
-        _, _, vectors = _act(models, theta, z, dream.hidden, dream.cell, members)
+        # a look-ahead C steps M from the dream's state for its choice (float32, whatever
+        # dream.precision); the dream then steps on that choice by its own rules
+        acted = _act(models, theta, z, dream.hidden, dream.cell, dream.restart, members)
         lengths += ~done
-        z, reward, done = dream.step(torch.from_numpy(vectors))
+        z, reward, done = dream.step(torch.from_numpy(acted.vectors))
         returns += reward.double()
     if steps is not None:
         steps[...] = lengths.numpy().reshape(members, per_member)
@@ -381,6 +442,7 @@ class RolloutWorkload:
     vae_bf16: bool = False  # vae.bf16 where the hardware runs it: V as in the encode stage
     packed_encoder: bool = False  # controller.packed_encoder: V's encoder packed for acting
     stall_steps: int = 0  # es.stall_steps: end real episodes that stopped scoring; 0 = off
+    lookahead: bool = False  # controller.lookahead: C scores M's state after each action
 
     def load(self) -> AgentModels:
         from wmlab.checkpoint import load_checkpoint
@@ -397,7 +459,7 @@ class RolloutWorkload:
         # silent: every worker builds this, and the encode stage has said it once already
         bf16 = resolve_bf16(self.vae_bf16, torch.device("cpu"), log=lambda message: None)
         return build_models(get_spec(self.env), mdrnn, vae, self.features, self.hidden,
-                            self.bias, start, bf16, self.packed_encoder)
+                            self.bias, start, bf16, self.packed_encoder, self.lookahead)
 
     def build(self) -> RolloutRunner:
         return RolloutRunner(self, self.load())
@@ -449,7 +511,8 @@ def workload_from_config(cfg: Any, kind: str | None = None, backend: str | None 
         max_steps=0 if dream else cfg.env.max_steps,
         dream=dream_settings(cfg) if dream else None,
         vae_bf16=cfg.vae.bf16, packed_encoder=cfg.controller.packed_encoder,
-        stall_steps=cfg.es.stall_steps if kind == "real" else 0)
+        stall_steps=cfg.es.stall_steps if kind == "real" else 0,
+        lookahead=cfg.controller.lookahead)
 
 
 class AgentPolicy:

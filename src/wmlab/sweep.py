@@ -123,6 +123,8 @@ def training_settings(cfg: Config) -> dict[str, Any]:
         "memory": _fingerprint(RunLayout.of(cfg).memory, FINAL_WEIGHTS),
         "initial_z": _fingerprint(RunLayout.of(cfg).memory, INITIAL_Z),
         "generations": es.generations,
+        # only when on: folders swept before the key existed keep matching
+        **({"controller_lookahead": True} if ctrl.lookahead else {}),
     }
 
 

@@ -4,6 +4,11 @@ A controller maps features [z, h] (or [z, c, h] for Doom, or z alone) to raw out
 [-1, 1] through tanh, optionally with a hidden tanh layer (the paper's 40-unit variant);
 the env's spec maps raw outputs to actions. A whole population evaluates as one batched
 matrix product: parameters (P, n) and features (P, N, in) give outputs (P, N, out).
+
+A look-ahead controller (``controller.lookahead``, discrete actions) scores each action a
+instead by one linear map of M's state *after* a, shared by the actions, plus a bias of
+its own: score_a = w . [(c'_a,) h'_a(, r_a)] + b_a, r_a the reward M predicts for a. The
+agent steps M for every action (``wmlab.agent``); here are only the shapes and the scoring.
 """
 
 from __future__ import annotations
@@ -12,18 +17,25 @@ from dataclasses import dataclass
 
 import torch
 
+from wmlab.config import check_lookahead
 from wmlab.errors import WmlabError
 
 
 @dataclass(frozen=True)
 class ControllerShape:
+    """``inputs``: the features C reads, per action for a look-ahead C (``lookahead``), whose
+    ``outputs`` are the actions and ``bias`` their own biases b_a."""
+
     inputs: int
     outputs: int
     hidden: int = 0
     bias: bool = True
+    lookahead: bool = False
 
     @property
     def num_params(self) -> int:
+        if self.lookahead:  # w shared by the actions, then b_a
+            return self.inputs + (self.outputs if self.bias else 0)
         if self.hidden:
             return (self.inputs + 1) * self.hidden + self.hidden * self.outputs + (
                 self.outputs if self.bias else 0)
@@ -36,6 +48,23 @@ def feature_size(kind: str, z_dim: int, hidden: int) -> int:
     if kind not in sizes:
         raise WmlabError(f"controller.inputs: '{kind}' is not one of z, zh, zch")
     return sizes[kind]
+
+
+def lookahead_size(kind: str, m_hidden: int, reward: bool) -> int:
+    """Size of what a look-ahead C reads of M's state after one action: h' (``zh``) or
+    [c', h'] (``zch``), plus M's predicted reward where M has that head. z is the same for
+    every action, so it could not change which one wins: it is left out."""
+    return (2 * m_hidden if kind == "zch" else m_hidden) + int(reward)
+
+
+def lookahead_features(kind: str, h_next: torch.Tensor, c_next: torch.Tensor,
+                       reward: torch.Tensor | None) -> torch.Tensor:
+    """What a look-ahead C reads per action: (B, A, H) states (and (B, A) predicted
+    rewards, or None) -> (B, A, lookahead_size)."""
+    parts = [c_next, h_next] if kind == "zch" else [h_next]
+    if reward is not None:
+        parts.append(reward.unsqueeze(-1))
+    return torch.cat(parts, dim=-1)
 
 
 def controller_features(kind: str, z: torch.Tensor, h: torch.Tensor | None,
@@ -66,6 +95,9 @@ def _unpack(shape: ControllerShape, params: torch.Tensor):
         offset += count
         return block
 
+    if shape.lookahead:
+        w = take(shape.inputs)
+        return [(w, take(shape.outputs) if shape.bias else None)]
     if shape.hidden:
         w1 = take(shape.hidden, shape.inputs)
         b1 = take(shape.hidden)
@@ -80,6 +112,9 @@ def _unpack(shape: ControllerShape, params: torch.Tensor):
 def population_forward(shape: ControllerShape, params: torch.Tensor,
                        features: torch.Tensor) -> torch.Tensor:
     """params (P, n), features (P, N, inputs) -> raw outputs (P, N, outputs) in [-1, 1]."""
+    if shape.lookahead:
+        raise WmlabError("a look-ahead controller scores M's states after each action: "
+                         "call lookahead_forward")
     x = features
     for weight, bias in _unpack(shape, params.to(features.dtype)):
         x = torch.bmm(x, weight.transpose(1, 2))
@@ -89,22 +124,40 @@ def population_forward(shape: ControllerShape, params: torch.Tensor,
     return x
 
 
+def lookahead_forward(shape: ControllerShape, params: torch.Tensor,
+                      features: torch.Tensor) -> torch.Tensor:
+    """params (P, n), per-action features (P, N, A, inputs) -> scores (P, N, A): w . x_a +
+    b_a. Not squashed by tanh: they are logits for an argmax, and tanh would make large
+    ones equal (1.0 in float32 from about 9 on), leaving the choice to the first of them."""
+    [(weight, bias)] = _unpack(shape, params.to(features.dtype))
+    scores = (features @ weight[:, None, :, None]).squeeze(-1)
+    return scores if bias is None else scores + bias.unsqueeze(1)
+
+
 def controller_shape(kind: str, z_dim: int, m_hidden: int, outputs: int, hidden: int = 0,
-                     bias: bool = True) -> ControllerShape:
-    """The controller that fits a V of ``z_dim`` and an M of ``m_hidden`` units."""
-    return ControllerShape(inputs=feature_size(kind, z_dim, m_hidden), outputs=outputs,
-                           hidden=hidden, bias=bias)
+                     bias: bool = True, lookahead: bool = False,
+                     reward: bool = False) -> ControllerShape:
+    """The controller that fits a V of ``z_dim`` and an M of ``m_hidden`` units; with
+    ``lookahead``, the look-ahead C over an M with (``reward``) or without a reward head."""
+    if not lookahead:
+        return ControllerShape(inputs=feature_size(kind, z_dim, m_hidden), outputs=outputs,
+                               hidden=hidden, bias=bias)
+    check_lookahead(kind, hidden)
+    return ControllerShape(inputs=lookahead_size(kind, m_hidden, reward), outputs=outputs,
+                           bias=bias, lookahead=True)
 
 
 def shape_info(shape: ControllerShape, kind: str) -> dict:
     """What a controller checkpoint records so that a mismatch is named on loading."""
     return {"inputs": shape.inputs, "outputs": shape.outputs, "hidden": shape.hidden,
-            "bias": shape.bias, "features": kind, "num_params": shape.num_params}
+            "bias": shape.bias, "features": kind, "lookahead": shape.lookahead,
+            "num_params": shape.num_params}
 
 
 def check_shape(info: dict, shape: ControllerShape, kind: str, source: str) -> None:
     """Refuse a controller saved for another V, M or controller config, saying which."""
     saved = {k: info.get(k) for k in ("inputs", "outputs", "hidden", "bias", "features")}
+    saved["lookahead"] = bool(info.get("lookahead", False))  # files from before: linear C
     wanted = {k: v for k, v in shape_info(shape, kind).items() if k in saved}
     if saved != wanted:
         diff = ", ".join(f"{k} {saved[k]!r} in the file but {wanted[k]!r} here"

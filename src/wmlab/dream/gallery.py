@@ -92,6 +92,10 @@ def _policy_from(cfg: Config, tensors: dict[str, torch.Tensor], path: str, mdrnn
                  ) -> Callable[[BatchedDream], torch.Tensor]:
     from wmlab.controller.model import ControllerShape, feature_size, population_forward
 
+    if cfg.controller.lookahead:  # its features are M's states after each action
+        raise WmlabError("the dream pictures drive the dream with a C that reads [z, h]; a "
+                         "look-ahead C (controller.lookahead) plays the dream in `wmlab "
+                         "evaluate --dream`: leave out --controller here")
     params = tensors.get("params", next(iter(tensors.values()), None))
     if params is None:
         raise WmlabError(f"controller file {path} holds no tensor")

@@ -162,6 +162,40 @@ class MDNRNN(nn.Module):
             else [z, actions]
         return self._cell(torch.cat(parts, dim=-1), 1.0 - restart.view(-1).to(z.dtype), h, c)
 
+    def advance_each(self, z: torch.Tensor, candidates: torch.Tensor, restart: torch.Tensor,
+                     h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """M's next (h, c) for every one of A candidate actions from the same state:
+        (B, z), candidates (A, action_dim), restart (B,) or (B, 1), (h, c) each (B, H) ->
+        (h', c') each (B, A, H); row (b, a) is ``advance`` on (z_b, candidate a).
+
+        The gates are linear in the input, so the part every candidate shares (z, restart,
+        h) is one matmul for the batch and each candidate's part one small (A, 4H) product:
+        the cost of one step plus A elementwise cell updates, not of A steps.
+        """
+        s, lstm = self.shape, self.lstm
+        flag = restart.reshape(-1, 1).to(z.dtype)
+        h, c = h * (1.0 - flag), c * (1.0 - flag)  # a restart starts from a zero state
+        w_ih = lstm.weight_ih_l0  # columns: [z, action(, restart)], as ``advance`` reads
+        shared = torch.addmm(lstm.bias_ih_l0 + lstm.bias_hh_l0, z, w_ih[:, :s.z_dim].T)
+        shared = torch.addmm(shared, h, lstm.weight_hh_l0.T)
+        if s.restart_input:
+            shared = shared + flag * w_ih[:, -1]
+        own = candidates.to(z.dtype) @ w_ih[:, s.z_dim:s.z_dim + s.action_dim].T
+        gates = shared.unsqueeze(1) + own.unsqueeze(0)  # (B, A, 4H), gate order i, f, g, o
+        i, f, g, o = gates.chunk(4, dim=-1)
+        c_next = torch.sigmoid(f) * c.unsqueeze(1) + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c_next), c_next
+
+    def predicted_reward(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The reward head alone on ``hidden`` (..., H) -> (...): the reward M predicts for
+        the step that produced ``hidden``; None without that head. One column of the head,
+        not its 3 z K mixture outputs (eval mode: no dropout)."""
+        s = self.shape
+        if not s.reward_head:
+            return None
+        column = 3 * s.z_dim * s.gaussians + int(s.done_head)
+        return hidden @ self.head.weight[column] + self.head.bias[column]
+
     def read_out(self, hidden: torch.Tensor, dropout_mask: torch.Tensor | None = None
                  ) -> MdrnnOutput:
         """The head on ``hidden`` (..., H), through dropout in training mode when
