@@ -440,3 +440,21 @@ def test_tiny_pipeline_reports_the_agent_beside_the_baselines(tmp_path):
         assert all(-30 <= r <= 0 for r in row["returns"])
     report = (run / "report.md").read_text()
     assert "best-fit heuristic" in report and "-104.5" in report
+
+
+def test_best_profile_scores_each_level_ahead_on_common_items():
+    """Issue 29's profile: the look-ahead C on wm30, every member on the same item
+    sequences, and an iteration 2 that continues V, M and C."""
+    from unittest import mock
+
+    from wmlab.config import load_config
+    from wmlab.pipeline import iteration_config
+
+    cfg = load_config("binpacking", "best")
+    assert cfg.controller.lookahead and cfg.es.common_seeds and cfg.es.fitness == "real"
+    assert "capacity=30" in cfg.env.name and cfg.mdrnn.reward_head
+    cfg.run.name = "/nowhere/best"
+    with mock.patch("wmlab.checkpoint.checkpoint_exists", return_value=True):
+        later = iteration_config(cfg, 2)
+    assert later.vae.epochs == 0 and later.collect.agent_fraction > 0
+    assert later.es.init_from.endswith("/controller") and later.controller.lookahead

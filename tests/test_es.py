@@ -94,6 +94,29 @@ def test_antithetic_seeds():
     assert len(np.unique(other)) == 32 and not np.array_equal(other[:4], seeds[:4])
 
 
+def test_common_seeds_put_every_member_on_the_same_episodes(tmp_path):
+    """es.common_seeds: the fitness sees one row of seeds repeated for every member, new
+    ones each generation (common random numbers rank members, not their luck)."""
+    from wmlab.config import EsConfig
+    from wmlab.controller.cmaes import run_es
+
+    seen = []
+
+    class Recording:
+        def evaluate(self, params, seeds):
+            seen.append(seeds.copy())
+            return -np.square(params).sum(axis=1)
+
+    es = EsConfig(population=6, rollouts=3, generations=2, eval_every=10, eval_rollouts=3,
+                  common_seeds=True)
+    run_es(Recording(), 4, es, str(tmp_path), progress=False)
+    generations = [s for s in seen if s.shape == (6, 3)]
+    assert len(generations) == 2
+    for seeds in generations:
+        assert (seeds == seeds[0]).all() and len(np.unique(seeds[0])) == 3
+    assert not np.array_equal(generations[0][0], generations[1][0])
+
+
 def test_dream_training_improves_survival(tmp_path):
     cfg = make_run(tmp_path, overrides=DREAM)
     result = train_controller(cfg, progress=False)

@@ -187,6 +187,9 @@ class EsConfig:
                            "of thousands of parameters)", choices=("full", "diagonal"))
     l2: float = _opt(0.01, "L2 weight penalty subtracted from fitness", min=0.0)
     antithetic: bool = _opt(True, "members i and i + pop/2 share rollout seeds")
+    common_seeds: bool = _opt(False, "every member of a generation plays the same rollout "
+                              "seeds (common random numbers: ranks members where episodes "
+                              "differ more than controllers do, e.g. BinPacking's items)")
     generations: int = _opt(2000, "generations to run", min=0)
     eval_every: int = _opt(25, "generations between scoring the mean", min=1)
     eval_rollouts: int = _opt(1024, "rollouts on fixed seeds when scoring the mean", min=1)

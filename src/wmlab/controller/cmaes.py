@@ -97,9 +97,13 @@ def check_es_config(es: EsConfig) -> None:
 
 
 def generation_seeds(seed: int, generation: int, population: int, rollouts: int,
-                     antithetic: bool) -> np.ndarray:
-    """(P, R) rollout seeds of one generation; rows i and i + P/2 equal when antithetic."""
+                     antithetic: bool, common: bool = False) -> np.ndarray:
+    """(P, R) rollout seeds of one generation; rows i and i + P/2 equal when antithetic,
+    every row equal when ``common`` (all members on the same episodes: where episodes vary
+    more than good controllers differ, only the same episodes rank them)."""
     rng = np.random.default_rng([seed, generation, 5])
+    if common:
+        return np.repeat(rng.integers(0, SEED_RANGE, (1, rollouts)), population, axis=0)
     if not antithetic:
         return rng.integers(0, SEED_RANGE, (population, rollouts))
     half = rng.integers(0, SEED_RANGE, (population // 2, rollouts))
@@ -319,7 +323,8 @@ def _evolve(search: _Search, generation: int) -> tuple[np.ndarray, dict[str, flo
         candidates = np.asarray(strategy.ask(), dtype=np.float64)
     in_dream = generation < es.dream_generations
     rollouts = es.dream_rollouts if in_dream and es.dream_rollouts else es.rollouts
-    seeds = generation_seeds(seed, generation, es.population, rollouts, es.antithetic)
+    seeds = generation_seeds(seed, generation, es.population, rollouts, es.antithetic,
+                             es.common_seeds)
     members = search.dream_fitness if in_dream and search.dream_fitness is not None \
         else search.fitness
     returns = np.asarray(members.evaluate(candidates.astype(np.float32), seeds),

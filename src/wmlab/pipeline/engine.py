@@ -97,7 +97,8 @@ LATER_KEYS: dict[str, Any] = {"es.dream_generations": 0, "es.covariance": "full"
                                "eval.fidelity_dreams": 0, "eval.fidelity_taus": [],
                                "es.init_from": "", "es.dream_rollouts": 0,
                                "dream.tau_from_fidelity": False, "mdrnn.dropout": 0.0,
-                               "dream.dropout": False, "controller.lookahead": False}
+                               "dream.dropout": False, "controller.lookahead": False,
+                               "es.common_seeds": False}
 
 
 def _hash(value: Any) -> str:
