@@ -281,13 +281,21 @@ def _report_output(cfg: Config) -> str | None:
     return _hash(fs.cat_file(path).decode()) if fs.exists(path) else None
 
 
+def _collect_description(cfg: Config) -> str:
+    """'collecting 300 agent + 300 brown-policy episodes': every share of the store."""
+    from wmlab.collect import collection_shares
+
+    shares = " + ".join(f"{count} {policy}" for policy, count in collection_shares(cfg))
+    return f"collecting {shares}-policy episodes"
+
+
 def default_stages(cfg: Config) -> list[Stage]:
     """The stages of a World Models run, in the order of ``wmlab.runs.STAGES``."""
     store_in_run = not cfg.collect.out
     stages = [
         Stage("collect", ("env", "collect", "run.seed"), "data" if store_in_run else None,
               _run_collect, _store_fingerprint,
-              f"collecting {cfg.collect.episodes} {cfg.collect.policy}-policy episodes"),
+              _collect_description(cfg)),
         Stage("vision", ("vae", "run.seed"), "vision", _run_vision, _vision_output,
               f"training V ({cfg.vae.kind}, z={cfg.vae.z_dim}, {cfg.vae.epochs} epochs)"),
         Stage("encode", (), None, _run_encode, _encode_output,
