@@ -393,3 +393,56 @@ def test_fidelity_refuses_an_m_without_the_dream_heads(tmp_path):
     with pytest.raises(WmlabError, match="needs M's done_head"):
         measure_fidelity(cfg, 4)
     assert not (Path(cfg.run_dir()) / "eval").exists()  # nothing written
+
+
+# --- what the stall option does to C's fitness ------------------------------------------------
+
+
+def test_stall_effect_summary_pairs_tracks_and_counts_the_steps_saved():
+    from wmlab.stall import summarize
+
+    whole = np.array([[100.0, 300.0], [500.0, 700.0], [200.0, 0.0]])
+    stalled = whole - np.array([[10.0, 30.0], [0.0, 0.0], [20.0, 0.0]])
+    effect = summarize(100, [10, 20, 30], whole, stalled, np.full((3, 2), 1000),
+                       np.array([[500, 1000], [1000, 1000], [900, 1000]]))
+    assert [r.generation for r in effect.rows] == [10, 20, 30]
+    assert effect.rows[0].whole == 200.0 and effect.rows[0].stalled == 180.0
+    assert effect.rank_correlation == pytest.approx(1.0)  # the same order: 2 > 1 > 3
+    assert effect.difference == pytest.approx(-10.0)
+    assert effect.difference_se == pytest.approx(np.std([-10, -30, 0, 0, -20, 0], ddof=1)
+                                                 / np.sqrt(6))
+    assert effect.steps_saved == pytest.approx(600 / 6000)
+    assert "rank correlation with whole episodes +1.00" in effect.line()
+
+
+def test_stall_effect_plays_the_snapshots_whole_and_stalled(tmp_path, one_thread):
+    import json
+
+    from agent_fixtures import make_run
+    from wmlab.checkpoint import save_checkpoint
+    from wmlab.controller.cmaes import SNAPSHOTS
+    from wmlab.errors import WmlabError
+    from wmlab.stall import measure_stall_effect
+
+    m = MDNRNN(MdrnnShape(z_dim=8, action_dim=3, hidden=16, gaussians=2))
+    cfg = make_run(tmp_path, "carracing", ('env.backend="gymnasium"', "env.max_steps=60",
+                                           "es.workers=1", "es.stall_steps=0"), mdrnn=m)
+    layout = RunLayout.of(cfg)
+    with pytest.raises(WmlabError, match="no stall to measure"):
+        measure_stall_effect(cfg, tracks=2)
+    with pytest.raises(WmlabError, match="holds 0 scored means"):
+        measure_stall_effect(cfg, tracks=2, stall_steps=5)
+    n = (8 + 16) * 3 + 3
+    for g, scale in ((10, 0.0), (20, 0.5)):
+        params = scale * torch.linspace(-1, 1, n)
+        save_checkpoint(f"{layout.controller}/{SNAPSHOTS}", f"g{g:05d}", g,
+                        {"params": params}, None, {"generation": g, "eval_mean": 0.0})
+    short = measure_stall_effect(cfg, tracks=2, stall_steps=5)
+    assert [r.generation for r in short.rows] == [10, 20] and short.tracks == 2
+    assert all(r.stalled_steps <= r.whole_steps == 2 * 60 for r in short.rows)
+    saved = json.loads(Path(layout.stall_effect).read_text())
+    assert saved["stall_steps"] == 5 and len(saved["rows"]) == 2
+    # a stall longer than the episode ends nothing: the fitness is the whole episodes'
+    never = measure_stall_effect(cfg, tracks=2, stall_steps=1000)
+    assert never.steps_saved == 0.0 and never.difference == 0.0
+    assert [r.stalled for r in never.rows] == [r.whole for r in never.rows]

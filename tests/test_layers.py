@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("shipped",),
     ("dream",),
     ("agent",),
-    ("collect", "evaluate", "fidelity", "baselines", "calibrate", "bench"),
+    ("collect", "evaluate", "fidelity", "stall", "baselines", "calibrate", "bench"),
     ("report",),
     ("pipeline", "play", "sweep", "pretrained"),
     ("cli", "__main__", "wmlab"),

@@ -77,6 +77,8 @@ class RunLayout:
     eval = _Path("eval", "The evaluations, on fixed recorded seeds.")
     fidelity = _Path("eval/fidelity.json",
                      "The dream's fidelity for C (rank correlation of dream and real returns).")
+    stall_effect = _Path("eval/stall-effect.json", "What ending stalled rollouts does to C's "
+                         "fitness (``wmlab stall-effect``).")
     tau_sweep = _Path("sweeps/tau", "The paper's temperature table (``wmlab sweep-tau``).")
     stages = _Path("stages", "One record per pipeline stage.")
     trash = _Path("trash", "Outputs of stages whose inputs changed (moved here, never "

@@ -66,6 +66,35 @@ def register(sub: argparse._SubParsersAction) -> None:
                           "this run's C; another run's are scored again in this run's game)")
     fidelity.set_defaults(func=cmd_fidelity)
 
+    stall = sub.add_parser("stall-effect", help="what ending stalled rollouts "
+                           "(es.stall_steps) does to C's fitness: the run's scored means "
+                           "played whole and with stalls ended on the same tracks")
+    add_config_args(stall)
+    stall.add_argument("--iteration", type=int, default=1,
+                       help="the agent generation whose controllers are played (default 1)")
+    stall.add_argument("--tracks", type=int, default=16, help="tracks per controller")
+    stall.add_argument("--stall-steps", type=int, default=0,
+                       help="steps without reward that end a track (default es.stall_steps)")
+    stall.set_defaults(func=cmd_stall_effect)
+
+
+def cmd_stall_effect(args: argparse.Namespace) -> int:
+    from wmlab.pipeline import iteration_config
+    from wmlab.stall import measure_stall_effect
+
+    cfg = config_from_args(args)
+    if args.iteration < 1 or args.tracks < 2:
+        raise WmlabError(f"--iteration must be 1 or more and --tracks 2 or more, got "
+                         f"{args.iteration} and {args.tracks}")
+    if args.iteration > 1:
+        cfg = iteration_config(cfg, args.iteration)
+    effect = measure_stall_effect(cfg, args.tracks, args.stall_steps)
+    for row in effect.rows:
+        print(f"  generation {row.generation:4d}: whole {row.whole:7.1f} ({row.whole_steps} "
+              f"steps), stalled {row.stalled:7.1f} ({row.stalled_steps} steps)")
+    print(effect.line())
+    return 0
+
 
 def cmd_train_controller(args: argparse.Namespace) -> int:
     from wmlab.pipeline.controller_stage import check_training_inputs, train_controller
