@@ -10,6 +10,7 @@ from wmlab.cli.common import (
     config_from_args,
     config_or_pretrained,
 )
+from wmlab.config import Config
 from wmlab.errors import WmlabError
 
 
@@ -54,9 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     fidelity = sub.add_parser("fidelity", help="how faithful M's dream is for C: controllers "
                               "of a real-env CMA-ES run scored in the dream and in the game "
                               "(rank correlation, real / dream ratio), at one or more taus")
-    add_config_args(fidelity)
-    fidelity.add_argument("--iteration", type=int, default=1,
-                          help="the agent generation whose V and M dream (default 1)")
+    _add_run_args(fidelity, "whose V and M dream")
     fidelity.add_argument("--dreams", type=int, help="dreams per controller (overrides "
                           "eval.fidelity_dreams; default 64 where that is 0)")
     fidelity.add_argument("--taus", type=float, nargs="+",
@@ -69,25 +68,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     stall = sub.add_parser("stall-effect", help="what ending stalled rollouts "
                            "(es.stall_steps) does to C's fitness: the run's scored means "
                            "played whole and with stalls ended on the same tracks")
-    add_config_args(stall)
-    stall.add_argument("--iteration", type=int, default=1,
-                       help="the agent generation whose controllers are played (default 1)")
+    _add_run_args(stall, "whose controllers are played")
     stall.add_argument("--tracks", type=int, default=16, help="tracks per controller")
     stall.add_argument("--stall-steps", type=int, default=0,
                        help="steps without reward that end a track (default es.stall_steps)")
     stall.set_defaults(func=cmd_stall_effect)
 
 
-def cmd_stall_effect(args: argparse.Namespace) -> int:
+def _add_run_args(parser: argparse.ArgumentParser, whose: str) -> None:
+    """The config arguments and ``--iteration`` of a command that measures a trained run."""
+    add_config_args(parser)
+    parser.add_argument("--iteration", type=int, default=1,
+                        help=f"the agent generation {whose} (default 1)")
+
+
+def _iteration_config(args: argparse.Namespace) -> Config:
+    """The config of the run's ``--iteration``."""
     from wmlab.pipeline import iteration_config
+
+    if args.iteration < 1:
+        raise WmlabError(f"--iteration must be 1 or more, got {args.iteration}")
+    cfg = config_from_args(args)
+    return iteration_config(cfg, args.iteration) if args.iteration > 1 else cfg
+
+
+def cmd_stall_effect(args: argparse.Namespace) -> int:
     from wmlab.stall import measure_stall_effect
 
-    cfg = config_from_args(args)
-    if args.iteration < 1 or args.tracks < 2:
-        raise WmlabError(f"--iteration must be 1 or more and --tracks 2 or more, got "
-                         f"{args.iteration} and {args.tracks}")
-    if args.iteration > 1:
-        cfg = iteration_config(cfg, args.iteration)
+    if args.tracks < 2:
+        raise WmlabError(f"--tracks must be 2 or more, got {args.tracks}")
+    cfg = _iteration_config(args)
     effect = measure_stall_effect(cfg, args.tracks, args.stall_steps)
     for row in effect.rows:
         print(f"  generation {row.generation:4d}: whole {row.whole:7.1f} ({row.whole_steps} "
@@ -146,13 +156,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_fidelity(args: argparse.Namespace) -> int:
     from wmlab.fidelity import DEFAULT_FIDELITY_DREAMS, measure_fidelity
-    from wmlab.pipeline import iteration_config
 
-    cfg = config_from_args(args)
-    if args.iteration < 1:
-        raise WmlabError(f"--iteration must be 1 or more, got {args.iteration}")
-    if args.iteration > 1:
-        cfg = iteration_config(cfg, args.iteration)
+    cfg = _iteration_config(args)
     dreams = args.dreams or cfg.eval.fidelity_dreams or DEFAULT_FIDELITY_DREAMS
     for result in measure_fidelity(cfg, dreams, taus=args.taus or cfg.eval.fidelity_taus,
                                    snapshots_from=args.snapshots or ""):
