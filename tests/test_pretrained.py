@@ -99,6 +99,9 @@ def test_another_cpu_is_judged_by_the_paired_difference_until_it_records_its_ret
     assert "differs by -101.500" in capsys.readouterr().out
     assert main(["evaluate", "--pretrained", "tiny", "--dream", "--record-machine"]) == 2
     assert "--record-machine keeps" in capsys.readouterr().err
+    assert main(["evaluate", "--pretrained", "tiny", "--episodes", "2",
+                 "--record-machine"]) == 2
+    assert "leave out --episodes" in capsys.readouterr().err
 
 
 def test_export_writes_compact_weights_with_sha256_counts_and_metadata(tiny_run, shipped):

@@ -85,11 +85,10 @@ def measure_stall_effect(cfg: Any, tracks: int = 16, stall_steps: int = 0) -> St
                          "(es.eval_every sets how often the mean is scored)")
     params = np.stack([s.params for s in snapshots]).astype(np.float32)
     seeds = np.tile(np.arange(FIRST_SEED, FIRST_SEED + tracks), (len(snapshots), 1))
-    whole_load = workload_from_config(cfg, "real")
+    whole_load, es = workload_from_config(cfg, "real"), cfg.es
     results = []
     for workload in (dataclasses.replace(whole_load, stall_steps=0),
                      dataclasses.replace(whole_load, stall_steps=stall_steps)):
-        es = cfg.es
         with Evaluator(workload, es.engine, es.workers, es.timeout, es.job_members,
                        es.ray_address) as evaluator:
             returns = evaluator.run(params, seeds)

@@ -136,6 +136,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.record_machine and (not args.pretrained or args.dream):
         raise WmlabError("--record-machine keeps a shipped agent's real returns: use it with "
                          "--pretrained NAME and without --dream")
+    if args.record_machine and (args.episodes is not None or args.eval_backend):
+        # refused before the evaluation, not after it: only the recorded episodes count
+        raise WmlabError("--record-machine records the returns of the recorded score's "
+                         "episodes: leave out --episodes and --eval-backend")
     result = evaluate_controller(cfg, episodes=args.episodes,
                                  where="dream" if args.dream else "real", out=args.out,
                                  video=args.video)

@@ -286,8 +286,8 @@ class _Training:
         if self.carried is not None:
             state["h"] = self.carried[0].detach().cpu()
             state["c"] = self.carried[1].detach().cpu()
-        checkpoint.save_checkpoint(self.folder, TRAIN_CHECKPOINT, self.step, self.model.state_dict(),
-                        state, self.info)
+        checkpoint.save_checkpoint(self.folder, TRAIN_CHECKPOINT, self.step,
+                                   self.model.state_dict(), state, self.info)
 
     def next_batch(self) -> tuple[SeriesBatch, Any]:
         """This step's batch on the device and the LSTM state it starts from."""
@@ -324,7 +324,7 @@ class _Training:
 
 
 def draw_dropout_mask(rows_steps: torch.Size, model: MDNRNN, generator: torch.Generator,
-                 device: torch.device) -> torch.Tensor | None:
+                      device: torch.device) -> torch.Tensor | None:
     """The units of h (B, T, H) that reach M's head in this batch, or None without dropout.
 
     Drawn after the z noise from the step's generator (on the CPU, as the z noise), so the
@@ -464,7 +464,7 @@ def train_mdrnn(cfg: Config, *, progress: bool = True, stop_after_steps: int | N
                 break
         if training.step >= m.steps:
             checkpoint.save_checkpoint(training.folder, FINAL_WEIGHTS, training.step,
-                            training.model.state_dict(), None, training.info)
+                                       training.model.state_dict(), None, training.info)
     finally:
         backward.close()
         bar.close()
@@ -503,5 +503,5 @@ def write_initial_z(cfg: Config, train: list[Series]) -> None:
     keep = train[: cfg.mdrnn.initial_z]
     mu = torch.from_numpy(np.stack([s.mu[0] for s in keep]).astype(np.float32))
     logvar = torch.from_numpy(np.stack([s.logvar[0] for s in keep]).astype(np.float32))
-    checkpoint.save_checkpoint(RunLayout.of(cfg).memory, INITIAL_Z, len(keep), {"mu": mu, "logvar": logvar}, None,
-                    {"episodes": len(keep)})
+    checkpoint.save_checkpoint(RunLayout.of(cfg).memory, INITIAL_Z, len(keep),
+                               {"mu": mu, "logvar": logvar}, None, {"episodes": len(keep)})
