@@ -11,6 +11,7 @@ import torch
 
 from wmlab.agent import build_models, run_real
 from wmlab.bench.controller import CountingBatch
+from wmlab.carry_over import RIDGES
 from wmlab.dream import DreamSettings
 from wmlab.envs import get_spec, make_batch
 from wmlab.memory.model import MDNRNN, MdrnnShape
@@ -281,10 +282,11 @@ def test_solve_profile_plans_within_eight_hours():
     assert later.collect.agent_fraction > 0 and later.mdrnn.init_from.endswith("/memory")
     assert later.es.init_from.endswith("/controller")
     assert later.dream.tau_from_fidelity and len(later.eval.fidelity_taus) >= 3
-    # most of C's members' rollouts in iteration 2 are dreams
-    dreams = later.es.dream_generations * later.es.dream_rollouts
-    real = (later.es.generations - later.es.dream_generations) * later.es.rollouts
-    assert dreams > 2 * real
+    # C carried over to the retrained M; the dream, at the paper's 16 rollouts a member,
+    # ends when the game stops rewarding it, and the game gets 8 tracks a member
+    assert later.es.carry_over and later.es.dream_patience > 0
+    assert later.es.dream_rollouts == 16 and later.es.rollouts == 8
+    assert later.es.job_members * later.es.rollouts == 8
     second = _planned_seconds(later)
     total = sum(first.values()) + sum(second.values())
     assert total < 8 * 3600, {k: round(v / 3600, 2) for k, v in second.items()}
@@ -303,10 +305,14 @@ def _planned_seconds(cfg) -> dict[str, float]:
     steps = 1000
     frames = cfg.collect.episodes * steps
     es = cfg.es
+    # the dream's generations at most; the real ones as if it ended at its first chance
     in_dream = es.dream_generations
-    real_members = (es.generations - in_dream) * es.population * es.rollouts
+    earliest_end = es.eval_every * es.dream_patience if es.dream_patience else in_dream
+    real_members = (es.generations - earliest_end) * es.population * es.rollouts
     dream_members = in_dream * es.population * (es.dream_rollouts or es.rollouts)
     scored = es.generations // es.eval_every * es.eval_rollouts
+    if es.carry_over:  # every ridge strength and the controller as it was, scored
+        scored += (len(RIDGES) + 1) * es.eval_rollouts
     if cfg.dream.tau_from_fidelity:  # iteration 1's 20 scored means, zero and random:
         compared = 200 // 10 + 2     # scored again in this game, and dreamt at each tau
         scored += compared * es.eval_rollouts

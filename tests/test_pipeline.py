@@ -245,3 +245,14 @@ def test_a_stage_counts_its_compute_over_its_own_attempts(setup, tmp_path, monke
     Pipeline(cfg("vae.epochs=7"), stages=stages, progress=False, log=lambda _: None).run()
     record = json.loads((tmp_path / "runs/doom-quick/stages/b.json").read_text())
     assert len(record["attempts"]) == 1 and record["compute_seconds"] < 0.5
+    # ...but the compute spent on the outputs now in trash/ stays in the run's budget
+    assert len(record["discarded_attempts"]) == 2
+    assert record["discarded_seconds"] == pytest.approx(total, abs=0.01)
+    from wmlab.report.reading import spent_seconds
+
+    assert spent_seconds(record) == pytest.approx(total + record["compute_seconds"])
+    # ...and a later resume of the new version keeps them
+    rec.fail_in = None
+    Pipeline(cfg("vae.epochs=8"), stages=stages, progress=False, log=lambda _: None).run()
+    record = json.loads((tmp_path / "runs/doom-quick/stages/b.json").read_text())
+    assert len(record["discarded_attempts"]) == 3

@@ -176,8 +176,19 @@ class EsConfig:
     init_from: str = _opt("", "controller folder whose best (else latest) controller is "
                           "CMA-ES's initial mean; 'previous' = the previous iteration's; "
                           "empty = zero, as the paper")
+    carry_over: bool = _opt(False, "with init_from and mdrnn.init_from (iteration 2 on): "
+                            "refit init_from's linear C, made for the previous M, to this "
+                            "M's h by ridge regression on this iteration's episodes driven "
+                            "by the agent; the ridge strength (or the controller as it "
+                            "was) whose real score on the fixed seeds is best starts C "
+                            "(<run>/controller/carry-over.json)")
     population: int = _opt(64, "CMA-ES population", min=2)
     rollouts: int = _opt(16, "rollouts per member; fitness is their mean return", min=1)
+    dream_patience: int = _opt(0, "mixed schedule: end the dream generations once this "
+                                "many scorings of the mean in a row (every eval_every "
+                                "generations) have not beaten the best real score; the "
+                                "real generations restart CMA-ES at the best scored mean; "
+                                "0 = all dream_generations", min=0)
     dream_rollouts: int = _opt(0, "rollouts per member in the mixed schedule's dream "
                                "generations (a dream step costs ~1/20 of a real one, so "
                                "the dream affords the paper's 16); 0 = es.rollouts", min=0)

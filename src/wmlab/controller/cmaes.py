@@ -8,7 +8,10 @@ members of the first N generations in M's dream and the rest in the real env, in
 run: the generation counter alone picks the fitness, so a resumed run picks as the
 uninterrupted one would. The mean is always scored on the real env (the fitness the run is
 about), so "best" compares like with like; metrics.csv's ``in_dream`` column says which
-fitness each generation's members had.
+fitness each generation's members had. A dream can be exploited (C learns to fool M):
+``es.dream_patience`` = K ends the dream generations once K scorings in a row have not
+beaten the best real score, and the real ones start afresh from the best scored mean (the
+generation it ended at is kept in the state, so a resumed run switches where it did).
 
 Per generation: ask P candidates from ``cma``, draw the generation's rollout seeds (members i
 and i + P/2 share them when antithetic), evaluate, subtract the L2 penalty
@@ -90,6 +93,10 @@ def check_es_config(es: EsConfig) -> None:
                          "schedule of a real-env run (dream generations first, then real "
                          "ones): set es.fitness = \"real\", or es.dream_generations = 0 to "
                          "train in the dream only")
+    if es.dream_patience and not es.dream_generations:
+        raise WmlabError(f"es.dream_patience ({es.dream_patience}) ends the mixed "
+                         "schedule's dream generations early, and es.dream_generations is "
+                         "0: set es.dream_generations, or es.dream_patience = 0")
     if es.dream_rollouts and not es.dream_generations:
         raise WmlabError(f"es.dream_rollouts ({es.dream_rollouts}) sets the rollouts of the "
                          "mixed schedule's dream generations, and es.dream_generations is 0: "
@@ -229,11 +236,14 @@ class _Search:
         return self.state["es"]
 
 
-def _new_state(num_params: int, es: EsConfig, seed: int, start: np.ndarray | None
-               ) -> dict[str, Any]:
+def _new_state(num_params: int, es: EsConfig, seed: int, start: np.ndarray | None,
+               start_score: float | None = None) -> dict[str, Any]:
+    scored = start is not None and start_score is not None
     return {"es": new_strategy(num_params, es, seed, start), "generation": 0,
-            "best_score": None, "best_params": None, "best_generation": 0,
-            "num_params": num_params, "population": es.population}
+            "best_score": start_score if scored else None,
+            "best_params": np.asarray(start, dtype=np.float64).copy() if scored else None,
+            "best_generation": 0, "num_params": num_params, "population": es.population,
+            "dream_until": es.dream_generations, "unimproved_scorings": 0}
 
 
 def run_es(fitness: Fitness, num_params: int, es: EsConfig, folder: str, *, seed: int = 0,
@@ -241,15 +251,16 @@ def run_es(fitness: Fitness, num_params: int, es: EsConfig, folder: str, *, seed
            stop_after_generations: int | None = None,
            on_generation: Callable[[int, dict[str, float]], None] | None = None,
            dream_fitness: Fitness | None = None,
-           score_fitness: Fitness | None = None, start: np.ndarray | None = None
-           ) -> EsResult:
+           score_fitness: Fitness | None = None, start: np.ndarray | None = None,
+           start_score: float | None = None) -> EsResult:
     """Run (or resume) CMA-ES until ``es.generations``; checkpoints in ``folder``.
 
     With ``es.dream_generations`` = N > 0, generations 1..N score members with
     ``dream_fitness`` and the rest with ``fitness``. The mean is scored with
     ``score_fitness`` (default ``fitness``): whole episodes where members' rollouts may be
     cut short (es.stall_steps), so scored means compare like with like. A new run's mean
-    starts at ``start`` (default zero).
+    starts at ``start`` (default zero); ``start_score``, its score on the fixed seeds where
+    already measured, makes it the first best scored mean (generation 0).
     """
     check_es_config(es)
     if es.dream_generations and dream_fitness is None:
@@ -259,7 +270,7 @@ def run_es(fitness: Fitness, num_params: int, es: EsConfig, folder: str, *, seed
     folder = folder.rstrip("/")
     state = _load_state(folder, num_params, es)
     if state is None:
-        state = _new_state(num_params, es, seed, start)
+        state = _new_state(num_params, es, seed, start, start_score)
     first = state["generation"]
     metrics = MetricsLogger(folder, resume_step=first)
     search = _Search(es, folder, seed, info or {}, fitness, dream_fitness,
@@ -304,7 +315,11 @@ def _run_generation(search: _Search, generation: int, metrics: MetricsLogger
     mean, row = _evolve(search, generation)
     step = generation + 1
     if step % es.eval_every == 0 or step == es.generations:
+        in_dream = generation < _dream_until(search)
+        best_before = search.state["best_score"]
         row["eval_mean"] = _score_the_mean(search, step, mean)
+        if in_dream and es.dream_patience:
+            _end_dream_if_exploited(search, step, best_before, row["eval_mean"])
     row["seconds"] = time.monotonic() - began
     metrics.log(step, row)
     write_progress_plot(search.folder, metrics.rows())
@@ -321,7 +336,7 @@ def _evolve(search: _Search, generation: int) -> tuple[np.ndarray, dict[str, flo
     es, seed, strategy = search.es, search.seed, search.strategy
     with numpy_seeded(seed, generation, 3):
         candidates = np.asarray(strategy.ask(), dtype=np.float64)
-    in_dream = generation < es.dream_generations
+    in_dream = generation < _dream_until(search)
     rollouts = es.dream_rollouts if in_dream and es.dream_rollouts else es.rollouts
     seeds = generation_seeds(seed, generation, es.population, rollouts, es.antithetic,
                              es.common_seeds)
@@ -342,6 +357,28 @@ def _evolve(search: _Search, generation: int) -> tuple[np.ndarray, dict[str, flo
     if steps is not None:  # the members' env (or dream) steps, for the budget
         row["env_steps"] = float(np.sum(steps))
     return mean, row
+
+
+def _dream_until(search: _Search) -> int:
+    """The generation at which the dream generations end (states written before dream
+    patience existed: es.dream_generations)."""
+    return min(search.state.get("dream_until", search.es.dream_generations),
+               search.es.dream_generations)
+
+
+def _end_dream_if_exploited(search: _Search, step: int, best_before: float | None,
+                            score: float) -> None:
+    """Count the scorings without a better real score; at es.dream_patience, end the dream
+    generations here and restart CMA-ES (sigma0, a fresh covariance) at the best scored
+    mean: the dream has stopped teaching C what the game rewards."""
+    state, es = search.state, search.es
+    improved = best_before is None or score > best_before
+    state["unimproved_scorings"] = 0 if improved else state.get("unimproved_scorings", 0) + 1
+    if state["unimproved_scorings"] < es.dream_patience:
+        return
+    state["dream_until"] = step
+    restart_seed = int(np.random.SeedSequence([search.seed, step, 29]).generate_state(1)[0])
+    state["es"] = new_strategy(state["num_params"], es, restart_seed, state["best_params"])
 
 
 def _score_the_mean(search: _Search, step: int, mean: np.ndarray) -> float:

@@ -16,20 +16,27 @@ import fsspec
 
 from wmlab.agent import workload_from_config
 from wmlab.calibrate import check_dream_calibration, current_calibration, ensure_fitted_done_bias
+from wmlab.carry_over import CARRY_OVER_FILE, carry_over
 from wmlab.controller.cmaes import (
+    STATE_FILE,
     EsResult,
     Fitness,
     check_es_config,
+    eval_seeds,
     load_controller_params,
     run_es,
+    score_mean,
 )
 from wmlab.controller.model import check_shape, shape_info
+from wmlab.data.series import SeriesStore
+from wmlab.data.store import EpisodeStore
 from wmlab.dream.calibration import noop_order_warning
 from wmlab.dream.settings import missing_dream_heads
 from wmlab.errors import WmlabError
 from wmlab.evaluators import Evaluator, warn
 from wmlab.fidelity import DEFAULT_FIDELITY_DREAMS, measure_fidelity
 from wmlab.fsio import atomic_write_bytes, exists
+from wmlab.memory.model import load_mdrnn
 from wmlab.raycluster import check_ray_address
 from wmlab.runs import RunLayout
 
@@ -98,10 +105,37 @@ def train_controller(cfg: Any, *, progress: bool = True,
                 scorer = evaluator(dataclasses.replace(workload, stall_steps=0))
         # the dream's workers load M only; they sit idle once the real generations start
         dream = evaluator(workload_from_config(cfg, "dream")) if mixed else None
+        start_score = None
+        if cfg.es.carry_over and start is not None and not exists(f"{folder}/{STATE_FILE}"):
+            start, start_score = carried_start(cfg, models, start, scorer or fitness, folder)
         return run_es(fitness, models.shape.num_params, cfg.es, folder,
                       seed=cfg.run.seed, info=info, progress=progress,
                       stop_after_generations=stop_after_generations, dream_fitness=dream,
-                      score_fitness=scorer, start=start)
+                      score_fitness=scorer, start=start, start_score=start_score)
+
+
+def carried_start(cfg: Any, models: Any, start: Any, scorer: Fitness, folder: str
+                  ) -> tuple[Any, float]:
+    """es.carry_over: es.init_from's controller, made for the M of mdrnn.init_from, refitted
+    to this run's M on this iteration's agent-driven episodes (``wmlab.carry_over``); the
+    candidate with the best real score on the fixed seeds, and that score."""
+    if not cfg.mdrnn.init_from:
+        raise WmlabError("es.carry_over refits es.init_from's controller from the M it was "
+                         "made for (mdrnn.init_from) to this run's M: set mdrnn.init_from "
+                         "(iteration 2 on sets it), or es.carry_over = false")
+    old_m, _ = load_mdrnn(cfg.mdrnn.init_from)
+    store = EpisodeStore.open(cfg.store_url())
+    driven = store.episode_ids("agent") or store.episode_ids()
+    series = SeriesStore.current(cfg.store_url())
+    seeds = eval_seeds(cfg.run.seed, cfg.es.eval_rollouts, cfg.es.rollouts)
+    params, choice = carry_over(models.shape, cfg.controller.inputs, start, old_m,
+                                models.mdrnn, series.iter_series(driven),
+                                lambda candidate: score_mean(scorer, candidate, seeds),
+                                f"{folder}/{CARRY_OVER_FILE}")
+    print(f"[controller] carried over to this M: {choice.chosen} "
+          f"(real {choice.score:.1f} on the fixed seeds; "
+          + ", ".join(f"{k}: {v:.1f}" for k, v in choice.scores.items()) + ")", flush=True)
+    return params, choice.score
 
 
 def chosen_tau(cfg: Any) -> float:

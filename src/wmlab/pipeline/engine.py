@@ -98,7 +98,8 @@ LATER_KEYS: dict[str, Any] = {"es.dream_generations": 0, "es.covariance": "full"
                                "es.init_from": "", "es.dream_rollouts": 0,
                                "dream.tau_from_fidelity": False, "mdrnn.dropout": 0.0,
                                "dream.dropout": False, "controller.lookahead": False,
-                               "es.common_seeds": False}
+                               "es.common_seeds": False, "es.dream_patience": 0,
+                               "es.carry_over": False}
 
 
 def _hash(value: Any) -> str:
@@ -268,6 +269,10 @@ class Engine:
         earlier = _attempts(record) if record and status in (
             "resumed", "extended", "repaired") else []
         base = {"stage": stage.name, "input": expected, "extent": extent}
+        discarded = _discarded(record, status)
+        if discarded:  # compute spent on outputs now in trash/: still part of the budget
+            base["discarded_seconds"] = round(sum(a.get("seconds", 0.0) for a in discarded), 2)
+            base["discarded_attempts"] = discarded
         clock = _StageClock(started_at, earlier, lambda compute: self._write_record(
             stage.name, {**base, "status": "running", "started": started_at, **compute}))
         with clock:
@@ -295,6 +300,15 @@ class Engine:
         target = f"{trash}/{stage.folder.replace('/', '_')}-{stamp}"
         self.fs.makedirs(trash, exist_ok=True)
         self.fs.mv(source, target, recursive=True)
+
+
+def _discarded(record: dict[str, Any] | None, status: str) -> list[dict[str, Any]]:
+    """The attempts of earlier versions of a stage that was started again ("rerun"), and
+    those they had discarded: compute the run spent, though on results now in trash/."""
+    if not record:
+        return []
+    earlier = list(record.get("discarded_attempts", []))
+    return [*earlier, *_attempts(record)] if status == "rerun" else earlier
 
 
 def _attempts(record: dict[str, Any]) -> list[dict[str, Any]]:

@@ -143,13 +143,21 @@ def series(rows: list[dict[str, float]], key: str, x: str = "step"
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
+def spent_seconds(record: dict[str, Any]) -> float:
+    """A stage record's compute for a budget: its own attempts plus those of versions
+    of it started again (the engine's ``discarded_seconds``)."""
+    own = float(record.get("compute_seconds", record.get("seconds", 0.0)) or 0.0)
+    return own + float(record.get("discarded_seconds", 0.0) or 0.0)
+
+
 def stage_compute(run: RunFiles, name: str) -> float:
-    """A stage's compute over its attempts (seconds; 0 when it has no record)."""
+    """A stage's compute over its attempts, discarded ones included (seconds; 0 when it
+    has no record)."""
     if not run.exists(f"{RUN.stages}/{name}.json"):
         return 0.0
     try:
         record = json.loads(run.read_bytes(f"{RUN.stages}/{name}.json"))
-        return float(record.get("compute_seconds", record.get("seconds", 0.0)) or 0.0)
+        return spent_seconds(record)
     except (ValueError, TypeError, AttributeError):
         return 0.0
 

@@ -36,6 +36,7 @@ from wmlab.report.reading import (
     read_evals,
     read_metrics,
     series,
+    spent_seconds,
     stage_compute,
     stage_records,
     versus_random_line,
@@ -120,11 +121,13 @@ def stages_section(page: Page) -> Section | None:
         rows.append([name, str(record.get("status", "?")), duration_text(compute),
                      str(len(record.get("attempts", [])) or "-"),
                      str(cpu.get("model", "-")), str(record.get("finished", "-"))])
-    total = sum(float(r.get("compute_seconds", r.get("seconds", 0.0)) or 0.0)
-                for r in found.values())
+    total = sum(spent_seconds(r) for r in found.values())
+    discarded = sum(float(r.get("discarded_seconds", 0.0) or 0.0) for r in found.values())
+    spent_on_trash = (f", of which {duration_text(discarded)} on outputs of stages started "
+                      "again (now in trash/)") if discarded else ""
     return Section("Pipeline", [
         Text(f"Compute of each stage over its own attempts (pauses between sessions "
-             f"not counted): {duration_text(total)} in all."),
+             f"not counted): {duration_text(total)} in all{spent_on_trash}."),
         Table(["stage", "status", "compute", "attempts", "CPU", "finished"], rows)])
 
 

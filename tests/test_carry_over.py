@@ -1,0 +1,182 @@
+"""Issue 26, iteration 2: C carried over to a retrained M, and a dream that ends once it stops
+teaching C what the game rewards (es.dream_patience)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from wmlab.carry_over import AS_IT_WAS, carry_over, linear_parts, memory_features, refit
+from wmlab.config import EsConfig
+from wmlab.controller.cmaes import run_es
+from wmlab.controller.model import ControllerShape
+from wmlab.data.series import Series
+from wmlab.errors import WmlabError
+from wmlab.memory.model import MDNRNN, MdrnnShape
+
+Z, A, H = 4, 2, 8
+
+
+def _m(seed: int) -> MDNRNN:
+    torch.manual_seed(seed)
+    return MDNRNN(MdrnnShape(z_dim=Z, action_dim=A, hidden=H, gaussians=2)).eval()
+
+
+def _episodes(count: int = 6, length: int = 60) -> list[Series]:
+    rng = np.random.default_rng(0)
+    out = []
+    for k in range(count):
+        mu = rng.normal(size=(length + 1, Z)).astype(np.float16)
+        out.append(Series(f"agent-{k}", mu, np.zeros_like(mu),
+                          rng.uniform(-1, 1, (length, A)).astype(np.float32),
+                          np.zeros(length, np.float32), np.zeros(length, bool)))
+    return out
+
+
+SHAPE = ControllerShape(inputs=Z + H, outputs=A)
+
+
+def _pre_activations(params: np.ndarray, features: list[np.ndarray]) -> np.ndarray:
+    w, b = linear_parts(SHAPE, params)
+    return np.concatenate(features) @ w.T + b
+
+
+def test_memory_features_are_what_the_agent_reads():
+    m, series = _m(1), _episodes(1, 5)[0]
+    features = memory_features(m, series, "zh")
+    z = torch.from_numpy(series.mu[:-1].astype(np.float32))
+    h, c = m.initial_state(1)[0][0], m.initial_state(1)[1][0]
+    with torch.no_grad():
+        for t in range(5):  # the agent: C reads [z_t, h_{t-1}], then M advances
+            np.testing.assert_allclose(features[t], torch.cat([z[t], h[0]]).numpy(), atol=1e-6)
+            restart = torch.ones(1, 1) if t == 0 else torch.zeros(1, 1)
+            h, c = m.advance(z[t:t + 1], torch.from_numpy(series.actions[t:t + 1]), restart,
+                             h, c)
+    assert memory_features(m, series, "zch").shape == (5, Z + 2 * H)
+
+
+def test_refit_to_the_same_m_keeps_the_controller():
+    m, episodes = _m(1), _episodes()
+    params = np.random.default_rng(1).normal(0, 0.5, SHAPE.num_params)
+    features = [memory_features(m, s, "zh") for s in episodes]
+    fitted, r2 = refit(SHAPE, params, features, features, ridges=(1e-6,))[1e-6]
+    assert r2 > 0.999999
+    np.testing.assert_allclose(_pre_activations(fitted, features),
+                               _pre_activations(params, features), atol=1e-3)
+
+
+def test_refit_to_another_m_matches_the_old_controller_better_than_as_it_was():
+    old_m, new_m, episodes = _m(1), _m(2), _episodes()
+    params = np.random.default_rng(1).normal(0, 0.5, SHAPE.num_params)
+    old = [memory_features(old_m, s, "zh") for s in episodes]
+    new = [memory_features(new_m, s, "zh") for s in episodes]
+    target = _pre_activations(params, old)
+    fitted, _ = refit(SHAPE, params, old, new, ridges=(1e-3,))[1e-3]
+    as_it_was = np.mean((_pre_activations(params, new) - target) ** 2)
+    carried = np.mean((_pre_activations(fitted, new) - target) ** 2)
+    assert carried < 0.5 * as_it_was
+
+
+def test_carry_over_keeps_the_best_scored_candidate_and_reads_it_back(tmp_path):
+    old_m, new_m, episodes = _m(1), _m(2), _episodes()
+    params = np.random.default_rng(1).normal(0, 0.5, SHAPE.num_params)
+    calls = []
+
+    def score(candidate: np.ndarray) -> float:  # the game, here: closeness to the start
+        calls.append(candidate)
+        return -float(np.sum((candidate - params) ** 2))
+
+    path = str(tmp_path / "carry-over.json")
+    chosen, choice = carry_over(SHAPE, "zh", params, old_m, new_m, episodes, score, path)
+    assert choice.chosen == AS_IT_WAS and len(calls) == 5  # 4 ridge strengths and as it was
+    np.testing.assert_array_equal(chosen, params)
+    recorded = json.loads(Path(path).read_text())
+    assert recorded["chosen"] == AS_IT_WAS and recorded["steps"] == 6 * 60
+
+    def far(candidate: np.ndarray) -> float:  # prefers any refit to the controller as it was
+        return float(np.sum((candidate - params) ** 2))
+
+    path2 = str(tmp_path / "b.json")
+    chosen2, choice2 = carry_over(SHAPE, "zh", params, old_m, new_m, episodes, far, path2)
+    assert choice2.chosen != AS_IT_WAS and not np.array_equal(chosen2, params)
+    # resumed: the recorded choice, not scored again
+    again, _ = carry_over(SHAPE, "zh", params, old_m, new_m, episodes,
+                          lambda c: pytest.fail("scored again"), path2)
+    np.testing.assert_array_equal(again, chosen2)
+
+
+def test_carry_over_refuses_what_it_cannot_translate():
+    with pytest.raises(WmlabError, match="linear controller"):
+        carry_over(ControllerShape(inputs=Z + H, outputs=A, hidden=4), "zh", np.zeros(1),
+                   _m(1), _m(2), _episodes(), lambda c: 0.0, "/nowhere.json")
+
+
+# --- a dream that ends when it stops paying ------------------------------------------------
+
+
+class Pull:
+    """Fitness -|w - target|^2 (the game, or a dream that pulls elsewhere)."""
+
+    def __init__(self, target: float) -> None:
+        self.target, self.calls = target, 0
+
+    def evaluate(self, params: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        return -np.sum((params - self.target) ** 2, axis=1)
+
+
+def _es(**changes) -> EsConfig:
+    es = EsConfig(population=8, rollouts=2, generations=12, eval_every=1, eval_rollouts=2,
+                  sigma0=0.2, l2=0.0, dream_generations=10, dream_patience=2)
+    for key, value in changes.items():
+        setattr(es, key, value)
+    return es
+
+
+def _in_dream(folder: Path) -> list[str]:
+    return [r["in_dream"] for r in csv.DictReader((folder / "metrics.csv").open())]
+
+
+def test_an_exploited_dream_ends_and_the_game_restarts_from_the_best(tmp_path):
+    start = np.full(5, 0.5)  # the game's optimum: every dream step pulls away from it
+    result = run_es(Pull(0.5), 5, _es(), str(tmp_path / "a"), progress=False,
+                    dream_fitness=Pull(-3.0), start=start, start_score=0.0)
+    # scored at 1 and 2, neither beats the start's 0: the dream ends after generation 2
+    assert _in_dream(tmp_path / "a") == ["1.0"] * 2 + ["0.0"] * 10
+    assert result.best_generation == 0 and result.best_score == 0.0
+    np.testing.assert_array_equal(result.best_params, start)
+    # the game's generations started from the best, not from where the dream had led
+    assert np.linalg.norm(result.mean - start) < 0.3
+    # without patience the dream runs its 10 generations and leads the mean away
+    away = run_es(Pull(0.5), 5, _es(dream_patience=0), str(tmp_path / "b"), progress=False,
+                  dream_fitness=Pull(-3.0), start=start, start_score=0.0)
+    assert _in_dream(tmp_path / "b") == ["1.0"] * 10 + ["0.0"] * 2
+    assert np.linalg.norm(away.mean - start) > 1.0
+
+
+def test_a_dream_that_pays_goes_on_and_the_switch_resumes_exactly(tmp_path):
+    es = _es(dream_patience=1)
+    helpful = run_es(Pull(0.5), 5, es, str(tmp_path / "a"), progress=False,
+                     dream_fitness=Pull(0.5), start=np.zeros(5), start_score=-1.25)
+    assert _in_dream(tmp_path / "a").count("1.0") >= 3  # it ended only once it stopped paying
+    whole = run_es(Pull(0.5), 5, es, str(tmp_path / "b"), progress=False,
+                   dream_fitness=Pull(-3.0), start=np.full(5, 0.5), start_score=0.0)
+    first = run_es(Pull(0.5), 5, es, str(tmp_path / "c"), progress=False,
+                   dream_fitness=Pull(-3.0), start=np.full(5, 0.5), start_score=0.0,
+                   stop_after_generations=3)
+    assert not first.finished
+    resumed = run_es(Pull(0.5), 5, es, str(tmp_path / "c"), progress=False,
+                     dream_fitness=Pull(-3.0))
+    np.testing.assert_array_equal(whole.mean, resumed.mean)
+    assert _in_dream(tmp_path / "b") == _in_dream(tmp_path / "c")
+    assert helpful.best_score > -1.25
+
+
+def test_dream_patience_needs_dream_generations(tmp_path):
+    with pytest.raises(WmlabError, match="es.dream_patience"):
+        run_es(Pull(0.0), 5, _es(dream_generations=0), str(tmp_path), progress=False)
