@@ -256,3 +256,21 @@ def test_a_stage_counts_its_compute_over_its_own_attempts(setup, tmp_path, monke
     Pipeline(cfg("vae.epochs=8"), stages=stages, progress=False, log=lambda _: None).run()
     record = json.loads((tmp_path / "runs/doom-quick/stages/b.json").read_text())
     assert len(record["discarded_attempts"]) == 3
+
+
+def test_measurements_added_to_the_eval_folder_later_leave_the_evaluation_done(setup):
+    """`wmlab stall-effect` writes into eval/ after the evaluate stage finished: that must not
+    make the evaluation look changed by hand (it would run the whole evaluation again)."""
+    from wmlab.pipeline.stages import _eval_output
+    from wmlab.runs import RunLayout
+
+    _, cfg = setup
+    config = cfg()
+    layout = RunLayout.of(config)
+    Path(layout.eval).mkdir(parents=True)
+    Path(layout.scores("eval", "gymnasium")).write_text('{"mean": 1.0}')
+    before = _eval_output(config)
+    Path(layout.stall_effect).write_text('{"rank_correlation": 0.9}')
+    assert _eval_output(config) == before
+    Path(layout.scores("eval", "gymnasium")).write_text('{"mean": 2.0}')
+    assert _eval_output(config) != before

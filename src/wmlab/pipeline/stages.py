@@ -236,10 +236,15 @@ def not_learned_hint(cfg: Config) -> str:
 
 
 def _eval_output(cfg: Config) -> str | None:
+    """The evaluate stage's own results; measurements other commands add to the eval
+    folder later (``wmlab stall-effect``) are not its outputs, so they must not make a
+    finished evaluation look changed by hand (and run again)."""
     fs, path = fsspec.core.url_to_fs(RunLayout.of(cfg).eval)
     if not fs.exists(path):
         return None
-    names = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".json"))
+    others = {RunLayout("").stall_effect.rsplit("/", 1)[-1]}
+    names = sorted(p for p in fs.ls(path, detail=False)
+                   if p.endswith(".json") and p.rsplit("/", 1)[-1] not in others)
     if not names:
         return None
     return _hash([fs.cat_file(name).decode() for name in names])
