@@ -11,7 +11,7 @@ import torch
 
 from wmlab.agent import build_models, run_real
 from wmlab.bench.controller import CountingBatch
-from wmlab.carry_over import RIDGES
+from wmlab.controller.carry_over import RIDGES
 from wmlab.dream import DreamSettings
 from wmlab.envs import get_spec, make_batch
 from wmlab.memory.model import MDNRNN, MdrnnShape

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from wmlab.carry_over import AS_IT_WAS, carry_over, linear_parts, memory_features, refit
 from wmlab.config import EsConfig
+from wmlab.controller.carry_over import AS_IT_WAS, carry_over, linear_parts, memory_features, refit
 from wmlab.controller.cmaes import run_es
 from wmlab.controller.model import ControllerShape
 from wmlab.data.series import Series

@@ -52,6 +52,7 @@ def test_best_profile_trains_c_only_in_the_dream_and_plans_within_three_hours():
         later = iteration_config(cfg, 2)
     assert later.es.fitness == "dream"  # the agent plays to collect data, C never learns there
     assert later.vae.epochs == 0 and later.collect.agent_fraction > 0
+    assert later.es.carry_over  # C's start refitted to the retrained M's state
     assert later.mdrnn.init_from.endswith("/memory") and later.es.init_from.endswith(
         "/controller")
     second = _planned_seconds(later, 2)

@@ -16,7 +16,7 @@ import fsspec
 
 from wmlab.agent import workload_from_config
 from wmlab.calibrate import check_dream_calibration, current_calibration, ensure_fitted_done_bias
-from wmlab.carry_over import CARRY_OVER_FILE, carry_over
+from wmlab.controller.carry_over import CARRY_OVER_FILE, carry_over
 from wmlab.controller.cmaes import (
     STATE_FILE,
     EsResult,
