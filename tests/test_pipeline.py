@@ -248,7 +248,7 @@ def test_a_stage_counts_its_compute_over_its_own_attempts(setup, tmp_path, monke
     # ...but the compute spent on the outputs now in trash/ stays in the run's budget
     assert len(record["discarded_attempts"]) == 2
     assert record["discarded_seconds"] == pytest.approx(total, abs=0.01)
-    from wmlab.report.reading import spent_seconds
+    from wmlab.runs import spent_seconds
 
     assert spent_seconds(record) == pytest.approx(total + record["compute_seconds"])
     # ...and a later resume of the new version keeps them

@@ -288,6 +288,11 @@ def test_stages_in_pipeline_order_with_their_compute_and_the_curve_per_hour(tmp_
     (second / "stages" / "memory.json").write_text(json.dumps(
         {"stage": "memory", "status": "done", "compute_seconds": 3600.0}))
     (second / "controller" / "metrics.csv").write_text("step,eval_mean,seconds\n1,400,1800\n")
+    # its C stage spent 700 s before its first generation and 300 s on an attempt whose
+    # outputs went to trash/: both come before that generation's point
+    (second / "stages" / "controller.json").write_text(json.dumps(
+        {"stage": "controller", "status": "done", "compute_seconds": 2500.0,
+         "discarded_seconds": 300.0}))
     md = Path(write_report(run).markdown).read_text()
     order = [md.index(f"| {name} | done") for name in ("collect", "vision", "memory",
                                                        "evaluate")]
@@ -301,7 +306,7 @@ def test_stages_in_pipeline_order_with_their_compute_and_the_curve_per_hour(tmp_
     assert scores == [155.0, 250.0, 165.0, 170.0]
     # iteration 2 starts where iteration 1 ended: its C, its evaluation, its own M
     end_of_first = 600 + 12.34 + 1800 + 20 * 360 + 360
-    assert hours2 == [pytest.approx((end_of_first + 3600 + 1800) / 3600)]
+    assert hours2 == [pytest.approx((end_of_first + 3600 + 700 + 300 + 1800) / 3600)]
     assert scores2 == [400.0] and label2 == "second"
 
 

@@ -120,6 +120,13 @@ class RunLayout:
         return self.base if k == 1 else RunLayout(self.base._at(f"{ITERATIONS}/{k}"))
 
 
+def spent_seconds(record: dict[str, Any]) -> float:
+    """A stage record's compute for a budget: its own attempts plus those of versions
+    of it started again (the engine's ``discarded_seconds``)."""
+    own = float(record.get("compute_seconds", record.get("seconds", 0.0)) or 0.0)
+    return own + float(record.get("discarded_seconds", 0.0) or 0.0)
+
+
 def prepare_run_dir(cfg: Config) -> str:
     """Create the run directory of ``cfg`` and record its resolved config there.
 

@@ -38,7 +38,7 @@ from wmlab.config import Config, load_config_file, to_toml
 from wmlab.errors import WmlabError
 from wmlab.fsio import atomic_write_bytes
 from wmlab.machine import cpu_description
-from wmlab.runs import RunLayout
+from wmlab.runs import RunLayout, spent_seconds
 
 ENV_VAR = "WMLAB_PRETRAINED_PATH"
 PACKAGE_FOLDER = "pretrained_agents"
@@ -231,6 +231,32 @@ def _stage_records(cfg: Config) -> dict[str, Any]:
     return records
 
 
+def _profile_compute(cfg: Config) -> dict[str, Any] | None:
+    """The compute of every stage of every iteration up to this one (own attempts plus
+    those discarded since), in seconds, and the CPUs it ran on: what the profile cost."""
+    layout = RunLayout.of(cfg)
+    iterations: dict[str, dict[str, float]] = {}
+    cpus: set[str] = set()
+    for k in range(1, layout.iteration_number + 1):
+        folder = Path(layout.iteration(k).stages)
+        records = {}
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            try:
+                record = json.loads(path.read_text())
+            except (ValueError, UnicodeDecodeError):
+                continue
+            records[path.stem] = round(spent_seconds(record), 1)
+            if isinstance(record.get("cpu"), dict) and record["cpu"].get("model"):
+                cpus.add(str(record["cpu"]["model"]))
+        if records:
+            iterations[str(k)] = records
+    if not iterations:
+        return None
+    total = sum(sum(stages.values()) for stages in iterations.values())
+    return {"seconds": round(total, 1), "hours": round(total / 3600, 2),
+            "iterations": iterations, "cpus": sorted(cpus)}
+
+
 def _count(weights: dict[str, torch.Tensor]) -> int:
     return int(sum(v.numel() for v in weights.values() if v.is_floating_point()))
 
@@ -297,6 +323,7 @@ def export_agent(run: str | Path | Config, name: str, dest: str | Path | None = 
         "stages": stages,
         "wall_clock_seconds": round(sum(float(r.get("seconds") or 0) for r in stages.values()),
                                     1) if stages else None,
+        "compute": _profile_compute(cfg),
         "sidecars": sidecars, "files": files, "score": None,
     }
     metadata["size_bytes"] = sum(f["bytes"] for f in files.values())

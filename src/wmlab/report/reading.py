@@ -23,7 +23,7 @@ import fsspec
 from wmlab.config import Config, from_dict
 from wmlab.errors import WmlabError
 from wmlab.metrics import METRICS_FILE
-from wmlab.runs import ITERATIONS, STAGES, RunLayout
+from wmlab.runs import ITERATIONS, STAGES, RunLayout, spent_seconds
 
 RUN = RunLayout("")  # every path of a run, relative to its directory
 
@@ -143,13 +143,6 @@ def series(rows: list[dict[str, float]], key: str, x: str = "step"
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def spent_seconds(record: dict[str, Any]) -> float:
-    """A stage record's compute for a budget: its own attempts plus those of versions
-    of it started again (the engine's ``discarded_seconds``)."""
-    own = float(record.get("compute_seconds", record.get("seconds", 0.0)) or 0.0)
-    return own + float(record.get("discarded_seconds", 0.0) or 0.0)
-
-
 def stage_compute(run: RunFiles, name: str) -> float:
     """A stage's compute over its attempts, discarded ones included (seconds; 0 when it
     has no record)."""
@@ -165,14 +158,19 @@ def stage_compute(run: RunFiles, name: str) -> float:
 def compute_curve(runs: list[tuple[str, RunFiles]]) -> list[tuple[str, list[float],
                                                                   list[float]]]:
     """Per run (iterations after each other): the scored means against the hours of
-    compute spent so far, every earlier stage and iteration included. The evaluate and
-    report stages of an iteration count before the next iteration starts."""
+    compute spent so far, every earlier stage and iteration included (and compute on
+    outputs discarded since). The evaluate and report stages of an iteration count before
+    the next iteration starts."""
     curves, spent = [], 0.0
     for label, run in runs:
         spent += sum(stage_compute(run, name) for name in UPSTREAM_STAGES)
         metrics = f"{RUN.controller}/{METRICS_FILE}"
         rows = read_metrics(run, metrics) if run.exists(metrics) else []
-        hours, scores, elapsed = [], [], spent
+        in_generations = sum(row.get("seconds", 0.0) for row in rows)
+        # C's stage compute beyond its generations (the tau measurement, the carry-over's
+        # scoring, attempts started again) came before them: it counts first
+        before = max(0.0, stage_compute(run, "controller") - in_generations)
+        hours, scores, elapsed = [], [], spent + before
         for row in rows:
             elapsed += row.get("seconds", 0.0)
             if "eval_mean" in row and elapsed > 0:  # (a log axis: no point at hour 0)

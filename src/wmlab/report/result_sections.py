@@ -36,12 +36,11 @@ from wmlab.report.reading import (
     read_evals,
     read_metrics,
     series,
-    spent_seconds,
     stage_compute,
     stage_records,
     versus_random_line,
 )
-from wmlab.runs import STAGES
+from wmlab.runs import STAGES, spent_seconds
 
 Runs = list[tuple[str, RunFiles]]
 
