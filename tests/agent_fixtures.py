@@ -105,11 +105,22 @@ class SlowQuadratic:
     def build(self) -> SlowQuadratic:
         return self
 
+    @staticmethod
+    def _first_to_claim(flag: str) -> bool:
+        """Create ``flag`` atomically: of jobs that start together, exactly one hangs."""
+        try:
+            handle = os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        os.write(handle, str(os.getpid()).encode())
+        os.close(handle)
+        return True
+
     def run(self, params: np.ndarray, seeds: np.ndarray) -> np.ndarray:
-        if self.hang_flag and not os.path.exists(self.hang_flag):
-            Path(self.hang_flag).write_text(str(os.getpid()))
+        if self.hang_flag and self._first_to_claim(self.hang_flag):
             time.sleep(60)
         time.sleep(self.delay)
         target = np.linspace(-1.0, 1.0, params.shape[1])
         base = -np.sum((params - target) ** 2, axis=1, keepdims=True)
         return base + (seeds % 7) * 1e-3
+

@@ -230,6 +230,9 @@ def test_hanging_worker_times_out_and_its_job_is_retried(tmp_path):
     started = time.monotonic()
     with Evaluator(SlowQuadratic(hang_flag=str(flag)), "process", workers=2, timeout=3.0,
                    members_per_job=1) as ev:
+        # both workers ready: their first jobs start together, and exactly one hangs (the
+        # flag is claimed atomically; two jobs both finding it absent once hung both)
+        ev.wait_ready()
         got = ev.run(params, seeds)
         assert ev.retries == 1
     assert flag.exists() and time.monotonic() - started < 50  # not the 60 s hang

@@ -32,7 +32,7 @@ AGENTS = {
     # V 4,348,547 for a 32-d z; C 867 = (32 + 256) x 3 + 3. M is the paper's LSTM 256 with a
     # mixture of 5 (423,392 in two-bias form) plus the reward and done heads the dream needs
     # (257 each), so the same M serves a C trained in the dream.
-    "carracing": Shipped("carracing", "budget", "gymnasium",
+    "carracing": Shipped("carracing", "solve", "gymnasium",
                          {"vision": 4_348_547, "memory": 423_392 + 2 * 257,
                           "controller": 867}),
 }
