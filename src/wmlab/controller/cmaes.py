@@ -243,7 +243,7 @@ def _new_state(num_params: int, es: EsConfig, seed: int, start: np.ndarray | Non
             "best_score": start_score if scored else None,
             "best_params": np.asarray(start, dtype=np.float64).copy() if scored else None,
             "best_generation": 0, "num_params": num_params, "population": es.population,
-            "dream_until": es.dream_generations, "unimproved_scorings": 0}
+            "dream_ended_at": None, "unimproved_scorings": 0}
 
 
 def run_es(fitness: Fitness, num_params: int, es: EsConfig, folder: str, *, seed: int = 0,
@@ -360,10 +360,11 @@ def _evolve(search: _Search, generation: int) -> tuple[np.ndarray, dict[str, flo
 
 
 def _dream_until(search: _Search) -> int:
-    """The generation at which the dream generations end (states written before dream
-    patience existed: es.dream_generations)."""
-    return min(search.state.get("dream_until", search.es.dream_generations),
-               search.es.dream_generations)
+    """The generation at which the dream generations end: es.dream_generations (so a
+    larger value extends them), unless es.dream_patience ended them sooner."""
+    ended = search.state.get("dream_ended_at")
+    dreams = search.es.dream_generations
+    return dreams if ended is None else min(ended, dreams)
 
 
 def _end_dream_if_exploited(search: _Search, step: int, best_before: float | None,
@@ -376,7 +377,7 @@ def _end_dream_if_exploited(search: _Search, step: int, best_before: float | Non
     state["unimproved_scorings"] = 0 if improved else state.get("unimproved_scorings", 0) + 1
     if state["unimproved_scorings"] < es.dream_patience:
         return
-    state["dream_until"] = step
+    state["dream_ended_at"] = step
     restart_seed = int(np.random.SeedSequence([search.seed, step, 29]).generate_state(1)[0])
     state["es"] = new_strategy(state["num_params"], es, restart_seed, state["best_params"])
 
