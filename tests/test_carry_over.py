@@ -180,3 +180,61 @@ def test_a_dream_that_pays_goes_on_and_the_switch_resumes_exactly(tmp_path):
 def test_dream_patience_needs_dream_generations(tmp_path):
     with pytest.raises(WmlabError, match="es.dream_patience"):
         run_es(Pull(0.0), 5, _es(dream_generations=0), str(tmp_path), progress=False)
+
+
+# --- through the C stage --------------------------------------------------------------------
+
+
+def test_the_c_stage_starts_from_the_carried_over_controller(tmp_path, one_thread):
+    """es.carry_over in train_controller: the previous run's C refitted to this M on this
+    run's agent episodes, every candidate scored on the fixed seeds, the best kept as the
+    first scored mean (generation 0), the choice read back on resume."""
+    from agent_fixtures import make_run
+    from test_carracing_budget import TINY_CAR, carracing_mdrnn
+
+    from wmlab.data.episode_file import Episode
+    from wmlab.data.series import SeriesStore
+    from wmlab.data.store import EpisodeStore
+    from wmlab.pipeline.controller_stage import train_controller
+    from wmlab.runs import RunLayout
+
+    tiny = tuple(o for o in TINY_CAR if not o.startswith("es.dream_generations"))
+    first = make_run(tmp_path / "first", "carracing", tiny, mdrnn=carracing_mdrnn(True))
+    train_controller(first, progress=False)
+    torch.manual_seed(7)
+    new_m = MDNRNN(carracing_mdrnn(True).shape)  # "retrained": other weights, same shape
+    overrides = (*tiny, f'es.init_from="{RunLayout.of(first).controller}"',
+                 f'mdrnn.init_from="{RunLayout.of(first).memory}"', "es.carry_over=true")
+    cfg = make_run(tmp_path / "second", "carracing", overrides, mdrnn=new_m)
+    store = EpisodeStore.create_or_open(cfg.store_url(), "carracing", "gymnasium", 3)
+    rng = np.random.default_rng(0)
+    series = SeriesStore(cfg.store_url(), "v0")
+    for k in range(3):
+        steps = 12
+        store.append(Episode(np.zeros((steps + 1, 64, 64, 3), np.uint8),
+                             rng.uniform(-1, 1, (steps, 3)).astype(np.float32),
+                             np.zeros(steps, np.float32), np.zeros(steps, bool),
+                             {"collection": "agent", "index": k}))
+        mu = rng.normal(size=(steps + 1, new_m.shape.z_dim)).astype(np.float16)
+        series.write(Series(f"agent-{k:07d}", mu, np.zeros_like(mu),
+                            rng.uniform(-1, 1, (steps, 3)).astype(np.float32),
+                            np.zeros(steps, np.float32), np.zeros(steps, bool)))
+    series.mark_current({})
+    result = train_controller(cfg, progress=False, stop_after_generations=1)
+    choice = json.loads((Path(RunLayout.of(cfg).controller) / "carry-over.json").read_text())
+    assert set(choice["scores"]) == {"10", "100", "1000", "10000", AS_IT_WAS}
+    assert choice["steps"] == 3 * 12
+    best = max(choice["scores"].values())
+    assert choice["score"] == best
+    # the start is the first scored mean: a later one must beat it to become the best
+    assert result.best_generation == 0 and result.best_score == best or \
+        result.best_score > best
+    # resumed: the choice is not scored again (the state exists: the start no longer matters)
+    again = train_controller(cfg, progress=False)
+    assert again.generation == cfg.es.generations
+    # without the M the controller was made for, one line naming the setting
+    bare = make_run(tmp_path / "bare", "carracing",
+                    (*tiny, f'es.init_from="{RunLayout.of(first).controller}"',
+                     "es.carry_over=true"), mdrnn=new_m)
+    with pytest.raises(WmlabError, match="mdrnn.init_from"):
+        train_controller(bare, progress=False)
