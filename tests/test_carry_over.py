@@ -191,7 +191,6 @@ def test_the_c_stage_starts_from_the_carried_over_controller(tmp_path, one_threa
     first scored mean (generation 0), the choice read back on resume."""
     from agent_fixtures import make_run
     from test_carracing_budget import TINY_CAR, carracing_mdrnn
-
     from wmlab.data.episode_file import Episode
     from wmlab.data.series import SeriesStore
     from wmlab.data.store import EpisodeStore
