@@ -64,7 +64,7 @@ def memory_features(m: MDNRNN, series: Series, inputs: str) -> np.ndarray:
     restart = torch.zeros(z.shape[:2])
     restart[0, 0] = 1.0  # the episode's first step, as the agent's M sees it
     if inputs == "zch":  # the cell state too: step by step, as the agent advances M
-        h, c = m.initial_state(1)[0][0], m.initial_state(1)[1][0]
+        h, c = (state[0] for state in m.initial_state(1))
         states = []
         for t in range(z.shape[1]):
             states.append(torch.cat([c[0], h[0]]))
@@ -114,25 +114,33 @@ def carry_over(shape: ControllerShape, inputs: str, params: np.ndarray, old_m: M
                ) -> tuple[np.ndarray, CarryOverChoice]:
     """The starting controller for ``new_m``: ``params`` (made for ``old_m``) refitted at
     each ridge strength, or as it was, whichever ``score`` (the real return on the fixed
-    seeds) rates best. Read back from ``path`` when it was chosen before."""
+    seeds) rates best. Read back from ``path`` when it was chosen before (only the chosen
+    fit is computed again, and nothing for the controller as it was)."""
     check_carry_over(shape, inputs)
     params = np.asarray(params, dtype=np.float64)
-    fits = _fits(shape, inputs, params, old_m, new_m, episodes)
     if exists(path):  # resume: the same choice, not scored again
         with fsspec.open(path, "rb") as handle:
             choice = CarryOverChoice(**json.loads(handle.read()))
-        return fits[choice.chosen][0], choice
-    scores = {name: float(score(candidate)) for name, (candidate, _) in fits.items()}
+        if choice.chosen == AS_IT_WAS:
+            return params, choice
+        ridge = float(choice.chosen)
+        old, new = _features(old_m, new_m, episodes, inputs)
+        return refit(shape, params, old, new, ridges=(ridge,))[ridge][0], choice
+    old, new = _features(old_m, new_m, episodes, inputs)
+    fits = refit(shape, params, old, new)
+    candidates = {f"{ridge:g}": fitted for ridge, (fitted, _) in fits.items()}
+    candidates[AS_IT_WAS] = params
+    scores = {name: float(score(candidate)) for name, candidate in candidates.items()}
     chosen = max(scores, key=lambda name: scores[name])  # the first of equals
-    choice = CarryOverChoice(chosen, scores[chosen], scores, int(fits[AS_IT_WAS][1]),
-                             {name: r2 for name, (_, r2) in fits.items() if name != AS_IT_WAS})
+    choice = CarryOverChoice(chosen, scores[chosen], scores, sum(len(f) for f in old),
+                             {f"{ridge:g}": r2 for ridge, (_, r2) in fits.items()})
     atomic_write_bytes(path, json.dumps(asdict(choice), indent=2).encode())
-    return fits[chosen][0], choice
+    return candidates[chosen], choice
 
 
-def _fits(shape: ControllerShape, inputs: str, params: np.ndarray, old_m: MDNRNN,
-          new_m: MDNRNN, episodes: Iterable[Series]) -> dict[str, tuple[np.ndarray, float]]:
-    """{candidate name: (params, R^2)}; AS_IT_WAS carries the number of steps instead."""
+def _features(old_m: MDNRNN, new_m: MDNRNN, episodes: Iterable[Series], inputs: str
+              ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """What C read with the old M and reads with the new one, per recorded episode."""
     old_m, new_m = old_m.eval(), new_m.eval()
     old, new = [], []
     for series in episodes:
@@ -142,7 +150,4 @@ def _fits(shape: ControllerShape, inputs: str, params: np.ndarray, old_m: MDNRNN
         raise WmlabError("es.carry_over found no recorded episodes to fit on: collect "
                          "episodes in this iteration (collect.episodes > 0), or set "
                          "es.carry_over = false")
-    fits: dict[str, tuple[np.ndarray, float]] = {
-        f"{ridge:g}": fit for ridge, fit in refit(shape, params, old, new).items()}
-    fits[AS_IT_WAS] = (params, float(sum(len(f) for f in old)))
-    return fits
+    return old, new
