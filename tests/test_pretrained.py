@@ -312,3 +312,33 @@ def test_action_bars_show_the_valid_action_the_agent_took():
     played = _action_bars(np.array([-1.0, 1.0, -1.0], np.float32), None, spec)
     np.testing.assert_array_equal(_action_bars(raw, mask, spec), played)
     assert not np.array_equal(_action_bars(raw, None, spec), played)
+
+
+def test_shipped_metadata_counts_every_iterations_compute(tmp_path):
+    """An agent exported from iteration 2 names what the whole profile cost: every stage of
+    both iterations, with the compute of attempts discarded on the way."""
+    from unittest import mock
+
+    from wmlab.config import load_config
+    from wmlab.pipeline import iteration_config
+    from wmlab.runs import RunLayout
+    from wmlab.shipped import _profile_compute
+
+    cfg = load_config("doom", "quick", [f'run.root="{tmp_path}"', 'run.name="r"'])
+    layout = RunLayout.of(cfg)
+    cpu = {"model": "Some CPU"}
+    for k, records in ((1, {"memory": (100.0, 0.0), "controller": (50.0, 0.0)}),
+                       (2, {"controller": (30.0, 20.0)})):
+        folder = Path(layout.iteration(k).stages)
+        folder.mkdir(parents=True)
+        for name, (own, discarded) in records.items():
+            (folder / f"{name}.json").write_text(json.dumps(
+                {"compute_seconds": own, "discarded_seconds": discarded, "cpu": cpu}))
+        (folder / "broken.json").write_text("{not json")
+    with mock.patch("wmlab.checkpoint.checkpoint_exists", return_value=True):
+        second = iteration_config(cfg, 2)
+    compute = _profile_compute(second)
+    assert compute["iterations"] == {"1": {"controller": 50.0, "memory": 100.0},
+                                     "2": {"controller": 50.0}}
+    assert compute["seconds"] == 200.0 and compute["cpus"] == ["Some CPU"]
+    assert _profile_compute(cfg)["seconds"] == 150.0  # iteration 1 alone

@@ -216,19 +216,22 @@ def _data_summary(cfg: Config) -> dict[str, Any] | None:
                                        "collections") if key in info}
 
 
-def _stage_records(cfg: Config) -> dict[str, Any]:
-    folder = Path(RunLayout.of(cfg).stages)
-    records: dict[str, Any] = {}
-    if not folder.is_dir():
-        return records
-    for path in sorted(folder.glob("*.json")):
+def _read_stage_records(folder: str) -> dict[str, dict[str, Any]]:
+    """The readable stage records in ``folder`` (``<run>/stages``), by stage name."""
+    records: dict[str, dict[str, Any]] = {}
+    path = Path(folder)
+    for file in sorted(path.glob("*.json")) if path.is_dir() else []:
         try:
-            record = json.loads(path.read_text())
+            records[file.stem] = json.loads(file.read_text())
         except (ValueError, UnicodeDecodeError):
             continue
-        records[path.stem] = {k: record.get(k) for k in ("status", "started", "finished",
-                                                          "seconds", "summary")}
     return records
+
+
+def _stage_records(cfg: Config) -> dict[str, Any]:
+    return {name: {k: record.get(k) for k in ("status", "started", "finished", "seconds",
+                                               "summary")}
+            for name, record in _read_stage_records(RunLayout.of(cfg).stages).items()}
 
 
 def _profile_compute(cfg: Config) -> dict[str, Any] | None:
@@ -238,18 +241,13 @@ def _profile_compute(cfg: Config) -> dict[str, Any] | None:
     iterations: dict[str, dict[str, float]] = {}
     cpus: set[str] = set()
     for k in range(1, layout.iteration_number + 1):
-        folder = Path(layout.iteration(k).stages)
-        records = {}
-        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-            try:
-                record = json.loads(path.read_text())
-            except (ValueError, UnicodeDecodeError):
-                continue
-            records[path.stem] = round(spent_seconds(record), 1)
+        records = _read_stage_records(layout.iteration(k).stages)
+        for record in records.values():
             if isinstance(record.get("cpu"), dict) and record["cpu"].get("model"):
                 cpus.add(str(record["cpu"]["model"]))
         if records:
-            iterations[str(k)] = records
+            iterations[str(k)] = {name: round(spent_seconds(record), 1)
+                                  for name, record in records.items()}
     if not iterations:
         return None
     total = sum(sum(stages.values()) for stages in iterations.values())
