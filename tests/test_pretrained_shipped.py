@@ -82,6 +82,9 @@ def test_shipped_agent_plays_a_real_episode(shipped, tmp_path, one_thread):
     cfg = materialize(agent.name, runs_root=str(tmp_path), overrides=[
         "env.max_steps=60", 'es.engine="serial"', f'eval.backend="{agent.backend}"'],
         recorded_protocol=False)
+    # a run of its own: no path into the machine it was trained on, one iteration
+    assert (cfg.vae.init_from, cfg.mdrnn.init_from, cfg.es.init_from) == ("", "", "")
+    assert cfg.run.iterations == 1 and cfg.run.later == []
     result = evaluate_controller(cfg, episodes=2, out=str(tmp_path / "eval.json"))
     assert result.episodes == 2 and result.env == agent.name
     assert result.backend == agent.backend

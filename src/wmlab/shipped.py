@@ -387,9 +387,12 @@ def materialize(name: str, runs_root: str | None = None,
     folder = agent_folder(name, root)
     metadata = read_metadata(name, root)
     blobs = _verified_files(name, folder, metadata)
+    # the agent as a run of its own: no paths into the machine it was trained on, and one
+    # iteration (an agent exported from iteration 2 carries the profile's iterations and
+    # es.init_from, which name that machine's previous iteration)
     base = [f'run.root="{runs_root or "runs"}"', f'run.name="pretrained-{name}"',
             'collect.out=""', 'collect.agent_run=""', 'vae.init_from=""',
-            'mdrnn.init_from=""']
+            'mdrnn.init_from=""', 'es.init_from=""', "run.iterations=1", "run.later=[]"]
     score = metadata.get("score") or {}
     if recorded_protocol and score.get("episodes"):
         base += [f"eval.episodes={int(score['episodes'])}",
