@@ -274,3 +274,22 @@ def test_measurements_added_to_the_eval_folder_later_leave_the_evaluation_done(s
     assert _eval_output(config) == before
     Path(layout.scores("eval", "gymnasium")).write_text('{"mean": 2.0}')
     assert _eval_output(config) != before
+
+
+def test_a_measurement_rewritten_by_a_command_keeps_its_stage_finished(setup, tmp_path):
+    """`wmlab fidelity` rewrites a file the evaluate stage wrote: the stage adopts its outputs
+    as they are, so the next run skips it and runs only what comes after it."""
+    rec, cfg = setup
+    config = cfg()
+    rec.pipeline(config).run()
+    (tmp_path / "runs/doom-quick/b/out.txt").write_text("measured again")
+    pipeline = rec.pipeline(config)
+    assert pipeline.adopt_outputs("b")
+    rec.calls.clear()
+    results = rec.pipeline(config).run()
+    assert [r.status for r in results] == ["skipped", "skipped", "rerun"]
+    assert rec.calls == ["c"]
+    # a stage not finished from its present inputs adopts nothing
+    assert not rec.pipeline(cfg("vae.lr=0.5")).adopt_outputs("b")
+    with pytest.raises(WmlabError, match="no stage 'z'"):
+        pipeline.adopt_outputs("z")

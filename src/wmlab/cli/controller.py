@@ -166,5 +166,12 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     for result in measure_fidelity(cfg, dreams, taus=args.taus or cfg.eval.fidelity_taus,
                                    snapshots_from=args.snapshots or ""):
         print(result.line())
-    print(f"table and controllers: {cfg.run_dir()}/eval/fidelity.json (and the report)")
+    from wmlab.pipeline import Pipeline
+
+    # the evaluate stage wrote this file too: it stays finished, and the report shows the
+    # new table on the next `wmlab run`
+    Pipeline(config_from_args(args), progress=False,
+             iteration=args.iteration).adopt_outputs("evaluate")
+    print(f"table and controllers: {cfg.run_dir()}/eval/fidelity.json (the report takes it "
+          "on the next `wmlab run`)")
     return 0
