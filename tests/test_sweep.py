@@ -162,3 +162,24 @@ def test_sweep_reuses_the_runs_random_policy_only_when_it_played_the_same_episod
     assert any(line.startswith("random policy: reusing the run's") for line in lines)
     assert table["random"]["mean"] == pytest.approx(own.mean + 1000.0)
     assert table["random"]["seeds"] == table["rows"][0]["real_seeds"]
+
+
+def test_a_named_sweep_keeps_a_variant_apart_and_dropout_is_a_setting(tmp_path, one_thread):
+    """The dream with M's dropout kept on trains another C than the dream without: a sweep
+    refuses to mix them in one folder, and ``name`` gives the variant its own table."""
+    cfg = make_run(tmp_path, overrides=(*TINY, "mdrnn.dropout=0.1"))
+    layout = RunLayout.of(cfg)
+    tau_sweep(cfg, [0.5], generations=1, **SIZES)
+    with_dropout = copy.deepcopy(cfg)
+    with_dropout.dream.dropout = True
+    with pytest.raises(WmlabError, match=r"dream_dropout None -> True"):
+        tau_sweep(with_dropout, [0.5], generations=1, **SIZES)
+    table = tau_sweep(with_dropout, [0.5], generations=1, name="dropout", **SIZES)
+    assert table["settings"]["dream_dropout"] is True
+    variant = Path(layout.sweep("dropout"))
+    assert json.loads((variant / "0.50" / "settings.json").read_text())["dream_dropout"]
+    assert "M dropout on" in (variant / "table.md").read_text()
+    assert "M dropout on" not in (Path(layout.tau_sweep) / "table.md").read_text()
+    for bad in ("", "../up", "a/b", ".hidden"):
+        with pytest.raises(WmlabError, match="is not a folder name"):
+            tau_sweep(with_dropout, [0.5], generations=1, name=bad, **SIZES)

@@ -87,6 +87,11 @@ class RunLayout:
     report_html = _Path("report.html", "The report, one self-contained HTML file.")
     pictures = _Path("report", "The report's figures.")
 
+    def sweep(self, name: str) -> str:
+        """A sweep of ``wmlab sweep-tau --name NAME`` (``tau``: the paper's table; another name
+        keeps a variant's controllers and table apart, e.g. the dream without dropout)."""
+        return self._at(f"sweeps/{name}")
+
     def reference_real(self, policy: str) -> str:
         """A reference policy's real-game episodes, measured for the calibration."""
         return self._at(f"memory/reference-{policy}-real.json")

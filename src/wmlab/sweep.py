@@ -25,6 +25,7 @@ import copy
 import csv
 import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
@@ -63,6 +64,14 @@ def check_taus(taus: Sequence[Any]) -> list[float]:
             raise WmlabError(f"temperature {value:g} is listed twice: list each tau once")
         values.append(value)
     return values
+
+
+def check_sweep_name(name: str) -> str:
+    """A sweep's folder name: letters, digits, '.', '_' and '-' (it is one folder)."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise WmlabError(f"sweep name {name!r} is not a folder name: use letters, digits, "
+                         "'.', '_' or '-', e.g. --name tau-no-dropout")
+    return name
 
 
 def parse_taus(text: str) -> list[float]:
@@ -123,8 +132,9 @@ def training_settings(cfg: Config) -> dict[str, Any]:
         "memory": _fingerprint(RunLayout.of(cfg).memory, FINAL_WEIGHTS),
         "initial_z": _fingerprint(RunLayout.of(cfg).memory, INITIAL_Z),
         "generations": es.generations,
-        # only when on: folders swept before the key existed keep matching
+        # only when on: folders swept before the keys existed keep matching
         **({"controller_lookahead": True} if ctrl.lookahead else {}),
+        **({"dream_dropout": True} if dream.dropout else {}),
     }
 
 
@@ -267,8 +277,12 @@ def _metrics_seconds(folder: str) -> float | None:
 def tau_sweep(cfg: Config, taus: Sequence[float], *, generations: int,
               population: int | None = None, rollouts: int | None = None,
               episodes: int | None = None, dream_episodes: int = 256,
-              progress: bool = True, log: Log | None = None) -> dict[str, Any]:
+              progress: bool = True, log: Log | None = None,
+              name: str = "tau") -> dict[str, Any]:
     """Train and score C at each tau on the run's V and M; write the table. Returns it.
+
+    ``name`` is the sweep's folder under ``<run>/sweeps/``: another name than ``tau`` keeps
+    a variant (``--set dream.dropout=false``, another done rule) beside the main table.
 
     ``episodes`` real episodes (default eval.episodes) on the fixed eval seeds and reference
     backend, ``dream_episodes`` dreams at the controller's own tau; the random policy on the
@@ -287,10 +301,10 @@ def tau_sweep(cfg: Config, taus: Sequence[float], *, generations: int,
                              "the paper scores 100 real episodes")
     dream_episodes = _positive_int("dream_episodes", dream_episodes,
                                    "dreams scored per tau, e.g. 256")
-    for name, value in (("population", population), ("rollouts", rollouts)):
+    for option, value in (("population", population), ("rollouts", rollouts)):
         if value is not None:
-            _positive_int(name, value, "the paper uses 64 members x 16 rollouts")
-    root = RunLayout.of(cfg).tau_sweep
+            _positive_int(option, value, "the paper uses 64 members x 16 rollouts")
+    root = RunLayout.of(cfg).sweep(check_sweep_name(name))
     configs = [tau_config(cfg, tau, generations, population, rollouts) for tau in values]
     # Every input is checked before anything is trained or written.
     check_es_config(configs[0].es)
@@ -383,6 +397,7 @@ def _table(cfg: Config, tcfg: Config, rows: list[dict[str, Any]], random_result:
                      "rollouts": tcfg.es.rollouts, "eval_rollouts": tcfg.es.eval_rollouts,
                      "episodes": episodes, "dream_episodes": dream_episodes,
                      "dream_max_steps": tcfg.dream.max_steps, "dream_done": tcfg.dream.done,
+                     "dream_dropout": tcfg.dream.dropout,
                      "first_seed": cfg.eval.seed, "backend": random_result["backend"]},
         "rows": rows,
         "random": {**_summary(random_result), "seeds": random_result["seeds"]},
@@ -408,7 +423,8 @@ def table_markdown(table: dict[str, Any]) -> str:
         f"{s['generations']} generations of {s['population']} members x {s['rollouts']} "
         f"dreams (the paper: 64 x 16, 934 generations for its Doom C), the mean scored on "
         f"{s['eval_rollouts']} dreams. Dream score: {s['dream_episodes']} dreams at the "
-        f"controller's tau (cap {s['dream_max_steps']} steps, end: {s['dream_done']}). "
+        f"controller's tau (cap {s['dream_max_steps']} steps, end: {s['dream_done']}"
+        f"{', M dropout on' if s.get('dream_dropout') else ''}). "
         f"Real score: {s['episodes']} episodes ({s['backend']}), seeds {s['first_seed']}.."
         f"{s['first_seed'] + s['episodes'] - 1}, the same for every row. Mean +- std.",
         "",

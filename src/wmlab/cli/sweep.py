@@ -29,22 +29,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     sweep.add_argument("--engine", choices=("serial", "process", "ray"),
                        help="evaluator engine (overrides es.engine)")
     sweep.add_argument("--workers", type=int, help="evaluator workers (overrides es.workers)")
+    sweep.add_argument("--name", default="tau",
+                       help="the sweep's folder under <run>/sweeps/ (default tau: the paper's "
+                       "table); another name keeps a variant apart, e.g. with --set "
+                       "dream.dropout=false")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
     sweep.set_defaults(func=cmd_sweep_tau)
 
 
 def cmd_sweep_tau(args: argparse.Namespace) -> int:
     from wmlab.runs import RunLayout
-    from wmlab.sweep import parse_taus, table_markdown, tau_sweep
+    from wmlab.sweep import check_sweep_name, parse_taus, table_markdown, tau_sweep
 
     taus = parse_taus(args.taus)
     # The run's own config.toml is left alone: the sweep writes only under sweeps/tau.
     cfg = config_from_args(args, {"es.engine": args.engine, "es.workers": args.workers})
     generations = cfg.es.generations if args.generations is None else args.generations
-    print(f"sweep directory: {RunLayout.of(cfg).tau_sweep}")
+    print(f"sweep directory: {RunLayout.of(cfg).sweep(check_sweep_name(args.name))}")
     table = tau_sweep(cfg, taus, generations=generations, population=args.population,
                       rollouts=args.rollouts, episodes=args.episodes,
                       dream_episodes=args.dream_episodes, progress=not args.no_progress,
-                      log=print)
+                      log=print, name=args.name)
     print(table_markdown(table), end="")
     return 0
