@@ -42,6 +42,8 @@ def test_evaluate_real_doom_writes_every_episode(tmp_path):
     saved = json.loads(Path(path).read_text())
     assert saved["returns"] == result.returns and len(saved["returns"]) == 3
     assert all(1 <= r <= 12 for r in saved["returns"])
+    # Doom pays +1 a step survived: each episode's recorded length is its return
+    assert saved["extra"]["lengths"] == [int(r) for r in saved["returns"]]
     assert saved["mean"] == pytest.approx(np.mean(saved["returns"]))
     assert saved["std"] == pytest.approx(np.std(saved["returns"]))
     assert video.read_bytes()[:6] in (b"GIF89a", b"GIF87a")

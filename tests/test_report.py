@@ -354,3 +354,17 @@ def test_the_share_of_cs_steps_taken_in_the_dream(tmp_path):
     metrics.write_text("\n".join(rows) + "\n")
     md = Path(write_report(run).markdown).read_text()
     assert "| members' steps: real env / dream | 2,000 / 27,000 (93% in the dream) |" in md
+
+
+def test_the_evaluation_says_how_its_episodes_ended(tmp_path):
+    run = new_run(tmp_path)
+    fill_run(run)
+    eval_json = Path(f"{run}/eval/eval-vizdoom.json")
+    eval_json.write_text(json.dumps({"backend": "vizdoom", "returns": [300.0, 2100.0, 700.0],
+                                     "seeds": [1, 2, 3]}))
+    assert "episode lengths: median" not in Path(write_report(run).markdown).read_text()  # older
+    eval_json.write_text(json.dumps(
+        {"backend": "vizdoom", "returns": [300.0, 2100.0, 700.0], "seeds": [1, 2, 3],
+         "extra": {"max_steps": 2100, "lengths": [300, 2100, 700]}}))
+    md = Path(write_report(run).markdown).read_text()
+    assert "episode lengths: median 700 steps; 2 of 3 ended before the cap of 2100 steps" in md

@@ -114,6 +114,9 @@ def evaluate_controller(cfg: Config, *, episodes: int | None = None, where: str 
     with Evaluator(workload, cfg.es.engine, cfg.es.workers, cfg.es.timeout, 1,
                    cfg.es.ray_address) as evaluator:
         returns = evaluator.run(rows, seeds).ravel()
+        lengths = evaluator.last_steps
+    # each episode's steps: how it ended (CarRacing: a lap finished before the cap, or not)
+    length_extra = {} if lengths is None else {"lengths": [int(n) for n in lengths.ravel()]}
     result = EvalResult(env=spec.name, backend=backend, where=where, episodes=episodes,
                         mean=float(returns.mean()), std=float(returns.std()),
                         seeds=[int(s) for s in seeds.ravel()],
@@ -121,7 +124,8 @@ def evaluate_controller(cfg: Config, *, episodes: int | None = None, where: str 
                         controller_fingerprint=str(info.get("fingerprint", "")),
                         tau=cfg.dream.tau if where == "dream" else None,
                         extra={"generation": info.get("generation"),
-                               "max_steps": cfg.env.max_steps or spec.max_steps})
+                               "max_steps": cfg.env.max_steps or spec.max_steps,
+                               **length_extra})
     gif = record_video(models, workload, params, int(seeds.ravel()[0])) if video else None
     suffix = "dream" if where == "dream" else backend
     path = out or RunLayout.of(cfg).scores("eval", suffix)

@@ -322,3 +322,25 @@ def versus_random_line(run: RunFiles, cfg: Config) -> str | None:
         found.append(data)
     paired = versus_random(*found)
     return None if paired is None else paired.line()
+
+
+def episode_lengths_line(run: RunFiles, cfg: Config) -> str | None:
+    """How the reported episodes ended: their median length and how many stopped before the
+    step cap (CarRacing: a lap finished in time; the cap's -0.1 a frame is what a slow lap
+    costs). None for an evaluation recorded before lengths were kept."""
+    import statistics
+
+    from wmlab.evaluate import reported_backend
+
+    try:
+        data = _read_json(run, RUN.scores("eval", reported_backend(cfg)))
+    except WmlabError:
+        return None
+    extra = data.get("extra") if isinstance(data, dict) else None
+    lengths = extra.get("lengths") if isinstance(extra, dict) else None
+    cap = extra.get("max_steps") if isinstance(extra, dict) else None
+    if not lengths or not isinstance(cap, int) or cap <= 0:
+        return None
+    early = sum(1 for n in lengths if n < cap)
+    return (f"episode lengths: median {statistics.median(lengths):g} steps; {early} of "
+            f"{len(lengths)} ended before the cap of {cap} steps")

@@ -31,6 +31,7 @@ from wmlab.report.reading import (
     backend_transfer_line,
     compute_curve,
     env_key,
+    episode_lengths_line,
     newest,
     parse_eval,
     read_evals,
@@ -215,6 +216,9 @@ def evaluation_section(page: Page, runs: Runs) -> Section:
         paired = versus_random_line(run, page.cfg) if page.cfg is not None else None
         if paired is not None:
             section.blocks.append(Text(f"{label}: {paired}" if len(runs) > 1 else paired))
+    lengths = episode_lengths_line(page.run, page.cfg) if page.cfg is not None else None
+    if lengths is not None:
+        section.blocks.append(Text(lengths))
     curves = _scored_means(runs)
     if len(runs) > 1 and curves:
         section.blocks.append(page.figure("compare-controller.png", plot_compare(curves),
