@@ -452,3 +452,54 @@ def test_stall_effect_plays_the_snapshots_whole_and_stalled(tmp_path, one_thread
     never = measure_stall_effect(cfg, tracks=2, stall_steps=1000)
     assert never.steps_saved == 0.0 and never.difference == 0.0
     assert [r.stalled for r in never.rows] == [r.whole for r in never.rows]
+
+
+# --- a shorter horizon for the members' rollouts ----------------------------------------------
+
+
+def test_members_play_the_shorter_horizon_and_the_mean_is_scored_on_whole_tracks(
+        tmp_path, one_thread):
+    """es.max_steps: every member's track ends at the horizon (CarRacing never ends sooner
+    here: a 30-frame track has no lap to finish), the scored mean plays the whole 30."""
+    import csv
+
+    from agent_fixtures import make_run
+    from test_carracing_budget import carracing_mdrnn
+    from wmlab.agent import workload_from_config
+    from wmlab.controller.cmaes import eval_seeds, load_controller_params
+    from wmlab.evaluators import Evaluator
+    from wmlab.pipeline.controller_stage import member_workload, train_controller
+
+    tiny = ('env.backend="envpool"', "env.max_steps=30", "es.population=4", "es.rollouts=2",
+            "es.generations=1", "es.eval_every=1", "es.eval_rollouts=2", "es.engine=\"serial\"")
+    whole = make_run(tmp_path / "whole", "carracing", tiny, mdrnn=carracing_mdrnn(True))
+    short = make_run(tmp_path / "short", "carracing", (*tiny, "es.max_steps=12"),
+                     mdrnn=carracing_mdrnn(True))
+    # off: the members' rollouts are the workload as it was, to the last field
+    assert member_workload(workload_from_config(whole), whole.es) == workload_from_config(whole)
+    assert member_workload(workload_from_config(short), short.es).max_steps == 12
+    for cfg in (whole, short):
+        train_controller(cfg, progress=False)
+    rows = {name: next(csv.DictReader(Path(f"{RunLayout.of(cfg).controller}/metrics.csv")
+                                      .read_text().splitlines()))
+            for name, cfg in (("whole", whole), ("short", short))}
+    assert float(rows["whole"]["env_steps"]) == 4 * 2 * 30
+    assert float(rows["short"]["env_steps"]) == 4 * 2 * 12
+    assert float(rows["short"]["best"]) != float(rows["whole"]["best"])
+    # the scored mean played whole tracks: its score is the mean's return over all 30 frames
+    mean, _ = load_controller_params(RunLayout.of(short).controller)
+    seeds = eval_seeds(short.run.seed, short.es.eval_rollouts, short.es.rollouts)
+    with Evaluator(workload_from_config(short), "serial") as game:
+        whole_tracks = game.run(mean[None].astype(np.float32), seeds.reshape(1, -1))
+    assert float(rows["short"]["eval_mean"]) == pytest.approx(float(whole_tracks.mean()))
+    assert game.last_steps.sum() == 30 * short.es.eval_rollouts
+
+
+def test_a_horizon_for_dream_training_is_refused():
+    from wmlab.config import load_config
+    from wmlab.controller.cmaes import check_es_config
+    from wmlab.errors import WmlabError
+
+    cfg = load_config("doom", "budget", ["es.max_steps=100"])
+    with pytest.raises(WmlabError, match="dream.max_steps"):
+        check_es_config(cfg.es)

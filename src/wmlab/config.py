@@ -213,6 +213,11 @@ class EsConfig:
                             "without a positive reward (CarRacing: no new tile), charging "
                             "its steps left at its mean reward over the stall; the mean is "
                             "still scored on whole episodes; 0 = off", min=0)
+    max_steps: int = _opt(0, "real-env training rollouts end after this many steps (a "
+                          "shorter horizon: on CarRacing the pace over the first part of "
+                          "each track, at a fraction of a whole track's cost, so more tracks "
+                          "a generation for the same compute); the mean is still scored on "
+                          "whole episodes; 0 = env.max_steps", min=0)
     job_members: int = _opt(8, "members per evaluator job (one batch; the unit of retry); "
                             "fixed so every engine computes the same batches", min=1)
 

@@ -101,6 +101,10 @@ def check_es_config(es: EsConfig) -> None:
         raise WmlabError(f"es.dream_rollouts ({es.dream_rollouts}) sets the rollouts of the "
                          "mixed schedule's dream generations, and es.dream_generations is 0: "
                          "set es.dream_generations, or es.rollouts for a run in one world")
+    if es.max_steps and es.fitness != "real":
+        raise WmlabError(f"es.max_steps ({es.max_steps}) caps C's real-env rollouts, and C "
+                         "trains in the dream (es.fitness = \"dream\"): cap dreams with "
+                         "dream.max_steps, or set es.max_steps = 0")
 
 
 def generation_seeds(seed: int, generation: int, population: int, rollouts: int,

@@ -98,11 +98,13 @@ def train_controller(cfg: Any, *, progress: bool = True,
 
         scorer = None
         if fitness is None:
-            fitness = evaluator(workload)
-            if cfg.es.stall_steps and workload.kind == "real":
-                # members' rollouts may end when they stop scoring; the mean is scored on
-                # whole episodes, by workers of its own (idle between scorings)
-                scorer = evaluator(dataclasses.replace(workload, stall_steps=0))
+            members = member_workload(workload, cfg.es)
+            fitness = evaluator(members)
+            whole = dataclasses.replace(workload, stall_steps=0)
+            if members != whole:
+                # members' rollouts may end early (a stall, a shorter horizon); the mean is
+                # scored on whole episodes, by workers of its own (idle between scorings)
+                scorer = evaluator(whole)
         # the dream's workers load M only; they sit idle once the real generations start
         dream = evaluator(workload_from_config(cfg, "dream")) if mixed else None
         start_score = None
@@ -112,6 +114,15 @@ def train_controller(cfg: Any, *, progress: bool = True,
                       seed=cfg.run.seed, info=info, progress=progress,
                       stop_after_generations=stop_after_generations, dream_fitness=dream,
                       score_fitness=scorer, start=start, start_score=start_score)
+
+
+def member_workload(workload: Any, es: Any) -> Any:
+    """The rollouts CMA-ES's members play: real episodes at a shorter horizon where
+    es.max_steps sets one (their ends by stalling, es.stall_steps, are the workload's own);
+    dreams as they are."""
+    if workload.kind != "real" or not es.max_steps:
+        return workload
+    return dataclasses.replace(workload, max_steps=es.max_steps)
 
 
 def carried_start(cfg: Any, models: Any, start: Any, scorer: Fitness, folder: str
