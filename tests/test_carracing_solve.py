@@ -495,6 +495,19 @@ def test_members_play_the_shorter_horizon_and_the_mean_is_scored_on_whole_tracks
     assert game.last_steps.sum() == 30 * short.es.eval_rollouts
 
 
+def test_a_horizon_no_shorter_than_the_episodes_is_refused(tmp_path):
+    from agent_fixtures import make_run
+    from test_carracing_budget import carracing_mdrnn
+    from wmlab.errors import WmlabError
+    from wmlab.pipeline.controller_stage import train_controller
+
+    cfg = make_run(tmp_path, "carracing", ('env.backend="envpool"', "env.max_steps=30",
+                                           "es.max_steps=30"), mdrnn=carracing_mdrnn(True))
+    with pytest.raises(WmlabError, match="below 30"):
+        train_controller(cfg, progress=False)
+    assert not Path(RunLayout.of(cfg).controller).exists()  # nothing written
+
+
 def test_a_horizon_for_dream_training_is_refused():
     from wmlab.config import load_config
     from wmlab.controller.cmaes import check_es_config

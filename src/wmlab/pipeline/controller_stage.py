@@ -54,6 +54,11 @@ def check_training_inputs(cfg: Any) -> tuple[Any, Any]:
         check_ray_address(cfg.es.ray_address)
     workload = workload_from_config(cfg)
     models = workload.load()
+    episode = workload.max_steps or models.spec.max_steps
+    if workload.kind == "real" and cfg.es.max_steps >= episode:
+        raise WmlabError(f"es.max_steps ({cfg.es.max_steps}) is a shorter horizon for C's "
+                         f"training rollouts, and {cfg.env.name}'s episodes end at {episode} "
+                         f"steps: set es.max_steps below {episode}, or 0 for whole episodes")
     if cfg.es.dream_generations:
         check_dream_heads(models.mdrnn.shape, cfg.es.dream_generations,
                           models.spec.survival_reward)
