@@ -163,9 +163,67 @@ def test_parameter_count_and_saved_shapes():
     check_shape(old, linear, "zh", "c.safetensors")
 
 
+@torch.no_grad()
+def test_a_hidden_layer_scores_each_action_by_the_same_small_network():
+    """controller.hidden = k with the look-ahead: score_a = v . tanh(W x_a + b) + b_a, x_a
+    the features after action a, (W, b, v) shared by the actions; as a row-by-row product."""
+    cfg = load_config("binpacking", "quick", ["controller.lookahead=true",
+                                              "controller.hidden=3"])
+    assert cfg.controller.hidden == 3  # accepted now: the look-ahead's score may be non-linear
+    models = build_models(get_spec("binpacking"), binpacking_mdrnn(), None, "zh", 3, True,
+                          lookahead=True)
+    width = H + 1  # h', predicted reward
+    assert models.shape.num_params == 3 * width + 3 + 3 + 9
+    rng = np.random.default_rng(2)
+    params = rng.normal(0, 1, (2, models.shape.num_params)).astype(np.float32)
+    z, h, c = torch.randn(4, Z), torch.randn(4, H) * 0.5, torch.randn(4, H) * 0.5
+    restart = torch.zeros(4, 1)
+    acted = _act(models, torch.from_numpy(params), z, h, c, restart, 2)
+    m = models.mdrnn
+    for row in range(4):
+        theta = torch.from_numpy(params[row // 2])  # rows grouped by member
+        w1 = theta[:3 * width].reshape(3, width)
+        b1, v, b_a = theta[3 * width:3 * width + 3], theta[3 * width + 3:3 * width + 6], \
+            theta[3 * width + 6:]
+        for a in range(9):
+            h1, _ = m.advance(z[row:row + 1], torch.eye(9)[a:a + 1], restart[row:row + 1],
+                              h[row:row + 1], c[row:row + 1])
+            x = torch.cat([h1[0], m.read_out(h1).reward])
+            expected = float(v @ torch.tanh(w1 @ x + b1) + b_a[a])
+            assert acted.raw[row, a] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    # the linear look-ahead is what it was: w then b_a, no hidden parameters
+    assert controller_shape("zh", Z, H, 9, lookahead=True, reward=True).num_params == width + 9
+
+
+@torch.no_grad()
+def test_a_hidden_layer_finds_a_band_rule_the_linear_lookahead_barely_reaches():
+    """Reset (action 1) exactly when the next state x is in a band: keep at x = 0 and 1,
+    reset at 0.5. After 'keep' this M's two units are monotone in x, one rising, one
+    falling, and flat past 0.5 (tanh of tanh), so a linear look-ahead follows the band only
+    on a thin sliver of weights (0.0019 w1 < 0.71 w0 < 0.050 w1): 2,000 random draws of it
+    miss it, the same search of a 4-unit hidden layer finds it."""
+    spec = EnvSpec(name="toy", gym_id="toy", description="", backends=("python",),
+                   default_backend="python", max_steps=10, action_kind="discrete",
+                   action_dim=2, controller_outputs=2)
+    m = _reset_mdrnn()
+    x = torch.tensor([0.0, 0.5, 1.0])[:, None]
+    zeros, start = torch.zeros(3, 2), torch.ones(3, 1)
+    linear = build_models(spec, m, None, "zh", 0, True, lookahead=True)
+    rng = np.random.default_rng(3)
+    thetas = torch.from_numpy(rng.normal(0, 3, (2000, linear.shape.num_params)).astype(
+        np.float32))
+    acted = _act(linear, thetas, x.repeat(2000, 1), zeros.repeat(2000, 1),
+                 zeros.repeat(2000, 1), start.repeat(2000, 1), 2000)
+    assert not (acted.env_actions.reshape(2000, 3) == [0, 1, 0]).all(1).any()
+    hidden = build_models(spec, m, None, "zh", 4, True, lookahead=True)
+    found = torch.from_numpy(rng.normal(0, 3, (2000, hidden.shape.num_params)).astype(
+        np.float32))
+    acted = _act(hidden, found, x.repeat(2000, 1), zeros.repeat(2000, 1),
+                 zeros.repeat(2000, 1), start.repeat(2000, 1), 2000)
+    assert (acted.env_actions.reshape(2000, 3) == [0, 1, 0]).all(1).any()
+
+
 def test_refusals_name_the_fix(tmp_path):
-    with pytest.raises(ConfigError, match="set controller.hidden = 0"):
-        load_config("binpacking", "quick", ["controller.lookahead=true", "controller.hidden=4"])
     with pytest.raises(ConfigError, match="set controller.inputs to zh"):
         load_config("binpacking", "quick", ["controller.lookahead=true", 'controller.inputs="z"'])
     for env, actions in (("carracing", 3), ("doom", 1)):

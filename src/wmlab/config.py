@@ -162,7 +162,8 @@ class ControllerConfig:
     lookahead: bool = _opt(False, "discrete actions only: score each action a by w . h'_a "
                            "(+ v r_a where M has a reward head) + b_a, h'_a M's state after a "
                            "and r_a its predicted reward (M stepped once per action); inputs "
-                           "zh reads h'_a, zch [c'_a, h'_a]; needs hidden = 0")
+                           "zh reads h'_a, zch [c'_a, h'_a]; with hidden = k the score is "
+                           "a k-unit tanh layer over them, shared by the actions")
 
 
 @dataclass
@@ -436,21 +437,18 @@ def dream_dropout(cfg: Config) -> float:
     return float(cfg.mdrnn.dropout)
 
 
-def check_lookahead(inputs: str, hidden: int) -> None:
+def check_lookahead(inputs: str) -> None:
     """What controller.lookahead needs of the rest of C's config: it reads M's state after
-    each action (no z: the same for every action) through one linear map."""
+    each action (no z: the same for every action)."""
     if inputs not in ("zh", "zch"):
         raise ConfigError(f"controller.lookahead scores each action by M's state after it: "
                           f"set controller.inputs to zh (h') or zch ([c', h']), not '{inputs}'")
-    if hidden:
-        raise ConfigError(f"controller.lookahead scores each action by a linear map of M's "
-                          f"state after it: set controller.hidden = 0 (not {hidden})")
 
 
 def _check_consistency(cfg: Config) -> None:
     dream_dropout(cfg)  # refused at load, not after V and M have trained
     if cfg.controller.lookahead:
-        check_lookahead(cfg.controller.inputs, cfg.controller.hidden)
+        check_lookahead(cfg.controller.inputs)
     if cfg.collect.hold_min > cfg.collect.hold_max:
         raise ConfigError(f"collect.hold_min ({cfg.collect.hold_min}) must not exceed "
                           f"collect.hold_max ({cfg.collect.hold_max})")

@@ -6,9 +6,11 @@ the env's spec maps raw outputs to actions. A whole population evaluates as one 
 matrix product: parameters (P, n) and features (P, N, in) give outputs (P, N, out).
 
 A look-ahead controller (``controller.lookahead``, discrete actions) scores each action a
-instead by one linear map of M's state *after* a, shared by the actions, plus a bias of
-its own: score_a = w . [(c'_a,) h'_a(, r_a)] + b_a, r_a the reward M predicts for a. The
-agent steps M for every action (``wmlab.agent``); here are only the shapes and the scoring.
+instead by one map of M's state *after* a, shared by the actions, plus a bias of its own:
+score_a = w . x_a + b_a with x_a = [(c'_a,) h'_a(, r_a)], r_a the reward M predicts for a;
+with ``controller.hidden`` = k, score_a = v . tanh(W x_a + b) + b_a (k hidden units, still
+shared by the actions: a value of the next state that need not be linear in it). The agent
+steps M for every action (``wmlab.agent``); here are only the shapes and the scoring.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ class ControllerShape:
 
     @property
     def num_params(self) -> int:
-        if self.lookahead:  # w shared by the actions, then b_a
-            return self.inputs + (self.outputs if self.bias else 0)
+        if self.lookahead:  # w (or W, b and v) shared by the actions, then b_a
+            shared = (self.inputs + 2) * self.hidden if self.hidden else self.inputs
+            return shared + (self.outputs if self.bias else 0)
         if self.hidden:
             return (self.inputs + 1) * self.hidden + self.hidden * self.outputs + (
                 self.outputs if self.bias else 0)
@@ -95,9 +98,11 @@ def _unpack(shape: ControllerShape, params: torch.Tensor):
         offset += count
         return block
 
-    if shape.lookahead:
-        w = take(shape.inputs)
-        return [(w, take(shape.outputs) if shape.bias else None)]
+    if shape.lookahead:  # [(w, b_a)], or with a hidden layer [(W, b), (v, b_a)]
+        layers = [(take(shape.hidden, shape.inputs), take(shape.hidden))] if shape.hidden \
+            else []
+        w = take(shape.hidden or shape.inputs)
+        return [*layers, (w, take(shape.outputs) if shape.bias else None)]
     if shape.hidden:
         w1 = take(shape.hidden, shape.inputs)
         b1 = take(shape.hidden)
@@ -127,10 +132,14 @@ def population_forward(shape: ControllerShape, params: torch.Tensor,
 def lookahead_forward(shape: ControllerShape, params: torch.Tensor,
                       features: torch.Tensor) -> torch.Tensor:
     """params (P, n), per-action features (P, N, A, inputs) -> scores (P, N, A): w . x_a +
-    b_a. Not squashed by tanh: they are logits for an argmax, and tanh would make large
-    ones equal (1.0 in float32 from about 9 on), leaving the choice to the first of them."""
-    [(weight, bias)] = _unpack(shape, params.to(features.dtype))
-    scores = (features @ weight[:, None, :, None]).squeeze(-1)
+    b_a, or v . tanh(W x_a + b) + b_a with a hidden layer. Not squashed by tanh: they are
+    logits for an argmax, and tanh would make large ones equal (1.0 in float32 from about 9
+    on), leaving the choice to the first of them."""
+    *hidden, (weight, bias) = _unpack(shape, params.to(features.dtype))
+    x = features
+    for w1, b1 in hidden:  # (P, N, A, in) -> (P, N, A, k), every action through the same W
+        x = torch.tanh(x @ w1.transpose(1, 2)[:, None] + b1[:, None, None, :])
+    scores = (x @ weight[:, None, :, None]).squeeze(-1)
     return scores if bias is None else scores + bias.unsqueeze(1)
 
 
@@ -142,9 +151,9 @@ def controller_shape(kind: str, z_dim: int, m_hidden: int, outputs: int, hidden:
     if not lookahead:
         return ControllerShape(inputs=feature_size(kind, z_dim, m_hidden), outputs=outputs,
                                hidden=hidden, bias=bias)
-    check_lookahead(kind, hidden)
+    check_lookahead(kind)
     return ControllerShape(inputs=lookahead_size(kind, m_hidden, reward), outputs=outputs,
-                           bias=bias, lookahead=True)
+                           hidden=hidden, bias=bias, lookahead=True)
 
 
 def shape_info(shape: ControllerShape, kind: str) -> dict:
