@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from wmlab.config import EsConfig
-from wmlab.controller.carry_over import AS_IT_WAS, carry_over, linear_parts, memory_features, refit
+from wmlab.controller.carry_over import (
+    AS_IT_WAS,
+    carry_over,
+    first_layer,
+    lookahead_memory_features,
+    memory_features,
+    refit,
+)
 from wmlab.controller.cmaes import run_es
 from wmlab.controller.model import ControllerShape
 from wmlab.data.series import Series
@@ -42,7 +49,7 @@ SHAPE = ControllerShape(inputs=Z + H, outputs=A)
 
 
 def _pre_activations(params: np.ndarray, features: list[np.ndarray]) -> np.ndarray:
-    w, b = linear_parts(SHAPE, params)
+    w, b = first_layer(SHAPE, params)
     return np.concatenate(features) @ w.T + b
 
 
@@ -64,7 +71,9 @@ def test_refit_to_the_same_m_keeps_the_controller():
     m, episodes = _m(1), _episodes()
     params = np.random.default_rng(1).normal(0, 0.5, SHAPE.num_params)
     features = [memory_features(m, s, "zh") for s in episodes]
-    fitted, r2 = refit(SHAPE, params, features, features, ridges=(1e-6,))[1e-6]
+    fits, rows = refit(SHAPE, params, zip(features, features, strict=True), ridges=(1e-6,))
+    fitted, r2 = fits[1e-6]
+    assert rows == 6 * 60
     assert r2 > 0.999999
     np.testing.assert_allclose(_pre_activations(fitted, features),
                                _pre_activations(params, features), atol=1e-3)
@@ -76,7 +85,7 @@ def test_refit_to_another_m_matches_the_old_controller_better_than_as_it_was():
     old = [memory_features(old_m, s, "zh") for s in episodes]
     new = [memory_features(new_m, s, "zh") for s in episodes]
     target = _pre_activations(params, old)
-    fitted, _ = refit(SHAPE, params, old, new, ridges=(1e-3,))[1e-3]
+    fitted, _ = refit(SHAPE, params, zip(old, new, strict=True), ridges=(1e-3,))[0][1e-3]
     as_it_was = np.mean((_pre_activations(params, new) - target) ** 2)
     carried = np.mean((_pre_activations(fitted, new) - target) ** 2)
     assert carried < 0.5 * as_it_was
@@ -111,9 +120,95 @@ def test_carry_over_keeps_the_best_scored_candidate_and_reads_it_back(tmp_path):
 
 
 def test_carry_over_refuses_what_it_cannot_translate():
-    with pytest.raises(WmlabError, match="linear controller"):
-        carry_over(ControllerShape(inputs=Z + H, outputs=A, hidden=4), "zh", np.zeros(1),
+    with pytest.raises(WmlabError, match="controller.inputs"):
+        carry_over(ControllerShape(inputs=Z, outputs=A), "z", np.zeros(Z * A + A),
                    _m(1), _m(2), _episodes(), lambda c: 0.0, "/nowhere.json")
+    with pytest.raises(WmlabError, match="look-ahead"):
+        carry_over(ControllerShape(inputs=H, outputs=A, lookahead=True), "zh",
+                   np.zeros(H + A), _m(1), _m(2), _episodes(), lambda c: 0.0, "/nowhere.json")
+    with pytest.raises(WmlabError, match="no recorded episodes"):
+        carry_over(SHAPE, "zh", np.zeros(SHAPE.num_params), _m(1), _m(2), [],
+                   lambda c: 0.0, "/nowhere.json")
+
+
+def test_a_hidden_layer_is_refitted_and_what_follows_it_kept():
+    shape = ControllerShape(inputs=Z + H, outputs=A, hidden=5)
+    old_m, new_m, episodes = _m(1), _m(2), _episodes()
+    params = np.random.default_rng(2).normal(0, 0.5, shape.num_params)
+    old = [memory_features(old_m, s, "zh") for s in episodes]
+    new = [memory_features(new_m, s, "zh") for s in episodes]
+    (same, r2), = refit(shape, params, zip(old, old, strict=True), ridges=(1e-6,))[0].values()
+    assert r2 > 0.999999
+    np.testing.assert_allclose(same, params, atol=1e-3)
+    fitted, _ = refit(shape, params, zip(old, new, strict=True), ridges=(1e-3,))[0][1e-3]
+    first = (Z + H + 1) * 5
+    np.testing.assert_array_equal(fitted[first:], params[first:])  # C's second layer
+
+    def hidden_units(p: np.ndarray, features: list[np.ndarray]) -> np.ndarray:
+        w, b = first_layer(shape, p)
+        return np.tanh(np.concatenate(features) @ w.T + b)
+
+    target = hidden_units(params, old)
+    assert np.mean((hidden_units(fitted, new) - target) ** 2) < \
+        0.5 * np.mean((hidden_units(params, new) - target) ** 2)
+
+
+# a look-ahead C over M's state after each of 3 actions (their vectors, as M reads them)
+CANDIDATES = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+
+
+def test_lookahead_features_are_what_the_agent_scores():
+    """At every step, M's state after each candidate from the state the agent is in, then M
+    advanced on the recorded action (the chosen candidate's state, as the agent keeps it)."""
+    m, series = _m(1), _episodes(1, 6)[0]
+    features = lookahead_memory_features(m, series, "zh", CANDIDATES)
+    assert features.shape == (6, 3, H)
+    z = torch.from_numpy(series.mu[:-1].astype(np.float32))
+    h, c = (s[0] for s in m.initial_state(1))
+    with torch.no_grad():
+        for t in range(6):
+            restart = torch.full((1, 1), 1.0 if t == 0 else 0.0)
+            for a in range(3):
+                h_a, _ = m.advance(z[t:t + 1], CANDIDATES[a:a + 1], restart, h, c)
+                np.testing.assert_allclose(features[t, a], h_a[0].numpy(), atol=1e-5)
+            h, c = m.advance(z[t:t + 1], torch.from_numpy(series.actions[t:t + 1]), restart,
+                             h, c)
+    assert lookahead_memory_features(m, series, "zh", CANDIDATES, steps=4).shape == (4, 3, H)
+
+
+@pytest.mark.parametrize("hidden", [0, 4])
+def test_a_lookahead_controller_is_carried_over(tmp_path, hidden):
+    """The refit matches the old controller's scores of the actions (up to a constant the
+    actions share, which cannot change the choice) better than the controller as it was;
+    its own biases b_a are kept; the choice records steps, not (step, action) rows."""
+    shape = ControllerShape(inputs=H, outputs=3, hidden=hidden, lookahead=True)
+    old_m, new_m, episodes = _m(1), _m(2), _episodes()
+    params = np.random.default_rng(3).normal(0, 0.5, shape.num_params)
+    old = [lookahead_memory_features(old_m, s, "zh", CANDIDATES) for s in episodes]
+    new = [lookahead_memory_features(new_m, s, "zh", CANDIDATES) for s in episodes]
+    from wmlab.controller.model import lookahead_forward
+
+    def centred_scores(p: np.ndarray, features: list[np.ndarray]) -> np.ndarray:
+        x = torch.from_numpy(np.concatenate(features)).float()[None]
+        scores = lookahead_forward(shape, torch.from_numpy(p).float()[None], x)[0].numpy()
+        return scores - scores.mean(axis=1, keepdims=True)
+
+    fitted, _ = refit(shape, params, zip(old, new, strict=True), ridges=(1e-3,))[0][1e-3]
+    np.testing.assert_array_equal(fitted[-3:], params[-3:])  # b_a
+    target = centred_scores(params, old)
+    assert np.mean((centred_scores(fitted, new) - target) ** 2) < \
+        0.5 * np.mean((centred_scores(params, new) - target) ** 2)
+
+    def far(candidate: np.ndarray) -> float:
+        return float(np.sum((candidate - params) ** 2))
+
+    path = str(tmp_path / "carry-over.json")
+    chosen, choice = carry_over(shape, "zh", params, old_m, new_m, episodes, far, path,
+                                candidates=CANDIDATES)
+    assert choice.chosen != AS_IT_WAS and choice.steps == 6 * 60
+    again, _ = carry_over(shape, "zh", params, old_m, new_m, episodes,
+                          lambda c: pytest.fail("scored again"), path, candidates=CANDIDATES)
+    np.testing.assert_allclose(again, chosen)
 
 
 # --- a dream that ends when it stops paying ------------------------------------------------

@@ -178,8 +178,10 @@ class EsConfig:
                           "CMA-ES's initial mean; 'previous' = the previous iteration's; "
                           "empty = zero, as the paper")
     carry_over: bool = _opt(False, "with init_from and mdrnn.init_from (iteration 2 on): "
-                            "refit init_from's linear C, made for the previous M, to this "
-                            "M's h by ridge regression on this iteration's episodes driven "
+                            "refit init_from's C, made for the previous M, to this M "
+                            "(its first map of what it reads: a linear C's weights, the "
+                            "hidden layer, a look-ahead C's map of M's state after each "
+                            "action) by ridge regression on this iteration's episodes driven "
                             "by the agent; the ridge strength (or the controller as it "
                             "was) whose real score on the fixed seeds is best starts C "
                             "(<run>/controller/carry-over.json)")

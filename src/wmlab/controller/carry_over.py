@@ -2,10 +2,16 @@
 
 C reads M's hidden state h, and h changes meaning when M trains on: a controller that drove
 at 756 with the M it was trained with drives at ~250 with the same M trained 1,000 steps
-more (CarRacing, iteration 2). A linear C = tanh(W [z, h] + b) can be translated instead of
+more (CarRacing, iteration 2). C's first map of what it reads can be translated instead of
 retrained: on episodes the old controller drove (the iteration's agent episodes), run both
 Ms over the same (z, action) sequences and fit, by ridge regression, the weights on the new
-M's features [z, h_new] that give the old controller's pre-activations W [z, h_old] + b.
+M's features that give the old controller's pre-activations on the old M's features. The
+first map is W of a linear C = tanh(W [z, h] + b), the hidden layer's (W, b) of a C with
+one (what follows it reads the same hidden units, so it is kept), and for a look-ahead C
+(``controller.lookahead``) the shared map of M's state after each action, fitted over every
+(step, action) pair: w . x_a for a linear one (a constant shared by the actions cannot
+change which wins, so the fit's intercept is dropped and b_a kept), W x_a + b for one with
+a hidden layer.
 
 A least-squares fit that matches the recorded steps best (R^2 0.99) can still drive worse in
 closed loop, where small errors take the car off the recorded tracks; a stronger ridge
@@ -17,20 +23,23 @@ choice is written to ``<controller>/carry-over.json`` and read back on resume.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 
 import fsspec
 import numpy as np
 import torch
 
-from wmlab.controller.model import ControllerShape
+from wmlab.controller.model import ControllerShape, lookahead_features
 from wmlab.data.series import Series
 from wmlab.errors import WmlabError
 from wmlab.fsio import atomic_write_bytes, exists
 from wmlab.memory.model import MDNRNN
 
-RIDGES = (10.0, 100.0, 1_000.0, 10_000.0)  # in units of X^T X over ~300k recorded steps
+RIDGES = (10.0, 100.0, 1_000.0, 10_000.0)  # in units of X^T X over ~300k recorded rows
+# a look-ahead C's rows are (step, action) pairs: its fit reads this many recorded steps at
+# most (~300k rows for BinPacking's 30 levels), the first episodes' first
+LOOKAHEAD_STEPS = 10_000
 AS_IT_WAS = "as it was"
 CARRY_OVER_FILE = "carry-over.json"
 
@@ -46,12 +55,16 @@ class CarryOverChoice:
     fit_r2: dict[str, float]  # per candidate: R^2 of the pre-activations on those steps
 
 
-def check_carry_over(shape: ControllerShape, inputs: str) -> None:
-    if shape.hidden or shape.lookahead or inputs == "z":
-        raise WmlabError("es.carry_over translates a linear controller on [z, h] (or "
-                         "[z, c, h]) to a retrained M: set controller.hidden = 0, "
-                         "controller.lookahead = false and controller.inputs to zh or zch, "
-                         "or es.carry_over = false")
+def check_carry_over(shape: ControllerShape, inputs: str,
+                     candidates: torch.Tensor | None = None) -> None:
+    if inputs == "z":
+        raise WmlabError("es.carry_over translates a controller that reads M's state to a "
+                         "retrained M, and controller.inputs = 'z' reads none: set "
+                         "controller.inputs to zh or zch, or es.carry_over = false")
+    if shape.lookahead and candidates is None:
+        raise WmlabError("es.carry_over needs the actions a look-ahead controller scores "
+                         "(a discrete env's): set controller.lookahead = false, or "
+                         "es.carry_over = false")
 
 
 @torch.no_grad()
@@ -76,78 +89,150 @@ def memory_features(m: MDNRNN, series: Series, inputs: str) -> np.ndarray:
     return np.concatenate([z[0].numpy(), before.numpy()], axis=1)
 
 
-def linear_parts(shape: ControllerShape, params: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A linear controller's flat parameters -> W (outputs, inputs), b (outputs,)."""
-    weights = shape.inputs * shape.outputs
-    w = params[:weights].reshape(shape.outputs, shape.inputs)
-    b = params[weights:] if shape.bias else np.zeros(shape.outputs)
+@torch.no_grad()
+def lookahead_memory_features(m: MDNRNN, series: Series, inputs: str,
+                              candidates: torch.Tensor, steps: int | None = None
+                              ) -> np.ndarray:
+    """What a look-ahead C reads at each step of a recorded episode with M ``m``: M's state
+    after each of the A ``candidates`` from the state before step t (and the reward M
+    predicts for it), (T, A, features), as the agent scores them; the first ``steps`` steps
+    only where given. M then advances on the recorded action."""
+    length = len(series.actions) if steps is None else min(steps, len(series.actions))
+    z = torch.from_numpy(series.mu[:length].astype(np.float32))
+    actions = torch.from_numpy(series.actions[:length].astype(np.float32))
+    h, c = (state[0] for state in m.initial_state(1))
+    out = []
+    for t in range(length):
+        restart = torch.full((1, 1), 1.0 if t == 0 else 0.0)
+        h_next, c_next = m.advance_each(z[t:t + 1], candidates, restart, h, c)
+        out.append(lookahead_features(inputs, h_next, c_next, m.predicted_reward(h_next))[0])
+        h, c = m.advance(z[t:t + 1], actions[t:t + 1], restart, h, c)
+    return torch.stack(out).numpy() if out else np.zeros((0, len(candidates), 0), np.float32)
+
+
+def _first_layer_size(shape: ControllerShape) -> tuple[int, bool]:
+    """(units, has_bias) of C's first map of its features: the hidden layer, the outputs of
+    a linear C, or the one score of a linear look-ahead C (whose biases are per action)."""
+    if shape.hidden:
+        return shape.hidden, True
+    if shape.lookahead:
+        return 1, False
+    return shape.outputs, shape.bias
+
+
+def first_layer(shape: ControllerShape, params: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """C's flat parameters -> its first map's W (units, inputs) and b (units,), zeros where
+    that map has no bias of its own. Every C's parameters start with this map."""
+    units, has_bias = _first_layer_size(shape)
+    weights = units * shape.inputs
+    w = params[:weights].reshape(units, shape.inputs)
+    b = params[weights:weights + units] if has_bias else np.zeros(units)
     return w, b
 
 
-def refit(shape: ControllerShape, params: np.ndarray, old: list[np.ndarray],
-          new: list[np.ndarray], ridges: Iterable[float] = RIDGES
-          ) -> dict[float, tuple[np.ndarray, float]]:
-    """Per ridge strength: the parameters whose pre-activations on the ``new`` features
-    best match ``params``'s on the ``old`` ones (each a list of (T, inputs) per episode),
-    and the R^2 of that match."""
-    w, b = linear_parts(shape, np.asarray(params, dtype=np.float64))
-    x = np.concatenate(new).astype(np.float64)
-    target = np.concatenate(old).astype(np.float64) @ w.T + b
-    if shape.bias:
-        x = np.concatenate([x, np.ones((len(x), 1))], axis=1)
-    gram, cross = x.T @ x, x.T @ target
-    spread = ((target - target.mean(0)) ** 2).sum()
+def with_first_layer(shape: ControllerShape, params: np.ndarray, w: np.ndarray,
+                     b: np.ndarray) -> np.ndarray:
+    """``params`` with its first map replaced by (W, b); the rest of C is kept."""
+    units, has_bias = _first_layer_size(shape)
+    out = np.array(params, dtype=np.float64)
+    weights = units * shape.inputs
+    out[:weights] = w.reshape(-1)
+    if has_bias:
+        out[weights:weights + units] = b
+    return out
+
+
+def refit(shape: ControllerShape, params: np.ndarray,
+          pairs: Iterable[tuple[np.ndarray, np.ndarray]], ridges: Iterable[float] = RIDGES
+          ) -> tuple[dict[float, tuple[np.ndarray, float]], int]:
+    """Per ridge strength: the parameters whose first map on the new features best matches
+    ``params``'s on the old ones, and the R^2 of that match; and the rows fitted. ``pairs``
+    holds (old, new) feature rows (n, inputs) per episode, read once: the normal equations
+    are summed as they come, so a look-ahead C's (step, action) rows never sit in memory
+    together. A look-ahead C's fitted intercept is shared by its actions and dropped."""
+    params = np.asarray(params, dtype=np.float64)
+    w, b = first_layer(shape, params)
+    units, has_bias = _first_layer_size(shape)
+    intercept = has_bias or shape.lookahead
+    size = shape.inputs + int(intercept)
+    gram, cross = np.zeros((size, size)), np.zeros((size, units))
+    total, squares, rows = np.zeros(units), 0.0, 0
+    for old, new in pairs:
+        x = new.reshape(-1, shape.inputs).astype(np.float64)
+        target = old.reshape(-1, shape.inputs).astype(np.float64) @ w.T + b
+        if intercept:
+            x = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+        gram += x.T @ x
+        cross += x.T @ target
+        total += target.sum(0)
+        squares += float((target ** 2).sum())
+        rows += len(x)
+    spread = squares - float((total ** 2).sum()) / max(rows, 1)
     out = {}
     for ridge in ridges:
-        solution = np.linalg.solve(gram + ridge * np.eye(len(gram)), cross)
-        r2 = 1.0 - float(((x @ solution - target) ** 2).sum() / max(spread, 1e-12))
-        fitted = solution[:shape.inputs].T.reshape(-1)
-        if shape.bias:
-            fitted = np.concatenate([fitted, solution[shape.inputs]])
-        out[ridge] = (fitted, r2)
-    return out
+        solution = np.linalg.solve(gram + ridge * np.eye(size), cross)
+        # sum of squared residuals from the summed equations: |X s - t|^2
+        residual = float((solution * (gram @ solution)).sum() - 2 * (solution * cross).sum()
+                         + squares)
+        r2 = 1.0 - max(residual, 0.0) / max(spread, 1e-12)
+        fitted_w = solution[:shape.inputs].T
+        fitted_b = solution[shape.inputs] if has_bias else np.zeros(units)
+        out[ridge] = (with_first_layer(shape, params, fitted_w, fitted_b), r2)
+    return out, rows
 
 
 def carry_over(shape: ControllerShape, inputs: str, params: np.ndarray, old_m: MDNRNN,
                new_m: MDNRNN, episodes: Iterable[Series],
-               score: Callable[[np.ndarray], float], path: str
+               score: Callable[[np.ndarray], float], path: str,
+               candidates: torch.Tensor | None = None
                ) -> tuple[np.ndarray, CarryOverChoice]:
     """The starting controller for ``new_m``: ``params`` (made for ``old_m``) refitted at
     each ridge strength, or as it was, whichever ``score`` (the real return on the fixed
     seeds) rates best. Read back from ``path`` when it was chosen before (only the chosen
-    fit is computed again, and nothing for the controller as it was)."""
-    check_carry_over(shape, inputs)
+    fit is computed again, and nothing for the controller as it was). ``candidates``: the
+    actions a look-ahead C scores (row a: action a's vector for M)."""
+    check_carry_over(shape, inputs, candidates)
     params = np.asarray(params, dtype=np.float64)
+    pairs = _features(old_m, new_m, episodes, inputs, candidates if shape.lookahead else None)
     if exists(path):  # resume: the same choice, not scored again
         with fsspec.open(path, "rb") as handle:
             choice = CarryOverChoice(**json.loads(handle.read()))
         if choice.chosen == AS_IT_WAS:
             return params, choice
         ridge = float(choice.chosen)
-        old, new = _features(old_m, new_m, episodes, inputs)
-        return refit(shape, params, old, new, ridges=(ridge,))[ridge][0], choice
-    old, new = _features(old_m, new_m, episodes, inputs)
-    fits = refit(shape, params, old, new)
-    candidates = {f"{ridge:g}": fitted for ridge, (fitted, _) in fits.items()}
-    candidates[AS_IT_WAS] = params
-    scores = {name: float(score(candidate)) for name, candidate in candidates.items()}
+        return refit(shape, params, pairs, ridges=(ridge,))[0][ridge][0], choice
+    fits, rows = refit(shape, params, pairs)
+    candidates_c = {f"{ridge:g}": fitted for ridge, (fitted, _) in fits.items()}
+    candidates_c[AS_IT_WAS] = params
+    scores = {name: float(score(candidate)) for name, candidate in candidates_c.items()}
     chosen = max(scores, key=lambda name: scores[name])  # the first of equals
-    choice = CarryOverChoice(chosen, scores[chosen], scores, sum(len(f) for f in old),
+    steps = rows // (len(candidates) if shape.lookahead else 1)
+    choice = CarryOverChoice(chosen, scores[chosen], scores, steps,
                              {f"{ridge:g}": r2 for ridge, (_, r2) in fits.items()})
     atomic_write_bytes(path, json.dumps(asdict(choice), indent=2).encode())
-    return candidates[chosen], choice
+    return candidates_c[chosen], choice
 
 
-def _features(old_m: MDNRNN, new_m: MDNRNN, episodes: Iterable[Series], inputs: str
-              ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """What C read with the old M and reads with the new one, per recorded episode."""
+def _features(old_m: MDNRNN, new_m: MDNRNN, episodes: Iterable[Series], inputs: str,
+              candidates: torch.Tensor | None = None
+              ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """What C read with the old M and reads with the new one, per recorded episode: the
+    features of every step, or for a look-ahead C (``candidates``) of every (step, action)
+    pair over the first LOOKAHEAD_STEPS recorded steps."""
     old_m, new_m = old_m.eval(), new_m.eval()
-    old, new = [], []
+    left, any_episode = LOOKAHEAD_STEPS, False
     for series in episodes:
-        old.append(memory_features(old_m, series, inputs))
-        new.append(memory_features(new_m, series, inputs))
-    if not old:
+        any_episode = True
+        if candidates is None:
+            yield memory_features(old_m, series, inputs), memory_features(new_m, series, inputs)
+            continue
+        old = lookahead_memory_features(old_m, series, inputs, candidates, left)
+        new = lookahead_memory_features(new_m, series, inputs, candidates, left)
+        yield old, new
+        left -= len(old)
+        if left <= 0:
+            break
+    if not any_episode:
         raise WmlabError("es.carry_over found no recorded episodes to fit on: collect "
                          "episodes in this iteration (collect.episodes > 0), or set "
                          "es.carry_over = false")
-    return old, new

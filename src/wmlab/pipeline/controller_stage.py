@@ -147,7 +147,7 @@ def carried_start(cfg: Any, models: Any, start: Any, scorer: Fitness, folder: st
     params, choice = carry_over(models.shape, cfg.controller.inputs, start, old_m,
                                 models.mdrnn, series.iter_series(driven),
                                 lambda candidate: score_mean(scorer, candidate, seeds),
-                                f"{folder}/{CARRY_OVER_FILE}")
+                                f"{folder}/{CARRY_OVER_FILE}", candidates=models.candidates)
     print(f"[controller] carried over to this M: {choice.chosen} "
           f"(real {choice.score:.1f} on the fixed seeds; "
           + ", ".join(f"{k}: {v:.1f}" for k, v in choice.scores.items()) + ")", flush=True)
