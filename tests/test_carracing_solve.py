@@ -194,6 +194,14 @@ def test_a_dream_that_copies_the_game_ranks_controllers_perfectly(tmp_path, one_
         scored = []
         again = measure_fidelity(cfg, 3, taus=(1.0, 1.2), snapshots_from=str(
             tmp_path / "other"), real=_Recording(game, scored), dream=game)
+        saved = json.loads((Path(RunLayout.of(cfg).eval) / "fidelity.json").read_text())[
+            "results"]
+        # a C trained in the dream alone scored its means there: they are scored in the game
+        for path in (Path(RunLayout.of(cfg).controller) / "snapshots").glob("*.json"):
+            path.write_text(json.dumps({**json.loads(path.read_text()), "fitness": "dream"}))
+        dreamt = []
+        measure_fidelity(cfg, 3, real=_Recording(game, dreamt), dream=game)
+        assert len(dreamt) == 8
     names = [row.controller for row in same.rows]
     assert names == [f"generation {g}" for g in range(1, 7)] + ["zero", "random"]
     returns = [row.real for row in same.rows]
@@ -206,7 +214,6 @@ def test_a_dream_that_copies_the_game_ranks_controllers_perfectly(tmp_path, one_
     assert [r.tau for r in again] == [1.0, 1.2]
     assert len(scored) == 8  # every controller scored in the real env, the copy's too
     assert again[0].rank_correlation == pytest.approx(1.0)
-    saved = json.loads((Path(RunLayout.of(cfg).eval) / "fidelity.json").read_text())["results"]
     assert [s["tau"] for s in saved] == [1.0, 1.2] and len(saved[0]["rows"]) == 8
 
 

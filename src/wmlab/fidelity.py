@@ -12,7 +12,9 @@ env, and reports
   returns are from the game's (a ratio well below 1 is a dream that flatters C).
 
 The real side of the run's own snapshots is their score on the run's fixed seeds (already
-measured by the CMA-ES loop); the zero and random controllers are scored on the same seeds.
+measured by the CMA-ES loop, where it scored them in the game; a C trained in the dream alone
+has them scored in the game here); the zero and random controllers are scored on the same
+seeds.
 Every controller plays the same dreams.
 """
 
@@ -154,8 +156,9 @@ def measure_fidelity(cfg: Any, dream_episodes: int, *, taus: Sequence[float] = (
     own = source == RunLayout.of(cfg).controller.rstrip("/")
     fixed = eval_seeds(cfg.run.seed, es.eval_rollouts, es.rollouts)
     controllers = {f"generation {s.generation}": s.params for s in snapshots}
-    real_returns = {f"generation {s.generation}": s.eval_mean for s in snapshots} if own \
-        else {}
+    # a C trained in the dream alone scored its means in the dream: scored in the game here
+    real_returns = {f"generation {s.generation}": s.eval_mean for s in snapshots
+                    if s.in_game} if own else {}
     controllers.update(reference_controllers(len(snapshots[0].params), es.sigma0,
                                              cfg.run.seed))
     names = list(controllers)

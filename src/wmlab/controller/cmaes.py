@@ -424,6 +424,7 @@ class Snapshot:
     generation: int
     params: np.ndarray
     eval_mean: float
+    in_game: bool = True  # scored in the real env; False for a C trained in the dream alone
 
 
 def load_snapshots(folder: str) -> list[Snapshot]:
@@ -440,7 +441,8 @@ def load_snapshots(folder: str) -> list[Snapshot]:
         ckpt = load_checkpoint(f"{folder.rstrip('/')}/{SNAPSHOTS}", name, with_state=False)
         out.append(Snapshot(int(ckpt.info["generation"]),
                             ckpt.weights["params"].double().numpy(),
-                            float(ckpt.info["eval_mean"])))
+                            float(ckpt.info["eval_mean"]),
+                            ckpt.info.get("fitness", "real") != "dream"))
     return sorted(out, key=lambda snap: snap.generation)
 
 
