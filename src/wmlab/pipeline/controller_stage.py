@@ -148,8 +148,9 @@ def carried_start(cfg: Any, models: Any, start: Any, scorer: Fitness, folder: st
                                 models.mdrnn, series.iter_series(driven),
                                 lambda candidate: score_mean(scorer, candidate, seeds),
                                 f"{folder}/{CARRY_OVER_FILE}", candidates=models.candidates)
+    where = "in the dream" if cfg.es.fitness == "dream" else "real"
     print(f"[controller] carried over to this M: {choice.chosen} "
-          f"(real {choice.score:.1f} on the fixed seeds; "
+          f"({where} {choice.score:.1f} on the fixed seeds; "
           + ", ".join(f"{k}: {v:.1f}" for k, v in choice.scores.items()) + ")", flush=True)
     return params, choice.score
 
