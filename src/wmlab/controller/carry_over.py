@@ -202,15 +202,15 @@ def carry_over(shape: ControllerShape, inputs: str, params: np.ndarray, old_m: M
         ridge = float(choice.chosen)
         return refit(shape, params, pairs, ridges=(ridge,))[0][ridge][0], choice
     fits, rows = refit(shape, params, pairs)
-    candidates_c = {f"{ridge:g}": fitted for ridge, (fitted, _) in fits.items()}
-    candidates_c[AS_IT_WAS] = params
-    scores = {name: float(score(candidate)) for name, candidate in candidates_c.items()}
+    starts = {f"{ridge:g}": fitted for ridge, (fitted, _) in fits.items()}
+    starts[AS_IT_WAS] = params
+    scores = {name: float(score(candidate)) for name, candidate in starts.items()}
     chosen = max(scores, key=lambda name: scores[name])  # the first of equals
     steps = rows // (len(candidates) if shape.lookahead else 1)
     choice = CarryOverChoice(chosen, scores[chosen], scores, steps,
                              {f"{ridge:g}": r2 for ridge, (_, r2) in fits.items()})
     atomic_write_bytes(path, json.dumps(asdict(choice), indent=2).encode())
-    return candidates_c[chosen], choice
+    return starts[chosen], choice
 
 
 def _features(old_m: MDNRNN, new_m: MDNRNN, episodes: Iterable[Series], inputs: str,
