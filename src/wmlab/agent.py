@@ -16,6 +16,7 @@ evaluation engine, that makes the serial, process and Ray engines agree exactly.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -32,7 +33,7 @@ from wmlab.controller.model import (
     population_forward,
 )
 from wmlab.device import resolve_bf16
-from wmlab.dream import BatchedDream, DreamSettings, DreamStart
+from wmlab.dream import BatchedDream, DreamSettings, DreamStart, EnsembleDream
 from wmlab.dream.calibration import dream_settings
 from wmlab.envs.spec import EnvSpec
 from wmlab.errors import WmlabError
@@ -60,6 +61,8 @@ class AgentModels:
     # a look-ahead C (controller.lookahead): the action vectors of the A actions it scores
     # (row a: action a); None for a C that reads [z, h] itself
     candidates: torch.Tensor | None = None
+    # the ensemble's other Ms (mdrnn.ensemble), stepped beside ``mdrnn`` in the dream
+    ensemble: tuple[MDNRNN, ...] = ()
 
 
 def build_models(spec: EnvSpec, mdrnn: MDNRNN, vae: ConvVAE | None, features: str,
@@ -403,7 +406,8 @@ def run_dream(models: AgentModels, params: np.ndarray, seeds: np.ndarray,
     seeds = np.asarray(seeds, dtype=np.int64)
     members, per_member = seeds.shape
     theta = _member_params(params, models.shape)
-    dream = BatchedDream(models.mdrnn, models.start, settings)
+    dream = EnsembleDream((models.mdrnn, *models.ensemble), models.start, settings) \
+        if models.ensemble else BatchedDream(models.mdrnn, models.start, settings)
     dream.compact = compact
     z = dream.reset(seeds.ravel())
     returns = torch.zeros(len(z), dtype=torch.float64)
@@ -443,6 +447,7 @@ class RolloutWorkload:
     packed_encoder: bool = False  # controller.packed_encoder: V's encoder packed for acting
     stall_steps: int = 0  # es.stall_steps: end real episodes that stopped scoring; 0 = off
     lookahead: bool = False  # controller.lookahead: C scores M's state after each action
+    ensemble: tuple[str, ...] = ()  # the folders of the dream's other Ms (mdrnn.ensemble)
 
     def load(self) -> AgentModels:
         from wmlab.checkpoint import load_checkpoint
@@ -458,8 +463,10 @@ class RolloutWorkload:
             start = DreamStart(ckpt.weights["mu"].float(), ckpt.weights["logvar"].float())
         # silent: every worker builds this, and the encode stage has said it once already
         bf16 = resolve_bf16(self.vae_bf16, torch.device("cpu"), log=lambda message: None)
-        return build_models(get_spec(self.env), mdrnn, vae, self.features, self.hidden,
-                            self.bias, start, bf16, self.packed_encoder, self.lookahead)
+        models = build_models(get_spec(self.env), mdrnn, vae, self.features, self.hidden,
+                              self.bias, start, bf16, self.packed_encoder, self.lookahead)
+        others = tuple(load_mdrnn(folder)[0].eval() for folder in self.ensemble)
+        return dataclasses.replace(models, ensemble=others) if others else models
 
     def build(self) -> RolloutRunner:
         return RolloutRunner(self, self.load())
@@ -512,7 +519,9 @@ def workload_from_config(cfg: Any, kind: str | None = None, backend: str | None 
         dream=dream_settings(cfg) if dream else None,
         vae_bf16=cfg.vae.bf16, packed_encoder=cfg.controller.packed_encoder,
         stall_steps=cfg.es.stall_steps if kind == "real" else 0,
-        lookahead=cfg.controller.lookahead)
+        lookahead=cfg.controller.lookahead,
+        ensemble=tuple(RunLayout.of(cfg).memory_member(k)
+                       for k in range(1, cfg.mdrnn.ensemble)) if dream else ())
 
 
 class AgentPolicy:

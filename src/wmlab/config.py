@@ -145,6 +145,11 @@ class MdrnnConfig:
     bf16: bool = _opt(False, "bfloat16 autocast for M's LSTM and head in training, where the "
                       "hardware runs bf16 natively (float32 elsewhere)")
     initial_z: int = _opt(1000, "first-frame latents kept for starting dreams", min=1)
+    ensemble: int = _opt(1, "Ms trained on the same data from different seeds; the dream "
+                         "steps them all on the same z and actions, ends when any of them "
+                         "says the episode ends and takes the next z from each in turn, so "
+                         "C cannot win by one M's errors (C reads the first M's state); "
+                         "1 = one M", min=1, max=16)
     calibration_episodes: int = _opt(64, "dreams per reference policy (random, no-op, left) "
                                      "in M's calibration report; 0 = skip", min=0)
     calibration_real_episodes: int = _opt(16, "real-game episodes per reference policy, "

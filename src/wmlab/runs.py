@@ -92,6 +92,11 @@ class RunLayout:
         keeps a variant's controllers and table apart, e.g. the dream without dropout)."""
         return self._at(f"sweeps/{name}")
 
+    def memory_member(self, member: int) -> str:
+        """M number ``member`` of an ensemble (``mdrnn.ensemble``): 0 is the run's M, the
+        others live under ``memory/ensemble/<member>``."""
+        return ensemble_member(self.memory, member)
+
     def reference_real(self, policy: str) -> str:
         """A reference policy's real-game episodes, measured for the calibration."""
         return self._at(f"memory/reference-{policy}-real.json")
@@ -123,6 +128,11 @@ class RunLayout:
     def iteration(self, k: int) -> RunLayout:
         """Iteration ``k`` of this run (1: the run itself)."""
         return self.base if k == 1 else RunLayout(self.base._at(f"{ITERATIONS}/{k}"))
+
+
+def ensemble_member(memory: str, member: int) -> str:
+    """The folder of member ``member`` of the ensemble whose first M is in ``memory``."""
+    return memory if member == 0 else f"{memory.rstrip('/')}/ensemble/{member}"
 
 
 def spent_seconds(record: dict[str, Any]) -> float:

@@ -18,19 +18,22 @@ from wmlab.errors import WmlabError
 
 def cmd_train_mdrnn(args: argparse.Namespace) -> int:
     from wmlab.calibrate import calibrate_trained_memory
-    from wmlab.memory.train import check_series, load_series, train_mdrnn
+    from wmlab.memory.train import check_series, load_series, train_ensemble
     from wmlab.runs import prepare_run_dir
 
     cfg = config_from_args(args, {"mdrnn.steps": args.steps, "mdrnn.regime": args.regime})
     data = load_series(cfg)
     check_series(cfg, data)  # before anything is written
     print(f"run directory: {prepare_run_dir(cfg)}")
-    result = train_mdrnn(cfg, progress=not args.no_progress, series=data)
-    last = result.history[-1] if result.history else {}
-    shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "step")
-    print(f"{result.folder}: M trained to step {result.steps} (from {result.resumed_from}), "
-          f"{result.steps_per_second:,.0f} steps/s" + (f"; validation: {shown}" if shown else ""))
-    calibration = calibrate_trained_memory(cfg) if result.finished else None
+    results = train_ensemble(cfg, progress=not args.no_progress, series=data)
+    for result in results:
+        last = result.history[-1] if result.history else {}
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "step")
+        print(f"{result.folder}: M trained to step {result.steps} (from "
+              f"{result.resumed_from}), {result.steps_per_second:,.0f} steps/s"
+              + (f"; validation: {shown}" if shown else ""))
+    finished = all(result.finished for result in results)
+    calibration = calibrate_trained_memory(cfg) if finished else None
     if calibration:
         print_calibration(calibration)
     return 0

@@ -12,6 +12,7 @@ V of this run (series of another V would train M on latents that V cannot decode
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from collections.abc import Callable
@@ -39,7 +40,7 @@ from wmlab.memory.model import (
 )
 from wmlab.metrics import MetricsLogger
 from wmlab.native import keep_freed_memory
-from wmlab.runs import RunLayout
+from wmlab.runs import RunLayout, ensemble_member
 
 TRAIN_CHECKPOINT = "train"
 LOG_EVERY = 10
@@ -365,9 +366,14 @@ def _series_set(cfg: Config, series: SeriesSet | tuple[list[Series], list[Series
     return SeriesSet(list(series[0]), list(series[1]))
 
 
-def _new_model(cfg: Config, shape: MdrnnShape, device: torch.device) -> MDNRNN:
-    """M's initial weights: from the run's seed, or the trained M of ``mdrnn.init_from``."""
+def _new_model(cfg: Config, shape: MdrnnShape, device: torch.device, member: int = 0
+               ) -> MDNRNN:
+    """M's initial weights: from the run's seed, or the trained M of ``mdrnn.init_from``
+    (for an ensemble's member k, that folder's member k where it has one)."""
     init_from = cfg.mdrnn.init_from
+    if init_from and checkpoint.checkpoint_exists(ensemble_member(init_from, member),
+                                                  FINAL_WEIGHTS):
+        init_from = ensemble_member(init_from, member)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed)  # the initial weights belong to the run's seed
         model = MDNRNN(shape, cfg.mdrnn.dropout).to(device)
@@ -381,14 +387,16 @@ def _new_model(cfg: Config, shape: MdrnnShape, device: torch.device) -> MDNRNN:
     return model
 
 
-def _start_training(cfg: Config, data: SeriesSet, device: torch.device) -> _Training:
+def _start_training(cfg: Config, data: SeriesSet, device: torch.device, member: int = 0
+                    ) -> _Training:
     """M, its optimiser and the step to go on from, restored from the run's checkpoint if
-    there is one (refused when it was made with other batching)."""
+    there is one (refused when it was made with other batching). ``cfg`` carries the
+    member's seed (``member_config``)."""
     m = cfg.mdrnn
     train = data.train
     bf16 = resolve_bf16(m.bf16, device)
     shape = shape_from_config(cfg, train[0].mu.shape[1], train[0].actions.shape[1])
-    model = _new_model(cfg, shape, device)
+    model = _new_model(cfg, shape, device, member)
     optimizer = torch.optim.Adam(model.parameters(), lr=m.lr)
     # what fixes the sequence of batches: a resume with other values would not continue
     # the same run
@@ -397,8 +405,8 @@ def _start_training(cfg: Config, data: SeriesSet, device: torch.device) -> _Trai
     # dropout: M's checkpoints say what it was trained with (load_mdrnn reads it back)
     info = {"shape": shape.__dict__, "regime": m.regime, "series": data.fingerprint,
             "env": cfg.env.name, "batching": batching, "dropout": m.dropout}
-    training = _Training(cfg, train, device, bf16, model, optimizer, RunLayout.of(cfg).memory,
-                         info)
+    folder = RunLayout.of(cfg).memory_member(member)
+    training = _Training(cfg, train, device, bf16, model, optimizer, folder, info)
     if checkpoint.checkpoint_exists(training.folder, TRAIN_CHECKPOINT):
         _resume(training, batching)
     return training
@@ -425,25 +433,41 @@ def _resume(training: _Training, batching: dict[str, Any]) -> None:
         training.carried = (ckpt.state["h"].to(device), ckpt.state["c"].to(device))
 
 
+def member_config(cfg: Config, member: int) -> Config:
+    """The config member ``member`` of M's ensemble trains with: the run's seed + member
+    (its initial weights, batch order and z noise); member 0 is the run's M itself."""
+    if member == 0:
+        return cfg
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run,
+                                                             seed=cfg.run.seed + member))
+
+
 def train_mdrnn(cfg: Config, *, progress: bool = True, stop_after_steps: int | None = None,
                 on_step: Callable[[int, dict[str, float]], None] | None = None,
-                series: SeriesSet | tuple[list[Series], list[Series]] | None = None
-                ) -> MdrnnTrainResult:
-    """Train M (resuming from the run's checkpoint if there is one)."""
+                series: SeriesSet | tuple[list[Series], list[Series]] | None = None,
+                member: int = 0) -> MdrnnTrainResult:
+    """Train M (resuming from the run's checkpoint if there is one); ``member`` k > 0 trains
+    the k-th other M of the ensemble (``mdrnn.ensemble``) in its own folder."""
     m = cfg.mdrnn
+    if not 0 <= member < m.ensemble:
+        raise WmlabError(f"M's ensemble has {m.ensemble} members (mdrnn.ensemble), no member "
+                         f"{member}")
     data = _series_set(cfg, series)
     check_series(cfg, data)
     device = resolve_device(cfg.run.device)
     keep_freed_memory(device.type)  # the same large tensors every step: no page faults
-    training = _start_training(cfg, data, device)
+    training = _start_training(member_config(cfg, member), data, device, member)
     resumed_from = training.step
-    write_initial_z(cfg, data.train)
+    if member == 0:  # where dreams start: one store, whichever Ms step them
+        write_initial_z(cfg, data.train)
     logger = MetricsLogger(training.folder, resume_step=training.step)
     result = MdrnnTrainResult(folder=training.folder, steps=training.step,
                               resumed_from=training.step)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=m.steps, initial=training.step, desc="train M", unit="batch",
+    bar = tqdm(total=m.steps, initial=training.step,
+               desc="train M" if m.ensemble == 1 else f"train M {member + 1}/{m.ensemble}",
+               unit="batch",
                disable=not progress, dynamic_ncols=True)
     backward = BatchBackward(batch_parts(m.batch_parts, device, m.batch_size, m.regime))
     throughput = _Throughput(time.monotonic())
@@ -473,6 +497,16 @@ def train_mdrnn(cfg: Config, *, progress: bool = True, stop_after_steps: int | N
     result.finished = training.step >= m.steps
     result.sequences_per_second, result.steps_per_second = throughput.rates()
     return result
+
+
+def train_ensemble(cfg: Config, *, progress: bool = True,
+                   series: SeriesSet | tuple[list[Series], list[Series]] | None = None
+                   ) -> list[MdrnnTrainResult]:
+    """Train every M of the ensemble (``mdrnn.ensemble``; one M without it), one after
+    another, each resuming where it stopped; one result per member."""
+    data = _series_set(cfg, series)
+    return [train_mdrnn(cfg, progress=progress, series=data, member=k)
+            for k in range(cfg.mdrnn.ensemble)]
 
 
 def _record_step(training: _Training, parts: dict[str, Any], val: list[Series],

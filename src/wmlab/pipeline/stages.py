@@ -127,10 +127,11 @@ def _encode_output(cfg: Config) -> str | None:
 
 def _run_memory(cfg: Config, progress: bool) -> dict[str, Any]:
     from wmlab.calibrate import calibrate_trained_memory
-    from wmlab.memory.train import train_mdrnn
+    from wmlab.memory.train import train_ensemble
 
-    result = train_mdrnn(cfg, progress=progress)
-    if result.finished:  # M's dream beside the real game, before C is trained in it
+    results = train_ensemble(cfg, progress=progress)
+    result = results[0]  # the M C reads: its figures are the stage's
+    if all(r.finished for r in results):  # the dream beside the game, before C trains in it
         calibrate_trained_memory(cfg)
     last = result.history[-1] if result.history else {}
     return {"steps": result.steps,
@@ -141,9 +142,14 @@ def _run_memory(cfg: Config, progress: bool) -> dict[str, Any]:
 def _memory_output(cfg: Config) -> str | None:
     from wmlab.memory.model import FINAL_WEIGHTS, INITIAL_Z
 
-    weights = _sidecar_fingerprint(RunLayout.of(cfg).memory, FINAL_WEIGHTS)
-    start = _sidecar_fingerprint(RunLayout.of(cfg).memory, INITIAL_Z)
-    return None if weights is None or start is None else _hash([weights, start])
+    layout = RunLayout.of(cfg)
+    weights = [_sidecar_fingerprint(layout.memory_member(k), FINAL_WEIGHTS)
+               for k in range(cfg.mdrnn.ensemble)]
+    start = _sidecar_fingerprint(layout.memory, INITIAL_Z)
+    if None in weights or start is None:
+        return None
+    # one M keeps the fingerprint it had before ensembles existed (finished runs stay done)
+    return _hash([weights[0], start] if len(weights) == 1 else [*weights, start])
 
 
 def _run_controller(cfg: Config, progress: bool) -> dict[str, Any]:

@@ -1,0 +1,95 @@
+"""A dream of several Ms at once (``mdrnn.ensemble``): what one M gets wrong, the others
+are unlikely to get wrong the same way.
+
+A controller trained in one M's dream learns that M's errors: on Doom its dream survival
+rises generation after generation while its real survival stays flat (docs/results/doom.md).
+Here K Ms, trained on the same data from different seeds, step side by side on the same z
+and the same actions. The dream ends when *any* of them says the episode ends (each
+draws its end from the same uniform, so in ``sample`` mode the hazard is the largest of
+theirs), the next z comes from each M in turn (step t from M t mod K), and the reward is
+their mean. C reads the first M's state, the M it acts with in the real game.
+
+Every M is a ``BatchedDream`` with the dream's seeds, so each has the noise a lone dream
+of those seeds would have: a dream still depends only on its seed and its actions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from wmlab.dream.batched import BatchedDream
+from wmlab.dream.settings import DreamSettings
+from wmlab.errors import WmlabError
+from wmlab.memory.model import MDNRNN, DreamStart
+
+
+class EnsembleDream:
+    """B dreams stepped by K Ms together; the state C reads is the first M's."""
+
+    def __init__(self, models: Sequence[MDNRNN], start: DreamStart,
+                 settings: DreamSettings) -> None:
+        if not models:
+            raise WmlabError("an ensemble dream needs at least one M")
+        shapes = {(m.shape.z_dim, m.shape.action_dim, m.shape.restart_input) for m in models}
+        if len(shapes) > 1:
+            raise WmlabError("the Ms of an ensemble must take the same z, actions and restart "
+                             "flag: train them in one run (mdrnn.ensemble)")
+        self.dreams = [BatchedDream(m, start, settings) for m in models]
+
+    @property
+    def compact(self) -> bool:
+        return self.dreams[0].compact
+
+    @compact.setter
+    def compact(self, value: bool) -> None:
+        for dream in self.dreams:
+            dream.compact = value
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        return self.dreams[0].hidden
+
+    @property
+    def cell(self) -> torch.Tensor:
+        return self.dreams[0].cell
+
+    @property
+    def restart(self) -> torch.Tensor:
+        return self.dreams[0].restart
+
+    @property
+    def done(self) -> torch.Tensor:
+        return self._done
+
+    @torch.no_grad()
+    def reset(self, seeds: np.ndarray | list[int]) -> torch.Tensor:
+        """Start one dream per seed in every M (the same start z); returns z (B, z)."""
+        z = [dream.reset(seeds) for dream in self.dreams][0]
+        self._done = torch.zeros(len(z), dtype=torch.bool)
+        self._t = np.zeros(len(z), dtype=np.int64)
+        return z
+
+    @torch.no_grad()
+    def step(self, actions: torch.Tensor | np.ndarray
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Advance every running dream in every M: returns z', reward, done (as one dream)."""
+        running = ~self._done
+        active = running.numpy()
+        rewards, ended = [], torch.zeros_like(self._done)
+        for dream in self.dreams:
+            _, reward, done = dream.step(actions, active)
+            rewards.append(reward)
+            ended |= done & running
+        # the next z of dream b from M number t mod K, then given to every M as its z
+        source = torch.as_tensor(self._t % len(self.dreams))
+        chosen = torch.stack([dream.z for dream in self.dreams]).gather(
+            0, source.view(1, -1, 1).expand(1, -1, self.dreams[0].z.shape[1]))[0]
+        z = torch.where(running.unsqueeze(1), chosen, self.dreams[0].z)
+        for dream in self.dreams:
+            dream.z = z.clone()
+        self._t += active
+        self._done = self._done | ended
+        return z, torch.stack(rewards).mean(0) * running, self._done
