@@ -12,7 +12,7 @@ from test_memory import make_series, tiny_config
 from wmlab.agent import AgentModels, run_dream, workload_from_config
 from wmlab.checkpoint import checkpoint_exists, load_checkpoint
 from wmlab.controller.model import controller_shape
-from wmlab.dream import BatchedDream, DreamSettings, EnsembleDream
+from wmlab.dream import BatchedDream, DreamSettings, EnsembleDream, dream_calibration
 from wmlab.envs import get_spec
 from wmlab.errors import WmlabError
 from wmlab.memory.model import FINAL_WEIGHTS, INITIAL_Z
@@ -142,3 +142,15 @@ def test_the_whole_ensemble_trains_and_a_second_call_resumes_finished(tmp_path):
                                            RunLayout.of(cfg).memory_member(1)]
     again = train_ensemble(cfg, progress=False, series=data)
     assert [r.resumed_from for r in again] == [cfg.mdrnn.steps] * 2
+
+
+def test_the_calibration_dreams_in_the_ensemble_too():
+    lasting = constant_heads(make_model(seed=1), done=-9.0)
+    ending = constant_heads(make_model(seed=2), done=9.0)
+    settings = DreamSettings(1.0, 12)
+    alone = dream_calibration(lasting, starts(), settings, episodes=4)
+    both = dream_calibration(lasting, starts(), settings, episodes=4, ensemble=(ending,))
+    assert "ensemble" not in alone and both["ensemble"] == 2
+    for name, row in both["policies"].items():
+        assert alone["policies"][name]["survival_mean"] == 12
+        assert row["survival_mean"] == 1 and row["return_mean"] == 1

@@ -22,7 +22,7 @@ from wmlab.config import Config
 from wmlab.dream.reference import action_converter, dream_calibration
 from wmlab.dream.settings import DreamSettings
 from wmlab.errors import WmlabError
-from wmlab.memory.model import FINAL_WEIGHTS, MDNRNN, load_initial_z
+from wmlab.memory.model import FINAL_WEIGHTS, MDNRNN, load_initial_z, load_mdrnn
 from wmlab.runs import RunLayout
 
 REFERENCE_POLICIES = ("random", "noop", "left")
@@ -55,9 +55,13 @@ def calibration_fingerprint(cfg: Config, extra_bias: float = 0.0) -> str:
     """What the dream side of the calibration depends on: the dream's settings (its
     dropout included), M's weights, the number of dreams and their seed."""
     settings = DreamSettings.from_config(cfg, cfg.dream.done_bias + extra_bias)
-    weights = read_info(RunLayout.of(cfg).memory, FINAL_WEIGHTS).get("fingerprint", "")
+    layout = RunLayout.of(cfg)
+    weights = read_info(layout.memory, FINAL_WEIGHTS).get("fingerprint", "")
     key = {"dream": settings.identity(), "memory": weights,
            "episodes": cfg.mdrnn.calibration_episodes, "seed": cfg.run.seed}
+    if cfg.mdrnn.ensemble > 1:  # the other Ms dream too (one M keeps its old fingerprint)
+        key["ensemble"] = [read_info(layout.memory_member(k), FINAL_WEIGHTS).get(
+            "fingerprint", "") for k in range(1, cfg.mdrnn.ensemble)]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -73,10 +77,13 @@ def calibration_dreams(cfg: Config, model: MDNRNN, device: torch.device | str = 
     ``extra_bias`` added to the done bias), on the calibration's seeds."""
     to_vector, raw_dim = action_converter(cfg.env.name)
     settings = DreamSettings.from_config(cfg, cfg.dream.done_bias + extra_bias)
-    report = dream_calibration(model, load_initial_z(RunLayout.of(cfg).memory), settings,
+    layout = RunLayout.of(cfg)
+    others = tuple(load_mdrnn(layout.memory_member(k), device)[0]
+                   for k in range(1, cfg.mdrnn.ensemble))
+    report = dream_calibration(model, load_initial_z(layout.memory), settings,
                                episodes=cfg.mdrnn.calibration_episodes, seed=cfg.run.seed,
                                policies=policies, to_vector=to_vector, raw_dim=raw_dim,
-                               device=device)
+                               device=device, ensemble=others)
     report["fingerprint"] = calibration_fingerprint(cfg, extra_bias)
     return report
 

@@ -15,7 +15,7 @@ of those seeds would have: a dream still depends only on its seed and its action
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -30,14 +30,14 @@ class EnsembleDream:
     """B dreams stepped by K Ms together; the state C reads is the first M's."""
 
     def __init__(self, models: Sequence[MDNRNN], start: DreamStart,
-                 settings: DreamSettings) -> None:
+                 settings: DreamSettings, device: torch.device | str = "cpu") -> None:
         if not models:
             raise WmlabError("an ensemble dream needs at least one M")
         shapes = {(m.shape.z_dim, m.shape.action_dim, m.shape.restart_input) for m in models}
         if len(shapes) > 1:
             raise WmlabError("the Ms of an ensemble must take the same z, actions and restart "
                              "flag: train them in one run (mdrnn.ensemble)")
-        self.dreams = [BatchedDream(m, start, settings) for m in models]
+        self.dreams = [BatchedDream(m, start, settings, device) for m in models]
 
     @property
     def compact(self) -> bool:
@@ -64,12 +64,21 @@ class EnsembleDream:
     def done(self) -> torch.Tensor:
         return self._done
 
+    @property
+    def batch(self) -> int:
+        return self.dreams[0].batch
+
+    @property
+    def z(self) -> torch.Tensor:
+        return self.dreams[0].z
+
     @torch.no_grad()
     def reset(self, seeds: np.ndarray | list[int]) -> torch.Tensor:
         """Start one dream per seed in every M (the same start z); returns z (B, z)."""
         z = [dream.reset(seeds) for dream in self.dreams][0]
-        self._done = torch.zeros(len(z), dtype=torch.bool)
+        self._done = torch.zeros(len(z), dtype=torch.bool, device=z.device)
         self._t = np.zeros(len(z), dtype=np.int64)
+        self.returns = torch.zeros(len(z), device=z.device)
         return z
 
     @torch.no_grad()
@@ -77,14 +86,14 @@ class EnsembleDream:
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Advance every running dream in every M: returns z', reward, done (as one dream)."""
         running = ~self._done
-        active = running.numpy()
+        active = running.cpu().numpy()
         rewards, ended = [], torch.zeros_like(self._done)
         for dream in self.dreams:
             _, reward, done = dream.step(actions, active)
             rewards.append(reward)
             ended |= done & running
         # the next z of dream b from M number t mod K, then given to every M as its z
-        source = torch.as_tensor(self._t % len(self.dreams))
+        source = torch.as_tensor(self._t % len(self.dreams), device=running.device)
         chosen = torch.stack([dream.z for dream in self.dreams]).gather(
             0, source.view(1, -1, 1).expand(1, -1, self.dreams[0].z.shape[1]))[0]
         z = torch.where(running.unsqueeze(1), chosen, self.dreams[0].z)
@@ -92,4 +101,16 @@ class EnsembleDream:
             dream.z = z.clone()
         self._t += active
         self._done = self._done | ended
-        return z, torch.stack(rewards).mean(0) * running, self._done
+        reward = torch.stack(rewards).mean(0) * running
+        self.returns += reward
+        return z, reward, self._done
+
+    @torch.no_grad()
+    def rollout(self, policy: Callable[[EnsembleDream], torch.Tensor], seeds: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """Run one dream per seed to its end under ``policy(dream) -> actions (B, A)``;
+        returns (returns, lengths) as numpy arrays (``BatchedDream.rollout``'s contract)."""
+        self.reset(seeds)
+        while not bool(self._done.all()):
+            self.step(policy(self))
+        return self.returns.cpu().numpy(), self._t.copy()

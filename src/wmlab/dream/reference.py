@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from wmlab.dream.batched import BatchedDream, DreamStart
+from wmlab.dream.ensemble import EnsembleDream
 from wmlab.dream.settings import DreamSettings
 from wmlab.envs import get_spec
 from wmlab.errors import WmlabError
@@ -47,22 +48,26 @@ def dream_calibration(model: MDNRNN, start: DreamStart, settings: DreamSettings,
                       episodes: int = 64, seed: int = 0,
                       policies: tuple[str, ...] = ("random", "noop", "left"),
                       to_vector: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                      raw_dim: int | None = None, device: torch.device | str = "cpu"
-                      ) -> dict[str, Any]:
+                      raw_dim: int | None = None, device: torch.device | str = "cpu",
+                      ensemble: tuple[MDNRNN, ...] = ()) -> dict[str, Any]:
     """Survival and return of fixed reference policies in the dream, per policy.
 
     A dream whose zero/no-op policy survives far longer than a random policy does in the
     real game is exploitable (SPEC section 8): check this before training C in it.
     ``raw_dim`` is the number of raw controller outputs that ``to_vector`` maps to M's
-    actions (default: M's action size).
+    actions (default: M's action size). ``ensemble``: the other Ms of the dream C trains
+    in (``EnsembleDream``).
     """
-    dream = BatchedDream(model, start, settings, device)
+    dream = EnsembleDream((model, *ensemble), start, settings, device) if ensemble else \
+        BatchedDream(model, start, settings, device)
     seeds = np.arange(episodes) + seed * 1_000_003
     report: dict[str, Any] = {"tau": settings.tau, "max_steps": settings.max_steps,
                               "episodes": episodes, "done_mode": settings.done_mode,
                               "done_bias": settings.done_bias, "policies": {}}
     if settings.dropout:  # M's dropout kept on in the dream
         report["dropout"] = settings.dropout
+    if ensemble:
+        report["ensemble"] = 1 + len(ensemble)
     for name in policies:
         policy = reference_policy(name, raw_dim or model.shape.action_dim, seed, to_vector)
         returns, lengths = dream.rollout(policy, seeds)
