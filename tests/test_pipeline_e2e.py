@@ -201,3 +201,18 @@ def test_more_generations_or_steps_continue_the_trained_stage(tmp_path):
     results = Pipeline(deeper, progress=False, log=lambda _: None).run(until="memory")
     assert _statuses(results)["memory"] == "extended"
     assert json.loads((run / "memory/mdrnn.json").read_text())["step"] == 8
+
+
+def test_an_ensemble_of_ms_is_trained_calibrated_and_dreamed_in(tmp_path):
+    cfg = _cfg(tmp_path, "doom", "mdrnn.ensemble=2")
+    results = Pipeline(cfg, progress=False, log=lambda _: None).run()
+    assert set(_statuses(results).values()) == {"ran"}
+    run = Path(cfg.run_dir())
+    assert (run / "memory/ensemble/1/mdrnn.json").exists()
+    assert not (run / "memory/ensemble/1/initial_z.json").exists()
+    assert json.loads((run / "memory/calibration.json").read_text())["ensemble"] == 2
+    # a second member's weights are part of M's output: losing them makes M stale
+    for path in (run / "memory/ensemble/1").glob("mdrnn*"):
+        path.unlink()
+    again = _statuses(Pipeline(cfg, progress=False, log=lambda _: None).run())
+    assert again["memory"] != "skipped" and again["collect"] == "skipped"
