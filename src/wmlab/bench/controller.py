@@ -8,8 +8,8 @@ compute, not about what a trained agent does. Cases:
   batched through V, M and C, against one env at a time (batch 1: what the PyTorch
   reference did, ~270 steps/s in SPEC section 8);
 - a Doom dream generation through the process pool (2 workers), float32 and bfloat16
-  matmuls (``dream.precision``): the whole population's rollouts batched per job; the
-  paper-size case (64 x 16 = 1,024 rollouts, up to 2,100 steps) runs in the full benchmark
+  matmuls (``dream.precision``), and bfloat16 with an ensemble of 3 Ms (``mdrnn.ensemble``):
+  the whole population's rollouts batched per job; the paper-size case (64 x 16 = 1,024 rollouts, up to 2,100 steps) runs in the full benchmark
   only. M's done logit is biased negative so every dream runs to the cap: the worst case,
   about twice the steps of the paper's dreams (mean ~900-1,100 at tau 1.15);
 - one job's dream with lengths spread as a trained population's are, stepping only the
@@ -58,18 +58,41 @@ def _save_models(folder: str, env: str, seed: int = 0) -> tuple[str, str]:
     return vision, memory
 
 
+def _save_members(memory: str, count: int) -> tuple[str, ...]:
+    """``count`` more random Ms of the same shape as the one in ``memory``: an ensemble."""
+    from wmlab.memory.model import FINAL_WEIGHTS as M_WEIGHTS
+    from wmlab.memory.model import load_mdrnn
+    from wmlab.runs import ensemble_member
+
+    first, _ = load_mdrnn(memory)
+    folders = []
+    for k in range(1, count + 1):
+        torch.manual_seed(k)
+        model = type(first)(first.shape)
+        with torch.no_grad():
+            model.head.bias[-1] = first.head.bias[-1]  # the same hazard as the first M's
+        folder = ensemble_member(memory, k)
+        save_checkpoint(folder, M_WEIGHTS, 1, model.state_dict(), None,
+                        {"shape": {f: getattr(first.shape, f)
+                                   for f in first.shape.__dataclass_fields__}})
+        folders.append(folder)
+    return tuple(folders)
+
+
 def _workload(folder: str, env: str, kind: str, max_steps: int, backend: str | None = None,
-              precision: str = "float32"):
+              precision: str = "float32", ensemble: int = 1):
     from wmlab.agent import RolloutWorkload
     from wmlab.dream import DreamSettings
 
     vision, memory = _save_models(folder, env)
+    others = _save_members(memory, ensemble - 1) if ensemble > 1 else ()
     doom = env == "doom"
     dream = DreamSettings(tau=1.15, max_steps=max_steps, precision=precision) \
         if kind == "dream" else None
     return RolloutWorkload(kind=kind, vision_folder=vision, memory_folder=memory, env=env,
                            backend=backend, features="zch" if doom else "zh", bias=not doom,
-                           max_steps=0 if dream else max_steps, dream=dream)
+                           max_steps=0 if dream else max_steps, dream=dream,
+                           ensemble=others)
 
 
 class CountingBatch:
@@ -223,12 +246,13 @@ def _dream_rows(quick: bool, folder: str) -> list[dict[str, Any]]:
     rows = []
     steps = 300 if quick else 2100
     members, rollouts = (16, 4) if quick else (64, 16)
-    for precision in ("float32", "bfloat16"):
-        workload = _workload(f"{folder}/{precision}", "doom", "dream", steps,
-                             precision=precision)
+    for precision, ensemble in (("float32", 1), ("bfloat16", 1), ("bfloat16", 3)):
+        workload = _workload(f"{folder}/{precision}-{ensemble}", "doom", "dream", steps,
+                             precision=precision, ensemble=ensemble)
         out = _dream_generation(workload, "process", members, rollouts)
+        ms = "" if ensemble == 1 else f", an ensemble of {ensemble} Ms (mdrnn.ensemble)"
         rows.append({"case": f"Doom dream generation {members}x{rollouts} (cap {steps}), "
-                     f"process pool, 2 workers, {precision}", **out})
+                     f"process pool, 2 workers, {precision}{ms}", **out})
     return rows
 
 
