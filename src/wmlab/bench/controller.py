@@ -10,8 +10,9 @@ compute, not about what a trained agent does. Cases:
 - a Doom dream generation through the process pool (2 workers), float32 and bfloat16
   matmuls (``dream.precision``), and bfloat16 with an ensemble of 3 Ms (``mdrnn.ensemble``):
   the whole population's rollouts batched per job; the paper-size case (64 x 16 = 1,024
-  rollouts, up to 2,100 steps) runs in the full benchmark only. M's done logit is biased negative so every dream runs to the cap: the worst case,
-  about twice the steps of the paper's dreams (mean ~900-1,100 at tau 1.15);
+  rollouts, up to 2,100 steps) runs in the full benchmark only. M's done logit is biased
+  negative so every dream runs to the cap: the worst case, about twice the steps of the
+  paper's dreams (mean ~900-1,100 at tau 1.15);
 - one job's dream with lengths spread as a trained population's are, stepping only the
   running dreams (what C trains with) against stepping every row to the last end;
 - the same small generation through Ray actors and through the local pool, after warm-up:
