@@ -1,7 +1,8 @@
 """M's dream: B dreams stepped as one tensor program (``batched``), the rules a dream runs
-by (``settings``), several Ms dreaming together (``ensemble``), the Gymnasium vector-env face of it (``env``), the reference policies and
-the dream side of M's calibration (``reference``, ``calibration``), and the pictures: GIFs
-decoded by V (``pictures``, ``gallery``). The playable dream is ``wmlab.play``'s."""
+by (``settings``), several Ms dreaming together (``ensemble``), the Gymnasium vector-env
+face of it (``env``), the reference policies and the dream side of M's calibration
+(``reference``, ``calibration``), and the pictures: GIFs decoded by V (``pictures``,
+``gallery``). The playable dream is ``wmlab.play``'s."""
 
 from wmlab.dream.batched import FEATURES, BatchedDream, DreamStart
 from wmlab.dream.ensemble import EnsembleDream
