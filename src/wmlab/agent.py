@@ -520,8 +520,7 @@ def workload_from_config(cfg: Any, kind: str | None = None, backend: str | None 
         vae_bf16=cfg.vae.bf16, packed_encoder=cfg.controller.packed_encoder,
         stall_steps=cfg.es.stall_steps if kind == "real" else 0,
         lookahead=cfg.controller.lookahead,
-        ensemble=tuple(RunLayout.of(cfg).memory_member(k)
-                       for k in range(1, cfg.mdrnn.ensemble)) if dream else ())
+        ensemble=RunLayout.of(cfg).memory_members(cfg.mdrnn.ensemble)[1:] if dream else ())
 
 
 class AgentPolicy:

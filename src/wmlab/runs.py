@@ -97,6 +97,10 @@ class RunLayout:
         others live under ``memory/ensemble/<member>``."""
         return ensemble_member(self.memory, member)
 
+    def memory_members(self, count: int) -> tuple[str, ...]:
+        """The folders of an ensemble of ``count`` Ms, the run's own M first."""
+        return tuple(self.memory_member(k) for k in range(count))
+
     def reference_real(self, policy: str) -> str:
         """A reference policy's real-game episodes, measured for the calibration."""
         return self._at(f"memory/reference-{policy}-real.json")

@@ -135,8 +135,8 @@ def training_settings(cfg: Config) -> dict[str, Any]:
         # only when on: folders swept before the keys existed keep matching
         **({"controller_lookahead": True} if ctrl.lookahead else {}),
         **({"dream_dropout": True} if dream.dropout else {}),
-        **({"ensemble": [_fingerprint(RunLayout.of(cfg).memory_member(k), FINAL_WEIGHTS)
-                         for k in range(1, cfg.mdrnn.ensemble)]}
+        **({"ensemble": [_fingerprint(folder, FINAL_WEIGHTS) for folder in
+                         RunLayout.of(cfg).memory_members(cfg.mdrnn.ensemble)[1:]]}
            if cfg.mdrnn.ensemble > 1 else {}),
     }
 

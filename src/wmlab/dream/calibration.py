@@ -60,8 +60,8 @@ def calibration_fingerprint(cfg: Config, extra_bias: float = 0.0) -> str:
     key = {"dream": settings.identity(), "memory": weights,
            "episodes": cfg.mdrnn.calibration_episodes, "seed": cfg.run.seed}
     if cfg.mdrnn.ensemble > 1:  # the other Ms dream too (one M keeps its old fingerprint)
-        key["ensemble"] = [read_info(layout.memory_member(k), FINAL_WEIGHTS).get(
-            "fingerprint", "") for k in range(1, cfg.mdrnn.ensemble)]
+        key["ensemble"] = [read_info(folder, FINAL_WEIGHTS).get("fingerprint", "")
+                           for folder in layout.memory_members(cfg.mdrnn.ensemble)[1:]]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -78,8 +78,8 @@ def calibration_dreams(cfg: Config, model: MDNRNN, device: torch.device | str = 
     to_vector, raw_dim = action_converter(cfg.env.name)
     settings = DreamSettings.from_config(cfg, cfg.dream.done_bias + extra_bias)
     layout = RunLayout.of(cfg)
-    others = tuple(load_mdrnn(layout.memory_member(k), device)[0]
-                   for k in range(1, cfg.mdrnn.ensemble))
+    others = tuple(load_mdrnn(folder, device)[0]
+                   for folder in layout.memory_members(cfg.mdrnn.ensemble)[1:])
     report = dream_calibration(model, load_initial_z(layout.memory), settings,
                                episodes=cfg.mdrnn.calibration_episodes, seed=cfg.run.seed,
                                policies=policies, to_vector=to_vector, raw_dim=raw_dim,

@@ -143,8 +143,8 @@ def _memory_output(cfg: Config) -> str | None:
     from wmlab.memory.model import FINAL_WEIGHTS, INITIAL_Z
 
     layout = RunLayout.of(cfg)
-    weights = [_sidecar_fingerprint(layout.memory_member(k), FINAL_WEIGHTS)
-               for k in range(cfg.mdrnn.ensemble)]
+    weights = [_sidecar_fingerprint(folder, FINAL_WEIGHTS)
+               for folder in layout.memory_members(cfg.mdrnn.ensemble)]
     start = _sidecar_fingerprint(layout.memory, INITIAL_Z)
     if None in weights or start is None:
         return None
