@@ -62,7 +62,8 @@ class EnsembleDream:
 
     @property
     def done(self) -> torch.Tensor:
-        return self._done
+        """Ended dreams: those that any M has ended (each M only knows its own ends)."""
+        return torch.stack([dream.done for dream in self.dreams]).any(0)
 
     @property
     def batch(self) -> int:
@@ -75,35 +76,26 @@ class EnsembleDream:
     @torch.no_grad()
     def reset(self, seeds: np.ndarray | list[int]) -> torch.Tensor:
         """Start one dream per seed in every M (the same start z); returns z (B, z)."""
-        z = [dream.reset(seeds) for dream in self.dreams][0]
-        self._done = torch.zeros(len(z), dtype=torch.bool, device=z.device)
-        self._t = np.zeros(len(z), dtype=np.int64)
-        self.returns = torch.zeros(len(z), device=z.device)
-        return z
+        return [dream.reset(seeds) for dream in self.dreams][0]
 
     @torch.no_grad()
     def step(self, actions: torch.Tensor | np.ndarray
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Advance every running dream in every M: returns z', reward, done (as one dream)."""
-        running = ~self._done
+        """Advance every running dream in every M: returns z', reward, done (as one dream).
+
+        Every M steps exactly the running dreams, so their step counts stay equal and a
+        dream's return is the mean of the Ms' returns."""
+        running = self.done.logical_not()
+        # the next z of dream b from M number t mod K (t counted before this step)
+        source = torch.as_tensor(self.dreams[0].t % len(self.dreams), device=running.device)
         active = running.cpu().numpy()
-        rewards, ended = [], torch.zeros_like(self._done)
-        for dream in self.dreams:
-            _, reward, done = dream.step(actions, active)
-            rewards.append(reward)
-            ended |= done & running
-        # the next z of dream b from M number t mod K, then given to every M as its z
-        source = torch.as_tensor(self._t % len(self.dreams), device=running.device)
+        rewards = [dream.step(actions, active)[1] for dream in self.dreams]
         chosen = torch.stack([dream.z for dream in self.dreams]).gather(
             0, source.view(1, -1, 1).expand(1, -1, self.dreams[0].z.shape[1]))[0]
         z = torch.where(running.unsqueeze(1), chosen, self.dreams[0].z)
-        for dream in self.dreams:
+        for dream in self.dreams:  # every M goes on from the same z
             dream.z = z.clone()
-        self._t += active
-        self._done = self._done | ended
-        reward = torch.stack(rewards).mean(0) * running
-        self.returns += reward
-        return z, reward, self._done
+        return z, torch.stack(rewards).mean(0), self.done
 
     @torch.no_grad()
     def rollout(self, policy: Callable[[EnsembleDream], torch.Tensor], seeds: np.ndarray
@@ -111,6 +103,7 @@ class EnsembleDream:
         """Run one dream per seed to its end under ``policy(dream) -> actions (B, A)``;
         returns (returns, lengths) as numpy arrays (``BatchedDream.rollout``'s contract)."""
         self.reset(seeds)
-        while not bool(self._done.all()):
+        while not bool(self.done.all()):
             self.step(policy(self))
-        return self.returns.cpu().numpy(), self._t.copy()
+        returns = torch.stack([dream.returns for dream in self.dreams]).mean(0)
+        return returns.cpu().numpy(), self.dreams[0].t.copy()
