@@ -31,9 +31,16 @@ import torch
 from wmlab.checkpoint import save_checkpoint
 
 
+def _save_memory(folder: str, model: Any) -> None:
+    """M's final weights and shape where ``load_mdrnn`` looks."""
+    from wmlab.memory.model import FINAL_WEIGHTS
+
+    save_checkpoint(folder, FINAL_WEIGHTS, 1, model.state_dict(), None,
+                    {"shape": dict(model.shape.__dict__)})
+
+
 def _save_models(folder: str, env: str, seed: int = 0) -> tuple[str, str]:
     """Random paper-size V and M (and first-frame latents) saved where loaders look."""
-    from wmlab.memory.model import FINAL_WEIGHTS as M_WEIGHTS
     from wmlab.memory.model import INITIAL_Z, MDNRNN, MdrnnShape
     from wmlab.vision.model import FINAL_WEIGHTS as V_WEIGHTS
     from wmlab.vision.model import ConvVAE
@@ -50,8 +57,7 @@ def _save_models(folder: str, env: str, seed: int = 0) -> tuple[str, str]:
     if doom:
         with torch.no_grad():  # a done logit that fires now and then, like a trained M's
             model.head.bias[-1] = -2.0
-    save_checkpoint(memory, M_WEIGHTS, 1, model.state_dict(), None,
-                    {"shape": {k: getattr(shape, k) for k in shape.__dataclass_fields__}})
+    _save_memory(memory, model)
     gen = torch.Generator().manual_seed(seed)
     save_checkpoint(memory, INITIAL_Z, 100, {"mu": torch.randn(100, z_dim, generator=gen),
                                              "logvar": torch.full((100, z_dim), -2.0)},
@@ -61,23 +67,18 @@ def _save_models(folder: str, env: str, seed: int = 0) -> tuple[str, str]:
 
 def _save_members(memory: str, count: int) -> tuple[str, ...]:
     """``count`` more random Ms of the same shape as the one in ``memory``: an ensemble."""
-    from wmlab.memory.model import FINAL_WEIGHTS as M_WEIGHTS
-    from wmlab.memory.model import load_mdrnn
+    from wmlab.memory.model import MDNRNN, load_mdrnn
     from wmlab.runs import ensemble_member
 
     first, _ = load_mdrnn(memory)
-    folders = []
-    for k in range(1, count + 1):
+    folders = tuple(ensemble_member(memory, k) for k in range(1, count + 1))
+    for k, folder in enumerate(folders, start=1):
         torch.manual_seed(k)
-        model = type(first)(first.shape)
+        model = MDNRNN(first.shape)
         with torch.no_grad():
             model.head.bias[-1] = first.head.bias[-1]  # the same hazard as the first M's
-        folder = ensemble_member(memory, k)
-        save_checkpoint(folder, M_WEIGHTS, 1, model.state_dict(), None,
-                        {"shape": {f: getattr(first.shape, f)
-                                   for f in first.shape.__dataclass_fields__}})
-        folders.append(folder)
-    return tuple(folders)
+        _save_memory(folder, model)
+    return folders
 
 
 def _workload(folder: str, env: str, kind: str, max_steps: int, backend: str | None = None,
