@@ -159,6 +159,38 @@ def test_kill_and_resume_equals_an_uninterrupted_run(root):
         assert metric_rows(RunLayout.of(cfg).vision) == metric_rows(RunLayout.of(straight).vision)
 
 
+def test_salient_weight_moves_the_loss_onto_the_changing_pixels():
+    from wmlab.vision.evaluation import salient_mask
+    from wmlab.vision.model import vae_loss
+
+    x = torch.zeros(2, 3, 4, 4)
+    x[:, :, 0, 0] = 1.0  # one pixel of each frame differs from the mean frame (zeros)
+    recon = torch.full_like(x, 0.5)
+    mu, logvar = torch.zeros(2, 2), torch.zeros(2, 2)
+    mask = salient_mask(x, torch.zeros(3, 4, 4))
+    assert mask.shape == (2, 1, 4, 4) and int(mask.sum()) == 2
+    plain = vae_loss(x, recon, mu, logvar, 0.0)
+    weighted = vae_loss(x, recon, mu, logvar, 0.0, 1.0 + 9.0 * mask.float())
+    # per frame: 48 pixel-channels of error 0.25, 3 of them salient and weighted 10
+    assert float(plain.total) == pytest.approx(48 * 0.25)
+    assert float(weighted.total) == pytest.approx(48 * 0.25 + 9 * 3 * 0.25)
+    assert float(weighted.reconstruction) == float(plain.reconstruction)  # logged plainly
+
+
+def test_salient_weight_trains_resumes_exactly_and_lowers_the_salient_error(root):
+    extra = {"vae.epochs": 3, "vae.salient_weight": 20.0}
+    plain = train_vae(tiny_config(root, "plain-3", **{"vae.epochs": 3}), progress=False)
+    straight = tiny_config(root, "salient", **extra)
+    weighted = train_vae(straight, progress=False)
+    # the same steps, the loss spent on the moving square: its pixels come out better
+    assert weighted.history[-1]["salient_mse"] < plain.history[-1]["salient_mse"]
+    stopped = tiny_config(root, "salient-stopped", **extra)
+    train_vae(stopped, progress=False, stop_after_steps=7)
+    assert train_vae(stopped, progress=False).resumed_from == 7
+    assert_same_weights(weights(RunLayout.of(stopped).vision),
+                        weights(RunLayout.of(straight).vision))
+
+
 def test_vae_gan_trains_without_nan(root):
     cfg = tiny_config(root, "gan", **{"vae.kind": "vae-gan", "vae.epochs": 1})
     seen = []

@@ -114,6 +114,10 @@ class VaeConfig:
     gan_weight: float = _opt(0.001, "VAE-GAN: weight per pixel of the adversarial + "
                              "feature-matching terms, against the per-pixel squared error",
                              min=0.0)
+    salient_weight: float = _opt(0.0, "extra weight of the squared error on salient pixels "
+                                 "(those a frame changes against the mean training frame: "
+                                 "Doom's monsters and fireballs); 0 = the paper's plain loss",
+                                 min=0.0)
 
 
 @dataclass

@@ -46,7 +46,7 @@ def evaluate_vae(trainer: Any, store: EpisodeStore, ids: list[str], seed: int,
     differs from the mean frame (``salient_mse``) and where it does not (``background_mse``):
     a V can score a low loss by drawing walls and floor while losing the small things."""
     trainer.model.eval()
-    mean_frame = _mean_frame(trainer, store, ids, seed, pool_chunks)
+    mean_frame = sample_mean_frame(trainer, store, ids, seed, pool_chunks)
     generator = torch.Generator(device=trainer.device).manual_seed(seed)
     sums = dict.fromkeys(("loss", "reconstruction", "kl"), 0.0)
     pixels = dict.fromkeys(("salient", "background", "salient_error", "background_error"), 0.0)
@@ -71,9 +71,10 @@ def evaluate_vae(trainer: Any, store: EpisodeStore, ids: list[str], seed: int,
     return out
 
 
-def _mean_frame(trainer: Any, store: EpisodeStore, ids: list[str], seed: int,
-                pool_chunks: int) -> torch.Tensor:
-    """The mean of the validation frames, (3, H, W) in V's input range."""
+def sample_mean_frame(trainer: Any, store: EpisodeStore, ids: list[str], seed: int,
+                      pool_chunks: int) -> torch.Tensor:
+    """The mean of a fixed sample of the episodes' frames (the validation sample of
+    ``ids``), (3, H, W) in V's input range: the same tensor every time it is computed."""
     total, count = None, 0
     for batch in val_batches(store, ids, seed, pool_chunks):
         x = trainer.to_input(batch).float()
@@ -82,12 +83,18 @@ def _mean_frame(trainer: Any, store: EpisodeStore, ids: list[str], seed: int,
     return total / max(count, 1)
 
 
+def salient_mask(x: torch.Tensor, mean_frame: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) booleans: the pixels where some channel of the frame differs from the
+    mean frame by more than SALIENT_THRESHOLD."""
+    return (x.float() - mean_frame).abs().amax(1, keepdim=True) > SALIENT_THRESHOLD
+
+
 def salient_error_sums(x: torch.Tensor, recon: torch.Tensor, mean_frame: torch.Tensor
                        ) -> dict[str, float]:
     """Squared reconstruction error summed over the salient and the other pixel-channels of
     a batch (B, 3, H, W), and how many of each (a pixel is salient in all its channels)."""
     x, recon = x.float(), recon.float()
-    salient = ((x - mean_frame).abs().amax(1, keepdim=True) > SALIENT_THRESHOLD).expand_as(x)
+    salient = salient_mask(x, mean_frame).expand_as(x)
     error = (recon - x).pow(2)
     count = float(salient.sum())
     return {"salient": count, "background": float(x.numel()) - count,

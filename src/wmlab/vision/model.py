@@ -195,17 +195,22 @@ class VaeLoss:
 
 
 def vae_loss(x: torch.Tensor, recon: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
-             kl_tolerance: float) -> VaeLoss:
+             kl_tolerance: float, pixel_weight: torch.Tensor | None = None) -> VaeLoss:
     """Summed squared error per frame plus the KL floored at kl_tolerance * z, batch means.
 
     The floor is applied per frame before averaging, as the released code does: it stops
     the KL term from pulling latents below that much information (the "free bits" idea).
+    ``pixel_weight`` (broadcast to x) weighs each pixel's squared error in the total; the
+    ``reconstruction`` part stays the plain error, so runs with and without compare.
     """
-    reconstruction = (recon.float() - x.float()).pow(2).flatten(1).sum(1).mean()
+    error = (recon.float() - x.float()).pow(2)
+    reconstruction = error.flatten(1).sum(1).mean()
+    weighted = reconstruction if pixel_weight is None else \
+        (error * pixel_weight).flatten(1).sum(1).mean()
     mu, logvar = mu.float(), logvar.float()
     kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)
     kl = kl.clamp(min=kl_tolerance * mu.shape[1]).mean()
-    return VaeLoss(total=reconstruction + kl, reconstruction=reconstruction, kl=kl)
+    return VaeLoss(total=weighted + kl, reconstruction=reconstruction, kl=kl)
 
 
 class Discriminator(nn.Module):

@@ -36,7 +36,12 @@ from wmlab.errors import WmlabError
 from wmlab.metrics import MetricsLogger
 from wmlab.native import keep_freed_memory
 from wmlab.runs import RunLayout
-from wmlab.vision.evaluation import evaluate_vae, write_reconstructions
+from wmlab.vision.evaluation import (
+    evaluate_vae,
+    salient_mask,
+    sample_mean_frame,
+    write_reconstructions,
+)
 from wmlab.vision.model import (
     FINAL_WEIGHTS,
     ConvVAE,
@@ -161,6 +166,15 @@ class _Trainer:
     bf16: bool = False  # cfg.vae.bf16 where the hardware runs bf16 natively (resolve_bf16)
     discriminator: Discriminator | None = None
     critic_optimizer: torch.optim.Optimizer | None = None
+    # vae.salient_weight > 0: the mean training frame that marks the salient pixels, which
+    # weigh 1 + salient_weight in the loss (computed from a fixed sample, so a resume
+    # rebuilds the same tensor)
+    mean_frame: torch.Tensor | None = None
+
+    def pixel_weight(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.mean_frame is None:
+            return None
+        return 1.0 + self.cfg.vae.salient_weight * salient_mask(x, self.mean_frame).float()
 
     @property
     def channels_last(self) -> bool:
@@ -178,7 +192,7 @@ class _Trainer:
         x = self.to_input(frames)
         with self.autocast():
             recon, mu, logvar = self.model(x, self.noise)
-        parts = vae_loss(x, recon, mu, logvar, self.cfg.vae.kl_tolerance)
+        parts = vae_loss(x, recon, mu, logvar, self.cfg.vae.kl_tolerance, self.pixel_weight(x))
         total = parts.total
         logs = {"loss": 0.0, "reconstruction": parts.reconstruction.item(),
                 "kl": parts.kl.item()}
@@ -321,6 +335,9 @@ def train_vae(cfg: Config, *, progress: bool = True, stop_after_steps: int | Non
     data = plan_data(cfg, store)
     folder = RunLayout.of(cfg).vision
     trainer = build_trainer(cfg, device, fused_adam)
+    if c.salient_weight > 0:
+        trainer.mean_frame = sample_mean_frame(trainer, store, data.train_ids, cfg.run.seed,
+                                               data.pool_chunks)
     epoch, batch_in_epoch, step = _resume(cfg, trainer, data, device)
     logger = MetricsLogger(folder, resume_step=step)
     result = VaeTrainResult(folder=folder, steps=step, epochs=epoch, resumed_from=step)
