@@ -272,6 +272,53 @@ def test_collect_binpacking_episodes_into_a_store(tmp_path):
         assert episode.rewards.sum() <= 0  # minus the waste left in the open bags
 
 
+def _heuristic_collection(tmp_path, explore):
+    cfg = load_config("binpacking", "quick", [
+        f"run.root={tmp_path}", "collect.episodes=2", "collect.workers=1",
+        "env.name=binpacking:horizon=40", "collect.policy=sum-of-squares",
+        f"collect.explore={explore}", "env.max_steps=0"])
+    collect(cfg, progress=False)
+    store = EpisodeStore.open(cfg.store_url())
+    return [store.load(i) for i in store.episode_ids()]
+
+
+def test_a_heuristic_collects_its_own_moves_mixed_with_random_valid_ones(tmp_path):
+    """collect.policy = a heuristic plays its rule on the env's state: replaying the rule on
+    the same items gives the recorded moves; with collect.explore some moves are random,
+    always valid (no episode ends on a refused move)."""
+    problem = problem_from_name("binpacking:horizon=40")
+    played = _heuristic_collection(tmp_path / "rule", 0.0)
+    for episode in played:
+        env = BinPackingEnv(problem=problem)
+        env.reset(seed=episode.meta["seed"])
+        for action in episode.actions.argmax(axis=1):
+            assert action == sum_of_squares(env.counts, env.item, problem.capacity)
+            env.step(int(action))
+        assert episode.length == 40 and episode.meta["truncated"]
+    mixed = _heuristic_collection(tmp_path / "mixed", 0.5)
+    departures = 0
+    for episode in mixed:
+        env = BinPackingEnv(problem=problem)
+        env.reset(seed=episode.meta["seed"])
+        for action in episode.actions.argmax(axis=1):
+            assert valid_mask(env.counts, env.item, problem.capacity)[action]
+            departures += action != sum_of_squares(env.counts, env.item, problem.capacity)
+            env.step(int(action))
+        assert episode.length == 40
+    assert 10 <= departures <= 60  # about half of 80 moves drawn at random, some agreeing
+
+
+def test_a_heuristic_collection_policy_refuses_other_envs():
+    from wmlab.collect import collection_policy
+    from wmlab.policies import PolicyConfig
+
+    with pytest.raises(WmlabError, match="binpacking envs only"):
+        collection_policy(PolicyConfig(name="best-fit"), 1, 3, env_batch=None)
+    with pytest.raises(WmlabError, match="binpacking envs only"):
+        collection_policy(PolicyConfig(name="best-fit"), 1, 2,
+                          env_batch=type("Batch", (), {"envs": [gym.make("CartPole-v1")]})())
+
+
 # --- drawing --------------------------------------------------------------------------------
 
 

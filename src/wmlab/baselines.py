@@ -37,6 +37,7 @@ from wmlab.envs.binpacking import (
     valid_mask,
 )
 from wmlab.errors import WmlabError
+from wmlab.policies import BatchPolicy, PolicyConfig
 from wmlab.runs import RunLayout
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 
 Policy = Callable[[np.ndarray, int, int], int]  # (counts, item, capacity) -> action
 POLICIES = ("best-fit", "sum-of-squares", "random", "sum-of-squares-orl")
+HEURISTICS = ("best-fit", "sum-of-squares", "sum-of-squares-orl")  # collection policies
 
 
 def best_fit(counts: np.ndarray, item: int, capacity: int) -> int:
@@ -102,6 +104,47 @@ def make_policy(name: str, seed: int = 0) -> Policy:
 
         return random_valid
     raise WmlabError(f"unknown bin packing policy '{name}': choose one of {', '.join(POLICIES)}")
+
+
+class HeuristicPolicy(BatchPolicy):
+    """A heuristic collecting bin packing episodes, mixed with random play: at each step a
+    uniform valid move with probability ``explore``, else the heuristic's. M then sees the
+    packings a good policy reaches (the uniform policy's data piles bags at the top levels
+    only) and what follows a bad move there.
+
+    It reads each env's state (``counts``, ``item``) rather than the frame: ``envs`` are the
+    Gymnasium envs of the collection batch, slot by slot. The raw output is +1 for the chosen
+    level and -1 elsewhere, so the spec's argmax gives that level."""
+
+    def __init__(self, num_envs: int, outputs: int, config: PolicyConfig,
+                 envs: Sequence) -> None:
+        super().__init__(num_envs, outputs, config)
+        if config.name not in HEURISTICS:
+            raise WmlabError(f"unknown bin packing heuristic '{config.name}': choose one of "
+                             f"{', '.join(HEURISTICS)}")
+        self.envs = [heuristic_env(env, config.name) for env in envs]
+        self.rule = make_policy(config.name)
+
+    def _act_slot(self, slot: int, frame: np.ndarray) -> np.ndarray:
+        env, rng = self.envs[slot], self._rngs[slot]
+        capacity = env.problem.capacity
+        if rng.random() < self.config.explore:
+            action = int(rng.choice(np.flatnonzero(valid_mask(env.counts, env.item, capacity))))
+        else:
+            action = self.rule(env.counts, env.item, capacity)
+        raw = np.full(self.outputs, -1.0, dtype=np.float32)
+        raw[action] = 1.0
+        return raw
+
+
+def heuristic_env(env: object, name: str) -> BinPackingEnv:
+    """The bin packing env under a collection batch's env (its wrappers removed)."""
+    inner = getattr(env, "unwrapped", env)
+    if not isinstance(inner, BinPackingEnv):
+        raise WmlabError(f"collect.policy '{name}' is a bin packing heuristic and plays "
+                         f"binpacking envs only: choose a random policy (uniform, held, ...) "
+                         f"for this env")
+    return inner
 
 
 @dataclass

@@ -25,6 +25,7 @@ import numpy as np
 
 from wmlab import envs
 from wmlab.agent import AgentPolicy
+from wmlab.baselines import HEURISTICS, HeuristicPolicy
 from wmlab.config import Config
 from wmlab.data import Episode, EpisodeStore
 from wmlab.errors import WmlabError
@@ -126,8 +127,16 @@ def run_episodes(env_batch: envs.EnvBatch, policy, seeds: list[tuple[int, int]],
                 yield slot, episode
 
 
-def collection_policy(config: PolicyConfig, num_envs: int, outputs: int) -> Any:
-    """The policy that collects: a random one, or a trained run's agent (``agent``)."""
+def collection_policy(config: PolicyConfig, num_envs: int, outputs: int,
+                      env_batch: Any = None) -> Any:
+    """The policy that collects: a random one, a trained run's agent (``agent``), or one of
+    bin packing's heuristics, which read the states of ``env_batch``'s envs."""
+    if config.name in HEURISTICS:
+        envs_ = getattr(env_batch, "envs", None)
+        if envs_ is None:
+            raise WmlabError(f"collect.policy '{config.name}' reads the env's state and "
+                             "plays binpacking envs only: choose a random policy for this env")
+        return HeuristicPolicy(num_envs, outputs, config, envs_)
     if config.name != AGENT_POLICY:
         return make_policy(config, num_envs, outputs)
     if not config.agent_run:
@@ -144,7 +153,8 @@ class _Worker:
         self.env_batch = envs.make_batch(job.env, job.envs_per_worker, job.backend,
                                          **_env_kwargs(job))
         self.policy = collection_policy(job.policy, job.envs_per_worker,
-                                        self.env_batch.spec.controller_outputs)
+                                        self.env_batch.spec.controller_outputs,
+                                        self.env_batch)
         self.store = EpisodeStore.open(job.store_url)
 
     def run(self, indices: list[int]) -> list[dict]:
@@ -225,7 +235,7 @@ def collect(cfg: Config, *, progress: bool = True,
         envs_per_worker=c.envs_per_worker, store_url=store_url, collection=collection,
         policy=PolicyConfig(name=c.policy, brown_sigma=c.brown_sigma, hold_min=c.hold_min,
                             hold_max=c.hold_max, weights_scale=c.weights_scale,
-                            agent_run=c.agent_run),
+                            agent_run=c.agent_run, explore=c.explore),
         seed_prefix=(cfg.run.seed, c.seed),
     )
     next_index = _index_source(existing)

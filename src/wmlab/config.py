@@ -63,9 +63,11 @@ class CollectConfig:
     workers: int = _opt(0, "worker processes; 0 = one per CPU core", min=0, max=1024)
     envs_per_worker: int = _opt(1, "envs stepped as one batch inside each worker",
                                 min=1, max=4096)
-    policy: str = _opt("brown", "collection policy (agent: a trained run's V, M and C)",
+    policy: str = _opt("brown", "collection policy (agent: a trained run's V, M and C; "
+                       "best-fit, sum-of-squares, sum-of-squares-orl: bin packing's "
+                       "heuristics, reading the env's state)",
                        choices=("uniform", "brown", "held", "random-weights", "fixed",
-                                "agent"))
+                                "agent", "best-fit", "sum-of-squares", "sum-of-squares-orl"))
     agent_run: str = _opt("", "policy agent: run directory whose trained controller acts")
     agent_fraction: float = _opt(0.5, "iterations 2+: fraction of episodes collected by the "
                                  "previous iteration's agent (the rest: collect.policy)",
@@ -74,6 +76,9 @@ class CollectConfig:
                                  "(one constant behaviour per episode: no-op, left, right) so "
                                  "that M learns where they lead; the rest: collect.policy",
                                  min=0.0, max=1.0)
+    explore: float = _opt(0.0, "a heuristic policy: probability of a uniform valid move "
+                          "instead of the heuristic's at each step (M sees good play and "
+                          "what follows a bad move)", min=0.0, max=1.0)
     min_length: int = _opt(0, "drop episodes with fewer steps than this (Doom: 101)", min=0)
     out: str = _opt("", "episode store path or URL; empty = <run>/data")
     collection: str = _opt("", "name of this collection inside the store; empty = policy name")

@@ -33,6 +33,7 @@ class PolicyConfig:
     hold_max: int = 10
     weights_scale: float = 0.01
     agent_run: str = ""  # policy "agent": the run directory whose trained V, M and C act
+    explore: float = 0.0  # a bin packing heuristic's policy: share of uniform valid moves
 
 
 class BatchPolicy:

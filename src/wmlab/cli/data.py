@@ -53,7 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--episodes", type=int, help="episodes to have in the store (collect.episodes)")
     p.add_argument("--workers", type=int, help="worker processes; 0 = one per core")
     p.add_argument("--envs-per-worker", type=int, help="envs stepped as a batch per worker")
-    p.add_argument("--policy", help="uniform, brown, held or random-weights")
+    p.add_argument("--policy", help="uniform, brown, held or random-weights; for binpacking "
+                   "also best-fit, sum-of-squares, sum-of-squares-orl (with collect.explore)")
     p.add_argument("--collection", help="name of this collection in the store")
     p.add_argument("--out", help="store path or URL (default: <run>/data)")
     p.add_argument("--info", action="store_true", help="print the store summary afterwards")
