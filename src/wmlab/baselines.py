@@ -1,11 +1,7 @@
 """Heuristic baselines for online bin packing: best fit, sum of squares and random.
 
-- best fit: the highest level the item fits into (a bag of level k with k + s <= C), else a
-  new bag.
-- sum of squares (Csirik et al.): the placement that minimises sum_h N_h^2 afterwards
-  (full bags leave the count); ties go to the fullest existing bag, a new bag last.
-- sum-of-squares-orl: what the reference repository's baseline code does (see
-  ``sum_of_squares_orl``), for comparison with numbers reported from it.
+- best fit, sum of squares and the reference repository's sum of squares: the rules of
+  ``wmlab.envs.binpacking_heuristics``.
 - random: uniform over the valid actions (a uniform pick over all C actions would mostly end
   the base variant's episodes at once, which says nothing about packing).
 
@@ -36,8 +32,14 @@ from wmlab.envs.binpacking import (
     problem_from_name,
     valid_mask,
 )
+from wmlab.envs.binpacking_heuristics import (  # noqa: F401  (the rules, exported here too)
+    HEURISTICS,
+    best_fit,
+    heuristic_rule,
+    sum_of_squares,
+    sum_of_squares_orl,
+)
 from wmlab.errors import WmlabError
-from wmlab.policies import BatchPolicy, PolicyConfig
 from wmlab.runs import RunLayout
 
 if TYPE_CHECKING:
@@ -46,56 +48,12 @@ if TYPE_CHECKING:
 
 Policy = Callable[[np.ndarray, int, int], int]  # (counts, item, capacity) -> action
 POLICIES = ("best-fit", "sum-of-squares", "random", "sum-of-squares-orl")
-HEURISTICS = ("best-fit", "sum-of-squares", "sum-of-squares-orl")  # collection policies
-
-
-def best_fit(counts: np.ndarray, item: int, capacity: int) -> int:
-    """The highest existing level the item fits into, else 0 (a new bag)."""
-    fitting = np.flatnonzero(counts[1:capacity - item + 1]) + 1
-    return int(fitting[-1]) if len(fitting) else 0
-
-
-def sum_of_squares(counts: np.ndarray, item: int, capacity: int) -> int:
-    """The placement minimising sum_h N_h^2 afterwards (ties: fullest bag, new bag last)."""
-    levels = np.arange(capacity - item, 0, -1)  # existing candidates, fullest first
-    n = counts[levels]
-    target = levels + item
-    grows = target < capacity  # a bag reaching C is full and leaves the count
-    # (N_k - 1)^2 - N_k^2 = 1 - 2 N_k, plus (N_t + 1)^2 - N_t^2 = 2 N_t + 1 if it stays open.
-    delta = 1 - 2 * n + np.where(grows, 2 * counts[np.minimum(target, capacity - 1)] + 1, 0)
-    delta = np.where(n > 0, delta, np.iinfo(np.int64).max)
-    new_bag = 2 * counts[item] + 1 if item < capacity else 0
-    if len(levels):
-        best = int(np.argmin(delta))
-        if delta[best] <= new_bag:
-            return int(levels[best])
-    return 0
-
-
-def sum_of_squares_orl(counts: np.ndarray, item: int, capacity: int) -> int:
-    """The reference repository's "sum of squares" code, which differs from the rule: it
-    never opens a new bag while an existing one fits. A bag the item fills exactly wins;
-    otherwise the fitting level k with the least N_{k+s} - N_k (ties to the lower level)."""
-    if item >= capacity:
-        return 0
-    if counts[capacity - item] > 0:
-        return capacity - item
-    levels = np.arange(1, capacity - item)
-    n = counts[levels]
-    if not n.any():
-        return 0
-    score = np.where(n > 0, counts[levels + item] - n, np.iinfo(np.int64).max)
-    return int(levels[np.argmin(score)])
 
 
 def make_policy(name: str, seed: int = 0) -> Policy:
     """The policy called ``name``; ``random`` draws from its own generator seeded by ``seed``."""
-    if name == "best-fit":
-        return best_fit
-    if name == "sum-of-squares":
-        return sum_of_squares
-    if name == "sum-of-squares-orl":
-        return sum_of_squares_orl
+    if name in HEURISTICS:
+        return heuristic_rule(name)
     if name == "random":
         rng = np.random.default_rng(seed)
 
@@ -104,47 +62,6 @@ def make_policy(name: str, seed: int = 0) -> Policy:
 
         return random_valid
     raise WmlabError(f"unknown bin packing policy '{name}': choose one of {', '.join(POLICIES)}")
-
-
-class HeuristicPolicy(BatchPolicy):
-    """A heuristic collecting bin packing episodes, mixed with random play: at each step a
-    uniform valid move with probability ``explore``, else the heuristic's. M then sees the
-    packings a good policy reaches (the uniform policy's data piles bags at the top levels
-    only) and what follows a bad move there.
-
-    It reads each env's state (``counts``, ``item``) rather than the frame: ``envs`` are the
-    Gymnasium envs of the collection batch, slot by slot. The raw output is +1 for the chosen
-    level and -1 elsewhere, so the spec's argmax gives that level."""
-
-    def __init__(self, num_envs: int, outputs: int, config: PolicyConfig,
-                 envs: Sequence) -> None:
-        super().__init__(num_envs, outputs, config)
-        if config.name not in HEURISTICS:
-            raise WmlabError(f"unknown bin packing heuristic '{config.name}': choose one of "
-                             f"{', '.join(HEURISTICS)}")
-        self.envs = [heuristic_env(env, config.name) for env in envs]
-        self.rule = make_policy(config.name)
-
-    def _act_slot(self, slot: int, frame: np.ndarray) -> np.ndarray:
-        env, rng = self.envs[slot], self._rngs[slot]
-        capacity = env.problem.capacity
-        if rng.random() < self.config.explore:
-            action = int(rng.choice(np.flatnonzero(valid_mask(env.counts, env.item, capacity))))
-        else:
-            action = self.rule(env.counts, env.item, capacity)
-        raw = np.full(self.outputs, -1.0, dtype=np.float32)
-        raw[action] = 1.0
-        return raw
-
-
-def heuristic_env(env: object, name: str) -> BinPackingEnv:
-    """The bin packing env under a collection batch's env (its wrappers removed)."""
-    inner = getattr(env, "unwrapped", env)
-    if not isinstance(inner, BinPackingEnv):
-        raise WmlabError(f"collect.policy '{name}' is a bin packing heuristic and plays "
-                         f"binpacking envs only: choose a random policy (uniform, held, ...) "
-                         f"for this env")
-    return inner
 
 
 @dataclass

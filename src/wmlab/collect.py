@@ -25,12 +25,12 @@ import numpy as np
 
 from wmlab import envs
 from wmlab.agent import AgentPolicy
-from wmlab.baselines import HEURISTICS, HeuristicPolicy
 from wmlab.config import Config
 from wmlab.data import Episode, EpisodeStore
+from wmlab.envs.binpacking_heuristics import HEURISTICS
 from wmlab.errors import WmlabError
 from wmlab.evaluators import ProcessEngine, SerialEngine
-from wmlab.policies import AGENT_POLICY, PolicyConfig, make_policy
+from wmlab.policies import AGENT_POLICY, HeuristicPolicy, PolicyConfig, make_policy
 
 # Seconds a worker may spend on one task (envs_per_worker episodes) before it counts as hung.
 TASK_TIMEOUT = 1800.0

@@ -1,4 +1,5 @@
-"""Random policies that collect the data V and M learn from.
+"""Random policies that collect the data V and M learn from, and bin packing's heuristics
+(``HeuristicPolicy``: they read the env's state, mixed with random valid moves).
 
 Every policy emits *raw controller outputs* in [-1, 1]^k, the same space a trained
 controller C produces; the env's spec maps them to env actions (CarRacing's gas/brake
@@ -11,10 +12,13 @@ worker ran it, which makes collection reproducible whatever the parallelism.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from wmlab.envs.binpacking import BinPackingEnv, valid_mask
+from wmlab.envs.binpacking_heuristics import heuristic_rule
 from wmlab.errors import WmlabError
 
 POLICY_NAMES = ("uniform", "brown", "held", "random-weights", "fixed")  # random policies
@@ -179,3 +183,41 @@ def make_policy(config: PolicyConfig, num_envs: int, outputs: int) -> BatchPolic
         raise WmlabError(f"held policy needs 1 <= hold_min <= hold_max, got "
                          f"{config.hold_min}..{config.hold_max}")
     return classes[config.name](num_envs, outputs, config)
+
+
+class HeuristicPolicy(BatchPolicy):
+    """A heuristic collecting bin packing episodes, mixed with random play: at each step a
+    uniform valid move with probability ``explore``, else the heuristic's. M then sees the
+    packings a good policy reaches (the uniform policy's data piles bags at the top levels
+    only) and what follows a bad move there.
+
+    It reads each env's state (``counts``, ``item``) rather than the frame: ``envs`` are the
+    Gymnasium envs of the collection batch, slot by slot. The raw output is +1 for the chosen
+    level and -1 elsewhere, so the spec's argmax gives that level."""
+
+    def __init__(self, num_envs: int, outputs: int, config: PolicyConfig,
+                 envs: Sequence) -> None:
+        super().__init__(num_envs, outputs, config)
+        self.rule = heuristic_rule(config.name)
+        self.envs = [heuristic_env(env, config.name) for env in envs]
+
+    def _act_slot(self, slot: int, frame: np.ndarray) -> np.ndarray:
+        env, rng = self.envs[slot], self._rngs[slot]
+        capacity = env.problem.capacity
+        if rng.random() < self.config.explore:
+            action = int(rng.choice(np.flatnonzero(valid_mask(env.counts, env.item, capacity))))
+        else:
+            action = self.rule(env.counts, env.item, capacity)
+        raw = np.full(self.outputs, -1.0, dtype=np.float32)
+        raw[action] = 1.0
+        return raw
+
+
+def heuristic_env(env: object, name: str) -> BinPackingEnv:
+    """The bin packing env under a collection batch's env (its wrappers removed)."""
+    inner = getattr(env, "unwrapped", env)
+    if not isinstance(inner, BinPackingEnv):
+        raise WmlabError(f"collect.policy '{name}' is a bin packing heuristic and plays "
+                         f"binpacking envs only: choose a random policy (uniform, held, ...) "
+                         f"for this env")
+    return inner
