@@ -310,7 +310,11 @@ def test_a_heuristic_collects_its_own_moves_mixed_with_random_valid_ones(tmp_pat
 
 def test_a_heuristic_collection_policy_refuses_other_envs():
     from wmlab.collect import collection_policy
+    from wmlab.config import ConfigError
     from wmlab.policies import PolicyConfig
+
+    with pytest.raises(ConfigError, match="collect.explore"):  # explore without a heuristic
+        load_config("binpacking", "quick", ["collect.explore=0.3"])
 
     with pytest.raises(WmlabError, match="binpacking envs only"):
         collection_policy(PolicyConfig(name="best-fit"), 1, 3, env_batch=None)

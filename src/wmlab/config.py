@@ -57,6 +57,10 @@ class EnvConfig:
                           min=0)
 
 
+# bin packing's heuristics as collection policies (wmlab.envs.binpacking_heuristics)
+HEURISTIC_POLICIES = ("best-fit", "sum-of-squares", "sum-of-squares-orl")
+
+
 @dataclass
 class CollectConfig:
     episodes: int = _opt(10000, "episodes to keep in the store (after filtering)", min=0)
@@ -67,7 +71,7 @@ class CollectConfig:
                        "best-fit, sum-of-squares, sum-of-squares-orl: bin packing's "
                        "heuristics, reading the env's state)",
                        choices=("uniform", "brown", "held", "random-weights", "fixed",
-                                "agent", "best-fit", "sum-of-squares", "sum-of-squares-orl"))
+                                "agent", *HEURISTIC_POLICIES))
     agent_run: str = _opt("", "policy agent: run directory whose trained controller acts")
     agent_fraction: float = _opt(0.5, "iterations 2+: fraction of episodes collected by the "
                                  "previous iteration's agent (the rest: collect.policy)",
@@ -468,6 +472,11 @@ def _check_consistency(cfg: Config) -> None:
     if cfg.collect.hold_min > cfg.collect.hold_max:
         raise ConfigError(f"collect.hold_min ({cfg.collect.hold_min}) must not exceed "
                           f"collect.hold_max ({cfg.collect.hold_max})")
+    if cfg.collect.explore > 0 and cfg.collect.policy not in HEURISTIC_POLICIES:
+        raise ConfigError(f"collect.explore mixes random moves into a bin packing heuristic's "
+                          f"play, and collect.policy is '{cfg.collect.policy}': set "
+                          f"collect.policy to {', '.join(HEURISTIC_POLICIES)}, or "
+                          f"collect.explore = 0")
     if cfg.mdrnn.lr_min > cfg.mdrnn.lr:
         raise ConfigError(f"mdrnn.lr_min ({cfg.mdrnn.lr_min}) must not exceed mdrnn.lr "
                           f"({cfg.mdrnn.lr})")
