@@ -17,7 +17,7 @@ same items and their returns compare pair by pair.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,6 +34,7 @@ from wmlab.envs.binpacking import (
 )
 from wmlab.envs.binpacking_heuristics import (  # noqa: F401  (the rules, exported here too)
     HEURISTICS,
+    Rule,
     best_fit,
     heuristic_rule,
     sum_of_squares,
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
     from wmlab.config import Config
     from wmlab.evaluate import EvalResult
 
-Policy = Callable[[np.ndarray, int, int], int]  # (counts, item, capacity) -> action
+Policy = Rule  # (counts, item, capacity) -> action
 POLICIES = ("best-fit", "sum-of-squares", "random", "sum-of-squares-orl")
 
 

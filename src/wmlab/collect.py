@@ -131,12 +131,9 @@ def collection_policy(config: PolicyConfig, num_envs: int, outputs: int,
                       env_batch: Any = None) -> Any:
     """The policy that collects: a random one, a trained run's agent (``agent``), or one of
     bin packing's heuristics, which read the states of ``env_batch``'s envs."""
-    if config.name in HEURISTICS:
-        envs_ = getattr(env_batch, "envs", None)
-        if envs_ is None:
-            raise WmlabError(f"collect.policy '{config.name}' reads the env's state and "
-                             "plays binpacking envs only: choose a random policy for this env")
-        return HeuristicPolicy(num_envs, outputs, config, envs_)
+    if config.name in HEURISTICS:  # a batch without Gymnasium envs is refused as one
+        return HeuristicPolicy(num_envs, outputs, config,
+                               getattr(env_batch, "envs", [env_batch]))
     if config.name != AGENT_POLICY:
         return make_policy(config, num_envs, outputs)
     if not config.agent_run:

@@ -16,10 +16,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+from wmlab.config import HEURISTIC_POLICIES as HEURISTICS  # the names collect.policy takes
 from wmlab.errors import WmlabError
 
 Rule = Callable[[np.ndarray, int, int], int]  # (counts, item, capacity) -> action
-HEURISTICS = ("best-fit", "sum-of-squares", "sum-of-squares-orl")
 
 
 def best_fit(counts: np.ndarray, item: int, capacity: int) -> int:
