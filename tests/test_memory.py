@@ -601,6 +601,33 @@ def test_benchmark_cases_run_and_format():
         (35 + 256) * 1024 + 256 * 480)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_benchmark_cases_run_on_a_gpu():
+    """`wmlab bench memory --device cuda`: the training cases (cuDNN's LSTM as the plain
+    peer, no CPU-thread split) and the batched dream run on the GPU."""
+    from wmlab.bench import memory as bench
+    from wmlab.dream import DreamStart
+
+    gpu = torch.device("cuda")
+    rows = bench._train_case("carracing", batch=4, steps=8, repeats=1, device=gpu)
+    assert rows[0]["case"] == "plain nn.LSTM + Linear (cuDNN)"
+    assert not any("threads" in r["case"] for r in rows)
+    assert all(r["steps_per_s"] > 0 for r in rows)
+    model = MDNRNN(bench.SIZES["doom"]).to(gpu).eval()
+    start = DreamStart(torch.zeros(2, 64), torch.zeros(2, 64))
+    assert bench._dream_rate(model, start, 8, 2, device=gpu) > 0
+    assert bench._dream_rate(model, start, 64, 2, "bfloat16", device=gpu) > 0
+    assert bench.matmul_peak(device=gpu, repeats=1) > 0
+
+
+def test_benchmark_device_is_refused_where_the_stage_runs_on_the_cpu(capsys):
+    from wmlab.cli import main
+
+    assert main(["bench", "collect", "--device", "cuda"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "--device cuda applies to vision and memory only" in err and "\n" not in err
+
+
 # ---------------------------------------------------------------------------------------------
 # Dropout on h before M's head (mdrnn.dropout)
 

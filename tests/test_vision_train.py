@@ -359,6 +359,15 @@ def test_benchmark_measures_a_peak_and_formats_its_rows():
     assert "plain" in text and "3000" in text and "allowance 24 MB" in text
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_benchmark_peak_on_a_gpu_waits_for_the_gpu():
+    from wmlab.bench.vision import peak_gflops
+
+    # an 8192^3 fp32 product takes milliseconds on any GPU: a rate above 10^6 GFLOP/s would
+    # mean the clock stopped before the GPU finished
+    assert 0 < peak_gflops("float32", seconds=0.2, device="cuda") < 1e6
+
+
 def test_benchmark_counts_the_arithmetic_of_each_width():
     from wmlab.bench.vision import GFLOP_PER_FRAME, training_gflop_per_frame
 

@@ -10,6 +10,10 @@ naive way of doing the same work.
 - Dream: ``BatchedDream`` at B = 1, 64 and 1,024 against a loop of single dreams (what the
   original did: one dream per process per call), for the Doom size (and CarRacing at 1,024).
 
+``device`` ("cpu", "cuda", "cuda:N") is where every case runs. On a GPU the naive
+training step is cuDNN's LSTM, the cases that split rows over CPU threads or use wmlab's C
+kernels do not apply, and the thread counts are not varied.
+
 Figures depend on the load of the machine; they are printed, never asserted.
 """
 
@@ -33,29 +37,46 @@ from wmlab.memory.model import MDNRNN, MdrnnShape, mixture_nll, mixture_nll_refe
 from wmlab.memory.scan import lstm_kernels
 from wmlab.memory.train import BatchBackward
 
+CPU = torch.device("cpu")
 SIZES = {
     "carracing": MdrnnShape(z_dim=32, action_dim=3, hidden=256),
     "doom": MdrnnShape(z_dim=64, action_dim=1, hidden=512, done_head=True, restart_input=True),
 }
 
 
+def _synchronize() -> None:
+    """Wait for queued GPU work (if any GPU work was started), so clocks time the work."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
     """Seconds per call (the best of ``repeats``: the least disturbed by other load)."""
     for _ in range(warmup):
         fn()
+    _synchronize()
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
         fn()
+        _synchronize()
         best = min(best, time.perf_counter() - started)
     return best
 
 
-def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
-    """Attainable float32 GFLOP/s on this machine: the faster of a large square matmul
-    through PyTorch's default BLAS and through oneDNN."""
+def matmul_peak(size: int = 2048, repeats: int = 5, device: torch.device | None = None
+                ) -> float:
+    """Attainable float32 GFLOP/s: on a CPU the faster of a large square matmul through
+    PyTorch's default BLAS and through oneDNN; on a GPU an 8192^3 product (TF32 off, as M
+    trains)."""
     from wmlab.memory.fastlinear import FastLinear
 
+    device = device or torch.device("cpu")
+    if device.type != "cpu":
+        size = 8192
+        a = torch.randn(size, size, device=device)
+        b = torch.randn(size, size, device=device)
+        return 2 * size ** 3 / _timed(lambda: torch.mm(a, b), repeats) / 1e9
     a, b = torch.randn(size, size), torch.randn(size, size)
     onednn = FastLinear(b)
     seconds = min(_timed(lambda: torch.mm(a, b.t()), repeats),
@@ -80,15 +101,16 @@ class _Batch:
     restart: torch.Tensor
 
     @classmethod
-    def draw(cls, shape: MdrnnShape, batch: int, steps: int) -> _Batch:
-        """From torch's global generator (the caller seeds it)."""
+    def draw(cls, shape: MdrnnShape, batch: int, steps: int,
+             device: torch.device | None = None) -> _Batch:
+        """From torch's global generator (the caller seeds it), moved to ``device``."""
         z = torch.randn(batch, steps, shape.z_dim)
         actions = torch.randn(batch, steps, shape.action_dim)
         target = torch.randn(batch, steps, shape.z_dim)
         restart = torch.zeros(batch, steps)
         restart[:, 0] = 1.0
         restart[torch.arange(batch), torch.randint(0, steps, (batch,))] = 1.0  # episode starts
-        return cls(z, actions, target, restart)
+        return cls(*(t.to(device or "cpu") for t in (z, actions, target, restart)))
 
 
 def _wmlab_step(model: MDNRNN, optimizer: torch.optim.Optimizer, data: _Batch
@@ -97,7 +119,7 @@ def _wmlab_step(model: MDNRNN, optimizer: torch.optim.Optimizer, data: _Batch
     restart = data.restart if model.shape.restart_input else None
 
     def step(bf16: bool = False) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # mdrnn.bf16
+        with torch.autocast(data.z.device.type, dtype=torch.bfloat16, enabled=bf16):
             out, _, _ = model(data.z, data.actions, restart=restart)
         loss = mixture_nll(out, data.target)
         if out.done_logit is not None:
@@ -113,8 +135,8 @@ def _plain_step(model: MDNRNN, data: _Batch) -> Callable[[], None]:
     """The naive step: ``nn.LSTM`` + ``nn.Linear`` (initialised from torch's global
     generator) with the reference loss; ``model`` only splits the head's output."""
     shape = model.shape
-    lstm = nn.LSTM(shape.input_size, shape.hidden, batch_first=True)
-    head = nn.Linear(shape.hidden, shape.output_size)
+    lstm = nn.LSTM(shape.input_size, shape.hidden, batch_first=True).to(data.z.device)
+    head = nn.Linear(shape.hidden, shape.output_size).to(data.z.device)
     params = list(lstm.parameters()) + list(head.parameters())
     optimizer = torch.optim.Adam(params, lr=1e-4)
     parts = [data.z, data.actions] + ([data.restart.unsqueeze(-1)] if shape.restart_input
@@ -154,15 +176,17 @@ def _split_step(model: MDNRNN, optimizer: torch.optim.Optimizer, data: _Batch,
 
 
 def _train_cases(wmlab_step: Callable[[bool], None], plain_step: Callable[[], None],
-                 split_step: Callable[[bool], None]
+                 split_step: Callable[[bool], None], device: torch.device
                  ) -> tuple[tuple[str, Callable[[], None]], ...]:
     """(label, step) of every case this machine can run."""
-    bf16 = bf16_is_native(torch.device("cpu"))  # emulated bf16 would only measure emulation
+    bf16 = bf16_is_native(device)  # emulated bf16 would only measure emulation
+    plain = "plain nn.LSTM + Linear (cuDNN)" if device.type == "cuda" else \
+        "plain nn.LSTM + Linear (naive)"
     cases: tuple[tuple[str, Callable[[], None]], ...] = (
-        ("plain nn.LSTM + Linear (naive)", plain_step), ("wmlab M", wmlab_step))
+        (plain, plain_step), ("wmlab M", wmlab_step))
     if bf16:
         cases += (("wmlab M, bf16 (mdrnn.bf16)", lambda: wmlab_step(True)),)
-    if torch.get_num_threads() >= 2:
+    if device.type == "cpu" and torch.get_num_threads() >= 2:
         label = "wmlab M, bf16, rows split over 2 threads" if bf16 else \
             "wmlab M, rows split over 2 threads"
         cases += ((f"{label} (mdrnn.batch_parts)", lambda: split_step(bf16)),)
@@ -188,16 +212,17 @@ def _best_times(cases: tuple[tuple[str, Callable[[], None]], ...], repeats: int
     return best
 
 
-def _train_case(size: str, batch: int, steps: int, repeats: int) -> list[dict[str, Any]]:
+def _train_case(size: str, batch: int, steps: int, repeats: int,
+                device: torch.device = CPU) -> list[dict[str, Any]]:
     shape = SIZES[size]
     torch.manual_seed(0)
-    model = MDNRNN(shape)
+    model = MDNRNN(shape).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    data = _Batch.draw(shape, batch, steps)
+    data = _Batch.draw(shape, batch, steps, device)
     plain_step = _plain_step(model, data)  # after the batch: its weights draw from the seed too
     split = BatchBackward(2 if torch.get_num_threads() >= 2 else 1)
     cases = _train_cases(_wmlab_step(model, optimizer, data), plain_step,
-                         _split_step(model, optimizer, data, split))
+                         _split_step(model, optimizer, data, split), device)
     best = _best_times(cases, repeats)
     split.close()
     flops = training_flops(shape, batch, steps)
@@ -207,10 +232,11 @@ def _train_case(size: str, batch: int, steps: int, repeats: int) -> list[dict[st
 
 
 def _dream_rate(model: MDNRNN, start: DreamStart, batch: int, steps: int,
-                dtype: str = "float32") -> float:
-    dream = BatchedDream(model, start, DreamSettings(1.15, 10 ** 9, precision=dtype))
+                dtype: str = "float32", device: torch.device | None = None) -> float:
+    dream = BatchedDream(model, start, DreamSettings(1.15, 10 ** 9, precision=dtype),
+                         device=device or "cpu")
     dream.reset(np.arange(batch))
-    actions = torch.zeros(batch, model.shape.action_dim)
+    actions = torch.zeros(batch, model.shape.action_dim, device=dream.device)
     dream.step(actions)
 
     def run() -> None:
@@ -219,12 +245,14 @@ def _dream_rate(model: MDNRNN, start: DreamStart, batch: int, steps: int,
     return batch * steps / _timed(run, 2, warmup=0)
 
 
-def _single_loop_rate(model: MDNRNN, start: DreamStart, dreams: int, steps: int) -> float:
+def _single_loop_rate(model: MDNRNN, start: DreamStart, dreams: int, steps: int,
+                      device: torch.device | None = None) -> float:
     """The naive way: each dream its own object, stepped one after another."""
-    singles = [BatchedDream(model, start, DreamSettings(1.15, 10 ** 9)) for _ in range(dreams)]
+    singles = [BatchedDream(model, start, DreamSettings(1.15, 10 ** 9), device=device or "cpu")
+               for _ in range(dreams)]
     for i, dream in enumerate(singles):
         dream.reset([i])
-    actions = torch.zeros(1, model.shape.action_dim)
+    actions = torch.zeros(1, model.shape.action_dim, device=singles[0].device)
 
     def run() -> None:
         for _ in range(steps):
@@ -233,7 +261,8 @@ def _single_loop_rate(model: MDNRNN, start: DreamStart, dreams: int, steps: int)
     return dreams * steps / _timed(run, 2, warmup=0)
 
 
-def _dream_cases(quick: bool) -> list[dict[str, Any]]:
+def _dream_cases(quick: bool, device: torch.device = CPU
+                 ) -> list[dict[str, Any]]:
     rows = []
     for size in ("doom", "carracing"):
         shape = SIZES[size]
@@ -243,7 +272,7 @@ def _dream_cases(quick: bool) -> list[dict[str, Any]]:
             with torch.no_grad():
                 model.head.bias[3 * shape.z_dim * shape.gaussians] = -1e4
         start = DreamStart(torch.randn(16, shape.z_dim), torch.full((16, shape.z_dim), -2.0))
-        single = _single_loop_rate(model, start, 8, 10 if quick else 40)
+        single = _single_loop_rate(model, start, 8, 10 if quick else 40, device)
         rows.append({"bench": "dream", "size": size, "case": "loop of single dreams (naive)",
                      "batch": 1, "steps_per_s": single})
         batches = (1, 64, 1024) if size == "doom" else (1024,)
@@ -252,7 +281,7 @@ def _dream_cases(quick: bool) -> list[dict[str, Any]]:
             for dtype in ("float32", "bfloat16"):
                 if dtype == "bfloat16" and batch < 64:
                     continue
-                rate = _dream_rate(model, start, batch, steps, dtype)
+                rate = _dream_rate(model, start, batch, steps, dtype, device)
                 rows.append({"bench": "dream", "size": size, "case": f"BatchedDream {dtype}",
                              "batch": batch, "steps_per_s": rate, "speedup": rate / single})
     return rows
@@ -271,26 +300,34 @@ def _with_threads(threads: int, fn: Callable[[], list[dict[str, Any]]]
     return rows
 
 
-def run(quick: bool = False) -> list[dict[str, Any]]:
+def run(quick: bool = False, device: str = "cpu") -> list[dict[str, Any]]:
     """Every case with one intra-op thread (one process per core, as the evaluator pools
-    run) and with all of them (one process using the whole machine)."""
+    run) and with all of them (one process using the whole machine); on a GPU once."""
+    from wmlab.device import resolve_device
+
+    where = resolve_device(device)
     rows: list[dict[str, Any]] = []
-    thread_counts = sorted({1, torch.get_num_threads()})
+    thread_counts = sorted({1, torch.get_num_threads()}) if where.type == "cpu" else \
+        [torch.get_num_threads()]
     for threads in thread_counts:
         peak = _with_threads(threads, lambda: [{"bench": "peak", "gflops": matmul_peak(
-            1024 if quick else 2048)}])
+            1024 if quick else 2048, device=where), "device": _device_name(where)}])
         rows.extend(peak)
         train_steps = {"carracing": 100 if quick else 999, "doom": 50 if quick else 500}
         for size, steps in train_steps.items():
             case = _with_threads(threads, lambda size=size, steps=steps: _train_case(
-                size, 100, steps, 2 if quick else 3))
+                size, 100, steps, 2 if quick else 3, where))
             plain = case[0]["steps_per_s"]
             for row in case:
                 row["vs_plain"] = row["steps_per_s"] / plain
                 row["peak_fraction"] = row["gflops"] / peak[0]["gflops"]
             rows.extend(case)
-        rows.extend(_with_threads(threads, lambda: _dream_cases(quick)))
+        rows.extend(_with_threads(threads, lambda: _dream_cases(quick, where)))
     return rows
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
@@ -302,8 +339,8 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
         return f"{case(row)}{row['batch']:>6} {row['steps_per_s']:>14,.0f} {speedup:>8}"
 
     lines = section(rows, "bench", "peak", [], lambda row: (
-        f"attainable float32 matmul peak, {row['threads']} thread(s): "
-        f"{row['gflops']:.0f} GFLOP/s"))
+        f"attainable float32 matmul peak, {row.get('device', 'CPU')}, {row['threads']} "
+        f"thread(s): {row['gflops']:.0f} GFLOP/s"))
     lines += section(rows, "bench", "train", [
         "", "training M (forward + backward + Adam, one batch):",
         f"{'thr':>3} {'size':<10} {'case':<32} {'batch x T':>11} {'steps/s':>10} "

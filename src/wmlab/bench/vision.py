@@ -5,7 +5,8 @@ The data are real CarRacing frames collected for the benchmark. Every training c
 the same V from the same initial weights on the same batches for the same steps, streaming
 from the store, so their validation losses compare (bf16 against fp32); "plain" is the VAE
 as it is usually written: default (NCHW) memory layout, fp32, eager. Each case runs in a
-fresh process so that its peak memory is its own.
+fresh process so that its peak memory is its own. ``device`` ("cpu", "cuda", "cuda:N") is
+where V trains and encodes (``run.device``); the peak is that device's matmul rate.
 """
 
 from __future__ import annotations
@@ -74,9 +75,17 @@ TRAIN_CASES = [
 ]
 
 
-def _overrides(folder: str, run: str, **values) -> list[str]:
+def _synchronize(device: str) -> None:
+    """Wait for the GPU's queued work, so that a clock read after it times the work itself."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def _overrides(folder: str, run: str, device: str, **values) -> list[str]:
     base = {"run.root": folder, "run.name": run, "collect.out": f"{folder}/store",
-            "run.device": "cpu", "vae.epochs": 1, "vae.val_fraction": 0.1}
+            "run.device": device, "vae.epochs": 1, "vae.val_fraction": 0.1}
     return [f"{k}={toml_value(v)}" for k, v in {**base, **values}.items()]
 
 
@@ -89,26 +98,29 @@ def _run_name(case: TrainCase, attempt: int) -> str:
             f"-{case.kind}-w{case.width}")
 
 
-def _train_case(folder: str, case: TrainCase, attempt: int, steps: int, warmup: int,
-                results: mp.Queue) -> None:
+def _train_case(folder: str, device: str, case: TrainCase, attempt: int, steps: int,
+                warmup: int, results: mp.Queue) -> None:
     from wmlab.config import load_config
     from wmlab.vision.train import train_vae
 
+    def stamp(step: int, logs: dict) -> None:
+        _synchronize(device)
+        stamps.append(time.perf_counter())
+
     cfg = load_config("carracing", "paper", _overrides(
-        folder, _run_name(case, attempt),
+        folder, _run_name(case, attempt), device,
         **{"vae.kind": case.kind, "vae.width": case.width, "vae.max_frames": steps * 100,
            "vae.channels_last": case.channels_last,
            "vae.bf16": case.bf16, "vae.checkpoint_every": 10 * steps}))
     stamps: list[float] = []
-    result = train_vae(cfg, progress=False, fused_adam=case.fused_adam,
-                       on_step=lambda step, logs: stamps.append(time.perf_counter()))
+    result = train_vae(cfg, progress=False, fused_adam=case.fused_adam, on_step=stamp)
     measured = (len(stamps) - 1 - warmup) * cfg.vae.batch_size
     seconds = stamps[-1] - stamps[warmup]
     results.put({"frames_per_s": measured / seconds, "val_loss": result.history[-1]["loss"],
                  "peak_mb": _peak_rss_mb(), "steps": result.steps})
 
 
-def _interleaved_case(folder: str, rounds: int, results: mp.Queue) -> None:
+def _interleaved_case(folder: str, device: str, rounds: int, results: mp.Queue) -> None:
     """Every case's optimiser step on the same real batch, taking turns round by round:
     on a shared machine the load drifts over minutes, and the median step of cases that
     alternate sees the same drift, so their ratios hold where separate runs' do not."""
@@ -124,23 +136,26 @@ def _interleaved_case(folder: str, rounds: int, results: mp.Queue) -> None:
     trainers = []
     for case in TRAIN_CASES:
         cfg = load_config("carracing", "paper", _overrides(
-            folder, "interleaved", **{"vae.kind": case.kind, "vae.bf16": case.bf16,
-                                      "vae.width": case.width,
-                                      "vae.channels_last": case.channels_last}))
-        trainer = build_trainer(cfg, torch.device("cpu"), case.fused_adam, log=lambda _: None)
+            folder, "interleaved", device, **{"vae.kind": case.kind, "vae.bf16": case.bf16,
+                                              "vae.width": case.width,
+                                              "vae.channels_last": case.channels_last}))
+        trainer = build_trainer(cfg, torch.device(device), case.fused_adam,
+                                log=lambda _: None)
         trainer.bf16 = case.bf16  # measured as asked, even where bf16 is emulated (slow)
         trainers.append(trainer)
     times: list[list[float]] = [[] for _ in TRAIN_CASES]
     for round_ in range(rounds + 2):
         for i, trainer in enumerate(trainers):
+            _synchronize(device)
             started = time.perf_counter()
             trainer.step(frames)
+            _synchronize(device)
             if round_ >= 2:  # the first rounds build the kernels
                 times[i].append(time.perf_counter() - started)
     results.put([len(frames) / statistics.median(t) for t in times])
 
 
-def _encode_case(folder: str, channels_last: bool, results: mp.Queue) -> None:
+def _encode_case(folder: str, device: str, channels_last: bool, results: mp.Queue) -> None:
     from wmlab.config import load_config
     from wmlab.data.series import SeriesStore
     from wmlab.runs import RunLayout
@@ -148,7 +163,7 @@ def _encode_case(folder: str, channels_last: bool, results: mp.Queue) -> None:
     from wmlab.vision.model import load_vae
 
     cfg = load_config("carracing", "paper", _overrides(
-        folder, _run_name(TRAIN_CASES[1], 0), **{"vae.channels_last": channels_last}))
+        folder, _run_name(TRAIN_CASES[1], 0), device, **{"vae.channels_last": channels_last}))
     _, info = load_vae(RunLayout.of(cfg).vision)
     shutil.rmtree(SeriesStore(cfg.store_url(), info["fingerprint"]).url, ignore_errors=True)
     encode_store(cfg, progress=False)  # warms up the kernels; then timed from scratch
@@ -158,7 +173,7 @@ def _encode_case(folder: str, channels_last: bool, results: mp.Queue) -> None:
                  "frames": summary.frames})
 
 
-def _memory_case(folder: str, allowance_mb: float, results: mp.Queue) -> None:
+def _memory_case(folder: str, device: str, allowance_mb: float, results: mp.Queue) -> None:
     """One epoch over the big store under tracemalloc, which sees every numpy buffer the
     loader makes (frames, pools, batches, decompression) but not torch's own tensors."""
     import tracemalloc
@@ -168,13 +183,13 @@ def _memory_case(folder: str, allowance_mb: float, results: mp.Queue) -> None:
     from wmlab.vision.train import train_vae
 
     cfg = load_config("carracing", "paper", [
-        *_overrides(folder, "memory", **{"vae.loader_mb": allowance_mb,
-                                         "vae.checkpoint_every": 100000}),
+        *_overrides(folder, "memory", device, **{"vae.loader_mb": allowance_mb,
+                                                 "vae.checkpoint_every": 100000}),
         f"collect.out={toml_value(folder + '/big')}"])
     store_mb = EpisodeStore.open(cfg.store_url()).num_frames() * 64 * 64 * 3 / 2**20
     # One step first, so that what the first step imports (TensorBoard, optimiser kernels:
     # tens of MB of Python objects) is not counted as the loader's.
-    warm = load_config("carracing", "paper", [*_overrides(folder, "memory-warm"),
+    warm = load_config("carracing", "paper", [*_overrides(folder, "memory-warm", device),
                                               f"collect.out={toml_value(folder + '/store')}"])
     train_vae(warm, progress=False, stop_after_steps=1)
     peaks: list[int] = []
@@ -202,17 +217,23 @@ def _in_process(target, *args) -> dict:
     return out
 
 
-def peak_gflops(dtype_name: str = "float32", size: int = 2048, seconds: float = 2.0) -> float:
-    """The best rate of a large square matmul: what this CPU's BLAS can reach."""
+def peak_gflops(dtype_name: str = "float32", size: int = 2048, seconds: float = 2.0,
+                device: str = "cpu") -> float:
+    """The best rate of a large square matmul: what this CPU's BLAS (or this GPU) can
+    reach. On a GPU, 8192^3 products: a 2048^3 one is over before the GPU is busy."""
     import torch
 
     dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    size = 8192 if device.startswith("cuda") else size
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
     torch.mm(a, b)
+    _synchronize(device)
     best, stop = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < stop:
         started = time.perf_counter()
         torch.mm(a, b)
+        _synchronize(device)
         best = max(best, 2 * size**3 / (time.perf_counter() - started) / 1e9)
     return best
 
@@ -252,19 +273,20 @@ def _grow_store(folder: str, target_mb: float) -> None:
             index += 1
 
 
-def run(quick: bool = False) -> list[dict]:
+def run(quick: bool = False, device: str = "cpu") -> list[dict]:
     import torch
 
-    from wmlab.device import bf16_is_native
+    from wmlab.device import bf16_is_native, resolve_device
 
+    device = str(resolve_device(device))
     steps, warmup = (30, 5) if quick else (60, 10)
     passes = 1  # the interleaved steps give the ratios; these runs the rest
     allowance_mb = 12.0 if quick else 16.0
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="wmlab-bench-vision-") as folder:
         _collect(folder, episodes=4 if quick else 8, max_steps=500 if quick else 1000)
-        peak = peak_gflops("float32")
-        peak_bf16 = peak_gflops("bfloat16")
+        peak = peak_gflops("float32", device=device)
+        peak_bf16 = peak_gflops("bfloat16", device=device)
         plain_rate = None
         fp32_loss: dict[bool, float] = {}
         # Two passes in opposite orders, best rate of each case: on a shared machine the
@@ -273,19 +295,19 @@ def run(quick: bool = False) -> list[dict]:
         orders = [TRAIN_CASES, TRAIN_CASES[::-1]][:passes]
         for attempt, order in enumerate(orders):
             for case in order:
-                out = _in_process(_train_case, folder, case, attempt, steps, warmup)
+                out = _in_process(_train_case, folder, device, case, attempt, steps, warmup)
                 if case.label in measured:
                     out["frames_per_s"] = max(out["frames_per_s"],
                                               measured[case.label]["frames_per_s"])
                 measured[case.label] = out
-        step_rates = _in_process(_interleaved_case, folder, 8 if quick else 24)
+        step_rates = _in_process(_interleaved_case, folder, device, 8 if quick else 24)
         gflop = {w: training_gflop_per_frame(w) for w in {c.width for c in TRAIN_CASES}}
         for case, rate in zip(TRAIN_CASES, step_rates, strict=True):
             rows.append({"what": "step", "label": case.label, "frames_per_s": rate,
                          "speedup": rate / step_rates[0], "gflops": rate * gflop[case.width]})
         # train_vae trains in fp32 where bf16 would be emulated (resolve_bf16): say so in the
         # label, as the interleaved steps above do run bf16 as asked
-        native_bf16 = bf16_is_native(torch.device("cpu"))
+        native_bf16 = bf16_is_native(torch.device(device))
         for case in TRAIN_CASES:
             out = measured[case.label]
             plain_rate = plain_rate or out["frames_per_s"]
@@ -300,22 +322,30 @@ def run(quick: bool = False) -> list[dict]:
                 "val_vs_fp32": out["val_loss"] / fp32_loss[case.channels_last] - 1,
                 "steps": out["steps"]})
         for channels_last in (False, True):
-            out = _in_process(_encode_case, folder, channels_last)
+            out = _in_process(_encode_case, folder, device, channels_last)
             rows.append({"what": "encode",
                          "label": f"encode, {'channels-last' if channels_last else 'NCHW'} "
                                   "fp32, store to series", **out})
         _grow_store(folder, 10 * allowance_mb)
-        out = _in_process(_memory_case, folder, allowance_mb)
+        out = _in_process(_memory_case, folder, device, allowance_mb)
         rows.append({"what": "memory", "label": "train 1 epoch, store 10x the allowance",
                      **out})
-        peak = max(peak, peak_gflops("float32"))  # the less loaded of two measurements
+        peak = max(peak, peak_gflops("float32", device=device))  # the less loaded of two
         for row in rows:
             if row["what"] in ("train", "step"):
                 row["of_peak_fp32"] = row["gflops"] / peak
-        rows.append({"what": "peak", "label": "matmul 2048^3", "fp32_gflops": peak,
+        rows.append({"what": "peak", "label": "matmul", "fp32_gflops": peak,
                      "bf16_gflops": peak_bf16, "threads": torch.get_num_threads(),
-                     "load": os.getloadavg()[0]})
+                     "load": os.getloadavg()[0], "device": _device_name(device)})
     return rows
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {torch.get_num_threads()} threads"
 
 
 def format_rows(rows: list[dict]) -> str:
@@ -341,7 +371,8 @@ def format_rows(rows: list[dict]) -> str:
                           f"{r['loader_peak_mb']:.1f} MB (tracemalloc), process peak "
                           f"{r['peak_mb']:.0f} MB RSS, {r['frames_per_s']:.0f} frames/s"]
     if peak:
-        lines += ["", f"peak (2048^3 matmul, {peak['threads']} threads): fp32 "
+        where = peak.get("device", f"CPU, {peak['threads']} threads")
+        lines += ["", f"peak (square matmul, {where}): fp32 "
                       f"{peak['fp32_gflops']:.0f} GFLOP/s, bf16 {peak['bf16_gflops']:.0f} "
                       f"GFLOP/s; 1-min load average during the run {peak['load']:.1f}; "
                       f"{GFLOP_PER_FRAME} GFLOP per training frame (width 16: "

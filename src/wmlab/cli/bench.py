@@ -17,4 +17,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("what", choices=STAGES, help="stage to benchmark")
     p.add_argument("--quick", action="store_true", help="shorter runs (noisier figures)")
     p.add_argument("--json", dest="json_out", help="also write the figures as JSON here")
+    p.add_argument("--device", default="cpu",
+                   help="torch device for vision and memory: cpu (default), cuda, cuda:N")
     p.set_defaults(func=cmd_bench)
