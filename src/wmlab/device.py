@@ -44,3 +44,14 @@ def resolve_bf16(requested: bool, device: torch.device, log=print) -> bool:
             "bf16-capable GPU): running in fp32, which is faster here")
         return False
     return requested
+
+
+def exact_resume_kernels(device: torch.device) -> None:
+    """On a GPU, convolutions with deterministic cuDNN algorithms (and no autotuning, which
+    may pick another algorithm in a resumed process): cuDNN's fastest weight gradients add
+    in a racing order, so a V killed and resumed would end on other weights than one left
+    to run, and "resumes to the same result" would not hold. Measured in `wmlab bench
+    vision --device cuda`. Nothing to do on a CPU, whose kernels repeat exactly."""
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False

@@ -30,7 +30,7 @@ from wmlab.checkpoint import (
 )
 from wmlab.config import Config
 from wmlab.data import EpisodeStore
-from wmlab.device import resolve_bf16, resolve_device
+from wmlab.device import exact_resume_kernels, resolve_bf16, resolve_device
 from wmlab.envs.frames import FRAME_SHAPE
 from wmlab.errors import WmlabError
 from wmlab.metrics import MetricsLogger
@@ -236,7 +236,9 @@ class _Trainer:
             load_weights_into(self.discriminator, _strip(weights, "disc."), source)
             self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.noise.set_state(state["noise"])
+        # a generator's state is a CPU byte tensor, whatever its device: the checkpoint was
+        # loaded onto V's device (map_location), so a GPU run must bring it back
+        self.noise.set_state(state["noise"].cpu())
 
 
 def _strip(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -331,6 +333,7 @@ def train_vae(cfg: Config, *, progress: bool = True, stop_after_steps: int | Non
     c = cfg.vae
     device = resolve_device(cfg.run.device)
     keep_freed_memory(device.type)  # the same large tensors every step: no page faults
+    exact_resume_kernels(device)
     store = EpisodeStore.open(cfg.store_url())
     data = plan_data(cfg, store)
     folder = RunLayout.of(cfg).vision
