@@ -265,6 +265,82 @@ def test_scan_gradients_match_pytorch_lstm_and_a_reference_loop():
         assert torch.allclose(mine, theirs, atol=1e-10)
 
 
+def _reset_batch(device: str = "cpu", dtype: torch.dtype = torch.double):
+    """A Doom-shaped M and a batch with resets at the start, mid-row, twice in one row, at
+    the last step and on two steps in a row, from a carried (non-zero) state; drawn on the
+    CPU (the same numbers for every device), then moved to ``device``."""
+    torch.manual_seed(3)
+    shape = MdrnnShape(z_dim=6, action_dim=1, hidden=16, done_head=True, restart_input=True)
+    model = MDNRNN(shape).to(device, dtype)
+    z, actions = torch.randn(5, 23, 6), torch.randn(5, 23, 1)
+    restart = torch.zeros(5, 23)
+    for row, step in [(0, 0), (1, 7), (1, 15), (2, 22), (3, 0), (3, 1)]:
+        restart[row, step] = 1.0
+    state = (torch.randn(1, 5, 16), torch.randn(1, 5, 16))
+    z, actions, restart, *state = (t.to(device, dtype) for t in (z, actions, restart, *state))
+    return model, z, actions, restart, tuple(state)
+
+
+def test_the_packed_pieces_lstm_equals_a_loop_that_zeroes_the_state():
+    """``segments_lstm`` (a GPU's path for batches with resets: cuDNN over the pieces
+    between resets) computes the recurrence with its resets, gradients included, as a plain
+    autograd loop does, and what ``lstm_scan`` (whose tanh is approximated) computes."""
+    model, z, actions, restart, state = _reset_batch()
+    x = torch.cat([z, actions, restart.unsqueeze(-1)], -1).requires_grad_()
+    keep = 1.0 - restart
+    lstm = model.lstm
+    bias = lstm.bias_ih_l0 + lstm.bias_hh_l0
+
+    def loop():
+        hs, hh, cc = [], state[0][0], state[1][0]
+        for t in range(x.shape[1]):
+            hh, cc = hh * keep[:, t:t + 1], cc * keep[:, t:t + 1]
+            gates = x[:, t] @ lstm.weight_ih_l0.T + hh @ lstm.weight_hh_l0.T + bias
+            i, f, g, o = gates.chunk(4, 1)
+            cc = torch.sigmoid(f) * cc + torch.sigmoid(i) * torch.tanh(g)
+            hh = torch.sigmoid(o) * torch.tanh(cc)
+            hs.append(hh)
+        return torch.stack(hs, 1), hh, cc
+
+    pieces, (h_p, c_p) = model.segments_lstm(x, keep, state)
+    ref, h_r, c_r = loop()
+    assert torch.allclose(pieces, ref, atol=1e-12) and torch.allclose(h_p[0], h_r, atol=1e-12)
+    assert torch.allclose(c_p[0], c_r, atol=1e-12)
+    weights = torch.randn_like(ref)
+    wanted = [x, lstm.weight_hh_l0, lstm.weight_ih_l0, lstm.bias_hh_l0]
+    mine = torch.autograd.grad((pieces * weights).sum() + h_p.sum() + 2 * c_p.sum(), wanted)
+    theirs = torch.autograd.grad((ref * weights).sum() + h_r.sum() + 2 * c_r.sum(), wanted)
+    for a, b in zip(mine, theirs, strict=True):
+        assert torch.allclose(a, b, atol=1e-10)
+    scan, _, _ = lstm_scan(x, lstm.weight_ih_l0, lstm.weight_hh_l0, bias, state[0][0],
+                           state[1][0], keep)
+    assert torch.allclose(pieces, scan, atol=1e-6)
+    # a carried state reaches only the rows that do not restart at their first step
+    zeros = tuple(torch.zeros_like(t) for t in state)
+    from_zeros = model.segments_lstm(x, keep, zeros)[0]
+    assert not torch.allclose(pieces[1, 0], from_zeros[1, 0])
+    assert torch.equal(pieces[0], from_zeros[0]) and torch.equal(pieces[3], from_zeros[3])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_m_on_a_gpu_takes_the_packed_pieces_and_agrees_with_the_cpu():
+    model, z, actions, restart, state = _reset_batch(dtype=torch.float32)
+    out_cpu, hidden_cpu, (h_cpu, _) = model(z, actions, restart=restart, state=state)
+    model, z, actions, restart, state = _reset_batch("cuda", torch.float32)
+    out_gpu, hidden_gpu, (h_gpu, _) = model(z, actions, restart=restart, state=state)
+    # cuDNN's LSTM multiplies in TF32 (PyTorch's default for cuDNN): ~1e-4 here
+    assert torch.allclose(hidden_gpu.cpu(), hidden_cpu, atol=1e-3)
+    assert torch.allclose(h_gpu.cpu(), h_cpu, atol=1e-3)
+    assert torch.allclose(out_gpu.head.cpu(), out_cpu.head, atol=1e-3)
+    # and exactly the CPU's arithmetic with TF32 off
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        hidden_exact = model(z, actions, restart=restart, state=state)[1]
+    finally:
+        torch.backends.cudnn.allow_tf32 = True
+    assert torch.allclose(hidden_exact.cpu(), hidden_cpu, atol=1e-5)
+
+
 def test_scan_in_bf16_rounds_only_the_recurrent_products():
     """matmul_dtype=bfloat16 (mdrnn.bf16) changes the result by bf16 rounding, no more, in
     the outputs and in every gradient, with resets mid-sequence."""
