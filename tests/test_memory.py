@@ -223,6 +223,22 @@ def test_one_step_at_a_time_equals_the_unroll():
     assert model.lstm.weight_hh_l0.grad.abs().sum() > 0
 
 
+def _lstm_loop(lstm: torch.nn.LSTM, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor,
+               keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The LSTM as a plain autograd loop that zeroes the state where ``keep`` is 0: the
+    reference for the recurrence with resets."""
+    bias = lstm.bias_ih_l0 + lstm.bias_hh_l0
+    hs = []
+    for t in range(x.shape[1]):
+        h, c = h * keep[:, t:t + 1], c * keep[:, t:t + 1]
+        gates = x[:, t] @ lstm.weight_ih_l0.T + h @ lstm.weight_hh_l0.T + bias
+        i, f, g, o = gates.chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        hs.append(h)
+    return torch.stack(hs, 1), h, c
+
+
 def test_scan_gradients_match_pytorch_lstm_and_a_reference_loop():
     torch.manual_seed(2)
     lstm = torch.nn.LSTM(3, 4, batch_first=True).double()
@@ -245,19 +261,8 @@ def test_scan_gradients_match_pytorch_lstm_and_a_reference_loop():
     keep = torch.ones(2, 6, dtype=torch.double)
     keep[0, 2], keep[1, 4] = 0.0, 0.0
 
-    def loop():
-        hs, hh, cc = [], h0, c0
-        for t in range(6):
-            hh, cc = hh * keep[:, t:t + 1], cc * keep[:, t:t + 1]
-            gates = x[:, t] @ lstm.weight_ih_l0.T + hh @ lstm.weight_hh_l0.T + bias
-            i, f, g, o = gates.chunk(4, 1)
-            cc = torch.sigmoid(f) * cc + torch.sigmoid(i) * torch.tanh(g)
-            hh = torch.sigmoid(o) * torch.tanh(cc)
-            hs.append(hh)
-        return torch.stack(hs, 1), hh, cc
-
     out2, h2, c2 = lstm_scan(x, lstm.weight_ih_l0, lstm.weight_hh_l0, bias, h0, c0, keep)
-    out3, h3, c3 = loop()
+    out3, h3, c3 = _lstm_loop(lstm, x, h0, c0, keep)
     assert torch.allclose(out2, out3)
     g2 = torch.autograd.grad((out2 * weights).sum() + c2.sum(), [x, lstm.weight_hh_l0])
     g3 = torch.autograd.grad((out3 * weights).sum() + c3.sum(), [x, lstm.weight_hh_l0])
@@ -290,20 +295,8 @@ def test_the_packed_pieces_lstm_equals_a_loop_that_zeroes_the_state():
     keep = 1.0 - restart
     lstm = model.lstm
     bias = lstm.bias_ih_l0 + lstm.bias_hh_l0
-
-    def loop():
-        hs, hh, cc = [], state[0][0], state[1][0]
-        for t in range(x.shape[1]):
-            hh, cc = hh * keep[:, t:t + 1], cc * keep[:, t:t + 1]
-            gates = x[:, t] @ lstm.weight_ih_l0.T + hh @ lstm.weight_hh_l0.T + bias
-            i, f, g, o = gates.chunk(4, 1)
-            cc = torch.sigmoid(f) * cc + torch.sigmoid(i) * torch.tanh(g)
-            hh = torch.sigmoid(o) * torch.tanh(cc)
-            hs.append(hh)
-        return torch.stack(hs, 1), hh, cc
-
     pieces, (h_p, c_p) = model.segments_lstm(x, keep, state)
-    ref, h_r, c_r = loop()
+    ref, h_r, c_r = _lstm_loop(lstm, x, state[0][0], state[1][0], keep)
     assert torch.allclose(pieces, ref, atol=1e-12) and torch.allclose(h_p[0], h_r, atol=1e-12)
     assert torch.allclose(c_p[0], c_r, atol=1e-12)
     weights = torch.randn_like(ref)
