@@ -55,3 +55,19 @@ def exact_resume_kernels(device: torch.device) -> None:
     if device.type == "cuda":
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
+
+
+def synchronize(device: torch.device | str | None = None) -> None:
+    """Wait for a GPU's queued work, so that a clock read after it times the work itself;
+    nothing on a CPU. ``None``: the current GPU, if this process has started CUDA."""
+    if device is None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+    elif torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device | str) -> str:
+    """What a benchmark ran on: the GPU's name, or "CPU"."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

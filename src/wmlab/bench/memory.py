@@ -30,7 +30,7 @@ from torch import nn
 
 from wmlab import native
 from wmlab.bench.tables import section
-from wmlab.device import bf16_is_native
+from wmlab.device import bf16_is_native, device_name, synchronize
 from wmlab.dream import BatchedDream, DreamSettings, DreamStart
 from wmlab.memory.data import SeriesBatch
 from wmlab.memory.model import MDNRNN, MdrnnShape, mixture_nll, mixture_nll_reference
@@ -44,22 +44,16 @@ SIZES = {
 }
 
 
-def _synchronize() -> None:
-    """Wait for queued GPU work (if any GPU work was started), so clocks time the work."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
 def _timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
     """Seconds per call (the best of ``repeats``: the least disturbed by other load)."""
     for _ in range(warmup):
         fn()
-    _synchronize()
+    synchronize()
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
         fn()
-        _synchronize()
+        synchronize()
         best = min(best, time.perf_counter() - started)
     return best
 
@@ -67,16 +61,14 @@ def _timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
 def matmul_peak(size: int = 2048, repeats: int = 5, device: torch.device | None = None
                 ) -> float:
     """Attainable float32 GFLOP/s: on a CPU the faster of a large square matmul through
-    PyTorch's default BLAS and through oneDNN; on a GPU an 8192^3 product (TF32 off, as M
-    trains)."""
+    PyTorch's default BLAS and through oneDNN; on a GPU V's benchmark's peak (8192^3
+    products; TF32 off, as M trains)."""
+    from wmlab.bench.vision import peak_gflops
     from wmlab.memory.fastlinear import FastLinear
 
-    device = device or torch.device("cpu")
+    device = device or CPU
     if device.type != "cpu":
-        size = 8192
-        a = torch.randn(size, size, device=device)
-        b = torch.randn(size, size, device=device)
-        return 2 * size ** 3 / _timed(lambda: torch.mm(a, b), repeats) / 1e9
+        return peak_gflops("float32", device=str(device))
     a, b = torch.randn(size, size), torch.randn(size, size)
     onednn = FastLinear(b)
     seconds = min(_timed(lambda: torch.mm(a, b.t()), repeats),
@@ -311,7 +303,7 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict[str, Any]]:
         [torch.get_num_threads()]
     for threads in thread_counts:
         peak = _with_threads(threads, lambda: [{"bench": "peak", "gflops": matmul_peak(
-            1024 if quick else 2048, device=where), "device": _device_name(where)}])
+            1024 if quick else 2048, device=where), "device": device_name(where)}])
         rows.extend(peak)
         train_steps = {"carracing": 100 if quick else 999, "doom": 50 if quick else 500}
         for size, steps in train_steps.items():
@@ -325,9 +317,6 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict[str, Any]]:
         rows.extend(_with_threads(threads, lambda: _dream_cases(quick, where)))
     return rows
 
-
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:

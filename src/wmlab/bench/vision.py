@@ -75,14 +75,6 @@ TRAIN_CASES = [
 ]
 
 
-def _synchronize(device: str) -> None:
-    """Wait for the GPU's queued work, so that a clock read after it times the work itself."""
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize(device)
-
-
 def _overrides(folder: str, run: str, device: str, **values) -> list[str]:
     base = {"run.root": folder, "run.name": run, "collect.out": f"{folder}/store",
             "run.device": device, "vae.epochs": 1, "vae.val_fraction": 0.1}
@@ -101,10 +93,11 @@ def _run_name(case: TrainCase, attempt: int) -> str:
 def _train_case(folder: str, device: str, case: TrainCase, attempt: int, steps: int,
                 warmup: int, results: mp.Queue) -> None:
     from wmlab.config import load_config
+    from wmlab.device import synchronize
     from wmlab.vision.train import train_vae
 
     def stamp(step: int, logs: dict) -> None:
-        _synchronize(device)
+        synchronize(device)
         stamps.append(time.perf_counter())
 
     cfg = load_config("carracing", "paper", _overrides(
@@ -130,6 +123,7 @@ def _interleaved_case(folder: str, device: str, rounds: int, results: mp.Queue) 
 
     from wmlab.config import load_config
     from wmlab.data import EpisodeStore
+    from wmlab.device import synchronize
     from wmlab.vision.train import build_trainer
 
     frames = next(EpisodeStore.open(f"{folder}/store").frame_batches(100, seed=0))
@@ -146,10 +140,10 @@ def _interleaved_case(folder: str, device: str, rounds: int, results: mp.Queue) 
     times: list[list[float]] = [[] for _ in TRAIN_CASES]
     for round_ in range(rounds + 2):
         for i, trainer in enumerate(trainers):
-            _synchronize(device)
+            synchronize(device)
             started = time.perf_counter()
             trainer.step(frames)
-            _synchronize(device)
+            synchronize(device)
             if round_ >= 2:  # the first rounds build the kernels
                 times[i].append(time.perf_counter() - started)
     results.put([len(frames) / statistics.median(t) for t in times])
@@ -223,17 +217,19 @@ def peak_gflops(dtype_name: str = "float32", size: int = 2048, seconds: float = 
     reach. On a GPU, 8192^3 products: a 2048^3 one is over before the GPU is busy."""
     import torch
 
+    from wmlab.device import synchronize
+
     dtype = getattr(torch, dtype_name)
     size = 8192 if device.startswith("cuda") else size
     a = torch.randn(size, size, dtype=dtype, device=device)
     b = torch.randn(size, size, dtype=dtype, device=device)
     torch.mm(a, b)
-    _synchronize(device)
+    synchronize(device)
     best, stop = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < stop:
         started = time.perf_counter()
         torch.mm(a, b)
-        _synchronize(device)
+        synchronize(device)
         best = max(best, 2 * size**3 / (time.perf_counter() - started) / 1e9)
     return best
 
@@ -276,7 +272,7 @@ def _grow_store(folder: str, target_mb: float) -> None:
 def run(quick: bool = False, device: str = "cpu") -> list[dict]:
     import torch
 
-    from wmlab.device import bf16_is_native, resolve_device
+    from wmlab.device import bf16_is_native, device_name, resolve_device
 
     device = str(resolve_device(device))
     steps, warmup = (30, 5) if quick else (60, 10)
@@ -336,16 +332,8 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict]:
                 row["of_peak_fp32"] = row["gflops"] / peak
         rows.append({"what": "peak", "label": "matmul", "fp32_gflops": peak,
                      "bf16_gflops": peak_bf16, "threads": torch.get_num_threads(),
-                     "load": os.getloadavg()[0], "device": _device_name(device)})
+                     "load": os.getloadavg()[0], "device": device_name(device)})
     return rows
-
-
-def _device_name(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(device)
-    return f"CPU, {torch.get_num_threads()} threads"
 
 
 def format_rows(rows: list[dict]) -> str:
@@ -371,8 +359,8 @@ def format_rows(rows: list[dict]) -> str:
                           f"{r['loader_peak_mb']:.1f} MB (tracemalloc), process peak "
                           f"{r['peak_mb']:.0f} MB RSS, {r['frames_per_s']:.0f} frames/s"]
     if peak:
-        where = peak.get("device", f"CPU, {peak['threads']} threads")
-        lines += ["", f"peak (square matmul, {where}): fp32 "
+        lines += ["", f"peak (square matmul, {peak.get('device', 'CPU')}, "
+                      f"{peak['threads']} threads): fp32 "
                       f"{peak['fp32_gflops']:.0f} GFLOP/s, bf16 {peak['bf16_gflops']:.0f} "
                       f"GFLOP/s; 1-min load average during the run {peak['load']:.1f}; "
                       f"{GFLOP_PER_FRAME} GFLOP per training frame (width 16: "
