@@ -110,3 +110,11 @@ def test_dream_dropout_keeps_ms_training_rate_and_needs_one():
         DreamSettings.from_config(cfg)
     with pytest.raises(ConfigError, match="mdrnn.dropout"):
         C.load_config("doom", "quick", ["mdrnn.dropout=1.0"])
+
+
+def test_eval_references_are_named_behaviours():
+    from wmlab.config import load_config, with_overrides
+
+    assert load_config("doom", "budget").eval.references == ["sweep"]
+    with pytest.raises(ConfigError, match="eval.references: unknown 'zigzag'"):
+        with_overrides(load_config("doom", "quick"), ['eval.references=["zigzag"]'])

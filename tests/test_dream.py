@@ -282,6 +282,20 @@ def test_calibration_reports_survival_per_reference_policy():
                        torch.zeros(64, 1))
     assert set(reference_policy("random", raw_dim, 0, to_vector)(dream).flatten().tolist()) \
         == {-1.0, 0.0, 1.0}
+    # the sweep runs on each dream's own clock, as the real-game policy does
+    from wmlab.config import SWEEP_FIRST, SWEEP_PERIOD
+    from wmlab.policies import sweep_output
+
+    sweep = reference_policy("sweep", raw_dim, 0, to_vector)
+    dream = BatchedDream(immortal, starts(), DreamSettings(1.0, 400))
+    dream.reset(np.arange(4))
+    firsts = []
+    for _ in range(350):
+        actions = sweep(dream)
+        assert bool((actions == actions[0]).all())
+        firsts.append(actions[0, 0].item())
+        dream.step(actions)
+    assert firsts == [sweep_output(t, SWEEP_FIRST, SWEEP_PERIOD) for t in range(350)]
 
 
 def test_bfloat16_dream_stays_close_to_float32(monkeypatch):

@@ -60,6 +60,11 @@ def test_tiny_pipeline_runs_end_to_end_and_writes_every_artefact(tmp_path, prese
     summary = json.loads((run / "stages/evaluate.json").read_text())["summary"]
     assert summary["versus_random"].startswith("C against the random policy on the same 2")
     assert summary["versus_random"] in (run / "report.md").read_text()
+    if preset == "doom":  # its presets also pair C with a sweep that never looks
+        sweep = json.loads((run / "eval/sweep-vizdoom.json").read_text())
+        assert sweep["seeds"] == evaluation["seeds"]
+        assert summary["versus_sweep"].startswith("C against the sweep policy on the same 2")
+        assert summary["versus_sweep"] in (run / "report.md").read_text()
     # a second run has nothing left to do
     again = Pipeline(cfg, progress=False, log=lambda _: None).run()
     assert set(_statuses(again).values()) == {"skipped"}

@@ -85,3 +85,30 @@ def test_fixed_policy_holds_one_behaviour_per_episode_and_covers_all():
         assert len(actions) == 1  # constant for the whole episode
         seen |= actions
     assert seen == {-1.0, 0.0, 1.0}  # no-op, left and right all occur
+
+
+def test_the_sweep_reads_nothing_and_turns_on_its_clock():
+    sweep = make_policy(PolicyConfig(name="sweep", sweep_first=2, sweep_period=3), 2, 2)
+    rng = np.random.default_rng(0)
+    firsts = []
+    for _ in range(10):
+        out = sweep.act(rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8))
+        assert np.array_equal(out[0], out[1]) and not out[:, 1].any()  # frames change nothing
+        firsts.append(float(out[0, 0]))
+    assert firsts == [-1, -1, 1, 1, 1, -1, -1, -1, 1, 1]
+    sweep.reset(0, seed=7)  # a new episode starts its own clock; the other slot's goes on
+    assert sweep.act(np.zeros((2, 64, 64, 3), np.uint8))[:, 0].tolist() == [-1.0, 1.0]
+    with pytest.raises(WmlabError, match="sweep_period >= 1"):
+        make_policy(PolicyConfig(name="sweep", sweep_period=0), 1, 1)
+
+
+def test_on_doom_the_sweep_outlives_standing_still(tmp_path):
+    """The reason it is Doom's reference: moving across the room dodges most fireballs."""
+    from wmlab.config import load_config
+    from wmlab.evaluate import evaluate_random_policy
+
+    cfg = load_config("doom", "quick", [f'run.root="{tmp_path}"'])
+    sweep = evaluate_random_policy(cfg, episodes=3, policy="sweep")
+    still = evaluate_random_policy(cfg, episodes=3, policy="noop")
+    assert sweep.seeds == still.seeds
+    assert sweep.extra["length_mean"] > 2 * still.extra["length_mean"]

@@ -59,6 +59,12 @@ class EnvConfig:
 
 # bin packing's heuristics as collection policies (wmlab.envs.binpacking_heuristics)
 HEURISTIC_POLICIES = ("best-fit", "sum-of-squares", "sum-of-squares-orl")
+# behaviours that read nothing, scored beside C on its evaluation seeds (wmlab.policies)
+REFERENCE_POLICIES = ("noop", "left", "sweep")
+# the sweep: the first output at -1 for SWEEP_FIRST steps, then at +1 and -1 in turn for
+# SWEEP_PERIOD steps each (DoomTakeCover: from the middle to the left wall, then across the
+# room, ~100 steps, and a wait; the period was chosen among 100-300 on seeds never evaluated)
+SWEEP_FIRST, SWEEP_PERIOD = 60, 140
 
 
 @dataclass
@@ -286,6 +292,11 @@ class EvalConfig:
                                 "scored means, zero and random, in the dream against their "
                                 "real returns; needs M's reward and done heads); 0 = skip",
                                 min=0)
+    references: list[str] = _opt([], "behaviours that read nothing, scored on the evaluation "
+                                 "seeds beside the random policy and paired with C: noop, "
+                                 "left, sweep (the first output -1 for 60 steps, then +1 and "
+                                 "-1 in turn for 140 steps each: on Doom, across the room and "
+                                 "back, which survives as long as the trained agents do)")
 
 
 @dataclass
@@ -477,6 +488,10 @@ def _check_consistency(cfg: Config) -> None:
                           f"play, and collect.policy is '{cfg.collect.policy}': set "
                           f"collect.policy to {', '.join(HEURISTIC_POLICIES)}, or "
                           f"collect.explore = 0")
+    unknown = [name for name in cfg.eval.references if name not in REFERENCE_POLICIES]
+    if unknown:
+        raise ConfigError(f"eval.references: unknown {', '.join(map(repr, unknown))}: choose "
+                          f"among {', '.join(REFERENCE_POLICIES)}")
     if cfg.mdrnn.lr_min > cfg.mdrnn.lr:
         raise ConfigError(f"mdrnn.lr_min ({cfg.mdrnn.lr_min}) must not exceed mdrnn.lr "
                           f"({cfg.mdrnn.lr})")

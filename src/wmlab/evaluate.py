@@ -223,6 +223,7 @@ class VersusRandom:
     stderr: float  # standard error of that mean
     wins: int  # episodes where C's return is higher
     episodes: int
+    against: str = "the random policy"  # or a reference behaviour (eval.references)
 
     @property
     def clearly_better(self) -> bool:
@@ -231,14 +232,16 @@ class VersusRandom:
         return self.difference - 2 * self.stderr > 0
 
     def line(self) -> str:
-        return (f"C against the random policy on the same {self.episodes} episodes: "
+        return (f"C against {self.against} on the same {self.episodes} episodes: "
                 f"{self.difference:+.1f} +- {self.stderr:.1f} (mean difference +- standard "
                 f"error), higher on {self.wins} of {self.episodes}")
 
 
-def versus_random(controller: dict[str, Any], random: dict[str, Any]) -> VersusRandom | None:
+def versus_random(controller: dict[str, Any], random: dict[str, Any],
+                  against: str = "the random policy") -> VersusRandom | None:
     """The paired comparison of two evaluation JSONs (``asdict(EvalResult)``), or None when
-    they did not play the same episodes (other seeds or backend, or fewer than 2)."""
+    they did not play the same episodes (other seeds or backend, or fewer than 2); ``against``
+    names the second policy in the line."""
     seeds, returns = controller.get("seeds"), controller.get("returns")
     if (not isinstance(seeds, list) or len(seeds) < 2 or seeds != random.get("seeds")
             or controller.get("backend") != random.get("backend")
@@ -248,7 +251,8 @@ def versus_random(controller: dict[str, Any], random: dict[str, Any]) -> VersusR
     diff = np.asarray(returns, np.float64) - np.asarray(random["returns"], np.float64)
     return VersusRandom(difference=float(diff.mean()),
                         stderr=float(diff.std(ddof=1) / np.sqrt(diff.size)),
-                        wins=int((diff > 0).sum()), episodes=int(diff.size))
+                        wins=int((diff > 0).sum()), episodes=int(diff.size),
+                        against=against)
 
 
 def gap_from_evals(env: str, train: dict[str, Any], reference: dict[str, Any]) -> BackendGap:

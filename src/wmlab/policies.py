@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from wmlab.config import REFERENCE_POLICIES, SWEEP_FIRST, SWEEP_PERIOD
 from wmlab.envs.binpacking import BinPackingEnv, valid_mask
 from wmlab.envs.binpacking_heuristics import heuristic_rule
 from wmlab.errors import WmlabError
@@ -25,7 +26,7 @@ POLICY_NAMES = ("uniform", "brown", "held", "random-weights", "fixed")  # random
 # Fixed behaviours whose survival in M's dream is compared with the real game before C is
 # trained there: a dream that lets one of them live far longer than the game does is a hole
 # CMA-ES will find. The same raw outputs as wmlab.dream.reference_policy.
-REFERENCE_POLICY_NAMES = ("noop", "left")
+REFERENCE_POLICY_NAMES = REFERENCE_POLICIES
 AGENT_POLICY = "agent"  # a trained run's V, M and C (wmlab.agent.AgentPolicy, via collect)
 
 
@@ -38,6 +39,8 @@ class PolicyConfig:
     weights_scale: float = 0.01
     agent_run: str = ""  # policy "agent": the run directory whose trained V, M and C act
     explore: float = 0.0  # a bin packing heuristic's policy: share of uniform valid moves
+    sweep_first: int = SWEEP_FIRST  # sweep: steps at -1 first
+    sweep_period: int = SWEEP_PERIOD  # sweep: steps at +1, then at -1, in turn
 
 
 class BatchPolicy:
@@ -121,6 +124,41 @@ class ConstantPolicy(BatchPolicy):
         return out
 
 
+def sweep_output(step: int, first: int, period: int) -> float:
+    """The sweep's first output at ``step`` of an episode: -1 for ``first`` steps, then +1
+    and -1 in turn for ``period`` steps each."""
+    return -1.0 if step < first or (step - first) // period % 2 else 1.0
+
+
+class SweepPolicy(BatchPolicy):
+    """A sweep on a clock that reads nothing: the first output at -1 for ``sweep_first``
+    steps, then at +1 and -1 in turn for ``sweep_period`` steps each, the others at 0.
+
+    On DoomTakeCover that is left to the wall, then across the room and back, waiting a
+    little at each wall (a crossing takes ~100 steps). The agents trained there run from
+    wall to wall, and this policy, which never looks, survives as long as they do
+    (docs/results/doom.md): the floor a C that dodges by sight has to beat.
+    """
+
+    def __init__(self, num_envs: int, outputs: int, config: PolicyConfig) -> None:
+        super().__init__(num_envs, outputs, config)
+        if config.sweep_first < 0 or config.sweep_period < 1:
+            raise WmlabError(f"sweep policy needs sweep_first >= 0 and sweep_period >= 1, got "
+                             f"{config.sweep_first} and {config.sweep_period}")
+        self._steps = np.zeros(num_envs, dtype=np.int64)
+
+    def _reset_slot(self, slot: int) -> None:
+        self._steps[slot] = 0
+
+    def _act_slot(self, slot: int, frame: np.ndarray) -> np.ndarray:
+        step = int(self._steps[slot])
+        self._steps[slot] += 1
+        first, period = self.config.sweep_first, self.config.sweep_period
+        out = np.zeros(self.outputs, dtype=np.float32)
+        out[0] = sweep_output(step, first, period)
+        return out
+
+
 class FixedPolicy(BatchPolicy):
     """One fixed behaviour per episode, drawn from its seed: no-op (raw 0), or -1 or +1 on one
     output (Doom: always left, always right).
@@ -176,7 +214,7 @@ def make_policy(config: PolicyConfig, num_envs: int, outputs: int) -> BatchPolic
     """A random (or fixed) policy; the trained agent's is ``wmlab.collect``'s to make."""
     classes = {"uniform": UniformPolicy, "brown": BrownPolicy, "held": HeldPolicy,
                "random-weights": RandomWeightsPolicy, "fixed": FixedPolicy,
-               "noop": ConstantPolicy, "left": ConstantPolicy}
+               "noop": ConstantPolicy, "left": ConstantPolicy, "sweep": SweepPolicy}
     if config.name not in classes:
         raise WmlabError(f"unknown policy '{config.name}': choose one of {', '.join(classes)}")
     if config.hold_min < 1 or config.hold_max < config.hold_min:

@@ -70,6 +70,11 @@ class EnsembleDream:
         return self.dreams[0].batch
 
     @property
+    def t(self) -> np.ndarray:
+        """Each dream's steps so far (every M steps the same rows)."""
+        return self.dreams[0].t
+
+    @property
     def z(self) -> torch.Tensor:
         return self.dreams[0].z
 

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from wmlab.config import SWEEP_FIRST, SWEEP_PERIOD
 from wmlab.dream.batched import BatchedDream, DreamStart
 from wmlab.dream.ensemble import EnsembleDream
 from wmlab.dream.settings import DreamSettings
@@ -23,7 +24,9 @@ def reference_policy(name: str, action_dim: int, seed: int = 0,
     """Fixed policies whose survival in the dream is compared with the real game.
 
     Outputs are raw controller outputs in [-1, 1] (random: uniform each step; noop: 0;
-    left: -1 on the first output, 0 elsewhere), turned into M's action vectors by
+    left: -1 on the first output, 0 elsewhere; sweep: the first output on the clock of
+    ``wmlab.policies.SweepPolicy``, each dream's own step count), turned into M's action
+    vectors by
     ``to_vector`` (e.g. Doom's -1/3, +1/3 thresholds); identity when not given.
     """
     convert = to_vector or (lambda raw: raw)
@@ -41,7 +44,15 @@ def reference_policy(name: str, action_dim: int, seed: int = 0,
                 raw[:, 0] = -1.0
             return convert(raw)
         return fixed
-    raise WmlabError(f"unknown reference policy '{name}': use random, noop or left")
+    if name == "sweep":
+        def sweep(dream: BatchedDream) -> torch.Tensor:
+            t = torch.from_numpy(dream.t)
+            turned = (t - SWEEP_FIRST).clamp(min=0) // SWEEP_PERIOD % 2 == 1
+            raw = torch.zeros(dream.batch, action_dim)
+            raw[:, 0] = torch.where((t < SWEEP_FIRST) | turned, -1.0, 1.0)
+            return convert(raw)
+        return sweep
+    raise WmlabError(f"unknown reference policy '{name}': use random, noop, left or sweep")
 
 
 def dream_calibration(model: MDNRNN, start: DreamStart, settings: DreamSettings,

@@ -207,6 +207,15 @@ def _run_evaluate(cfg: Config, progress: bool) -> dict[str, Any]:
         if not paired.clearly_better:
             summary["hint"] = not_learned_hint(cfg)
             print(f"  {summary['hint']}")
+    for name in cfg.eval.references:  # behaviours that read nothing, on the same seeds
+        reference = evaluate_random_policy(cfg, policy=name)
+        summary[name] = reference.line()
+        print(f"  {name} policy, same seeds: {reference.line()}")
+        against = versus_random(dataclasses.asdict(real), dataclasses.asdict(reference),
+                                f"the {name} policy")
+        if against is not None:
+            summary[f"versus_{name}"] = against.line()
+            print(f"  {against.line()}")
     if cfg.eval.fidelity_dreams and cfg.es.fitness == "real":
         from wmlab.fidelity import measure_fidelity
 

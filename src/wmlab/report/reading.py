@@ -305,9 +305,10 @@ def backend_transfer_line(run: RunFiles, cfg: Config) -> str | None:
         return f"backend transfer: not computed ({exc})"
 
 
-def versus_random_line(run: RunFiles, cfg: Config) -> str | None:
-    """C against the random policy on the same episodes (eval/eval-<backend>.json and
-    eval/random-<backend>.json of the reported backend), or None without both."""
+def versus_random_line(run: RunFiles, cfg: Config, policy: str = "random") -> str | None:
+    """C against the random policy (or the reference behaviour ``policy`` of
+    eval.references) on the same episodes (eval/eval-<backend>.json and
+    eval/<policy>-<backend>.json of the reported backend), or None without both."""
     from wmlab.evaluate import reported_backend, versus_random
 
     try:
@@ -315,12 +316,13 @@ def versus_random_line(run: RunFiles, cfg: Config) -> str | None:
     except WmlabError:
         return None
     found = []
-    for rel in (RUN.scores("eval", backend), RUN.scores("random", backend)):
+    for rel in (RUN.scores("eval", backend), RUN.scores(policy, backend)):
         data = _read_json(run, rel)
         if not isinstance(data, dict):
             return None
         found.append(data)
-    paired = versus_random(*found)
+    paired = versus_random(*found, against="the random policy" if policy == "random"
+                           else f"the {policy} policy")
     return None if paired is None else paired.line()
 
 

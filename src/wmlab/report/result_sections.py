@@ -212,10 +212,12 @@ def evaluation_section(page: Page, runs: Runs) -> Section:
     transfer = backend_transfer_line(page.run, page.cfg) if page.cfg is not None else None
     if transfer is not None:
         section.blocks.append(Text(transfer))
+    policies = ("random", *page.cfg.eval.references) if page.cfg is not None else ()
     for label, run in runs:
-        paired = versus_random_line(run, page.cfg) if page.cfg is not None else None
-        if paired is not None:
-            section.blocks.append(Text(f"{label}: {paired}" if len(runs) > 1 else paired))
+        for policy in policies:
+            paired = versus_random_line(run, page.cfg, policy)
+            if paired is not None:
+                section.blocks.append(Text(f"{label}: {paired}" if len(runs) > 1 else paired))
     lengths = episode_lengths_line(page.run, page.cfg) if page.cfg is not None else None
     if lengths is not None:
         section.blocks.append(Text(lengths))
