@@ -611,7 +611,7 @@ def test_train_mdrnn_cli_end_to_end(tmp_path, capsys):
     for name in ("mdrnn.json", "initial_z.json", "metrics.csv", "calibration.json"):
         assert (folder / name).exists(), name
     report = json.loads((folder / "calibration.json").read_text())
-    assert set(report["policies"]) == {"random", "noop", "left"}
+    assert set(report["policies"]) == {"random", "noop", "left", "sweep"}
     assert all(1 <= p["survival_mean"] <= 20 for p in report["policies"].values())
     # the same reference policies ran in the real game (capped at env.max_steps)
     assert report["real_episodes"] == 2 and report["real_backend"] == "vizdoom"

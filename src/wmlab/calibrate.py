@@ -33,7 +33,7 @@ from wmlab.runs import RunLayout
 # eval.seed + episodes) so that the check never looks at the episodes C is scored on.
 REAL_SEED_OFFSET = 500_000
 # The dream's reference policies and the real-env policies that act the same way.
-REAL_POLICY = {"random": "uniform", "noop": "noop", "left": "left"}
+REAL_POLICY = {"random": "uniform", "noop": "noop", "left": "left", "sweep": "sweep"}
 REAL_KEYS = ("real_survival_mean", "real_survival_std", "real_return_mean", "real_return_std")
 NOTE = ("a dream where a fixed behaviour survives much longer than it does in the game is a "
         "hole CMA-ES will find")

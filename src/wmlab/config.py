@@ -276,7 +276,8 @@ class DreamConfig:
                                "ln(dream / game survival of random play) from M's "
                                "calibration, so a lenient dream ends sooner")
     calibration_tolerance: float = _opt(
-        0.0, "refuse to train C in a dream where a reference policy (random, no-op, left) "
+        0.0, "refuse to train C in a dream where a reference policy (random, no-op, left, "
+        "eval.references) "
         "survives more than this many times longer, or shorter, than in the game; 0 = off",
         min=0.0)
 

@@ -28,6 +28,13 @@ from wmlab.runs import RunLayout
 REFERENCE_POLICIES = ("random", "noop", "left")
 
 
+def calibration_policies(cfg: Config) -> tuple[str, ...]:
+    """The reference policies a run's calibration plays: random, no-op and left, and the
+    behaviours of eval.references (Doom's sweep: the one its trained agents resemble)."""
+    return (*REFERENCE_POLICIES,
+            *(name for name in cfg.eval.references if name not in REFERENCE_POLICIES))
+
+
 def _read_json(path: str, damaged: str) -> dict[str, Any] | None:
     fs, root = fsspec.core.url_to_fs(path)
     if not fs.exists(root):
@@ -72,9 +79,10 @@ def is_current(cfg: Config, report: dict[str, Any]) -> bool:
 
 def calibration_dreams(cfg: Config, model: MDNRNN, device: torch.device | str = "cpu",
                        extra_bias: float = 0.0,
-                       policies: tuple[str, ...] = REFERENCE_POLICIES) -> dict[str, Any]:
+                       policies: tuple[str, ...] | None = None) -> dict[str, Any]:
     """The reference policies' survival in the run's dream (its settings, with
-    ``extra_bias`` added to the done bias), on the calibration's seeds."""
+    ``extra_bias`` added to the done bias), on the calibration's seeds; ``policies``
+    defaults to the run's (``calibration_policies``)."""
     to_vector, raw_dim = action_converter(cfg.env.name)
     settings = DreamSettings.from_config(cfg, cfg.dream.done_bias + extra_bias)
     layout = RunLayout.of(cfg)
@@ -82,7 +90,8 @@ def calibration_dreams(cfg: Config, model: MDNRNN, device: torch.device | str = 
                    for folder in layout.memory_members(cfg.mdrnn.ensemble)[1:])
     report = dream_calibration(model, load_initial_z(layout.memory), settings,
                                episodes=cfg.mdrnn.calibration_episodes, seed=cfg.run.seed,
-                               policies=policies, to_vector=to_vector, raw_dim=raw_dim,
+                               policies=policies or calibration_policies(cfg),
+                               to_vector=to_vector, raw_dim=raw_dim,
                                device=device, ensemble=others)
     report["fingerprint"] = calibration_fingerprint(cfg, extra_bias)
     return report
