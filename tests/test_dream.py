@@ -295,7 +295,7 @@ def test_calibration_reports_survival_per_reference_policy():
         assert bool((actions == actions[0]).all())
         firsts.append(actions[0, 0].item())
         dream.step(actions)
-    assert firsts == [sweep_output(t, SWEEP_FIRST, SWEEP_PERIOD) for t in range(350)]
+    assert firsts == sweep_output(np.arange(350), SWEEP_FIRST, SWEEP_PERIOD).tolist()
 
 
 def test_bfloat16_dream_stays_close_to_float32(monkeypatch):

@@ -60,7 +60,7 @@ class EnvConfig:
 # bin packing's heuristics as collection policies (wmlab.envs.binpacking_heuristics)
 HEURISTIC_POLICIES = ("best-fit", "sum-of-squares", "sum-of-squares-orl")
 # behaviours that read nothing, scored beside C on its evaluation seeds (wmlab.policies)
-REFERENCE_POLICIES = ("noop", "left", "sweep")
+EVAL_REFERENCES = ("noop", "left", "sweep")
 # the sweep: the first output at -1 for SWEEP_FIRST steps, then at +1 and -1 in turn for
 # SWEEP_PERIOD steps each (DoomTakeCover: from the middle to the left wall, then across the
 # room, ~100 steps, and a wait; the period was chosen among 100-300 on seeds never evaluated)
@@ -489,10 +489,10 @@ def _check_consistency(cfg: Config) -> None:
                           f"play, and collect.policy is '{cfg.collect.policy}': set "
                           f"collect.policy to {', '.join(HEURISTIC_POLICIES)}, or "
                           f"collect.explore = 0")
-    unknown = [name for name in cfg.eval.references if name not in REFERENCE_POLICIES]
+    unknown = [name for name in cfg.eval.references if name not in EVAL_REFERENCES]
     if unknown:
         raise ConfigError(f"eval.references: unknown {', '.join(map(repr, unknown))}: choose "
-                          f"among {', '.join(REFERENCE_POLICIES)}")
+                          f"among {', '.join(EVAL_REFERENCES)}")
     if cfg.mdrnn.lr_min > cfg.mdrnn.lr:
         raise ConfigError(f"mdrnn.lr_min ({cfg.mdrnn.lr_min}) must not exceed mdrnn.lr "
                           f"({cfg.mdrnn.lr})")

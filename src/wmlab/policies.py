@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from wmlab.config import REFERENCE_POLICIES, SWEEP_FIRST, SWEEP_PERIOD
+from wmlab.config import EVAL_REFERENCES, SWEEP_FIRST, SWEEP_PERIOD
 from wmlab.envs.binpacking import BinPackingEnv, valid_mask
 from wmlab.envs.binpacking_heuristics import heuristic_rule
 from wmlab.errors import WmlabError
@@ -26,7 +26,7 @@ POLICY_NAMES = ("uniform", "brown", "held", "random-weights", "fixed")  # random
 # Fixed behaviours whose survival in M's dream is compared with the real game before C is
 # trained there: a dream that lets one of them live far longer than the game does is a hole
 # CMA-ES will find. The same raw outputs as wmlab.dream.reference_policy.
-REFERENCE_POLICY_NAMES = REFERENCE_POLICIES
+REFERENCE_POLICY_NAMES = EVAL_REFERENCES
 AGENT_POLICY = "agent"  # a trained run's V, M and C (wmlab.agent.AgentPolicy, via collect)
 
 
@@ -124,10 +124,14 @@ class ConstantPolicy(BatchPolicy):
         return out
 
 
-def sweep_output(step: int, first: int, period: int) -> float:
-    """The sweep's first output at ``step`` of an episode: -1 for ``first`` steps, then +1
-    and -1 in turn for ``period`` steps each."""
-    return -1.0 if step < first or (step - first) // period % 2 else 1.0
+def sweep_output(steps: np.ndarray, first: int = SWEEP_FIRST,
+                 period: int = SWEEP_PERIOD) -> np.ndarray:
+    """The sweep's first output at each of ``steps`` (steps into an episode): -1 for
+    ``first`` steps, then +1 and -1 in turn for ``period`` steps each. One rule for the
+    real-game policy and its twin in M's dream (``wmlab.dream.reference``)."""
+    steps = np.asarray(steps, dtype=np.int64)
+    turned = np.maximum(steps - first, 0) // period % 2 == 1
+    return np.where((steps < first) | turned, -1.0, 1.0).astype(np.float32)
 
 
 class SweepPolicy(BatchPolicy):
@@ -155,7 +159,7 @@ class SweepPolicy(BatchPolicy):
         self._steps[slot] += 1
         first, period = self.config.sweep_first, self.config.sweep_period
         out = np.zeros(self.outputs, dtype=np.float32)
-        out[0] = sweep_output(step, first, period)
+        out[0] = sweep_output(np.int64(step), first, period)
         return out
 
 

@@ -9,13 +9,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from wmlab.config import SWEEP_FIRST, SWEEP_PERIOD
 from wmlab.dream.batched import BatchedDream, DreamStart
 from wmlab.dream.ensemble import EnsembleDream
 from wmlab.dream.settings import DreamSettings
 from wmlab.envs import get_spec
 from wmlab.errors import WmlabError
 from wmlab.memory.model import MDNRNN
+from wmlab.policies import sweep_output
 
 
 def reference_policy(name: str, action_dim: int, seed: int = 0,
@@ -26,8 +26,7 @@ def reference_policy(name: str, action_dim: int, seed: int = 0,
     Outputs are raw controller outputs in [-1, 1] (random: uniform each step; noop: 0;
     left: -1 on the first output, 0 elsewhere; sweep: the first output on the clock of
     ``wmlab.policies.SweepPolicy``, each dream's own step count), turned into M's action
-    vectors by
-    ``to_vector`` (e.g. Doom's -1/3, +1/3 thresholds); identity when not given.
+    vectors by ``to_vector`` (e.g. Doom's -1/3, +1/3 thresholds); identity when not given.
     """
     convert = to_vector or (lambda raw: raw)
     if name == "random":
@@ -45,11 +44,9 @@ def reference_policy(name: str, action_dim: int, seed: int = 0,
             return convert(raw)
         return fixed
     if name == "sweep":
-        def sweep(dream: BatchedDream) -> torch.Tensor:
-            t = torch.from_numpy(dream.t)
-            turned = (t - SWEEP_FIRST).clamp(min=0) // SWEEP_PERIOD % 2 == 1
+        def sweep(dream: BatchedDream) -> torch.Tensor:  # on each dream's own clock
             raw = torch.zeros(dream.batch, action_dim)
-            raw[:, 0] = torch.where((t < SWEEP_FIRST) | turned, -1.0, 1.0)
+            raw[:, 0] = torch.from_numpy(sweep_output(dream.t))
             return convert(raw)
         return sweep
     raise WmlabError(f"unknown reference policy '{name}': use random, noop, left or sweep")
