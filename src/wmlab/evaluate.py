@@ -223,7 +223,7 @@ class VersusRandom:
     stderr: float  # standard error of that mean
     wins: int  # episodes where C's return is higher
     episodes: int
-    against: str = "the random policy"  # or a reference behaviour (eval.references)
+    against: str = "random"  # the other policy: random, or one of eval.references
 
     @property
     def clearly_better(self) -> bool:
@@ -232,16 +232,16 @@ class VersusRandom:
         return self.difference - 2 * self.stderr > 0
 
     def line(self) -> str:
-        return (f"C against {self.against} on the same {self.episodes} episodes: "
+        return (f"C against the {self.against} policy on the same {self.episodes} episodes: "
                 f"{self.difference:+.1f} +- {self.stderr:.1f} (mean difference +- standard "
                 f"error), higher on {self.wins} of {self.episodes}")
 
 
 def versus_random(controller: dict[str, Any], random: dict[str, Any],
-                  against: str = "the random policy") -> VersusRandom | None:
+                  against: str = "random") -> VersusRandom | None:
     """The paired comparison of two evaluation JSONs (``asdict(EvalResult)``), or None when
     they did not play the same episodes (other seeds or backend, or fewer than 2); ``against``
-    names the second policy in the line."""
+    names the second policy (random, or one of eval.references)."""
     seeds, returns = controller.get("seeds"), controller.get("returns")
     if (not isinstance(seeds, list) or len(seeds) < 2 or seeds != random.get("seeds")
             or controller.get("backend") != random.get("backend")

@@ -318,7 +318,6 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict[str, Any]]:
     return rows
 
 
-
 def format_rows(rows: list[dict[str, Any]]) -> str:
     def case(row: dict[str, Any]) -> str:
         return f"{row['threads']:>3} {row['size']:<10} {row['case']:<32} "

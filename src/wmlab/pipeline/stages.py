@@ -211,8 +211,7 @@ def _run_evaluate(cfg: Config, progress: bool) -> dict[str, Any]:
         reference = evaluate_random_policy(cfg, policy=name)
         summary[name] = reference.line()
         print(f"  {name} policy, same seeds: {reference.line()}")
-        against = versus_random(dataclasses.asdict(real), dataclasses.asdict(reference),
-                                f"the {name} policy")
+        against = versus_random(dataclasses.asdict(real), dataclasses.asdict(reference), name)
         if against is not None:
             summary[f"versus_{name}"] = against.line()
             print(f"  {against.line()}")

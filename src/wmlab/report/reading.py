@@ -321,8 +321,7 @@ def versus_random_line(run: RunFiles, cfg: Config, policy: str = "random") -> st
         if not isinstance(data, dict):
             return None
         found.append(data)
-    paired = versus_random(*found, against="the random policy" if policy == "random"
-                           else f"the {policy} policy")
+    paired = versus_random(*found, against=policy)
     return None if paired is None else paired.line()
 
 
