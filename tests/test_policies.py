@@ -34,9 +34,11 @@ def test_actions_depend_only_on_the_episode_seed(name):
         out_a = a.act(frames[t])
         out_b = b.act(frames[t][::-1].copy())
         np.testing.assert_array_equal(out_a, out_b[::-1])
-    c = make_policy(PolicyConfig(name=name), num_envs=1, outputs=2)
+    c = make_policy(PolicyConfig(name=name), num_envs=2, outputs=2)
     c.reset(0, seed=999)
-    assert not np.array_equal(c.act(frames[0][:1]), a.act(frames[0])[:1])
+    c.reset(1, seed=100)
+    played = np.stack([c.act(frames[t % 50][:2]) for t in range(300)])
+    assert not np.array_equal(played[:, 0], played[:, 1])
 
 
 def test_held_policy_holds_between_min_and_max_frames():
@@ -112,3 +114,40 @@ def test_on_doom_the_sweep_outlives_standing_still(tmp_path):
     still = evaluate_random_policy(cfg, episodes=3, policy="noop")
     assert sweep.seeds == still.seeds
     assert sweep.extra["length_mean"] > 2 * still.extra["length_mean"]
+
+
+def _runs(outputs: np.ndarray) -> list[int]:
+    """Lengths of the runs of equal values in a sequence."""
+    edges = np.flatnonzero(np.diff(outputs)) + 1
+    return np.diff(np.concatenate([[0], edges, [len(outputs)]])).tolist()
+
+
+def test_collection_sweeps_draw_their_clock_per_episode_and_explore():
+    config = PolicyConfig(name="sweeps", sweep_period=40)
+    sweeps = make_policy(config, 1, 1)
+    frames = np.zeros((1, 64, 64, 3), np.uint8)
+    periods = set()
+    for seed in range(6):
+        sweeps.reset(0, seed)
+        out = np.array([sweeps.act(frames)[0, 0] for _ in range(300)])
+        assert set(out.tolist()) <= {-1.0, 1.0}
+        legs = _runs(out)[1:-1]  # whole legs between turns: one period each
+        assert len(set(legs)) == 1 and 20 <= legs[0] <= 60
+        periods.add(legs[0])
+        sweeps.reset(0, seed)  # the same seed, the same clock
+        assert np.array_equal(out, [sweeps.act(frames)[0, 0] for _ in range(300)])
+    assert len(periods) > 1  # episodes differ in their clocks
+    exploring = make_policy(PolicyConfig(name="sweeps", sweep_period=40, explore=0.3), 1, 1)
+    exploring.reset(0, 0)
+    out = np.array([exploring.act(frames)[0, 0] for _ in range(1000)])
+    stray = np.mean(np.abs(out) < 1.0)
+    assert 0.2 < stray < 0.4  # uniform outputs among the sweep's +-1
+
+
+def test_explore_is_refused_for_a_policy_that_cannot_use_it():
+    from wmlab.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="collect.explore"):
+        load_config("doom", "quick", ["collect.explore=0.2"])
+    assert load_config("doom", "quick", ['collect.policy="sweeps"',
+                                         "collect.explore=0.2"]).collect.explore == 0.2

@@ -75,9 +75,10 @@ class CollectConfig:
                                 min=1, max=4096)
     policy: str = _opt("brown", "collection policy (agent: a trained run's V, M and C; "
                        "best-fit, sum-of-squares, sum-of-squares-orl: bin packing's "
-                       "heuristics, reading the env's state)",
+                       "heuristics, reading the env's state; sweeps: Doom sweeps on random "
+                       "clocks)",
                        choices=("uniform", "brown", "held", "random-weights", "fixed",
-                                "agent", *HEURISTIC_POLICIES))
+                                "sweeps", "agent", *HEURISTIC_POLICIES))
     agent_run: str = _opt("", "policy agent: run directory whose trained controller acts")
     agent_fraction: float = _opt(0.5, "iterations 2+: fraction of episodes collected by the "
                                  "previous iteration's agent (the rest: collect.policy)",
@@ -86,8 +87,8 @@ class CollectConfig:
                                  "(one constant behaviour per episode: no-op, left, right) so "
                                  "that M learns where they lead; the rest: collect.policy",
                                  min=0.0, max=1.0)
-    explore: float = _opt(0.0, "a heuristic policy: probability of a uniform valid move "
-                          "instead of the heuristic's at each step (M sees good play and "
+    explore: float = _opt(0.0, "a heuristic or sweeps policy: probability of a uniform (valid) "
+                          "move instead of the policy's at each step (M sees good play and "
                           "what follows a bad move)", min=0.0, max=1.0)
     min_length: int = _opt(0, "drop episodes with fewer steps than this (Doom: 101)", min=0)
     out: str = _opt("", "episode store path or URL; empty = <run>/data")
@@ -484,11 +485,11 @@ def _check_consistency(cfg: Config) -> None:
     if cfg.collect.hold_min > cfg.collect.hold_max:
         raise ConfigError(f"collect.hold_min ({cfg.collect.hold_min}) must not exceed "
                           f"collect.hold_max ({cfg.collect.hold_max})")
-    if cfg.collect.explore > 0 and cfg.collect.policy not in HEURISTIC_POLICIES:
-        raise ConfigError(f"collect.explore mixes random moves into a bin packing heuristic's "
-                          f"play, and collect.policy is '{cfg.collect.policy}': set "
-                          f"collect.policy to {', '.join(HEURISTIC_POLICIES)}, or "
-                          f"collect.explore = 0")
+    exploring = (*HEURISTIC_POLICIES, "sweeps")
+    if cfg.collect.explore > 0 and cfg.collect.policy not in exploring:
+        raise ConfigError(f"collect.explore mixes random moves into a heuristic's or the "
+                          f"sweeps' play, and collect.policy is '{cfg.collect.policy}': set "
+                          f"collect.policy to {', '.join(exploring)}, or collect.explore = 0")
     unknown = [name for name in cfg.eval.references if name not in EVAL_REFERENCES]
     if unknown:
         raise ConfigError(f"eval.references: unknown {', '.join(map(repr, unknown))}: choose "

@@ -22,7 +22,7 @@ from wmlab.envs.binpacking import BinPackingEnv, valid_mask
 from wmlab.envs.binpacking_heuristics import heuristic_rule
 from wmlab.errors import WmlabError
 
-POLICY_NAMES = ("uniform", "brown", "held", "random-weights", "fixed")  # random policies
+POLICY_NAMES = ("uniform", "brown", "held", "random-weights", "fixed", "sweeps")  # collection
 # Fixed behaviours whose survival in M's dream is compared with the real game before C is
 # trained there: a dream that lets one of them live far longer than the game does is a hole
 # CMA-ES will find. The same raw outputs as wmlab.dream.reference_policy.
@@ -38,7 +38,7 @@ class PolicyConfig:
     hold_max: int = 10
     weights_scale: float = 0.01
     agent_run: str = ""  # policy "agent": the run directory whose trained V, M and C act
-    explore: float = 0.0  # a bin packing heuristic's policy: share of uniform valid moves
+    explore: float = 0.0  # a heuristic's or the sweeps' policy: share of random moves
     sweep_first: int = SWEEP_FIRST  # sweep: steps at -1 first
     sweep_period: int = SWEEP_PERIOD  # sweep: steps at +1, then at -1, in turn
 
@@ -163,6 +163,38 @@ class SweepPolicy(BatchPolicy):
         return out
 
 
+class SweepsPolicy(SweepPolicy):
+    """Sweeps on random clocks, for collection: each episode draws its own first leg
+    (0..period steps) and period (half to one and a half times ``sweep_period``), and at
+    each step, with probability ``explore``, a uniform output replaces the sweep's.
+
+    Random data (held actions) rarely crosses the room or waits at a wall, so M cannot
+    learn where a sweep leads, and its dream scores the sweep far below the game
+    (docs/results/doom.md): these episodes show M the crossings and the walls at every
+    time and place, and what a stray move in between does."""
+
+    def __init__(self, num_envs: int, outputs: int, config: PolicyConfig) -> None:
+        super().__init__(num_envs, outputs, config)
+        self._first = np.zeros(num_envs, dtype=np.int64)
+        self._period = np.ones(num_envs, dtype=np.int64)
+
+    def _reset_slot(self, slot: int) -> None:
+        super()._reset_slot(slot)
+        rng, period = self._rngs[slot], self.config.sweep_period
+        self._period[slot] = rng.integers(max(1, period // 2), period + period // 2 + 1)
+        self._first[slot] = rng.integers(0, self._period[slot] + 1)
+
+    def _act_slot(self, slot: int, frame: np.ndarray) -> np.ndarray:
+        step = int(self._steps[slot])
+        self._steps[slot] += 1
+        rng = self._rngs[slot]
+        if rng.random() < self.config.explore:
+            return rng.uniform(-1.0, 1.0, self.outputs).astype(np.float32)
+        out = np.zeros(self.outputs, dtype=np.float32)
+        out[0] = sweep_output(np.int64(step), int(self._first[slot]), int(self._period[slot]))
+        return out
+
+
 class FixedPolicy(BatchPolicy):
     """One fixed behaviour per episode, drawn from its seed: no-op (raw 0), or -1 or +1 on one
     output (Doom: always left, always right).
@@ -218,7 +250,8 @@ def make_policy(config: PolicyConfig, num_envs: int, outputs: int) -> BatchPolic
     """A random (or fixed) policy; the trained agent's is ``wmlab.collect``'s to make."""
     classes = {"uniform": UniformPolicy, "brown": BrownPolicy, "held": HeldPolicy,
                "random-weights": RandomWeightsPolicy, "fixed": FixedPolicy,
-               "noop": ConstantPolicy, "left": ConstantPolicy, "sweep": SweepPolicy}
+               "noop": ConstantPolicy, "left": ConstantPolicy, "sweep": SweepPolicy,
+               "sweeps": SweepsPolicy}
     if config.name not in classes:
         raise WmlabError(f"unknown policy '{config.name}': choose one of {', '.join(classes)}")
     if config.hold_min < 1 or config.hold_max < config.hold_min:
