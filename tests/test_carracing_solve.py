@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from wmlab.agent import build_models, run_real
 from wmlab.bench.controller import CountingBatch
@@ -523,3 +524,18 @@ def test_a_horizon_for_dream_training_is_refused():
     cfg = load_config("doom", "budget", ["es.max_steps=100"])
     with pytest.raises(WmlabError, match="dream.max_steps"):
         check_es_config(cfg.es)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_convolution_gives_the_two_ops_values_bit_for_bit(dtype):
+    from wmlab.vision.model import conv_relu
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(8, 3, 64, 64, generator=gen).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    weight = torch.randn(32, 3, 4, 4, generator=gen).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    bias = torch.randn(32, generator=gen).to(dtype)
+    out = conv_relu(x, weight, bias, stride=2)
+    assert torch.equal(out, F.conv2d(x, weight, bias, stride=2).relu_())
+    assert out.dtype == dtype and (out == 0).any() and (out > 0).any()
