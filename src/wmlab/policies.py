@@ -150,16 +150,18 @@ class SweepPolicy(BatchPolicy):
             raise WmlabError(f"sweep policy needs sweep_first >= 0 and sweep_period >= 1, got "
                              f"{config.sweep_first} and {config.sweep_period}")
         self._steps = np.zeros(num_envs, dtype=np.int64)
+        # each slot's clock: the config's here, drawn per episode by SweepsPolicy
+        self._first = np.full(num_envs, config.sweep_first, dtype=np.int64)
+        self._period = np.full(num_envs, config.sweep_period, dtype=np.int64)
 
     def _reset_slot(self, slot: int) -> None:
         self._steps[slot] = 0
 
     def _act_slot(self, slot: int, frame: np.ndarray) -> np.ndarray:
-        step = int(self._steps[slot])
+        step = self._steps[slot]
         self._steps[slot] += 1
-        first, period = self.config.sweep_first, self.config.sweep_period
         out = np.zeros(self.outputs, dtype=np.float32)
-        out[0] = sweep_output(np.int64(step), first, period)
+        out[0] = sweep_output(step, self._first[slot], self._period[slot])
         return out
 
 
@@ -173,11 +175,6 @@ class SweepsPolicy(SweepPolicy):
     (docs/results/doom.md): these episodes show M the crossings and the walls at every
     time and place, and what a stray move in between does."""
 
-    def __init__(self, num_envs: int, outputs: int, config: PolicyConfig) -> None:
-        super().__init__(num_envs, outputs, config)
-        self._first = np.zeros(num_envs, dtype=np.int64)
-        self._period = np.ones(num_envs, dtype=np.int64)
-
     def _reset_slot(self, slot: int) -> None:
         super()._reset_slot(slot)
         rng, period = self._rngs[slot], self.config.sweep_period
@@ -185,13 +182,10 @@ class SweepsPolicy(SweepPolicy):
         self._first[slot] = rng.integers(0, self._period[slot] + 1)
 
     def _act_slot(self, slot: int, frame: np.ndarray) -> np.ndarray:
-        step = int(self._steps[slot])
-        self._steps[slot] += 1
+        out = super()._act_slot(slot, frame)  # the clock advances on a stray step too
         rng = self._rngs[slot]
         if rng.random() < self.config.explore:
             return rng.uniform(-1.0, 1.0, self.outputs).astype(np.float32)
-        out = np.zeros(self.outputs, dtype=np.float32)
-        out[0] = sweep_output(np.int64(step), int(self._first[slot]), int(self._period[slot]))
         return out
 
 
