@@ -17,16 +17,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from wmlab.config import EVAL_REFERENCES, SWEEP_FIRST, SWEEP_PERIOD
+from wmlab.config import SWEEP_FIRST, SWEEP_PERIOD
 from wmlab.envs.binpacking import BinPackingEnv, valid_mask
 from wmlab.envs.binpacking_heuristics import heuristic_rule
 from wmlab.errors import WmlabError
 
 POLICY_NAMES = ("uniform", "brown", "held", "random-weights", "fixed", "sweeps")  # collection
-# Fixed behaviours whose survival in M's dream is compared with the real game before C is
-# trained there: a dream that lets one of them live far longer than the game does is a hole
-# CMA-ES will find. The same raw outputs as wmlab.dream.reference_policy.
-REFERENCE_POLICY_NAMES = EVAL_REFERENCES
 AGENT_POLICY = "agent"  # a trained run's V, M and C (wmlab.agent.AgentPolicy, via collect)
 
 
