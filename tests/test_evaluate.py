@@ -56,6 +56,36 @@ def test_evaluate_real_doom_writes_every_episode(tmp_path):
     assert again.returns == result.returns
 
 
+def test_a_resumed_evaluation_keeps_what_it_finished(tmp_path):
+    """With ``reuse`` (the evaluate stage's), an evaluation already written for the same
+    controller and episodes is read back, not played again; another controller, other
+    episodes or another policy are played."""
+    from wmlab.evaluate import evaluate_random_policy
+
+    cfg = make_run(tmp_path, overrides=EVAL)
+    _save_controller(cfg, np.random.default_rng(0).normal(0, 1.0, Z_DIM + 32))
+    first = evaluate_controller(cfg, reuse=True)
+    path = Path(RunLayout.of(cfg).eval, "eval-vizdoom.json")
+    marked = {**json.loads(path.read_text()), "returns": [-1.0] * 3}  # no game returns -1
+    path.write_text(json.dumps(marked))
+    assert evaluate_controller(cfg, reuse=True).returns == [-1.0] * 3
+    assert evaluate_controller(cfg).returns == first.returns  # without reuse: played
+    path.write_text(json.dumps(marked))
+    assert evaluate_controller(cfg, episodes=2, reuse=True).returns == first.returns[:2]
+    path.write_text(json.dumps(marked))
+    _save_controller(cfg, np.random.default_rng(1).normal(0, 1.0, Z_DIM + 32))
+    assert -1.0 not in evaluate_controller(cfg, reuse=True).returns
+    floor = evaluate_random_policy(cfg, reuse=True)
+    random_path = Path(RunLayout.of(cfg).eval, "random-vizdoom.json")
+    random_path.write_text(json.dumps({**json.loads(random_path.read_text()),
+                                       "returns": [-1.0] * 3}))
+    assert evaluate_random_policy(cfg, reuse=True).returns == [-1.0] * 3
+    assert evaluate_random_policy(cfg, policy="noop", reuse=True).returns != [-1.0] * 3
+    assert evaluate_random_policy(cfg).returns == floor.returns
+    random_path.write_text("{not json")
+    assert evaluate_random_policy(cfg, reuse=True).returns == floor.returns
+
+
 def test_evaluate_in_the_dream_and_through_the_cli(tmp_path, capsys):
     cfg = make_run(tmp_path, overrides=EVAL)
     params = np.zeros(Z_DIM + 32)

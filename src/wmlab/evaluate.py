@@ -86,11 +86,13 @@ def scored_env(cfg: Config, backend: str | None = None) -> tuple[Any, str]:
 def evaluate_controller(cfg: Config, *, episodes: int | None = None, where: str = "real",
                         out: str | None = None, video: str | None = None,
                         controller_folder: str | None = None,
-                        backend: str | None = None) -> EvalResult:
+                        backend: str | None = None, reuse: bool = False) -> EvalResult:
     """Score the run's controller (its best scored mean) and write the JSON (and GIF).
 
     ``backend`` scores on another backend than the reported one (the backend transfer:
-    the training backend, on the same seeds)."""
+    the training backend, on the same seeds). ``reuse`` returns the JSON already written
+    where this one would go when it scored the same controller on the same episodes (the
+    evaluate stage, resumed after a kill, keeps what its last attempt finished)."""
     from wmlab.agent import workload_from_config
     from wmlab.controller.cmaes import load_controller_params
     from wmlab.controller.model import check_shape
@@ -108,6 +110,17 @@ def evaluate_controller(cfg: Config, *, episodes: int | None = None, where: str 
     check_shape(info, models.shape, cfg.controller.inputs, info["source"])
     seeds = episode_rows(cfg.eval.seed, episodes,
                          DREAM_EPISODES_PER_ROW if where == "dream" else EPISODES_PER_ROW)
+    suffix = "dream" if where == "dream" else backend
+    path = out or RunLayout.of(cfg).scores("eval", suffix)
+    if reuse:
+        saved = saved_result(path, env=spec.name, backend=backend, where=where,
+                             seeds=[int(s) for s in seeds.ravel()],
+                             controller_fingerprint=str(info.get("fingerprint", "")),
+                             tau=cfg.dream.tau if where == "dream" else None)
+        if (saved is not None and saved.extra.get("max_steps") == (cfg.env.max_steps
+                                                                    or spec.max_steps)
+                and (video is None or _exists(video))):
+            return saved
     rows = np.repeat(params[None].astype(np.float32), len(seeds), axis=0)
     # One row (<= 10 episodes, one env batch; <= 64 dreams) per job: jobs spread evenly over
     # the workers, and the cut is the same on every engine.
@@ -127,12 +140,35 @@ def evaluate_controller(cfg: Config, *, episodes: int | None = None, where: str 
                                "max_steps": cfg.env.max_steps or spec.max_steps,
                                **length_extra})
     gif = record_video(models, workload, params, int(seeds.ravel()[0])) if video else None
-    suffix = "dream" if where == "dream" else backend
-    path = out or RunLayout.of(cfg).scores("eval", suffix)
     atomic_write_bytes(path, json.dumps(asdict(result), indent=2).encode())
     if gif is not None:
         atomic_write_bytes(video, gif)
     return result
+
+
+def saved_result(path: str, **expected: Any) -> EvalResult | None:
+    """The evaluation JSON at ``path`` if every field in ``expected`` has that value (the
+    same env, backend, episodes, controller...), else None (missing, unreadable, or
+    another evaluation)."""
+    import fsspec
+
+    try:
+        with fsspec.open(path, "r") as handle:
+            data = json.load(handle)
+        result = EvalResult(**data)
+    except (FileNotFoundError, ValueError, TypeError):
+        return None
+    seeds = expected.get("seeds")
+    if seeds is not None and (result.episodes != len(seeds) or len(result.returns) != len(seeds)):
+        return None
+    return result if all(data.get(key) == value for key, value in expected.items()) else None
+
+
+def _exists(path: str) -> bool:
+    import fsspec
+
+    fs, inner = fsspec.core.url_to_fs(path)
+    return bool(fs.exists(inner))
 
 
 def training_backend(cfg: Config) -> str:
@@ -302,13 +338,14 @@ def record_video(models: Any, workload: Any, params: np.ndarray, seed: int,
 
 def evaluate_random_policy(cfg: Config, *, episodes: int | None = None,
                            policy: str = "uniform", out: str | None = None,
-                           first_seed: int | None = None) -> EvalResult:
+                           first_seed: int | None = None, reuse: bool = False) -> EvalResult:
     """A policy that does not look (random, or a fixed reference behaviour such as "noop"
     or "left") on the seeds the controller is scored on: the floor to beat.
 
     Each env is reset with the same seed as in ``evaluate_controller``, so the two
     evaluations face the same episodes (same tracks, same monster spawns). ``first_seed``
-    moves the episodes elsewhere (the dream calibration uses its own seeds).
+    moves the episodes elsewhere (the dream calibration uses its own seeds). ``reuse`` as
+    in ``evaluate_controller``: the JSON already written for the same policy and episodes.
     """
     from wmlab.collect import run_episodes
     from wmlab.envs import make_batch
@@ -321,6 +358,14 @@ def evaluate_random_policy(cfg: Config, *, episodes: int | None = None,
     lengths: list[int] = []
     seeds = episode_rows(cfg.eval.seed if first_seed is None else first_seed, episodes,
                          POLICY_EPISODES_PER_ROW)
+    name = "random" if policy == "uniform" else policy
+    path = out or RunLayout.of(cfg).scores(name, backend)
+    if reuse:
+        saved = saved_result(path, env=spec.name, backend=backend,
+                             seeds=[int(s) for s in seeds.ravel()],
+                             controller=f"{name} ({policy})")
+        if saved is not None and saved.extra.get("max_steps") == cfg.env.max_steps:
+            return saved
     chosen = make_policy(PolicyConfig(name=policy), seeds.shape[1], spec.controller_outputs)
     with make_batch(spec.name, seeds.shape[1], backend, **options) as env_batch:
         for row in seeds:
@@ -332,7 +377,6 @@ def evaluate_random_policy(cfg: Config, *, episodes: int | None = None,
             lengths.extend(len(by_slot[slot].rewards) for slot in range(len(row)))
     values = np.asarray(returns, dtype=np.float64)
     steps = np.asarray(lengths, dtype=np.float64)
-    name = "random" if policy == "uniform" else policy
     result = EvalResult(env=spec.name, backend=backend, where="real", episodes=episodes,
                         mean=float(values.mean()), std=float(values.std()),
                         seeds=[int(s) for s in seeds.ravel()],
@@ -342,6 +386,5 @@ def evaluate_random_policy(cfg: Config, *, episodes: int | None = None,
                                "lengths": lengths,
                                "length_mean": float(steps.mean()),
                                "length_std": float(steps.std())})
-    path = out or RunLayout.of(cfg).scores(name, backend)
     atomic_write_bytes(path, json.dumps(asdict(result), indent=2).encode())
     return result

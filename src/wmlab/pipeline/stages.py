@@ -183,13 +183,15 @@ def _run_evaluate(cfg: Config, progress: bool) -> dict[str, Any]:
         versus_random,
     )
 
+    # a resumed stage keeps the evaluations its last attempt finished: its folder is moved
+    # to trash whenever its inputs change, so what is there was scored from these inputs
     summary: dict[str, Any] = {}
-    real = evaluate_controller(cfg, video=f"{RunLayout.of(cfg).eval}/episode.gif")
+    real = evaluate_controller(cfg, video=f"{RunLayout.of(cfg).eval}/episode.gif", reuse=True)
     summary["controller"] = real.line()
     print(f"  controller: {real.line()}")
     trained_on = training_backend(cfg)
     if trained_on != real.backend:  # e.g. trained on EnvPool, reported on Gymnasium
-        there = evaluate_controller(cfg, backend=trained_on)
+        there = evaluate_controller(cfg, backend=trained_on, reuse=True)
         summary[f"controller-{trained_on}"] = there.line()
         print(f"  controller on its training backend: {there.line()}")
         if there.episodes > 1:
@@ -197,7 +199,7 @@ def _run_evaluate(cfg: Config, progress: bool) -> dict[str, Any]:
             gap = backend_gap(there.returns, real.returns, trained_on, real.backend, paired)
             summary["transfer"] = gap.line()
             print(f"  {gap.line()}")
-    floor = evaluate_random_policy(cfg)
+    floor = evaluate_random_policy(cfg, reuse=True)
     summary["random"] = floor.line()
     print(f"  random policy, same seeds: {floor.line()}")
     paired = versus_random(dataclasses.asdict(real), dataclasses.asdict(floor))
@@ -208,7 +210,7 @@ def _run_evaluate(cfg: Config, progress: bool) -> dict[str, Any]:
             summary["hint"] = not_learned_hint(cfg)
             print(f"  {summary['hint']}")
     for name in cfg.eval.references:  # behaviours that read nothing, on the same seeds
-        reference = evaluate_random_policy(cfg, policy=name)
+        reference = evaluate_random_policy(cfg, policy=name, reuse=True)
         summary[name] = reference.line()
         print(f"  {name} policy, same seeds: {reference.line()}")
         against = versus_random(dataclasses.asdict(real), dataclasses.asdict(reference), name)
@@ -223,7 +225,7 @@ def _run_evaluate(cfg: Config, progress: bool) -> dict[str, Any]:
             summary[f"fidelity tau {fidelity.tau:g}"] = fidelity.line()
             print(f"  {fidelity.line()}")
     if cfg.es.fitness == "dream":
-        dream = evaluate_controller(cfg, where="dream")
+        dream = evaluate_controller(cfg, where="dream", reuse=True)
         summary["dream"] = dream.line()
         print(f"  in the dream: {dream.line()}")
     if cfg.env.name.partition(":")[0] == "binpacking":
