@@ -58,6 +58,15 @@ def test_packed_encoder_equals_the_convolutions():
     assert float((low_mu - mu).abs().max()) > 0  # it did run in bf16
 
 
+def test_packed_encoder_reads_pixels_as_float32_cast_to_its_dtype():
+    frames = torch.arange(256, dtype=torch.uint8).repeat(48).view(1, 64, 64, 3)
+    reference = frames_to_tensor(frames, channels_last=True)
+    for dtype in (torch.bfloat16, torch.float32):
+        pixels = PackedEncoder(ConvVAE(32, width=4).encoder, dtype).pixels(frames)
+        assert pixels.dtype == dtype and pixels.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(pixels, reference.to(dtype))  # every byte value, bit for bit
+
+
 def test_packed_encoder_reads_the_weights_once_at_build():
     torch.manual_seed(0)
     vae = ConvVAE(32, width=16).eval()

@@ -103,6 +103,41 @@ def test_real_doom_rollouts_are_batched_and_deterministic(tmp_path):
                 assert one[0, 0] == batched[p, r]
 
 
+def test_real_rollouts_in_groups_of_envs_give_each_rollout_its_own_return(tmp_path,
+                                                                          monkeypatch):
+    """es.real_envs steps a job's rollouts a few envs at a time: each keeps its member's
+    controller and its seed, and its return and length land in its own slot."""
+    import dataclasses
+
+    import wmlab.agent
+
+    cfg = make_run(tmp_path, overrides=("env.max_steps=25",))
+    whole = workload_from_config(cfg, "real").build()
+    rng = np.random.default_rng(0)
+    params = rng.normal(0, 1.0, (2, whole.models.shape.num_params)).astype(np.float32)
+    seeds = np.array([[11, 12, 13], [14, 15, 16]])
+    at_once = whole.run(params, seeds)
+    grouped = dataclasses.replace(whole.workload, real_envs=4).build()
+    in_groups = grouped.run(params, seeds)
+    assert sorted(grouped.env_batches) == [2, 4]  # 6 rollouts: a group of 4, then 2
+    np.testing.assert_array_equal(in_groups.returns, at_once.returns)
+    np.testing.assert_array_equal(in_groups.steps, at_once.steps)
+
+    def fake_run_real(models, env_batch, rows, row_seeds, steps, **options):
+        assert env_batch.num_envs == row_seeds.size and row_seeds.shape[1] == 1
+        steps[...] = row_seeds * 2
+        return row_seeds + 1000 * rows[:, :1]  # which controller played which seed
+
+    monkeypatch.setattr(wmlab.agent, "run_real", fake_run_real)
+    marked = np.zeros_like(params)
+    marked[:, 0] = [1, 2]
+    out = grouped.run(marked, seeds)
+    np.testing.assert_array_equal(out.returns, seeds + 1000 * marked[:, :1])
+    np.testing.assert_array_equal(out.steps, seeds * 2)
+    whole.close()
+    grouped.close()
+
+
 def test_dream_rollouts_follow_the_controller(tmp_path):
     cfg = make_run(tmp_path)
     models = workload_from_config(cfg, "dream").load()

@@ -446,6 +446,7 @@ class RolloutWorkload:
     vae_bf16: bool = False  # vae.bf16 where the hardware runs it: V as in the encode stage
     packed_encoder: bool = False  # controller.packed_encoder: V's encoder packed for acting
     stall_steps: int = 0  # es.stall_steps: end real episodes that stopped scoring; 0 = off
+    real_envs: int = 0  # es.real_envs: a job's real rollouts in groups of this many; 0 = all
     lookahead: bool = False  # controller.lookahead: C scores M's state after each action
     ensemble: tuple[str, ...] = ()  # the folders of the dream's other Ms (mdrnn.ensemble)
 
@@ -494,10 +495,36 @@ class RolloutRunner:
         if self.workload.kind == "dream":
             returns = run_dream(self.models, params, seeds, self.workload.dream, steps=steps)
         else:
-            cap = self.workload.max_steps or self.models.spec.max_steps
-            returns = run_real(self.models, self.env_batch(seeds.size), params, seeds,
-                               stall_steps=self.workload.stall_steps, cap=cap, steps=steps)
+            returns = self._run_real_groups(np.asarray(params), seeds, steps)
         return Rollouts(returns, steps)
+
+    def _run_real_groups(self, params: np.ndarray, seeds: np.ndarray,
+                         steps: np.ndarray) -> np.ndarray:
+        """The job's real rollouts in groups of ``real_envs`` envs, one group after another
+        (all at once where it is 0 or at least the job's size). Each rollout keeps its
+        member's controller and its own seed, so the grouping changes only which envs share
+        a batch: a pool of few envs steps each faster (its envs stay in the core's cache)."""
+        cap = self.workload.max_steps or self.models.spec.max_steps
+        group = self.workload.real_envs
+        if group <= 0 or group >= seeds.size:
+            return run_real(self.models, self.env_batch(seeds.size), params, seeds,
+                            stall_steps=self.workload.stall_steps, cap=cap, steps=steps)
+        members, per_member = seeds.shape
+        rows = np.atleast_2d(params)
+        row_params = np.repeat(rows if len(rows) == members else
+                               np.broadcast_to(rows, (members, rows.shape[1])),
+                               per_member, axis=0)
+        row_seeds = seeds.reshape(-1, 1)
+        returns = np.empty(seeds.size, dtype=np.float64)
+        lengths = np.zeros((seeds.size, 1), dtype=np.int64)
+        for start in range(0, seeds.size, group):
+            part = slice(start, min(start + group, seeds.size))
+            envs = part.stop - part.start
+            returns[part] = run_real(self.models, self.env_batch(envs), row_params[part],
+                                     row_seeds[part], stall_steps=self.workload.stall_steps,
+                                     cap=cap, steps=lengths[part]).ravel()
+        steps[...] = lengths.reshape(seeds.shape)
+        return returns.reshape(seeds.shape)
 
     def close(self) -> None:
         for batch in self.env_batches.values():
@@ -519,6 +546,7 @@ def workload_from_config(cfg: Any, kind: str | None = None, backend: str | None 
         dream=dream_settings(cfg) if dream else None,
         vae_bf16=cfg.vae.bf16, packed_encoder=cfg.controller.packed_encoder,
         stall_steps=cfg.es.stall_steps if kind == "real" else 0,
+        real_envs=cfg.es.real_envs,
         lookahead=cfg.controller.lookahead,
         ensemble=RunLayout.of(cfg).memory_members(cfg.mdrnn.ensemble)[1:] if dream else ())
 

@@ -246,6 +246,11 @@ class EsConfig:
                           "each track, at a fraction of a whole track's cost, so more tracks "
                           "a generation for the same compute); the mean is still scored on "
                           "whole episodes; 0 = env.max_steps", min=0)
+    real_envs: int = _opt(0, "real-env rollouts of a job step in groups of this many envs, "
+                          "one group after another: EnvPool's CarRacing on one core takes "
+                          "~670 us an env step in pools of 8 envs, ~730 in 16, ~940 in 32 or "
+                          "64, while V's cost per frame falls with the batch (docs/"
+                          "benchmarks.md); 0 = every rollout of a job at once", min=0)
     job_members: int = _opt(8, "members per evaluator job (one batch; the unit of retry); "
                             "fixed so every engine computes the same batches", min=1)
 

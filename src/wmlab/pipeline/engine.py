@@ -100,7 +100,8 @@ LATER_KEYS: dict[str, Any] = {"es.dream_generations": 0, "es.covariance": "full"
                                "dream.dropout": False, "controller.lookahead": False,
                                "es.common_seeds": False, "es.dream_patience": 0,
                                "es.carry_over": False, "es.max_steps": 0,
-                               "vae.salient_weight": 0.0, "collect.explore": 0.0}
+                               "vae.salient_weight": 0.0, "collect.explore": 0.0,
+                               "es.real_envs": 0}
 
 
 def _hash(value: Any) -> str:
