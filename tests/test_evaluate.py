@@ -68,7 +68,9 @@ def test_a_resumed_evaluation_keeps_what_it_finished(tmp_path):
     path = Path(RunLayout.of(cfg).eval, "eval-vizdoom.json")
     marked = {**json.loads(path.read_text()), "returns": [-1.0] * 3}  # no game returns -1
     path.write_text(json.dumps(marked))
-    assert evaluate_controller(cfg, reuse=True).returns == [-1.0] * 3
+    video = tmp_path / "episode.gif"  # asked for, not there yet: recorded, the JSON kept
+    assert evaluate_controller(cfg, reuse=True, video=str(video)).returns == [-1.0] * 3
+    assert video.read_bytes()[:6] in (b"GIF89a", b"GIF87a")
     assert evaluate_controller(cfg).returns == first.returns  # without reuse: played
     path.write_text(json.dumps(marked))
     assert evaluate_controller(cfg, episodes=2, reuse=True).returns == first.returns[:2]

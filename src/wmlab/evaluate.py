@@ -117,9 +117,11 @@ def evaluate_controller(cfg: Config, *, episodes: int | None = None, where: str 
                              seeds=[int(s) for s in seeds.ravel()],
                              controller_fingerprint=str(info.get("fingerprint", "")),
                              tau=cfg.dream.tau if where == "dream" else None)
-        if (saved is not None and saved.extra.get("max_steps") == (cfg.env.max_steps
-                                                                    or spec.max_steps)
-                and (video is None or _exists(video))):
+        if saved is not None and saved.extra.get("max_steps") == (cfg.env.max_steps
+                                                                   or spec.max_steps):
+            if video and not _exists(video):  # killed between the JSON and the GIF
+                atomic_write_bytes(video, record_video(models, workload, params,
+                                                       saved.seeds[0]))
             return saved
     rows = np.repeat(params[None].astype(np.float32), len(seeds), axis=0)
     # One row (<= 10 episodes, one env batch; <= 64 dreams) per job: jobs spread evenly over
