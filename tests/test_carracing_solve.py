@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from wmlab.agent import build_models, run_real
-from wmlab.bench.controller import CountingBatch
+from wmlab.bench.controller import CountingBatch, RecordingBatch, replay
 from wmlab.controller.carry_over import RIDGES
 from wmlab.dream import DreamSettings
 from wmlab.envs import get_spec, make_batch
@@ -146,6 +146,34 @@ def test_stalled_rollouts_end_and_are_charged_what_the_whole_episode_pays(carrac
     assert cut.steps < whole.steps - 2 * 200
     # a limit never reached changes nothing, to the last bit
     np.testing.assert_array_equal(never, full)
+
+
+def test_recorded_episodes_replay_to_the_same_returns(carracing_models):
+    """The benchmark's bare-env case steps the agent's recorded episodes again: the same
+    trajectories, so the same steps and rewards, without V, M or C."""
+    models = carracing_models(packed=True)
+    params = np.random.default_rng(0).normal(0, 0.3, (2, models.shape.num_params))
+    seeds = np.array([[31], [32]])
+
+    class Summing(CountingBatch):
+        def __init__(self, inner):
+            super().__init__(inner)
+            self.total = np.zeros(inner.num_envs)
+
+        def step(self, actions):
+            running = self.inner.running.copy()
+            out = super().step(actions)
+            self.total += np.where(running, out[1], 0.0)
+            return out
+
+    with make_batch("carracing", 2, "envpool", max_steps=40) as inner:
+        recorder = RecordingBatch(inner)
+        returns = run_real(models, recorder, params.astype(np.float32), seeds)
+        again = Summing(inner)
+        replay(again, recorder.episodes)
+    assert recorder.episodes[0][0] == [31, 32] and len(recorder.episodes[0][1]) == 40
+    assert again.steps == recorder.steps == 80
+    np.testing.assert_allclose(again.total, returns.ravel(), rtol=0, atol=1e-4)
 
 
 # --- the dream's fidelity ---------------------------------------------------------------------

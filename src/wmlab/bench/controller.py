@@ -119,6 +119,35 @@ class CountingBatch:
         self.inner.end(ids)
 
 
+class RecordingBatch(CountingBatch):
+    """A counting env batch that also keeps every episode's seeds and the actions of each
+    of its steps, to replay them on the bare env."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.episodes: list[tuple[list[int], list[np.ndarray]]] = []
+
+    def reset(self, seeds):
+        self.episodes.append(([int(s) for s in seeds], []))
+        return super().reset(seeds)
+
+    def step(self, actions):
+        self.episodes[-1][1].append(np.array(actions, dtype=np.float32))
+        return super().step(actions)
+
+
+def replay(batch: Any, episodes: list[tuple[list[int], list[np.ndarray]]]) -> None:
+    """Step ``batch`` through recorded episodes: each reset with its seeds, then its actions
+    while any env runs (the same trajectories: an EnvPool episode depends on its seed and its
+    actions alone)."""
+    for seeds, actions in episodes:
+        batch.reset(seeds)
+        for step in actions:
+            if not batch.inner.running.any():
+                break
+            batch.step(step)
+
+
 def _params(num_params: int, members: int, scale: float = 0.1) -> np.ndarray:
     return np.random.default_rng(0).normal(0, scale, (members, num_params)).astype(np.float32)
 
@@ -198,6 +227,83 @@ def _stepping_rate(kind: str, folder: str, envs: int, cap: int, seconds: float,
 
 def _stepping_rate_job(args: tuple) -> tuple[int, float]:
     return _stepping_rate(*args)
+
+
+def _shipped_rate(workload: Any, params: np.ndarray, envs: int, cap: int, seconds: float
+                  ) -> tuple[int, float, list]:
+    """One worker: the shipped agent driving ``envs`` EnvPool envs for about ``seconds``
+    (episode after episode, as a C stage's worker); its env steps, their time and the
+    episodes' seeds and actions."""
+    from wmlab.agent import run_real
+    from wmlab.envs import make_batch
+
+    torch.set_num_threads(1)
+    models = workload.load()
+    batch = RecordingBatch(make_batch("carracing", envs, "envpool", max_steps=cap))
+    rows = np.repeat(params[None].astype(np.float32), envs, axis=0)
+    episode, began = 0, time.perf_counter()
+    while time.perf_counter() - began < seconds:
+        seeds = np.arange(episode * envs, (episode + 1) * envs) + 7_000_000
+        run_real(models, batch, rows, seeds[:, None])
+        episode += 1
+    return batch.steps, time.perf_counter() - began, batch.episodes
+
+
+def _replay_rate(envs: int, cap: int, episodes: list) -> tuple[int, float, list]:
+    """One worker: EnvPool alone, stepping the recorded episodes with their own actions."""
+    from wmlab.envs import make_batch
+
+    batch = CountingBatch(make_batch("carracing", envs, "envpool", max_steps=cap))
+    began = time.perf_counter()
+    replay(batch, episodes)
+    return batch.steps, time.perf_counter() - began, []
+
+
+def _job(args: tuple) -> tuple[int, float, list]:
+    kind, *rest = args
+    return _shipped_rate(*rest) if kind == "shipped" else _replay_rate(*rest)
+
+
+def _shipped_side_by_side_rows(quick: bool, folder: str, random_rate: float
+                               ) -> list[dict[str, Any]]:
+    """The shipped CarRacing agent (trained V, M and C: a car that drives the track) as C's
+    real rollouts run, 2 workers x 8 envs, against EnvPool alone replaying the very same
+    episodes (seeds and actions): the agent's own share of a rollout, where random actions
+    (a car that hardly moves) make the env itself cheaper than a driving car's."""
+    import multiprocessing as mp
+
+    from wmlab.agent import workload_from_config
+    from wmlab.controller.cmaes import load_controller_params
+    from wmlab.runs import RunLayout
+    from wmlab.shipped import agent_config, available
+
+    if "carracing" not in available():
+        return [{"case": "shipped CarRacing agent: not installed", "steps": 0,
+                 "seconds": 0.0, "per_second": 0.0}]
+    workers, envs = 2, 8
+    cap, seconds = (200, 20.0) if quick else (1000, 60.0)
+    cfg = agent_config("carracing", folder)
+    workload = workload_from_config(cfg, "real", "envpool")
+    params, _ = load_controller_params(RunLayout.of(cfg).controller)
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(workers) as pool:
+        driven = pool.map(_job, [("shipped", workload, params, envs, cap, seconds)] * workers)
+    with ctx.Pool(workers) as pool:
+        replayed = pool.map(_job, [("replay", envs, cap, out[2]) for out in driven])
+    agent = sum(o[0] for o in driven) / max(o[1] for o in driven)
+    bare = sum(o[0] for o in replayed) / max(o[1] for o in replayed)
+    same = [o[0] for o in driven] == [o[0] for o in replayed]
+    return [
+        {"case": f"CarRacing envpool, {workers} workers x {envs} envs: EnvPool alone replaying "
+                 "the shipped agent's episodes" + ("" if same else " (steps differ!)"),
+         "steps": sum(o[0] for o in replayed), "seconds": max(o[1] for o in replayed),
+         "per_second": bare},
+        {"case": f"CarRacing envpool, {workers} workers x {envs} envs: the shipped agent "
+                 f"driving = {agent / bare:.2f}x EnvPool on its actions, "
+                 f"{agent / random_rate:.2f}x on random actions",
+         "steps": sum(o[0] for o in driven), "seconds": max(o[1] for o in driven),
+         "per_second": agent},
+    ]
 
 
 def _side_by_side_rows(quick: bool, folder: str) -> list[dict[str, Any]]:
@@ -313,6 +419,7 @@ def _ray_rows(quick: bool, folder: str) -> list[dict[str, Any]]:
 def run(quick: bool = True) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as folder:
         rows = _side_by_side_rows(quick, f"{folder}/side")
+        rows += _shipped_side_by_side_rows(quick, f"{folder}/shipped", rows[0]["per_second"])
         rows += _real_agent_rows(quick, f"{folder}/car")
         rows += _dream_rows(quick, f"{folder}/doom")
         rows += _compaction_rows(quick, f"{folder}/compact")
