@@ -222,6 +222,13 @@ def test_iterations_and_compared_runs_each_get_a_row(tmp_path, capsys):
     assert "| other | not evaluated yet | - | - | - |" in md
     assert "compare-controller.png" in md
 
+    # iteration 2's own report counts the run before it: its rows, compute and curve
+    third = f"{run}/iterations/3"
+    Path(f"{third}/eval").mkdir(parents=True)
+    md = Path(write_report(second).markdown).read_text()
+    assert "| main | eval-vizdoom-3 | 200 +- 81.65 | 3 | vizdoom |" in md
+    assert "| iteration 2 | tau 1.15 | 512 +- 12.5 | 100 | vizdoom |" in md
+    assert "iteration 3" not in md  # what comes after it is not its history
     assert main(["report", run, "--compare", other]) == 0
     assert main(["report", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err

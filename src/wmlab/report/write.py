@@ -22,6 +22,7 @@ from wmlab.report.result_sections import (
     stages_section,
     summary_section,
 )
+from wmlab.runs import ITERATIONS
 
 
 @dataclass
@@ -65,9 +66,25 @@ def write_report(run_dir: str, compare: Iterable[str] = (), *, title: str | None
                        missing=list(page.missing))
 
 
+def _earlier_iterations(run: RunFiles) -> Runs:
+    """For ``<base>/iterations/<k>``: the base run and its iterations before k; else none."""
+    parent, _, name = run.url.rpartition(f"/{ITERATIONS}/")
+    if not parent or not name.isdigit():
+        return []
+    base = RunFiles(parent)
+    earlier = [(label, sub) for label, sub in iteration_runs(base)
+               if int(sub.url.rsplit("/", 1)[-1]) < int(name)]
+    return [(base.name(), base), *earlier]
+
+
 def _runs_to_report(run: RunFiles, compare: Iterable[str]) -> Runs:
-    """The run, its iterations and the runs to compare, each with a label no other has."""
-    runs: Runs = [(run.name(), run), *iteration_runs(run)]
+    """The run, its iterations and the runs to compare, each with a label no other has.
+
+    An iteration's own directory (``<run>/iterations/<k>``) is reported after the run's
+    earlier iterations, so its compute and learning curve count what came before it."""
+    earlier = _earlier_iterations(run)
+    label = f"iteration {run.name()}" if earlier else run.name()
+    runs: Runs = [*earlier, (label, run), *iteration_runs(run)]
     for other in compare:
         other_run = RunFiles(other)
         if not other_run.fs.isdir(other_run.root):
