@@ -11,6 +11,7 @@ the paper's (the Doom quick profile).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,6 +178,7 @@ def conv_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     return fused(x, weight, bias, [0, 0], [stride, stride], [1, 1], 1, "relu", [], "")
 
 
+@functools.cache  # looked up once, not on each of the agent's two convolutions a step
 def _fused_conv() -> Any | None:
     """PyTorch's fused convolution + pointwise CPU op (the one its compiler emits), or None
     in builds without oneDNN."""
