@@ -65,6 +65,26 @@ def test_the_dream_ends_when_any_m_says_so_and_pays_their_mean_reward():
     assert list(lengths) == [5, 5, 5] and torch.allclose(total, torch.full((3,), 5.0))
 
 
+def test_a_pessimistic_ensemble_pays_the_least_reward_of_its_ms():
+    """dream.ensemble_reward = "min": a step pays the least of the Ms' rewards, so the
+    reward only an optimistic M predicts is not paid; "mean" stays the default."""
+    low = constant_heads(make_model(seed=1, reward_head=True), done=-9.0, reward=1.0)
+    high = constant_heads(make_model(seed=2, reward_head=True), done=-9.0, reward=3.0)
+    pessimistic = DreamSettings(1.0, 50, ensemble_reward="min")
+    for models in ([low, high], [high, low]):
+        _, total, lengths = _steps(EnsembleDream(models, starts(), pessimistic), [1, 2], 4)
+        assert list(lengths) == [4, 4] and torch.allclose(total, torch.full((2,), 4.0))
+        returns, _ = EnsembleDream(models, starts(), pessimistic).rollout(
+            lambda dream: torch.zeros(dream.batch, 1), np.array([1, 2]))
+        assert np.allclose(returns, 50.0)  # 50 steps at the least reward, 1
+    _, total, _ = _steps(EnsembleDream([low, high], starts(), DreamSettings(1.0, 50)),
+                         [1, 2], 4)
+    assert torch.allclose(total, torch.full((2,), 8.0))  # the mean, 2 a step
+    with pytest.raises(WmlabError, match="mean or min"):
+        DreamSettings(1.0, 50, ensemble_reward="max")
+    assert "ensemble_reward" not in DreamSettings(1.0, 50).identity()  # old fingerprints
+
+
 def test_the_next_z_comes_from_each_m_in_turn():
     near = constant_heads(make_model(seed=5), done=-9.0)
     far = constant_heads(make_model(seed=6), done=-9.0)

@@ -278,6 +278,10 @@ class DreamConfig:
                          "> 0) on in the dream: h before the head loses each unit with that "
                          "probability, the rest scaled by 1/(1-p), a fresh mask per dream "
                          "and step from the dream's own seed")
+    ensemble_reward: str = _opt("mean", "with mdrnn.ensemble > 1, a dream step's reward: "
+                                "the Ms' mean, or the least of them (pessimistic: a reward "
+                                "only one M predicts pays nothing extra, so C cannot climb "
+                                "by one M's optimism)", choices=("mean", "min"))
     fit_done_bias: bool = _opt(False, "before C trains in the dream, add to done_bias "
                                "ln(dream / game survival of random play) from M's "
                                "calibration, so a lenient dream ends sooner")

@@ -7,7 +7,9 @@ Here K Ms, trained on the same data from different seeds, step side by side on t
 and the same actions. The dream ends when *any* of them says the episode ends (each
 draws its end from the same uniform, so in ``sample`` mode the hazard is the largest of
 theirs), the next z comes from each M in turn (step t from M t mod K), and the reward is
-their mean. C reads the first M's state, the M it acts with in the real game.
+their mean, or under ``ensemble_reward = "min"`` the least of them (a reward only some Ms
+predict is not paid: C cannot climb by one M's optimism). C reads the first M's state, the
+M it acts with in the real game.
 
 Every M is a ``BatchedDream`` with the dream's seeds, so each has the noise a lone dream
 of those seeds would have: a dream still depends only on its seed and its actions.
@@ -38,6 +40,8 @@ class EnsembleDream:
             raise WmlabError("the Ms of an ensemble must take the same z, actions and restart "
                              "flag: train them in one run (mdrnn.ensemble)")
         self.dreams = [BatchedDream(m, start, settings, device) for m in models]
+        self.pessimistic = settings.ensemble_reward == "min"
+        self.returns = torch.zeros(0)  # under "min": the least rewards summed, per dream
 
     @property
     def compact(self) -> bool:
@@ -81,7 +85,9 @@ class EnsembleDream:
     @torch.no_grad()
     def reset(self, seeds: np.ndarray | list[int]) -> torch.Tensor:
         """Start one dream per seed in every M (the same start z); returns z (B, z)."""
-        return [dream.reset(seeds) for dream in self.dreams][0]
+        z = [dream.reset(seeds) for dream in self.dreams][0]
+        self.returns = torch.zeros_like(self.dreams[0].returns)
+        return z
 
     @torch.no_grad()
     def step(self, actions: torch.Tensor | np.ndarray
@@ -89,7 +95,8 @@ class EnsembleDream:
         """Advance every running dream in every M: returns z', reward, done (as one dream).
 
         Every M steps exactly the running dreams, so their step counts stay equal and a
-        dream's return is the mean of the Ms' returns."""
+        dream's return is the mean of the Ms' returns (or, under "min", the sum of each
+        step's least reward)."""
         running = self.done.logical_not()
         # the next z of dream b from M number t mod K (t counted before this step)
         source = torch.as_tensor(self.dreams[0].t % len(self.dreams), device=running.device)
@@ -100,7 +107,12 @@ class EnsembleDream:
         z = torch.where(running.unsqueeze(1), chosen, self.dreams[0].z)
         for dream in self.dreams:  # every M goes on from the same z
             dream.z = z.clone()
-        return z, torch.stack(rewards).mean(0), self.done
+        stacked = torch.stack(rewards)
+        if not self.pessimistic:
+            return z, stacked.mean(0), self.done
+        least = torch.where(running, stacked.min(0).values, torch.zeros_like(stacked[0]))
+        self.returns += least
+        return z, least, self.done
 
     @torch.no_grad()
     def rollout(self, policy: Callable[[EnsembleDream], torch.Tensor], seeds: np.ndarray
@@ -110,5 +122,6 @@ class EnsembleDream:
         self.reset(seeds)
         while not bool(self.done.all()):
             self.step(policy(self))
-        returns = torch.stack([dream.returns for dream in self.dreams]).mean(0)
+        returns = self.returns if self.pessimistic else \
+            torch.stack([dream.returns for dream in self.dreams]).mean(0)
         return returns.cpu().numpy(), self.dreams[0].t.copy()

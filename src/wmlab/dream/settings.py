@@ -14,6 +14,7 @@ from wmlab.memory.model import check_dropout, check_tau
 
 DONE_MODES = ("threshold", "sample")
 PRECISIONS = ("float32", "bfloat16")
+ENSEMBLE_REWARDS = ("mean", "min")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class DreamSettings:
     # M's dropout kept on: the probability that a unit of h is dropped before the head,
     # a fresh mask per dream and step from the dream's own seed; 0 = off
     dropout: float = 0.0
+    # an ensemble's reward a step (mdrnn.ensemble > 1): the Ms' mean, or their least
+    ensemble_reward: str = "mean"
 
     def __post_init__(self) -> None:
         check_tau(self.tau)
@@ -45,6 +48,9 @@ class DreamSettings:
         if not self.done_weight > 0:
             raise WmlabError("the done head's positive weight must be > 0, got "
                              f"{self.done_weight}")
+        if self.ensemble_reward not in ENSEMBLE_REWARDS:
+            raise WmlabError(f"an ensemble dream's reward must be mean or min, got "
+                             f"'{self.ensemble_reward}'")
         if self.precision not in PRECISIONS:
             raise WmlabError(f"dream precision must be float32 or bfloat16, got "
                              f"{self.precision}")
@@ -56,7 +62,8 @@ class DreamSettings:
         return cls(tau=cfg.dream.tau, max_steps=cfg.dream.max_steps, done_mode=cfg.dream.done,
                    done_weight=cfg.mdrnn.done_weight,
                    done_bias=cfg.dream.done_bias if done_bias is None else done_bias,
-                   precision=cfg.dream.precision, dropout=dream_dropout(cfg))
+                   precision=cfg.dream.precision, dropout=dream_dropout(cfg),
+                   ensemble_reward=cfg.dream.ensemble_reward)
 
     def with_tau(self, tau: float) -> DreamSettings:
         return dataclasses.replace(self, tau=float(tau))
@@ -67,6 +74,8 @@ class DreamSettings:
         fields = dataclasses.asdict(self)
         if fields["dropout"] == 0.0:
             del fields["dropout"]
+        if fields["ensemble_reward"] == "mean":
+            del fields["ensemble_reward"]
         return fields
 
 
