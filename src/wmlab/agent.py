@@ -509,11 +509,7 @@ class RolloutRunner:
         if group <= 0 or group >= seeds.size:
             return run_real(self.models, self.env_batch(seeds.size), params, seeds,
                             stall_steps=self.workload.stall_steps, cap=cap, steps=steps)
-        members, per_member = seeds.shape
-        rows = np.atleast_2d(params)
-        row_params = np.repeat(rows if len(rows) == members else
-                               np.broadcast_to(rows, (members, rows.shape[1])),
-                               per_member, axis=0)
+        row_params = np.repeat(params, seeds.shape[1], axis=0)  # (P, n) -> one row a rollout
         row_seeds = seeds.reshape(-1, 1)
         returns = np.empty(seeds.size, dtype=np.float64)
         lengths = np.zeros((seeds.size, 1), dtype=np.int64)

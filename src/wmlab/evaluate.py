@@ -18,7 +18,7 @@ import torch
 
 from wmlab.config import Config
 from wmlab.errors import WmlabError
-from wmlab.fsio import atomic_write_bytes
+from wmlab.fsio import atomic_write_bytes, exists
 from wmlab.plots import gif_bytes
 from wmlab.runs import RunLayout
 
@@ -119,7 +119,7 @@ def evaluate_controller(cfg: Config, *, episodes: int | None = None, where: str 
                              tau=cfg.dream.tau if where == "dream" else None)
         if saved is not None and saved.extra.get("max_steps") == (cfg.env.max_steps
                                                                    or spec.max_steps):
-            if video and not _exists(video):  # killed between the JSON and the GIF
+            if video and not exists(video):  # killed between the JSON and the GIF
                 atomic_write_bytes(video, record_video(models, workload, params,
                                                        saved.seeds[0]))
             return saved
@@ -164,13 +164,6 @@ def saved_result(path: str, **expected: Any) -> EvalResult | None:
     if seeds is not None and (result.episodes != len(seeds) or len(result.returns) != len(seeds)):
         return None
     return result if all(data.get(key) == value for key, value in expected.items()) else None
-
-
-def _exists(path: str) -> bool:
-    import fsspec
-
-    fs, inner = fsspec.core.url_to_fs(path)
-    return bool(fs.exists(inner))
 
 
 def training_backend(cfg: Config) -> str:

@@ -110,7 +110,7 @@ class EnsembleDream:
         stacked = torch.stack(rewards)
         if not self.pessimistic:
             return z, stacked.mean(0), self.done
-        least = torch.where(running, stacked.min(0).values, torch.zeros_like(stacked[0]))
+        least = stacked.min(0).values  # every M pays 0 on the dreams that have ended
         self.returns += least
         return z, least, self.done
 

@@ -155,7 +155,6 @@ class PackedEncoder:
         out = torch.addmm(self.heads[1], x.reshape(len(x), -1), self.heads[0]).float()
         return out[:, :self.z_dim], out[:, self.z_dim:]
 
-
     def pixels(self, frames: torch.Tensor) -> torch.Tensor:
         """(N, 64, 64, 3) uint8 -> (N, 3, 64, 64) in [0, 1], ``dtype``, channels-last.
 
