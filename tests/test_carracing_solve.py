@@ -282,7 +282,7 @@ def test_later_iterations_take_their_overrides_and_keep_their_own_keys(tmp_path)
                     {"params": torch.zeros(3)}, None, {})
     second = iteration_config(cfg, 2)
     assert second.vae.epochs == 0 and second.es.generations == 7
-    assert cfg.vae.epochs == 2 and cfg.es.generations == 200  # the first is untouched
+    assert cfg.vae.epochs == 2 and cfg.es.generations == 60  # the first is untouched
     # what makes it the next iteration cannot be overridden
     assert second.vae.init_from == f"{cfg.run_dir()}/vision"
     assert second.collect.agent_run == cfg.run_dir()
@@ -317,7 +317,7 @@ def test_solve_profile_plans_within_eight_hours():
     # 8 envs per job (EnvPool's best batch per core) and whole rounds of 2 jobs
     assert cfg.es.job_members * cfg.es.rollouts == 8
     assert (cfg.es.population // cfg.es.job_members) % 2 == 0
-    first = _planned_seconds(cfg)
+    first = _planned_seconds(cfg, 0)
     # the first iteration leaves a quarter of the 8 hours to the next one
     assert sum(first.values()) < 6 * 3600, {k: round(v / 3600, 2) for k, v in first.items()}
 
@@ -332,7 +332,7 @@ def test_solve_profile_plans_within_eight_hours():
     assert later.es.carry_over and later.es.dream_patience > 0
     assert later.es.dream_rollouts == 16 and later.es.rollouts == 8
     assert later.es.job_members * later.es.rollouts == 8
-    second = _planned_seconds(later)
+    second = _planned_seconds(later, cfg.es.generations // cfg.es.eval_every)
     total = sum(first.values()) + sum(second.values())
     assert total < 8 * 3600, {k: round(v / 3600, 2) for k, v in second.items()}
 
@@ -345,8 +345,9 @@ def iteration_config_unchecked(cfg, iteration_config):
         return iteration_config(cfg, 2)
 
 
-def _planned_seconds(cfg) -> dict[str, float]:
-    """Each stage's compute at the rates the solve run measured (whole tracks of 1,000)."""
+def _planned_seconds(cfg, scored_before: int) -> dict[str, float]:
+    """Each stage's compute at the rates the solve run measured (whole tracks of 1,000);
+    ``scored_before``: the previous iteration's scored means (the dream's fidelity)."""
     steps = 1000
     frames = cfg.collect.episodes * steps
     es = cfg.es
@@ -358,8 +359,8 @@ def _planned_seconds(cfg) -> dict[str, float]:
     scored = es.generations // es.eval_every * es.eval_rollouts
     if es.carry_over:  # every ridge strength and the controller as it was, scored
         scored += (len(RIDGES) + 1) * es.eval_rollouts
-    if cfg.dream.tau_from_fidelity:  # iteration 1's 20 scored means, zero and random:
-        compared = 200 // 10 + 2     # scored again in this game, and dreamt at each tau
+    if cfg.dream.tau_from_fidelity:  # iteration 1's scored means, zero and random:
+        compared = scored_before + 2  # scored again in this game, and dreamt at each tau
         scored += compared * es.eval_rollouts
         dream_members += compared * cfg.eval.fidelity_dreams * len(cfg.eval.fidelity_taus)
     return {
