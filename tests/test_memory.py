@@ -775,3 +775,50 @@ def test_dropout_training_resumes_exactly_and_is_recorded(tmp_path):
     train("changed", stop=2, dropout=0.3)
     with pytest.raises(WmlabError, match="dropout = 0.3, now 0.0"):
         train("changed")
+
+
+def test_over_predicted_rewards_weigh_more_in_the_loss_only():
+    """mdrnn.reward_over_weight: the squared reward error of steps where M predicts more
+    than the env paid counts that many times; under-prediction and reward_mse as before."""
+    from wmlab.memory.evaluation import batch_losses
+
+    torch.manual_seed(0)
+    model = MDNRNN(MdrnnShape(z_dim=4, action_dim=1, hidden=16, reward_head=True))
+    batch = episode_batch(make_series(4, 20, seed=1), 4, 20, seed=0, step=0)
+    z_in, z_next = batch.sample_z(torch.Generator().manual_seed(0))
+    out, _, _ = model(z_in, batch.actions, restart=batch.restart)
+    error = (out.reward - batch.rewards).detach()
+    over = float(((error > 0) * error.pow(2) * batch.mask).sum() / batch.mask.sum())
+    assert 0 < over < float((error.pow(2) * batch.mask).sum() / batch.mask.sum())
+    plain, plain_parts, _ = batch_losses(model, batch, z_in, z_next, 10.0)
+    heavy, heavy_parts, _ = batch_losses(model, batch, z_in, z_next, 10.0,
+                                         reward_over_weight=5.0)
+    assert float((heavy - plain).detach()) == pytest.approx(4 * over, rel=1e-4)
+    assert heavy_parts["reward_mse"] == pytest.approx(plain_parts["reward_mse"])
+
+
+def test_an_m_trained_against_over_prediction_predicts_lower_rewards(tmp_path):
+    """On rewards with noise M cannot foresee, the asymmetric loss pulls M's predictions
+    below the mean (towards a low expectile), where the plain loss predicts the mean."""
+    from wmlab.config import ConfigError
+
+    rng = np.random.default_rng(7)
+    series = make_series(40, 30, seed=5)
+    for s in series:  # a coin flip of +-1 on top of the learnable part
+        s.rewards[:] = s.actions[:, 0] + rng.choice([-1.0, 1.0], size=len(s.rewards))
+    bias = {}
+    for weight in (1.0, 5.0):
+        cfg = tiny_config(tmp_path / str(weight), regime="episodes", seq_len=29, steps=150,
+                          batch_size=8, hidden=16, lr=0.01, calibration_episodes=0,
+                          reward_head=True, done_head=False, reward_over_weight=weight)
+        train_mdrnn(cfg, progress=False, series=SeriesSet(series[:32], series[32:]))
+        model, _ = load_mdrnn(RunLayout.of(cfg).memory)
+        batch = episode_batch(series[32:], 8, 29, seed=0, step=0)
+        z_in, _ = batch.sample_z(torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            out, _, _ = model(z_in, batch.actions, restart=batch.restart)
+        learnable = batch.actions[..., 0]
+        bias[weight] = float(((out.reward - learnable) * batch.mask).sum() / batch.mask.sum())
+    assert abs(bias[1.0]) < 0.25 and bias[5.0] < -0.4, bias
+    with pytest.raises(ConfigError, match="mdrnn.reward_over_weight .* M has none"):
+        tiny_config(tmp_path, reward_head=False, reward_over_weight=5.0)

@@ -146,6 +146,9 @@ class MdrnnConfig:
     restart_input: bool = _opt(False, "feed the restart flag, which zeroes the LSTM state")
     done_weight: float = _opt(10.0, "weight of positive (death) steps in the done loss",
                               min=0.0)
+    reward_over_weight: float = _opt(1.0, "weight of the reward head's squared error where M "
+                                     "predicts more than the env paid (a published recipe "
+                                     "against dream exploitation uses 5); 1 = plain", min=0.0)
     regime: str = _opt("episodes", "whole episodes per batch, or concatenated streams",
                        choices=("episodes", "streams"))
     batch_size: int = _opt(100, "sequences (or streams) per batch", min=1)
@@ -491,6 +494,10 @@ def _check_consistency(cfg: Config) -> None:
     dream_dropout(cfg)  # refused at load, not after V and M have trained
     if cfg.controller.lookahead:
         check_lookahead(cfg.controller.inputs)
+    if cfg.mdrnn.reward_over_weight != 1.0 and not cfg.mdrnn.reward_head:
+        raise ConfigError(f"mdrnn.reward_over_weight ({cfg.mdrnn.reward_over_weight:g}) "
+                          "weighs the reward head's loss, and M has none: set "
+                          "mdrnn.reward_head=true, or leave it at 1")
     if cfg.collect.hold_min > cfg.collect.hold_max:
         raise ConfigError(f"collect.hold_min ({cfg.collect.hold_min}) must not exceed "
                           f"collect.hold_max ({cfg.collect.hold_max})")

@@ -18,13 +18,15 @@ from wmlab.memory.model import MDNRNN, done_loss, mixture_nll
 
 def batch_losses(model: MDNRNN, batch: SeriesBatch, z_in: torch.Tensor, z_next: torch.Tensor,
                  done_weight: float, state=None, bf16: bool = False,
-                 dropout_mask: torch.Tensor | None = None
+                 dropout_mask: torch.Tensor | None = None, reward_over_weight: float = 1.0
                  ) -> tuple[torch.Tensor, dict[str, Any], Any]:
     """Total loss, its parts (floats, plus done counts for precision/recall), next state.
 
     ``bf16`` runs M's LSTM and head under bfloat16 autocast; the head's outputs, the losses
     and the carried state stay float32. ``dropout_mask``: the units of h kept in a training
-    batch (``MDNRNN.read_out``)."""
+    batch (``MDNRNN.read_out``). ``reward_over_weight`` weighs the squared reward error of
+    the steps where M predicts more than the env paid (``mdrnn.reward_over_weight``); the
+    ``reward_mse`` part stays the plain mean squared error."""
     # the flags always zero the state at episode starts (streams hold several episodes);
     # they are also an input only where M has the restart input
     with torch.autocast(z_in.device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -42,8 +44,14 @@ def batch_losses(model: MDNRNN, batch: SeriesBatch, z_in: torch.Tensor, z_next: 
         parts.update(done_loss=float(d_loss.detach()), tp=int((predicted & actual).sum()),
                      fp=int((predicted & ~actual).sum()), fn=int((~predicted & actual).sum()))
     if out.reward is not None:
-        r_err = ((out.reward - batch.rewards).pow(2) * batch.mask).sum() / batch.mask.sum()
-        total = total + r_err
+        error = out.reward - batch.rewards
+        squared = error.pow(2) * batch.mask
+        r_err = squared.sum() / batch.mask.sum()
+        if reward_over_weight != 1.0:
+            # a C trained in the dream climbs by M's optimism (rewards M promises and the
+            # env does not pay), never by its pessimism: over-prediction costs more
+            squared = torch.where(error > 0, reward_over_weight, 1.0) * squared
+        total = total + squared.sum() / batch.mask.sum()
         parts["reward_mse"] = float(r_err.detach())
     parts["loss"] = float(total.detach())
     return total, parts, state
@@ -72,7 +80,8 @@ def validate(model: MDNRNN, val: list[Series], cfg: Config, device: torch.device
         length = max(s.length for s in chunk)
         batch = episode_batch(chunk, len(chunk), length, seed=12345, step=start).to(device)
         z_in, z_next = batch.sample_z(torch.Generator().manual_seed(start))
-        _, parts, _ = batch_losses(model, batch, z_in, z_next, m.done_weight)
+        _, parts, _ = batch_losses(model, batch, z_in, z_next, m.done_weight,
+                                   reward_over_weight=m.reward_over_weight)
         for key in ("tp", "fp", "fn"):
             counts[key] += parts.pop(key, 0)
         for key, value in parts.items():

@@ -121,13 +121,15 @@ class BatchBackward:
 
     def __call__(self, model: MDNRNN, batch: SeriesBatch, z_in: torch.Tensor,
                  z_next: torch.Tensor, done_weight: float, state=None, bf16: bool = False,
-                 dropout_mask: torch.Tensor | None = None) -> tuple[dict[str, Any], Any]:
+                 dropout_mask: torch.Tensor | None = None, reward_over_weight: float = 1.0
+                 ) -> tuple[dict[str, Any], Any]:
         """Fill every parameter's ``.grad`` with the batch's gradient; returns the loss
         parts (as ``batch_losses``) and the state after the batch. ``dropout_mask``: the
         whole batch's, cut into the groups' rows like the batch."""
         if self.pool is None or len(z_in) < 2:
             loss, parts, state_out = batch_losses(model, batch, z_in, z_next, done_weight,
-                                                  state, bf16, dropout_mask)
+                                                  state, bf16, dropout_mask,
+                                                  reward_over_weight)
             loss.backward()
             return parts, state_out
         params = [p for p in model.parameters() if p.requires_grad]
@@ -141,7 +143,8 @@ class BatchBackward:
             loss, parts, state_out = batch_losses(model, batch.rows(rows), z_in[rows],
                                                   z_next[rows], done_weight, state_in, bf16,
                                                   None if dropout_mask is None
-                                                  else dropout_mask[rows])
+                                                  else dropout_mask[rows],
+                                                  reward_over_weight)
             share = float(batch.mask[rows].sum()) / real_steps
             grads = torch.autograd.grad(loss * share, params, allow_unused=True)
             return grads, parts, share, state_out
@@ -315,7 +318,7 @@ class _Training:
             group["lr"] = learning_rate(self.cfg, self.step)
         self.optimizer.zero_grad(set_to_none=True)
         parts, state_out = backward(self.model, batch, z_in, z_next, m.done_weight, state_in,
-                                    self.bf16, kept)
+                                    self.bf16, kept, m.reward_over_weight)
         torch.nn.utils.clip_grad_value_(self.model.parameters(), m.grad_clip)
         self.optimizer.step()
         if m.regime == "streams":
