@@ -65,6 +65,14 @@ def test_bad_overrides_name_the_key(override, fragment):
     assert fragment in str(info.value)
 
 
+def test_mirrored_pairs_need_an_even_population():
+    with pytest.raises(ConfigError, match=r"es.population \(7\) must be even with "
+                       r"es.mirrored = true"):
+        C.load_config("doom", "quick", ["es.antithetic=false", "es.population=7",
+                                        "es.mirrored=true"])
+    assert C.load_config("doom", "quick", ["es.population=8", "es.mirrored=true"]).es.mirrored
+
+
 def test_unknown_preset_and_profile():
     with pytest.raises(ConfigError, match="unknown preset 'pong'"):
         C.load_config("pong")

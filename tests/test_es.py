@@ -117,6 +117,43 @@ def test_common_seeds_put_every_member_on_the_same_episodes(tmp_path):
     assert not np.array_equal(generations[0][0], generations[1][0])
 
 
+@pytest.mark.parametrize("mirrored", [True, False])
+def test_mirrored_members_come_in_pairs_on_the_same_seeds(tmp_path, mirrored):
+    """es.mirrored: members 2k and 2k + 1 are mean + d and mean - d (so every pair sums to
+    twice the mean) and play the same rollout seeds; without it they are independent."""
+    seen = []
+
+    class Recording:
+        def evaluate(self, params, seeds):
+            seen.append((params.astype(np.float64), seeds.copy()))
+            return -np.square(params - 0.3).sum(axis=1)
+
+    es = EsConfig(population=6, rollouts=2, generations=3, eval_every=10, eval_rollouts=2,
+                  mirrored=mirrored)
+    run_es(Recording(), 5, es, str(tmp_path), progress=False)
+    generations = [(p, s) for p, s in seen if p.shape == (6, 5)]
+    assert len(generations) == 3
+    for params, seeds in generations:
+        sums = params[0::2] + params[1::2]
+        pairs_mirror = np.allclose(sums, sums[0], atol=1e-6)
+        pairs_share = np.array_equal(seeds[0::2], seeds[1::2])
+        assert pairs_mirror == mirrored and pairs_share == mirrored
+        assert len(np.unique(seeds[0::2])) == 6  # the three pairs play different episodes
+
+
+def test_mirrored_refuses_a_state_made_without_it(tmp_path):
+    class Quadratic:
+        def evaluate(self, params, seeds):
+            return -np.square(params).sum(axis=1)
+
+    es = EsConfig(population=4, rollouts=1, generations=1, eval_every=10, eval_rollouts=1)
+    run_es(Quadratic(), 3, es, str(tmp_path), progress=False)
+    mirrored = EsConfig(population=4, rollouts=1, generations=2, eval_every=10,
+                        eval_rollouts=1, mirrored=True)
+    with pytest.raises(WmlabError, match="es.mirrored = false"):
+        run_es(Quadratic(), 3, mirrored, str(tmp_path), progress=False)
+
+
 def test_dream_training_improves_survival(tmp_path):
     cfg = make_run(tmp_path, overrides=DREAM)
     result = train_controller(cfg, progress=False)

@@ -229,6 +229,9 @@ class EsConfig:
                            "of thousands of parameters)", choices=("full", "diagonal"))
     l2: float = _opt(0.01, "L2 weight penalty subtracted from fitness", min=0.0)
     antithetic: bool = _opt(True, "members i and i + pop/2 share rollout seeds")
+    mirrored: bool = _opt(False, "members come in mirrored pairs (mean + d, mean - d: "
+                          "cma's unconditional mirroring), each pair on the same rollout "
+                          "seeds, so what the pair's returns differ by is d's effect")
     common_seeds: bool = _opt(False, "every member of a generation plays the same rollout "
                               "seeds (common random numbers: ranks members where episodes "
                               "differ more than controllers do, e.g. BinPacking's items)")
@@ -519,9 +522,10 @@ def _check_consistency(cfg: Config) -> None:
             with_overrides(probe, cfg.run.later)
         except ConfigError as exc:
             raise ConfigError(f"run.later: {exc}") from None
-    if cfg.es.antithetic and cfg.es.population % 2:
-        raise ConfigError(f"es.population ({cfg.es.population}) must be even with "
-                          "es.antithetic = true")
+    for key in ("antithetic", "mirrored"):
+        if getattr(cfg.es, key) and cfg.es.population % 2:
+            raise ConfigError(f"es.population ({cfg.es.population}) must be even with "
+                              f"es.{key} = true")
 
 
 def from_dict(data: dict[str, Any]) -> Config:

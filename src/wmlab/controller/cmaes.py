@@ -13,8 +13,9 @@ fitness each generation's members had. A dream can be exploited (C learns to foo
 beaten the best real score, and the real ones start afresh from the best scored mean (the
 generation it ended at is kept in the state, so a resumed run switches where it did).
 
-Per generation: ask P candidates from ``cma``, draw the generation's rollout seeds (members i
-and i + P/2 share them when antithetic), evaluate, subtract the L2 penalty
+Per generation: ask P candidates from ``cma`` (in mirrored pairs under ``es.mirrored``), draw
+the generation's rollout seeds (members i and i + P/2 share them when antithetic, a mirrored
+pair when mirrored), evaluate, subtract the L2 penalty
 ``l2 * mean(w^2)`` (the original *added* it, rewarding large weights; here it penalises),
 tell ``cma`` the negated scores (it minimises). Every ``eval_every`` generations (and at the
 last) the current mean is scored on fixed seeds and the best such mean is kept.
@@ -108,17 +109,19 @@ def check_es_config(es: EsConfig) -> None:
 
 
 def generation_seeds(seed: int, generation: int, population: int, rollouts: int,
-                     antithetic: bool, common: bool = False) -> np.ndarray:
+                     antithetic: bool, common: bool = False,
+                     mirrored: bool = False) -> np.ndarray:
     """(P, R) rollout seeds of one generation; rows i and i + P/2 equal when antithetic,
-    every row equal when ``common`` (all members on the same episodes: where episodes vary
-    more than good controllers differ, only the same episodes rank them)."""
+    rows 2k and 2k + 1 when ``mirrored`` (cma's mirrored pairs sit side by side), every row
+    equal when ``common`` (all members on the same episodes: where episodes vary more than
+    good controllers differ, only the same episodes rank them)."""
     rng = np.random.default_rng([seed, generation, 5])
     if common:
         return np.repeat(rng.integers(0, SEED_RANGE, (1, rollouts)), population, axis=0)
-    if not antithetic:
+    if not (antithetic or mirrored):
         return rng.integers(0, SEED_RANGE, (population, rollouts))
     half = rng.integers(0, SEED_RANGE, (population // 2, rollouts))
-    return np.concatenate([half, half])
+    return np.repeat(half, 2, axis=0) if mirrored else np.concatenate([half, half])
 
 
 def eval_seeds(seed: int, eval_rollouts: int, rollouts: int) -> np.ndarray:
@@ -174,6 +177,10 @@ def new_strategy(num_params: int, es: EsConfig, seed: int, start: np.ndarray | N
         # A full covariance of n parameters costs n^2 memory per checkpoint and O(n^2) per
         # sample: 600 MB a generation for BinPacking's 8,670-parameter controller.
         options["CMA_diagonal"] = True
+    if es.mirrored:
+        # every second member is the mirror of the one before it (method 0: all of them,
+        # not cma's default selective mirroring of the previous generation's worst)
+        options.update(CMA_mirrors=es.population // 2, CMA_mirrormethod=0)
     with numpy_seeded(seed, 17):
         x0 = np.zeros(num_params) if start is None else np.asarray(start, dtype=np.float64)
         return cma.CMAEvolutionStrategy(x0, es.sigma0, options)
@@ -197,6 +204,10 @@ def _load_state(folder: str, num_params: int, es: EsConfig) -> dict[str, Any] | 
         except Exception as exc:
             raise WmlabError(f"ES state {path} is damaged ({type(exc).__name__}): delete "
                              f"{folder} to train the controller from scratch") from None
+    if state.get("mirrored", False) != es.mirrored:  # states from before the key: False
+        raise WmlabError(f"{folder} holds a CMA-ES run with es.mirrored = "
+                         f"{str(state.get('mirrored', False)).lower()}, but this config sets "
+                         f"{str(es.mirrored).lower()}: set it back, or use another run name")
     if state["num_params"] != num_params or state["population"] != es.population:
         raise WmlabError(f"{folder} holds a CMA-ES run of {state['population']} members x "
                          f"{state['num_params']} parameters, but this config asks for "
@@ -247,7 +258,7 @@ def _new_state(num_params: int, es: EsConfig, seed: int, start: np.ndarray | Non
             "best_score": start_score if scored else None,
             "best_params": np.asarray(start, dtype=np.float64).copy() if scored else None,
             "best_generation": 0, "num_params": num_params, "population": es.population,
-            "dream_ended_at": None, "unimproved_scorings": 0}
+            "mirrored": es.mirrored, "dream_ended_at": None, "unimproved_scorings": 0}
 
 
 def run_es(fitness: Fitness, num_params: int, es: EsConfig, folder: str, *, seed: int = 0,
@@ -343,7 +354,7 @@ def _evolve(search: _Search, generation: int) -> tuple[np.ndarray, dict[str, flo
     in_dream = generation < _dream_until(search)
     rollouts = es.dream_rollouts if in_dream and es.dream_rollouts else es.rollouts
     seeds = generation_seeds(seed, generation, es.population, rollouts, es.antithetic,
-                             es.common_seeds)
+                             es.common_seeds, es.mirrored)
     members = search.dream_fitness if in_dream and search.dream_fitness is not None \
         else search.fitness
     returns = np.asarray(members.evaluate(candidates.astype(np.float32), seeds),
