@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wmlab.checkpoint import checkpoint_exists, load_checkpoint, load_weights_into, read_info
+from wmlab.device import bf16_is_native
 from wmlab.errors import WmlabError
 
 PAPER_WIDTH = 32  # channels of the first convolution; then 64, 128, 256
@@ -172,7 +173,8 @@ def conv_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     first layer's time at a batch of 8), else as two ops. The same values bit for bit:
     rounding keeps signs, so the ReLU commutes with the cast of the sums."""
     fused = _fused_conv()
-    if fused is None or x.device.type != "cpu":
+    if fused is None or x.device.type != "cpu" or \
+            (x.dtype == torch.bfloat16 and not _fused_runs_bf16()):
         return F.conv2d(x, weight, bias, stride=stride).relu_()
     return fused(x, weight, bias, [0, 0], [stride, stride], [1, 1], 1, "relu", [], "")
 
@@ -185,6 +187,13 @@ def _fused_conv() -> Any | None:
         return torch.ops.mkldnn._convolution_pointwise
     except (AttributeError, RuntimeError):
         return None
+
+
+@functools.cache
+def _fused_runs_bf16() -> bool:
+    """Whether oneDNN's fused op takes bfloat16 here: it refuses on CPUs without AVX-512 (or
+    AVX-NE-CONVERT), where plain ``conv2d`` still runs bf16 (emulated, slowly)."""
+    return bf16_is_native(torch.device("cpu"))
 
 
 def _patch_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, kernel: int = 4,
