@@ -41,6 +41,7 @@ from wmlab.evaluators import Rollouts
 from wmlab.memory.model import MDNRNN
 from wmlab.runs import RunLayout
 from wmlab.shipped import agent_config
+from wmlab.vision.int8 import Int8Encoder
 from wmlab.vision.model import ConvVAE, PackedEncoder, frames_to_tensor
 
 NOISE_BLOCK = 64  # steps of z-noise drawn at once per env (a numpy call per block, not step)
@@ -57,7 +58,8 @@ class AgentModels:
     vae: ConvVAE | None = None
     start: DreamStart | None = None
     vae_bf16: bool = False  # encode real frames in bf16, as the run's series were (vae.bf16)
-    packed: PackedEncoder | None = None  # V's encoder packed for acting (controller.packed_encoder)
+    # V's encoder for acting: packed (controller.packed_encoder) or int8 (int8_encoder)
+    packed: PackedEncoder | Int8Encoder | None = None
     # a look-ahead C (controller.lookahead): the action vectors of the A actions it scores
     # (row a: action a); None for a C that reads [z, h] itself
     candidates: torch.Tensor | None = None
@@ -68,7 +70,7 @@ class AgentModels:
 def build_models(spec: EnvSpec, mdrnn: MDNRNN, vae: ConvVAE | None, features: str,
                  hidden: int, bias: bool, start: DreamStart | None = None,
                  vae_bf16: bool = False, packed_encoder: bool = False,
-                 lookahead: bool = False) -> AgentModels:
+                 lookahead: bool = False, int8_encoder: bool = False) -> AgentModels:
     """Check that V, M and the env fit together and derive C's shape from them
     (``lookahead``: the look-ahead C of ``controller.lookahead``)."""
     m = mdrnn.shape
@@ -86,8 +88,10 @@ def build_models(spec: EnvSpec, mdrnn: MDNRNN, vae: ConvVAE | None, features: st
         # HWC uint8, which is already that layout).
         vae = vae.eval().to(memory_format=torch.channels_last)
     bf16 = vae_bf16 and vae is not None
-    packed = None
-    if vae is not None and packed_encoder:
+    packed: PackedEncoder | Int8Encoder | None = None
+    if vae is not None and int8_encoder:
+        packed = Int8Encoder(vae.encoder, vae.decoder)
+    elif vae is not None and packed_encoder:
         packed = PackedEncoder(vae.encoder, torch.bfloat16 if bf16 else torch.float32)
     return AgentModels(spec=spec, mdrnn=mdrnn.eval(), features=features, shape=shape, vae=vae,
                        start=start, vae_bf16=bf16, packed=packed, candidates=candidates)
@@ -185,7 +189,8 @@ def _act_ahead(models: AgentModels, params: torch.Tensor, z: torch.Tensor, h: to
 
 def _sample_z(models: AgentModels, frames: np.ndarray, eps: np.ndarray) -> torch.Tensor:
     """z sampled from V's posterior for (B, 64, 64, 3) frames, with the given noise; V runs
-    in bf16 under vae.bf16 (as the encode stage did), packed under controller.packed_encoder."""
+    in bf16 under vae.bf16 (as the encode stage did), packed under controller.packed_encoder,
+    in int8 under controller.int8_encoder."""
     if models.packed is not None:
         mu, logvar = models.packed(torch.from_numpy(frames))
     else:
@@ -445,6 +450,7 @@ class RolloutWorkload:
     dream: DreamSettings | None = None  # the dream's rules (kind "dream")
     vae_bf16: bool = False  # vae.bf16 where the hardware runs it: V as in the encode stage
     packed_encoder: bool = False  # controller.packed_encoder: V's encoder packed for acting
+    int8_encoder: bool = False  # controller.int8_encoder: V's encoder in int8 for acting
     stall_steps: int = 0  # es.stall_steps: end real episodes that stopped scoring; 0 = off
     real_envs: int = 0  # es.real_envs: a job's real rollouts in groups of this many; 0 = all
     lookahead: bool = False  # controller.lookahead: C scores M's state after each action
@@ -465,7 +471,8 @@ class RolloutWorkload:
         # silent: every worker builds this, and the encode stage has said it once already
         bf16 = resolve_bf16(self.vae_bf16, torch.device("cpu"), log=lambda message: None)
         models = build_models(get_spec(self.env), mdrnn, vae, self.features, self.hidden,
-                              self.bias, start, bf16, self.packed_encoder, self.lookahead)
+                              self.bias, start, bf16, self.packed_encoder, self.lookahead,
+                              self.int8_encoder)
         others = tuple(load_mdrnn(folder)[0].eval() for folder in self.ensemble)
         return dataclasses.replace(models, ensemble=others) if others else models
 
@@ -541,6 +548,7 @@ def workload_from_config(cfg: Any, kind: str | None = None, backend: str | None 
         max_steps=0 if dream else cfg.env.max_steps,
         dream=dream_settings(cfg) if dream else None,
         vae_bf16=cfg.vae.bf16, packed_encoder=cfg.controller.packed_encoder,
+        int8_encoder=cfg.controller.int8_encoder,
         stall_steps=cfg.es.stall_steps if kind == "real" else 0,
         real_envs=cfg.es.real_envs,
         lookahead=cfg.controller.lookahead,

@@ -193,10 +193,11 @@ def _real_agent_rows(quick: bool, folder: str) -> list[dict[str, Any]]:
 
 
 def _stepping_rate(kind: str, folder: str, envs: int, cap: int, seconds: float,
-                   packed: bool) -> tuple[int, float]:
+                   encoder: str) -> tuple[int, float]:
     """One worker (one core): env steps taken in about ``seconds`` and the time they took,
     stepping ``envs`` EnvPool envs with random actions (``kind='random'``) or with the full
-    agent (V bf16, M, C), episode after episode, as a C stage's worker does."""
+    agent (V bf16 where native, M, C; V's ``encoder`` "plain", "packed" or "int8"), episode
+    after episode, as a C stage's worker does."""
     import dataclasses
 
     from wmlab.agent import run_real
@@ -209,7 +210,8 @@ def _stepping_rate(kind: str, folder: str, envs: int, cap: int, seconds: float,
     models = params = None
     if kind == "agent":
         workload = dataclasses.replace(_workload(folder, "carracing", "real", cap, "envpool"),
-                                       vae_bf16=True, packed_encoder=packed)
+                                       vae_bf16=True, packed_encoder=encoder == "packed",
+                                       int8_encoder=encoder == "int8")
         models = workload.load()
         params = _params(models.shape.num_params, envs)
     episode, began = 0, time.perf_counter()
@@ -270,6 +272,7 @@ def _shipped_side_by_side_rows(quick: bool, folder: str, random_rate: float
     real rollouts run, 2 workers x 8 envs, against EnvPool alone replaying the very same
     episodes (seeds and actions): the agent's own share of a rollout, where random actions
     (a car that hardly moves) make the env itself cheaper than a driving car's."""
+    import dataclasses
     import multiprocessing as mp
 
     from wmlab.agent import workload_from_config
@@ -283,27 +286,34 @@ def _shipped_side_by_side_rows(quick: bool, folder: str, random_rate: float
     workers, envs = 2, 8
     cap, seconds = (200, 20.0) if quick else (1000, 60.0)
     cfg = agent_config("carracing", folder)
-    workload = workload_from_config(cfg, "real", "envpool")
+    shipped = workload_from_config(cfg, "real", "envpool")
     params, _ = load_controller_params(RunLayout.of(cfg).controller)
     ctx = mp.get_context("spawn")
-    with ctx.Pool(workers) as pool:
-        driven = pool.map(_job, [("shipped", workload, params, envs, cap, seconds)] * workers)
-    with ctx.Pool(workers) as pool:
-        replayed = pool.map(_job, [("replay", envs, cap, out[2]) for out in driven])
-    agent = sum(o[0] for o in driven) / max(o[1] for o in driven)
-    bare = sum(o[0] for o in replayed) / max(o[1] for o in replayed)
-    same = [o[0] for o in driven] == [o[0] for o in replayed]
-    return [
-        {"case": f"CarRacing envpool, {workers} workers x {envs} envs: EnvPool alone replaying "
-                 "the shipped agent's episodes" + ("" if same else " (steps differ!)"),
-         "steps": sum(o[0] for o in replayed), "seconds": max(o[1] for o in replayed),
-         "per_second": bare},
-        {"case": f"CarRacing envpool, {workers} workers x {envs} envs: the shipped agent "
-                 f"driving = {agent / bare:.2f}x EnvPool on its actions, "
-                 f"{agent / random_rate:.2f}x on random actions",
-         "steps": sum(o[0] for o in driven), "seconds": max(o[1] for o in driven),
-         "per_second": agent},
-    ]
+    rows = []
+    for workload, how in ((shipped, "its V's encoder packed"),
+                          (dataclasses.replace(shipped, int8_encoder=True),
+                           "its V's encoder in int8 (controller.int8_encoder)")):
+        with ctx.Pool(workers) as pool:
+            driven = pool.map(_job, [("shipped", workload, params, envs, cap, seconds)] *
+                              workers)
+        # each agent's own episodes replayed: int8 drives slightly other laps than float
+        with ctx.Pool(workers) as pool:
+            replayed = pool.map(_job, [("replay", envs, cap, out[2]) for out in driven])
+        agent = sum(o[0] for o in driven) / max(o[1] for o in driven)
+        bare = sum(o[0] for o in replayed) / max(o[1] for o in replayed)
+        same = [o[0] for o in driven] == [o[0] for o in replayed]
+        rows += [
+            {"case": f"CarRacing envpool, {workers} workers x {envs} envs: EnvPool alone "
+                     f"replaying the episodes of the shipped agent, {how}"
+                     + ("" if same else " (steps differ!)"),
+             "steps": sum(o[0] for o in replayed), "seconds": max(o[1] for o in replayed),
+             "per_second": bare},
+            {"case": f"CarRacing envpool, {workers} workers x {envs} envs: the shipped agent "
+                     f"driving, {how} = {agent / bare:.2f}x EnvPool on its actions, "
+                     f"{agent / random_rate:.2f}x on random actions",
+             "steps": sum(o[0] for o in driven), "seconds": max(o[1] for o in driven),
+             "per_second": agent}]
+    return rows
 
 
 def _side_by_side_rows(quick: bool, folder: str) -> list[dict[str, Any]]:
@@ -313,13 +323,14 @@ def _side_by_side_rows(quick: bool, folder: str) -> list[dict[str, Any]]:
 
     workers, envs = 2, 8
     cap, seconds = (200, 20.0) if quick else (1000, 60.0)
-    cases = [("random", False, "EnvPool alone, random actions"),
-             ("agent", False, "full agent (V bf16 convolutions + M + C)"),
-             ("agent", True, "full agent, V's encoder packed (controller.packed_encoder)")]
+    cases = [("random", "plain", "EnvPool alone, random actions"),
+             ("agent", "plain", "full agent (V's convolutions in bf16 where native + M + C)"),
+             ("agent", "packed", "full agent, V's encoder packed (controller.packed_encoder)"),
+             ("agent", "int8", "full agent, V's encoder in int8 (controller.int8_encoder)")]
     rows = []
     ctx = mp.get_context("spawn")
-    for kind, packed, what in cases:
-        jobs = [(kind, f"{folder}/{kind}-{packed}-{w}", envs, cap, seconds, packed)
+    for kind, encoder, what in cases:
+        jobs = [(kind, f"{folder}/{kind}-{encoder}-{w}", envs, cap, seconds, encoder)
                 for w in range(workers)]
         with ctx.Pool(workers) as pool:
             out = pool.map(_stepping_rate_job, jobs)

@@ -102,7 +102,8 @@ LATER_KEYS: dict[str, Any] = {"es.dream_generations": 0, "es.covariance": "full"
                                "es.carry_over": False, "es.max_steps": 0,
                                "vae.salient_weight": 0.0, "collect.explore": 0.0,
                                "es.real_envs": 0, "dream.ensemble_reward": "mean",
-                               "mdrnn.reward_over_weight": 1.0, "es.mirrored": False}
+                               "mdrnn.reward_over_weight": 1.0, "es.mirrored": False,
+                               "controller.int8_encoder": False}
 
 
 def _hash(value: Any) -> str:
