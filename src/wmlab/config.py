@@ -189,7 +189,7 @@ class ControllerConfig:
                                 "rollouts, z equal to the convolutions' up to float rounding")
     int8_encoder: bool = _opt(False, "V's encoder as int8 convolutions for acting, calibrated "
                               "on frames V's decoder draws from its prior (takes the place "
-                              "of packed_encoder): ~2x faster encoding where bf16 is not "
+                              "of packed_encoder): V 1.6-2x faster where bf16 is not "
                               "native (AVX2), mu moved by ~2% of V's posterior noise")
     lookahead: bool = _opt(False, "discrete actions only: score each action a by w . h'_a "
                            "(+ v r_a where M has a reward head) + b_a, h'_a M's state after a "

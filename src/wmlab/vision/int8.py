@@ -3,8 +3,9 @@
 A real rollout encodes every frame with V, and on CPUs without bf16 hardware V's encoder in
 float32 is most of an agent step (on a 2-core AVX2 EPYC ~800 us a frame against ~1,600 us
 for the CarRacing env step itself). Its four convolutions run here as PyTorch's quantized
-int8 kernels: ~2.5x faster on those cores, z changed by ~2% of V's own posterior noise
-(``docs/benchmarks.md``), which the agent samples z with anyway.
+int8 kernels: ~2x faster alone there (1.6x inside a rollout, where the env step between two
+encodings evicts V's weights from the caches), mu moved by ~2% of V's own posterior noise
+(``docs/benchmarks.md``), the noise the agent samples z with anyway.
 
 - Pixels: uint8 frames are already 8-bit numbers; the first layer reads them at scale 1/255.
 - Weights: per output channel, 7 bits (|q| <= 63). CPUs without VNNI multiply unsigned by
