@@ -83,7 +83,7 @@ def test_real_rollouts_with_the_int8_encoder(vae):
     spec = get_spec("carracing")
     plain = build_models(spec, mdrnn, vae, "zh", 0, True, packed_encoder=True)
     int8 = build_models(spec, mdrnn, vae, "zh", 0, True, int8_encoder=True)
-    assert isinstance(int8.packed, Int8Encoder)
+    assert isinstance(int8.acting_encoder, Int8Encoder)
     params = np.random.default_rng(0).normal(0, 0.1, (2, plain.shape.num_params))
     seeds = np.array([[11, 12], [11, 12]])
     with make_batch("carracing", 4, "envpool", max_steps=60) as batch:

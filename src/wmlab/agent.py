@@ -58,8 +58,9 @@ class AgentModels:
     vae: ConvVAE | None = None
     start: DreamStart | None = None
     vae_bf16: bool = False  # encode real frames in bf16, as the run's series were (vae.bf16)
-    # V's encoder for acting: packed (controller.packed_encoder) or int8 (int8_encoder)
-    packed: PackedEncoder | Int8Encoder | None = None
+    # V's encoder for acting: packed (controller.packed_encoder) or int8 (int8_encoder);
+    # None: V's own convolutions
+    acting_encoder: PackedEncoder | Int8Encoder | None = None
     # a look-ahead C (controller.lookahead): the action vectors of the A actions it scores
     # (row a: action a); None for a C that reads [z, h] itself
     candidates: torch.Tensor | None = None
@@ -88,13 +89,14 @@ def build_models(spec: EnvSpec, mdrnn: MDNRNN, vae: ConvVAE | None, features: st
         # HWC uint8, which is already that layout).
         vae = vae.eval().to(memory_format=torch.channels_last)
     bf16 = vae_bf16 and vae is not None
-    packed: PackedEncoder | Int8Encoder | None = None
+    acting: PackedEncoder | Int8Encoder | None = None
     if vae is not None and int8_encoder:
-        packed = Int8Encoder(vae.encoder, vae.decoder)
+        acting = Int8Encoder(vae.encoder, vae.decoder)
     elif vae is not None and packed_encoder:
-        packed = PackedEncoder(vae.encoder, torch.bfloat16 if bf16 else torch.float32)
+        acting = PackedEncoder(vae.encoder, torch.bfloat16 if bf16 else torch.float32)
     return AgentModels(spec=spec, mdrnn=mdrnn.eval(), features=features, shape=shape, vae=vae,
-                       start=start, vae_bf16=bf16, packed=packed, candidates=candidates)
+                       start=start, vae_bf16=bf16, acting_encoder=acting,
+                       candidates=candidates)
 
 
 def _candidates(spec: EnvSpec) -> torch.Tensor:
@@ -191,8 +193,8 @@ def _sample_z(models: AgentModels, frames: np.ndarray, eps: np.ndarray) -> torch
     """z sampled from V's posterior for (B, 64, 64, 3) frames, with the given noise; V runs
     in bf16 under vae.bf16 (as the encode stage did), packed under controller.packed_encoder,
     in int8 under controller.int8_encoder."""
-    if models.packed is not None:
-        mu, logvar = models.packed(torch.from_numpy(frames))
+    if models.acting_encoder is not None:
+        mu, logvar = models.acting_encoder(torch.from_numpy(frames))
     else:
         pixels = frames_to_tensor(torch.from_numpy(frames), channels_last=True)
         with torch.autocast(pixels.device.type, dtype=torch.bfloat16,
