@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from wmlab.errors import WmlabError
+from wmlab.vision.model import frames_to_tensor
 
 WEIGHT_LEVELS = 63  # 7-bit weights: no int16 saturation on CPUs without VNNI (above)
 PIXEL_SCALE = 1.0 / 255.0
@@ -55,7 +56,8 @@ def quantized_engine() -> str | None:
 def _quantized_tensors() -> Iterator[None]:
     """PyTorch 2.13 warns that its quantized tensors are deprecated; they are its only fast
     int8 convolutions on CPU (``torch._int_mm`` is ~30x slower than float32 there). Where a
-    later PyTorch drops them, ``int8_available`` says so and the agent keeps float32."""
+    later PyTorch drops them, ``int8_available`` says so and building the encoder stops with
+    a one-line error."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*quantized tensor.*deprecated")
         yield
@@ -100,13 +102,12 @@ class Int8Encoder:
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module,
                  calibration: torch.Tensor | None = None, engine: str | None = None) -> None:
-        engine = engine or quantized_engine()
-        if engine is None or not int8_available():
+        if not int8_available():
             raise WmlabError("this PyTorch has no int8 convolutions on CPU (fbgemm or "
                              "onednn): set controller.int8_encoder = false")
+        engine = engine or quantized_engine()
         convs = [m for m in encoder.convs if isinstance(m, nn.Conv2d)]
         self.z_dim = encoder.mu.out_features
-        self.engine = engine
         frames = prior_frames(decoder, self.z_dim) if calibration is None else calibration
         scales = _activation_scales(convs, frames)
         with _engine(engine), _quantized_tensors(), torch.no_grad():
@@ -121,10 +122,9 @@ class Int8Encoder:
     @torch.no_grad()
     def __call__(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, 64, 64, 3) uint8 frames -> (mu, logvar), each (N, z) float32."""
-        # (N, H, W, C) uint8 is the channels-last layout: the permute is a view
-        pixels = frames.permute(0, 3, 1, 2).float().mul_(PIXEL_SCALE)
         with _quantized_tensors():
-            x = torch.quantize_per_tensor(pixels.contiguous(memory_format=torch.channels_last),
+            # every byte value is exactly one level of the 1/255 scale
+            x = torch.quantize_per_tensor(frames_to_tensor(frames, channels_last=True),
                                           PIXEL_SCALE, 0, torch.quint8)
             for packed, scale in self.layers:
                 x = torch.ops.quantized.conv2d_relu(x, packed, scale, 0)
@@ -136,7 +136,7 @@ class Int8Encoder:
 def _activation_scales(convs: list[nn.Conv2d], frames: torch.Tensor) -> list[float]:
     """Each convolution's output scale: HEADROOM x its largest ReLU output over ``frames``
     / 255, the float convolutions run on the pixels as the int8 ones will read them."""
-    x = frames.permute(0, 3, 1, 2).float().mul(PIXEL_SCALE)
+    x = frames_to_tensor(frames, channels_last=True)
     scales = []
     with torch.no_grad():
         for conv in convs:
