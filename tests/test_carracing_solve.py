@@ -255,6 +255,84 @@ def test_a_dream_that_copies_the_game_ranks_controllers_perfectly(tmp_path, one_
     assert [s["tau"] for s in saved] == [1.0, 1.2] and len(saved[0]["rows"]) == 8
 
 
+class _Halves:
+    """A game whose two halves of the tracks disagree: the first half plays the dream on
+    fixed seeds, the second pays the sum of C's weights."""
+
+    def __init__(self, inner, first_track: int) -> None:
+        self.inner, self.first_track = inner, first_track
+        self.calls: list[np.ndarray] = []
+
+    def evaluate(self, params, seeds):
+        self.calls.append(np.asarray(seeds))
+        if seeds[0, 0] == self.first_track:
+            return self.inner.evaluate(params, np.repeat([list(range(1, 9))], len(params),
+                                                         axis=0))
+        return np.asarray(params, np.float64).sum(1)
+
+
+def test_neighbours_are_drawn_around_the_center_at_the_step_size():
+    from wmlab.errors import WmlabError
+    from wmlab.fidelity import neighbour_controllers
+
+    center = np.linspace(-1.0, 1.0, 2000)
+    drawn = neighbour_controllers(center, 0.05, 4, seed=3)
+    assert list(drawn) == ["best", "sigma 0.05 #1", "sigma 0.05 #2", "sigma 0.05 #3",
+                           "sigma 0.05 #4"]
+    np.testing.assert_array_equal(drawn["best"], center)
+    steps = np.stack([drawn[name] - center for name in list(drawn)[1:]])
+    assert steps.std() == pytest.approx(0.05, rel=0.05) and abs(steps.mean()) < 0.005
+    again = neighbour_controllers(center, 0.05, 4, seed=3)
+    np.testing.assert_array_equal(again["sigma 0.05 #2"], drawn["sigma 0.05 #2"])
+    other = neighbour_controllers(center, 0.05, 4, seed=4)
+    assert not np.array_equal(other["sigma 0.05 #2"], drawn["sigma 0.05 #2"])
+    with pytest.raises(WmlabError, match="> 0"):
+        neighbour_controllers(center, 0.0, 4, seed=3)
+    with pytest.raises(WmlabError, match="2 or more"):
+        neighbour_controllers(center, 0.05, 1, seed=3)
+
+
+def test_neighbour_fidelity_ranks_the_draws_around_the_best_c(tmp_path, one_thread):
+    """Around a tiny M's trained C: a dream that copies the game ranks the neighbours
+    perfectly, and the game's two halves are compared with each other (the ceiling)."""
+    import json
+
+    from agent_fixtures import make_run
+    from wmlab.agent import workload_from_config
+    from wmlab.controller.cmaes import eval_seeds, load_controller_params, run_es
+    from wmlab.evaluators import Evaluator
+    from wmlab.fidelity import measure_neighbour_fidelity, neighbour_controllers, rank_correlation
+
+    cfg = make_run(tmp_path, overrides=("es.population=8", "es.rollouts=2",
+                                        "es.generations=2", "es.eval_every=1",
+                                        "es.eval_rollouts=4", "es.sigma0=0.5",
+                                        "dream.max_steps=30"))
+    tracks = eval_seeds(cfg.run.seed, 4, 2).ravel()
+    with Evaluator(workload_from_config(cfg, "dream"), "serial") as dream:
+        game = _SameDreams(dream, list(range(1, 9)))
+        n = dream.engine.runner.models.shape.num_params
+        run_es(game, n, cfg.es, RunLayout.of(cfg).controller, seed=0, progress=False)
+        (same,) = measure_neighbour_fidelity(cfg, 3, 0.2, 6, real=game, dream=game)
+        halves = _Halves(dream, int(tracks[0]))
+        (split,) = measure_neighbour_fidelity(cfg, 3, 0.2, 6, real=halves, dream=game)
+    assert [row.controller for row in same.rows][:2] == ["best", "sigma 0.2 #1"]
+    assert len(same.rows) == 7 and len({row.real for row in same.rows}) > 2
+    assert same.rank_correlation == pytest.approx(1.0)
+    assert same.notes["game_split_half"] == pytest.approx(1.0)
+    # each half of the tracks scored on its own: the first two, then the last two
+    assert [list(call[0]) for call in halves.calls] == [list(tracks[:2]), list(tracks[2:])]
+    center, _ = load_controller_params(RunLayout.of(cfg).controller)
+    sums = [p.astype(np.float32).sum(dtype=np.float64)
+            for p in neighbour_controllers(center, 0.2, 6, cfg.run.seed).values()]
+    expected = rank_correlation([row.real for row in same.rows], sums)
+    assert split.notes["game_split_half"] == pytest.approx(expected)
+    assert abs(expected) < 0.99  # halves that disagree, or the check proves nothing
+    saved = json.loads((Path(RunLayout.of(cfg).eval) / "fidelity-neighbours.json")
+                       .read_text())["results"]
+    assert saved[0]["notes"]["sigma"] == 0.2 and len(saved[0]["rows"]) == 7
+    assert "agree at" in split.line()
+
+
 class _Recording:
     def __init__(self, inner, calls) -> None:
         self.inner, self.calls = inner, calls

@@ -16,6 +16,13 @@ measured by the CMA-ES loop, where it scored them in the game; a C trained in th
 has them scored in the game here); the zero and random controllers are scored on the same
 seeds.
 Every controller plays the same dreams.
+
+A run's scored means span a whole search (from a parked car to the best driver); what C's
+search needs from a dream is finer: to rank the candidates CMA-ES compares in a generation,
+draws around its mean at its step size. ``measure_neighbour_fidelity`` scores such
+neighbours of the run's best C in the dream and the game, and beside the rank correlation
+reports how well the game agrees with itself on them (its tracks split in two halves): real
+returns are noisy, so that is the most any dream could reach.
 """
 
 from __future__ import annotations
@@ -59,9 +66,13 @@ class Fidelity:
     notes: dict[str, Any] = field(default_factory=dict)
 
     def line(self) -> str:
-        return (f"dream fidelity over {len(self.rows)} controllers: rank correlation with "
+        line = (f"dream fidelity over {len(self.rows)} controllers: rank correlation with "
                 f"the real returns {self.rank_correlation:+.2f}, real / dream return ratio "
                 f"{self.ratio:.2f} (tau {self.tau:g})")
+        if "game_split_half" in self.notes:
+            line += (f"; the game's two halves of its tracks agree at "
+                     f"{self.notes['game_split_half']:+.2f}")
+        return line
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -188,6 +199,87 @@ def measure_fidelity(cfg: Any, dream_episodes: int, *, taus: Sequence[float] = (
                                tau=float(tau), real_episodes=int(fixed.size),
                                dream_episodes=dream_episodes, notes={"snapshots": source}))
     atomic_write_bytes(RunLayout.of(cfg).fidelity, dump(results).encode())
+    return results
+
+
+def neighbour_controllers(center: np.ndarray, sigma: float, count: int, seed: int
+                          ) -> dict[str, np.ndarray]:
+    """``center`` ("best") and ``count`` draws around it at ``sigma``, as CMA-ES samples a
+    generation's members around its mean (isotropic: its covariance as it starts)."""
+    if not sigma > 0:
+        raise WmlabError(f"--neighbours takes the step size to draw at, > 0; got {sigma}")
+    if count < 2:
+        raise WmlabError(f"--count must be 2 or more neighbours to rank, got {count}")
+    rng = np.random.default_rng([seed, 7927])
+    center = np.asarray(center, dtype=np.float64)
+    draws = {f"sigma {sigma:g} #{i + 1}": center + rng.normal(0.0, sigma, center.size)
+             for i in range(count)}
+    return {"best": center, **draws}
+
+
+def measure_neighbour_fidelity(cfg: Any, dream_episodes: int, sigma: float, count: int, *,
+                               taus: Sequence[float] = (), real: Any = None,
+                               dream: Any = None) -> list[Fidelity]:
+    """Does the dream rank the candidates CMA-ES compares? The run's best C and ``count``
+    neighbours at ``sigma`` scored in the game (the run's fixed seeds, in two halves) and in
+    M's dream at each of ``taus``; writes ``<eval>/fidelity-neighbours.json``.
+
+    ``notes`` of each result: the game's split-half rank correlation (its first half of the
+    tracks against its second, over the same controllers), the best C's real return and its
+    neighbours' mean. ``real`` and ``dream`` are fitnesses, as for ``measure_fidelity``.
+    """
+    from wmlab.agent import workload_from_config
+    from wmlab.controller.cmaes import eval_seeds, load_controller_params
+    from wmlab.evaluators import Evaluator
+    from wmlab.fsio import atomic_write_bytes
+
+    if dream_episodes < 1:
+        raise WmlabError(f"eval.fidelity_dreams is {dream_episodes}: give at least 1 dream "
+                         "per controller")
+    controller = RunLayout.of(cfg).controller
+    center, _ = load_controller_params(controller)
+    controllers = neighbour_controllers(center, sigma, count, cfg.run.seed)
+    if dream is None:
+        check_heads(workload_from_config(cfg, "dream").load())
+    es = cfg.es
+    tracks = eval_seeds(cfg.run.seed, es.eval_rollouts, es.rollouts).ravel()
+    if len(tracks) < 2:
+        raise WmlabError(f"es.eval_rollouts is {len(tracks)}: the game's two halves need at "
+                         "least 2 tracks")
+    names = list(controllers)
+    params = np.stack([controllers[n] for n in names]).astype(np.float32)
+    halves = [tracks[:len(tracks) // 2], tracks[len(tracks) // 2:]]
+    dream_seeds = np.repeat(np.random.default_rng([cfg.run.seed, 7907]).integers(
+        0, 2**31 - 1, dream_episodes)[None], len(names), axis=0)
+
+    def engine(workload: Any) -> Evaluator:
+        return Evaluator(workload, es.engine, es.workers, es.timeout, es.job_members,
+                         es.ray_address)
+
+    with contextlib.ExitStack() as stack:
+        game = real if real is not None else stack.enter_context(
+            engine(workload_from_config(cfg, "real")))
+        first, second = (np.asarray(game.evaluate(params, np.repeat(half[None], len(names),
+                                                                    axis=0)), np.float64)
+                         for half in halves)
+    weight = len(halves[0]) / len(tracks)
+    real_returns = dict(zip(names, map(float, weight * first + (1 - weight) * second),
+                            strict=True))
+    notes = {"neighbours_of": controller, "sigma": float(sigma),
+             "game_split_half": rank_correlation(first, second),
+             "best_real": real_returns["best"],
+             "neighbours_real": float(np.mean([real_returns[n] for n in names[1:]]))}
+    results = []
+    for tau in (list(taus) or [cfg.dream.tau]):
+        with contextlib.ExitStack() as stack:
+            workload = workload_from_config(cfg, "dream")
+            fitness = dream if dream is not None else stack.enter_context(engine(
+                dataclasses.replace(workload, dream=workload.dream.with_tau(tau))))
+            dreamt = fitness.evaluate(params, dream_seeds)
+        results.append(compare(real_returns, dict(zip(names, map(float, dreamt), strict=True)),
+                               tau=float(tau), real_episodes=int(tracks.size),
+                               dream_episodes=dream_episodes, notes=dict(notes)))
+    atomic_write_bytes(RunLayout.of(cfg).neighbour_fidelity, dump(results).encode())
     return results
 
 

@@ -77,6 +77,9 @@ class RunLayout:
     eval = _Path("eval", "The evaluations, on fixed recorded seeds.")
     fidelity = _Path("eval/fidelity.json",
                      "The dream's fidelity for C (rank correlation of dream and real returns).")
+    neighbour_fidelity = _Path("eval/fidelity-neighbours.json",
+                               "Whether the dream ranks the controllers CMA-ES compares "
+                               "around C's best (``wmlab fidelity --neighbours``).")
     stall_effect = _Path("eval/stall-effect.json", "What ending stalled rollouts does to C's "
                          "fitness (``wmlab stall-effect``).")
     tau_sweep = _Path("sweeps/tau", "The paper's temperature table (``wmlab sweep-tau``).")

@@ -63,6 +63,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     fidelity.add_argument("--snapshots", metavar="CONTROLLER_DIR",
                           help="the CMA-ES run whose scored means are compared (default: "
                           "this run's C; another run's are scored again in this run's game)")
+    fidelity.add_argument("--neighbours", type=float, metavar="SIGMA",
+                          help="instead of the run's scored means, its best C and --count "
+                          "draws around it at this step size, as CMA-ES compares them; "
+                          "reports how well the game agrees with itself on them too")
+    fidelity.add_argument("--count", type=int, default=16,
+                          help="neighbours drawn with --neighbours (default 16)")
     fidelity.set_defaults(func=cmd_fidelity)
 
     stall = sub.add_parser("stall-effect", help="what ending stalled rollouts "
@@ -159,11 +165,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_fidelity(args: argparse.Namespace) -> int:
-    from wmlab.fidelity import DEFAULT_FIDELITY_DREAMS, measure_fidelity
+    from wmlab.fidelity import DEFAULT_FIDELITY_DREAMS, measure_fidelity, measure_neighbour_fidelity
 
     cfg = _iteration_config(args)
     dreams = args.dreams or cfg.eval.fidelity_dreams or DEFAULT_FIDELITY_DREAMS
-    for result in measure_fidelity(cfg, dreams, taus=args.taus or cfg.eval.fidelity_taus,
+    taus = args.taus or cfg.eval.fidelity_taus
+    if args.neighbours is not None:
+        if args.snapshots:
+            raise WmlabError("--neighbours draws around this run's best C: leave out "
+                             "--snapshots")
+        for result in measure_neighbour_fidelity(cfg, dreams, args.neighbours, args.count,
+                                                 taus=taus):
+            print(result.line())
+            print(f"  the best C {result.notes['best_real']:.1f} in the game, its "
+                  f"neighbours {result.notes['neighbours_real']:.1f} on average")
+        print(f"table and controllers: {cfg.run_dir()}/eval/fidelity-neighbours.json")
+        return 0
+    for result in measure_fidelity(cfg, dreams, taus=taus,
                                    snapshots_from=args.snapshots or ""):
         print(result.line())
     from wmlab.pipeline import Pipeline
