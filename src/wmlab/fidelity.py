@@ -150,7 +150,6 @@ def measure_fidelity(cfg: Any, dream_episodes: int, *, taus: Sequence[float] = (
     """
     from wmlab.agent import workload_from_config
     from wmlab.controller.cmaes import eval_seeds, load_snapshots, score_mean
-    from wmlab.evaluators import Evaluator
     from wmlab.fsio import atomic_write_bytes
 
     source = (snapshots_from or RunLayout.of(cfg).controller).rstrip("/")
@@ -174,31 +173,48 @@ def measure_fidelity(cfg: Any, dream_episodes: int, *, taus: Sequence[float] = (
                                              cfg.run.seed))
     names = list(controllers)
     params = np.stack([controllers[n] for n in names]).astype(np.float32)
-    seeds = np.random.default_rng([cfg.run.seed, 7907]).integers(0, 2**31 - 1,
-                                                                  dream_episodes)
-    dream_seeds = np.repeat(seeds[None], len(names), axis=0)
-
-    def engine(workload: Any) -> Evaluator:
-        return Evaluator(workload, es.engine, es.workers, es.timeout, es.job_members,
-                         es.ray_address)
-
     with contextlib.ExitStack() as stack:
         game = real if real is not None else stack.enter_context(
-            engine(workload_from_config(cfg, "real")))
+            _evaluator(cfg, workload_from_config(cfg, "real")))
         for name in names:
             if name not in real_returns:
                 real_returns[name] = score_mean(game, controllers[name], fixed)
+    results = _compare_in_dreams(cfg, real_returns, params, dream_episodes, taus, dream,
+                                 real_episodes=int(fixed.size), notes={"snapshots": source})
+    atomic_write_bytes(RunLayout.of(cfg).fidelity, dump(results).encode())
+    return results
+
+
+def _evaluator(cfg: Any, workload: Any) -> Any:
+    """The run's evaluation engine (es.engine, es.workers, ...) for ``workload``."""
+    from wmlab.evaluators import Evaluator
+
+    es = cfg.es
+    return Evaluator(workload, es.engine, es.workers, es.timeout, es.job_members,
+                     es.ray_address)
+
+
+def _compare_in_dreams(cfg: Any, real_returns: dict[str, float], params: np.ndarray,
+                       dream_episodes: int, taus: Sequence[float], dream: Any,
+                       real_episodes: int, notes: dict[str, Any]) -> list[Fidelity]:
+    """The controllers (``params``, in ``real_returns``' order) in the same dreams at each
+    tau (default dream.tau), compared with their real returns: one result a tau."""
+    from wmlab.agent import workload_from_config
+
+    names = list(real_returns)
+    seeds = np.random.default_rng([cfg.run.seed, 7907]).integers(0, 2**31 - 1,
+                                                                  dream_episodes)
+    dream_seeds = np.repeat(seeds[None], len(names), axis=0)
     results = []
     for tau in (list(taus) or [cfg.dream.tau]):
         with contextlib.ExitStack() as stack:
             workload = workload_from_config(cfg, "dream")
-            fitness = dream if dream is not None else stack.enter_context(engine(
-                dataclasses.replace(workload, dream=workload.dream.with_tau(tau))))
+            fitness = dream if dream is not None else stack.enter_context(_evaluator(
+                cfg, dataclasses.replace(workload, dream=workload.dream.with_tau(tau))))
             dreamt = fitness.evaluate(params, dream_seeds)
         results.append(compare(real_returns, dict(zip(names, map(float, dreamt), strict=True)),
-                               tau=float(tau), real_episodes=int(fixed.size),
-                               dream_episodes=dream_episodes, notes={"snapshots": source}))
-    atomic_write_bytes(RunLayout.of(cfg).fidelity, dump(results).encode())
+                               tau=float(tau), real_episodes=real_episodes,
+                               dream_episodes=dream_episodes, notes=dict(notes)))
     return results
 
 
@@ -230,7 +246,6 @@ def measure_neighbour_fidelity(cfg: Any, dream_episodes: int, sigma: float, coun
     """
     from wmlab.agent import workload_from_config
     from wmlab.controller.cmaes import eval_seeds, load_controller_params
-    from wmlab.evaluators import Evaluator
     from wmlab.fsio import atomic_write_bytes
 
     if dream_episodes < 1:
@@ -249,16 +264,9 @@ def measure_neighbour_fidelity(cfg: Any, dream_episodes: int, sigma: float, coun
     names = list(controllers)
     params = np.stack([controllers[n] for n in names]).astype(np.float32)
     halves = [tracks[:len(tracks) // 2], tracks[len(tracks) // 2:]]
-    dream_seeds = np.repeat(np.random.default_rng([cfg.run.seed, 7907]).integers(
-        0, 2**31 - 1, dream_episodes)[None], len(names), axis=0)
-
-    def engine(workload: Any) -> Evaluator:
-        return Evaluator(workload, es.engine, es.workers, es.timeout, es.job_members,
-                         es.ray_address)
-
     with contextlib.ExitStack() as stack:
         game = real if real is not None else stack.enter_context(
-            engine(workload_from_config(cfg, "real")))
+            _evaluator(cfg, workload_from_config(cfg, "real")))
         first, second = (np.asarray(game.evaluate(params, np.repeat(half[None], len(names),
                                                                     axis=0)), np.float64)
                          for half in halves)
@@ -269,16 +277,8 @@ def measure_neighbour_fidelity(cfg: Any, dream_episodes: int, sigma: float, coun
              "game_split_half": rank_correlation(first, second),
              "best_real": real_returns["best"],
              "neighbours_real": float(np.mean([real_returns[n] for n in names[1:]]))}
-    results = []
-    for tau in (list(taus) or [cfg.dream.tau]):
-        with contextlib.ExitStack() as stack:
-            workload = workload_from_config(cfg, "dream")
-            fitness = dream if dream is not None else stack.enter_context(engine(
-                dataclasses.replace(workload, dream=workload.dream.with_tau(tau))))
-            dreamt = fitness.evaluate(params, dream_seeds)
-        results.append(compare(real_returns, dict(zip(names, map(float, dreamt), strict=True)),
-                               tau=float(tau), real_episodes=int(tracks.size),
-                               dream_episodes=dream_episodes, notes=dict(notes)))
+    results = _compare_in_dreams(cfg, real_returns, params, dream_episodes, taus, dream,
+                                 real_episodes=int(tracks.size), notes=notes)
     atomic_write_bytes(RunLayout.of(cfg).neighbour_fidelity, dump(results).encode())
     return results
 
