@@ -126,8 +126,7 @@ def evaluate_controller(cfg: Config, *, episodes: int | None = None, where: str 
     rows = np.repeat(params[None].astype(np.float32), len(seeds), axis=0)
     # One row (<= 10 episodes, one env batch; <= 64 dreams) per job: jobs spread evenly over
     # the workers, and the cut is the same on every engine.
-    with Evaluator(workload, cfg.es.engine, cfg.es.workers, cfg.es.timeout, 1,
-                   cfg.es.ray_address) as evaluator:
+    with Evaluator.of_config(workload, cfg.es, members_per_job=1) as evaluator:
         returns = evaluator.run(rows, seeds).ravel()
         lengths = evaluator.last_steps
     # each episode's steps: how it ended (CarRacing: a lap finished before the cap, or not)

@@ -480,6 +480,15 @@ class Evaluator(Closing):
             self.engine = RayEngine(workload, workers, timeout, ray_address,
                                     max_attempts=max_attempts)
 
+    @classmethod
+    def of_config(cls, workload: Workload, es: Any, members_per_job: int | None = None
+                  ) -> Evaluator:
+        """The engine a run's ``es`` settings name (es.engine, workers, timeout, Ray address),
+        jobs of ``members_per_job`` members (default es.job_members)."""
+        return cls(workload, es.engine, es.workers, es.timeout,
+                   es.job_members if members_per_job is None else members_per_job,
+                   es.ray_address)
+
     @property
     def retries(self) -> int:
         return self.engine.retries

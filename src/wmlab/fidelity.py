@@ -150,6 +150,7 @@ def measure_fidelity(cfg: Any, dream_episodes: int, *, taus: Sequence[float] = (
     """
     from wmlab.agent import workload_from_config
     from wmlab.controller.cmaes import eval_seeds, load_snapshots, score_mean
+    from wmlab.evaluators import Evaluator
     from wmlab.fsio import atomic_write_bytes
 
     source = (snapshots_from or RunLayout.of(cfg).controller).rstrip("/")
@@ -175,7 +176,7 @@ def measure_fidelity(cfg: Any, dream_episodes: int, *, taus: Sequence[float] = (
     params = np.stack([controllers[n] for n in names]).astype(np.float32)
     with contextlib.ExitStack() as stack:
         game = real if real is not None else stack.enter_context(
-            _evaluator(cfg, workload_from_config(cfg, "real")))
+            Evaluator.of_config(workload_from_config(cfg, "real"), cfg.es))
         for name in names:
             if name not in real_returns:
                 real_returns[name] = score_mean(game, controllers[name], fixed)
@@ -185,21 +186,13 @@ def measure_fidelity(cfg: Any, dream_episodes: int, *, taus: Sequence[float] = (
     return results
 
 
-def _evaluator(cfg: Any, workload: Any) -> Any:
-    """The run's evaluation engine (es.engine, es.workers, ...) for ``workload``."""
-    from wmlab.evaluators import Evaluator
-
-    es = cfg.es
-    return Evaluator(workload, es.engine, es.workers, es.timeout, es.job_members,
-                     es.ray_address)
-
-
 def _compare_in_dreams(cfg: Any, real_returns: dict[str, float], params: np.ndarray,
                        dream_episodes: int, taus: Sequence[float], dream: Any,
                        real_episodes: int, notes: dict[str, Any]) -> list[Fidelity]:
     """The controllers (``params``, in ``real_returns``' order) in the same dreams at each
     tau (default dream.tau), compared with their real returns: one result a tau."""
     from wmlab.agent import workload_from_config
+    from wmlab.evaluators import Evaluator
 
     names = list(real_returns)
     seeds = np.random.default_rng([cfg.run.seed, 7907]).integers(0, 2**31 - 1,
@@ -209,8 +202,8 @@ def _compare_in_dreams(cfg: Any, real_returns: dict[str, float], params: np.ndar
     for tau in (list(taus) or [cfg.dream.tau]):
         with contextlib.ExitStack() as stack:
             workload = workload_from_config(cfg, "dream")
-            fitness = dream if dream is not None else stack.enter_context(_evaluator(
-                cfg, dataclasses.replace(workload, dream=workload.dream.with_tau(tau))))
+            fitness = dream if dream is not None else stack.enter_context(Evaluator.of_config(
+                dataclasses.replace(workload, dream=workload.dream.with_tau(tau)), cfg.es))
             dreamt = fitness.evaluate(params, dream_seeds)
         results.append(compare(real_returns, dict(zip(names, map(float, dreamt), strict=True)),
                                tau=float(tau), real_episodes=real_episodes,
@@ -246,6 +239,7 @@ def measure_neighbour_fidelity(cfg: Any, dream_episodes: int, sigma: float, coun
     """
     from wmlab.agent import workload_from_config
     from wmlab.controller.cmaes import eval_seeds, load_controller_params
+    from wmlab.evaluators import Evaluator
     from wmlab.fsio import atomic_write_bytes
 
     if dream_episodes < 1:
@@ -266,7 +260,7 @@ def measure_neighbour_fidelity(cfg: Any, dream_episodes: int, sigma: float, coun
     halves = [tracks[:len(tracks) // 2], tracks[len(tracks) // 2:]]
     with contextlib.ExitStack() as stack:
         game = real if real is not None else stack.enter_context(
-            _evaluator(cfg, workload_from_config(cfg, "real")))
+            Evaluator.of_config(workload_from_config(cfg, "real"), cfg.es))
         first, second = (np.asarray(game.evaluate(params, np.repeat(half[None], len(names),
                                                                     axis=0)), np.float64)
                          for half in halves)

@@ -89,8 +89,7 @@ def measure_stall_effect(cfg: Any, tracks: int = 16, stall_steps: int = 0) -> St
     results = []
     for workload in (dataclasses.replace(whole_load, stall_steps=0),
                      dataclasses.replace(whole_load, stall_steps=stall_steps)):
-        with Evaluator(workload, es.engine, es.workers, es.timeout, es.job_members,
-                       es.ray_address) as evaluator:
+        with Evaluator.of_config(workload, es) as evaluator:
             returns = evaluator.run(params, seeds)
             results.append((returns, np.asarray(evaluator.last_steps)))
     effect = summarize(stall_steps, [s.generation for s in snapshots], results[0][0],

@@ -97,9 +97,7 @@ def train_controller(cfg: Any, *, progress: bool = True,
             **({"dream_generations": cfg.es.dream_generations} if mixed else {})}
     with contextlib.ExitStack() as stack:
         def evaluator(rollouts: Any) -> Any:
-            return stack.enter_context(Evaluator(rollouts, cfg.es.engine, cfg.es.workers,
-                                                 cfg.es.timeout, cfg.es.job_members,
-                                                 cfg.es.ray_address))
+            return stack.enter_context(Evaluator.of_config(rollouts, cfg.es))
 
         scorer = None
         if fitness is None:
