@@ -301,13 +301,20 @@ def test_neighbour_fidelity_ranks_the_draws_around_the_best_c(tmp_path, one_thre
     from wmlab.agent import workload_from_config
     from wmlab.controller.cmaes import eval_seeds, load_controller_params, run_es
     from wmlab.evaluators import Evaluator
-    from wmlab.fidelity import measure_neighbour_fidelity, neighbour_controllers, rank_correlation
+    from wmlab.fidelity import (
+        held_out_tracks,
+        measure_neighbour_fidelity,
+        neighbour_controllers,
+        rank_correlation,
+    )
 
     cfg = make_run(tmp_path, overrides=("es.population=8", "es.rollouts=2",
                                         "es.generations=2", "es.eval_every=1",
                                         "es.eval_rollouts=4", "es.sigma0=0.5",
                                         "dream.max_steps=30"))
-    tracks = eval_seeds(cfg.run.seed, 4, 2).ravel()
+    tracks = held_out_tracks(cfg.run.seed, 4)
+    # not the tracks the scored means (and so the best C) were chosen on
+    assert not set(tracks) & set(eval_seeds(cfg.run.seed, 4, 2).ravel())
     with Evaluator(workload_from_config(cfg, "dream"), "serial") as dream:
         game = _SameDreams(dream, list(range(1, 9)))
         n = dream.engine.runner.models.shape.num_params

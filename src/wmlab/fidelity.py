@@ -211,6 +211,14 @@ def _compare_in_dreams(cfg: Any, real_returns: dict[str, float], params: np.ndar
     return results
 
 
+def held_out_tracks(seed: int, count: int) -> np.ndarray:
+    """``count`` env seeds from a stream of their own: not the scored mean's fixed seeds
+    (where the best C was chosen, so its figure there is luckier than it), nor the members'."""
+    from wmlab.controller.cmaes import SEED_RANGE
+
+    return np.random.default_rng([seed, 7937]).integers(0, SEED_RANGE, count)
+
+
 def neighbour_controllers(center: np.ndarray, sigma: float, count: int, seed: int
                           ) -> dict[str, np.ndarray]:
     """``center`` ("best") and ``count`` draws around it at ``sigma``, as CMA-ES samples a
@@ -230,15 +238,15 @@ def measure_neighbour_fidelity(cfg: Any, dream_episodes: int, sigma: float, coun
                                taus: Sequence[float] = (), real: Any = None,
                                dream: Any = None) -> list[Fidelity]:
     """Does the dream rank the candidates CMA-ES compares? The run's best C and ``count``
-    neighbours at ``sigma`` scored in the game (the run's fixed seeds, in two halves) and in
-    M's dream at each of ``taus``; writes ``<eval>/fidelity-neighbours.json``.
+    neighbours at ``sigma`` scored in the game (on es.eval_rollouts held-out tracks, in two
+    halves) and in M's dream at each of ``taus``; writes ``<eval>/fidelity-neighbours.json``.
 
     ``notes`` of each result: the game's split-half rank correlation (its first half of the
     tracks against its second, over the same controllers), the best C's real return and its
     neighbours' mean. ``real`` and ``dream`` are fitnesses, as for ``measure_fidelity``.
     """
     from wmlab.agent import workload_from_config
-    from wmlab.controller.cmaes import eval_seeds, load_controller_params
+    from wmlab.controller.cmaes import load_controller_params
     from wmlab.evaluators import Evaluator
     from wmlab.fsio import atomic_write_bytes
 
@@ -250,8 +258,7 @@ def measure_neighbour_fidelity(cfg: Any, dream_episodes: int, sigma: float, coun
     controllers = neighbour_controllers(center, sigma, count, cfg.run.seed)
     if dream is None:
         check_heads(workload_from_config(cfg, "dream").load())
-    es = cfg.es
-    tracks = eval_seeds(cfg.run.seed, es.eval_rollouts, es.rollouts).ravel()
+    tracks = held_out_tracks(cfg.run.seed, cfg.es.eval_rollouts)
     if len(tracks) < 2:
         raise WmlabError(f"es.eval_rollouts is {len(tracks)}: the game's two halves need at "
                          "least 2 tracks")
