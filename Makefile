@@ -29,9 +29,13 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/wmlab run --preset doom --profile quick
 
+# The tests in parallel (pytest-xdist: one worker per core, at most 4), then those that start
+# Ray on their own: a Ray cluster test reads every cluster on the machine, so none may run
+# beside it. Plain `pytest` runs them all in one process.
 test: install
 	$(BIN)/ruff check src tests
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not ray" -n auto --maxprocesses 4
+	$(BIN)/python -m pytest -m ray
 
 lint: install
 	$(BIN)/ruff check src tests

@@ -14,3 +14,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``-n``) each worker keeps to one intra-op thread: two workers on
+    two cores, each spinning two OpenMP threads, would crawl."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)

@@ -226,6 +226,7 @@ def _params_and_seeds(members: int = 6, n: int = 40):
             rng.integers(0, 10_000, (members, 3)))
 
 
+@pytest.mark.ray  # starts a local Ray instance
 def test_engines_agree_on_the_same_seeds(tmp_path):
     cfg = make_run(tmp_path, overrides=DREAM)
     workload = workload_from_config(cfg, "dream")

@@ -37,7 +37,7 @@ from wmlab.raycluster import check_ray_address, local_heads
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'wmlab[ray]'): "
                           "no cluster to start")
-pytestmark = pytest.mark.ray_cluster
+pytestmark = [pytest.mark.ray_cluster, pytest.mark.ray]
 
 START_TIMEOUT = 180  # seconds for one `ray start` on a loaded 2-core machine
 
@@ -180,12 +180,21 @@ def _generations(root: Path) -> list[dict[str, str]]:
                 for row in csv.DictReader(handle)]
 
 
+def _other_heads(ours: str, wait: float = 30.0) -> set[str]:
+    """Ray clusters on this machine other than ours, given ``wait`` seconds to go: the local
+    instance an earlier test in this worker shut down takes some seconds to stop."""
+    deadline = time.monotonic() + wait
+    while (others := local_heads() - {ours}) and time.monotonic() < deadline:
+        time.sleep(1.0)
+    return others
+
+
 def test_address_and_auto_give_the_process_engines_generations(cluster, tmp_path, capsys):
     assert check_ray_address(cluster.address) == "token"  # what wmlab passes to Ray
     host_port = cluster.address.rsplit(":", 1)[1]
     assert check_ray_address(f"127.0.0.1:{host_port}") == "token"  # loopback reaches it too
     assert "RAY_AUTH_MODE" not in os.environ  # a check leaves the environment as it was
-    others = local_heads() - {cluster.address}
+    others = _other_heads(cluster.address)
     runs = [("process", ["--engine", "process"]), ("address", ["--ray-address", cluster.address])]
     if not others:  # auto picks one of the running clusters: only ours must run
         runs.append(("auto", ["--ray-address", "auto"]))
