@@ -181,8 +181,8 @@ def _generations(root: Path) -> list[dict[str, str]]:
 
 
 def _other_heads(ours: str, wait: float = 30.0) -> set[str]:
-    """Ray clusters on this machine other than ours, given ``wait`` seconds to go: the local
-    instance an earlier test in this worker shut down takes some seconds to stop."""
+    """Ray clusters on this machine other than ours, given ``wait`` seconds to go: a local Ray
+    instance that an earlier test shut down takes some seconds to stop."""
     deadline = time.monotonic() + wait
     while (others := local_heads() - {ours}) and time.monotonic() < deadline:
         time.sleep(1.0)
