@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -260,6 +263,55 @@ def test_killed_worker_does_not_lose_the_generation():
         killer.join()
         assert ev.retries >= 1 and victim not in ev.worker_pids()
     np.testing.assert_array_equal(got, expected)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie waits for whoever reaps it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl and /proc are Linux's")
+def test_workers_stop_mid_job_when_the_run_that_started_them_is_killed(tmp_path):
+    pids = tmp_path / "workers"
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(f"""
+        import os
+        import sys
+
+        import numpy as np
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from agent_fixtures import SlowQuadratic
+        from wmlab.evaluators import Evaluator
+
+        if __name__ == "__main__":
+            with Evaluator(SlowQuadratic(delay=120), "process", workers=2, timeout=600,
+                           members_per_job=1) as ev:
+                ev.wait_ready()
+                with open({str(pids)!r} + ".tmp", "w") as handle:
+                    handle.write(" ".join(map(str, ev.worker_pids())))
+                os.replace({str(pids)!r} + ".tmp", {str(pids)!r})
+                ev.run(np.zeros((2, 3)), np.zeros((2, 1), dtype=np.int64))
+    """))
+    run = subprocess.Popen([sys.executable, str(script)])
+    deadline = time.monotonic() + 120
+    while not pids.exists() and time.monotonic() < deadline:
+        assert run.poll() is None, "the run stopped before its workers were ready"
+        time.sleep(0.2)
+    workers = [int(p) for p in pids.read_text().split()]
+    time.sleep(1.0)  # both are now two minutes into one job each
+    run.kill()  # kill -9: no finally, no goodbye to the workers
+    run.wait()
+    deadline = time.monotonic() + 20
+    while any(map(_running, workers)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in workers if _running(pid)]
+    for pid in left:  # leave nothing behind, pass or fail
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "workers outlived the run mid-job"
 
 
 def test_hanging_worker_times_out_and_its_job_is_retried(tmp_path):
