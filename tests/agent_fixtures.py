@@ -94,6 +94,23 @@ class RecordingFitness:
         return self.evaluator.last_steps
 
 
+def live_processes() -> dict[int, list[str]]:
+    """Every live process on this machine (not a zombie, not dead), from /proc (Linux): pid
+    -> its stat fields after the command name (state, ppid, pgrp, session, ...)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:  # gone while we looked
+            continue
+        if fields[0] not in ("Z", "X"):
+            found[int(entry)] = fields
+    return found
+
+
 class SlowQuadratic:
     """A workload for engine tests: a quadratic fitness with a little seed-dependent noise,
     each job taking ``delay`` seconds; with ``hang_flag`` set, the first job to run (anywhere)

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 
+from agent_fixtures import live_processes
 from wmlab import envs
 from wmlab.cli import main
 from wmlab.collect import collect, episode_seeds
@@ -187,18 +188,7 @@ def test_cli_collect_fills_the_profiles_shares_unless_a_policy_is_named(tmp_path
 
 def _members_of_group(pgid: int) -> list[int]:
     """Pids of live processes in process group ``pgid`` (from /proc; Linux only)."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(entry))
-    return members
+    return [pid for pid, fields in live_processes().items() if int(fields[2]) == pgid]
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads process groups from /proc")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent_fixtures import RecordingFitness, SlowQuadratic, make_run
+from agent_fixtures import RecordingFitness, SlowQuadratic, live_processes, make_run
 from wmlab.agent import workload_from_config
 from wmlab.checkpoint import load_checkpoint
 from wmlab.config import EsConfig
@@ -265,15 +265,6 @@ def test_killed_worker_does_not_lose_the_generation():
     np.testing.assert_array_equal(got, expected)
 
 
-def _running(pid: int) -> bool:
-    """Alive and not a zombie (an orphan's zombie waits for whoever reaps it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl and /proc are Linux's")
 def test_workers_stop_mid_job_when_the_run_that_started_them_is_killed(tmp_path):
     pids = tmp_path / "workers"
@@ -306,9 +297,9 @@ def test_workers_stop_mid_job_when_the_run_that_started_them_is_killed(tmp_path)
     run.kill()  # kill -9: no finally, no goodbye to the workers
     run.wait()
     deadline = time.monotonic() + 20
-    while any(map(_running, workers)) and time.monotonic() < deadline:
+    while set(workers) & live_processes().keys() and time.monotonic() < deadline:
         time.sleep(0.2)
-    left = [pid for pid in workers if _running(pid)]
+    left = sorted(set(workers) & live_processes().keys())
     for pid in left:  # leave nothing behind, pass or fail
         os.kill(pid, signal.SIGKILL)
     assert not left, "workers outlived the run mid-job"

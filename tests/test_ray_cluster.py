@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 import wmlab
-from agent_fixtures import make_run
+from agent_fixtures import live_processes, make_run
 from wmlab.agent import workload_from_config
 from wmlab.cli import main
 from wmlab.errors import WmlabError
@@ -80,15 +80,7 @@ def _ray_start(cluster: Cluster, name: str, *args: str, env: dict[str, str]) -> 
 
 def _members(sessions: list[int]) -> list[int]:
     """Live processes (not zombies) of the given sessions, from /proc."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()  # state ppid pgrp session ...
-            if fields[0] != "Z" and int(fields[3]) in sessions:
-                found.append(int(entry))
-    return found
+    return [pid for pid, fields in live_processes().items() if int(fields[3]) in sessions]
 
 
 def _stop(sessions: list[int]) -> list[int]:
