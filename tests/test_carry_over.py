@@ -21,7 +21,7 @@ from wmlab.controller.carry_over import (
     refit,
 )
 from wmlab.controller.cmaes import run_es
-from wmlab.controller.model import ControllerShape
+from wmlab.controller.model import ControllerShape, clock_features
 from wmlab.data.series import Series
 from wmlab.errors import WmlabError
 from wmlab.memory.model import MDNRNN, MdrnnShape
@@ -65,6 +65,13 @@ def test_memory_features_are_what_the_agent_reads():
             h, c = m.advance(z[t:t + 1], torch.from_numpy(series.actions[t:t + 1]), restart,
                              h, c)
     assert memory_features(m, series, "zch").shape == (5, Z + 2 * H)
+    # a C with a clock (controller.clock) reads its inputs last, counted from the first step
+    timed = memory_features(m, series, "zh", (4, 10))
+    np.testing.assert_array_equal(timed[:, :Z + H], features)
+    np.testing.assert_allclose(timed[:, Z + H:],
+                               clock_features(torch.arange(5), (4, 10)).numpy())
+    np.testing.assert_allclose(timed[1, Z + H:], [1, np.sin(0.2 * np.pi), 0,
+                                                 np.cos(0.2 * np.pi)], atol=1e-7)
 
 
 def test_refit_to_the_same_m_keeps_the_controller():

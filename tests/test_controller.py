@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from agent_fixtures import Z_DIM, make_run
-from wmlab.agent import EnvNoise, build_models, run_dream, run_real, workload_from_config
+from wmlab.agent import Agent, EnvNoise, build_models, run_dream, run_real, workload_from_config
 from wmlab.controller import (
     ControllerShape,
     check_shape,
@@ -168,3 +168,71 @@ def test_models_that_do_not_fit_are_refused(tmp_path):
 
     with pytest.raises(WmlabError, match="V has z_dim 4"):
         build_models(get_spec("doom"), models.mdrnn, ConvVAE(4), "zch", 0, False)
+
+
+def test_a_clock_adds_two_inputs_a_period_and_a_mismatch_is_named():
+    doom = controller_shape("zch", 64, 512, 1, bias=False, clock=(70, 140))
+    assert (doom.inputs, doom.num_params) == (1092, 1092)
+    plain = controller_shape("zch", 64, 512, 1, bias=False)
+    with pytest.raises(WmlabError, match=r"clock \[\] in the file but \[70, 140\] here"):
+        check_shape(shape_info(plain, "zch"), doom, "zch", "c.safetensors")
+    old_file = {k: v for k, v in shape_info(plain, "zch").items() if k != "clock"}
+    check_shape(old_file, plain, "zch", "c.safetensors")  # files from before clocks
+
+
+def test_clock_periods_are_checked_when_the_config_loads(tmp_path):
+    from wmlab.config import ConfigError, load_config
+
+    for bad, says in (("[1]", "at least 2"), ("[8, 8]", "twice"), ("[2.5]", "integer")):
+        with pytest.raises(ConfigError, match=says):
+            load_config("doom", "quick", [f"controller.clock={bad}"])
+    with pytest.raises(ConfigError, match="controller.clock = \\[\\] or"):
+        load_config("binpacking", "best", ["controller.clock=[10]", "controller.lookahead=true",
+                                           "controller.inputs=\"zh\""])
+
+
+def _clocked(models, weight: float, wave: str = "sin") -> np.ndarray:
+    """A C that reads only its clock's sine (or cosine), of a one-period clock:
+    tanh(weight sin(2 pi t / period))."""
+    params = np.zeros((1, models.shape.num_params), np.float32)
+    column = models.shape.inputs - (2 if wave == "sin" else 1)  # inputs end [sin, cos]
+    params[0, column] = weight
+    return params
+
+
+def test_a_clock_controller_acts_on_each_episodes_own_steps(tmp_path):
+    cfg = make_run(tmp_path, overrides=("controller.clock=[8]",))
+    models = workload_from_config(cfg, "real").load()
+    assert models.shape.inputs == Z_DIM + 2 * 16 + 2
+    agent = Agent(models, _clocked(models, 3.0), num_envs=2)
+    agent.reset([1, 2])
+    frames = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    seen = []
+    for t in range(12):
+        if t == 5:
+            agent.reset([3], envs=[1])  # env 1 starts a new episode: its clock starts again
+        agent.act_batch(frames)
+        seen.append(agent.raw[:, 0].copy())
+    seen = np.array(seen)
+    ticks = np.arange(12)
+    np.testing.assert_allclose(seen[:, 0], np.tanh(3 * np.sin(2 * np.pi * ticks / 8)),
+                               atol=1e-6)
+    since = np.where(ticks < 5, ticks, ticks - 5)
+    np.testing.assert_allclose(seen[:, 1], np.tanh(3 * np.sin(2 * np.pi * since / 8)),
+                               atol=1e-6)
+
+
+def test_a_clock_controller_keeps_time_in_the_dream(tmp_path):
+    """The survival M's dreams last while C moves right. A C that reads only cos(2 pi t / 40)
+    moves right for the first quarter-period and then left: its dreams end soon after step
+    10 (the clock counts the dream's steps as the agent counts the game's); the same C with
+    the sign turned moves left from the start and dies at once."""
+    cfg = make_run(tmp_path, overrides=("controller.clock=[40]",))
+    models = workload_from_config(cfg, "dream").load()
+    seeds = np.arange(4)[None]
+    settings = DreamSettings(tau=1.0, max_steps=60)
+    steps = np.zeros((1, 4), np.int64)
+    run_dream(models, _clocked(models, 4.0, "cos"), seeds, settings, steps=steps)
+    assert np.all((steps > 10) & (steps < 20)), steps
+    run_dream(models, _clocked(models, -4.0, "cos"), seeds, settings, steps=steps)
+    assert np.all(steps < 5), steps

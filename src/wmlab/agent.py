@@ -26,6 +26,7 @@ import torch
 
 from wmlab.controller.model import (
     ControllerShape,
+    clock_features,
     controller_features,
     controller_shape,
     lookahead_features,
@@ -71,9 +72,11 @@ class AgentModels:
 def build_models(spec: EnvSpec, mdrnn: MDNRNN, vae: ConvVAE | None, features: str,
                  hidden: int, bias: bool, start: DreamStart | None = None,
                  vae_bf16: bool = False, packed_encoder: bool = False,
-                 lookahead: bool = False, int8_encoder: bool = False) -> AgentModels:
+                 lookahead: bool = False, int8_encoder: bool = False,
+                 clock: tuple[int, ...] = ()) -> AgentModels:
     """Check that V, M and the env fit together and derive C's shape from them
-    (``lookahead``: the look-ahead C of ``controller.lookahead``)."""
+    (``lookahead``: the look-ahead C of ``controller.lookahead``; ``clock``: the periods of
+    controller.clock)."""
     m = mdrnn.shape
     if vae is not None and vae.z_dim != m.z_dim:
         raise WmlabError(f"V has z_dim {vae.z_dim} but M was trained on z_dim {m.z_dim}: "
@@ -82,7 +85,7 @@ def build_models(spec: EnvSpec, mdrnn: MDNRNN, vae: ConvVAE | None, features: st
         raise WmlabError(f"M takes actions of size {m.action_dim} but env '{spec.name}' has "
                          f"{spec.action_dim}: M was trained for another environment")
     shape = controller_shape(features, m.z_dim, m.hidden, spec.controller_outputs, hidden,
-                             bias, lookahead, m.reward_head)
+                             bias, lookahead, m.reward_head, clock)
     candidates = _candidates(spec) if lookahead else None
     if vae is not None:
         # Channels-last convolutions: ~1.3-1.8x faster encoding on CPU (frames arrive as
@@ -158,12 +161,19 @@ class Acted(NamedTuple):
 
 def _act(models: AgentModels, params: torch.Tensor, z: torch.Tensor, h: torch.Tensor,
          c: torch.Tensor, restart: torch.Tensor, members: int,
-         mask: np.ndarray | None = None) -> Acted:
+         mask: np.ndarray | None = None, steps: torch.Tensor | None = None) -> Acted:
     """One batched C forward for all members, for the B = members x rollouts rows of ``z``
-    (rows grouped by member) in M's state (h, c, ``restart``: 1 on an episode's first step)."""
+    (rows grouped by member) in M's state (h, c, ``restart``: 1 on an episode's first step);
+    ``steps``: each row's steps since its episode began, which a C with a clock reads."""
     if models.candidates is not None:
         return _act_ahead(models, params, z, h, c, restart, members, mask)
-    feats = controller_features(models.features, z, h, c)
+    clock = None
+    if models.shape.clock:
+        if steps is None:
+            raise WmlabError("this controller reads a clock (controller.clock): its rollouts "
+                             "must count each episode's steps")
+        clock = clock_features(steps, models.shape.clock)
+    feats = controller_features(models.features, z, h, c, clock)
     raw = population_forward(models.shape, params, feats.reshape(members, -1, feats.shape[-1]))
     raw_np = raw.reshape(len(z), -1).numpy()
     env_actions = models.spec.to_env_action(raw_np, mask)
@@ -216,7 +226,8 @@ class Agent:
 
     Each step encodes the envs' frames with V, samples z from V's posterior (each env's
     noise from its episode seed, so an episode depends on its seed alone), lets C act on
-    [z, h] (z alone, or [z, c, h], per ``controller.inputs``) and advances M on (z, the
+    [z, h] (z alone, or [z, c, h], per ``controller.inputs``; then the clock's inputs, from
+    each env's steps since its reset, under ``controller.clock``) and advances M on (z, the
     action). ``params`` is one controller (n,), or P of them (P, n) acting in B = P x R envs
     grouped by member (CMA-ES's population).
 
@@ -245,6 +256,7 @@ class Agent:
         self.h = torch.zeros(num_envs, m.hidden)
         self.c = torch.zeros(num_envs, m.hidden)
         self.restart = torch.ones(num_envs, 1)
+        self.steps = torch.zeros(num_envs, dtype=torch.int64)  # each episode's, for a clock
         self.raw = np.zeros((num_envs, models.spec.controller_outputs), np.float32)
 
     @classmethod
@@ -274,6 +286,7 @@ class Agent:
         for env, one in zip(envs, seeds, strict=True):
             self.noise.reset(env, int(one))
             self.h[env], self.c[env], self.restart[env] = 0.0, 0.0, 1.0
+            self.steps[env] = 0
 
     @torch.no_grad()
     def observe(self, frames: np.ndarray, running: np.ndarray | None = None) -> torch.Tensor:
@@ -291,7 +304,7 @@ class Agent:
         """C's actions for the last observed z (``mask``: the valid actions of discrete
         envs), then M advanced on them for the ``running`` envs. Returns the env actions."""
         acted = _act(self.models, self.theta, self.z, self.h, self.c, self.restart,
-                     self.members, mask)
+                     self.members, mask, self.steps)
         self.raw = acted.raw
         m = self.models.mdrnn
         every = running is None or bool(running.all())
@@ -306,6 +319,7 @@ class Agent:
             self.h, self.c = h, c
         else:
             self.h[rows], self.c[rows] = h, c
+        self.steps[rows] += 1
         self.restart.zero_()
         return acted.env_actions
 
@@ -423,7 +437,8 @@ def run_dream(models: AgentModels, params: np.ndarray, seeds: np.ndarray,
     while not bool(done.all()):
         # a look-ahead C steps M from the dream's state for its choice (float32, whatever
         # dream.precision); the dream then steps on that choice by its own rules
-        acted = _act(models, theta, z, dream.hidden, dream.cell, dream.restart, members)
+        acted = _act(models, theta, z, dream.hidden, dream.cell, dream.restart, members,
+                     steps=lengths)
         lengths += ~done
         z, reward, done = dream.step(torch.from_numpy(acted.vectors))
         returns += reward.double()
@@ -457,6 +472,7 @@ class RolloutWorkload:
     real_envs: int = 0  # es.real_envs: a job's real rollouts in groups of this many; 0 = all
     lookahead: bool = False  # controller.lookahead: C scores M's state after each action
     ensemble: tuple[str, ...] = ()  # the folders of the dream's other Ms (mdrnn.ensemble)
+    clock: tuple[int, ...] = ()  # controller.clock: the periods of the clock C reads
 
     def load(self) -> AgentModels:
         from wmlab.checkpoint import load_checkpoint
@@ -474,7 +490,7 @@ class RolloutWorkload:
         bf16 = resolve_bf16(self.vae_bf16, torch.device("cpu"), log=lambda message: None)
         models = build_models(get_spec(self.env), mdrnn, vae, self.features, self.hidden,
                               self.bias, start, bf16, self.packed_encoder, self.lookahead,
-                              self.int8_encoder)
+                              self.int8_encoder, self.clock)
         others = tuple(load_mdrnn(folder)[0].eval() for folder in self.ensemble)
         return dataclasses.replace(models, ensemble=others) if others else models
 
@@ -553,7 +569,7 @@ def workload_from_config(cfg: Any, kind: str | None = None, backend: str | None 
         int8_encoder=cfg.controller.int8_encoder,
         stall_steps=cfg.es.stall_steps if kind == "real" else 0,
         real_envs=cfg.es.real_envs,
-        lookahead=cfg.controller.lookahead,
+        lookahead=cfg.controller.lookahead, clock=tuple(cfg.controller.clock),
         ensemble=RunLayout.of(cfg).memory_members(cfg.mdrnn.ensemble)[1:] if dream else ())
 
 

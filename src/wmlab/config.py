@@ -13,6 +13,7 @@ import dataclasses
 import sys
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -196,6 +197,10 @@ class ControllerConfig:
                            "and r_a its predicted reward (M stepped once per action); inputs "
                            "zh reads h'_a, zch [c'_a, h'_a]; with hidden = k the score is "
                            "a k-unit tanh layer over them, shared by the actions")
+    clock: list[int] = _opt([], "periods in env steps of a clock C also reads: the sine and "
+                            "cosine of the episode's step count at each (2 inputs a "
+                            "period, the same count in the game and the dream), e.g. "
+                            "[70, 140, 280, 560]; empty = none, as the paper")
 
 
 @dataclass
@@ -489,18 +494,37 @@ def dream_dropout(cfg: Config) -> float:
     return float(cfg.mdrnn.dropout)
 
 
-def check_lookahead(inputs: str) -> None:
+def check_lookahead(inputs: str, clock: Sequence[int] = ()) -> None:
     """What controller.lookahead needs of the rest of C's config: it reads M's state after
-    each action (no z: the same for every action)."""
+    each action (no z: the same for every action), and no clock (the same for every action
+    too)."""
     if inputs not in ("zh", "zch"):
         raise ConfigError(f"controller.lookahead scores each action by M's state after it: "
                           f"set controller.inputs to zh (h') or zch ([c', h']), not '{inputs}'")
+    if len(clock):
+        raise ConfigError("controller.lookahead scores each action by M's state after it, "
+                          "and a clock reads the same for every action: set "
+                          "controller.clock = [] or controller.lookahead = false")
+
+
+def check_clock(periods: Sequence[Any]) -> None:
+    """controller.clock: whole periods of at least 2 steps (a period of 1 reads the same at
+    every step), no period twice."""
+    bad = [p for p in periods if isinstance(p, bool) or not isinstance(p, int) or p < 2]
+    if bad:
+        raise ConfigError(f"controller.clock: periods are whole numbers of env steps, at "
+                          f"least 2; got {', '.join(map(repr, bad))}: e.g. "
+                          "controller.clock=[70,140,280,560]")
+    if len(set(periods)) != len(periods):
+        raise ConfigError(f"controller.clock: {list(periods)} names a period twice: give "
+                          "each period once")
 
 
 def _check_consistency(cfg: Config) -> None:
     dream_dropout(cfg)  # refused at load, not after V and M have trained
+    check_clock(cfg.controller.clock)
     if cfg.controller.lookahead:
-        check_lookahead(cfg.controller.inputs)
+        check_lookahead(cfg.controller.inputs, cfg.controller.clock)
     if cfg.mdrnn.reward_over_weight != 1.0 and not cfg.mdrnn.reward_head:
         raise ConfigError(f"mdrnn.reward_over_weight ({cfg.mdrnn.reward_over_weight:g}) "
                           "weighs the reward head's loss, and M has none: set "

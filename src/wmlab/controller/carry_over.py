@@ -30,7 +30,7 @@ import fsspec
 import numpy as np
 import torch
 
-from wmlab.controller.model import ControllerShape, lookahead_features
+from wmlab.controller.model import ControllerShape, clock_features, lookahead_features
 from wmlab.data.series import Series
 from wmlab.errors import WmlabError
 from wmlab.fsio import atomic_write_bytes, exists
@@ -68,10 +68,11 @@ def check_carry_over(shape: ControllerShape, inputs: str,
 
 
 @torch.no_grad()
-def memory_features(m: MDNRNN, series: Series, inputs: str) -> np.ndarray:
+def memory_features(m: MDNRNN, series: Series, inputs: str,
+                    clock: tuple[int, ...] = ()) -> np.ndarray:
     """What C reads at each step of a recorded episode with M ``m``: [z_t, (c, ) h_{t-1}]
     (T, features), z_t V's posterior mean, the state before step t (zero at the start), as
-    the agent acts."""
+    the agent acts; then the clock's inputs at step t where C reads a clock."""
     z = torch.from_numpy(series.mu[:-1].astype(np.float32))[None]
     actions = torch.from_numpy(series.actions.astype(np.float32))[None]
     restart = torch.zeros(z.shape[:2])
@@ -86,7 +87,8 @@ def memory_features(m: MDNRNN, series: Series, inputs: str) -> np.ndarray:
     else:  # h alone: the whole episode in one fused LSTM call
         _, hidden, _ = m(z, actions, restart=restart)
         before = torch.cat([torch.zeros(1, hidden.shape[-1]), hidden[0, :-1]])
-    return np.concatenate([z[0].numpy(), before.numpy()], axis=1)
+    ticks = clock_features(torch.arange(z.shape[1]), clock).numpy()
+    return np.concatenate([z[0].numpy(), before.numpy(), ticks], axis=1)
 
 
 @torch.no_grad()
@@ -193,7 +195,8 @@ def carry_over(shape: ControllerShape, inputs: str, params: np.ndarray, old_m: M
     actions a look-ahead C scores (row a: action a's vector for M)."""
     check_carry_over(shape, inputs, candidates)
     params = np.asarray(params, dtype=np.float64)
-    pairs = _features(old_m, new_m, episodes, inputs, candidates if shape.lookahead else None)
+    pairs = _features(old_m, new_m, episodes, inputs, candidates if shape.lookahead else None,
+                      shape.clock)
     if exists(path):  # resume: the same choice, not scored again
         with fsspec.open(path, "rb") as handle:
             choice = CarryOverChoice(**json.loads(handle.read()))
@@ -214,17 +217,19 @@ def carry_over(shape: ControllerShape, inputs: str, params: np.ndarray, old_m: M
 
 
 def _features(old_m: MDNRNN, new_m: MDNRNN, episodes: Iterable[Series], inputs: str,
-              candidates: torch.Tensor | None = None
+              candidates: torch.Tensor | None = None, clock: tuple[int, ...] = ()
               ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """What C read with the old M and reads with the new one, per recorded episode: the
-    features of every step, or for a look-ahead C (``candidates``) of every (step, action)
-    pair over the first LOOKAHEAD_STEPS recorded steps."""
+    features of every step (the clock's too, the same in both), or for a look-ahead C
+    (``candidates``) of every (step, action) pair over the first LOOKAHEAD_STEPS recorded
+    steps."""
     old_m, new_m = old_m.eval(), new_m.eval()
     left, any_episode = LOOKAHEAD_STEPS, False
     for series in episodes:
         any_episode = True
         if candidates is None:
-            yield memory_features(old_m, series, inputs), memory_features(new_m, series, inputs)
+            yield (memory_features(old_m, series, inputs, clock),
+                   memory_features(new_m, series, inputs, clock))
             continue
         old = lookahead_memory_features(old_m, series, inputs, candidates, left)
         new = lookahead_memory_features(new_m, series, inputs, candidates, left)

@@ -2,7 +2,9 @@
 
 A controller maps features [z, h] (or [z, c, h] for Doom, or z alone) to raw outputs in
 [-1, 1] through tanh, optionally with a hidden tanh layer (the paper's 40-unit variant);
-the env's spec maps raw outputs to actions. A whole population evaluates as one batched
+the env's spec maps raw outputs to actions. With ``controller.clock`` C also reads the sine and
+cosine of the episode's step count at the given periods (the same count in the game and in
+the dream). A whole population evaluates as one batched
 matrix product: parameters (P, n) and features (P, N, in) give outputs (P, N, out).
 
 A look-ahead controller (``controller.lookahead``, discrete actions) scores each action a
@@ -15,8 +17,10 @@ steps M for every action (``wmlab.agent``); here are only the shapes and the sco
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from wmlab.config import check_lookahead
@@ -33,6 +37,9 @@ class ControllerShape:
     hidden: int = 0
     bias: bool = True
     lookahead: bool = False
+    # controller.clock: the periods (env steps) of the clock C also reads; its 2 per period
+    # sin / cos inputs are counted in ``inputs``
+    clock: tuple[int, ...] = ()
 
     @property
     def num_params(self) -> int:
@@ -71,13 +78,26 @@ def lookahead_features(kind: str, h_next: torch.Tensor, c_next: torch.Tensor,
 
 
 def controller_features(kind: str, z: torch.Tensor, h: torch.Tensor | None,
-                        c: torch.Tensor | None) -> torch.Tensor:
-    """Concatenate what C observes (any leading batch shape)."""
-    if kind == "z":
-        return z
-    if kind == "zh":
-        return torch.cat([z, h], dim=-1)
-    return torch.cat([z, c, h], dim=-1)
+                        c: torch.Tensor | None, clock: torch.Tensor | None = None
+                        ) -> torch.Tensor:
+    """Concatenate what C observes (any leading batch shape), the clock's inputs last."""
+    parts = [z] if kind == "z" else [z, h] if kind == "zh" else [z, c, h]
+    if clock is not None and clock.shape[-1]:
+        parts.append(clock.to(z.dtype))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+def clock_features(steps: torch.Tensor | np.ndarray, periods: tuple[int, ...]
+                   ) -> torch.Tensor:
+    """(B,) steps since each episode began -> (B, 2 x len(periods)) float32: sin and cos of
+    2 pi t / P for each period P. A C that reads them can act on time as well as on what it
+    sees (a timed sweep that never looks outlives the Doom agents that do); sin and cos
+    together let it pick any phase of each period."""
+    t = torch.as_tensor(steps).to(torch.float64).reshape(-1, 1)
+    if not periods:
+        return torch.zeros(len(t), 0)
+    angle = t * (2.0 * math.pi / torch.tensor(periods, dtype=torch.float64))
+    return torch.cat([torch.sin(angle), torch.cos(angle)], dim=1).float()
 
 
 def _unpack(shape: ControllerShape, params: torch.Tensor):
@@ -145,13 +165,15 @@ def lookahead_forward(shape: ControllerShape, params: torch.Tensor,
 
 def controller_shape(kind: str, z_dim: int, m_hidden: int, outputs: int, hidden: int = 0,
                      bias: bool = True, lookahead: bool = False,
-                     reward: bool = False) -> ControllerShape:
+                     reward: bool = False, clock: tuple[int, ...] = ()) -> ControllerShape:
     """The controller that fits a V of ``z_dim`` and an M of ``m_hidden`` units; with
-    ``lookahead``, the look-ahead C over an M with (``reward``) or without a reward head."""
+    ``lookahead``, the look-ahead C over an M with (``reward``) or without a reward head;
+    ``clock``: the periods of the clock it also reads (controller.clock)."""
     if not lookahead:
-        return ControllerShape(inputs=feature_size(kind, z_dim, m_hidden), outputs=outputs,
-                               hidden=hidden, bias=bias)
-    check_lookahead(kind)
+        clock = tuple(int(p) for p in clock)
+        return ControllerShape(inputs=feature_size(kind, z_dim, m_hidden) + 2 * len(clock),
+                               outputs=outputs, hidden=hidden, bias=bias, clock=clock)
+    check_lookahead(kind, clock)
     return ControllerShape(inputs=lookahead_size(kind, m_hidden, reward), outputs=outputs,
                            hidden=hidden, bias=bias, lookahead=True)
 
@@ -160,13 +182,14 @@ def shape_info(shape: ControllerShape, kind: str) -> dict:
     """What a controller checkpoint records so that a mismatch is named on loading."""
     return {"inputs": shape.inputs, "outputs": shape.outputs, "hidden": shape.hidden,
             "bias": shape.bias, "features": kind, "lookahead": shape.lookahead,
-            "num_params": shape.num_params}
+            "clock": list(shape.clock), "num_params": shape.num_params}
 
 
 def check_shape(info: dict, shape: ControllerShape, kind: str, source: str) -> None:
     """Refuse a controller saved for another V, M or controller config, saying which."""
     saved = {k: info.get(k) for k in ("inputs", "outputs", "hidden", "bias", "features")}
     saved["lookahead"] = bool(info.get("lookahead", False))  # files from before: linear C
+    saved["clock"] = list(info.get("clock", []))  # files from before: no clock
     wanted = {k: v for k, v in shape_info(shape, kind).items() if k in saved}
     if saved != wanted:
         diff = ", ".join(f"{k} {saved[k]!r} in the file but {wanted[k]!r} here"

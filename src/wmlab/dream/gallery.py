@@ -90,7 +90,11 @@ def controller_policy(cfg: Config, path: str, mdrnn: MDNRNN
 
 def _policy_from(cfg: Config, tensors: dict[str, torch.Tensor], path: str, mdrnn: MDNRNN
                  ) -> Callable[[BatchedDream], torch.Tensor]:
-    from wmlab.controller.model import ControllerShape, feature_size, population_forward
+    from wmlab.controller.model import (
+        clock_features,
+        controller_shape,
+        population_forward,
+    )
 
     if cfg.controller.lookahead:  # its features are M's states after each action
         raise WmlabError("the dream pictures drive the dream with a C that reads [z, h]; a "
@@ -102,16 +106,24 @@ def _policy_from(cfg: Config, tensors: dict[str, torch.Tensor], path: str, mdrnn
     to_vector, raw_dim = action_converter(cfg.env.name)
     s = mdrnn.shape
     kind = cfg.controller.inputs
-    shape = ControllerShape(feature_size(kind, s.z_dim, s.hidden), raw_dim or s.action_dim,
-                            cfg.controller.hidden, cfg.controller.bias)
+    shape = controller_shape(kind, s.z_dim, s.hidden, raw_dim or s.action_dim,
+                             cfg.controller.hidden, cfg.controller.bias,
+                             clock=tuple(cfg.controller.clock))
     theta = params.float().reshape(1, -1)
     if theta.shape[1] != shape.num_params:
         raise WmlabError(f"controller {path} has {theta.shape[1]} parameters but a '{kind}' "
                          f"controller for this M needs {shape.num_params}: it belongs to "
                          "another run or controller config")
 
+    steps = [0]  # the pictures' dreams all start together: one step count serves them all
+
     def act(dream: BatchedDream) -> torch.Tensor:
-        raw = population_forward(shape, theta, dream.features(kind).unsqueeze(0))[0]
+        feats = dream.features(kind)
+        if shape.clock:
+            clock = clock_features(torch.full((len(feats),), steps[0]), shape.clock)
+            feats = torch.cat([feats, clock.to(feats.dtype)], 1)
+        steps[0] += 1
+        raw = population_forward(shape, theta, feats.unsqueeze(0))[0]
         return to_vector(raw) if to_vector else raw
     return act
 
