@@ -236,3 +236,21 @@ def test_a_clock_controller_keeps_time_in_the_dream(tmp_path):
     assert np.all((steps > 10) & (steps < 20)), steps
     run_dream(models, _clocked(models, -4.0, "cos"), seeds, settings, steps=steps)
     assert np.all(steps < 5), steps
+
+
+def test_a_clocked_c_trains_in_the_dream_and_loads_only_with_its_clock(tmp_path):
+    from wmlab.config import with_overrides
+    from wmlab.pipeline.controller_stage import train_controller
+
+    cfg = make_run(tmp_path, overrides=("controller.clock=[40]", "es.population=8",
+                                        "es.rollouts=2", "es.generations=2", "es.eval_every=2",
+                                        "es.eval_rollouts=2", "dream.max_steps=30"))
+    assert train_controller(cfg, progress=False).generation == 2
+    agent = Agent.of_run(cfg, num_envs=1)
+    assert agent.models.shape.clock == (40,) and agent.theta.shape[1] == Z_DIM + 2 * 16 + 2
+    agent.reset(5)
+    frame = np.zeros((64, 64, 3), np.uint8)
+    assert agent.act(frame) in (0, 1, 2) and int(agent.steps[0]) == 1
+    for other in ("[]", "[20]"):
+        with pytest.raises(WmlabError, match="clock"):
+            Agent.of_run(with_overrides(cfg, [f"controller.clock={other}"]))
