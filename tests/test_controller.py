@@ -254,3 +254,21 @@ def test_a_clocked_c_trains_in_the_dream_and_loads_only_with_its_clock(tmp_path)
     for other in ("[]", "[20]"):
         with pytest.raises(WmlabError, match="clock"):
             Agent.of_run(with_overrides(cfg, [f"controller.clock={other}"]))
+
+
+def test_the_dream_pictures_drive_a_clocked_c_on_the_dreams_step_count(tmp_path):
+    from wmlab.dream import BatchedDream
+    from wmlab.dream.gallery import _policy_from
+
+    cfg = make_run(tmp_path, overrides=("controller.clock=[8]",))
+    models = workload_from_config(cfg, "dream").load()
+    params = torch.from_numpy(_clocked(models, 3.0)[0])
+    act = _policy_from(cfg, {"params": params}, "c.safetensors", models.mdrnn)
+    dream = BatchedDream(models.mdrnn, models.start, DreamSettings(tau=1.0, max_steps=30))
+    dream.reset([0, 1])
+    moves = []
+    for _ in range(6):  # sin(2 pi t / 8) at t = 0..5: 0, +, +, +, 0, - -> noop, right x3, ...
+        vectors = act(dream)
+        moves.append(vectors[:, 0].tolist())
+        dream.step(vectors)
+    assert moves == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [0.0, 0.0], [-1.0, -1.0]]

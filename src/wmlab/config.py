@@ -508,9 +508,9 @@ def check_lookahead(inputs: str, clock: Sequence[int] = ()) -> None:
 
 
 def check_clock(periods: Sequence[Any]) -> None:
-    """controller.clock: whole periods of at least 2 steps (a period of 1 reads the same at
-    every step), no period twice."""
-    bad = [p for p in periods if isinstance(p, bool) or not isinstance(p, int) or p < 2]
+    """controller.clock: periods (whole numbers, as loading checks) of at least 2 steps (a
+    period of 1 reads the same at every step), no period twice."""
+    bad = [p for p in periods if p < 2]
     if bad:
         raise ConfigError(f"controller.clock: periods are whole numbers of env steps, at "
                           f"least 2; got {', '.join(map(repr, bad))}: e.g. "

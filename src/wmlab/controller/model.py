@@ -82,7 +82,7 @@ def controller_features(kind: str, z: torch.Tensor, h: torch.Tensor | None,
                         ) -> torch.Tensor:
     """Concatenate what C observes (any leading batch shape), the clock's inputs last."""
     parts = [z] if kind == "z" else [z, h] if kind == "zh" else [z, c, h]
-    if clock is not None and clock.shape[-1]:
+    if clock is not None:
         parts.append(clock.to(z.dtype))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 

@@ -92,6 +92,7 @@ def _policy_from(cfg: Config, tensors: dict[str, torch.Tensor], path: str, mdrnn
                  ) -> Callable[[BatchedDream], torch.Tensor]:
     from wmlab.controller.model import (
         clock_features,
+        controller_features,
         controller_shape,
         population_forward,
     )
@@ -118,10 +119,9 @@ def _policy_from(cfg: Config, tensors: dict[str, torch.Tensor], path: str, mdrnn
     steps = [0]  # the pictures' dreams all start together: one step count serves them all
 
     def act(dream: BatchedDream) -> torch.Tensor:
-        feats = dream.features(kind)
-        if shape.clock:
-            clock = clock_features(torch.full((len(feats),), steps[0]), shape.clock)
-            feats = torch.cat([feats, clock.to(feats.dtype)], 1)
+        clock = clock_features(torch.full((len(dream.z),), steps[0]), shape.clock) \
+            if shape.clock else None
+        feats = controller_features(kind, dream.z, dream.hidden, dream.cell, clock)
         steps[0] += 1
         raw = population_forward(shape, theta, feats.unsqueeze(0))[0]
         return to_vector(raw) if to_vector else raw
