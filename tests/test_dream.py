@@ -236,6 +236,13 @@ def test_vector_env_resets_finished_dreams_independently():
     assert env.single_action_space.shape == (1,)
     obs, info = env.reset(seed=100)
     assert obs.shape == (8, 36) and obs.dtype == np.float32
+    # what a C reading [z, c, h] reads, in that order (the agent's features)
+    env.step(np.zeros((8, 1), np.float32))
+    obs, *_ = env.step(np.zeros((8, 1), np.float32))
+    d = env.dream
+    assert np.array_equal(obs, torch.cat([d.z, d.c, d.h], 1).numpy())
+    assert np.abs(obs[:, 4:20]).sum() > 0  # c has moved from zero: the order is tested
+    obs, info = env.reset(seed=100)
     ended_at: dict[int, int] = {}
     restarted = []
     pending = np.zeros(8, bool)
@@ -510,3 +517,9 @@ def test_dream_dropout_must_be_a_probability_and_stamps_the_calibration(monkeypa
     off = load_config("doom", "quick", ["mdrnn.dropout=0.2"])
     on = load_config("doom", "quick", ["mdrnn.dropout=0.2", "dream.dropout=true"])
     assert calibration.calibration_fingerprint(off) != calibration.calibration_fingerprint(on)
+
+
+def test_dream_env_refuses_features_a_controller_cannot_read():
+    with pytest.raises(WmlabError, match="'zc' is not one of z, zh, zch"):
+        DreamEnv(make_model(seed=7), starts(), DreamSettings(1.15, 60), num_envs=2,
+                 features="zc")

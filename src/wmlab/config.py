@@ -180,9 +180,13 @@ class MdrnnConfig:
                                           "compared with the dreams; 0 = skip", min=0)
 
 
+# What C may read: z alone, [z, h] or [z, c, h] (controller.inputs)
+CONTROLLER_INPUTS = ("z", "zh", "zch")
+
+
 @dataclass
 class ControllerConfig:
-    inputs: str = _opt("zh", "what C observes", choices=("z", "zh", "zch"))
+    inputs: str = _opt("zh", "what C observes", choices=CONTROLLER_INPUTS)
     hidden: int = _opt(0, "hidden units; 0 = linear (the paper's 40-unit variant: 40)", min=0)
     bias: bool = _opt(True, "bias in C's output layer")
     packed_encoder: bool = _opt(False, "V's encoder packed for acting (weights cast once, the "

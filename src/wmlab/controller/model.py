@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from wmlab.config import check_lookahead
+from wmlab.config import CONTROLLER_INPUTS, check_lookahead
 from wmlab.errors import WmlabError
 
 
@@ -54,9 +54,11 @@ class ControllerShape:
 
 def feature_size(kind: str, z_dim: int, hidden: int) -> int:
     """Size of what C observes: z, [z, h] or [z, c, h]."""
-    sizes = {"z": z_dim, "zh": z_dim + hidden, "zch": z_dim + 2 * hidden}
+    sizes = dict(zip(CONTROLLER_INPUTS, (z_dim, z_dim + hidden, z_dim + 2 * hidden),
+                     strict=True))
     if kind not in sizes:
-        raise WmlabError(f"controller.inputs: '{kind}' is not one of z, zh, zch")
+        raise WmlabError(f"controller.inputs: '{kind}' is not one of "
+                         f"{', '.join(CONTROLLER_INPUTS)}")
     return sizes[kind]
 
 

@@ -4,11 +4,11 @@ face of it (``env``), the reference policies and the dream side of M's calibrati
 (``reference``, ``calibration``), and the pictures: GIFs decoded by V (``pictures``,
 ``gallery``). The playable dream is ``wmlab.play``'s."""
 
-from wmlab.dream.batched import FEATURES, BatchedDream, DreamStart
+from wmlab.dream.batched import BatchedDream, DreamStart
 from wmlab.dream.ensemble import EnsembleDream
 from wmlab.dream.env import DreamEnv
 from wmlab.dream.reference import action_converter, dream_calibration, reference_policy
 from wmlab.dream.settings import DreamSettings
 
-__all__ = ["FEATURES", "BatchedDream", "DreamSettings", "DreamStart", "DreamEnv",
+__all__ = ["BatchedDream", "DreamSettings", "DreamStart", "DreamEnv",
            "EnsembleDream", "action_converter", "dream_calibration", "reference_policy"]

@@ -32,9 +32,6 @@ from wmlab.memory.fastlinear import FastLinear
 from wmlab.memory.model import MDNRNN, DreamStart, inverted_dropout, select_and_sample
 from wmlab.memory.scan import lstm_kernels, tanh
 
-FEATURES = ("z", "zh", "zch")
-
-
 # The running dreams are stepped in groups of this many rows (see BatchedDream.step).
 COMPACT_ROUND = 16
 
@@ -111,16 +108,6 @@ class BatchedDream:
     @property
     def cell(self) -> torch.Tensor:
         return self.c
-
-    def features(self, kind: str = "zh") -> torch.Tensor:
-        """What a controller observes: z, [z, h] or [z, c, h] (B, features)."""
-        if kind == "z":
-            return self.z
-        if kind == "zh":
-            return torch.cat([self.z, self.h], 1)
-        if kind == "zch":
-            return torch.cat([self.z, self.c, self.h], 1)
-        raise WmlabError(f"dream features must be one of {', '.join(FEATURES)}, got '{kind}'")
 
     @torch.no_grad()
     def reset(self, seeds: np.ndarray | list[int]) -> torch.Tensor:

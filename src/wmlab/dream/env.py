@@ -7,7 +7,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from wmlab.dream.batched import FEATURES, BatchedDream, DreamStart
+from wmlab.controller.model import controller_features, feature_size
+from wmlab.dream.batched import BatchedDream, DreamStart
 from wmlab.dream.calibration import dream_settings
 from wmlab.dream.settings import DreamSettings
 from wmlab.errors import WmlabError
@@ -61,12 +62,10 @@ class DreamEnv(_vector_env_base()):  # type: ignore[misc]
         self.dream = BatchedDream(model, start, settings, device)
         self.features_kind = features
         s = model.shape
-        size = {"z": s.z_dim, "zh": s.z_dim + s.hidden, "zch": s.z_dim + 2 * s.hidden}
-        if features not in size:
-            raise WmlabError(f"features must be one of {', '.join(FEATURES)}, got '{features}'")
+        size = feature_size(features, s.z_dim, s.hidden)  # refuses an unknown kind
         self.num_envs = num_envs
-        self.single_observation_space = gymnasium.spaces.Box(
-            -np.inf, np.inf, (size[features],), np.float32)
+        self.single_observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (size,),
+                                                             np.float32)
         self.single_action_space = gymnasium.spaces.Box(-1.0, 1.0, (s.action_dim,), np.float32)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
@@ -76,7 +75,9 @@ class DreamEnv(_vector_env_base()):  # type: ignore[misc]
         self._pending = np.zeros(num_envs, dtype=bool)
 
     def _obs(self) -> np.ndarray:
-        return self.dream.features(self.features_kind).cpu().numpy().astype(np.float32)
+        d = self.dream
+        return controller_features(self.features_kind, d.z, d.h, d.c).cpu().numpy().astype(
+            np.float32)
 
     def _seed_of(self, slot: int) -> int:
         if self._episode[slot] == 0:
