@@ -272,3 +272,53 @@ def test_the_dream_pictures_drive_a_clocked_c_on_the_dreams_step_count(tmp_path)
         moves.append(vectors[:, 0].tolist())
         dream.step(vectors)
     assert moves == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [0.0, 0.0], [-1.0, -1.0]]
+
+
+def test_a_c_without_a_clock_starts_a_clocked_one_that_acts_the_same(tmp_path, monkeypatch):
+    """es.init_from may name a C saved without a clock for a clocked config: the clock's
+    weights start at zero, so the clocked C acts exactly as the one it came from."""
+    from wmlab.controller.model import with_clock
+
+    for hidden in (0, 3):
+        plain = controller_shape("zh", 4, 16, 3, hidden=hidden)
+        clocked = controller_shape("zh", 4, 16, 3, hidden=hidden, clock=(8, 40))
+        params = np.random.default_rng(hidden).normal(size=plain.num_params)
+        start = with_clock(params, shape_info(plain, "zh"), clocked, "zh", "c.safetensors")
+        assert start.shape == (clocked.num_params,) and start.dtype == params.dtype
+        seen, clock = torch.randn(1, 5, plain.inputs), torch.randn(1, 5, 4)
+        torch.testing.assert_close(
+            population_forward(clocked, torch.from_numpy(start)[None].float(),
+                               torch.cat([seen, clock], dim=-1)),
+            population_forward(plain, torch.from_numpy(params)[None].float(), seen))
+        assert not np.array_equal(start, np.zeros_like(start))
+    # a C with another clock, or a clocked C for a config without one: refused, named
+    other = controller_shape("zh", 4, 16, 3, clock=(20,))
+    with pytest.raises(WmlabError, match=r"clock \[8, 40\] in the file but \[20\] here"):
+        with_clock(np.zeros(clocked.num_params), shape_info(clocked, "zh"), other, "zh", "c")
+    with pytest.raises(WmlabError, match=r"clock \[20\] in the file but \[\] here"):
+        with_clock(np.zeros(other.num_params), shape_info(other, "zh"),
+                   controller_shape("zh", 4, 16, 3), "zh", "c")
+
+    # the C stage: es.init_from a run's unclocked C, this run with a clock
+    import wmlab.pipeline.controller_stage as stage
+    from wmlab.controller.cmaes import load_controller_params
+    from wmlab.runs import RunLayout
+
+    tiny = ("es.population=8", "es.rollouts=2", "es.generations=1", "es.eval_every=1",
+            "es.eval_rollouts=2", "dream.max_steps=30")
+    first = make_run(tmp_path / "first", overrides=tiny)
+    stage.train_controller(first, progress=False)
+    saved, _ = load_controller_params(RunLayout.of(first).controller)
+    cfg = make_run(tmp_path / "second", overrides=(
+        *tiny, "controller.clock=[40]", f'es.init_from="{RunLayout.of(first).controller}"'))
+    starts = []
+    real_run_es = stage.run_es
+
+    def run_es(*args, **kwargs):
+        starts.append(kwargs["start"])
+        return real_run_es(*args, **kwargs)
+
+    monkeypatch.setattr(stage, "run_es", run_es)
+    assert stage.train_controller(cfg, progress=False).generation == 1
+    width = Z_DIM + 2 * 16  # Doom's C: [z, c, h] -> 1 output, then the clock's sin and cos
+    np.testing.assert_array_equal(starts[0], np.concatenate([saved[:width], [0.0, 0.0]]))

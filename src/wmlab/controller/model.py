@@ -17,6 +17,7 @@ steps M for every action (``wmlab.agent``); here are only the shapes and the sco
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -185,6 +186,29 @@ def shape_info(shape: ControllerShape, kind: str) -> dict:
     return {"inputs": shape.inputs, "outputs": shape.outputs, "hidden": shape.hidden,
             "bias": shape.bias, "features": kind, "lookahead": shape.lookahead,
             "clock": list(shape.clock), "num_params": shape.num_params}
+
+
+def with_clock(params: np.ndarray, info: dict, shape: ControllerShape, kind: str,
+               source: str) -> np.ndarray:
+    """A saved controller's (n,) parameters as a start for ``shape``: as they are where they
+    fit, and a C saved without a clock as one with ``shape``'s clock, the clock's weights zero
+    (it then acts exactly as it did). Anything else is refused as ``check_shape`` names it."""
+    params = np.asarray(params)
+    if info.get("clock") or not shape.clock or shape.lookahead:
+        check_shape(info, shape, kind, source)
+        return params
+    before = shape_without_clock(shape)
+    check_shape(info, before, kind, source)
+    first = shape.hidden or shape.outputs  # the rows of the map that reads C's inputs
+    reads = first * before.inputs  # that map comes first, row-major; the clock's columns last
+    weights = params[:reads].reshape(first, before.inputs)
+    clock = np.zeros((first, shape.inputs - before.inputs), params.dtype)
+    return np.concatenate([np.concatenate([weights, clock], axis=1).ravel(), params[reads:]])
+
+
+def shape_without_clock(shape: ControllerShape) -> ControllerShape:
+    """``shape`` with no clock: the C it was before its clock's inputs were added."""
+    return dataclasses.replace(shape, inputs=shape.inputs - 2 * len(shape.clock), clock=())
 
 
 def check_shape(info: dict, shape: ControllerShape, kind: str, source: str) -> None:

@@ -27,7 +27,7 @@ from wmlab.controller.cmaes import (
     run_es,
     score_mean,
 )
-from wmlab.controller.model import check_shape, shape_info
+from wmlab.controller.model import shape_info, with_clock
 from wmlab.data.series import SeriesStore
 from wmlab.data.store import EpisodeStore
 from wmlab.dream.calibration import noop_order_warning
@@ -91,7 +91,9 @@ def train_controller(cfg: Any, *, progress: bool = True,
     start = None
     if cfg.es.init_from:
         start, start_info = load_controller_params(cfg.es.init_from)
-        check_shape(start_info, models.shape, cfg.controller.inputs, start_info["source"])
+        # a C without a clock starts a clocked one: its clock's weights zero, the same acts
+        start = with_clock(start, start_info, models.shape, cfg.controller.inputs,
+                           start_info["source"])
     info = {**shape_info(models.shape, cfg.controller.inputs), "env": cfg.env.name,
             "fitness": cfg.es.fitness, "tau": cfg.dream.tau,
             **({"dream_generations": cfg.es.dream_generations} if mixed else {})}
