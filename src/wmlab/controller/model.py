@@ -17,9 +17,8 @@ steps M for every action (``wmlab.agent``); here are only the shapes and the sco
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -194,7 +193,7 @@ def with_clock(params: np.ndarray, info: dict, shape: ControllerShape, kind: str
     fit, and a C saved without a clock as one with ``shape``'s clock, the clock's weights zero
     (it then acts exactly as it did). Anything else is refused as ``check_shape`` names it."""
     params = np.asarray(params)
-    if info.get("clock") or not shape.clock or shape.lookahead:
+    if info.get("clock") or not shape.clock:  # (a look-ahead C never has a clock)
         check_shape(info, shape, kind, source)
         return params
     before = shape_without_clock(shape)
@@ -208,7 +207,7 @@ def with_clock(params: np.ndarray, info: dict, shape: ControllerShape, kind: str
 
 def shape_without_clock(shape: ControllerShape) -> ControllerShape:
     """``shape`` with no clock: the C it was before its clock's inputs were added."""
-    return dataclasses.replace(shape, inputs=shape.inputs - 2 * len(shape.clock), clock=())
+    return replace(shape, inputs=shape.inputs - 2 * len(shape.clock), clock=())
 
 
 def check_shape(info: dict, shape: ControllerShape, kind: str, source: str) -> None:
