@@ -36,6 +36,7 @@ from wmlab.controller.model import (
 from wmlab.device import resolve_bf16
 from wmlab.dream import BatchedDream, DreamSettings, DreamStart, EnsembleDream
 from wmlab.dream.calibration import dream_settings
+from wmlab.dream.shield import Shield, ShieldSettings, shield_done_shift
 from wmlab.envs.spec import EnvSpec
 from wmlab.errors import WmlabError
 from wmlab.evaluators import Rollouts
@@ -67,16 +68,19 @@ class AgentModels:
     candidates: torch.Tensor | None = None
     # the ensemble's other Ms (mdrnn.ensemble), stepped beside ``mdrnn`` in the dream
     ensemble: tuple[MDNRNN, ...] = ()
+    # M's look-ahead overruling C in real envs (the [shield] section); None: C acts alone
+    shield: ShieldSettings | None = None
 
 
 def build_models(spec: EnvSpec, mdrnn: MDNRNN, vae: ConvVAE | None, features: str,
                  hidden: int, bias: bool, start: DreamStart | None = None,
                  vae_bf16: bool = False, packed_encoder: bool = False,
                  lookahead: bool = False, int8_encoder: bool = False,
-                 clock: tuple[int, ...] = ()) -> AgentModels:
+                 clock: tuple[int, ...] = (), shield: ShieldSettings | None = None
+                 ) -> AgentModels:
     """Check that V, M and the env fit together and derive C's shape from them
     (``lookahead``: the look-ahead C of ``controller.lookahead``; ``clock``: the periods of
-    controller.clock)."""
+    controller.clock; ``shield``: M's look-ahead overruling C, the [shield] section)."""
     m = mdrnn.shape
     if vae is not None and vae.z_dim != m.z_dim:
         raise WmlabError(f"V has z_dim {vae.z_dim} but M was trained on z_dim {m.z_dim}: "
@@ -87,6 +91,8 @@ def build_models(spec: EnvSpec, mdrnn: MDNRNN, vae: ConvVAE | None, features: st
     shape = controller_shape(features, m.z_dim, m.hidden, spec.controller_outputs, hidden,
                              bias, lookahead, m.reward_head, clock)
     candidates = _candidates(spec) if lookahead else None
+    if shield is not None:
+        _check_shield(spec, mdrnn, lookahead)
     if vae is not None:
         # Channels-last convolutions: ~1.3-1.8x faster encoding on CPU (frames arrive as
         # HWC uint8, which is already that layout).
@@ -99,7 +105,27 @@ def build_models(spec: EnvSpec, mdrnn: MDNRNN, vae: ConvVAE | None, features: st
         acting = PackedEncoder(vae.encoder, torch.bfloat16 if bf16 else torch.float32)
     return AgentModels(spec=spec, mdrnn=mdrnn.eval(), features=features, shape=shape, vae=vae,
                        start=start, vae_bf16=bf16, acting_encoder=acting,
-                       candidates=candidates)
+                       candidates=candidates, shield=shield)
+
+
+def _check_shield(spec: EnvSpec, mdrnn: MDNRNN, lookahead: bool) -> None:
+    """The shield holds each of the env's moves in turn: it needs a list of moves, an M
+    that predicts ends, and a C that proposes one move (a look-ahead C already steps M)."""
+    if spec.action_kind not in ("doom", "discrete"):
+        raise WmlabError(f"shield.window: the shield tries each of an env's moves, and env "
+                         f"'{spec.name}' has {spec.action_kind} actions: set shield.window = 0")
+    if not mdrnn.shape.done_head:
+        raise WmlabError("shield.window: M has no done head, so its dream cannot say what "
+                         "ends an episode: set shield.window = 0 (or train M with "
+                         "mdrnn.done_head = true)")
+    if lookahead:
+        raise WmlabError("shield.window and controller.lookahead both step M before each "
+                         "move: use one of them")
+
+
+def _env_moves(spec: EnvSpec) -> np.ndarray:
+    """Every env action of a discrete env, or Doom's three moves."""
+    return np.arange(3 if spec.action_kind == "doom" else spec.controller_outputs)
 
 
 def _candidates(spec: EnvSpec) -> torch.Tensor:
@@ -258,6 +284,12 @@ class Agent:
         self.restart = torch.ones(num_envs, 1)
         self.steps = torch.zeros(num_envs, dtype=torch.int64)  # each episode's, for a clock
         self.raw = np.zeros((num_envs, models.spec.controller_outputs), np.float32)
+        self.shield: Shield | None = None
+        if models.shield is not None:
+            moves = _env_moves(models.spec)
+            self.shield = Shield(models.mdrnn, models.shield,
+                                 torch.from_numpy(models.spec.action_vector(moves)), moves,
+                                 num_envs)
 
     @classmethod
     def load(cls, source: str, num_envs: int = 1, runs_root: str | None = None) -> Agent:
@@ -287,6 +319,8 @@ class Agent:
             self.noise.reset(env, int(one))
             self.h[env], self.c[env], self.restart[env] = 0.0, 0.0, 1.0
             self.steps[env] = 0
+            if self.shield is not None:
+                self.shield.reset(env, int(one))
 
     @torch.no_grad()
     def observe(self, frames: np.ndarray, running: np.ndarray | None = None) -> torch.Tensor:
@@ -305,6 +339,8 @@ class Agent:
         envs), then M advanced on them for the ``running`` envs. Returns the env actions."""
         acted = _act(self.models, self.theta, self.z, self.h, self.c, self.restart,
                      self.members, mask, self.steps)
+        if self.shield is not None:
+            acted = self._shielded(acted, mask, running)
         self.raw = acted.raw
         m = self.models.mdrnn
         every = running is None or bool(running.all())
@@ -322,6 +358,33 @@ class Agent:
         self.steps[rows] += 1
         self.restart.zero_()
         return acted.env_actions
+
+    def _shielded(self, acted: Acted, mask: np.ndarray | None, running: np.ndarray | None
+                  ) -> Acted:
+        """C's moves where M's look-ahead does not overrule them, its safest hold where it
+        does; the raw outputs of overruled envs are those of the hold (what collection
+        records and the env maps back to the same move)."""
+        if mask is not None:
+            raise WmlabError("shield.window: this env reports valid actions, and the shield "
+                             "would hold moves regardless of them: set shield.window = 0")
+        per_member = self.num_envs // self.members
+
+        def c_moves(z: torch.Tensor, h: torch.Tensor, c: torch.Tensor, restart: torch.Tensor,
+                    envs: np.ndarray, t: int) -> torch.Tensor:
+            rows = torch.as_tensor(envs)
+            inner = _act(self.models, self.theta.index_select(0, rows // per_member), z, h, c,
+                         restart, len(envs), None, self.steps.index_select(0, rows) + t)
+            return torch.from_numpy(inner.vectors)
+
+        spec = self.models.spec
+        actions = self.shield.guard(acted.env_actions, c_moves, self.z, self.h, self.c,
+                                    self.restart, running)
+        changed = actions != acted.env_actions
+        if not changed.any():
+            return acted
+        raw = acted.raw.copy()
+        raw[changed] = spec.action_vector(actions[changed])
+        return Acted(raw, actions, spec.action_vector(actions))
 
     def act_batch(self, frames: np.ndarray, mask: np.ndarray | None = None,
                   running: np.ndarray | None = None) -> np.ndarray:
@@ -473,6 +536,7 @@ class RolloutWorkload:
     lookahead: bool = False  # controller.lookahead: C scores M's state after each action
     ensemble: tuple[str, ...] = ()  # the folders of the dream's other Ms (mdrnn.ensemble)
     clock: tuple[int, ...] = ()  # controller.clock: the periods of the clock C reads
+    shield: ShieldSettings | None = None  # [shield]: M's look-ahead in real envs; None: off
 
     def load(self) -> AgentModels:
         from wmlab.checkpoint import load_checkpoint
@@ -490,7 +554,8 @@ class RolloutWorkload:
         bf16 = resolve_bf16(self.vae_bf16, torch.device("cpu"), log=lambda message: None)
         models = build_models(get_spec(self.env), mdrnn, vae, self.features, self.hidden,
                               self.bias, start, bf16, self.packed_encoder, self.lookahead,
-                              self.int8_encoder, self.clock)
+                              self.int8_encoder, self.clock,
+                              self.shield if self.kind == "real" else None)
         others = tuple(load_mdrnn(folder)[0].eval() for folder in self.ensemble)
         return dataclasses.replace(models, ensemble=others) if others else models
 
@@ -570,7 +635,19 @@ def workload_from_config(cfg: Any, kind: str | None = None, backend: str | None 
         stall_steps=cfg.es.stall_steps if kind == "real" else 0,
         real_envs=cfg.es.real_envs,
         lookahead=cfg.controller.lookahead, clock=tuple(cfg.controller.clock),
-        ensemble=RunLayout.of(cfg).memory_members(cfg.mdrnn.ensemble)[1:] if dream else ())
+        ensemble=RunLayout.of(cfg).memory_members(cfg.mdrnn.ensemble)[1:] if dream else (),
+        shield=shield_settings(cfg) if not dream else None)
+
+
+def shield_settings(cfg: Any) -> ShieldSettings | None:
+    """The [shield] section as the agent uses it (None where shield.window is 0): the
+    dream's temperature, and M's done weight to undo."""
+    s = cfg.shield
+    if s.window == 0:
+        return None
+    return ShieldSettings(window=s.window, samples=s.samples, period=s.period,
+                          margin=s.margin, tau=cfg.dream.tau,
+                          done_shift=shield_done_shift(cfg.mdrnn.done_weight))
 
 
 class AgentPolicy:

@@ -312,6 +312,21 @@ class DreamConfig:
 
 
 @dataclass
+class ShieldConfig:
+    window: int = _opt(0, "M's look-ahead as C's shield when the agent acts in the real env "
+                       "(discrete actions, M with a done head): every `period` steps M "
+                       "dreams this many steps ahead under C and under each move held, "
+                       "and a hold clearly safer than C's move is taken instead; 0 = off, "
+                       "as the paper", min=0)
+    samples: int = _opt(8, "dreams per candidate move (all candidates share their noise)",
+                        min=1)
+    period: int = _opt(5, "env steps between looks; an overruling hold lasts this long", min=1)
+    margin: float = _opt(0.1, "C is overruled where its chance of the episode ending within "
+                         "the window exceeds the safest hold's by more than this", min=0.0,
+                         max=1.0)
+
+
+@dataclass
 class EvalConfig:
     episodes: int = _opt(100, "episodes of the reported evaluation", min=1)
     seed: int = _opt(1_000_000, "first of the fixed, recorded evaluation seeds", min=0)
@@ -341,6 +356,7 @@ class Config:
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     es: EsConfig = field(default_factory=EsConfig)
     dream: DreamConfig = field(default_factory=DreamConfig)
+    shield: ShieldConfig = field(default_factory=ShieldConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def run_dir(self) -> str:

@@ -1,0 +1,150 @@
+"""M's look-ahead as C's shield ([shield]): before the agent's move is taken, M dreams a few
+steps ahead under C and under each move held, and overrules C where a hold is clearly
+safer. The survival M of agent_fixtures kills every move but 'right' within a few steps."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from agent_fixtures import Z_DIM, make_run, survival_mdrnn
+from wmlab.agent import Agent, build_models, workload_from_config
+from wmlab.config import load_config
+from wmlab.dream.shield import ShieldSettings, look_ahead_risks
+from wmlab.envs import get_spec
+from wmlab.envs.spec import DOOM_LEFT, DOOM_RIGHT
+from wmlab.errors import WmlabError
+from wmlab.memory.model import MDNRNN, MdrnnShape
+from wmlab.vision.model import ConvVAE
+
+
+def _settings(margin: float = 0.1, period: int = 1) -> ShieldSettings:
+    return ShieldSettings(window=8, samples=4, period=period, margin=margin, tau=1.0,
+                          done_shift=0.0)
+
+
+def _agent(bias: float, shield: ShieldSettings | None, envs: int = 2) -> Agent:
+    """A Doom agent on the survival M whose C emits tanh(bias) whatever it sees."""
+    torch.manual_seed(3)
+    models = build_models(get_spec("doom"), survival_mdrnn(), ConvVAE(Z_DIM), "zh", 0, True,
+                          shield=shield)
+    params = np.zeros((1, models.shape.num_params), np.float32)
+    params[0, -1] = bias  # the output's bias
+    return Agent(models, params, num_envs=envs)
+
+
+def _frames(steps: int, envs: int = 2) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 255, (steps, envs, 64, 64, 3), np.uint8)
+
+
+@torch.no_grad()
+def test_the_shield_takes_the_move_m_says_survives_where_c_walks_into_death():
+    frames = _frames(4)
+    alone, shielded = _agent(-5.0, None), _agent(-5.0, _settings())
+    alone.reset(seed=[1, 2])
+    shielded.reset(seed=[1, 2])
+    for step in frames:
+        assert alone.act_batch(step).tolist() == [DOOM_LEFT, DOOM_LEFT]
+        assert shielded.act_batch(step).tolist() == [DOOM_RIGHT, DOOM_RIGHT]
+        # what collection records maps back to the move taken
+        assert (shielded.raw[:, 0] > 1 / 3).all()
+    assert shielded.shield.overrules.tolist() == [4, 4]
+    # M stepped on the move taken, not on C's: its state is that of moving right
+    assert float(shielded.h.mean()) > 0 > float(alone.h.mean())
+
+
+@torch.no_grad()
+def test_a_c_already_on_the_safe_move_is_left_alone():
+    agent = _agent(5.0, _settings())
+    agent.reset(seed=[1, 2])
+    for step in _frames(3):
+        assert agent.act_batch(step).tolist() == [DOOM_RIGHT, DOOM_RIGHT]
+    assert agent.shield.overrules.tolist() == [0, 0]
+
+
+@torch.no_grad()
+def test_a_shield_that_cannot_overrule_changes_nothing():
+    """margin 1: no difference of two probabilities exceeds it; every step as without."""
+    frames = _frames(5)
+    alone, shielded = _agent(-0.2, None), _agent(-0.2, _settings(margin=1.0))
+    alone.reset(seed=[4, 5])
+    shielded.reset(seed=[4, 5])
+    for step in frames:
+        assert alone.act_batch(step).tolist() == shielded.act_batch(step).tolist()
+        np.testing.assert_array_equal(alone.raw, shielded.raw)
+        assert torch.equal(alone.h, shielded.h) and torch.equal(alone.c, shielded.c)
+
+
+@torch.no_grad()
+def test_a_hold_lasts_the_period_before_m_looks_again():
+    agent = _agent(-5.0, _settings(period=3), envs=1)
+    agent.reset(seed=7)
+    for step in _frames(7, envs=1):
+        assert agent.act_batch(step).tolist() == [DOOM_RIGHT]
+    assert agent.shield.overrules.tolist() == [3]  # looks at steps 0, 3 and 6
+
+
+@torch.no_grad()
+def test_risks_rank_the_moves_as_the_survival_m_does():
+    m = survival_mdrnn()
+    s = _settings()
+    holds = torch.tensor([[0.0], [-1.0], [1.0]])  # no-op, left, right
+
+    def c_goes_left(z, h, c, restart, envs, t):
+        return torch.full((len(z), 1), -1.0)
+
+    gen = torch.Generator().manual_seed(0)
+    noise = (torch.rand(2, s.window, s.samples, Z_DIM, generator=gen),
+             torch.randn(2, s.window, s.samples, Z_DIM, generator=gen))
+    risk = look_ahead_risks(m, s, c_goes_left, holds, np.arange(2), torch.zeros(2, Z_DIM),
+                            torch.zeros(2, m.shape.hidden), torch.zeros(2, m.shape.hidden),
+                            torch.ones(2, 1), *noise)
+    assert risk.shape == (2, 4)
+    # C (left) and the left hold are the same dreams; right the safest, no-op in between
+    torch.testing.assert_close(risk[:, 0], risk[:, 2])
+    assert (risk[:, 3] < risk[:, 1]).all() and (risk[:, 1] < risk[:, 2]).all()
+
+
+@torch.no_grad()
+def test_an_episode_depends_on_its_seed_not_its_slot():
+    frames = _frames(4)
+    a, b = _agent(-0.3, _settings()), _agent(-0.3, _settings())
+    a.reset(seed=[11, 12])
+    b.reset(seed=[12, 11])
+    for step in frames:
+        same = step[[1, 0]]  # b's env 0 sees what a's env 1 sees
+        assert a.act_batch(step).tolist() == b.act_batch(same)[[1, 0]].tolist()
+
+
+def test_refusals_name_the_fix():
+    settings = _settings()
+    with pytest.raises(WmlabError, match="shield.window = 0"):
+        m = MDNRNN(MdrnnShape(z_dim=Z_DIM, action_dim=3, hidden=8, gaussians=2,
+                              done_head=True))
+        build_models(get_spec("carracing"), m, ConvVAE(Z_DIM), "zh", 0, True,
+                     shield=settings)
+    no_done = MDNRNN(MdrnnShape(z_dim=Z_DIM, action_dim=1, hidden=8, gaussians=2))
+    with pytest.raises(WmlabError, match="no done head"):
+        build_models(get_spec("doom"), no_done, ConvVAE(Z_DIM), "zh", 0, True,
+                     shield=settings)
+    with pytest.raises(WmlabError, match="margin"):
+        ShieldSettings(window=8, samples=4, period=1, margin=1.5, tau=1.0, done_shift=0.0)
+    agent = _agent(0.0, settings)
+    with pytest.raises(WmlabError, match="valid actions"):
+        agent.decide(mask=np.ones((2, 1), bool))
+
+
+def test_the_config_section_reaches_the_real_rollouts_only(tmp_path):
+    cfg = make_run(tmp_path, overrides=("shield.window=25", "shield.samples=6",
+                                        "shield.margin=0.2", "dream.tau=1.15"))
+    real = workload_from_config(cfg, "real")
+    assert real.shield == ShieldSettings(window=25, samples=6, period=5, margin=0.2,
+                                         tau=1.15,
+                                         done_shift=math.log(cfg.mdrnn.done_weight))
+    assert workload_from_config(cfg, "dream").shield is None
+    assert real.load().shield == real.shield
+    off = load_config("doom", "budget")
+    assert off.shield.window == 0 and workload_from_config(off, "real").shield is None
