@@ -98,9 +98,6 @@ class Shield:
 
     def __init__(self, model: MDNRNN, settings: ShieldSettings, holds: torch.Tensor,
                  hold_actions: np.ndarray, num_envs: int) -> None:
-        if model.shape.done_head is False:
-            raise WmlabError("shield: M has no done head, so its dream cannot say what ends an "
-                             "episode: set mdrnn.done_head = true, or shield.window = 0")
         self.model, self.settings = model, settings
         self.holds = holds  # (K, A): each env action as M reads it
         self.hold_actions = np.asarray(hold_actions, dtype=np.int64)  # (K,) the env actions
