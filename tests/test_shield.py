@@ -148,3 +148,37 @@ def test_the_config_section_reaches_the_real_rollouts_only(tmp_path):
     assert real.load().shield == real.shield
     off = load_config("doom", "budget")
     assert off.shield.window == 0 and workload_from_config(off, "real").shield is None
+
+
+def test_a_shielded_evaluation_plays_the_real_game_and_is_never_taken_for_one_without(
+        tmp_path):
+    """Real ViZDoom episodes through the shield; the evaluate stage's reuse tells a score
+    with the shield from one without it by the settings the JSON records."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from wmlab.checkpoint import save_checkpoint
+    from wmlab.controller import controller_shape, shape_info
+    from wmlab.controller.cmaes import BEST_WEIGHTS
+    from wmlab.evaluate import evaluate_controller
+    from wmlab.runs import RunLayout
+
+    evaluation = ("env.max_steps=12", "eval.episodes=3", "eval.seed=500")
+    cfg = make_run(tmp_path, overrides=evaluation)
+    shape = controller_shape("zch", Z_DIM, 16, 1, bias=False)
+    params = np.random.default_rng(0).normal(0, 1.0, shape.num_params)
+    save_checkpoint(RunLayout.of(cfg).controller, BEST_WEIGHTS, 1,
+                    {"params": torch.as_tensor(params, dtype=torch.float32)}, None,
+                    {**shape_info(shape, "zch"), "generation": 1})
+    plain = evaluate_controller(cfg, reuse=True)
+    assert plain.extra["shield"] is None
+    path = Path(RunLayout.of(cfg).eval, "eval-vizdoom.json")
+    path.write_text(json.dumps({**json.loads(path.read_text()), "returns": [-1.0] * 3}))
+    shielded_cfg = dataclasses.replace(cfg, shield=dataclasses.replace(cfg.shield, window=4,
+                                                                       period=2))
+    shielded = evaluate_controller(shielded_cfg, reuse=True)
+    assert -1.0 not in shielded.returns and all(1 <= r <= 12 for r in shielded.returns)
+    assert shielded.extra["shield"]["window"] == 4
+    assert evaluate_controller(shielded_cfg, reuse=True).returns == shielded.returns
+    assert evaluate_controller(cfg, reuse=True).returns == plain.returns  # played again

@@ -118,7 +118,8 @@ def evaluate_controller(cfg: Config, *, episodes: int | None = None, where: str 
                              controller_fingerprint=str(info.get("fingerprint", "")),
                              tau=cfg.dream.tau if where == "dream" else None)
         if saved is not None and saved.extra.get("max_steps") == (cfg.env.max_steps
-                                                                   or spec.max_steps):
+                                                                   or spec.max_steps) \
+                and saved.extra.get("shield") == _shield_record(workload):
             if video and not exists(video):  # killed between the JSON and the GIF
                 atomic_write_bytes(video, record_video(models, workload, params,
                                                        saved.seeds[0]))
@@ -139,12 +140,18 @@ def evaluate_controller(cfg: Config, *, episodes: int | None = None, where: str 
                         tau=cfg.dream.tau if where == "dream" else None,
                         extra={"generation": info.get("generation"),
                                "max_steps": cfg.env.max_steps or spec.max_steps,
-                               **length_extra})
+                               "shield": _shield_record(workload), **length_extra})
     gif = record_video(models, workload, params, int(seeds.ravel()[0])) if video else None
     atomic_write_bytes(path, json.dumps(asdict(result), indent=2).encode())
     if gif is not None:
         atomic_write_bytes(video, gif)
     return result
+
+
+def _shield_record(workload: Any) -> dict[str, Any] | None:
+    """The shield's settings as an evaluation records them (None: C acted alone), so that a
+    score with the shield is never taken for one without it, or the reverse."""
+    return None if workload.shield is None else asdict(workload.shield)
 
 
 def saved_result(path: str, **expected: Any) -> EvalResult | None:
