@@ -36,7 +36,7 @@ from wmlab.controller.model import (
 from wmlab.device import resolve_bf16
 from wmlab.dream import BatchedDream, DreamSettings, DreamStart, EnsembleDream
 from wmlab.dream.calibration import dream_settings
-from wmlab.dream.shield import Shield, ShieldSettings, shield_done_shift
+from wmlab.dream.shield import Shield, ShieldSettings
 from wmlab.envs.spec import EnvSpec
 from wmlab.errors import WmlabError
 from wmlab.evaluators import Rollouts
@@ -645,9 +645,9 @@ def shield_settings(cfg: Any) -> ShieldSettings | None:
     s = cfg.shield
     if s.window == 0:
         return None
+    dream = DreamSettings.from_config(cfg)
     return ShieldSettings(window=s.window, samples=s.samples, period=s.period,
-                          margin=s.margin, tau=cfg.dream.tau,
-                          done_shift=shield_done_shift(cfg.mdrnn.done_weight))
+                          margin=s.margin, tau=dream.tau, done_shift=dream.done_shift)
 
 
 class AgentPolicy:

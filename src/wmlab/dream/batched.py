@@ -66,7 +66,7 @@ class BatchedDream:
         # The done head was trained with positives weighted by w, which shifts its logit by
         # log(w) from the true log-odds: "sample" undoes that before drawing, so the dream's
         # hazard is M's estimate of the real one rather than w times it.
-        self.done_shift = float(np.log(settings.done_weight))
+        self.done_shift = settings.done_shift
         # dream.done_bias: added to the done logit in either mode; positive ends dreams
         # sooner, for matching the dream's survival to the game's by hand
         self.done_bias = float(settings.done_bias)

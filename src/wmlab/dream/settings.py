@@ -5,6 +5,7 @@ dream a user looks at is the dream C is trained in."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +65,12 @@ class DreamSettings:
                    done_bias=cfg.dream.done_bias if done_bias is None else done_bias,
                    precision=cfg.dream.precision, dropout=dream_dropout(cfg),
                    ensemble_reward=cfg.dream.ensemble_reward)
+
+    @property
+    def done_shift(self) -> float:
+        """How far the done logit sits above M's log-odds of an end: the head was trained
+        with ends weighted by ``done_weight``, which shifts its logit by ln(done_weight)."""
+        return math.log(self.done_weight)
 
     def with_tau(self, tau: float) -> DreamSettings:
         return dataclasses.replace(self, tau=float(tau))

@@ -17,7 +17,6 @@ generator keyed by its episode's seed: an episode still depends on its seed alon
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,7 +40,7 @@ class ShieldSettings:
     period: int  # env steps between looks; an overruling hold lasts this long
     margin: float  # C is overruled where its risk exceeds the safest hold's by more
     tau: float  # the dream's temperature
-    done_shift: float  # ln(mdrnn.done_weight): the done logit's offset from the log-odds
+    done_shift: float  # the done logit's offset from the log-odds (DreamSettings.done_shift)
 
     def __post_init__(self) -> None:
         if self.window < 1 or self.samples < 1 or self.period < 1:
@@ -147,9 +146,3 @@ class Shield:
         actions[kept] = self.hold_actions[self.held[kept]]
         self.countdown[live] -= 1
         return actions
-
-
-def shield_done_shift(done_weight: float) -> float:
-    """M's done head is trained with ends weighted by w: its logit sits ln(w) above the
-    log-odds, which the shield takes off."""
-    return math.log(done_weight)
