@@ -18,8 +18,9 @@ RATES = {"collect": 8484,        # held-policy frames (2 workers)
          "memory_float32": 12000,
          "generation": 34.6 / 2.5,  # seconds per C generation of 64 x 16 dreams, bf16
          "generation_float32": 34.6,
-         # 100 real episodes with M's look-ahead every 5 steps (1,147 s at margin 0.1 on
-         # 2 AMD EPYC cores; a smaller margin dreams more holds)
+         # 100 real episodes with M's look-ahead every 5 steps, on 2 AMD EPYC cores: 562 s
+         # for the shield profile's C at margin 0.05, 1,147 s for another C at 0.1 (the
+         # holds are dreamt only where C's own risk passes the margin); the larger, with room
          "shielded_evaluate": 1500}
 FRAMES_PER_EPISODE = 325          # the held policy's mean episode (1.3M frames / 4,000)
 
