@@ -38,6 +38,9 @@ def doom_spec() -> EnvSpec:
 def _new_game(max_steps: int, resolution: str) -> Any:
     import vizdoom as vzd
 
+    # ViZDoom creates ./_vizdoom/ at init and dies ("File exists") when another worker made
+    # it in between: on a machine's first run, one of a pool's workers started together
+    os.makedirs("_vizdoom", exist_ok=True)
     game = vzd.DoomGame()
     game.load_config(os.path.join(vzd.scenarios_path, "take_cover.cfg"))
     game.set_available_buttons([vzd.Button.MOVE_LEFT, vzd.Button.MOVE_RIGHT])
