@@ -21,9 +21,9 @@ from wmlab.memory.model import MDNRNN, MdrnnShape
 from wmlab.vision.model import ConvVAE
 
 
-def _settings(margin: float = 0.1, period: int = 1) -> ShieldSettings:
+def _settings(margin: float = 0.1, period: int = 1, hold: int = 0) -> ShieldSettings:
     return ShieldSettings(window=8, samples=4, period=period, margin=margin, tau=1.0,
-                          done_shift=0.0)
+                          done_shift=0.0, hold=hold)
 
 
 def _agent(bias: float, shield: ShieldSettings | None, envs: int = 2) -> Agent:
@@ -109,6 +109,45 @@ def test_risks_rank_the_moves_as_the_survival_m_does():
 
 
 @torch.no_grad()
+def test_a_hold_that_gives_way_to_c_is_dreamt_as_that_plan():
+    """shield.hold: each move held that many steps, then C's moves, as the agent would play
+    after an overruling; 0 (or the whole window) holds it throughout."""
+    m = survival_mdrnn()
+    holds = torch.tensor([[0.0], [-1.0], [1.0]])  # no-op, left, right
+    gen = torch.Generator().manual_seed(1)
+    noise = (torch.rand(2, 8, 4, Z_DIM, generator=gen),
+             torch.randn(2, 8, 4, Z_DIM, generator=gen))
+    seen_steps: list[int] = []
+
+    def c_goes_left(z, h, c, restart, envs, t):
+        seen_steps.append(t)
+        return torch.full((len(z), 1), -1.0)
+
+    def risks(hold: int, c_candidate: bool = True) -> torch.Tensor:
+        return look_ahead_risks(m, _settings(hold=hold), c_goes_left, holds, np.arange(2),
+                                torch.zeros(2, Z_DIM), torch.zeros(2, m.shape.hidden),
+                                torch.zeros(2, m.shape.hidden), torch.ones(2, 1), *noise,
+                                c_candidate=c_candidate)
+
+    throughout, released = risks(0), risks(2)
+    torch.testing.assert_close(risks(8), throughout)  # a hold as long as the window
+    # C's dream and the left hold's are the same plans either way
+    torch.testing.assert_close(released[:, :3:2], throughout[:, :3:2])
+    # right for 2 steps, then C's left: riskier than right throughout, safer than C's left
+    assert (released[:, 3] > throughout[:, 3] + 0.05).all()
+    assert (released[:, 3] < released[:, 0]).all()
+    # without C as a candidate, the holds' risks are the same, C still acting after them
+    seen_steps.clear()
+    torch.testing.assert_close(risks(2, c_candidate=False), released[:, 1:])
+    assert seen_steps == list(range(2, 8))
+    with pytest.raises(ValueError, match="C's moves"):
+        look_ahead_risks(m, _settings(hold=2), None, holds, np.arange(2),
+                         torch.zeros(2, Z_DIM), torch.zeros(2, m.shape.hidden),
+                         torch.zeros(2, m.shape.hidden), torch.ones(2, 1), *noise,
+                         c_candidate=False)
+
+
+@torch.no_grad()
 def test_an_episode_depends_on_its_seed_not_its_slot():
     frames = _frames(4)
     a, b = _agent(-0.3, _settings()), _agent(-0.3, _settings())
@@ -132,6 +171,8 @@ def test_refusals_name_the_fix():
                      shield=settings)
     with pytest.raises(WmlabError, match="margin"):
         ShieldSettings(window=8, samples=4, period=1, margin=1.5, tau=1.0, done_shift=0.0)
+    with pytest.raises(WmlabError, match="shield.hold"):
+        _settings(hold=-1)
     agent = _agent(0.0, settings)
     with pytest.raises(WmlabError, match="valid actions"):
         agent.decide(mask=np.ones((2, 1), bool))
@@ -139,11 +180,12 @@ def test_refusals_name_the_fix():
 
 def test_the_config_section_reaches_the_real_rollouts_only(tmp_path):
     cfg = make_run(tmp_path, overrides=("shield.window=25", "shield.samples=6",
-                                        "shield.margin=0.2", "dream.tau=1.15"))
+                                        "shield.margin=0.2", "shield.hold=5",
+                                        "dream.tau=1.15"))
     real = workload_from_config(cfg, "real")
     assert real.shield == ShieldSettings(window=25, samples=6, period=5, margin=0.2,
                                          tau=1.15,
-                                         done_shift=math.log(cfg.mdrnn.done_weight))
+                                         done_shift=math.log(cfg.mdrnn.done_weight), hold=5)
     assert workload_from_config(cfg, "dream").shield is None
     assert real.load().shield == real.shield
     off = load_config("doom", "budget")

@@ -647,7 +647,8 @@ def shield_settings(cfg: Any) -> ShieldSettings | None:
         return None
     dream = DreamSettings.from_config(cfg)
     return ShieldSettings(window=s.window, samples=s.samples, period=s.period,
-                          margin=s.margin, tau=dream.tau, done_shift=dream.done_shift)
+                          margin=s.margin, tau=dream.tau, done_shift=dream.done_shift,
+                          hold=s.hold)
 
 
 class AgentPolicy:

@@ -324,6 +324,9 @@ class ShieldConfig:
     margin: float = _opt(0.1, "C is overruled where its chance of the episode ending within "
                          "the window exceeds the safest hold's by more than this", min=0.0,
                          max=1.0)
+    hold: int = _opt(0, "dream steps each move is held in the look-ahead before C acts again "
+                     "(= period: the dream plays the plan the agent would follow); 0 = held "
+                     "for the whole window", min=0)
 
 
 @dataclass

@@ -8,6 +8,10 @@ real hits, the move the dream finds safest is hit in the game 15% of the time, a
 54%), but a linear C on [z, c, h] cannot compute that ranking. The dream can, at acting time.
 C is trained as before; the shield only changes how the agent acts.
 
+A candidate move is held for ``hold`` dream steps, then C acts for the rest of the window: with
+``hold`` equal to ``period`` the dream plays the plan the agent would follow (a hold lasts
+``period`` env steps before C acts again); ``hold`` 0 holds the move for the whole window.
+
 Risk of a candidate: the chance that M ends the episode within ``window`` dream steps,
 1 - prod_t (1 - p_t) with p_t M's end probability (its done head with the training weight
 undone), averaged over ``samples`` dreams. Every candidate's dream i draws the same noise, so
@@ -41,29 +45,44 @@ class ShieldSettings:
     margin: float  # C is overruled where its risk exceeds the safest hold's by more
     tau: float  # the dream's temperature
     done_shift: float  # the done logit's offset from the log-odds (DreamSettings.done_shift)
+    hold: int = 0  # dream steps a candidate move is held before C acts; 0: the whole window
 
     def __post_init__(self) -> None:
         if self.window < 1 or self.samples < 1 or self.period < 1:
             raise WmlabError(f"shield: window, samples and period must be >= 1, got "
                              f"{self.window}, {self.samples}, {self.period}")
+        if self.hold < 0:
+            raise WmlabError(f"shield.hold: dream steps a move is held before C acts again, "
+                             f">= 0 (0: the whole window); got {self.hold}")
         if not 0.0 <= self.margin <= 1.0:
             raise WmlabError(f"shield.margin is a difference of probabilities, in [0, 1]; got "
                              f"{self.margin}")
+
+    @property
+    def release(self) -> int:
+        """The dream step from which C acts in every candidate's dream."""
+        return self.hold if 0 < self.hold < self.window else self.window
 
 
 @torch.no_grad()
 def look_ahead_risks(model: MDNRNN, settings: ShieldSettings, c_moves: MoveFn | None,
                      holds: torch.Tensor, envs: np.ndarray, z: torch.Tensor, h: torch.Tensor,
                      c: torch.Tensor, restart: torch.Tensor, uniform: torch.Tensor,
-                     normal: torch.Tensor) -> torch.Tensor:
+                     normal: torch.Tensor, c_candidate: bool = True) -> torch.Tensor:
     """(E, [1 +] K) risks for E agents in state (z, h, c, restart) (each (E, .)): under C
-    first (where ``c_moves`` is given), then under each of the K ``holds`` (action vectors as
-    M reads them, (K, A)). ``uniform`` and ``normal``: (E, window, samples, z) noise of each
-    agent's dreams; ``envs``: the agents' env indices, passed on to ``c_moves``."""
+    first (where ``c_candidate``), then under each of the K ``holds`` (action vectors as
+    M reads them, (K, A)), each held ``settings.hold`` steps and C's afterwards.
+    ``uniform`` and ``normal``: (E, window, samples, z) noise of each agent's dreams;
+    ``envs``: the agents' env indices, passed on to ``c_moves`` (C's moves; None only where
+    C is no candidate and the holds last the whole window)."""
+    release = settings.release
+    if c_moves is None and (c_candidate or release < settings.window):
+        raise ValueError("look_ahead_risks: C's moves are needed where C is a candidate or "
+                         "a hold gives way to C")
     e, n = len(z), settings.samples
     # every candidate's move as a row (C's: a placeholder, replaced by C's move each step)
-    moves = holds.float() if c_moves is None else \
-        torch.cat([holds.new_zeros((1, holds.shape[1])), holds]).float()
+    moves = torch.cat([holds.new_zeros((1, holds.shape[1])), holds]).float() \
+        if c_candidate else holds.float()
     k = len(moves)
     # rows ordered (agent, candidate, sample)
     def spread(x: torch.Tensor) -> torch.Tensor:
@@ -72,14 +91,17 @@ def look_ahead_risks(model: MDNRNN, settings: ShieldSettings, c_moves: MoveFn | 
     zz, hh, cc, rr = spread(z), spread(h), spread(c), spread(restart.reshape(e, 1))
     held = moves.repeat_interleave(n, dim=0).repeat(e, 1)  # (e * k * n, A)
     c_rows = (torch.arange(e).unsqueeze(1) * k * n + torch.arange(n)).reshape(-1)
-    c_envs = np.repeat(envs, n)
+    c_envs, row_envs = np.repeat(envs, n), np.repeat(envs, k * n)
     survive = torch.ones(len(zz))
     for t in range(settings.window):
-        actions = held
-        if c_moves is not None:
+        if t >= release:  # every hold has given way: C acts in all the dreams
+            actions = c_moves(zz, hh, cc, rr, row_envs, t).float()
+        elif c_candidate:
             actions = held.clone()
             actions[c_rows] = c_moves(zz[c_rows], hh[c_rows], cc[c_rows], rr[c_rows], c_envs,
                                       t).float()
+        else:
+            actions = held
         hh, cc = model.advance(zz, actions, rr, hh, cc)
         rr = torch.zeros_like(rr)
         out = model.split_output(model.head(hh))
@@ -133,10 +155,10 @@ class Shield:
             risky = np.flatnonzero(c_risk > s.margin)
             if len(risky):
                 rows = torch.as_tensor(risky)
-                hold_risk = look_ahead_risks(self.model, s, None, self.holds, due[risky],
+                hold_risk = look_ahead_risks(self.model, s, c_moves, self.holds, due[risky],
                                              *[x.index_select(0, rows) for x in state],
-                                             *[x.index_select(0, rows) for x in noise]
-                                             ).numpy()
+                                             *[x.index_select(0, rows) for x in noise],
+                                             c_candidate=False).numpy()
                 overrule = c_risk[risky] - hold_risk.min(1) > s.margin
                 self.held[due[risky]] = np.where(overrule, hold_risk.argmin(1), -1)
                 self.overrules[due[risky]] += overrule
