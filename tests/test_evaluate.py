@@ -15,7 +15,7 @@ from agent_fixtures import Z_DIM, make_run
 from wmlab.checkpoint import save_checkpoint
 from wmlab.cli import main
 from wmlab.controller import controller_shape, shape_info
-from wmlab.controller.cmaes import BEST_WEIGHTS
+from wmlab.controller.cmaes import BEST_WEIGHTS, MEAN_WEIGHTS
 from wmlab.errors import WmlabError
 from wmlab.evaluate import episode_rows, evaluate_controller
 from wmlab.runs import RunLayout
@@ -211,3 +211,35 @@ def test_real_rollouts_encode_frames_as_the_encode_stage(tmp_path):
     for bf16 in (True, False):
         cfg = make_run(tmp_path / str(bf16), overrides=(*EVAL, f"vae.bf16={str(bf16).lower()}"))
         assert workload_from_config(cfg, "real").vae_bf16 is bf16
+
+
+def test_evaluate_scores_a_later_iteration_as_it_was_trained_and_warns_of_drift(
+        tmp_path, capsys):
+    """`wmlab evaluate --iteration K` applies run.later (a shield set there is on) with --set
+    still winning; an evaluation whose settings differ from the run's config.toml says so."""
+    import dataclasses
+
+    from wmlab.cli import build_parser
+    from wmlab.cli.controller import _evaluated_config
+    from wmlab.config import to_toml
+
+    later = '["shield.window=25", "shield.margin=0.05"]'
+    cfg = make_run(tmp_path, overrides=EVAL)
+    shape = controller_shape("zch", Z_DIM, 16, 1, bias=False)
+    save_checkpoint(RunLayout.of(cfg).controller, MEAN_WEIGHTS, 1,  # iteration 2 may start
+                    {"params": torch.zeros(shape.num_params)}, None, shape_info(shape, "zch"))
+    base = ["evaluate", "--preset", "doom", "--profile", "quick", "--run", "r",
+            "--set", f"run.root={tmp_path}", "--set", f"run.later={later}"]
+    parse = build_parser().parse_args
+    second = _evaluated_config(parse([*base, "--iteration", "2",
+                                      "--set", "shield.margin=0.2"]), {})
+    assert second.run.name == "r/iterations/2"
+    assert (second.shield.window, second.shield.margin) == (25, 0.2)
+    assert _evaluated_config(parse(base), {}).shield.window == 0  # iteration 1: no shield
+    assert capsys.readouterr().err == ""  # no config.toml recorded: nothing to differ from
+    recorded = dataclasses.replace(cfg, shield=dataclasses.replace(cfg.shield, window=25))
+    Path(RunLayout.of(cfg).config).write_text(to_toml(recorded))
+    _evaluated_config(parse(base), {})
+    assert "shield.window: run 25, evaluate 0" in capsys.readouterr().err
+    with pytest.raises(WmlabError, match="--iteration does not apply to --pretrained"):
+        _evaluated_config(parse(["evaluate", "--pretrained", "doom", "--iteration", "2"]), {})

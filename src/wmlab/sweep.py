@@ -141,9 +141,13 @@ def training_settings(cfg: Config) -> dict[str, Any]:
     }
 
 
-def config_drift(cfg: Config) -> list[str]:
-    """Keys where ``cfg`` differs from the run's recorded config.toml in what the dream and
-    C depend on (a ``--set`` used for the run but forgotten for the sweep)."""
+DREAM_SECTIONS = ("env", "controller", "dream", "mdrnn")  # what the dream and C depend on
+
+
+def config_drift(cfg: Config, sections: tuple[str, ...] = DREAM_SECTIONS,
+                 who: str = "sweep") -> list[str]:
+    """Keys of ``sections`` where ``cfg`` differs from the run's recorded config.toml (a
+    ``--set`` used for the run but forgotten by ``who``, the command acting on it now)."""
     import fsspec
 
     from wmlab.config import to_toml
@@ -160,11 +164,11 @@ def config_drift(cfg: Config) -> list[str]:
     current = tomllib.loads(to_toml(cfg))
     drift = []
     # M's training keys are left out: its weights come from the checkpoint, whatever made them
-    for section in ("env", "controller", "dream", "mdrnn"):
+    for section in sections:
         for key, value in current.get(section, {}).items():
             old = recorded.get(section, {}).get(key, value)
             if key != "tau" and old != value and (section != "mdrnn" or key == "done_weight"):
-                drift.append(f"{section}.{key}: run {old!r}, sweep {value!r}")
+                drift.append(f"{section}.{key}: run {old!r}, {who} {value!r}")
     return drift
 
 

@@ -10,7 +10,7 @@ from wmlab.cli.common import (
     config_from_args,
     config_or_pretrained,
 )
-from wmlab.config import Config
+from wmlab.config import Config, toml_value
 from wmlab.errors import WmlabError
 
 
@@ -47,6 +47,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--video", metavar="PATH.gif",
                           help="also write a GIF of the first episode: real frame beside "
                           "the agent's view (V's reconstruction)")
+    evaluate.add_argument("--iteration", type=int, default=1,
+                          help="the agent generation to score (default 1): its config is "
+                          "the run's with run.later applied, as `wmlab run` trained it; "
+                          "--set still wins")
     evaluate.add_argument("--record-machine", action="store_true",
                           help="with --pretrained: keep this CPU's returns in the agent's "
                           "metadata (they reproduce exactly here from then on)")
@@ -135,8 +139,9 @@ def cmd_train_controller(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from wmlab.evaluate import evaluate_controller
 
-    cfg = config_or_pretrained(args, {"eval.backend": args.eval_backend,
-                                      "es.engine": args.engine, "es.workers": args.workers})
+    flags = {"eval.backend": args.eval_backend, "es.engine": args.engine,
+             "es.workers": args.workers}
+    cfg = _evaluated_config(args, flags)
     if args.episodes is not None and args.episodes <= 0:
         raise WmlabError(f"--episodes must be at least 1, got {args.episodes}")
     if args.record_machine and (not args.pretrained or args.dream):
@@ -162,6 +167,32 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.video:
         print(f"video: {args.video}")
     return 0
+
+
+def _evaluated_config(args: argparse.Namespace, flags: dict[str, object]) -> Config:
+    """The config ``wmlab evaluate`` scores: the pretrained agent's, or the run's at
+    ``--iteration`` (run.later applied, then --set and the flags again, so they win), with a
+    warning for each setting the agent plays by that differs from the run's config.toml."""
+    from wmlab.config import with_overrides
+    from wmlab.evaluators import warn
+    from wmlab.sweep import config_drift
+
+    if args.pretrained and args.iteration != 1:
+        raise WmlabError("--iteration does not apply to --pretrained: a shipped agent is one "
+                         "generation")
+    if args.pretrained:
+        return config_or_pretrained(args, flags)
+    if args.iteration > 1:
+        cfg = _iteration_config(args)
+        mine = [f"{k}={toml_value(v)}" for k, v in flags.items() if v is not None]
+        again = [o for o in args.overrides if not o.startswith("run.name")]  # kept: the
+        cfg = with_overrides(cfg, [*mine, *again])  # iteration's folder is its own name
+    else:
+        cfg = config_or_pretrained(args, flags)
+    for line in config_drift(cfg, ("env", "controller", "shield"), "evaluate"):
+        warn(f"differs from the run's config.toml: {line} (pass --set to match"
+             f"{'' if args.iteration > 1 else ', or --iteration K for a later iteration'})")
+    return cfg
 
 
 def cmd_fidelity(args: argparse.Namespace) -> int:
