@@ -241,5 +241,7 @@ def test_evaluate_scores_a_later_iteration_as_it_was_trained_and_warns_of_drift(
     Path(RunLayout.of(cfg).config).write_text(to_toml(recorded))
     _evaluated_config(parse(base), {})
     assert "shield.window: run 25, evaluate 0" in capsys.readouterr().err
+    with pytest.raises(WmlabError, match="--iteration must be 1 or more, got 0"):
+        _evaluated_config(parse([*base, "--iteration", "0"]), {})
     with pytest.raises(WmlabError, match="--iteration does not apply to --pretrained"):
         _evaluated_config(parse(["evaluate", "--pretrained", "doom", "--iteration", "2"]), {})

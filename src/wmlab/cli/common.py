@@ -46,15 +46,21 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="master seed (overrides run.seed)")
 
 
-def config_from_args(args: argparse.Namespace, extra: dict[str, object] | None = None):
-    from wmlab.config import load_config
-
+def command_line_overrides(args: argparse.Namespace,
+                           extra: dict[str, object] | None = None) -> list[str]:
+    """The config flags given and ``--set``, as overrides in the order they apply; ``extra``
+    are a command's own flags as ``section.key`` -> value (None: not given)."""
     flags = {"run.name": args.run_name, "env.name": args.env, "env.backend": args.backend,
              "run.seed": args.seed, **(extra or {})}
     # Flags become overrides so they pass the same validation as --set (and name the key).
-    overrides = [f"{key}={toml_value(value)}" for key, value in flags.items()
-                 if value is not None]
-    return load_config(args.preset, args.profile, [*overrides, *args.overrides])
+    return [*(f"{key}={toml_value(value)}" for key, value in flags.items()
+              if value is not None), *args.overrides]
+
+
+def config_from_args(args: argparse.Namespace, extra: dict[str, object] | None = None):
+    from wmlab.config import load_config
+
+    return load_config(args.preset, args.profile, command_line_overrides(args, extra))
 
 
 def add_pretrained_arg(parser: argparse.ArgumentParser, what: str) -> None:

@@ -7,10 +7,11 @@ import argparse
 from wmlab.cli.common import (
     add_config_args,
     add_pretrained_arg,
+    command_line_overrides,
     config_from_args,
     config_or_pretrained,
 )
-from wmlab.config import Config, toml_value
+from wmlab.config import Config
 from wmlab.errors import WmlabError
 
 
@@ -92,14 +93,21 @@ def _add_run_args(parser: argparse.ArgumentParser, whose: str) -> None:
                         help=f"the agent generation {whose} (default 1)")
 
 
-def _iteration_config(args: argparse.Namespace) -> Config:
-    """The config of the run's ``--iteration``."""
+def _iteration_config(args: argparse.Namespace,
+                      extra: dict[str, object] | None = None) -> Config:
+    """The config of the run's ``--iteration``: for a later one, run.later applied as
+    `wmlab run` applied it, then the command line again, so that --set still wins."""
+    from wmlab.config import with_overrides
     from wmlab.pipeline import iteration_config
 
     if args.iteration < 1:
         raise WmlabError(f"--iteration must be 1 or more, got {args.iteration}")
-    cfg = config_from_args(args)
-    return iteration_config(cfg, args.iteration) if args.iteration > 1 else cfg
+    cfg = config_from_args(args, extra)
+    if args.iteration == 1:
+        return cfg
+    # the iteration's folder is named after the run's: run.name is not applied again
+    again = [o for o in command_line_overrides(args, extra) if not o.startswith("run.name=")]
+    return with_overrides(iteration_config(cfg, args.iteration), again)
 
 
 def cmd_stall_effect(args: argparse.Namespace) -> int:
@@ -173,22 +181,15 @@ def _evaluated_config(args: argparse.Namespace, flags: dict[str, object]) -> Con
     """The config ``wmlab evaluate`` scores: the pretrained agent's, or the run's at
     ``--iteration`` (run.later applied, then --set and the flags again, so they win), with a
     warning for each setting the agent plays by that differs from the run's config.toml."""
-    from wmlab.config import with_overrides
     from wmlab.evaluators import warn
     from wmlab.sweep import config_drift
 
     if args.pretrained and args.iteration != 1:
         raise WmlabError("--iteration does not apply to --pretrained: a shipped agent is one "
                          "generation")
-    if args.pretrained:
+    if args.pretrained or not args.preset:  # the latter refused there, naming the fix
         return config_or_pretrained(args, flags)
-    if args.iteration > 1:
-        cfg = _iteration_config(args)
-        mine = [f"{k}={toml_value(v)}" for k, v in flags.items() if v is not None]
-        again = [o for o in args.overrides if not o.startswith("run.name")]  # kept: the
-        cfg = with_overrides(cfg, [*mine, *again])  # iteration's folder is its own name
-    else:
-        cfg = config_or_pretrained(args, flags)
+    cfg = _iteration_config(args, flags)
     for line in config_drift(cfg, ("env", "controller", "shield"), "evaluate"):
         warn(f"differs from the run's config.toml: {line} (pass --set to match"
              f"{'' if args.iteration > 1 else ', or --iteration K for a later iteration'})")
