@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from wmlab.config import load_config
-from wmlab.runs import RunLayout
+from wmlab.runs import RunLayout, config_drift, prepare_run_dir
 
 
 def test_layout_of_a_config_under_its_root_or_at_a_path_or_url():
@@ -38,3 +38,17 @@ def test_an_empty_root_names_paths_relative_to_any_run():
     assert relative.iteration(3).iteration_number == 3
     assert RunLayout("/abs/x/iterations/2").base.root == "/abs/x"
     assert RunLayout("s3://b/x/iterations/4").base.root == "s3://b/x"
+
+
+def test_config_drift_names_each_setting_that_differs_from_the_recorded_config(tmp_path):
+    run = ["run.name=" + repr(str(tmp_path / "r")).replace("'", '"')]
+    cfg = load_config("doom", "quick", run + ["shield.window=25", "dream.tau=1.0"])
+    assert config_drift(cfg, ("shield",), "evaluate") == []  # nothing recorded yet
+    prepare_run_dir(cfg)
+    assert config_drift(cfg, ("shield", "dream"), "evaluate") == []
+    now = load_config("doom", "quick", run + ["dream.tau=1.3"])
+    assert config_drift(now, ("shield", "dream"), "evaluate") == [
+        "shield.window: run 25, evaluate 0", "dream.tau: run 1.0, evaluate 1.3"]
+    assert config_drift(now, ("shield",), "sweep") == ["shield.window: run 25, sweep 0"]
+    assert config_drift(now, ("shield", "dream"), "sweep",
+                        lambda section, key: key in ("tau", "window")) == []

@@ -8,6 +8,7 @@ is the one place that knows where each stage keeps its outputs.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,7 @@ import fsspec
 
 from wmlab.config import Config, to_toml
 from wmlab.errors import ConfigError
-from wmlab.fsio import atomic_write_bytes
+from wmlab.fsio import atomic_write_bytes, exists
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -169,3 +170,24 @@ def prepare_run_dir(cfg: Config) -> str:
                 f"'{cfg.preset}': choose another run name with --run NAME")
     atomic_write_bytes(RunLayout(run_dir).config, to_toml(cfg).encode())
     return run_dir
+
+
+def config_drift(cfg: Config, sections: tuple[str, ...], who: str,
+                 ignored: Callable[[str, str], bool] = lambda section, key: False
+                 ) -> list[str]:
+    """One line per key of ``sections`` where ``cfg`` differs from the run's recorded
+    config.toml (a ``--set`` used for the run but forgotten by ``who``, the command acting on
+    it now), except keys ``ignored(section, key)``. Nothing where no config is recorded."""
+    path = RunLayout.of(cfg).config
+    if not exists(path):
+        return []
+    with fsspec.open(path, "rb") as handle:
+        try:
+            recorded = tomllib.load(handle)
+        except tomllib.TOMLDecodeError:
+            return []
+    current = tomllib.loads(to_toml(cfg))
+    return [f"{section}.{key}: run {recorded[section][key]!r}, {who} {value!r}"
+            for section in sections for key, value in current.get(section, {}).items()
+            if key in recorded.get(section, {}) and recorded[section][key] != value
+            and not ignored(section, key)]

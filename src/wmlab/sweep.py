@@ -34,7 +34,7 @@ from wmlab.config import Config
 from wmlab.errors import WmlabError
 from wmlab.fsio import atomic_write_bytes, exists
 from wmlab.published import PAPER_TAU_TABLE
-from wmlab.runs import RunLayout
+from wmlab.runs import RunLayout, config_drift
 
 MAX_TAU = 10.0  # dream.tau's range in the config
 
@@ -144,32 +144,14 @@ def training_settings(cfg: Config) -> dict[str, Any]:
 DREAM_SECTIONS = ("env", "controller", "dream", "mdrnn")  # what the dream and C depend on
 
 
-def config_drift(cfg: Config, sections: tuple[str, ...] = DREAM_SECTIONS,
-                 who: str = "sweep") -> list[str]:
-    """Keys of ``sections`` where ``cfg`` differs from the run's recorded config.toml (a
-    ``--set`` used for the run but forgotten by ``who``, the command acting on it now)."""
-    import fsspec
+def _sweep_drift(cfg: Config) -> list[str]:
+    """Settings the dream and C depend on where ``cfg`` differs from the run's config.toml;
+    tau is left out (the sweep varies it), and of M's keys all but the done weight (M's weights
+    come from the checkpoint, whatever made them)."""
+    def ignored(section: str, key: str) -> bool:
+        return key == "tau" or (section == "mdrnn" and key != "done_weight")
 
-    from wmlab.config import to_toml
-    from wmlab.runs import tomllib
-
-    path = RunLayout.of(cfg).config
-    if not exists(path):
-        return []
-    with fsspec.open(path, "rb") as handle:
-        try:
-            recorded = tomllib.load(handle)
-        except tomllib.TOMLDecodeError:
-            return []
-    current = tomllib.loads(to_toml(cfg))
-    drift = []
-    # M's training keys are left out: its weights come from the checkpoint, whatever made them
-    for section in sections:
-        for key, value in current.get(section, {}).items():
-            old = recorded.get(section, {}).get(key, value)
-            if key != "tau" and old != value and (section != "mdrnn" or key == "done_weight"):
-                drift.append(f"{section}.{key}: run {old!r}, {who} {value!r}")
-    return drift
+    return config_drift(cfg, DREAM_SECTIONS, "sweep", ignored)
 
 
 def _read_json(path: str) -> Any:
@@ -321,7 +303,7 @@ def tau_sweep(cfg: Config, taus: Sequence[float], *, generations: int,
 
         check_dream_calibration(configs[0])  # the gate train_controller applies, before any tau
     workload_from_config(configs[0], "real").load()  # V too: the real scores need it
-    for line in config_drift(cfg):
+    for line in _sweep_drift(cfg):
         say(f"warning: differs from the run's config.toml: {line} (pass --set to match)")
     wanted = [training_settings(c) for c in configs]
     for tau, settings in zip(values, wanted, strict=True):

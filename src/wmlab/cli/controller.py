@@ -182,7 +182,7 @@ def _evaluated_config(args: argparse.Namespace, flags: dict[str, object]) -> Con
     ``--iteration`` (run.later applied, then --set and the flags again, so they win), with a
     warning for each setting the agent plays by that differs from the run's config.toml."""
     from wmlab.evaluators import warn
-    from wmlab.sweep import config_drift
+    from wmlab.runs import config_drift
 
     if args.pretrained and args.iteration != 1:
         raise WmlabError("--iteration does not apply to --pretrained: a shipped agent is one "
