@@ -97,16 +97,17 @@ def _iteration_config(args: argparse.Namespace,
                       extra: dict[str, object] | None = None) -> Config:
     """The config of the run's ``--iteration``: for a later one, run.later applied as
     `wmlab run` applied it, then the command line again, so that --set still wins."""
-    from wmlab.config import with_overrides
+    from wmlab.config import load_config, with_overrides
     from wmlab.pipeline import iteration_config
 
     if args.iteration < 1:
         raise WmlabError(f"--iteration must be 1 or more, got {args.iteration}")
-    cfg = config_from_args(args, extra)
+    overrides = command_line_overrides(args, extra)
+    cfg = load_config(args.preset, args.profile, overrides)
     if args.iteration == 1:
         return cfg
     # the iteration's folder is named after the run's: run.name is not applied again
-    again = [o for o in command_line_overrides(args, extra) if not o.startswith("run.name=")]
+    again = [o for o in overrides if not o.startswith("run.name=")]
     return with_overrides(iteration_config(cfg, args.iteration), again)
 
 
