@@ -27,7 +27,7 @@ class Shipped:
 AGENTS = {
     # V 4,446,915 for Doom's 64-d z; M 1,680,833 in PyTorch's two-bias LSTM form (1,678,785
     # single-bias); C 1,088 = (64 + 512 + 512) x 1, no bias.
-    "doom": Shipped("doom", "budget", "vizdoom",
+    "doom": Shipped("doom", "shield", "vizdoom",
                     {"vision": 4_446_915, "memory": 1_680_833, "controller": 1_088}),
     # V 4,348,547 for a 32-d z; C 867 = (32 + 256) x 3 + 3. M is the paper's LSTM 256 with a
     # mixture of 5 (423,392 in two-bias form) plus the reward and done heads the dream needs
