@@ -72,14 +72,14 @@ def test_best_profile_trains_c_only_in_the_dream_and_plans_within_three_hours():
 
 
 def test_shield_profile_learns_from_sweeps_then_lets_m_overrule_c_within_three_hours():
-    from wmlab.agent import shield_settings
+    from wmlab.dream.shield import ShieldSettings
     from wmlab.pipeline import iteration_config
 
     cfg = load_config("doom", "shield")
     budget = load_config("doom", "budget")
     # iteration 1 is the budget profile with V weighting the pixels that differ from the
     # mean frame, scored without the shield
-    assert cfg.run.iterations >= 3 and shield_settings(cfg) is None
+    assert cfg.run.iterations >= 3 and ShieldSettings.from_config(cfg) is None
     assert cfg.vae.salient_weight > 0 and budget.vae.salient_weight == 0
     cfg.vae.salient_weight = budget.vae.salient_weight
     assert (cfg.collect, cfg.vae, cfg.mdrnn, cfg.es, cfg.dream) == (
@@ -98,7 +98,7 @@ def test_shield_profile_learns_from_sweeps_then_lets_m_overrule_c_within_three_h
         assert later.vae.epochs == 0 and later.mdrnn.init_from == previous + "/memory"
         assert later.es.init_from == "" and later.es.fitness == "dream"
         assert later.collect.seed != cfg.collect.seed
-        shield = shield_settings(later)
+        shield = ShieldSettings.from_config(later)
         assert shield is not None and (shield.window, shield.margin) == (25, 0.05)
         assert shield.tau == later.dream.tau
         total += sum(_planned_seconds(later, iteration).values())

@@ -636,19 +636,7 @@ def workload_from_config(cfg: Any, kind: str | None = None, backend: str | None 
         real_envs=cfg.es.real_envs,
         lookahead=cfg.controller.lookahead, clock=tuple(cfg.controller.clock),
         ensemble=RunLayout.of(cfg).memory_members(cfg.mdrnn.ensemble)[1:] if dream else (),
-        shield=shield_settings(cfg) if not dream else None)
-
-
-def shield_settings(cfg: Any) -> ShieldSettings | None:
-    """The [shield] section as the agent uses it (None where shield.window is 0): the
-    dream's temperature, and M's done weight to undo."""
-    s = cfg.shield
-    if s.window == 0:
-        return None
-    dream = DreamSettings.from_config(cfg)
-    return ShieldSettings(window=s.window, samples=s.samples, period=s.period,
-                          margin=s.margin, tau=dream.tau, done_shift=dream.done_shift,
-                          hold=s.hold)
+        shield=ShieldSettings.from_config(cfg) if not dream else None)
 
 
 class AgentPolicy:

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
+from wmlab.dream.settings import DreamSettings
 from wmlab.errors import WmlabError
 from wmlab.memory.model import MDNRNN, select_and_sample
 
@@ -57,6 +59,17 @@ class ShieldSettings:
         if not 0.0 <= self.margin <= 1.0:
             raise WmlabError(f"shield.margin is a difference of probabilities, in [0, 1]; got "
                              f"{self.margin}")
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> ShieldSettings | None:
+        """The [shield] section as the agent uses it, or None where shield.window is 0
+        (off): the look-ahead dreams at the dream's temperature, with M's done weight undone."""
+        s = cfg.shield
+        if s.window == 0:
+            return None
+        dream = DreamSettings.from_config(cfg)
+        return cls(window=s.window, samples=s.samples, period=s.period, margin=s.margin,
+                   tau=dream.tau, done_shift=dream.done_shift, hold=s.hold)
 
     @property
     def release(self) -> int:
