@@ -1,5 +1,6 @@
 """M: the MDN-RNN, its losses, tau sampling, the training regimes, resume and bad input."""
 
+import dataclasses
 import json
 import math
 import os
@@ -586,6 +587,42 @@ def test_series_of_another_v_are_refused(tmp_path):
     with pytest.raises(WmlabError, match="encoded by V 0123456789abcdef"):
         train_mdrnn(cfg, progress=False, series=data)
     assert sorted(os.listdir(cfg.run_dir())) == before
+
+
+def test_later_iterations_train_on_earlier_data_only_where_asked(tmp_path):
+    """mdrnn.earlier_data: iteration 3's M also reads iterations 1 and 2's series, each store
+    split as its own; off, only its own; latents of another V are refused, naming the fix."""
+    from wmlab.memory.train import load_series
+    from wmlab.runs import prepare_run_dir
+
+    def iteration(k: int, fingerprint: str = "feedfacecafebeef", **mdrnn):
+        name = "t" if k == 1 else f"t/iterations/{k}"
+        cfg = tiny_config(tmp_path, **mdrnn)
+        cfg.run.name = name
+        prepare_run_dir(cfg)
+        store = SeriesStore(cfg.store_url(), fingerprint)
+        for s in make_series(10, 12, seed=k):
+            store.write(dataclasses.replace(s, episode_id=f"it{k}-{s.episode_id}"))
+        store.mark_current({"z_dim": 4})
+        return cfg
+
+    first = iteration(1)
+    iteration(2)
+    third = iteration(3, earlier_data=True)
+
+    def ids(data):
+        return sorted(s.episode_id for s in data.train + data.val)
+
+    assert ids(load_series(third)) == sorted(f"it{k}-ep{i:04d}" for k in (1, 2, 3)
+                                             for i in range(10))
+    first_val = {s.episode_id for s in load_series(first).val}
+    assert first_val and first_val <= {s.episode_id for s in load_series(third).val}
+    third.mdrnn.earlier_data = False
+    assert ids(load_series(third)) == [f"it3-ep{i:04d}" for i in range(10)]
+    iteration(2, fingerprint="0123456789abcdef")  # iteration 2 re-encoded by another V
+    third.mdrnn.earlier_data = True
+    with pytest.raises(WmlabError, match="encoded by V 0123456789abcdef.*vae.epochs = 0"):
+        load_series(third)
 
 
 def test_missing_initial_z_store_is_explained(tmp_path):

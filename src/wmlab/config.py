@@ -141,6 +141,9 @@ class VaeConfig:
 class MdrnnConfig:
     hidden: int = _opt(256, "LSTM units (CarRacing 256, Doom 512)", min=1)
     init_from: str = _opt("", "memory folder whose trained M starts training (iterations)")
+    earlier_data: bool = _opt(False, "iteration 2 on: M also trains on the encoded episodes "
+                              "of every earlier iteration of the run (latents of the same "
+                              "V), not only on this iteration's new ones")
     gaussians: int = _opt(5, "mixture components per z dimension", min=1, max=64)
     done_head: bool = _opt(False, "predict episode end (Doom)")
     reward_head: bool = _opt(False, "predict reward")

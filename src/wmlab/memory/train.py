@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from wmlab import checkpoint
-from wmlab.config import Config
+from wmlab.config import Config, load_config_file
 from wmlab.data.series import Series, SeriesStore
 from wmlab.device import resolve_bf16, resolve_device
 from wmlab.errors import StoreError, WmlabError
@@ -184,17 +184,43 @@ def _hash_split(ids: list[str], fraction: float, seed: int) -> tuple[list[str], 
 
 
 def load_series(cfg: Config) -> SeriesSet:
-    """(train, validation) series of the run, split by whole episodes as V's data were."""
-    series_store = SeriesStore.current(cfg.store_url())
+    """(train, validation) series of the run, split by whole episodes as V's data were;
+    with ``mdrnn.earlier_data``, those of the run's earlier iterations too."""
+    own = _store_series(cfg, cfg.store_url())
+    train, val = list(own.train), list(own.val)
+    for url in earlier_stores(cfg):
+        earlier = _store_series(cfg, url)
+        if earlier.fingerprint != own.fingerprint:
+            raise WmlabError(f"mdrnn.earlier_data: the series in {url} were encoded by V "
+                             f"{earlier.fingerprint}, this iteration's by V {own.fingerprint}; "
+                             "M learns from one V's latents: keep V in later iterations "
+                             "(vae.epochs = 0) or set mdrnn.earlier_data = false")
+        train += earlier.train
+        val += earlier.val
+    return SeriesSet(train, val, own.fingerprint)
+
+
+def earlier_stores(cfg: Config) -> list[str]:
+    """The episode stores of the run's iterations before this one (each as its recorded
+    config names it), oldest first, where ``mdrnn.earlier_data`` is on; else none."""
+    layout = RunLayout.of(cfg)
+    if not cfg.mdrnn.earlier_data or layout.iteration_number == 1:
+        return []
+    return [load_config_file(layout.iteration(k).config).store_url()
+            for k in range(1, layout.iteration_number)]
+
+
+def _store_series(cfg: Config, url: str) -> SeriesSet:
+    """One store's series, split by whole episodes as V's data were."""
+    series_store = SeriesStore.current(url)
     ids = series_store.ids()
     if not ids:
-        raise WmlabError(f"no encoded series in {cfg.store_url()}: run `wmlab encode` first")
+        raise WmlabError(f"no encoded series in {url}: run `wmlab encode` first")
     fraction = cfg.vae.val_fraction if len(ids) >= 2 else 0.0
     try:
         from wmlab.data import EpisodeStore
 
-        train_ids, val_ids = EpisodeStore.open(cfg.store_url()).split(fraction,
-                                                                      seed=cfg.run.seed)
+        train_ids, val_ids = EpisodeStore.open(url).split(fraction, seed=cfg.run.seed)
         present = set(ids)
         train_ids = [i for i in train_ids if i in present]
         val_ids = [i for i in val_ids if i in present]
