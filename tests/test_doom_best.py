@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from unittest import mock
 
 from wmlab.config import load_config
@@ -81,10 +82,9 @@ def test_shield_profile_learns_from_sweeps_then_lets_m_overrule_c_within_three_h
     # mean frame, scored without the shield
     assert cfg.run.iterations >= 3 and ShieldSettings.from_config(cfg) is None
     assert cfg.vae.salient_weight > 0 and budget.vae.salient_weight == 0
-    cfg.vae.salient_weight = budget.vae.salient_weight
-    assert (cfg.collect, cfg.vae, cfg.mdrnn, cfg.es, cfg.dream) == (
+    plain_vae = dataclasses.replace(cfg.vae, salient_weight=budget.vae.salient_weight)
+    assert (cfg.collect, plain_vae, cfg.mdrnn, cfg.es, cfg.dream) == (
         budget.collect, budget.vae, budget.mdrnn, budget.es, budget.dream)
-    cfg = load_config("doom", "shield")
     cfg.run.name = "/nowhere/shield"
     total = sum(_planned_seconds(cfg, 1).values())
     for iteration in range(2, cfg.run.iterations + 1):
