@@ -48,6 +48,39 @@ def test_resizing_is_exactly_opencv_area(shape):
     np.testing.assert_array_equal(envs.resize_batch(frames), expected)
 
 
+@pytest.mark.parametrize("shape", [(120, 160), (84, 96), (96, 96), (240, 320), (70, 64)])
+def test_the_c_area_kernel_gives_opencvs_bytes(shape, monkeypatch):
+    """Where the kernel is used (odd box-average denominators), its bytes are OpenCV's, on
+    noise, on two-level frames (the most sums near a half) and on a crop read in place."""
+    from wmlab.envs import frames as frame_module
+
+    assert frame_module._native_is_exact(*shape)
+    if frame_module.area_kernel() is None:
+        pytest.skip("no C compiler here: OpenCV resizes")
+    rng = np.random.default_rng(2)
+    noise = rng.integers(0, 256, (24, *shape, 3), dtype=np.uint8)
+    levels = (rng.integers(0, 2, (24, *shape, 3)) * 255).astype(np.uint8)
+    tall = rng.integers(0, 256, (6, shape[0] + 12, shape[1], 3), dtype=np.uint8)
+    cases = [noise, levels, tall[:, :shape[0]]]
+    expected = [np.stack([cv2.resize(np.ascontiguousarray(f), (64, 64),
+                                     interpolation=cv2.INTER_AREA) for f in x]) for x in cases]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("OpenCV was called where the C kernel resizes")
+
+    monkeypatch.setattr(frame_module.cv2, "resize", refuse)
+    for x, want in zip(cases, expected, strict=True):
+        np.testing.assert_array_equal(envs.resize_batch(x), want)
+
+
+def test_even_or_large_denominators_stay_on_opencv():
+    from wmlab.envs.frames import _native_is_exact
+
+    # 128 / 64 = 2 (even: halves occur), 100 / 64 = 25 / 16 (625: too fine), 48 < 64
+    assert not any(_native_is_exact(*s) for s in [(128, 128), (100, 100), (48, 80),
+                                                 (64, 64), (210, 160)])
+
+
 def test_carracing_frames_drop_the_dashboard():
     obs = np.random.default_rng(1).integers(0, 256, (4, 96, 96, 3), dtype=np.uint8)
     expected = np.stack([cv2.resize(o[:84], (64, 64), interpolation=cv2.INTER_AREA)

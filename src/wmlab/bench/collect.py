@@ -2,7 +2,9 @@
 
 Each case runs in a fresh process (so its peak memory is its own) and reports env steps per
 second per core. The naive way is what the references did: the Gymnasium CarRacing env or
-ViZDoom at its default 320x240, and one ``np.savez_compressed`` file per episode.
+ViZDoom at its default 320x240, and one ``np.savez_compressed`` file per episode. The two-
+worker cases run again with the frames resized by OpenCV instead of wmlab's C area kernel
+(``WMLAB_NATIVE=0``; the same bytes).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class Case:
     naive: bool = False
     resolution: str = ""
     max_steps: int = 0
+    native: bool = True  # False: WMLAB_NATIVE=0, the frames resized by OpenCV
 
 
 @dataclass
@@ -52,10 +55,14 @@ def _cases(quick: bool) -> list[Case]:
              envs_per_worker=8),
         Case("carracing envpool, 2 workers x 8 envs, wmlab", "carracing", "envpool",
              16 * scale, envs_per_worker=8, workers=2),
+        Case("carracing envpool, 2 workers x 8 envs, OpenCV frames", "carracing",
+             "envpool", 16 * scale, envs_per_worker=8, workers=2, native=False),
         Case("doom 320x240, 1 env, npz (naive)", "doom", "vizdoom", 10 * scale, naive=True,
              resolution="320X240"),
         Case("doom 160x120, 1 env, wmlab", "doom", "vizdoom", 20 * scale),
         Case("doom 160x120, 2 workers, wmlab", "doom", "vizdoom", 40 * scale, workers=2),
+        Case("doom 160x120, 2 workers, OpenCV frames", "doom", "vizdoom", 40 * scale,
+             workers=2, native=False),
     ]
 
 
@@ -98,6 +105,8 @@ def _case_main(case: Case, results: mp.Queue) -> None:
     import os
 
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+    if not case.native:  # read when the kernels first load, here and in the case's workers
+        os.environ["WMLAB_NATIVE"] = "0"
     with tempfile.TemporaryDirectory() as folder:
         steps, seconds = (_run_naive if case.naive else _run_wmlab)(case, folder)
         disk = sum(os.path.getsize(os.path.join(root, f))
@@ -128,11 +137,11 @@ def run(quick: bool = False) -> list[dict]:
 
 
 def format_rows(rows: list[dict]) -> str:
-    header = (f"{'case':<46} {'steps':>7} {'steps/s':>9} {'per core':>9} {'peak MB':>8} "
+    header = (f"{'case':<54} {'steps':>7} {'steps/s':>9} {'per core':>9} {'peak MB':>8} "
               f"{'disk MB':>8}")
     lines = [header, "-" * len(header)]
     for r in rows:
-        lines.append(f"{r['label']:<46} {r['steps']:>7} {r['steps_per_second']:>9.0f} "
+        lines.append(f"{r['label']:<54} {r['steps']:>7} {r['steps_per_second']:>9.0f} "
                      f"{r['steps_per_second_per_core']:>9.0f} {r['peak_mb']:>8.0f} "
                      f"{r['disk_mb']:>8.1f}")
     return "\n".join(lines)
