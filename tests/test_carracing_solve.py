@@ -376,6 +376,31 @@ def test_later_iterations_take_their_overrides_and_keep_their_own_keys(tmp_path)
         load_config("carracing", "solve", ['run.later=["vae.epoch=0"]'])
 
 
+def test_a_set_that_run_later_sets_again_is_named_before_later_iterations_run(tmp_path, capsys):
+    from wmlab.cli import main
+    from wmlab.config import load_config
+    from wmlab.pipeline import shadowed_by_later
+
+    cfg = load_config("doom", "shield")
+    lines = shadowed_by_later(cfg, ["collect.episodes=3000", "mdrnn.steps=1500",
+                                    "es.generations=5"])
+    # only the key later sets to another value; the same value or a key it leaves: silent
+    assert len(lines) == 1 and lines[0].startswith(
+        "collect.episodes=3000 applies to iteration 1 only: run.later sets "
+        "collect.episodes=1500 for iterations 2+")
+    code = main(["run", "--preset", "doom", "--profile", "shield", "--iteration", "3",
+                 "--run", str(tmp_path / "r"), "--set", "collect.episodes=3000"])
+    err = capsys.readouterr().err
+    assert "note: collect.episodes=3000 applies to iteration 1 only" in err
+    assert code != 0 and "iteration 2 first" in err  # and nothing ran: no iteration 2 yet
+    code = main(["run", "--preset", "doom", "--profile", "shield", "--iteration", "1",
+                 "--run", str(tmp_path / "r"), "--set", "collect.episodes=3000",
+                 "--until", "nothing"])  # refused before any stage runs
+    err = capsys.readouterr().err
+    assert code != 0 and "no stage 'nothing'" in err
+    assert "note:" not in err  # iteration 1 alone takes the --set
+
+
 # --- the profile and its budget ---------------------------------------------------------------
 
 # Rates measured in the solve run on the reference machine (2 cores of an Intel Xeon with

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
-from wmlab.cli.common import add_config_args, config_from_args
+from wmlab.cli.common import add_config_args, command_line_overrides, config_from_args
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from wmlab.pipeline import Pipeline, describe_results
+    from wmlab.pipeline import Pipeline, describe_results, shadowed_by_later
 
     engine = args.engine or ("ray" if args.ray_address else None)
     cfg = config_from_args(args, {"es.fitness": args.fitness, "es.engine": engine,
@@ -22,6 +23,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     # one after another (each resumes or skips what it has done)
     iterations = [args.iteration] if args.iteration is not None else \
         range(1, cfg.run.iterations + 1)
+    if max(iterations) > 1:
+        for line in shadowed_by_later(cfg, command_line_overrides(args)):
+            print(f"note: {line}", file=sys.stderr)
     for iteration in iterations:
         pipeline = Pipeline(cfg, progress=not args.no_progress, iteration=iteration)
         print(f"run directory: {pipeline.run_dir}")

@@ -2,7 +2,13 @@
 (``stages``), with ``Pipeline`` running them over one run directory."""
 
 from wmlab.pipeline.engine import Engine, Stage, StageResult, config_slice
-from wmlab.pipeline.stages import Pipeline, default_stages, describe_results, iteration_config
+from wmlab.pipeline.stages import (
+    Pipeline,
+    default_stages,
+    describe_results,
+    iteration_config,
+    shadowed_by_later,
+)
 
 __all__ = ["Engine", "Pipeline", "Stage", "StageResult", "config_slice", "default_stages",
-           "describe_results", "iteration_config"]
+           "describe_results", "iteration_config", "shadowed_by_later"]

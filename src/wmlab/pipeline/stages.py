@@ -50,6 +50,23 @@ def iteration_config(cfg: Config, iteration: int) -> Config:
     return new
 
 
+def shadowed_by_later(cfg: Config, overrides: list[str]) -> list[str]:
+    """The command-line ``overrides`` (``section.key=value``) whose key ``cfg.run.later``
+    sets again for iterations 2+: there the later value applies. One line per key, naming
+    both values and how to change the later iterations' one."""
+    later = {item.split("=", 1)[0].strip(): item.split("=", 1)[1].strip()
+             for item in cfg.run.later if "=" in item}
+    lines = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if key in later and later[key] != value:
+            lines.append(f"{key}={value} applies to iteration 1 only: run.later sets "
+                         f"{key}={later[key]} for iterations 2+ (to change it there, pass "
+                         f"--set 'run.later=[...]' with the whole list)")
+    return lines
+
+
 # ---------------------------------------------------------------------------------------------
 # The stages
 
