@@ -383,7 +383,7 @@ def test_a_set_that_run_later_sets_again_is_named_before_later_iterations_run(tm
 
     cfg = load_config("doom", "shield")
     lines = shadowed_by_later(cfg, ["collect.episodes=3000", "mdrnn.steps=1500",
-                                    "es.generations=5"])
+                                    "collect.explore=0.20", "es.generations=5"])
     # only the key later sets to another value; the same value or a key it leaves: silent
     assert len(lines) == 1 and lines[0].startswith(
         "collect.episodes=3000 applies to iteration 1 only: run.later sets "

@@ -10,7 +10,7 @@ from typing import Any
 
 import fsspec
 
-from wmlab.config import Config, with_overrides
+from wmlab.config import Config, parse_override, toml_value, with_overrides
 from wmlab.errors import WmlabError
 from wmlab.pipeline.engine import Engine, Stage, StageResult, _hash
 from wmlab.runs import ITERATIONS, STAGES, RunLayout
@@ -54,16 +54,14 @@ def shadowed_by_later(cfg: Config, overrides: list[str]) -> list[str]:
     """The command-line ``overrides`` (``section.key=value``) whose key ``cfg.run.later``
     sets again for iterations 2+: there the later value applies. One line per key, naming
     both values and how to change the later iterations' one."""
-    later = {item.split("=", 1)[0].strip(): item.split("=", 1)[1].strip()
-             for item in cfg.run.later if "=" in item}
+    later = dict(parse_override(item) for item in cfg.run.later)
     lines = []
     for item in overrides:
-        key, _, value = item.partition("=")
-        key, value = key.strip(), value.strip()
-        if key in later and later[key] != value:
-            lines.append(f"{key}={value} applies to iteration 1 only: run.later sets "
-                         f"{key}={later[key]} for iterations 2+ (to change it there, pass "
-                         f"--set 'run.later=[...]' with the whole list)")
+        key, value = parse_override(item)
+        if key in later and later[key] != value:  # as values: 0.20 is 0.2
+            lines.append(f"{key}={toml_value(value)} applies to iteration 1 only: run.later "
+                         f"sets {key}={toml_value(later[key])} for iterations 2+ (to change "
+                         f"it there, pass --set 'run.later=[...]' with the whole list)")
     return lines
 
 
