@@ -9,12 +9,14 @@ from wmlab.cli.common import add_config_args, command_line_overrides, config_fro
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from wmlab.config import load_config
     from wmlab.pipeline import Pipeline, describe_results, shadowed_by_later
 
     engine = args.engine or ("ray" if args.ray_address else None)
-    cfg = config_from_args(args, {"es.fitness": args.fitness, "es.engine": engine,
-                                  "es.workers": args.workers,
-                                  "es.ray_address": args.ray_address})
+    overrides = command_line_overrides(args, {"es.fitness": args.fitness, "es.engine": engine,
+                                              "es.workers": args.workers,
+                                              "es.ray_address": args.ray_address})
+    cfg = load_config(args.preset, args.profile, overrides)
     if engine == "ray":
         from wmlab.raycluster import check_ray_address
 
@@ -24,7 +26,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     iterations = [args.iteration] if args.iteration is not None else \
         range(1, cfg.run.iterations + 1)
     if max(iterations) > 1:
-        for line in shadowed_by_later(cfg, command_line_overrides(args)):
+        for line in shadowed_by_later(cfg, overrides):
             print(f"note: {line}", file=sys.stderr)
     for iteration in iterations:
         pipeline = Pipeline(cfg, progress=not args.no_progress, iteration=iteration)

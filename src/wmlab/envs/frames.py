@@ -51,6 +51,7 @@ def _float_path_is_exact(height: int, width: int) -> bool:
 _MAX_EXACT_DENOMINATOR = 500
 
 
+@functools.cache  # asked once per env step: two Fractions cost ~2 us, a lookup nothing
 def _native_is_exact(height: int, width: int) -> bool:
     """Whether the C kernel's bytes are OpenCV's for an (height, width) screen.
 
