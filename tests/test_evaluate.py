@@ -245,3 +245,66 @@ def test_evaluate_scores_a_later_iteration_as_it_was_trained_and_warns_of_drift(
         _evaluated_config(parse([*base, "--iteration", "0"]), {})
     with pytest.raises(WmlabError, match="--iteration does not apply to --pretrained"):
         _evaluated_config(parse(["evaluate", "--pretrained", "doom", "--iteration", "2"]), {})
+
+
+def test_choose_iteration_takes_the_best_validation_mean_on_the_same_episodes():
+    from wmlab.evaluate import choose_iteration
+
+    def scored(mean: float, first: int = 900) -> dict:
+        return {"mean": mean, "seeds": [first, first + 1]}
+
+    choice = choose_iteration({1: scored(800.0), 2: scored(1027.7), 3: scored(922.3)})
+    assert choice.iteration == 2 and choice.means == {1: 800.0, 2: 1027.7, 3: 922.3}
+    assert "iteration 2, the best validation mean over 2 episodes (seeds 900..901)" \
+        in choice.line()
+    assert choose_iteration({2: scored(5.0), 3: scored(5.0)}).iteration == 2  # ties: earlier
+    # an iteration validated on other episodes than the latest one's is not compared
+    other = choose_iteration({2: scored(9999.0, first=5), 3: scored(1.0)})
+    assert other.iteration == 3 and other.means == {3: 1.0}
+    assert choose_iteration({}) is None
+
+
+def test_validation_seeds_may_not_overlap_the_evaluation_seeds(tmp_path):
+    from wmlab.config import load_config
+    from wmlab.errors import ConfigError
+
+    def config(*overrides: str):
+        return load_config("doom", "quick", [f'run.root="{tmp_path}"', "eval.episodes=100",
+                                             *overrides])
+
+    with pytest.raises(ConfigError, match=r"validation seeds 1000050\.\.1000149 overlap the "
+                                          r"evaluation's 1000000\.\.1000099"):
+        config("eval.validation_episodes=100", "eval.validation_seed=1000050")
+    assert config("eval.validation_episodes=100").eval.validation_seed == 1_500_000
+    config("eval.validation_seed=1000050")  # no validation episodes: nothing to overlap
+
+
+def test_the_evaluate_stage_validates_each_iteration_and_names_the_runs_agent(tmp_path):
+    """eval.validation_episodes: each iteration's evaluate stage also scores its C on the
+    validation seeds, and from the second on names the iteration with the best validation
+    mean; the report says which, and the evaluation seeds are never read to choose."""
+    from wmlab.evaluate import choose_iteration, read_validations
+    from wmlab.pipeline.stages import _run_evaluate
+    from wmlab.report import write_report
+    from wmlab.runs import prepare_run_dir
+
+    settings = (*EVAL, "dream.max_steps=12", "eval.validation_episodes=2",
+                "eval.validation_seed=900")
+    first = make_run(tmp_path, overrides=settings)
+    prepare_run_dir(first)  # config.toml: the report reads the backend from it
+    _save_controller(first, np.random.default_rng(0).normal(0, 1.0, Z_DIM + 32))
+    summary = _run_evaluate(first, False)
+    saved = json.loads(Path(RunLayout.of(first).scores("validation", "vizdoom")).read_text())
+    assert saved["seeds"] == [900, 901] and summary["validation"].endswith("(seeds 900..901)")
+    assert "chosen" not in summary  # one iteration: nothing to choose among
+    second = make_run(tmp_path, overrides=(*settings, 'run.name="r/iterations/2"'))
+    _save_controller(second, np.random.default_rng(1).normal(0, 1.0, Z_DIM + 32))
+    summary = _run_evaluate(second, False)
+    found = read_validations(first.run_dir(), "vizdoom")
+    assert sorted(found) == [1, 2]
+    choice = choose_iteration(found)
+    assert summary["chosen"] == choice.line()
+    assert choice.iteration == max((1, 2), key=lambda k: (found[k]["mean"], -k))
+    write_report(first.run_dir())
+    report = Path(first.run_dir(), "report.md").read_text()
+    assert f"The run's agent: iteration {choice.iteration}, the best validation" in report

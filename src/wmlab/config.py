@@ -348,6 +348,13 @@ class EvalConfig:
                                  "left, sweep (the first output -1 for 60 steps, then +1 and "
                                  "-1 in turn for 140 steps each: on Doom, across the room and "
                                  "back, which survives as long as the trained agents do)")
+    validation_episodes: int = _opt(0, "episodes on other seeds (eval.validation_seed on) "
+                                    "scored beside the evaluation; a run of several "
+                                    "iterations names the one with the best validation mean "
+                                    "as its agent, so the evaluation seeds never choose; "
+                                    "0 = none", min=0)
+    validation_seed: int = _opt(1_500_000, "first of the validation seeds (must not overlap "
+                                "the evaluation's)", min=0)
 
 
 @dataclass
@@ -546,6 +553,20 @@ def check_clock(periods: Sequence[Any]) -> None:
                           "each period once")
 
 
+def check_validation_seeds(ev: EvalConfig) -> None:
+    """The validation episodes choose the run's agent, so none may be an evaluation episode:
+    the reported score stays on episodes no choice has seen."""
+    if not ev.validation_episodes:
+        return
+    first, last = ev.validation_seed, ev.validation_seed + ev.validation_episodes
+    if first < ev.seed + ev.episodes and ev.seed < last:
+        raise ConfigError(f"eval.validation_seed: the validation seeds {first}..{last - 1} "
+                          f"overlap the evaluation's {ev.seed}..{ev.seed + ev.episodes - 1}, "
+                          "and the evaluation must be on episodes the choice never saw: set "
+                          "eval.validation_seed outside them (e.g. "
+                          f"{ev.seed + ev.episodes + 500_000})")
+
+
 def _check_consistency(cfg: Config) -> None:
     dream_dropout(cfg)  # refused at load, not after V and M have trained
     check_clock(cfg.controller.clock)
@@ -567,6 +588,7 @@ def _check_consistency(cfg: Config) -> None:
     if unknown:
         raise ConfigError(f"eval.references: unknown {', '.join(map(repr, unknown))}: choose "
                           f"among {', '.join(EVAL_REFERENCES)}")
+    check_validation_seeds(cfg.eval)
     if cfg.mdrnn.lr_min > cfg.mdrnn.lr:
         raise ConfigError(f"mdrnn.lr_min ({cfg.mdrnn.lr_min}) must not exceed mdrnn.lr "
                           f"({cfg.mdrnn.lr})")

@@ -33,6 +33,8 @@ POLICY_EPISODES_PER_ROW = 10
 # for 8): 256 scored dreams at Doom size took 34 s in rows of 64, 130 s in rows of 8
 # (2 shared cores, same returns to the last bit).
 DREAM_EPISODES_PER_ROW = 64
+# the evaluation of the validation seeds: <run>/eval/validation-<backend>.json
+VALIDATION = "validation"
 
 
 @dataclass
@@ -86,11 +88,13 @@ def scored_env(cfg: Config, backend: str | None = None) -> tuple[Any, str]:
 def evaluate_controller(cfg: Config, *, episodes: int | None = None, where: str = "real",
                         out: str | None = None, video: str | None = None,
                         controller_folder: str | None = None,
-                        backend: str | None = None, reuse: bool = False) -> EvalResult:
+                        backend: str | None = None, reuse: bool = False,
+                        first_seed: int | None = None) -> EvalResult:
     """Score the run's controller (its best scored mean) and write the JSON (and GIF).
 
     ``backend`` scores on another backend than the reported one (the backend transfer:
-    the training backend, on the same seeds). ``reuse`` returns the JSON already written
+    the training backend, on the same seeds; ``first_seed``, other seeds than eval.seed on:
+    the validation's). ``reuse`` returns the JSON already written
     where this one would go when it scored the same controller on the same episodes (the
     evaluate stage, resumed after a kill, keeps what its last attempt finished)."""
     from wmlab.agent import workload_from_config
@@ -108,7 +112,7 @@ def evaluate_controller(cfg: Config, *, episodes: int | None = None, where: str 
     models = workload.load()
     params, info = load_controller_params(controller_folder or RunLayout.of(cfg).controller)
     check_shape(info, models.shape, cfg.controller.inputs, info["source"])
-    seeds = episode_rows(cfg.eval.seed, episodes,
+    seeds = episode_rows(cfg.eval.seed if first_seed is None else first_seed, episodes,
                          DREAM_EPISODES_PER_ROW if where == "dream" else EPISODES_PER_ROW)
     suffix = "dream" if where == "dream" else backend
     path = out or RunLayout.of(cfg).scores("eval", suffix)
@@ -146,6 +150,65 @@ def evaluate_controller(cfg: Config, *, episodes: int | None = None, where: str 
     if gif is not None:
         atomic_write_bytes(video, gif)
     return result
+
+
+def validate_controller(cfg: Config, *, reuse: bool = False) -> EvalResult:
+    """The run's controller on the validation seeds (eval.validation_episodes from
+    eval.validation_seed), as the evaluation scores it (the same backend and shield)."""
+    if not cfg.eval.validation_episodes:
+        raise WmlabError("no validation episodes: set eval.validation_episodes (e.g. 100)")
+    _, backend = scored_env(cfg)
+    return evaluate_controller(cfg, episodes=cfg.eval.validation_episodes,
+                               first_seed=cfg.eval.validation_seed, backend=backend,
+                               out=RunLayout.of(cfg).scores(VALIDATION, backend), reuse=reuse)
+
+
+@dataclass(frozen=True)
+class IterationChoice:
+    """The iteration a run names as its agent: the best validation mean among those scored
+    on the same validation episodes (the evaluation seeds play no part)."""
+
+    iteration: int
+    means: dict[int, float]  # validation mean of each candidate iteration
+    episodes: int
+    first_seed: int
+
+    def line(self) -> str:
+        others = ", ".join(f"iteration {k} {m:.1f}" for k, m in sorted(self.means.items()))
+        return (f"the run's agent: iteration {self.iteration}, the best validation mean over "
+                f"{self.episodes} episodes (seeds {self.first_seed}.."
+                f"{self.first_seed + self.episodes - 1}): {others}")
+
+
+def choose_iteration(validations: dict[int, dict[str, Any]]) -> IterationChoice | None:
+    """From each iteration's validation JSON (as written by ``validate_controller``): the
+    iteration with the highest mean among those scored on the latest iteration's episodes
+    (the first of equals: the earlier iteration); None where none has a validation."""
+    if not validations:
+        return None
+    seeds = validations[max(validations)]["seeds"]
+    means = {k: float(v["mean"]) for k, v in sorted(validations.items())
+             if v["seeds"] == seeds}
+    best = max(means, key=lambda k: (means[k], -k))
+    return IterationChoice(iteration=best, means=means, episodes=len(seeds),
+                           first_seed=int(seeds[0]))
+
+
+def read_validations(run_dir: str, backend: str) -> dict[int, dict[str, Any]]:
+    """The validation JSON of each iteration of the run at ``run_dir`` (iteration 1 is the
+    run itself) that has one on ``backend``, by iteration number."""
+    import fsspec
+
+    base = RunLayout(run_dir.rstrip("/"))
+    found: dict[int, dict[str, Any]] = {}
+    k = 1
+    while k == 1 or exists(base.iteration(k).root):
+        path = base.iteration(k).scores(VALIDATION, backend)
+        if exists(path):
+            with fsspec.open(path, "r") as handle:
+                found[k] = json.load(handle)
+        k += 1
+    return found
 
 
 def _shield_record(workload: Any) -> dict[str, Any] | None:

@@ -191,10 +191,13 @@ def _controller_output(cfg: Config) -> str | None:
 def _run_evaluate(cfg: Config, progress: bool) -> dict[str, Any]:
     from wmlab.evaluate import (
         backend_gap,
+        choose_iteration,
         evaluate_controller,
         evaluate_random_policy,
+        read_validations,
         same_episodes,
         training_backend,
+        validate_controller,
         versus_random,
     )
 
@@ -204,6 +207,14 @@ def _run_evaluate(cfg: Config, progress: bool) -> dict[str, Any]:
     real = evaluate_controller(cfg, video=f"{RunLayout.of(cfg).eval}/episode.gif", reuse=True)
     summary["controller"] = real.line()
     print(f"  controller: {real.line()}")
+    if cfg.eval.validation_episodes:  # other seeds, to choose the run's agent on
+        held = validate_controller(cfg, reuse=True)
+        summary["validation"] = held.line()
+        print(f"  controller on the validation seeds: {held.line()}")
+        choice = choose_iteration(read_validations(RunLayout.of(cfg).base.root, real.backend))
+        if choice is not None and len(choice.means) > 1:
+            summary["chosen"] = choice.line()
+            print(f"  {choice.line()}")
     trained_on = training_backend(cfg)
     if trained_on != real.backend:  # e.g. trained on EnvPool, reported on Gymnasium
         there = evaluate_controller(cfg, backend=trained_on, reuse=True)

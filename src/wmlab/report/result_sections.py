@@ -63,6 +63,10 @@ def summary_section(page: Page, runs: Runs) -> Section:
     rows = [_summary_row(label, run, page.cfg, backend) for label, run in runs]
     section.blocks.append(Table(["run", "C", "random policy, same seeds",
                                  "C - random, paired"], rows))
+    chosen = _chosen_line(page.run, backend)
+    if chosen:
+        section.blocks.append(Text(f"{chosen[0].upper()}{chosen[1:]}; its score above is on "
+                                   "the evaluation seeds, which no choice has seen."))
     key = env_key(page.cfg)
     if key is not None:
         headline = next(p for p in PUBLISHED[key]
@@ -74,6 +78,17 @@ def summary_section(page: Page, runs: Runs) -> Section:
         section.blocks.append(Text(f"Compute: {duration_text(total)}, every stage and "
                                    "iteration included (the Pipeline section below)."))
     return section
+
+
+def _chosen_line(run: RunFiles, backend: str) -> str | None:
+    """Which iteration the run names as its agent (eval.validation_episodes), when more than
+    one was scored on the validation seeds."""
+    from wmlab.evaluate import choose_iteration, read_validations
+
+    if not backend:
+        return None
+    choice = choose_iteration(read_validations(run.url, backend))
+    return choice.line() if choice is not None and len(choice.means) > 1 else None
 
 
 def _summary_row(label: str, run: RunFiles, cfg: Config, backend: str) -> list[str]:
