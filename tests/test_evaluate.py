@@ -279,6 +279,20 @@ def test_validation_seeds_may_not_overlap_the_evaluation_seeds(tmp_path):
     config("eval.validation_seed=1000050")  # no validation episodes: nothing to overlap
 
 
+def test_validation_keys_leave_finished_evaluations_as_they_were(tmp_path):
+    """At their defaults (no validation) the new keys are out of the evaluate stage's
+    fingerprint, so upgrading wmlab does not make finished evaluations look changed."""
+    from wmlab.config import load_config
+    from wmlab.pipeline.engine import config_slice
+
+    def evaluate_slice(*overrides: str) -> dict:
+        cfg = load_config("doom", "budget", [f'run.root="{tmp_path}"', *overrides])
+        return config_slice(cfg, ("eval",))
+
+    assert not any(key.startswith("eval.validation") for key in evaluate_slice())
+    assert evaluate_slice("eval.validation_episodes=100")["eval.validation_episodes"] == 100
+
+
 def test_the_evaluate_stage_validates_each_iteration_and_names_the_runs_agent(tmp_path):
     """eval.validation_episodes: each iteration's evaluate stage also scores its C on the
     validation seeds, and from the second on names the iteration with the best validation
