@@ -174,10 +174,10 @@ class IterationChoice:
     first_seed: int
 
     def line(self) -> str:
-        others = ", ".join(f"iteration {k} {m:.1f}" for k, m in sorted(self.means.items()))
+        scored = ", ".join(f"iteration {k} {m:.1f}" for k, m in sorted(self.means.items()))
         return (f"the run's agent: iteration {self.iteration}, the best validation mean over "
                 f"{self.episodes} episodes (seeds {self.first_seed}.."
-                f"{self.first_seed + self.episodes - 1}): {others}")
+                f"{self.first_seed + self.episodes - 1}): {scored}")
 
 
 def choose_iteration(validations: dict[int, dict[str, Any]]) -> IterationChoice | None:
