@@ -293,3 +293,34 @@ def test_a_measurement_rewritten_by_a_command_keeps_its_stage_finished(setup, tm
     assert not rec.pipeline(cfg("vae.lr=0.5")).adopt_outputs("b")
     with pytest.raises(WmlabError, match="no stage 'z'"):
         pipeline.adopt_outputs("z")
+
+
+def test_a_run_moved_elsewhere_keeps_its_finished_stages(setup, tmp_path):
+    """Paths into the run's own directory (a later iteration's collect.agent_run,
+    vae.init_from...) count relative to it: a run moved or copied to another folder is still
+    done there; a path outside it still counts as it is; records written with absolute paths
+    before still match where the run has not moved."""
+    import shutil
+
+    rec, cfg = setup
+
+    def at(name: str, agent_run: str):
+        return cfg(f'run.name="{name}"', f'collect.agent_run="runs/{agent_run}"')
+
+    rec.pipeline(at("first", "first/iterations/1")).run()
+    shutil.copytree(tmp_path / "runs/first", tmp_path / "runs/moved")
+    rec.calls.clear()
+    assert [r.status for r in rec.pipeline(at("moved", "moved/iterations/1")).run()] == \
+        ["skipped"] * 3
+    assert rec.calls == []
+    # the same path outside the run: another input, the stage and those after it run again
+    results = rec.pipeline(at("moved", "first/iterations/1")).run()
+    assert [r.status for r in results] == ["rerun", "rerun", "rerun"]
+    # a record from before (absolute paths in its fingerprint) still matches in place
+    old = rec.pipeline(at("first", "first/iterations/1"))
+    stage = old.stages[0]
+    record = old.record(stage.name)
+    record["input"] = old.input_fingerprint(stage, None, absolute=True)
+    assert record["input"] != old.input_fingerprint(stage, None)
+    old._write_record(stage.name, record)
+    assert [row["status"] for row in old.status()] == ["done"] * 3

@@ -112,6 +112,18 @@ def _hash(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _within_run(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """``config`` with every path inside ``run_dir`` written relative to it ("<run>/...")."""
+    base = run_dir.rstrip("/")
+
+    def relative(value: Any) -> Any:
+        if isinstance(value, str) and base and (value == base or value.startswith(base + "/")):
+            return "<run>" + value[len(base):]
+        return value
+
+    return {key: relative(value) for key, value in config.items()}
+
+
 def _chain(upstream: str | None, output: str | None) -> str:
     """What a stage depends on: every earlier stage's output, not only the last one's
     (the report shows C's learning curve even when the evaluation came out the same)."""
@@ -177,10 +189,21 @@ class Engine:
     def _write_record(self, name: str, record: dict[str, Any]) -> None:
         atomic_write_bytes(self._record_path(name), json.dumps(record, indent=2).encode())
 
-    def input_fingerprint(self, stage: Stage, upstream: str | None) -> str:
-        """What the stage computes from, except how far it trains (``extent``)."""
+    def input_fingerprint(self, stage: Stage, upstream: str | None,
+                          absolute: bool = False) -> str:
+        """What the stage computes from, except how far it trains (``extent``). Paths into
+        the run's own directory (a later iteration's collect.agent_run, vae.init_from,
+        mdrnn.init_from...) count relative to it, so a run moved or copied elsewhere (another
+        folder, s3://) keeps its finished stages; ``absolute``: as records written before
+        that had them."""
         config = config_slice(self.cfg, stage.sections, NEUTRAL_KEYS | EXTENDABLE_KEYS)
+        if not absolute:
+            config = _within_run(config, self.layout.base.root)
         return _hash({"config": config, "upstream": upstream})
+
+    def _matches(self, record: dict[str, Any], stage: Stage, upstream: str | None) -> bool:
+        return record.get("input") in (self.input_fingerprint(stage, upstream),
+                                       self.input_fingerprint(stage, upstream, absolute=True))
 
     def extent(self, stage: Stage) -> dict[str, Any]:
         """How far the stage trains: its extendable keys (e.g. es.generations)."""
@@ -198,7 +221,7 @@ class Engine:
             old = _hash({"config": config_slice(self.cfg, stage.sections),
                          "upstream": upstream})
             return "same" if record.get("input") == old else "changed"
-        if record.get("input") != self.input_fingerprint(stage, upstream):
+        if not self._matches(record, stage, upstream):
             return "changed"
         had = record["extent"]
         if any(extent.get(k, 0) < had.get(k, 0) for k in had):
