@@ -2,7 +2,8 @@
 
 The numbers are those of doom.md's runs table (100 evaluation episodes, seeds
 1,000,000..099; the standard error is the standard deviation / 10). Add a run to RUNS and
-run `python docs/results/doom/shield-iterations.py` from the repository root.
+run `.venv/bin/python docs/results/doom/shield-iterations.py` from the repository root
+(it draws with the report's figure helpers, so wmlab must be installed).
 """
 
 from __future__ import annotations
@@ -10,10 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from wmlab.report.plots import new_figure, png_bytes
 
 
 @dataclass(frozen=True)
@@ -36,11 +34,10 @@ RUNS = (
         {2: 888.9, 3: 822.7}),
 )
 RANDOM, SWEEP, PAPER, TARGET = 230.5, 981.7, 1092.0, 1125.0
-NUMBER = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
 
 
-def draw(path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(9.0, 4.2))
+def draw() -> bytes:
+    fig, (ax,) = new_figure(1, width=9.0, height=4.2)
     for k, run in enumerate(RUNS):
         shift = (k - (len(RUNS) - 1) / 2) * 0.07  # runs side by side at each iteration
         xs = [i + 1 + shift for i in range(len(run.means))]
@@ -63,13 +60,12 @@ def draw(path: Path) -> None:
     ax.set_xlabel("iteration (from 2 on, M's look-ahead as C's shield)")
     ax.set_ylabel("real survival, 100 episodes (+- SE)")
     ax.set_ylim(600, 1250)
-    ax.set_title(f"Doom, shield profile: {NUMBER[len(RUNS)]} runs from scratch "
+    ax.set_title(f"Doom, shield profile: {len(RUNS)} runs from scratch "
                  f"(random policy: {RANDOM})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    return png_bytes(fig)
 
 
 if __name__ == "__main__":
-    draw(Path(__file__).with_suffix(".png"))
+    Path(__file__).with_suffix(".png").write_bytes(draw())
