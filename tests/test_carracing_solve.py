@@ -687,3 +687,24 @@ def test_the_fused_convolution_gives_the_two_ops_values_bit_for_bit(dtype):
     out = conv_relu(x, weight, bias, stride=2)
     assert torch.equal(out, F.conv2d(x, weight, bias, stride=2).relu_())
     assert out.dtype == dtype and (out == 0).any() and (out > 0).any()
+
+
+def test_the_repeat_profile_is_the_solve_profile_at_half_the_decisions():
+    from wmlab.config import load_config
+    from wmlab.errors import WmlabError
+    from wmlab.pipeline import iteration_config
+    from wmlab.pipeline.controller_stage import check_dream_length
+
+    cfg = load_config("carracing", "solve-repeat")
+    solve = load_config_solve()
+    assert cfg.env.action_repeat == 2 and solve.env.action_repeat == 1
+    assert cfg.mdrnn.seq_len + 1 == (solve.mdrnn.seq_len + 1) // 2
+    assert cfg.es.stall_steps * 2 == solve.es.stall_steps
+    assert cfg.run.later == solve.run.later
+    cfg.run.name = "/nowhere/solve-repeat"
+    later = iteration_config_unchecked(cfg, iteration_config)
+    assert later.es.dream_generations > 0 and later.env.action_repeat == 2
+    check_dream_length(later, get_spec("carracing").max_steps)  # the dream fits the episode
+    later.dream.max_steps = 501
+    with pytest.raises(WmlabError, match="dream.max_steps=500"):
+        check_dream_length(later, get_spec("carracing").max_steps)

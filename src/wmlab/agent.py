@@ -37,6 +37,8 @@ from wmlab.device import resolve_bf16
 from wmlab.dream import BatchedDream, DreamSettings, DreamStart, EnsembleDream
 from wmlab.dream.calibration import dream_settings
 from wmlab.dream.shield import Shield, ShieldSettings
+from wmlab.envs import env_options
+from wmlab.envs.repeat import agent_steps
 from wmlab.envs.spec import EnvSpec
 from wmlab.errors import WmlabError
 from wmlab.evaluators import Rollouts
@@ -263,6 +265,9 @@ class Agent:
     >>> frame, _ = env.reset(seed=7)
     >>> agent.reset(seed=7)
     >>> action = agent.act(frame)  # (64, 64, 3) uint8 -> the env's action
+
+    An agent trained with ``env.action_repeat`` k acts every k frames: make its env with
+    ``make_env(name, action_repeat=agent.action_repeat)``.
     """
 
     def __init__(self, models: AgentModels, params: np.ndarray, num_envs: int = 1) -> None:
@@ -276,6 +281,7 @@ class Agent:
             raise WmlabError(f"{num_envs} envs cannot be shared by {self.members} controllers: "
                              "give each the same number of envs")
         self.models, self.num_envs = models, num_envs
+        self.action_repeat = 1  # env frames per action (env.action_repeat of its run)
         m = models.mdrnn.shape
         self.noise = EnvNoise(num_envs, m.z_dim)
         self.z = torch.zeros(num_envs, m.z_dim)
@@ -306,7 +312,9 @@ class Agent:
         models = workload_from_config(cfg, "real", backend).load()
         params, info = load_controller_params(RunLayout.of(cfg).controller)
         check_shape(info, models.shape, cfg.controller.inputs, info["source"])
-        return cls(models, params, num_envs)
+        agent = cls(models, params, num_envs)
+        agent.action_repeat = cfg.env.action_repeat
+        return agent
 
     def reset(self, seed: int | Sequence[int] = 0, envs: Sequence[int] | None = None) -> None:
         """Start new episodes in ``envs`` (default: all), their z-noise from ``seed`` (one
@@ -526,7 +534,8 @@ class RolloutWorkload:
     features: str
     hidden: int = 0
     bias: bool = True
-    max_steps: int = 0  # real episodes' cap (0 = the env's own)
+    max_steps: int = 0  # real episodes' cap in env frames (0 = the env's own)
+    action_repeat: int = 1  # env.action_repeat: env frames per step of the agent
     dream: DreamSettings | None = None  # the dream's rules (kind "dream")
     vae_bf16: bool = False  # vae.bf16 where the hardware runs it: V as in the encode stage
     packed_encoder: bool = False  # controller.packed_encoder: V's encoder packed for acting
@@ -562,6 +571,10 @@ class RolloutWorkload:
     def build(self) -> RolloutRunner:
         return RolloutRunner(self, self.load())
 
+    def env_options(self) -> dict[str, int]:
+        """The options of the real envs these rollouts run in."""
+        return env_options(self.max_steps, self.action_repeat)
+
 
 class RolloutRunner:
     """A worker's rollout machine; real-env batches are kept and reused by size."""
@@ -574,9 +587,8 @@ class RolloutRunner:
         if size not in self.env_batches:
             from wmlab.envs import make_batch
 
-            options = {"max_steps": self.workload.max_steps} if self.workload.max_steps else {}
             self.env_batches[size] = make_batch(self.workload.env, size, self.workload.backend,
-                                                **options)
+                                                **self.workload.env_options())
         return self.env_batches[size]
 
     def run(self, params: np.ndarray, seeds: np.ndarray) -> Rollouts:
@@ -594,7 +606,8 @@ class RolloutRunner:
         (all at once where it is 0 or at least the job's size). Each rollout keeps its
         member's controller and its own seed, so the grouping changes only which envs share
         a batch: a pool of few envs steps each faster (its envs stay in the core's cache)."""
-        cap = self.workload.max_steps or self.models.spec.max_steps
+        cap = agent_steps(self.workload.max_steps or self.models.spec.max_steps,
+                          self.workload.action_repeat)
         group = self.workload.real_envs
         if group <= 0 or group >= seeds.size:
             return run_real(self.models, self.env_batch(seeds.size), params, seeds,
@@ -628,7 +641,7 @@ def workload_from_config(cfg: Any, kind: str | None = None, backend: str | None 
         env=cfg.env.name, backend=(backend if backend is not None else cfg.env.backend) or None,
         features=cfg.controller.inputs, hidden=cfg.controller.hidden,
         bias=cfg.controller.bias,
-        max_steps=0 if dream else cfg.env.max_steps,
+        max_steps=0 if dream else cfg.env.max_steps, action_repeat=cfg.env.action_repeat,
         dream=dream_settings(cfg) if dream else None,
         vae_bf16=cfg.vae.bf16, packed_encoder=cfg.controller.packed_encoder,
         int8_encoder=cfg.controller.int8_encoder,

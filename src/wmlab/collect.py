@@ -28,6 +28,7 @@ from wmlab.agent import AgentPolicy
 from wmlab.config import Config
 from wmlab.data import Episode, EpisodeStore
 from wmlab.envs.binpacking_heuristics import HEURISTICS
+from wmlab.envs.repeat import agent_steps
 from wmlab.errors import WmlabError
 from wmlab.evaluators import ProcessEngine, SerialEngine
 from wmlab.policies import AGENT_POLICY, HeuristicPolicy, PolicyConfig, make_policy
@@ -48,6 +49,7 @@ class CollectJob:
     collection: str
     policy: PolicyConfig
     seed_prefix: tuple[int, ...]
+    action_repeat: int = 1  # env frames per step (env.action_repeat)
 
     def build(self) -> _Worker:
         """What a worker process builds once: the env batch, the policy, the store."""
@@ -148,7 +150,8 @@ class _Worker:
     def __init__(self, job: CollectJob) -> None:
         self.job = job
         self.env_batch = envs.make_batch(job.env, job.envs_per_worker, job.backend,
-                                         **_env_kwargs(job))
+                                         **envs.env_options(job.max_steps,
+                                                            job.action_repeat))
         self.policy = collection_policy(job.policy, job.envs_per_worker,
                                         self.env_batch.spec.controller_outputs,
                                         self.env_batch)
@@ -161,8 +164,8 @@ class _Worker:
 
     def _episodes(self, indices: list[int]) -> Iterator[dict]:
         seeds = [episode_seeds(self.job.seed_prefix, i) for i in indices]
-        for slot, episode in run_episodes(self.env_batch, self.policy, seeds,
-                                          self.job.max_steps):
+        cap = agent_steps(self.job.max_steps, self.job.action_repeat)  # 0 stays 0
+        for slot, episode in run_episodes(self.env_batch, self.policy, seeds, cap):
             index = indices[slot]
             env_seed, policy_seed = seeds[slot]
             episode.meta.update(env=self.job.env, backend=self.env_batch.backend,
@@ -175,10 +178,6 @@ class _Worker:
 
     def close(self) -> None:
         self.env_batch.close()
-
-
-def _env_kwargs(job: CollectJob) -> dict:
-    return {"max_steps": job.max_steps} if job.max_steps else {}
 
 
 def worker_threads(workers: int, cpus: int | None = None) -> int:
@@ -216,7 +215,8 @@ def collect(cfg: Config, *, progress: bool = True,
     store_url = cfg.store_url()
     store = EpisodeStore.create_or_open(store_url, env=spec.name, backend=backend,
                                         action_dim=spec.action_dim,
-                                        allow_mixed_backends=c.allow_mixed_backends)
+                                        allow_mixed_backends=c.allow_mixed_backends,
+                                        action_repeat=cfg.env.action_repeat)
     store.clean_tmp()
     existing = store.existing_indices(collection)
     summary = CollectSummary(store_url=store_url, collection=collection, target=c.episodes,
@@ -233,7 +233,7 @@ def collect(cfg: Config, *, progress: bool = True,
         policy=PolicyConfig(name=c.policy, brown_sigma=c.brown_sigma, hold_min=c.hold_min,
                             hold_max=c.hold_max, weights_scale=c.weights_scale,
                             agent_run=c.agent_run, explore=c.explore),
-        seed_prefix=(cfg.run.seed, c.seed),
+        seed_prefix=(cfg.run.seed, c.seed), action_repeat=cfg.env.action_repeat,
     )
     next_index = _index_source(existing)
     start = time.monotonic()

@@ -56,6 +56,10 @@ class EnvConfig:
     backend: str = _opt("", "simulator backend; empty = the env's default (reference) backend")
     max_steps: int = _opt(0, "episode step cap; 0 = the env's own (CarRacing 1000, Doom 2100)",
                           min=0)
+    action_repeat: int = _opt(1, "each of the agent's actions held for this many env frames "
+                              "(rewards summed; V, M and C see every k-th frame, and M's "
+                              "steps, dream.max_steps and es.stall_steps count the agent's "
+                              "steps); 1 = every frame, as in the paper", min=1, max=64)
 
 
 # bin packing's heuristics as collection policies (wmlab.envs.binpacking_heuristics)

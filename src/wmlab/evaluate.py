@@ -123,7 +123,8 @@ def evaluate_controller(cfg: Config, *, episodes: int | None = None, where: str 
                              tau=cfg.dream.tau if where == "dream" else None)
         if saved is not None and saved.extra.get("max_steps") == (cfg.env.max_steps
                                                                    or spec.max_steps) \
-                and saved.extra.get("shield") == _shield_record(workload):
+                and saved.extra.get("shield") == _shield_record(workload) \
+                and _same_repeat(saved, cfg):
             if video and not exists(video):  # killed between the JSON and the GIF
                 atomic_write_bytes(video, record_video(models, workload, params,
                                                        saved.seeds[0]))
@@ -144,7 +145,8 @@ def evaluate_controller(cfg: Config, *, episodes: int | None = None, where: str 
                         tau=cfg.dream.tau if where == "dream" else None,
                         extra={"generation": info.get("generation"),
                                "max_steps": cfg.env.max_steps or spec.max_steps,
-                               "shield": _shield_record(workload), **length_extra})
+                               "shield": _shield_record(workload), **length_extra,
+                               **_repeat_record(cfg)})
     gif = record_video(models, workload, params, int(seeds.ravel()[0])) if video else None
     atomic_write_bytes(path, json.dumps(asdict(result), indent=2).encode())
     if gif is not None:
@@ -215,6 +217,16 @@ def _shield_record(workload: Any) -> dict[str, Any] | None:
     """The shield's settings as an evaluation records them (None: C acted alone), so that a
     score with the shield is never taken for one without it, or the reverse."""
     return None if workload.shield is None else asdict(workload.shield)
+
+
+def _repeat_record(cfg: Config) -> dict[str, int]:
+    """The action repeat as an evaluation records it: only where it is not 1, so the JSON
+    of an agent that acts on every frame reads as before."""
+    return {"action_repeat": cfg.env.action_repeat} if cfg.env.action_repeat != 1 else {}
+
+
+def _same_repeat(saved: EvalResult, cfg: Config) -> bool:
+    return saved.extra.get("action_repeat", 1) == cfg.env.action_repeat
 
 
 def saved_result(path: str, **expected: Any) -> EvalResult | None:
@@ -387,8 +399,7 @@ def record_video(models: Any, workload: Any, params: np.ndarray, seed: int,
         seen.append(step["frame"])
         latents.append(step["z"])
 
-    options = {"max_steps": workload.max_steps} if workload.max_steps else {}
-    with make_batch(workload.env, 1, workload.backend, **options) as env:
+    with make_batch(workload.env, 1, workload.backend, **workload.env_options()) as env:
         run_real(models, env, params[None].astype(np.float32), np.array([[seed]]), record)
     frames = []
     for start in range(0, len(seen), 256):  # V's reconstructions in batches, not one by one
@@ -412,12 +423,13 @@ def evaluate_random_policy(cfg: Config, *, episodes: int | None = None,
     in ``evaluate_controller``: the JSON already written for the same policy and episodes.
     """
     from wmlab.collect import run_episodes
-    from wmlab.envs import make_batch
+    from wmlab.envs import env_options, make_batch
+    from wmlab.envs.repeat import agent_steps
     from wmlab.policies import PolicyConfig, make_policy
 
     episodes = _episodes(cfg, episodes)
     spec, backend = scored_env(cfg)
-    options = {"max_steps": cfg.env.max_steps} if cfg.env.max_steps else {}
+    options = env_options(cfg.env.max_steps, cfg.env.action_repeat)
     returns: list[float] = []
     lengths: list[int] = []
     seeds = episode_rows(cfg.eval.seed if first_seed is None else first_seed, episodes,
@@ -428,15 +440,16 @@ def evaluate_random_policy(cfg: Config, *, episodes: int | None = None,
         saved = saved_result(path, env=spec.name, backend=backend,
                              seeds=[int(s) for s in seeds.ravel()],
                              controller=f"{name} ({policy})")
-        if saved is not None and saved.extra.get("max_steps") == cfg.env.max_steps:
+        if saved is not None and saved.extra.get("max_steps") == cfg.env.max_steps \
+                and _same_repeat(saved, cfg):
             return saved
     chosen = make_policy(PolicyConfig(name=policy), seeds.shape[1], spec.controller_outputs)
     with make_batch(spec.name, seeds.shape[1], backend, **options) as env_batch:
         for row in seeds:
             # the policy's own stream is keyed by the episode seed too (reset per slot)
             pairs = [(int(s), int(s) + 1) for s in row]
-            by_slot = {slot: ep for slot, ep in run_episodes(env_batch, chosen, pairs,
-                                                             cfg.env.max_steps)}
+            by_slot = {slot: ep for slot, ep in run_episodes(
+                env_batch, chosen, pairs, agent_steps(cfg.env.max_steps, cfg.env.action_repeat))}
             returns.extend(float(by_slot[slot].rewards.sum()) for slot in range(len(row)))
             lengths.extend(len(by_slot[slot].rewards) for slot in range(len(row)))
     values = np.asarray(returns, dtype=np.float64)
@@ -447,7 +460,7 @@ def evaluate_random_policy(cfg: Config, *, episodes: int | None = None,
                         returns=[float(r) for r in values], controller=f"{name} ({policy})",
                         controller_fingerprint="",
                         extra={"policy": policy, "max_steps": cfg.env.max_steps,
-                               "lengths": lengths,
+                               **_repeat_record(cfg), "lengths": lengths,
                                "length_mean": float(steps.mean()),
                                "length_std": float(steps.std())})
     atomic_write_bytes(path, json.dumps(asdict(result), indent=2).encode())

@@ -263,13 +263,13 @@ def agent_session(cfg: Config, seed: int | None = None, recording: bool = False
                   ) -> AgentSession:
     """A session of the run ``cfg``'s agent on its real env (one env, the eval backend)."""
     from wmlab.agent import Agent
-    from wmlab.envs import make_batch
+    from wmlab.envs import env_options, make_batch
     from wmlab.evaluate import scored_env
 
     _, backend = scored_env(cfg)
     agent = Agent.of_run(cfg, 1, backend)
-    options = {"max_steps": cfg.env.max_steps} if cfg.env.max_steps else {}
-    env = make_batch(cfg.env.name, 1, backend or None, **options)
+    env = make_batch(cfg.env.name, 1, backend or None,
+                     **env_options(cfg.env.max_steps, cfg.env.action_repeat))
     # An agent trained in M's dream (Doom) lives by M's predictions: show them. One trained
     # in the real env (CarRacing) never used them: show what it does, its actions.
     return AgentSession(env=env, kind=cfg.env.name,

@@ -102,11 +102,15 @@ class CountingBatch:
 
     def __init__(self, inner: Any) -> None:
         self.inner, self.steps = inner, 0
-        self.num_envs, self.spec = inner.num_envs, inner.spec
+        self.num_envs, self.spec, self.backend = inner.num_envs, inner.spec, inner.backend
 
     @property
     def masks(self):
         return self.inner.masks
+
+    @property
+    def running(self):
+        return self.inner.running
 
     def reset(self, seeds):
         return self.inner.reset(seeds)
@@ -193,27 +197,30 @@ def _real_agent_rows(quick: bool, folder: str) -> list[dict[str, Any]]:
 
 
 def _stepping_rate(kind: str, folder: str, envs: int, cap: int, seconds: float,
-                   encoder: str) -> tuple[int, float]:
+                   encoder: str, repeat: int = 1) -> tuple[int, float]:
     """One worker (one core): env steps taken in about ``seconds`` and the time they took,
     stepping ``envs`` EnvPool envs with random actions (``kind='random'``) or with the full
-    agent (V bf16 where native, M, C; V's ``encoder`` "plain", "packed" or "int8"), episode
-    after episode, as a C stage's worker does."""
+    agent (V bf16 where native, M, C; V's ``encoder`` "plain", "packed" or "int8"; each
+    action held for ``repeat`` env steps, all of them counted), episode after episode, as a
+    C stage's worker does."""
     import dataclasses
 
     from wmlab.agent import run_real
     from wmlab.envs import get_spec, make_batch
+    from wmlab.envs.repeat import RepeatedBatch
 
     torch.set_num_threads(1)
     spec = get_spec("carracing")
     rng = np.random.default_rng(0)
     if kind == "raw":
         return _raw_envpool_rate(spec, envs, cap, seconds, rng)
-    batch = CountingBatch(make_batch("carracing", envs, "envpool", max_steps=cap))
+    counted = CountingBatch(make_batch("carracing", envs, "envpool", max_steps=cap))
+    batch = RepeatedBatch(counted, repeat) if repeat > 1 else counted
     models = params = None
     if kind == "agent":
         workload = dataclasses.replace(_workload(folder, "carracing", "real", cap, "envpool"),
                                        vae_bf16=True, packed_encoder=encoder == "packed",
-                                       int8_encoder=encoder == "int8")
+                                       int8_encoder=encoder == "int8", action_repeat=repeat)
         models = workload.load()
         params = _params(models.shape.num_params, envs)
     episode, began = 0, time.perf_counter()
@@ -223,10 +230,10 @@ def _stepping_rate(kind: str, folder: str, envs: int, cap: int, seconds: float,
             run_real(models, batch, params, seeds[:, None])
         else:
             batch.reset(seeds.tolist())
-            while batch.inner.running.any():
+            while batch.running.any():
                 batch.step(spec.to_env_action(rng.uniform(-1, 1, (envs, 3)).astype(np.float32)))
         episode += 1
-    return batch.steps, time.perf_counter() - began
+    return counted.steps, time.perf_counter() - began
 
 
 def _raw_envpool_rate(spec: Any, envs: int, cap: int, seconds: float,
@@ -346,16 +353,20 @@ def _side_by_side_rows(quick: bool, folder: str) -> list[dict[str, Any]]:
 
     workers, envs = 2, 8
     cap, seconds = (200, 20.0) if quick else (1000, 60.0)
-    cases = [("raw", "plain", "EnvPool's own rate (envpool.make, random actions, 96x96)"),
-             ("random", "plain", "EnvPool alone, random actions, our 64x64 frames"),
-             ("agent", "plain", "full agent (V's convolutions in bf16 where native + M + C)"),
-             ("agent", "packed", "full agent, V's encoder packed (controller.packed_encoder)"),
-             ("agent", "int8", "full agent, V's encoder in int8 (controller.int8_encoder)")]
+    cases = [("raw", "plain", 1, "EnvPool's own rate (envpool.make, random actions, 96x96)"),
+             ("random", "plain", 1, "EnvPool alone, random actions, our 64x64 frames"),
+             ("agent", "plain", 1,
+              "full agent (V's convolutions in bf16 where native + M + C)"),
+             ("agent", "packed", 1,
+              "full agent, V's encoder packed (controller.packed_encoder)"),
+             ("agent", "int8", 1, "full agent, V's encoder in int8 (controller.int8_encoder)"),
+             ("agent", "int8", 2, "full agent, V's encoder in int8, each action held 2 env "
+              "steps (env.action_repeat=2; every env step counted)")]
     rows = []
     ctx = mp.get_context("spawn")
-    for kind, encoder, what in cases:
-        jobs = [(kind, f"{folder}/{kind}-{encoder}-{w}", envs, cap, seconds, encoder)
-                for w in range(workers)]
+    for kind, encoder, repeat, what in cases:
+        jobs = [(kind, f"{folder}/{kind}-{encoder}-{repeat}-{w}", envs, cap, seconds, encoder,
+                 repeat) for w in range(workers)]
         with ctx.Pool(workers) as pool:
             out = pool.map(_stepping_rate_job, jobs)
         steps = sum(o[0] for o in out)

@@ -104,15 +104,18 @@ class StoreManifest:
     action_dim: int
     frame_shape: tuple[int, ...] = FRAME_SHAPE
     created: str = ""
+    action_repeat: int = 1  # env frames per stored step (env.action_repeat)
     format: str = STORE_FORMAT
     episode_format: str = FORMAT
     wmlab_version: str = __version__
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": self.format, "episode_format": self.episode_format, "env": self.env,
+        data = {"format": self.format, "episode_format": self.episode_format, "env": self.env,
                 "backend": self.backends[0], "backends": list(self.backends),
                 "frame_shape": list(self.frame_shape), "action_dim": self.action_dim,
                 "created": self.created, "wmlab_version": self.wmlab_version}
+        # written only where it matters, so stores of every frame read as they always did
+        return data if self.action_repeat == 1 else {**data, "action_repeat": self.action_repeat}
 
     @classmethod
     def from_json(cls, data: Any, name: str) -> StoreManifest:
@@ -125,6 +128,7 @@ class StoreManifest:
                        action_dim=int(data["action_dim"]),
                        frame_shape=tuple(int(n) for n in data["frame_shape"]),
                        created=str(data.get("created", "")),
+                       action_repeat=int(data.get("action_repeat", 1)),
                        episode_format=str(data.get("episode_format", FORMAT)),
                        wmlab_version=str(data.get("wmlab_version", "")))
         except (KeyError, TypeError, ValueError, IndexError) as exc:
@@ -193,16 +197,19 @@ class EpisodeStore:
 
     @classmethod
     def create_or_open(cls, url: str, env: str, backend: str, action_dim: int,
-                       allow_mixed_backends: bool = False) -> EpisodeStore:
-        """The store at ``url``, created if absent; refused if it holds another env."""
+                       allow_mixed_backends: bool = False,
+                       action_repeat: int = 1) -> EpisodeStore:
+        """The store at ``url``, created if absent; refused if it holds another env (or the
+        same env stepped with another action repeat)."""
         for name, value in (("env", env), ("backend", backend)):
             if not isinstance(value, str) or not value:
                 raise StoreError(f"{name} must be a non-empty string, got {value!r}")
         _check_int("action_dim", action_dim, 1)
+        _check_int("action_repeat", action_repeat, 1)
         fs, root = _url_to_fs(url)
         if not fs.exists(f"{root}/{MANIFEST}"):
             manifest = StoreManifest(env=env, backends=(backend,), action_dim=int(action_dim),
-                                     created=_now())
+                                     created=_now(), action_repeat=int(action_repeat))
             try:
                 fs.makedirs(f"{root}/episodes", exist_ok=True)
                 atomic_write_on(fs, f"{root}/{MANIFEST}", json.dumps(manifest.to_json(),
@@ -212,15 +219,20 @@ class EpisodeStore:
                                  "choose a writable --out") from None
         # re-read even after creating: a concurrent creator may have won the rename
         store = cls.open(url)
-        store._check_compatible(env, backend, int(action_dim), allow_mixed_backends)
+        store._check_compatible(env, backend, int(action_dim), allow_mixed_backends,
+                                int(action_repeat))
         return store
 
     def _check_compatible(self, env: str, backend: str, action_dim: int,
-                          allow_mixed_backends: bool) -> None:
+                          allow_mixed_backends: bool, action_repeat: int = 1) -> None:
         m = self.manifest
         if m.env != env:
             raise StoreError(f"store {self.url} holds episodes of '{m.env}', not '{env}': "
                              "choose another --out")
+        if m.action_repeat != action_repeat:
+            raise StoreError(f"store {self.url} holds steps of {m.action_repeat} env frames, "
+                             f"not {action_repeat} (env.action_repeat): M would mix time "
+                             "scales; choose another --out or the store's action repeat")
         if m.action_dim != action_dim:
             raise StoreError(f"store {self.url} holds actions of size {m.action_dim}, not "
                              f"{action_dim}: choose another --out")

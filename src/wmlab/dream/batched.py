@@ -62,6 +62,7 @@ class BatchedDream:
                                 start.logvar.to(self.device).float())
         self.tau = settings.tau
         self.max_steps = int(settings.max_steps)
+        self.alive_reward = float(settings.alive_reward)
         self.done_mode = settings.done_mode
         # The done head was trained with positives weighted by w, which shifts its logit by
         # log(w) from the true log-odds: "sample" undoes that before drawing, so the dream's
@@ -217,7 +218,7 @@ class BatchedDream:
             h, c, next_z, out, flat, ended = self._advance(actions, None)
             self.h, self.c, self.z = h, c, next_z
             reward = out.reward.clone() if out.reward is not None else \
-                torch.ones_like(self.returns)
+                torch.full_like(self.returns, self.alive_reward)
             self.restart = torch.zeros_like(self.restart)
             if out.done_logit is not None:
                 died = ended if ended is not None else self._died(out.done_logit, flat)
@@ -238,7 +239,7 @@ class BatchedDream:
             if out.reward is not None:
                 reward.index_copy_(0, written, kept_rows(out.reward))
             else:
-                reward.index_fill_(0, written, 1.0)
+                reward.index_fill_(0, written, self.alive_reward)
             if out.done_logit is not None:
                 ended = ended if ended is not None else self._died(out.done_logit, flat)
                 died.index_copy_(0, written, kept_rows(ended))

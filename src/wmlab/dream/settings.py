@@ -37,6 +37,9 @@ class DreamSettings:
     dropout: float = 0.0
     # an ensemble's reward a step (mdrnn.ensemble > 1): the Ms' mean, or their least
     ensemble_reward: str = "mean"
+    # a step's reward where M has no reward head (an env that pays +1 a frame alive, Doom):
+    # the env frames one step holds (env.action_repeat), so a dream's return is in frames
+    alive_reward: float = 1.0
 
     def __post_init__(self) -> None:
         check_tau(self.tau)
@@ -64,7 +67,8 @@ class DreamSettings:
                    done_weight=cfg.mdrnn.done_weight,
                    done_bias=cfg.dream.done_bias if done_bias is None else done_bias,
                    precision=cfg.dream.precision, dropout=dream_dropout(cfg),
-                   ensemble_reward=cfg.dream.ensemble_reward)
+                   ensemble_reward=cfg.dream.ensemble_reward,
+                   alive_reward=float(cfg.env.action_repeat))
 
     @property
     def done_shift(self) -> float:
@@ -83,6 +87,8 @@ class DreamSettings:
             del fields["dropout"]
         if fields["ensemble_reward"] == "mean":
             del fields["ensemble_reward"]
+        if fields["alive_reward"] == 1.0:
+            del fields["alive_reward"]
         return fields
 
 

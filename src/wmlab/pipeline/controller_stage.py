@@ -32,6 +32,7 @@ from wmlab.data.series import SeriesStore
 from wmlab.data.store import EpisodeStore
 from wmlab.dream.calibration import noop_order_warning
 from wmlab.dream.settings import missing_dream_heads
+from wmlab.envs.repeat import agent_steps
 from wmlab.errors import WmlabError
 from wmlab.evaluators import Evaluator, warn
 from wmlab.fidelity import DEFAULT_FIDELITY_DREAMS, measure_fidelity
@@ -62,7 +63,20 @@ def check_training_inputs(cfg: Any) -> tuple[Any, Any]:
     if cfg.es.dream_generations:
         check_dream_heads(models.mdrnn.shape, cfg.es.dream_generations,
                           models.spec.survival_reward)
+    check_dream_length(cfg, models.spec.max_steps)
     return workload, models
+
+
+def check_dream_length(cfg: Any, env_frames: int) -> None:
+    """With actions held for k frames, a dream step is k frames: a dream longer than the
+    real episode in the agent's steps would pay C for frames the game never has."""
+    repeat = cfg.env.action_repeat
+    uses_dream = cfg.es.fitness == "dream" or cfg.es.dream_generations > 0
+    steps = agent_steps(cfg.env.max_steps or env_frames, repeat)
+    if repeat > 1 and uses_dream and cfg.dream.max_steps > steps:
+        raise WmlabError(f"dream.max_steps ({cfg.dream.max_steps}) counts the agent's steps, "
+                         f"and at env.action_repeat={repeat} a real episode has {steps}: set "
+                         f"dream.max_steps={steps}")
 
 
 def train_controller(cfg: Any, *, progress: bool = True,

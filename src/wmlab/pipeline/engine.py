@@ -105,7 +105,8 @@ LATER_KEYS: dict[str, Any] = {"es.dream_generations": 0, "es.covariance": "full"
                                "mdrnn.reward_over_weight": 1.0, "es.mirrored": False,
                                "controller.int8_encoder": False, "controller.clock": [],
                                "eval.validation_episodes": 0,
-                               "eval.validation_seed": 1_500_000}
+                               "eval.validation_seed": 1_500_000,
+                               "env.action_repeat": 1}
 
 
 def _hash(value: Any) -> str:

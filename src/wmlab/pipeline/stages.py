@@ -354,9 +354,9 @@ def default_stages(cfg: Config) -> list[Stage]:
               f"training C by CMA-ES in the {cfg.es.fitness} env (population "
               f"{cfg.es.population} x {cfg.es.rollouts} rollouts, {cfg.es.generations} "
               "generations)"),
-        Stage("evaluate", ("eval", "env.max_steps", "dream"), "eval", _run_evaluate,
-              _eval_output, f"scoring C on {cfg.eval.episodes} real episodes with fixed "
-              "seeds, and the random policy on the same seeds"),
+        Stage("evaluate", ("eval", "env.max_steps", "env.action_repeat", "dream"), "eval",
+              _run_evaluate, _eval_output, f"scoring C on {cfg.eval.episodes} real episodes "
+              "with fixed seeds, and the random policy on the same seeds"),
         Stage("report", (), None, _run_report, _report_output, "writing the report"),
     ]
     by_name = {stage.name: stage for stage in stages}
