@@ -270,7 +270,8 @@ class Agent:
     ``make_env(name, action_repeat=agent.action_repeat)``.
     """
 
-    def __init__(self, models: AgentModels, params: np.ndarray, num_envs: int = 1) -> None:
+    def __init__(self, models: AgentModels, params: np.ndarray, num_envs: int = 1,
+                 action_repeat: int = 1) -> None:
         if models.vae is None:
             raise WmlabError("an agent acting in real envs needs V: load the run's vision "
                              "model")
@@ -281,7 +282,7 @@ class Agent:
             raise WmlabError(f"{num_envs} envs cannot be shared by {self.members} controllers: "
                              "give each the same number of envs")
         self.models, self.num_envs = models, num_envs
-        self.action_repeat = 1  # env frames per action (env.action_repeat of its run)
+        self.action_repeat = action_repeat  # env frames per action (its run's env.action_repeat)
         m = models.mdrnn.shape
         self.noise = EnvNoise(num_envs, m.z_dim)
         self.z = torch.zeros(num_envs, m.z_dim)
@@ -312,9 +313,7 @@ class Agent:
         models = workload_from_config(cfg, "real", backend).load()
         params, info = load_controller_params(RunLayout.of(cfg).controller)
         check_shape(info, models.shape, cfg.controller.inputs, info["source"])
-        agent = cls(models, params, num_envs)
-        agent.action_repeat = cfg.env.action_repeat
-        return agent
+        return cls(models, params, num_envs, cfg.env.action_repeat)
 
     def reset(self, seed: int | Sequence[int] = 0, envs: Sequence[int] | None = None) -> None:
         """Start new episodes in ``envs`` (default: all), their z-noise from ``seed`` (one
