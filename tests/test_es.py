@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -209,6 +210,89 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     a = load_checkpoint(RunLayout.of(whole).controller, "controller", with_state=False)
     b = load_checkpoint(RunLayout.of(parts).controller, "controller", with_state=False)
     assert a.info["fingerprint"] == b.info["fingerprint"]
+
+
+class LuckyFirstScoring(Quadratic):
+    """The quadratic, plus 1.0 of luck on the first scoring of the mean (the fixed seeds'
+    first call): the best scored mean is then the earliest, not the best controller."""
+
+    def __init__(self, n: int, fixed: np.ndarray) -> None:
+        super().__init__(n)
+        self.fixed, self.lucky, self.final_calls = fixed, True, 0
+
+    def evaluate(self, params: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+        value = super().evaluate(params, seeds)
+        if np.array_equal(seeds, self.fixed) and self.lucky:
+            self.lucky = False
+            return value + 1.0
+        if len(seeds) == 24 // 2:  # the final choice's 24 episodes, in rows of 2
+            self.final_calls += 1
+        return value
+
+
+FINAL = EsConfig(population=8, rollouts=2, generations=20, eval_every=5, eval_rollouts=4,
+                 sigma0=0.1, l2=0.0, final_candidates=3, final_rollouts=24)
+
+
+def test_final_choice_scores_the_best_means_again_and_keeps_the_best(tmp_path):
+    from wmlab.controller.cmaes import eval_seeds, load_controller_params, score_mean
+
+    fixed = eval_seeds(0, 4, 2)
+    plain = run_es(LuckyFirstScoring(10, fixed), 10,
+                   EsConfig(**{**FINAL.__dict__, "final_candidates": 0}),
+                   str(tmp_path / "plain"), progress=False)
+    assert plain.best_generation == 5 and plain.final_choice is None  # the lucky one
+    assert not (tmp_path / "plain" / "final-choice.json").exists()
+
+    fitness = LuckyFirstScoring(10, fixed)
+    result = run_es(fitness, 10, FINAL, str(tmp_path / "chosen"), progress=False)
+    choice = json.loads((tmp_path / "chosen" / "final-choice.json").read_text())
+    rows = choice["candidates"]
+    assert [r["generation"] for r in rows][0] == 5 and len(rows) == 3
+    assert [r["eval_mean"] for r in rows] == sorted((r["eval_mean"] for r in rows),
+                                                    reverse=True)
+    # the second scoring has no luck: a later, truly better mean wins it
+    assert choice["chosen_generation"] == result.best_generation != 5
+    assert max(r["final_mean"] for r in rows) == next(
+        r["final_mean"] for r in rows if r["generation"] == result.best_generation)
+    params, info = load_controller_params(str(tmp_path / "chosen"))
+    np.testing.assert_allclose(params, result.best_params, rtol=1e-6)
+    assert info["generation"] == result.best_generation and info["final_rollouts"] == 24
+    # its score is the mean over episodes of its own seeds, not the scorings' ones
+    final_seeds = eval_seeds(0, 24, 2, stream=1_000_033)
+    assert not set(final_seeds.ravel()) & set(fixed.ravel())
+    assert score_mean(Quadratic(10), params, final_seeds) == pytest.approx(
+        max(r["final_mean"] for r in rows), rel=1e-6)
+    assert fitness.final_calls == 3
+
+
+def test_a_killed_final_choice_resumes_with_the_scores_it_had(tmp_path):
+    from wmlab.controller.cmaes import eval_seeds
+
+    fixed = eval_seeds(0, 4, 2)
+    whole = run_es(LuckyFirstScoring(10, fixed), 10, FINAL, str(tmp_path / "a"),
+                   progress=False)
+
+    class DiesOnSecondCandidate(LuckyFirstScoring):
+        def evaluate(self, params, seeds):
+            value = super().evaluate(params, seeds)
+            if self.final_calls == 2:
+                raise KeyboardInterrupt  # as a kill would, mid-choice
+            return value
+
+    with pytest.raises(KeyboardInterrupt):
+        run_es(DiesOnSecondCandidate(10, fixed), 10, FINAL, str(tmp_path / "b"),
+               progress=False)
+    kept = json.loads((tmp_path / "b" / "final-choice.json").read_text())
+    assert len(kept["candidates"]) == 1 and kept["chosen_generation"] is None
+    again = LuckyFirstScoring(10, fixed)
+    again.lucky = False  # the resumed run scores no mean again: no first scoring left
+    resumed = run_es(again, 10, FINAL, str(tmp_path / "b"), progress=False)
+    assert again.final_calls == 2  # the first candidate's score was kept
+    assert resumed.best_generation == whole.best_generation
+    np.testing.assert_array_equal(resumed.best_params, whole.best_params)
+    assert json.loads((tmp_path / "b" / "final-choice.json").read_text()) == \
+        json.loads((tmp_path / "a" / "final-choice.json").read_text())
 
 
 def test_bad_es_config_writes_nothing(tmp_path):

@@ -202,6 +202,16 @@ def test_more_generations_or_steps_continue_the_trained_stage(tmp_path):
     after = (run / "controller/metrics.csv").read_text().splitlines()
     assert len(after) == 4 and after[:3] == before  # the same CMA-ES, one generation on
 
+    # a final choice added to the finished stage scores its best means again, no generation
+    chosen = _cfg(tmp_path, "doom", "es.generations=3", "es.final_candidates=2")
+    results = Pipeline(chosen, progress=False, log=lambda _: None).run(until="controller")
+    assert _statuses(results)["controller"] == "extended"
+    assert (run / "controller/metrics.csv").read_text().splitlines() == after
+    choice = json.loads((run / "controller/final-choice.json").read_text())
+    assert len(choice["candidates"]) == 2 and choice["chosen_generation"] in (1, 2, 3)
+    best = json.loads((run / "controller/best.json").read_text())
+    assert best["generation"] == choice["chosen_generation"] and best["final_rollouts"] == 128
+
     deeper = _cfg(tmp_path, "doom", "es.generations=3", "mdrnn.steps=8")
     results = Pipeline(deeper, progress=False, log=lambda _: None).run(until="memory")
     assert _statuses(results)["memory"] == "extended"

@@ -258,6 +258,13 @@ class EsConfig:
     generations: int = _opt(2000, "generations to run", min=0)
     eval_every: int = _opt(25, "generations between scoring the mean", min=1)
     eval_rollouts: int = _opt(1024, "rollouts on fixed seeds when scoring the mean", min=1)
+    final_candidates: int = _opt(0, "after the last generation, score this many of the "
+                                 "best scored means again on es.final_rollouts episodes of "
+                                 "their own and keep the best by that score (the best of "
+                                 "many means scored on few episodes is partly luck); larger "
+                                 "continues the choice; 0 = the best scored mean", min=0)
+    final_rollouts: int = _opt(128, "episodes per candidate of es.final_candidates' second "
+                               "scoring (seeds none of the scorings use)", min=1)
     engine: str = _opt("process", "where rollouts are evaluated",
                        choices=("serial", "process", "ray"))
     workers: int = _opt(0, "evaluator workers; 0 = one per CPU core", min=0)

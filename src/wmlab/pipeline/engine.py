@@ -80,10 +80,10 @@ class StageResult:
 
 
 # Keys that only say how far a stage trains. Raising one continues the stage from its own
-# checkpoints (more steps of the same M, more generations of the same CMA-ES: both are
-# functions of the step, so the result is the one a longer run would have given); lowering
-# one starts the stage again.
-EXTENDABLE_KEYS = frozenset({"mdrnn.steps", "es.generations"})
+# checkpoints (more steps of the same M, more generations of the same CMA-ES, more
+# candidates for its final choice: each a function of the step or of the run's seed, so the
+# result is the one a longer run would have given); lowering one starts the stage again.
+EXTENDABLE_KEYS = frozenset({"mdrnn.steps", "es.generations", "es.final_candidates"})
 
 
 # Keys added after runs already existed, with the value that does what runs did before the
@@ -106,7 +106,8 @@ LATER_KEYS: dict[str, Any] = {"es.dream_generations": 0, "es.covariance": "full"
                                "controller.int8_encoder": False, "controller.clock": [],
                                "eval.validation_episodes": 0,
                                "eval.validation_seed": 1_500_000,
-                               "env.action_repeat": 1}
+                               "env.action_repeat": 1, "es.final_candidates": 0,
+                               "es.final_rollouts": 128}
 
 
 def _hash(value: Any) -> str:

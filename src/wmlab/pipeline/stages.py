@@ -173,6 +173,13 @@ def _run_controller(cfg: Config, progress: bool) -> dict[str, Any]:
     result = train_controller(cfg, progress=progress)
     summary = {"generations": result.generation, "best_score": result.best_score,
                "best_generation": result.best_generation, "fitness": cfg.es.fitness}
+    if result.final_choice is not None:
+        chosen = result.final_choice["chosen"]
+        summary["final_choice"] = result.final_choice
+        print(f"  final choice: generation {chosen['generation']} of the "
+              f"{len(result.final_choice['candidates'])} best scored means, "
+              f"{chosen['final_mean']:.1f} on {cfg.es.final_rollouts} episodes of its own "
+              f"({chosen['eval_mean']:.1f} on the {cfg.es.eval_rollouts} fixed ones)")
     if cfg.es.fitness == "dream" and cfg.dream.fit_done_bias:
         from wmlab.dream.calibration import dream_done_bias
 
