@@ -18,6 +18,7 @@ from wmlab.controller import (
 from wmlab.dream import DreamSettings
 from wmlab.envs import get_spec, make_batch
 from wmlab.errors import WmlabError
+from wmlab.vision.model import frames_to_tensor
 
 
 def test_paper_parameter_counts():
@@ -82,6 +83,28 @@ def test_z_noise_depends_on_the_seed_only():
         a.next()
     a.reset(1, 9)
     np.testing.assert_array_equal(np.stack([a.next()[1] for _ in range(70)]), rows[:, 1])
+
+
+def test_z_noise_scales_the_posterior_noise_and_zero_acts_on_vs_mean(tmp_path):
+    """controller.z_noise: 1 samples z from V's posterior as the paper (the default, the
+    same z as before the key), 0 gives V's mean, 0.5 half the noise; the key reaches the
+    agent through the run's config."""
+    frames = np.random.default_rng(3).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    seen = {}
+    for scale in (1.0, 0.5, 0.0):
+        cfg = make_run(tmp_path / str(scale),
+                       overrides=(f"controller.z_noise={scale}", "vae.bf16=false"))
+        models = workload_from_config(cfg, "real").load()
+        assert models.z_noise == scale
+        params = np.zeros(models.shape.num_params, np.float32)
+        agent = Agent(models, params, num_envs=2)
+        agent.reset([7, 8])
+        seen[scale] = agent.observe(frames).clone()
+        with torch.no_grad():
+            mu = models.vae.encode(frames_to_tensor(torch.from_numpy(frames)))[0]
+    torch.testing.assert_close(seen[0.0], mu)
+    assert not torch.allclose(seen[1.0], mu, atol=1e-3)
+    torch.testing.assert_close(seen[0.5] - mu, (seen[1.0] - mu) / 2)
 
 
 def test_real_doom_rollouts_are_batched_and_deterministic(tmp_path):

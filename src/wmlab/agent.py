@@ -72,17 +72,21 @@ class AgentModels:
     ensemble: tuple[MDNRNN, ...] = ()
     # M's look-ahead overruling C in real envs (the [shield] section); None: C acts alone
     shield: ShieldSettings | None = None
+    # the scale of V's posterior noise in z (controller.z_noise): 1 samples z as the paper,
+    # 0 acts on V's mean
+    z_noise: float = 1.0
 
 
 def build_models(spec: EnvSpec, mdrnn: MDNRNN, vae: ConvVAE | None, features: str,
                  hidden: int, bias: bool, start: DreamStart | None = None,
                  vae_bf16: bool = False, packed_encoder: bool = False,
                  lookahead: bool = False, int8_encoder: bool = False,
-                 clock: tuple[int, ...] = (), shield: ShieldSettings | None = None
-                 ) -> AgentModels:
+                 clock: tuple[int, ...] = (), shield: ShieldSettings | None = None,
+                 z_noise: float = 1.0) -> AgentModels:
     """Check that V, M and the env fit together and derive C's shape from them
     (``lookahead``: the look-ahead C of ``controller.lookahead``; ``clock``: the periods of
-    controller.clock; ``shield``: M's look-ahead overruling C, the [shield] section)."""
+    controller.clock; ``shield``: M's look-ahead overruling C, the [shield] section;
+    ``z_noise``: controller.z_noise)."""
     m = mdrnn.shape
     if vae is not None and vae.z_dim != m.z_dim:
         raise WmlabError(f"V has z_dim {vae.z_dim} but M was trained on z_dim {m.z_dim}: "
@@ -107,7 +111,7 @@ def build_models(spec: EnvSpec, mdrnn: MDNRNN, vae: ConvVAE | None, features: st
         acting = PackedEncoder(vae.encoder, torch.bfloat16 if bf16 else torch.float32)
     return AgentModels(spec=spec, mdrnn=mdrnn.eval(), features=features, shape=shape, vae=vae,
                        start=start, vae_bf16=bf16, acting_encoder=acting,
-                       candidates=candidates, shield=shield)
+                       candidates=candidates, shield=shield, z_noise=z_noise)
 
 
 def _check_shield(spec: EnvSpec, mdrnn: MDNRNN, lookahead: bool) -> None:
@@ -230,7 +234,7 @@ def _act_ahead(models: AgentModels, params: torch.Tensor, z: torch.Tensor, h: to
 def _sample_z(models: AgentModels, frames: np.ndarray, eps: np.ndarray) -> torch.Tensor:
     """z sampled from V's posterior for (B, 64, 64, 3) frames, with the given noise; V runs
     in bf16 under vae.bf16 (as the encode stage did), packed under controller.packed_encoder,
-    in int8 under controller.int8_encoder."""
+    in int8 under controller.int8_encoder; the noise scaled by controller.z_noise."""
     if models.acting_encoder is not None:
         mu, logvar = models.acting_encoder(torch.from_numpy(frames))
     else:
@@ -239,7 +243,10 @@ def _sample_z(models: AgentModels, frames: np.ndarray, eps: np.ndarray) -> torch
                             enabled=models.vae_bf16):
             mu, logvar = models.vae.encode(pixels)
         mu, logvar = mu.float(), logvar.float()
-    return mu + torch.exp(0.5 * logvar) * torch.from_numpy(eps)
+    noise = torch.from_numpy(eps)
+    if models.z_noise != 1.0:
+        noise = noise * models.z_noise
+    return mu + torch.exp(0.5 * logvar) * noise
 
 
 def _memory_step(m: MDNRNN, z: torch.Tensor, vectors: np.ndarray, h: torch.Tensor,
@@ -545,6 +552,7 @@ class RolloutWorkload:
     ensemble: tuple[str, ...] = ()  # the folders of the dream's other Ms (mdrnn.ensemble)
     clock: tuple[int, ...] = ()  # controller.clock: the periods of the clock C reads
     shield: ShieldSettings | None = None  # [shield]: M's look-ahead in real envs; None: off
+    z_noise: float = 1.0  # controller.z_noise: V's posterior noise in z (0: V's mean)
 
     def load(self) -> AgentModels:
         from wmlab.checkpoint import load_checkpoint
@@ -563,7 +571,7 @@ class RolloutWorkload:
         models = build_models(get_spec(self.env), mdrnn, vae, self.features, self.hidden,
                               self.bias, start, bf16, self.packed_encoder, self.lookahead,
                               self.int8_encoder, self.clock,
-                              self.shield if self.kind == "real" else None)
+                              self.shield if self.kind == "real" else None, self.z_noise)
         others = tuple(load_mdrnn(folder)[0].eval() for folder in self.ensemble)
         return dataclasses.replace(models, ensemble=others) if others else models
 
@@ -648,7 +656,8 @@ def workload_from_config(cfg: Any, kind: str | None = None, backend: str | None 
         real_envs=cfg.es.real_envs,
         lookahead=cfg.controller.lookahead, clock=tuple(cfg.controller.clock),
         ensemble=RunLayout.of(cfg).memory_members(cfg.mdrnn.ensemble)[1:] if dream else (),
-        shield=ShieldSettings.from_config(cfg) if not dream else None)
+        shield=ShieldSettings.from_config(cfg) if not dream else None,
+        z_noise=cfg.controller.z_noise)
 
 
 class AgentPolicy:

@@ -208,6 +208,10 @@ class ControllerConfig:
                            "and r_a its predicted reward (M stepped once per action); inputs "
                            "zh reads h'_a, zch [c'_a, h'_a]; with hidden = k the score is "
                            "a k-unit tanh layer over them, shared by the actions")
+    z_noise: float = _opt(1.0, "scale of V's posterior noise in the z a real-env agent "
+                          "acts on: 1 = z sampled from V's posterior (the paper), 0 = V's "
+                          "mean (a C's fitness without the sampling noise); the dream's z "
+                          "comes from M and is untouched", min=0.0)
     clock: list[int] = _opt([], "periods in env steps of a clock C also reads: the sine and "
                             "cosine of the episode's step count at each (2 inputs a "
                             "period, the same count in the game and the dream), e.g. "

@@ -103,7 +103,7 @@ LATER_KEYS: dict[str, Any] = {"es.dream_generations": 0, "es.covariance": "full"
                                "vae.salient_weight": 0.0, "collect.explore": 0.0,
                                "es.real_envs": 0, "dream.ensemble_reward": "mean",
                                "mdrnn.reward_over_weight": 1.0, "es.mirrored": False,
-                               "controller.int8_encoder": False, "controller.clock": [],
+                               "controller.int8_encoder": False, "controller.z_noise": 1.0, "controller.clock": [],
                                "eval.validation_episodes": 0,
                                "eval.validation_seed": 1_500_000,
                                "env.action_repeat": 1, "es.final_candidates": 0,
