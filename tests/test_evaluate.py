@@ -200,7 +200,7 @@ def test_real_rollouts_encode_frames_as_the_encode_stage(tmp_path):
     from types import SimpleNamespace
 
     def models(bf16: bool) -> SimpleNamespace:  # what _sample_z reads of AgentModels
-        return SimpleNamespace(vae=vae, vae_bf16=bf16, acting_encoder=None)
+        return SimpleNamespace(vae=vae, vae_bf16=bf16, acting_encoder=None, z_noise=1.0)
 
     with torch.no_grad():
         full, low = _sample_z(models(False), frames, eps), _sample_z(models(True), frames, eps)
