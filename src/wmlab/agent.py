@@ -243,10 +243,8 @@ def _sample_z(models: AgentModels, frames: np.ndarray, eps: np.ndarray) -> torch
                             enabled=models.vae_bf16):
             mu, logvar = models.vae.encode(pixels)
         mu, logvar = mu.float(), logvar.float()
-    noise = torch.from_numpy(eps)
-    if models.z_noise != 1.0:
-        noise = noise * models.z_noise
-    return mu + torch.exp(0.5 * logvar) * noise
+    # x * 1.0 is exact: at the default the sample is bit for bit the paper's
+    return mu + torch.exp(0.5 * logvar) * (models.z_noise * torch.from_numpy(eps))
 
 
 def _memory_step(m: MDNRNN, z: torch.Tensor, vectors: np.ndarray, h: torch.Tensor,
