@@ -237,6 +237,13 @@ class EsConfig:
                             "by the agent; the ridge strength (or the controller as it "
                             "was) whose real score on the fixed seeds is best starts C "
                             "(<run>/controller/carry-over.json)")
+    h_components: int = _opt(0, "search a linear C's weights on M's hidden state h only "
+                              "along the k directions in which h varies most over the "
+                              "iteration's episodes (the agent's where there are any): "
+                              "outputs x (z + k) + outputs parameters for CMA-ES instead of "
+                              "outputs x (z + h) + outputs, the controller saved whole "
+                              "(<run>/controller/h-basis keeps the directions); 0 = every "
+                              "weight", min=0)
     population: int = _opt(64, "CMA-ES population", min=2)
     rollouts: int = _opt(16, "rollouts per member; fitness is their mean return", min=1)
     dream_patience: int = _opt(0, "mixed schedule: end the dream generations once this "

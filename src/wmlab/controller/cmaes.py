@@ -27,6 +27,10 @@ episodes of seeds of their own, and keeps the best by that score (the paper scor
 on 1,024 rollouts); ``final-choice.json`` keeps each candidate's score as it is measured, so
 a killed choice resumes where it stopped.
 
+``es.h_components`` = k searches fewer parameters: a linear C's weights on M's hidden state
+only along h's k principal directions (``wmlab.controller.subspace``); the loop asks and tells
+CMA-ES in that subspace and maps each point to a whole controller before it is scored or saved.
+
 Checkpoint (``<run>/controller``), written every generation:
 
 - ``es-state.pkl``: the pickled ``cma.CMAEvolutionStrategy`` plus the generation counter and
@@ -260,16 +264,28 @@ class _Search:
     score_fitness: Fitness
     fixed_seeds: np.ndarray  # what every scored mean is scored on
     state: dict[str, Any]
+    space: Any = None  # es.h_components: HSubspace, what CMA-ES searches maps to C; None: C
 
     @property
     def strategy(self) -> Any:
         return self.state["es"]
 
+    def controllers(self, searched: np.ndarray) -> np.ndarray:
+        """CMA-ES's points (P, m) -> the controllers they stand for (P, n)."""
+        return searched if self.space is None else self.space.full(searched)
+
+    def searched(self, params: np.ndarray) -> np.ndarray:
+        """A controller (n,) -> CMA-ES's point for it."""
+        return params if self.space is None else self.space.coordinates(params)
+
 
 def _new_state(num_params: int, es: EsConfig, seed: int, start: np.ndarray | None,
-               start_score: float | None = None) -> dict[str, Any]:
+               start_score: float | None = None, space: Any = None) -> dict[str, Any]:
+    """A new search of ``num_params`` (the subspace's size under ``space``); the best
+    scored mean, where the start was scored, is the start itself (whole)."""
     scored = start is not None and start_score is not None
-    return {"es": new_strategy(num_params, es, seed, start), "generation": 0,
+    point = start if start is None or space is None else space.coordinates(start)
+    return {"es": new_strategy(num_params, es, seed, point), "generation": 0,
             "best_score": start_score if scored else None,
             "best_params": np.asarray(start, dtype=np.float64).copy() if scored else None,
             "best_generation": 0, "num_params": num_params, "population": es.population,
@@ -282,7 +298,7 @@ def run_es(fitness: Fitness, num_params: int, es: EsConfig, folder: str, *, seed
            on_generation: Callable[[int, dict[str, float]], None] | None = None,
            dream_fitness: Fitness | None = None,
            score_fitness: Fitness | None = None, start: np.ndarray | None = None,
-           start_score: float | None = None) -> EsResult:
+           start_score: float | None = None, space: Any = None) -> EsResult:
     """Run (or resume) CMA-ES until ``es.generations``; checkpoints in ``folder``.
 
     With ``es.dream_generations`` = N > 0, generations 1..N score members with
@@ -290,7 +306,9 @@ def run_es(fitness: Fitness, num_params: int, es: EsConfig, folder: str, *, seed
     ``score_fitness`` (default ``fitness``): whole episodes where members' rollouts may be
     cut short (es.stall_steps), so scored means compare like with like. A new run's mean
     starts at ``start`` (default zero); ``start_score``, its score on the fixed seeds where
-    already measured, makes it the first best scored mean (generation 0).
+    already measured, makes it the first best scored mean (generation 0). ``space`` (an
+    ``HSubspace``, es.h_components): CMA-ES searches its ``size`` parameters, each point
+    mapped to a whole controller by ``space.full``; every controller saved is whole.
     """
     check_es_config(es)
     if es.dream_generations and dream_fitness is None:
@@ -298,16 +316,17 @@ def run_es(fitness: Fitness, num_params: int, es: EsConfig, folder: str, *, seed
                          "fitness was given: train through train_controller, or set "
                          "es.dream_generations = 0")
     folder = folder.rstrip("/")
-    state = _load_state(folder, num_params, es)
+    searched = num_params if space is None else space.size
+    state = _load_state(folder, searched, es)
     if state is None:
-        state = _new_state(num_params, es, seed, start, start_score)
+        state = _new_state(searched, es, seed, start, start_score, space)
     first = state["generation"]
     metrics = MetricsLogger(folder, resume_step=first)
     search = _Search(es, folder, seed, info or {}, fitness, dream_fitness,
                      score_fitness or fitness, eval_seeds(seed, es.eval_rollouts, es.rollouts),
-                     state)
+                     state, space)
     result = EsResult(folder=folder, generation=first, resumed_from=first,
-                      mean=np.asarray(search.strategy.mean, dtype=np.float64),
+                      mean=_mean(search),
                       best_score=state["best_score"], best_params=state["best_params"],
                       best_generation=state["best_generation"])
     bar = _bar(progress, first, es.generations)
@@ -331,7 +350,7 @@ def run_es(fitness: Fitness, num_params: int, es: EsConfig, folder: str, *, seed
         metrics.close()
         if bar is not None:
             bar.close()
-    result.mean = np.asarray(search.strategy.mean, dtype=np.float64)
+    result.mean = _mean(search)
     result.best_score, result.best_params = state["best_score"], state["best_params"]
     result.best_generation = state["best_generation"]
     if result.finished and es.final_candidates and state["best_params"] is not None:
@@ -340,6 +359,11 @@ def run_es(fitness: Fitness, num_params: int, es: EsConfig, folder: str, *, seed
         result.best_score, result.best_generation = chosen["eval_mean"], chosen["generation"]
         result.best_params = chosen.pop("params")
     return result
+
+
+def _mean(search: _Search) -> np.ndarray:
+    """CMA-ES's mean as a controller."""
+    return search.controllers(np.asarray(search.strategy.mean, dtype=np.float64)[None])[0]
 
 
 def _run_generation(search: _Search, generation: int, metrics: MetricsLogger
@@ -377,13 +401,14 @@ def _evolve(search: _Search, generation: int) -> tuple[np.ndarray, dict[str, flo
                              es.common_seeds, es.mirrored)
     members = search.dream_fitness if in_dream and search.dream_fitness is not None \
         else search.fitness
-    returns = np.asarray(members.evaluate(candidates.astype(np.float32), seeds),
+    controllers = search.controllers(candidates)
+    returns = np.asarray(members.evaluate(controllers.astype(np.float32), seeds),
                          dtype=np.float64)
     steps = getattr(members, "last_steps", None)
-    scores = returns - l2_penalty(candidates, es.l2)
+    scores = returns - l2_penalty(controllers, es.l2)
     with numpy_seeded(seed, generation, 4):
         strategy.tell(list(candidates), list(-scores))
-    mean = np.asarray(strategy.mean, dtype=np.float64)
+    mean = _mean(search)
     row = {"best": float(returns.max()), "mean": float(returns.mean()),
            "worst": float(returns.min()), "best_penalised": float(scores.max()),
            "sigma": float(strategy.sigma)}
@@ -414,7 +439,8 @@ def _end_dream_if_exploited(search: _Search, step: int, best_before: float | Non
         return
     state["dream_ended_at"] = step
     restart_seed = int(np.random.SeedSequence([search.seed, step, 29]).generate_state(1)[0])
-    state["es"] = new_strategy(state["num_params"], es, restart_seed, state["best_params"])
+    state["es"] = new_strategy(state["num_params"], es, restart_seed,
+                               search.searched(state["best_params"]))
 
 
 def _score_the_mean(search: _Search, step: int, mean: np.ndarray) -> float:

@@ -28,6 +28,7 @@ from wmlab.controller.cmaes import (
     score_mean,
 )
 from wmlab.controller.model import shape_info, with_clock
+from wmlab.controller.subspace import HSubspace, check_h_subspace, h_subspace
 from wmlab.data.series import SeriesStore
 from wmlab.data.store import EpisodeStore
 from wmlab.dream.calibration import noop_order_warning
@@ -64,6 +65,9 @@ def check_training_inputs(cfg: Any) -> tuple[Any, Any]:
         check_dream_heads(models.mdrnn.shape, cfg.es.dream_generations,
                           models.spec.survival_reward)
     check_dream_length(cfg, models.spec.max_steps)
+    if cfg.es.h_components:
+        check_h_subspace(models.shape, cfg.controller.inputs, cfg.es.h_components,
+                         models.mdrnn.shape.hidden)
     return workload, models
 
 
@@ -129,10 +133,27 @@ def train_controller(cfg: Any, *, progress: bool = True,
         start_score = None
         if cfg.es.carry_over and start is not None and not exists(f"{folder}/{STATE_FILE}"):
             start, start_score = carried_start(cfg, models, start, scorer or fitness, folder)
+        space = searched_subspace(cfg, models, folder) if cfg.es.h_components else None
         return run_es(fitness, models.shape.num_params, cfg.es, folder,
                       seed=cfg.run.seed, info=info, progress=progress,
                       stop_after_generations=stop_after_generations, dream_fitness=dream,
-                      score_fitness=scorer, start=start, start_score=start_score)
+                      score_fitness=scorer, start=start, start_score=start_score,
+                      space=space)
+
+
+def recorded_episodes(cfg: Any) -> Any:
+    """The iteration's recorded series C's start is fitted on: the agent-driven episodes
+    where there are any, else all of them."""
+    store = EpisodeStore.open(cfg.store_url())
+    driven = store.episode_ids("agent") or store.episode_ids()
+    return SeriesStore.current(cfg.store_url()).iter_series(driven)
+
+
+def searched_subspace(cfg: Any, models: Any, folder: str) -> HSubspace:
+    """es.h_components: the principal directions of h C's search moves in (kept in the
+    controller folder, so a resumed run maps its search as it did)."""
+    return h_subspace(folder, models.shape, cfg.es.h_components, models.mdrnn,
+                      lambda: recorded_episodes(cfg), models.mdrnn.shape.z_dim)
 
 
 def member_workload(workload: Any, es: Any) -> Any:
@@ -154,12 +175,9 @@ def carried_start(cfg: Any, models: Any, start: Any, scorer: Fitness, folder: st
                          "made for (mdrnn.init_from) to this run's M: set mdrnn.init_from "
                          "(iteration 2 on sets it), or es.carry_over = false")
     old_m, _ = load_mdrnn(cfg.mdrnn.init_from)
-    store = EpisodeStore.open(cfg.store_url())
-    driven = store.episode_ids("agent") or store.episode_ids()
-    series = SeriesStore.current(cfg.store_url())
     seeds = eval_seeds(cfg.run.seed, cfg.es.eval_rollouts, cfg.es.rollouts)
     params, choice = carry_over(models.shape, cfg.controller.inputs, start, old_m,
-                                models.mdrnn, series.iter_series(driven),
+                                models.mdrnn, recorded_episodes(cfg),
                                 lambda candidate: score_mean(scorer, candidate, seeds),
                                 f"{folder}/{CARRY_OVER_FILE}", candidates=models.candidates)
     where = "in the dream" if cfg.es.fitness == "dream" else "real"

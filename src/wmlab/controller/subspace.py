@@ -1,0 +1,163 @@
+"""CMA-ES over fewer of C's weights: a linear C's weights on M's hidden state searched only
+along the directions in which that state varies (``es.h_components``).
+
+A linear C = tanh(W [z, h] + b) on CarRacing has 867 weights, 768 of them on the 256 units
+of h; along a driving agent's episodes h lies mostly in a few directions (16 of them hold
+87% of its variance). CMA-ES with 32 members progresses roughly in proportion to 1 / the
+number of parameters it searches, and a move of W along a direction h never takes changes
+nothing C does. So the search can move W's h-columns within the span of h's top k principal
+directions P (k x H) only: W_h = A P with A (outputs x k) searched, the weights on z (and on
+a clock) and the biases searched as they are. The controller it produces is the same linear
+C, saved whole: evaluation, shipping and the agent do not know the search was smaller.
+
+The starting controller's W_h is projected on P (A = W_h P^T), and what the projection
+drops, (W_h - A P), is folded into the bias at h's mean, so the start acts as before where
+h sits at its mean and differs only by what h's dropped directions carried.
+
+P and h's mean come from M run over the iteration's recorded episodes (the agent's where
+there are any, as ``es.carry_over`` uses them) and are kept in ``<controller>/h-basis``, so
+a resumed search maps its parameters as it did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from wmlab.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
+from wmlab.controller.carry_over import memory_features
+from wmlab.controller.model import ControllerShape
+from wmlab.data.series import Series
+from wmlab.errors import WmlabError
+from wmlab.memory.model import MDNRNN
+
+BASIS = "h-basis"
+BASIS_ROWS = 200_000  # recorded steps the principal directions are fitted on, at most
+
+
+@dataclass(frozen=True)
+class HSubspace:
+    """The map from the searched parameters to a linear C's whole parameter vector.
+
+    ``basis`` (k, H): orthonormal rows, h's principal directions; ``mean`` (H,): h's mean;
+    h sits at inputs ``h_start`` .. ``h_start + H`` of C's features ([z, h], then a clock).
+    """
+
+    shape: ControllerShape
+    h_start: int
+    basis: np.ndarray
+    mean: np.ndarray
+
+    @property
+    def components(self) -> int:
+        return len(self.basis)
+
+    @property
+    def _h_columns(self) -> slice:
+        return slice(self.h_start, self.h_start + self.basis.shape[1])
+
+    @property
+    def _other_columns(self) -> np.ndarray:
+        keep = np.ones(self.shape.inputs, dtype=bool)
+        keep[self._h_columns] = False
+        return np.flatnonzero(keep)
+
+    @property
+    def size(self) -> int:
+        """How many parameters the search moves."""
+        shape = self.shape
+        searched_inputs = shape.inputs - self.basis.shape[1] + self.components
+        return shape.outputs * searched_inputs + (shape.outputs if shape.bias else 0)
+
+    def full(self, searched: np.ndarray) -> np.ndarray:
+        """(P, size) searched parameters -> (P, num_params) controllers: [W, b] rows."""
+        searched = np.atleast_2d(np.asarray(searched, dtype=np.float64))
+        shape, k = self.shape, self.components
+        others = len(self._other_columns)
+        w_other = searched[:, :shape.outputs * others].reshape(-1, shape.outputs, others)
+        end = shape.outputs * (others + k)
+        a = searched[:, shape.outputs * others:end].reshape(-1, shape.outputs, k)
+        w = np.empty((len(searched), shape.outputs, shape.inputs))
+        w[:, :, self._other_columns] = w_other
+        w[:, :, self._h_columns] = a @ self.basis
+        return np.concatenate([w.reshape(len(searched), -1), searched[:, end:]], axis=1)
+
+    def coordinates(self, params: np.ndarray) -> np.ndarray:
+        """A whole controller (num_params,) -> the searched parameters closest to it: W_h
+        projected on the basis, what it drops folded into the bias at h's mean."""
+        shape = self.shape
+        params = np.asarray(params, dtype=np.float64)
+        w = params[:shape.outputs * shape.inputs].reshape(shape.outputs, shape.inputs)
+        w_h = w[:, self._h_columns]
+        a = w_h @ self.basis.T
+        parts = [w[:, self._other_columns].ravel(), a.ravel()]
+        if shape.bias:
+            bias = params[shape.outputs * shape.inputs:]
+            parts.append(bias + (w_h - a @ self.basis) @ self.mean)
+        return np.concatenate(parts)
+
+
+def check_h_subspace(shape: ControllerShape, inputs: str, components: int,
+                     m_hidden: int) -> None:
+    """es.h_components fits a linear C that reads [z, h], with k at most h's size."""
+    if shape.hidden or shape.lookahead or inputs != "zh":
+        raise WmlabError("es.h_components searches a linear controller's weights on [z, h], "
+                         f"and this one is {'a look-ahead C' if shape.lookahead else ''}"
+                         f"{'one with a hidden layer' if shape.hidden else ''}"
+                         f"{'' if shape.hidden or shape.lookahead else f'on {inputs}'}: set "
+                         "controller.inputs = 'zh', controller.hidden = 0 and "
+                         "controller.lookahead = false, or es.h_components = 0")
+    if components > m_hidden:
+        raise WmlabError(f"es.h_components is {components}, but M's state has {m_hidden} "
+                         f"units: set it to at most {m_hidden}, or 0 to search every weight")
+
+
+@torch.no_grad()
+def fit_h_subspace(shape: ControllerShape, components: int, m: MDNRNN,
+                   episodes: Iterable[Series], z_dim: int) -> HSubspace:
+    """h's top ``components`` principal directions over the episodes' steps (M run over
+    them as the agent runs it; at most BASIS_ROWS steps, the first episodes' first)."""
+    rows: list[np.ndarray] = []
+    count = 0
+    m = m.eval()
+    for series in episodes:
+        h = memory_features(m, series, "zh")[:, z_dim:z_dim + m.shape.hidden]
+        rows.append(h[:BASIS_ROWS - count])
+        count += len(rows[-1])
+        if count >= BASIS_ROWS:
+            break
+    if count <= components:
+        raise WmlabError(f"es.h_components needs more recorded steps than its {components} "
+                         f"directions, and the episodes hold {count}: collect episodes in "
+                         "this iteration, or set es.h_components = 0")
+    basis, mean = principal_directions(np.concatenate(rows), components)
+    return HSubspace(shape, z_dim, basis, mean)
+
+
+def principal_directions(states: np.ndarray, components: int
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """(N, H) states -> their top ``components`` principal directions (k, H), orthonormal
+    rows, the largest variance first, and their mean (H,)."""
+    states = np.asarray(states, dtype=np.float64)
+    mean = states.mean(axis=0)
+    _, _, directions = np.linalg.svd(states - mean, full_matrices=False)
+    return directions[:components], mean
+
+
+def h_subspace(folder: str, shape: ControllerShape, components: int, m: MDNRNN,
+               episodes: Callable[[], Iterable[Series]], z_dim: int) -> HSubspace:
+    """The run's subspace: read back from ``folder`` where a search made one before with
+    the same number of directions, else fitted on ``episodes()`` and saved there."""
+    if checkpoint_exists(folder, BASIS):
+        saved = load_checkpoint(folder, BASIS, with_state=False).weights
+        if len(saved["basis"]) == components:
+            return HSubspace(shape, z_dim, saved["basis"].double().numpy(),
+                             saved["mean"].double().numpy())
+    space = fit_h_subspace(shape, components, m, episodes(), z_dim)
+    save_checkpoint(folder, BASIS, 0, {"basis": torch.from_numpy(space.basis),
+                                       "mean": torch.from_numpy(space.mean)}, None,
+                    {"components": components})
+    return space

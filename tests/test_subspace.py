@@ -1,0 +1,206 @@
+"""es.h_components: CMA-ES searching a linear C's weights on h only along h's principal
+directions, the controllers it scores and saves whole."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from wmlab.checkpoint import load_checkpoint
+from wmlab.config import EsConfig
+from wmlab.controller.cmaes import load_controller_params, load_snapshots, run_es
+from wmlab.controller.model import ControllerShape
+from wmlab.controller.subspace import HSubspace, check_h_subspace, principal_directions
+from wmlab.errors import WmlabError
+
+Z, H, A, K = 4, 8, 2, 3
+
+
+def _space(clock: int = 0) -> HSubspace:
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.normal(size=(H, K)))[0].T  # (K, H), orthonormal rows
+    return HSubspace(ControllerShape(inputs=Z + H + clock, outputs=A), Z, basis,
+                     rng.normal(size=H))
+
+
+def _h_weights(space: HSubspace, params: np.ndarray) -> np.ndarray:
+    w = params[:A * space.shape.inputs].reshape(A, space.shape.inputs)
+    return w[:, Z:Z + H]
+
+
+def _off_span(space: HSubspace, params: np.ndarray) -> float:
+    """How far C's weights on h reach outside the basis's span."""
+    w_h = _h_weights(space, params)
+    return float(np.abs(w_h - w_h @ space.basis.T @ space.basis).max())
+
+
+def test_searched_parameters_map_to_whole_controllers_and_back():
+    space = _space(clock=2)
+    assert space.size == A * (Z + K + 2) + A < space.shape.num_params
+    theta = np.random.default_rng(1).normal(size=(5, space.size))
+    full = space.full(theta)
+    assert full.shape == (5, space.shape.num_params)
+    assert max(_off_span(space, row) for row in full) < 1e-12
+    for row, point in zip(full, theta, strict=True):  # a controller in the span: exact
+        np.testing.assert_allclose(space.coordinates(row), point, atol=1e-12)
+    # weights on z and on the clock, and the biases, are searched as they are
+    w = full[0, :A * space.shape.inputs].reshape(A, -1)
+    others = theta[0, :A * (Z + 2)].reshape(A, Z + 2)  # per output: z's, then the clock's
+    np.testing.assert_array_equal(w[:, :Z], others[:, :Z])
+    np.testing.assert_array_equal(w[:, Z + H:], others[:, Z:])
+    np.testing.assert_array_equal(full[0, -A:], theta[0, -A:])
+
+
+def test_a_start_outside_the_span_acts_the_same_where_h_is_at_its_mean():
+    space = _space()
+    params = np.random.default_rng(2).normal(size=space.shape.num_params)
+    projected = space.full(space.coordinates(params))[0]
+    assert _off_span(space, params) > 0.1 and _off_span(space, projected) < 1e-12
+
+    def pre_activation(p: np.ndarray, h: np.ndarray) -> np.ndarray:
+        w, b = p[:A * (Z + H)].reshape(A, Z + H), p[A * (Z + H):]
+        return w @ np.concatenate([np.ones(Z), h]) + b
+
+    np.testing.assert_allclose(pre_activation(projected, space.mean),
+                               pre_activation(params, space.mean), atol=1e-12)
+    # an h that moves only along the basis from its mean: still the same acts
+    along = space.mean + space.basis.T @ np.array([0.5, -1.0, 2.0])
+    np.testing.assert_allclose(pre_activation(projected, along),
+                               pre_activation(params, along), atol=1e-12)
+
+
+def test_principal_directions_find_the_plane_the_states_move_in():
+    rng = np.random.default_rng(3)
+    plane = np.linalg.qr(rng.normal(size=(H, 2)))[0]  # (H, 2)
+    centre = rng.normal(size=H)
+    turn = np.linspace(0, 2 * np.pi, 500, endpoint=False)  # uncorrelated, variances 9 / 1
+    along = np.stack([3.0 * np.cos(turn), np.sin(turn)], axis=1)
+    states = centre + along @ plane.T + 1e-3 * rng.normal(size=(500, H))
+    basis, mean = principal_directions(states, 2)
+    np.testing.assert_allclose(mean, centre, atol=0.2)
+    np.testing.assert_allclose(basis @ basis.T, np.eye(2), atol=1e-9)
+    np.testing.assert_allclose(np.abs(basis @ plane), np.eye(2), atol=1e-3)  # in order
+
+
+class Recorded:
+    """Fitness -|w - target|^2, recording every controller it is given."""
+
+    def __init__(self, target: np.ndarray) -> None:
+        self.target, self.seen = target, []
+
+    def evaluate(self, params: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+        self.seen.append(np.array(params))
+        return -np.sum((params - self.target) ** 2, axis=1)
+
+
+ES = EsConfig(population=8, rollouts=1, generations=12, eval_every=3, eval_rollouts=2,
+              sigma0=0.2, l2=0.0)
+
+
+def test_cma_es_in_the_subspace_scores_and_saves_whole_controllers(tmp_path):
+    space = _space()
+    target = space.full(np.random.default_rng(4).normal(size=space.size))[0]
+    fitness = Recorded(target)
+    start = np.zeros(space.shape.num_params)
+    result = run_es(fitness, space.shape.num_params, ES, str(tmp_path), progress=False,
+                    start=start, space=space)
+    assert all(batch.shape[1] == space.shape.num_params for batch in fitness.seen)
+    assert max(_off_span(space, row) for batch in fitness.seen for row in batch) < 1e-6  # float32
+    first = -np.sum(target ** 2)
+    assert result.best_score > 0.5 * first  # it moves towards a target in the span
+    params, _ = load_controller_params(str(tmp_path))
+    assert params.shape == (space.shape.num_params,)
+    assert all(len(s.params) == space.shape.num_params for s in load_snapshots(str(tmp_path)))
+    # without the subspace CMA-ES moves every weight: the h-weights leave the span
+    free = Recorded(target)
+    run_es(free, space.shape.num_params, ES, str(tmp_path / "free"), progress=False,
+           start=start)
+    assert max(_off_span(space, row) for row in free.seen[0]) > 0.01
+
+
+def test_a_search_in_the_subspace_resumes_exactly(tmp_path):
+    space = _space()
+    target = space.full(np.full(space.size, 0.3))[0]
+    start = np.random.default_rng(5).normal(size=space.shape.num_params)
+    whole = run_es(Recorded(target), space.shape.num_params, ES, str(tmp_path / "a"),
+                   progress=False, start=start, space=space)
+    run_es(Recorded(target), space.shape.num_params, ES, str(tmp_path / "b"), progress=False,
+           start=start, space=space, stop_after_generations=5)
+    resumed = run_es(Recorded(target), space.shape.num_params, ES, str(tmp_path / "b"),
+                     progress=False, space=space)
+    assert resumed.resumed_from == 5
+    np.testing.assert_array_equal(whole.mean, resumed.mean)
+    assert whole.best_score == resumed.best_score
+    # the whole search's size is checked on resume: the same folder without the subspace
+    with pytest.raises(WmlabError, match="parameters"):
+        run_es(Recorded(target), space.shape.num_params, ES, str(tmp_path / "b"),
+               progress=False)
+
+
+def test_h_components_refuses_what_it_cannot_search():
+    linear = ControllerShape(inputs=Z + H, outputs=A)
+    check_h_subspace(linear, "zh", K, H)
+    with pytest.raises(WmlabError, match="es.h_components.*hidden layer"):
+        check_h_subspace(ControllerShape(inputs=Z + H, outputs=A, hidden=4), "zh", K, H)
+    with pytest.raises(WmlabError, match="on zch"):
+        check_h_subspace(ControllerShape(inputs=Z + 2 * H, outputs=A), "zch", K, H)
+    with pytest.raises(WmlabError, match="at most 8"):
+        check_h_subspace(linear, "zh", H + 1, H)
+
+
+def test_the_c_stage_searches_the_subspace_of_the_runs_episodes(tmp_path, one_thread):
+    """es.h_components through train_controller: the basis fitted on the run's recorded
+    episodes (M run over them), kept in the controller folder, every controller the game
+    scores inside its span, and a resumed stage reads the same basis back."""
+    from agent_fixtures import make_run
+    from test_carracing_budget import TINY_CAR, carracing_mdrnn
+    from wmlab.data.episode_file import Episode
+    from wmlab.data.series import Series, SeriesStore
+    from wmlab.data.store import EpisodeStore
+    from wmlab.pipeline.controller_stage import train_controller
+    from wmlab.runs import RunLayout
+
+    tiny = tuple(o for o in TINY_CAR if not o.startswith("es.dream_generations"))
+    m = carracing_mdrnn(True)
+    cfg = make_run(tmp_path / "run", "carracing", (*tiny, "es.h_components=3"), mdrnn=m)
+    rng = np.random.default_rng(0)
+    store = EpisodeStore.create_or_open(cfg.store_url(), "carracing", "gymnasium", 3)
+    series = SeriesStore(cfg.store_url(), "v0")
+    for k in range(3):
+        steps = 12
+        store.append(Episode(np.zeros((steps + 1, 64, 64, 3), np.uint8),
+                             rng.uniform(-1, 1, (steps, 3)).astype(np.float32),
+                             np.zeros(steps, np.float32), np.zeros(steps, bool),
+                             {"collection": "random", "index": k}))
+        mu = rng.normal(size=(steps + 1, m.shape.z_dim)).astype(np.float16)
+        series.write(Series(f"random-{k:07d}", mu, np.zeros_like(mu),
+                            rng.uniform(-1, 1, (steps, 3)).astype(np.float32),
+                            np.zeros(steps, np.float32), np.zeros(steps, bool)))
+    series.mark_current({})
+    folder = RunLayout.of(cfg).controller
+    result = train_controller(cfg, progress=False, stop_after_generations=1)
+    saved = load_checkpoint(folder, "h-basis", with_state=False)
+    basis = saved.weights["basis"].double().numpy()
+    assert basis.shape == (3, m.shape.hidden) and saved.info["components"] == 3
+    space = HSubspace(ControllerShape(inputs=8 + 16, outputs=3), 8, basis,
+                      saved.weights["mean"].double().numpy())
+    scored = load_snapshots(folder)
+    assert scored and max(_off_span_of(space, s.params) for s in scored) < 1e-6
+    resumed = train_controller(cfg, progress=False)
+    assert resumed.resumed_from == result.generation == 1
+    again = load_checkpoint(folder, "h-basis", with_state=False).weights["basis"]
+    torch.testing.assert_close(again, saved.weights["basis"])
+    params, _ = load_controller_params(folder)
+    assert params.shape == (3 * (8 + 16) + 3,) and _off_span_of(space, params) < 1e-6
+    assert json.loads(Path(folder, "h-basis.json").read_text())["components"] == 3
+
+
+def _off_span_of(space: HSubspace, params: np.ndarray) -> float:
+    z = space.h_start
+    hidden = space.basis.shape[1]
+    w = np.asarray(params, dtype=np.float64)[:3 * (z + hidden)].reshape(3, -1)[:, z:z + hidden]
+    return float(np.abs(w - w @ space.basis.T @ space.basis).max())
