@@ -79,6 +79,30 @@ def make_run(tmp_path: Path, preset: str = "doom", overrides: tuple[str, ...] = 
     return cfg
 
 
+def record_car_episodes(cfg: Config, z_dim: int, collection: str, count: int = 3,
+                        steps: int = 12) -> None:
+    """A CarRacing run's recorded data: ``count`` blank episodes of ``steps`` random
+    actions in the episode store, and their series (random z) marked current, as the
+    collect and encode stages leave them for the C stage's fits."""
+    from wmlab.data.episode_file import Episode
+    from wmlab.data.series import Series, SeriesStore
+    from wmlab.data.store import EpisodeStore
+
+    rng = np.random.default_rng(0)
+    store = EpisodeStore.create_or_open(cfg.store_url(), "carracing", "gymnasium", count)
+    series = SeriesStore(cfg.store_url(), "v0")
+    for k in range(count):
+        store.append(Episode(np.zeros((steps + 1, 64, 64, 3), np.uint8),
+                             rng.uniform(-1, 1, (steps, 3)).astype(np.float32),
+                             np.zeros(steps, np.float32), np.zeros(steps, bool),
+                             {"collection": collection, "index": k}))
+        mu = rng.normal(size=(steps + 1, z_dim)).astype(np.float16)
+        series.write(Series(f"{collection}-{k:07d}", mu, np.zeros_like(mu),
+                            rng.uniform(-1, 1, (steps, 3)).astype(np.float32),
+                            np.zeros(steps, np.float32), np.zeros(steps, bool)))
+    series.mark_current({})
+
+
 class RecordingFitness:
     """A fitness that records the seeds of every call (their shape says who was scored)."""
 

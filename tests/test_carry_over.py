@@ -291,11 +291,8 @@ def test_the_c_stage_starts_from_the_carried_over_controller(tmp_path, one_threa
     """es.carry_over in train_controller: the previous run's C refitted to this M on this
     run's agent episodes, every candidate scored on the fixed seeds, the best kept as the
     first scored mean (generation 0), the choice read back on resume."""
-    from agent_fixtures import make_run
+    from agent_fixtures import make_run, record_car_episodes
     from test_carracing_budget import TINY_CAR, carracing_mdrnn
-    from wmlab.data.episode_file import Episode
-    from wmlab.data.series import SeriesStore
-    from wmlab.data.store import EpisodeStore
     from wmlab.pipeline.controller_stage import train_controller
     from wmlab.runs import RunLayout
 
@@ -307,20 +304,7 @@ def test_the_c_stage_starts_from_the_carried_over_controller(tmp_path, one_threa
     overrides = (*tiny, f'es.init_from="{RunLayout.of(first).controller}"',
                  f'mdrnn.init_from="{RunLayout.of(first).memory}"', "es.carry_over=true")
     cfg = make_run(tmp_path / "second", "carracing", overrides, mdrnn=new_m)
-    store = EpisodeStore.create_or_open(cfg.store_url(), "carracing", "gymnasium", 3)
-    rng = np.random.default_rng(0)
-    series = SeriesStore(cfg.store_url(), "v0")
-    for k in range(3):
-        steps = 12
-        store.append(Episode(np.zeros((steps + 1, 64, 64, 3), np.uint8),
-                             rng.uniform(-1, 1, (steps, 3)).astype(np.float32),
-                             np.zeros(steps, np.float32), np.zeros(steps, bool),
-                             {"collection": "agent", "index": k}))
-        mu = rng.normal(size=(steps + 1, new_m.shape.z_dim)).astype(np.float16)
-        series.write(Series(f"agent-{k:07d}", mu, np.zeros_like(mu),
-                            rng.uniform(-1, 1, (steps, 3)).astype(np.float32),
-                            np.zeros(steps, np.float32), np.zeros(steps, bool)))
-    series.mark_current({})
+    record_car_episodes(cfg, new_m.shape.z_dim, "agent")
     result = train_controller(cfg, progress=False, stop_after_generations=1)
     choice = json.loads((Path(RunLayout.of(cfg).controller) / "carry-over.json").read_text())
     assert set(choice["scores"]) == {"10", "100", "1000", "10000", AS_IT_WAS}

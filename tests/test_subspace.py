@@ -156,31 +156,15 @@ def test_the_c_stage_searches_the_subspace_of_the_runs_episodes(tmp_path, one_th
     """es.h_components through train_controller: the basis fitted on the run's recorded
     episodes (M run over them), kept in the controller folder, every controller the game
     scores inside its span, and a resumed stage reads the same basis back."""
-    from agent_fixtures import make_run
+    from agent_fixtures import make_run, record_car_episodes
     from test_carracing_budget import TINY_CAR, carracing_mdrnn
-    from wmlab.data.episode_file import Episode
-    from wmlab.data.series import Series, SeriesStore
-    from wmlab.data.store import EpisodeStore
     from wmlab.pipeline.controller_stage import train_controller
     from wmlab.runs import RunLayout
 
     tiny = tuple(o for o in TINY_CAR if not o.startswith("es.dream_generations"))
     m = carracing_mdrnn(True)
     cfg = make_run(tmp_path / "run", "carracing", (*tiny, "es.h_components=3"), mdrnn=m)
-    rng = np.random.default_rng(0)
-    store = EpisodeStore.create_or_open(cfg.store_url(), "carracing", "gymnasium", 3)
-    series = SeriesStore(cfg.store_url(), "v0")
-    for k in range(3):
-        steps = 12
-        store.append(Episode(np.zeros((steps + 1, 64, 64, 3), np.uint8),
-                             rng.uniform(-1, 1, (steps, 3)).astype(np.float32),
-                             np.zeros(steps, np.float32), np.zeros(steps, bool),
-                             {"collection": "random", "index": k}))
-        mu = rng.normal(size=(steps + 1, m.shape.z_dim)).astype(np.float16)
-        series.write(Series(f"random-{k:07d}", mu, np.zeros_like(mu),
-                            rng.uniform(-1, 1, (steps, 3)).astype(np.float32),
-                            np.zeros(steps, np.float32), np.zeros(steps, bool)))
-    series.mark_current({})
+    record_car_episodes(cfg, m.shape.z_dim, "random")
     folder = RunLayout.of(cfg).controller
     result = train_controller(cfg, progress=False, stop_after_generations=1)
     saved = load_checkpoint(folder, "h-basis", with_state=False)
