@@ -56,7 +56,7 @@ import pickle
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -66,6 +66,9 @@ from wmlab.config import EsConfig
 from wmlab.errors import WmlabError
 from wmlab.fsio import atomic_write_bytes, exists
 from wmlab.metrics import MetricsLogger
+
+if TYPE_CHECKING:
+    from wmlab.controller.subspace import HSubspace
 
 STATE_FILE = "es-state.pkl"
 MEAN_WEIGHTS = "controller"
@@ -264,7 +267,7 @@ class _Search:
     score_fitness: Fitness
     fixed_seeds: np.ndarray  # what every scored mean is scored on
     state: dict[str, Any]
-    space: Any = None  # es.h_components: HSubspace, what CMA-ES searches maps to C; None: C
+    space: HSubspace | None = None  # es.h_components: what CMA-ES searches maps to C
 
     @property
     def strategy(self) -> Any:
@@ -280,7 +283,8 @@ class _Search:
 
 
 def _new_state(num_params: int, es: EsConfig, seed: int, start: np.ndarray | None,
-               start_score: float | None = None, space: Any = None) -> dict[str, Any]:
+               start_score: float | None = None, space: HSubspace | None = None
+               ) -> dict[str, Any]:
     """A new search of ``num_params`` (the subspace's size under ``space``); the best
     scored mean, where the start was scored, is the start itself (whole)."""
     scored = start is not None and start_score is not None
@@ -298,7 +302,8 @@ def run_es(fitness: Fitness, num_params: int, es: EsConfig, folder: str, *, seed
            on_generation: Callable[[int, dict[str, float]], None] | None = None,
            dream_fitness: Fitness | None = None,
            score_fitness: Fitness | None = None, start: np.ndarray | None = None,
-           start_score: float | None = None, space: Any = None) -> EsResult:
+           start_score: float | None = None, space: HSubspace | None = None
+           ) -> EsResult:
     """Run (or resume) CMA-ES until ``es.generations``; checkpoints in ``folder``.
 
     With ``es.dream_generations`` = N > 0, generations 1..N score members with

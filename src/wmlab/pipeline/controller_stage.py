@@ -142,8 +142,8 @@ def train_controller(cfg: Any, *, progress: bool = True,
 
 
 def recorded_episodes(cfg: Any) -> Any:
-    """The iteration's recorded series C's start is fitted on: the agent-driven episodes
-    where there are any, else all of them."""
+    """The iteration's recorded series that C's fits read (es.carry_over's refit,
+    es.h_components' directions): the agent-driven episodes where there are any, else all."""
     store = EpisodeStore.open(cfg.store_url())
     driven = store.episode_ids("agent") or store.episode_ids()
     return SeriesStore.current(cfg.store_url()).iter_series(driven)
