@@ -104,12 +104,12 @@ def check_h_subspace(shape: ControllerShape, inputs: str, components: int,
                      m_hidden: int) -> None:
     """es.h_components fits a linear C that reads [z, h], with k at most h's size."""
     if shape.hidden or shape.lookahead or inputs != "zh":
+        this = "a look-ahead C" if shape.lookahead else \
+            "one with a hidden layer" if shape.hidden else f"on {inputs}"
         raise WmlabError("es.h_components searches a linear controller's weights on [z, h], "
-                         f"and this one is {'a look-ahead C' if shape.lookahead else ''}"
-                         f"{'one with a hidden layer' if shape.hidden else ''}"
-                         f"{'' if shape.hidden or shape.lookahead else f'on {inputs}'}: set "
-                         "controller.inputs = 'zh', controller.hidden = 0 and "
-                         "controller.lookahead = false, or es.h_components = 0")
+                         f"and this one is {this}: set controller.inputs = 'zh', "
+                         "controller.hidden = 0 and controller.lookahead = false, or "
+                         "es.h_components = 0")
     if components > m_hidden:
         raise WmlabError(f"es.h_components is {components}, but M's state has {m_hidden} "
                          f"units: set it to at most {m_hidden}, or 0 to search every weight")
