@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import json
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import fsspec
@@ -29,7 +30,7 @@ from wmlab.controller.cmaes import (
 )
 from wmlab.controller.model import shape_info, with_clock
 from wmlab.controller.subspace import HSubspace, check_h_subspace, h_subspace
-from wmlab.data.series import SeriesStore
+from wmlab.data.series import Series, SeriesStore
 from wmlab.data.store import EpisodeStore
 from wmlab.dream.calibration import noop_order_warning
 from wmlab.dream.settings import missing_dream_heads
@@ -141,7 +142,7 @@ def train_controller(cfg: Any, *, progress: bool = True,
                       space=space)
 
 
-def recorded_episodes(cfg: Any) -> Any:
+def recorded_episodes(cfg: Any) -> Iterator[Series]:
     """The iteration's recorded series that C's fits read (es.carry_over's refit,
     es.h_components' directions): the agent-driven episodes where there are any, else all."""
     store = EpisodeStore.open(cfg.store_url())
