@@ -3,6 +3,7 @@ directions, the controllers it scores and saves whole."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,7 +15,15 @@ from wmlab.checkpoint import load_checkpoint
 from wmlab.config import EsConfig
 from wmlab.controller.cmaes import load_controller_params, load_snapshots, run_es
 from wmlab.controller.model import ControllerShape
-from wmlab.controller.subspace import HSubspace, check_h_subspace, principal_directions
+from wmlab.controller.subspace import (
+    SPREAD_FLOOR,
+    HSubspace,
+    ScaledInputs,
+    check_h_subspace,
+    check_scaled_inputs,
+    input_spread,
+    principal_directions,
+)
 from wmlab.errors import WmlabError
 
 Z, H, A, K = 4, 8, 2, 3
@@ -188,3 +197,99 @@ def _off_span_of(space: HSubspace, params: np.ndarray) -> float:
     hidden = space.basis.shape[1]
     w = np.asarray(params, dtype=np.float64)[:3 * (z + hidden)].reshape(3, -1)[:, z:z + hidden]
     return float(np.abs(w - w @ space.basis.T @ space.basis).max())
+
+
+# es.standardize: the same linear C searched in units of each input's spread
+
+def _scaled(inputs: int = Z + H) -> ScaledInputs:
+    rng = np.random.default_rng(6)
+    return ScaledInputs(ControllerShape(inputs=inputs, outputs=A), rng.normal(size=inputs),
+                        np.exp(rng.normal(size=inputs)))
+
+
+def test_standardised_points_map_to_the_linear_c_on_standardised_inputs_and_back():
+    space = _scaled()
+    theta = np.random.default_rng(7).normal(size=(4, space.size))
+    full = space.full(theta)
+    assert space.size == space.shape.num_params and full.shape == theta.shape
+    x = np.random.default_rng(8).normal(size=space.shape.inputs)
+    for row, point in zip(full, theta, strict=True):
+        w, b = row[:-A].reshape(A, -1), row[-A:]
+        a_w, a_b = point[:-A].reshape(A, -1), point[-A:]
+        np.testing.assert_allclose(w @ x + b, a_w @ ((x - space.mean) / space.scale) + a_b,
+                                   atol=1e-12)
+        np.testing.assert_allclose(space.coordinates(row), point, atol=1e-12)
+        np.testing.assert_allclose(w @ space.mean + b, a_b, atol=1e-12)  # the bias: at the mean
+    np.testing.assert_array_equal(space.full(np.zeros(space.size)), np.zeros((1, space.size)))
+
+
+def test_the_spread_counts_the_agents_z_noise_and_floors_inputs_that_barely_move():
+    rng = np.random.default_rng(9)
+    spreads = np.array([0.01, 0.5, 1.0, 2.0, 1.0, 1.0])  # 2 z inputs, then 4 others
+    features = rng.normal(size=(20_000, 6)) * spreads + 3.0
+    mean, scale = input_spread(features, np.zeros((20_000, 2)))
+    np.testing.assert_allclose(mean, 3.0, atol=0.05)
+    np.testing.assert_allclose(scale[1:], spreads[1:], rtol=0.03)
+    assert scale[0] == pytest.approx(SPREAD_FLOOR * 1.0, rel=0.03)  # the median spread is 1
+    # sampled z (controller.z_noise > 0): V's posterior noise adds its variance
+    _, noisy = input_spread(features, np.full((20_000, 2), 0.75))
+    np.testing.assert_allclose(noisy[:2], np.sqrt(spreads[:2] ** 2 + 0.75), rtol=0.03)
+    np.testing.assert_array_equal(noisy[2:], scale[2:])
+
+
+def test_cma_es_on_standardised_inputs_moves_each_inputs_response_alike(tmp_path):
+    """Without es.standardize an isotropic step moves every weight alike, so C's response
+    to a wide input moves 100x more than to a narrow one; with it, every response alike."""
+    shape = ControllerShape(inputs=2, outputs=1)
+    space = ScaledInputs(shape, np.zeros(2), np.array([0.01, 1.0]))
+    es = dataclasses.replace(ES, population=64, generations=1)
+
+    def response_spread(searched_space: ScaledInputs | None, folder: str) -> np.ndarray:
+        fitness = Recorded(np.zeros(shape.num_params))
+        run_es(fitness, shape.num_params, es, str(tmp_path / folder), progress=False,
+               space=searched_space)
+        w = fitness.seen[0][:, :2]  # the first generation's members
+        return (w * space.scale).std(axis=0)  # how far each input moves the output
+
+    plain = response_spread(None, "plain")
+    scaled = response_spread(space, "scaled")
+    assert plain[1] / plain[0] > 30
+    assert 0.5 < scaled[1] / scaled[0] < 2
+
+
+def test_standardize_refuses_what_it_cannot_search():
+    check_scaled_inputs(ControllerShape(inputs=Z + H, outputs=A), 0)
+    with pytest.raises(WmlabError, match="es.standardize.*hidden layer"):
+        check_scaled_inputs(ControllerShape(inputs=Z + H, outputs=A, hidden=4), 0)
+    with pytest.raises(WmlabError, match="without a bias"):
+        check_scaled_inputs(ControllerShape(inputs=Z + H, outputs=A, bias=False), 0)
+    with pytest.raises(WmlabError, match="set one of them"):
+        check_scaled_inputs(ControllerShape(inputs=Z + H, outputs=A), K)
+
+
+def test_the_c_stage_standardises_on_the_runs_episodes_and_resumes_so(tmp_path, one_thread):
+    """es.standardize through train_controller: the inputs' mean and scale measured on the
+    run's episodes (M run over them, z as the agent draws it), kept in the controller
+    folder, read back on resuming; a folder searched one way does not resume the other."""
+    from agent_fixtures import make_run, record_car_episodes
+    from test_carracing_budget import TINY_CAR, carracing_mdrnn
+    from wmlab.pipeline.controller_stage import train_controller
+    from wmlab.runs import RunLayout
+
+    tiny = tuple(o for o in TINY_CAR if not o.startswith("es.dream_generations"))
+    m = carracing_mdrnn(True)
+    cfg = make_run(tmp_path / "run", "carracing", (*tiny, "es.standardize=true"), mdrnn=m)
+    record_car_episodes(cfg, m.shape.z_dim, "random")
+    folder = RunLayout.of(cfg).controller
+    result = train_controller(cfg, progress=False, stop_after_generations=1)
+    saved = load_checkpoint(folder, "input-scale", with_state=False).weights
+    mean, scale = saved["mean"].double().numpy(), saved["scale"].double().numpy()
+    assert mean.shape == scale.shape == (8 + 16,) and (scale > 0).all()
+    assert scale[:8].min() > 0.9  # z sampled (z_noise = 1): V's posterior noise is in it
+    resumed = train_controller(cfg, progress=False)
+    assert resumed.resumed_from == result.generation == 1
+    again = load_checkpoint(folder, "input-scale", with_state=False).weights["scale"]
+    torch.testing.assert_close(again, saved["scale"])
+    plain = make_run(tmp_path / "run", "carracing", tiny, mdrnn=m)
+    with pytest.raises(WmlabError, match="es.standardize = true"):
+        run_es(Recorded(np.zeros(3 * 24 + 3)), 3 * 24 + 3, plain.es, folder, progress=False)

@@ -244,6 +244,14 @@ class EsConfig:
                               "outputs x (z + h) + outputs, the controller saved whole "
                               "(<run>/controller/h-basis keeps the directions); 0 = every "
                               "weight", min=0)
+    standardize: bool = _opt(False, "search a linear C's weights in units of each input's "
+                             "spread: CMA-ES moves C on (x - mean) / spread, so one step "
+                             "moves C's response to every input by as much (M's units "
+                             "spread 0.04-0.6, V's used and unused dimensions 0.4-1 and "
+                             "~0.02 at its mean); the mean and spread over the iteration's "
+                             "episodes (the agent's where there are any), z as the agent "
+                             "draws it (<run>/controller/input-scale); the controller saved "
+                             "whole")
     population: int = _opt(64, "CMA-ES population", min=2)
     rollouts: int = _opt(16, "rollouts per member; fitness is their mean return", min=1)
     dream_patience: int = _opt(0, "mixed schedule: end the dream generations once this "

@@ -30,6 +30,8 @@ a killed choice resumes where it stopped.
 ``es.h_components`` = k searches fewer parameters: a linear C's weights on M's hidden state
 only along h's k principal directions (``wmlab.controller.subspace``); the loop asks and tells
 CMA-ES in that subspace and maps each point to a whole controller before it is scored or saved.
+``es.standardize`` searches the same weights in units of each input's spread, mapped the same
+way.
 
 Checkpoint (``<run>/controller``), written every generation:
 
@@ -56,7 +58,7 @@ import pickle
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -67,8 +69,18 @@ from wmlab.errors import WmlabError
 from wmlab.fsio import atomic_write_bytes, exists
 from wmlab.metrics import MetricsLogger
 
-if TYPE_CHECKING:
-    from wmlab.controller.subspace import HSubspace
+
+class SearchSpace(Protocol):
+    """Where CMA-ES searches when not C's weights one by one (``wmlab.controller.subspace``:
+    es.h_components, es.standardize): ``size`` parameters, each point mapped to a whole
+    controller by ``full``, a whole controller to its point by ``coordinates``."""
+
+    @property
+    def size(self) -> int: ...
+
+    def full(self, searched: np.ndarray) -> np.ndarray: ...
+
+    def coordinates(self, params: np.ndarray) -> np.ndarray: ...
 
 STATE_FILE = "es-state.pkl"
 MEAN_WEIGHTS = "controller"
@@ -230,6 +242,11 @@ def _load_state(folder: str, num_params: int, es: EsConfig) -> dict[str, Any] | 
         raise WmlabError(f"{folder} holds a CMA-ES run with es.mirrored = "
                          f"{str(state.get('mirrored', False)).lower()}, but this config sets "
                          f"{str(es.mirrored).lower()}: set it back, or use another run name")
+    if state.get("standardize", False) != es.standardize:
+        raise WmlabError(f"{folder} holds a CMA-ES run with es.standardize = "
+                         f"{str(state.get('standardize', False)).lower()}, but this config "
+                         f"sets {str(es.standardize).lower()}: set it back, or use another "
+                         "run name")
     if state["num_params"] != num_params or state["population"] != es.population:
         raise WmlabError(f"{folder} holds a CMA-ES run of {state['population']} members x "
                          f"{state['num_params']} parameters, but this config asks for "
@@ -267,7 +284,7 @@ class _Search:
     score_fitness: Fitness
     fixed_seeds: np.ndarray  # what every scored mean is scored on
     state: dict[str, Any]
-    space: HSubspace | None = None  # es.h_components: what CMA-ES searches maps to C
+    space: SearchSpace | None = None  # es.h_components / es.standardize: maps to C
 
     @property
     def strategy(self) -> Any:
@@ -283,7 +300,7 @@ class _Search:
 
 
 def _new_state(num_params: int, es: EsConfig, seed: int, start: np.ndarray | None,
-               start_score: float | None = None, space: HSubspace | None = None
+               start_score: float | None = None, space: SearchSpace | None = None
                ) -> dict[str, Any]:
     """A new search of ``num_params`` (the subspace's size under ``space``); the best
     scored mean, where the start was scored, is the start itself (whole)."""
@@ -293,7 +310,8 @@ def _new_state(num_params: int, es: EsConfig, seed: int, start: np.ndarray | Non
             "best_score": start_score if scored else None,
             "best_params": np.asarray(start, dtype=np.float64).copy() if scored else None,
             "best_generation": 0, "num_params": num_params, "population": es.population,
-            "mirrored": es.mirrored, "dream_ended_at": None, "unimproved_scorings": 0}
+            "mirrored": es.mirrored, "standardize": es.standardize, "dream_ended_at": None,
+            "unimproved_scorings": 0}
 
 
 def run_es(fitness: Fitness, num_params: int, es: EsConfig, folder: str, *, seed: int = 0,
@@ -302,7 +320,7 @@ def run_es(fitness: Fitness, num_params: int, es: EsConfig, folder: str, *, seed
            on_generation: Callable[[int, dict[str, float]], None] | None = None,
            dream_fitness: Fitness | None = None,
            score_fitness: Fitness | None = None, start: np.ndarray | None = None,
-           start_score: float | None = None, space: HSubspace | None = None
+           start_score: float | None = None, space: SearchSpace | None = None
            ) -> EsResult:
     """Run (or resume) CMA-ES until ``es.generations``; checkpoints in ``folder``.
 
@@ -311,8 +329,8 @@ def run_es(fitness: Fitness, num_params: int, es: EsConfig, folder: str, *, seed
     ``score_fitness`` (default ``fitness``): whole episodes where members' rollouts may be
     cut short (es.stall_steps), so scored means compare like with like. A new run's mean
     starts at ``start`` (default zero); ``start_score``, its score on the fixed seeds where
-    already measured, makes it the first best scored mean (generation 0). ``space`` (an
-    ``HSubspace``, es.h_components): CMA-ES searches its ``size`` parameters, each point
+    already measured, makes it the first best scored mean (generation 0). ``space`` (a
+    ``SearchSpace``: es.h_components, es.standardize): CMA-ES searches its ``size`` parameters, each point
     mapped to a whole controller by ``space.full``; every controller saved is whole.
     """
     check_es_config(es)

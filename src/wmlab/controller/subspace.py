@@ -1,5 +1,7 @@
-"""CMA-ES over fewer of C's weights: a linear C's weights on M's hidden state searched only
-along the directions in which that state varies (``es.h_components``).
+"""Where CMA-ES searches a linear C's weights, when not weight by weight: only along the
+directions in which M's hidden state varies (``es.h_components``), or in units of each
+input's spread (``es.standardize``). Either way each searched point maps to the same linear
+C, saved whole: evaluation, shipping and the agent do not know how it was searched.
 
 A linear C = tanh(W [z, h] + b) on CarRacing has 867 weights, 768 of them on the 256 units
 of h; along a driving agent's episodes h lies mostly in a few directions (16 of them hold
@@ -35,7 +37,13 @@ from wmlab.errors import WmlabError
 from wmlab.memory.model import MDNRNN
 
 BASIS = "h-basis"
+SCALE = "input-scale"
 BASIS_ROWS = 200_000  # recorded steps the principal directions are fitted on, at most
+# es.standardize: an input whose spread is below this fraction of the median input's is
+# scaled as if it were this wide. Under controller.z_noise = 0 V's unused dimensions barely
+# move (CarRacing: a spread of ~0.02 against 0.4-0.6 for the used ones); scaled to unit spread
+# they would take as large a share of every step as an input that carries the road.
+SPREAD_FLOOR = 0.25
 
 
 @dataclass(frozen=True)
@@ -160,4 +168,112 @@ def h_subspace(folder: str, shape: ControllerShape, components: int, m: MDNRNN,
     save_checkpoint(folder, BASIS, 0, {"basis": torch.from_numpy(space.basis),
                                        "mean": torch.from_numpy(space.mean)}, None,
                     {"components": components})
+    return space
+
+
+@dataclass(frozen=True)
+class ScaledInputs:
+    """es.standardize: CMA-ES searches a linear C on standardised inputs, C(x) = A (x - mean)
+    / scale + a, and each point [A, a] stands for the plain linear C with W = A / scale and
+    b = a - W mean. An isotropic step then moves C's response to every input by as much,
+    whatever that input's scale; the bias is the action at the inputs' mean.
+
+    ``mean``, ``scale`` (inputs,): over the iteration's recorded episodes, as C sees them.
+    """
+
+    shape: ControllerShape
+    mean: np.ndarray
+    scale: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return self.shape.num_params
+
+    def full(self, searched: np.ndarray) -> np.ndarray:
+        """(P, size) searched parameters -> (P, num_params) controllers: [W, b] rows."""
+        searched = np.atleast_2d(np.asarray(searched, dtype=np.float64))
+        outputs, inputs = self.shape.outputs, self.shape.inputs
+        w = searched[:, :outputs * inputs].reshape(-1, outputs, inputs) / self.scale
+        bias = searched[:, outputs * inputs:] - w @ self.mean
+        return np.concatenate([w.reshape(len(searched), -1), bias], axis=1)
+
+    def coordinates(self, params: np.ndarray) -> np.ndarray:
+        """A whole controller (num_params,) -> its searched parameters (exactly)."""
+        outputs, inputs = self.shape.outputs, self.shape.inputs
+        params = np.asarray(params, dtype=np.float64)
+        w = params[:outputs * inputs].reshape(outputs, inputs)
+        return np.concatenate([(w * self.scale).ravel(),
+                               params[outputs * inputs:] + w @ self.mean])
+
+
+def check_scaled_inputs(shape: ControllerShape, h_components: int) -> None:
+    """es.standardize searches a linear C with a bias, on inputs it reads directly."""
+    if shape.hidden or shape.lookahead or not shape.bias:
+        this = "a look-ahead C" if shape.lookahead else \
+            "one with a hidden layer" if shape.hidden else "one without a bias"
+        raise WmlabError("es.standardize searches a linear controller's weights in units of "
+                         f"its inputs' spread, and this one is {this}: set "
+                         "controller.hidden = 0 and controller.lookahead = false, or "
+                         "es.standardize = false")
+    if h_components:
+        raise WmlabError("es.standardize and es.h_components each choose where CMA-ES "
+                         "searches C's weights: set one of them only (es.h_components = 0 "
+                         "or es.standardize = false)")
+
+
+def input_spread(features: np.ndarray, posterior_variance: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(N, inputs) features as C reads them with z at V's mean, and (N, z) the variance the
+    agent's z noise adds to each of the first z inputs -> the inputs' mean and the scale
+    ``ScaledInputs`` divides by: the spread (standard deviation, the noise included), at
+    least SPREAD_FLOOR of the median input's."""
+    features = np.asarray(features, dtype=np.float64)
+    variance = features.var(axis=0)
+    z_dim = posterior_variance.shape[1]
+    variance[:z_dim] += np.asarray(posterior_variance, dtype=np.float64).mean(axis=0)
+    spread = np.sqrt(variance)
+    return features.mean(axis=0), np.maximum(spread, SPREAD_FLOOR * np.median(spread))
+
+
+@torch.no_grad()
+def fit_scaled_inputs(shape: ControllerShape, m: MDNRNN, episodes: Iterable[Series],
+                      inputs: str, clock: tuple[int, ...], z_noise: float) -> ScaledInputs:
+    """The inputs' mean and scale over the episodes' steps (M run over them as the agent
+    runs it; at most BASIS_ROWS steps, the first episodes' first); z as the agent draws it,
+    V's mean plus ``z_noise`` times its posterior noise."""
+    rows: list[np.ndarray] = []
+    noise: list[np.ndarray] = []
+    count = 0
+    m = m.eval()
+    for series in episodes:
+        features = memory_features(m, series, inputs, clock)[:BASIS_ROWS - count]
+        if inputs == "z":  # memory_features gives [z, h, clock]; C on z reads no h
+            z_dim = series.mu.shape[1]
+            features = np.delete(features, np.s_[z_dim:z_dim + m.shape.hidden], axis=1)
+        rows.append(features)
+        noise.append(z_noise ** 2 * np.exp(series.logvar[:len(features)].astype(np.float64)))
+        count += len(features)
+        if count >= BASIS_ROWS:
+            break
+    if count < 2:
+        raise WmlabError(f"es.standardize measures C's inputs over recorded steps, and the "
+                         f"episodes hold {count}: collect episodes in this iteration, or "
+                         "set es.standardize = false")
+    mean, scale = input_spread(np.concatenate(rows), np.concatenate(noise))
+    return ScaledInputs(shape, mean, scale)
+
+
+def scaled_inputs(folder: str, shape: ControllerShape, m: MDNRNN,
+                  episodes: Callable[[], Iterable[Series]], inputs: str,
+                  clock: tuple[int, ...], z_noise: float) -> ScaledInputs:
+    """The run's input scaling: read back from ``folder`` where a search made one before,
+    else measured on ``episodes()`` and saved there."""
+    if checkpoint_exists(folder, SCALE):
+        saved = load_checkpoint(folder, SCALE, with_state=False).weights
+        return ScaledInputs(shape, saved["mean"].double().numpy(),
+                            saved["scale"].double().numpy())
+    space = fit_scaled_inputs(shape, m, episodes(), inputs, clock, z_noise)
+    save_checkpoint(folder, SCALE, 0, {"mean": torch.from_numpy(space.mean),
+                                       "scale": torch.from_numpy(space.scale)}, None,
+                    {"inputs": shape.inputs, "spread_floor": SPREAD_FLOOR})
     return space

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from wmlab.controller.cmaes import (
     STATE_FILE,
     EsResult,
     Fitness,
+    SearchSpace,
     check_es_config,
     eval_seeds,
     load_controller_params,
@@ -29,7 +31,12 @@ from wmlab.controller.cmaes import (
     score_mean,
 )
 from wmlab.controller.model import shape_info, with_clock
-from wmlab.controller.subspace import HSubspace, check_h_subspace, h_subspace
+from wmlab.controller.subspace import (
+    check_h_subspace,
+    check_scaled_inputs,
+    h_subspace,
+    scaled_inputs,
+)
 from wmlab.data.series import Series, SeriesStore
 from wmlab.data.store import EpisodeStore
 from wmlab.dream.calibration import noop_order_warning
@@ -69,6 +76,8 @@ def check_training_inputs(cfg: Any) -> tuple[Any, Any]:
     if cfg.es.h_components:
         check_h_subspace(models.shape, cfg.controller.inputs, cfg.es.h_components,
                          models.mdrnn.shape.hidden)
+    if cfg.es.standardize:
+        check_scaled_inputs(models.shape, cfg.es.h_components)
     return workload, models
 
 
@@ -134,7 +143,7 @@ def train_controller(cfg: Any, *, progress: bool = True,
         start_score = None
         if cfg.es.carry_over and start is not None and not exists(f"{folder}/{STATE_FILE}"):
             start, start_score = carried_start(cfg, models, start, scorer or fitness, folder)
-        space = searched_subspace(cfg, models, folder) if cfg.es.h_components else None
+        space = search_space(cfg, models, folder)
         return run_es(fitness, models.shape.num_params, cfg.es, folder,
                       seed=cfg.run.seed, info=info, progress=progress,
                       stop_after_generations=stop_after_generations, dream_fitness=dream,
@@ -150,11 +159,19 @@ def recorded_episodes(cfg: Any) -> Iterator[Series]:
     return SeriesStore.current(cfg.store_url()).iter_series(driven)
 
 
-def searched_subspace(cfg: Any, models: Any, folder: str) -> HSubspace:
-    """es.h_components: the principal directions of h C's search moves in (kept in the
-    controller folder, so a resumed run maps its search as it did)."""
-    return h_subspace(folder, models.shape, cfg.es.h_components, models.mdrnn,
-                      lambda: recorded_episodes(cfg), models.mdrnn.shape.z_dim)
+def search_space(cfg: Any, models: Any, folder: str) -> SearchSpace | None:
+    """Where C's search moves (kept in the controller folder, so a resumed run maps its
+    search as it did): h's principal directions (es.h_components), standardised inputs
+    (es.standardize), else every weight as it is (None)."""
+    episodes = functools.partial(recorded_episodes, cfg)  # read only where a fit is needed
+    if cfg.es.h_components:
+        return h_subspace(folder, models.shape, cfg.es.h_components, models.mdrnn,
+                          episodes, models.mdrnn.shape.z_dim)
+    if cfg.es.standardize:
+        return scaled_inputs(folder, models.shape, models.mdrnn, episodes,
+                             cfg.controller.inputs, tuple(cfg.controller.clock),
+                             cfg.controller.z_noise)
+    return None
 
 
 def member_workload(workload: Any, es: Any) -> Any:

@@ -105,6 +105,7 @@ LATER_KEYS: dict[str, Any] = {"es.dream_generations": 0, "es.covariance": "full"
                                "mdrnn.reward_over_weight": 1.0, "es.mirrored": False,
                                "controller.int8_encoder": False, "controller.clock": [],
                                "controller.z_noise": 1.0, "es.h_components": 0,
+                               "es.standardize": False,
                                "eval.validation_episodes": 0,
                                "eval.validation_seed": 1_500_000,
                                "env.action_repeat": 1, "es.final_candidates": 0,
