@@ -245,8 +245,10 @@ class EsConfig:
                               "(<run>/controller/h-basis keeps the directions); 0 = every "
                               "weight", min=0)
     standardize: bool = _opt(False, "search a linear C's weights in units of each input's "
-                             "spread: CMA-ES moves C on (x - mean) / spread, so one step "
-                             "moves C's response to every input by as much (M's units "
+                             "spread: CMA-ES moves C on (x - mean) / spread (each spread "
+                             "relative to the inputs' root mean square, so es.sigma0 moves "
+                             "C as much in all as on the raw inputs), so one step moves "
+                             "C's response to every input by as much (M's units "
                              "spread 0.04-0.6, V's used and unused dimensions 0.4-1 and "
                              "~0.02 at its mean); the mean and spread over the iteration's "
                              "episodes (the agent's where there are any), z as the agent "

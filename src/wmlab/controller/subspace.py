@@ -176,9 +176,10 @@ class ScaledInputs:
     """es.standardize: CMA-ES searches a linear C on standardised inputs, C(x) = A (x - mean)
     / scale + a, and each point [A, a] stands for the plain linear C with W = A / scale and
     b = a - W mean. An isotropic step then moves C's response to every input by as much,
-    whatever that input's scale; the bias is the action at the inputs' mean.
+    whatever that input's spread; the bias is the action at the inputs' mean.
 
-    ``mean``, ``scale`` (inputs,): over the iteration's recorded episodes, as C sees them.
+    ``mean``, ``scale`` (inputs,): over the iteration's recorded episodes, as C sees them;
+    ``scale`` each input's spread relative to the inputs' root mean square spread.
     """
 
     shape: ControllerShape
@@ -225,14 +226,18 @@ def input_spread(features: np.ndarray, posterior_variance: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray]:
     """(N, inputs) features as C reads them with z at V's mean, and (N, z) the variance the
     agent's z noise adds to each of the first z inputs -> the inputs' mean and the scale
-    ``ScaledInputs`` divides by: the spread (standard deviation, the noise included), at
-    least SPREAD_FLOOR of the median input's."""
+    ``ScaledInputs`` divides by: each input's spread (standard deviation, the noise
+    included; at least SPREAD_FLOOR of the median input's) over the inputs' root mean
+    square spread. Dividing by the ratio rather than the spread itself keeps es.sigma0's
+    meaning: a step moves C's output as much in all as the same step on the raw inputs,
+    shared alike among the inputs instead of in proportion to their spreads."""
     features = np.asarray(features, dtype=np.float64)
     variance = features.var(axis=0)
     z_dim = posterior_variance.shape[1]
     variance[:z_dim] += np.asarray(posterior_variance, dtype=np.float64).mean(axis=0)
     spread = np.sqrt(variance)
-    return features.mean(axis=0), np.maximum(spread, SPREAD_FLOOR * np.median(spread))
+    spread = np.maximum(spread, SPREAD_FLOOR * np.median(spread))
+    return features.mean(axis=0), spread / np.sqrt(np.mean(spread ** 2))
 
 
 @torch.no_grad()
