@@ -18,6 +18,7 @@ from wmlab.controller.carry_over import (
     first_layer,
     lookahead_memory_features,
     memory_features,
+    memory_features_of,
     refit,
 )
 from wmlab.controller.cmaes import run_es
@@ -72,6 +73,19 @@ def test_memory_features_are_what_the_agent_reads():
                                clock_features(torch.arange(5), (4, 10)).numpy())
     np.testing.assert_allclose(timed[1, Z + H:], [1, np.sin(0.2 * np.pi), 0,
                                                  np.cos(0.2 * np.pi)], atol=1e-7)
+
+
+def test_many_episodes_at_once_read_what_each_alone_does():
+    """memory_features_of: episodes of one length through M together, in batches; each
+    episode's features those memory_features gives it alone."""
+    m = _m(2)
+    episodes = [*_episodes(5, 20), *_episodes(2, 7)]  # two lengths, interleaved below
+    episodes = [episodes[i] for i in (0, 5, 1, 2, 6, 3, 4)]
+    for inputs, clock in (("zh", ()), ("zh", (4,)), ("zch", ())):
+        together = memory_features_of(m, episodes, inputs, clock, batch=2)
+        for series, features in zip(episodes, together, strict=True):
+            np.testing.assert_allclose(features, memory_features(m, series, inputs, clock),
+                                       atol=1e-5)
 
 
 def test_refit_to_the_same_m_keeps_the_controller():

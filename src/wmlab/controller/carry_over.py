@@ -23,7 +23,7 @@ choice is written to ``<controller>/carry-over.json`` and read back on resume.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import fsspec
@@ -73,22 +73,50 @@ def memory_features(m: MDNRNN, series: Series, inputs: str,
     """What C reads at each step of a recorded episode with M ``m``: [z_t, (c, ) h_{t-1}]
     (T, features), z_t V's posterior mean, the state before step t (zero at the start), as
     the agent acts; then the clock's inputs at step t where C reads a clock."""
+    if inputs != "zch":
+        return memory_features_of(m, [series], inputs, clock)[0]
+    # the cell state too: step by step, as the agent advances M
     z = torch.from_numpy(series.mu[:-1].astype(np.float32))[None]
     actions = torch.from_numpy(series.actions.astype(np.float32))[None]
-    restart = torch.zeros(z.shape[:2])
-    restart[0, 0] = 1.0  # the episode's first step, as the agent's M sees it
-    if inputs == "zch":  # the cell state too: step by step, as the agent advances M
-        h, c = (state[0] for state in m.initial_state(1))
-        states = []
-        for t in range(z.shape[1]):
-            states.append(torch.cat([c[0], h[0]]))
-            h, c = m.advance(z[:, t], actions[:, t], restart[:, t:t + 1], h, c)
-        before = torch.stack(states)
-    else:  # h alone: the whole episode in one fused LSTM call
-        _, hidden, _ = m(z, actions, restart=restart)
-        before = torch.cat([torch.zeros(1, hidden.shape[-1]), hidden[0, :-1]])
+    h, c = (state[0] for state in m.initial_state(1))
+    states = []
+    for t in range(z.shape[1]):
+        # the episode's first step restarts M, as the agent's M sees it
+        restart = torch.full((1, 1), float(t == 0))
+        states.append(torch.cat([c[0], h[0]]))
+        h, c = m.advance(z[:, t], actions[:, t], restart, h, c)
     ticks = clock_features(torch.arange(z.shape[1]), clock).numpy()
-    return np.concatenate([z[0].numpy(), before.numpy(), ticks], axis=1)
+    return np.concatenate([z[0].numpy(), torch.stack(states).numpy(), ticks], axis=1)
+
+
+@torch.no_grad()
+def memory_features_of(m: MDNRNN, episodes: Sequence[Series], inputs: str,
+                       clock: tuple[int, ...] = (), batch: int = 64) -> list[np.ndarray]:
+    """``memory_features`` of many episodes; for [z, h] the episodes of one length go
+    through M together, up to ``batch`` at a time, in one fused LSTM call (a batch of one
+    steps the LSTM one small matrix product at a time)."""
+    if inputs == "zch":
+        return [memory_features(m, series, inputs, clock) for series in episodes]
+    by_length: dict[int, list[int]] = {}
+    for index, series in enumerate(episodes):
+        by_length.setdefault(len(series.actions), []).append(index)
+    features: list[np.ndarray] = [np.empty(0)] * len(episodes)
+    for length, indices in by_length.items():
+        ticks = clock_features(torch.arange(length), clock).numpy()
+        for start in range(0, len(indices), batch):
+            chunk = indices[start:start + batch]
+            z = torch.from_numpy(np.stack([episodes[i].mu[:-1] for i in chunk]).astype(np.float32))
+            actions = torch.from_numpy(
+                np.stack([episodes[i].actions for i in chunk]).astype(np.float32))
+            restart = torch.zeros(z.shape[:2])
+            restart[:, 0] = 1.0  # the episode's first step, as the agent's M sees it
+            _, hidden, _ = m(z, actions, restart=restart)
+            before = torch.cat([torch.zeros(len(chunk), 1, hidden.shape[-1]), hidden[:, :-1]],
+                               dim=1)
+            for row, index in enumerate(chunk):
+                features[index] = np.concatenate([z[row].numpy(), before[row].numpy(), ticks],
+                                                 axis=1)
+    return features
 
 
 @torch.no_grad()

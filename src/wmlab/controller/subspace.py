@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from wmlab.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
-from wmlab.controller.carry_over import memory_features
+from wmlab.controller.carry_over import memory_features, memory_features_of
 from wmlab.controller.model import ControllerShape
 from wmlab.data.series import Series
 from wmlab.errors import WmlabError
@@ -39,6 +39,7 @@ from wmlab.memory.model import MDNRNN
 BASIS = "h-basis"
 SCALE = "input-scale"
 BASIS_ROWS = 200_000  # recorded steps the principal directions are fitted on, at most
+SCALE_ROWS = 50_000  # and the inputs' means and spreads (they settle within tens of episodes)
 # es.standardize: an input whose spread is below this fraction of the median input's is
 # scaled as if it were this wide. Under controller.z_noise = 0 V's unused dimensions barely
 # move (CarRacing: a spread of ~0.02 against 0.4-0.6 for the used ones); scaled to unit spread
@@ -244,27 +245,26 @@ def input_spread(features: np.ndarray, posterior_variance: np.ndarray
 def fit_scaled_inputs(shape: ControllerShape, m: MDNRNN, episodes: Iterable[Series],
                       inputs: str, clock: tuple[int, ...], z_noise: float) -> ScaledInputs:
     """The inputs' mean and scale over the episodes' steps (M run over them as the agent
-    runs it; at most BASIS_ROWS steps, the first episodes' first); z as the agent draws it,
-    V's mean plus ``z_noise`` times its posterior noise."""
-    rows: list[np.ndarray] = []
-    noise: list[np.ndarray] = []
+    runs it, many episodes at once; at most SCALE_ROWS steps, the first episodes'); z as the
+    agent draws it, V's mean plus ``z_noise`` times its posterior noise."""
+    taken: list[Series] = []
     count = 0
-    m = m.eval()
     for series in episodes:
-        features = memory_features(m, series, inputs, clock)[:BASIS_ROWS - count]
-        if inputs == "z":  # memory_features gives [z, h, clock]; C on z reads no h
-            z_dim = series.mu.shape[1]
-            features = np.delete(features, np.s_[z_dim:z_dim + m.shape.hidden], axis=1)
-        rows.append(features)
-        noise.append(z_noise ** 2 * np.exp(series.logvar[:len(features)].astype(np.float64)))
-        count += len(features)
-        if count >= BASIS_ROWS:
+        taken.append(series)
+        count += len(series.actions)
+        if count >= SCALE_ROWS:
             break
     if count < 2:
         raise WmlabError(f"es.standardize measures C's inputs over recorded steps, and the "
                          f"episodes hold {count}: collect episodes in this iteration, or "
                          "set es.standardize = false")
-    mean, scale = input_spread(np.concatenate(rows), np.concatenate(noise))
+    features = np.concatenate(memory_features_of(m.eval(), taken, inputs, clock))
+    if inputs == "z":  # memory_features gives [z, h, clock]; C on z reads no h
+        z_dim = m.shape.z_dim
+        features = np.delete(features, np.s_[z_dim:z_dim + m.shape.hidden], axis=1)
+    logvar = np.concatenate([series.logvar[:-1] for series in taken]).astype(np.float64)
+    noise = z_noise ** 2 * np.exp(logvar)
+    mean, scale = input_spread(features, noise)
     return ScaledInputs(shape, mean, scale)
 
 
