@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -161,10 +162,9 @@ def test_h_components_refuses_what_it_cannot_search():
         check_h_subspace(linear, "zh", H + 1, H)
 
 
-def test_the_c_stage_searches_the_subspace_of_the_runs_episodes(tmp_path, one_thread):
-    """es.h_components through train_controller: the basis fitted on the run's recorded
-    episodes (M run over them), kept in the controller folder, every controller the game
-    scores inside its span, and a resumed stage reads the same basis back."""
+def _one_c_generation(tmp_path: Path, option: str) -> tuple[Any, str, Any]:
+    """A tiny CarRacing run with recorded random episodes, its C stage stopped after one
+    generation under ``option``: (config, controller folder, the stage's result)."""
     from agent_fixtures import make_run, record_car_episodes
     from test_carracing_budget import TINY_CAR, carracing_mdrnn
     from wmlab.pipeline.controller_stage import train_controller
@@ -172,13 +172,22 @@ def test_the_c_stage_searches_the_subspace_of_the_runs_episodes(tmp_path, one_th
 
     tiny = tuple(o for o in TINY_CAR if not o.startswith("es.dream_generations"))
     m = carracing_mdrnn(True)
-    cfg = make_run(tmp_path / "run", "carracing", (*tiny, "es.h_components=3"), mdrnn=m)
+    cfg = make_run(tmp_path / "run", "carracing", (*tiny, option), mdrnn=m)
     record_car_episodes(cfg, m.shape.z_dim, "random")
-    folder = RunLayout.of(cfg).controller
     result = train_controller(cfg, progress=False, stop_after_generations=1)
+    return cfg, RunLayout.of(cfg).controller, result
+
+
+def test_the_c_stage_searches_the_subspace_of_the_runs_episodes(tmp_path, one_thread):
+    """es.h_components through train_controller: the basis fitted on the run's recorded
+    episodes (M run over them), kept in the controller folder, every controller the game
+    scores inside its span, and a resumed stage reads the same basis back."""
+    from wmlab.pipeline.controller_stage import train_controller
+
+    cfg, folder, result = _one_c_generation(tmp_path, "es.h_components=3")
     saved = load_checkpoint(folder, "h-basis", with_state=False)
     basis = saved.weights["basis"].double().numpy()
-    assert basis.shape == (3, m.shape.hidden) and saved.info["components"] == 3
+    assert basis.shape == (3, 16) and saved.info["components"] == 3  # M's 16 units
     space = HSubspace(ControllerShape(inputs=8 + 16, outputs=3), 8, basis,
                       saved.weights["mean"].double().numpy())
     scored = load_snapshots(folder)
@@ -274,17 +283,9 @@ def test_the_c_stage_standardises_on_the_runs_episodes_and_resumes_so(tmp_path, 
     """es.standardize through train_controller: the inputs' mean and scale measured on the
     run's episodes (M run over them, z as the agent draws it), kept in the controller
     folder, read back on resuming; a folder searched one way does not resume the other."""
-    from agent_fixtures import make_run, record_car_episodes
-    from test_carracing_budget import TINY_CAR, carracing_mdrnn
     from wmlab.pipeline.controller_stage import train_controller
-    from wmlab.runs import RunLayout
 
-    tiny = tuple(o for o in TINY_CAR if not o.startswith("es.dream_generations"))
-    m = carracing_mdrnn(True)
-    cfg = make_run(tmp_path / "run", "carracing", (*tiny, "es.standardize=true"), mdrnn=m)
-    record_car_episodes(cfg, m.shape.z_dim, "random")
-    folder = RunLayout.of(cfg).controller
-    result = train_controller(cfg, progress=False, stop_after_generations=1)
+    cfg, folder, result = _one_c_generation(tmp_path, "es.standardize=true")
     saved = load_checkpoint(folder, "input-scale", with_state=False).weights
     mean, scale = saved["mean"].double().numpy(), saved["scale"].double().numpy()
     assert mean.shape == scale.shape == (8 + 16,) and (scale > 0).all()
@@ -294,6 +295,6 @@ def test_the_c_stage_standardises_on_the_runs_episodes_and_resumes_so(tmp_path, 
     assert resumed.resumed_from == result.generation == 1
     again = load_checkpoint(folder, "input-scale", with_state=False).weights["scale"]
     torch.testing.assert_close(again, saved["scale"])
-    plain = make_run(tmp_path / "run", "carracing", tiny, mdrnn=m)
+    plain = dataclasses.replace(cfg.es, standardize=False)
     with pytest.raises(WmlabError, match="es.standardize = true"):
-        run_es(Recorded(np.zeros(3 * 24 + 3)), 3 * 24 + 3, plain.es, folder, progress=False)
+        run_es(Recorded(np.zeros(3 * 24 + 3)), 3 * 24 + 3, plain, folder, progress=False)
