@@ -330,8 +330,9 @@ def run_es(fitness: Fitness, num_params: int, es: EsConfig, folder: str, *, seed
     cut short (es.stall_steps), so scored means compare like with like. A new run's mean
     starts at ``start`` (default zero); ``start_score``, its score on the fixed seeds where
     already measured, makes it the first best scored mean (generation 0). ``space`` (a
-    ``SearchSpace``: es.h_components, es.standardize): CMA-ES searches its ``size`` parameters, each point
-    mapped to a whole controller by ``space.full``; every controller saved is whole.
+    ``SearchSpace``: es.h_components, es.standardize): CMA-ES searches its ``size``
+    parameters, each point mapped to a whole controller by ``space.full``; every controller
+    saved is whole.
     """
     check_es_config(es)
     if es.dream_generations and dream_fitness is None:
