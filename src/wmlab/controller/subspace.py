@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from wmlab.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
-from wmlab.controller.carry_over import memory_features, memory_features_of
+from wmlab.controller.carry_over import memory_features_of
 from wmlab.controller.model import ControllerShape
 from wmlab.data.series import Series
 from wmlab.errors import WmlabError
@@ -128,22 +128,30 @@ def check_h_subspace(shape: ControllerShape, inputs: str, components: int,
 def fit_h_subspace(shape: ControllerShape, components: int, m: MDNRNN,
                    episodes: Iterable[Series], z_dim: int) -> HSubspace:
     """h's top ``components`` principal directions over the episodes' steps (M run over
-    them as the agent runs it; at most BASIS_ROWS steps, the first episodes' first)."""
-    rows: list[np.ndarray] = []
-    count = 0
-    m = m.eval()
-    for series in episodes:
-        h = memory_features(m, series, "zh")[:, z_dim:z_dim + m.shape.hidden]
-        rows.append(h[:BASIS_ROWS - count])
-        count += len(rows[-1])
-        if count >= BASIS_ROWS:
-            break
+    them as the agent runs it, many episodes at once; at most BASIS_ROWS steps, the first
+    episodes' first)."""
+    taken = _first_episodes(episodes, BASIS_ROWS)
+    hidden = [features[:, z_dim:z_dim + m.shape.hidden]
+              for features in memory_features_of(m.eval(), taken, "zh")]
+    count = min(sum(len(h) for h in hidden), BASIS_ROWS)
     if count <= components:
         raise WmlabError(f"es.h_components needs more recorded steps than its {components} "
                          f"directions, and the episodes hold {count}: collect episodes in "
                          "this iteration, or set es.h_components = 0")
-    basis, mean = principal_directions(np.concatenate(rows), components)
+    basis, mean = principal_directions(np.concatenate(hidden)[:BASIS_ROWS], components)
     return HSubspace(shape, z_dim, basis, mean)
+
+
+def _first_episodes(episodes: Iterable[Series], steps: int) -> list[Series]:
+    """The first episodes, up to the one that brings their steps to ``steps``."""
+    taken: list[Series] = []
+    count = 0
+    for series in episodes:
+        taken.append(series)
+        count += len(series.actions)
+        if count >= steps:
+            break
+    return taken
 
 
 def principal_directions(states: np.ndarray, components: int
@@ -247,13 +255,8 @@ def fit_scaled_inputs(shape: ControllerShape, m: MDNRNN, episodes: Iterable[Seri
     """The inputs' mean and scale over the episodes' steps (M run over them as the agent
     runs it, many episodes at once; at most SCALE_ROWS steps, the first episodes'); z as the
     agent draws it, V's mean plus ``z_noise`` times its posterior noise."""
-    taken: list[Series] = []
-    count = 0
-    for series in episodes:
-        taken.append(series)
-        count += len(series.actions)
-        if count >= SCALE_ROWS:
-            break
+    taken = _first_episodes(episodes, SCALE_ROWS)
+    count = sum(len(series.actions) for series in taken)
     if count < 2:
         raise WmlabError(f"es.standardize measures C's inputs over recorded steps, and the "
                          f"episodes hold {count}: collect episodes in this iteration, or "
