@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from wmlab.config import EsConfig
+from wmlab.controller import carry_over as carry_over_module
 from wmlab.controller.carry_over import (
     AS_IT_WAS,
     carry_over,
@@ -86,6 +87,30 @@ def test_many_episodes_at_once_read_what_each_alone_does():
         for series, features in zip(episodes, together, strict=True):
             np.testing.assert_allclose(features, memory_features(m, series, inputs, clock),
                                        atol=1e-5)
+
+
+def test_the_refit_reads_the_episodes_in_chunks_as_each_alone(monkeypatch):
+    """carry_over's (old, new) features: streamed in chunks of EPISODE_CHUNK episodes, each
+    chunk through each M together, in the episodes' order, the same as each episode alone;
+    the episodes are read as the fit goes, never all at once."""
+    monkeypatch.setattr(carry_over_module, "EPISODE_CHUNK", 2)
+    old_m, new_m = _m(1), _m(2)
+    episodes = [*_episodes(3, 20), *_episodes(2, 7)]
+    read = []
+
+    def stream():
+        for series in episodes:
+            read.append(series)
+            yield series
+
+    pairs = carry_over_module._features(old_m, new_m, stream(), "zh")
+    first = next(pairs)
+    assert len(read) == 2  # one chunk read, not the whole stream
+    for series, (old, new) in zip(episodes, [first, *pairs], strict=True):
+        np.testing.assert_allclose(old, memory_features(old_m, series, "zh"), atol=1e-5)
+        np.testing.assert_allclose(new, memory_features(new_m, series, "zh"), atol=1e-5)
+    with pytest.raises(WmlabError, match="no recorded episodes"):
+        next(carry_over_module._features(old_m, new_m, iter([]), "zh"))
 
 
 def test_refit_to_the_same_m_keeps_the_controller():

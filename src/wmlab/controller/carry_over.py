@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from itertools import islice
 
 import fsspec
 import numpy as np
@@ -40,6 +41,8 @@ RIDGES = (10.0, 100.0, 1_000.0, 10_000.0)  # in units of X^T X over ~300k record
 # a look-ahead C's rows are (step, action) pairs: its fit reads this many recorded steps at
 # most (~300k rows for BinPacking's 30 levels), the first episodes' first
 LOOKAHEAD_STEPS = 10_000
+# episodes run through each M together in the refit (~74 MB of CarRacing's features per M)
+EPISODE_CHUNK = 64
 AS_IT_WAS = "as it was"
 CARRY_OVER_FILE = "carry-over.json"
 
@@ -252,13 +255,12 @@ def _features(old_m: MDNRNN, new_m: MDNRNN, episodes: Iterable[Series], inputs: 
     (``candidates``) of every (step, action) pair over the first LOOKAHEAD_STEPS recorded
     steps."""
     old_m, new_m = old_m.eval(), new_m.eval()
+    if candidates is None:
+        yield from _paired_features(old_m, new_m, episodes, inputs, clock)
+        return
     left, any_episode = LOOKAHEAD_STEPS, False
     for series in episodes:
         any_episode = True
-        if candidates is None:
-            yield (memory_features(old_m, series, inputs, clock),
-                   memory_features(new_m, series, inputs, clock))
-            continue
         old = lookahead_memory_features(old_m, series, inputs, candidates, left)
         new = lookahead_memory_features(new_m, series, inputs, candidates, left)
         yield old, new
@@ -266,6 +268,23 @@ def _features(old_m: MDNRNN, new_m: MDNRNN, episodes: Iterable[Series], inputs: 
         if left <= 0:
             break
     if not any_episode:
-        raise WmlabError("es.carry_over found no recorded episodes to fit on: collect "
-                         "episodes in this iteration (collect.episodes > 0), or set "
-                         "es.carry_over = false")
+        raise _no_episodes()
+
+
+def _paired_features(old_m: MDNRNN, new_m: MDNRNN, episodes: Iterable[Series], inputs: str,
+                     clock: tuple[int, ...]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(old, new) features per episode, EPISODE_CHUNK episodes read at a time and run through
+    each M together (``memory_features_of``): the episodes are streamed, never all held."""
+    stream, any_episode = iter(episodes), False
+    while chunk := list(islice(stream, EPISODE_CHUNK)):
+        any_episode = True
+        yield from zip(memory_features_of(old_m, chunk, inputs, clock),
+                       memory_features_of(new_m, chunk, inputs, clock), strict=True)
+    if not any_episode:
+        raise _no_episodes()
+
+
+def _no_episodes() -> WmlabError:
+    return WmlabError("es.carry_over found no recorded episodes to fit on: collect "
+                      "episodes in this iteration (collect.episodes > 0), or set "
+                      "es.carry_over = false")
