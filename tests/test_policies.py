@@ -151,3 +151,66 @@ def test_explore_is_refused_for_a_policy_that_cannot_use_it():
         load_config("doom", "quick", ["collect.explore=0.2"])
     assert load_config("doom", "quick", ['collect.policy="sweeps"',
                                          "collect.explore=0.2"]).collect.explore == 0.2
+
+
+def _car_agent(envs: int):
+    """A CarRacing agent of random V and M whose C emits a fixed raw action everywhere."""
+    import torch
+
+    from wmlab.agent import Agent, build_models
+    from wmlab.envs import get_spec
+    from wmlab.memory.model import MDNRNN, MdrnnShape
+    from wmlab.vision.model import ConvVAE
+
+    torch.manual_seed(0)
+    mdrnn = MDNRNN(MdrnnShape(z_dim=4, action_dim=3, hidden=8, gaussians=2)).eval()
+    models = build_models(get_spec("carracing"), mdrnn, ConvVAE(4), "zh", 0, True)
+    params = np.zeros((1, models.shape.num_params), np.float32)
+    params[0, -3:] = [0.5, -0.2, -0.7]  # the output biases: C's raw tanh(b) at every step
+    return Agent(models, params, num_envs=envs)
+
+
+def test_the_agent_explores_the_outputs_named_held_for_their_steps():
+    """collect.explore with the agent policy: with probability explore a uniform draw of the
+    outputs in collect.explore_outputs is held explore_hold steps, the other outputs stay
+    C's; the draws depend on the episode's seed alone, and M steps on the moves taken."""
+    from wmlab.agent import AgentPolicy, Exploration
+    from wmlab.config import load_config
+
+    c_raw = np.tanh([0.5, -0.2, -0.7]).astype(np.float32)
+    frames = [_frames(2, t) for t in range(60)]
+
+    def play(explore, seeds=(11, 12)):
+        policy = AgentPolicy(_car_agent(2), explore)
+        for slot, seed in enumerate(seeds):
+            policy.reset(slot, seed)
+        raws, states = [], []
+        for step in frames:
+            raws.append(policy.act(step))
+            states.append(policy.agent.h.clone())
+        return np.stack(raws), states
+
+    plain, plain_h = play(Exploration())
+    assert np.allclose(plain, c_raw, atol=1e-6)
+    throttle = Exploration(rate=0.3, hold=5, outputs=(1, 2))
+    raws, states = play(throttle)
+    np.testing.assert_allclose(raws[..., 0], c_raw[0], atol=1e-6)  # steering: C's
+    explored = ~np.isclose(raws[..., 1], c_raw[1])
+    assert 0.2 < explored.mean() < 0.9
+    for env in range(2):  # each exploring move lasts its 5 steps (or to the end)
+        runs = np.diff(np.flatnonzero(np.diff(np.r_[0, explored[:, env], 0])))[::2]
+        held = np.split(raws[:, env, 1], np.flatnonzero(np.diff(raws[:, env, 1])) + 1)
+        assert all(length % 5 == 0 or length == runs[-1] for length in runs)
+        assert any(len(part) >= 5 for part in held)
+    # M advanced on the moves taken, not on C's
+    assert not np.allclose(states[-1].numpy(), plain_h[-1].numpy())
+    # the draws are the seed's: env 1's seed in env 0 gives env 1's moves
+    again, _ = play(throttle, seeds=(12, 11))
+    np.testing.assert_array_equal(again[:, 0], raws[:, 1])
+    with pytest.raises(WmlabError, match="collect.explore_outputs"):
+        Exploration.of(PolicyConfig(explore=0.1, explore_outputs=(3,)), 3)
+    # in a later iteration's collection, explore applies to the agent's share
+    cfg = load_config("carracing", "solve", ["collect.explore=0.05", "collect.explore_hold=5",
+                                             "collect.explore_outputs=[1, 2]",
+                                             'collect.agent_run="r"'])
+    assert cfg.collect.explore_outputs == [1, 2]

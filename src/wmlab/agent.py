@@ -345,14 +345,20 @@ class Agent:
         return self.z
 
     @torch.no_grad()
-    def decide(self, mask: np.ndarray | None = None, running: np.ndarray | None = None
-               ) -> np.ndarray:
+    def decide(self, mask: np.ndarray | None = None, running: np.ndarray | None = None,
+               replace: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
         """C's actions for the last observed z (``mask``: the valid actions of discrete
-        envs), then M advanced on them for the ``running`` envs. Returns the env actions."""
+        envs), then M advanced on them for the ``running`` envs. Returns the env actions.
+        ``replace`` (B, outputs) raw -> raw: other moves taken in place of C's (a collection
+        that explores), M advanced on those, as on any action the env took."""
         acted = _act(self.models, self.theta, self.z, self.h, self.c, self.restart,
                      self.members, mask, self.steps)
         if self.shield is not None:
             acted = self._shielded(acted, mask, running)
+        if replace is not None:
+            raw = replace(acted.raw)
+            env_actions = self.models.spec.to_env_action(raw, mask)
+            acted = Acted(raw, env_actions, self.models.spec.action_vector(env_actions))
         self.raw = acted.raw
         m = self.models.mdrnn
         every = running is None or bool(running.all())
@@ -658,16 +664,52 @@ def workload_from_config(cfg: Any, kind: str | None = None, backend: str | None 
         z_noise=cfg.controller.z_noise)
 
 
+@dataclass(frozen=True)
+class Exploration:
+    """Moves of the collecting agent's own: at each step where none is held, with probability
+    ``rate`` a uniform draw of the ``outputs`` named (the others stay C's, per step) is held
+    ``hold`` steps, then C acts again. CarRacing's throttle varied under C's steering shows
+    M what speed does on the roads C drives, which the agent's own episodes (one pace) and
+    brown noise (no driving) do not."""
+
+    rate: float = 0.0
+    hold: int = 1
+    outputs: tuple[int, ...] = ()  # empty: all
+
+    @classmethod
+    def of(cls, config: Any, outputs: int) -> Exploration:
+        """A PolicyConfig's exploration, its outputs checked against the env's ``outputs``."""
+        named = tuple(int(o) for o in config.explore_outputs)
+        wrong = [o for o in named if not 0 <= o < outputs]
+        if wrong:
+            raise WmlabError(f"collect.explore_outputs {list(named)}: C has {outputs} outputs, "
+                             f"numbered 0..{outputs - 1}: name those an exploring move replaces")
+        return cls(float(config.explore), int(config.explore_hold), named)
+
+
 class AgentPolicy:
     """A trained agent (V + M + C of a finished run) as a collection policy.
 
     Collecting with it gives the data of the next iteration (SPEC section 1): the states a
     trained controller visits, which random policies rarely reach. It has the interface of
     ``wmlab.policies.BatchPolicy``: ``reset(slot, seed)`` starts an episode whose z-noise
-    comes from ``seed`` alone, ``act(frames)`` returns raw outputs for the whole batch.
+    (and exploring moves, ``Exploration``) come from ``seed`` alone, ``act(frames)`` returns
+    raw outputs for the whole batch.
     """
 
-    def __init__(self, num_envs: int, outputs: int, run_dir: str) -> None:
+    def __init__(self, agent: Agent, explore: Exploration = Exploration()) -> None:
+        outputs = agent.models.spec.controller_outputs
+        self.agent, self.num_envs, self.outputs = agent, agent.num_envs, outputs
+        self.explore = explore
+        self.columns = list(explore.outputs) if explore.outputs else list(range(outputs))
+        self.rngs = [np.random.default_rng([0, 6311]) for _ in range(agent.num_envs)]
+        self.held = np.zeros((agent.num_envs, len(self.columns)), np.float32)
+        self.left = np.zeros(agent.num_envs, np.int64)  # steps the held move still lasts
+
+    @classmethod
+    def from_run(cls, num_envs: int, outputs: int, run_dir: str,
+                 explore: Exploration = Exploration()) -> AgentPolicy:
+        """The agent of the finished run ``run_dir`` in ``num_envs`` envs of ``outputs``."""
         from wmlab.config import load_config_file
 
         try:
@@ -675,16 +717,32 @@ class AgentPolicy:
         except WmlabError:
             raise WmlabError(f"collect.agent_run: {run_dir} is not a run directory (no "
                              "config.toml): give the run whose controller should act") from None
-        self.agent = Agent.of_run(cfg, num_envs)
-        if outputs != self.agent.models.spec.controller_outputs:
+        agent = Agent.of_run(cfg, num_envs)
+        if outputs != agent.models.spec.controller_outputs:
             raise WmlabError(f"the agent of {run_dir} emits "
-                             f"{self.agent.models.spec.controller_outputs} outputs but this env "
+                             f"{agent.models.spec.controller_outputs} outputs but this env "
                              f"takes {outputs}: it was trained on another environment")
-        self.num_envs, self.outputs = num_envs, outputs
+        return cls(agent, explore)
 
     def reset(self, slot: int, seed: int) -> None:
         self.agent.reset(seed, envs=[slot])
+        self.rngs[slot] = np.random.default_rng([int(seed), 6311])
+        self.left[slot] = 0
 
     def act(self, frames: np.ndarray) -> np.ndarray:
-        self.agent.act_batch(frames)
+        self.agent.observe(frames)
+        self.agent.decide(replace=self._explored if self.explore.rate > 0 else None)
         return self.agent.raw.astype(np.float32)
+
+    def _explored(self, raw: np.ndarray) -> np.ndarray:
+        """C's raw outputs with the held exploring moves in place."""
+        for slot in np.flatnonzero(self.left == 0):
+            rng = self.rngs[slot]
+            if rng.random() < self.explore.rate:
+                self.held[slot] = rng.uniform(-1.0, 1.0, len(self.columns))
+                self.left[slot] = self.explore.hold
+        out = raw.copy()
+        exploring = np.flatnonzero(self.left > 0)
+        out[np.ix_(exploring, self.columns)] = self.held[exploring]
+        self.left[exploring] -= 1
+        return out

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from wmlab import envs
-from wmlab.agent import AgentPolicy
+from wmlab.agent import AgentPolicy, Exploration
 from wmlab.config import Config
 from wmlab.data import Episode, EpisodeStore
 from wmlab.envs.binpacking_heuristics import HEURISTICS
@@ -141,7 +141,8 @@ def collection_policy(config: PolicyConfig, num_envs: int, outputs: int,
     if not config.agent_run:
         raise WmlabError("policy 'agent' needs the run whose controller acts: set "
                          "collect.agent_run=RUN_DIR")
-    return AgentPolicy(num_envs, outputs, config.agent_run)
+    return AgentPolicy.from_run(num_envs, outputs, config.agent_run,
+                                Exploration.of(config, outputs))
 
 
 class _Worker:
@@ -232,7 +233,9 @@ def collect(cfg: Config, *, progress: bool = True,
         envs_per_worker=c.envs_per_worker, store_url=store_url, collection=collection,
         policy=PolicyConfig(name=c.policy, brown_sigma=c.brown_sigma, hold_min=c.hold_min,
                             hold_max=c.hold_max, weights_scale=c.weights_scale,
-                            agent_run=c.agent_run, explore=c.explore),
+                            agent_run=c.agent_run, explore=c.explore,
+                            explore_hold=c.explore_hold,
+                            explore_outputs=tuple(c.explore_outputs)),
         seed_prefix=(cfg.run.seed, c.seed), action_repeat=cfg.env.action_repeat,
     )
     next_index = _index_source(existing)

@@ -92,9 +92,15 @@ class CollectConfig:
                                  "(one constant behaviour per episode: no-op, left, right) so "
                                  "that M learns where they lead; the rest: collect.policy",
                                  min=0.0, max=1.0)
-    explore: float = _opt(0.0, "a heuristic or sweeps policy: probability of a uniform (valid) "
-                          "move instead of the policy's at each step (M sees good play and "
-                          "what follows a bad move)", min=0.0, max=1.0)
+    explore: float = _opt(0.0, "a heuristic, sweeps or agent policy: probability of a uniform "
+                          "(valid) move instead of the policy's at each step (M sees good play "
+                          "and what follows a bad move); the agent's: a move held "
+                          "collect.explore_hold steps", min=0.0, max=1.0)
+    explore_hold: int = _opt(1, "agent policy: steps an exploring move is held before C acts "
+                             "again", min=1, max=10000)
+    explore_outputs: list[int] = _opt([], "agent policy: the outputs of C an exploring move "
+                                      "replaces (CarRacing: [1, 2], the throttle, C steering); "
+                                      "empty: all")
     min_length: int = _opt(0, "drop episodes with fewer steps than this (Doom: 101)", min=0)
     out: str = _opt("", "episode store path or URL; empty = <run>/data")
     collection: str = _opt("", "name of this collection inside the store; empty = policy name")
@@ -611,11 +617,13 @@ def _check_consistency(cfg: Config) -> None:
     if cfg.collect.hold_min > cfg.collect.hold_max:
         raise ConfigError(f"collect.hold_min ({cfg.collect.hold_min}) must not exceed "
                           f"collect.hold_max ({cfg.collect.hold_max})")
-    exploring = (*HEURISTIC_POLICIES, "sweeps")
-    if cfg.collect.explore > 0 and cfg.collect.policy not in exploring:
-        raise ConfigError(f"collect.explore mixes random moves into a heuristic's or the "
-                          f"sweeps' play, and collect.policy is '{cfg.collect.policy}': set "
-                          f"collect.policy to {', '.join(exploring)}, or collect.explore = 0")
+    exploring = (*HEURISTIC_POLICIES, "sweeps", "agent")
+    agent_share = cfg.collect.agent_run and cfg.collect.agent_fraction > 0
+    if cfg.collect.explore > 0 and cfg.collect.policy not in exploring and not agent_share:
+        raise ConfigError(f"collect.explore mixes random moves into a heuristic's, the "
+                          f"sweeps' or an agent's play, and collect.policy is "
+                          f"'{cfg.collect.policy}' with no agent share: set collect.policy to "
+                          f"{', '.join(exploring)}, or collect.explore = 0")
     unknown = [name for name in cfg.eval.references if name not in EVAL_REFERENCES]
     if unknown:
         raise ConfigError(f"eval.references: unknown {', '.join(map(repr, unknown))}: choose "

@@ -34,7 +34,9 @@ class PolicyConfig:
     hold_max: int = 10
     weights_scale: float = 0.01
     agent_run: str = ""  # policy "agent": the run directory whose trained V, M and C act
-    explore: float = 0.0  # a heuristic's or the sweeps' policy: share of random moves
+    explore: float = 0.0  # a heuristic's, the sweeps' or the agent's: share of random moves
+    explore_hold: int = 1  # the agent's: steps an exploring move is held
+    explore_outputs: tuple[int, ...] = ()  # the agent's: outputs an exploring move replaces
     sweep_first: int = SWEEP_FIRST  # sweep: steps at -1 first
     sweep_period: int = SWEEP_PERIOD  # sweep: steps at +1, then at -1, in turn
 

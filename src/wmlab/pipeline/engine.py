@@ -101,6 +101,7 @@ LATER_KEYS: dict[str, Any] = {"es.dream_generations": 0, "es.covariance": "full"
                                "es.common_seeds": False, "es.dream_patience": 0,
                                "es.carry_over": False, "es.max_steps": 0,
                                "vae.salient_weight": 0.0, "collect.explore": 0.0,
+                               "collect.explore_hold": 1, "collect.explore_outputs": [],
                                "es.real_envs": 0, "dream.ensemble_reward": "mean",
                                "mdrnn.reward_over_weight": 1.0, "es.mirrored": False,
                                "controller.int8_encoder": False, "controller.clock": [],
