@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -175,7 +177,7 @@ def test_the_agent_explores_the_outputs_named_held_for_their_steps():
     outputs in collect.explore_outputs is held explore_hold steps, the other outputs stay
     C's; the draws depend on the episode's seed alone, and M steps on the moves taken."""
     from wmlab.agent import AgentPolicy, Exploration
-    from wmlab.config import load_config
+    from wmlab.config import ConfigError, load_config
 
     c_raw = np.tanh([0.5, -0.2, -0.7]).astype(np.float32)
     frames = [_frames(2, t) for t in range(60)]
@@ -210,7 +212,10 @@ def test_the_agent_explores_the_outputs_named_held_for_their_steps():
     with pytest.raises(WmlabError, match="collect.explore_outputs"):
         Exploration.of(PolicyConfig(explore=0.1, explore_outputs=(3,)), 3)
     # in a later iteration's collection, explore applies to the agent's share
-    cfg = load_config("carracing", "solve", ["collect.explore=0.05", "collect.explore_hold=5",
-                                             "collect.explore_outputs=[1, 2]",
-                                             'collect.agent_run="r"'])
-    assert cfg.collect.explore_outputs == [1, 2]
+    later = load_config("carracing", "solve").run.later
+    cfg = load_config("carracing", "solve", [
+        "run.later=" + json.dumps([*later, "collect.explore=0.05", "collect.explore_hold=5",
+                                   "collect.explore_outputs=[1, 2]"])])
+    assert "collect.explore=0.05" in cfg.run.later
+    with pytest.raises(ConfigError, match="collect.explore"):  # iteration 1: brown alone
+        load_config("carracing", "solve", ["collect.explore=0.05"])

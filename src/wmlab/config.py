@@ -633,7 +633,11 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError(f"mdrnn.lr_min ({cfg.mdrnn.lr_min}) must not exceed mdrnn.lr "
                           f"({cfg.mdrnn.lr})")
     if cfg.run.later:  # the later iterations' overrides, checked now, not hours from now
-        probe = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, later=[]))
+        # as iteration_config makes them: with the previous iteration's agent to collect
+        probe = dataclasses.replace(
+            cfg, run=dataclasses.replace(cfg.run, later=[]),
+            collect=dataclasses.replace(cfg.collect,
+                                        agent_run=cfg.collect.agent_run or "previous"))
         try:
             with_overrides(probe, cfg.run.later)
         except ConfigError as exc:

@@ -36,6 +36,7 @@ def iteration_config(cfg: Config, iteration: int) -> Config:
                          f"trained agent, and {previous.root} has none: run `wmlab run` with "
                          f"--iteration {iteration - 1} first")
     new = copy.deepcopy(cfg)
+    new.collect.agent_run = previous.root  # before run.later: its overrides check against it
     if cfg.run.later:
         new = with_overrides(new, cfg.run.later)
     name = cfg.run.name or f"{cfg.preset}-{cfg.profile}"
