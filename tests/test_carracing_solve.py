@@ -424,6 +424,7 @@ def test_solve_profile_plans_within_eight_hours():
     assert (cfg.vae.z_dim, cfg.mdrnn.hidden, cfg.controller.inputs) == (32, 256, "zh")
     assert cfg.mdrnn.reward_head and cfg.mdrnn.done_head  # the dream needs both
     assert cfg.controller.packed_encoder and cfg.es.stall_steps > 0
+    assert cfg.controller.z_noise == 0  # C on V's mean: 22 of z's 32 dimensions are noise
     # 8 envs per job (EnvPool's best batch per core) and whole rounds of 2 jobs
     assert cfg.es.job_members * cfg.es.rollouts == 8
     assert (cfg.es.population // cfg.es.job_members) % 2 == 0
