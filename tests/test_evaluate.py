@@ -88,6 +88,29 @@ def test_a_resumed_evaluation_keeps_what_it_finished(tmp_path):
     assert evaluate_random_policy(cfg, reuse=True).returns == floor.returns
 
 
+def test_a_later_iteration_copies_the_random_policy_of_iteration_1(tmp_path):
+    """The random policy plays the same episodes in every iteration: iteration 2's evaluate
+    reads iteration 1's (copied into its own folder), not played again; other episodes are
+    played."""
+    import copy
+
+    from wmlab.evaluate import evaluate_random_policy
+
+    cfg = make_run(tmp_path, overrides=EVAL)
+    first = evaluate_random_policy(cfg, reuse=True)
+    first_path = Path(RunLayout.of(cfg).eval, "random-vizdoom.json")
+    first_path.write_text(json.dumps({**json.loads(first_path.read_text()),
+                                      "returns": [-1.0] * 3}))  # no game returns -1
+    later = copy.deepcopy(cfg)
+    later.run.name = f"{cfg.run.name}/iterations/2"
+    assert RunLayout.of(later).base.root == RunLayout.of(cfg).root
+    assert evaluate_random_policy(later, reuse=True).returns == [-1.0] * 3
+    copied = Path(RunLayout.of(later).eval, "random-vizdoom.json")
+    assert json.loads(copied.read_text())["returns"] == [-1.0] * 3
+    assert evaluate_random_policy(later).returns == first.returns  # without reuse: played
+    assert -1.0 not in evaluate_random_policy(later, episodes=2, reuse=True).returns
+
+
 def test_evaluate_in_the_dream_and_through_the_cli(tmp_path, capsys):
     cfg = make_run(tmp_path, overrides=EVAL)
     params = np.zeros(Z_DIM + 32)

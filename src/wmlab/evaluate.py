@@ -437,12 +437,18 @@ def evaluate_random_policy(cfg: Config, *, episodes: int | None = None,
     name = "random" if policy == "uniform" else policy
     path = out or RunLayout.of(cfg).scores(name, backend)
     if reuse:
-        saved = saved_result(path, env=spec.name, backend=backend,
-                             seeds=[int(s) for s in seeds.ravel()],
-                             controller=f"{name} ({policy})")
-        if saved is not None and saved.extra.get("max_steps") == cfg.env.max_steps \
-                and _same_repeat(saved, cfg):
-            return saved
+        # this iteration's own, else iteration 1's: a policy that does not look plays the
+        # same episodes whatever the iteration trained, so a later one copies it
+        earlier = RunLayout.of(cfg).base.scores(name, backend) if out is None else path
+        for candidate in dict.fromkeys([path, earlier]):
+            saved = saved_result(candidate, env=spec.name, backend=backend,
+                                 seeds=[int(s) for s in seeds.ravel()],
+                                 controller=f"{name} ({policy})")
+            if saved is not None and saved.extra.get("max_steps") == cfg.env.max_steps \
+                    and _same_repeat(saved, cfg):
+                if candidate != path:
+                    atomic_write_bytes(path, json.dumps(asdict(saved), indent=2).encode())
+                return saved
     chosen = make_policy(PolicyConfig(name=policy), seeds.shape[1], spec.controller_outputs)
     with make_batch(spec.name, seeds.shape[1], backend, **options) as env_batch:
         for row in seeds:
