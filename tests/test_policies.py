@@ -219,3 +219,17 @@ def test_the_agent_explores_the_outputs_named_held_for_their_steps():
     assert "collect.explore=0.05" in cfg.run.later
     with pytest.raises(ConfigError, match="collect.explore"):  # iteration 1: brown alone
         load_config("carracing", "solve", ["collect.explore=0.05"])
+
+
+def test_an_output_the_agent_cannot_explore_is_refused_before_collecting(tmp_path):
+    """collect.explore_outputs naming an output C does not have: one line, nothing written."""
+    from wmlab.collect import collect
+    from wmlab.config import load_config
+
+    cfg = load_config("carracing", "quick", [
+        f'run.root="{tmp_path}"', 'collect.policy="agent"', 'collect.agent_run="nowhere"',
+        "collect.explore=0.1", "collect.explore_outputs=[1, 3]"])
+    with pytest.raises(WmlabError, match="collect.explore_outputs") as err:
+        collect(cfg, progress=False)
+    assert "\n" not in str(err.value)
+    assert not any(tmp_path.iterdir())

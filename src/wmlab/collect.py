@@ -212,6 +212,8 @@ def collect(cfg: Config, *, progress: bool = True,
     if backend not in spec.backends:
         raise WmlabError(f"env '{spec.name}' has no backend '{backend}': choose one of "
                          f"{', '.join(spec.backends)}")
+    if c.policy == AGENT_POLICY:  # the outputs it explores, checked before anything is written
+        Exploration.of(c, spec.controller_outputs)
     collection = c.collection or c.policy
     store_url = cfg.store_url()
     store = EpisodeStore.create_or_open(store_url, env=spec.name, backend=backend,
