@@ -7,6 +7,7 @@ import csv
 import json
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pytest
 import torch
@@ -111,6 +112,50 @@ def test_the_refit_reads_the_episodes_in_chunks_as_each_alone(monkeypatch):
         np.testing.assert_allclose(new, memory_features(new_m, series, "zh"), atol=1e-5)
     with pytest.raises(WmlabError, match="no recorded episodes"):
         next(carry_over_module._features(old_m, new_m, iter([]), "zh"))
+
+
+def _drifted(episodes: list[Series], shift: float) -> list[Series]:
+    """The same episodes as a retrained V sees them: every z moved (the same actions)."""
+    return [Series(s.episode_id, (s.mu.astype(np.float32) + shift).astype(np.float16),
+                   s.logvar, s.actions, s.rewards, s.dones) for s in episodes]
+
+
+def test_the_old_features_read_the_old_vs_series_where_v_was_retrained():
+    old_m, new_m = _m(1), _m(2)
+    before = _episodes(3, 20)
+    after = _drifted(before, 0.7)
+    pairs = list(carry_over_module._features(old_m, new_m, after, "zh", old_episodes=before))
+    for old_series, new_series, (old, new) in zip(before, after, pairs, strict=True):
+        np.testing.assert_allclose(old, memory_features(old_m, old_series, "zh"), atol=1e-5)
+        np.testing.assert_allclose(new, memory_features(new_m, new_series, "zh"), atol=1e-5)
+    with pytest.raises(WmlabError, match="encode the same episodes with both Vs"):
+        list(carry_over_module._features(old_m, new_m, after, "zh",
+                                         old_episodes=before[::-1]))
+
+
+def test_carry_over_across_a_retrained_v_matches_the_old_controller():
+    """V retrained (every z moved), M the same: reading the old controller's inputs off the
+    new V's z leaves it as it was; read off the old V's z, the refit follows the change."""
+    m = _m(1)
+    before = _episodes()
+    after = _drifted(before, 0.7)
+    params = np.random.default_rng(1).normal(0, 0.5, SHAPE.num_params)
+    target = _pre_activations(params, [memory_features(m, s, "zh") for s in before])
+    new = [memory_features(m, s, "zh") for s in after]
+    path = "memory://carry-over-v.json"
+
+    def error(candidate: np.ndarray) -> float:  # the game, here: the old controller's acts
+        return float(np.mean((_pre_activations(candidate, new) - target) ** 2))
+
+    def fitted(old_episodes):
+        chosen, _ = carry_over(SHAPE, "zh", params, m, m, after, lambda c: -error(c), path,
+                               old_episodes=old_episodes)
+        fsspec.filesystem("memory").rm(path)
+        return error(chosen)
+
+    blind = error(params)
+    assert fitted(before) < 0.2 * blind
+    assert fitted(None) > 0.5 * blind  # the old z never seen: nothing to translate
 
 
 def test_refit_to_the_same_m_keeps_the_controller():
@@ -362,3 +407,50 @@ def test_the_c_stage_starts_from_the_carried_over_controller(tmp_path, one_threa
                      "es.carry_over=true"), mdrnn=new_m)
     with pytest.raises(WmlabError, match="mdrnn.init_from"):
         train_controller(bare, progress=False)
+
+
+def test_the_c_stage_reads_the_episodes_as_the_previous_v_encoded_them(tmp_path, one_thread):
+    """A later iteration that retrained V (vae.epochs > 0): carry-over's old features come
+    from the recorded episodes encoded by vae.init_from's V, written once beside the run's
+    own series (which stay current); with V kept, or no V named, the run's own series."""
+    from agent_fixtures import make_run, record_car_episodes
+    from test_carracing_budget import TINY_CAR, carracing_mdrnn
+    from wmlab.checkpoint import save_checkpoint
+    from wmlab.data import EpisodeStore
+    from wmlab.data.series import SeriesStore
+    from wmlab.device import resolve_bf16
+    from wmlab.pipeline.controller_stage import episodes_as_started
+    from wmlab.runs import RunLayout
+    from wmlab.vision.encode import encode_frames, encode_store
+    from wmlab.vision.model import FINAL_WEIGHTS, ConvVAE, load_vae, read_vae_info
+
+    torch.manual_seed(5)
+    previous = tmp_path / "previous-vision"
+    save_checkpoint(str(previous), FINAL_WEIGHTS, 1, ConvVAE(8).state_dict(), None,
+                    {"z_dim": 8, "kind": "vae"})
+    cfg = make_run(tmp_path / "run", "carracing",
+                   (*TINY_CAR, f'vae.init_from="{previous}"', "vae.z_dim=8"),
+                   mdrnn=carracing_mdrnn(True))
+    record_car_episodes(cfg, 8, "agent")
+    encode_store(cfg, progress=False)  # the run's own V: its series current
+    own = SeriesStore.current(cfg.store_url())
+    assert own.fingerprint == read_vae_info(RunLayout.of(cfg).vision)["fingerprint"]
+
+    old = list(episodes_as_started(cfg))
+    assert [s.episode_id for s in old] == [f"agent-{k:07d}" for k in range(3)]
+    store = EpisodeStore.open(cfg.store_url())
+    before, _ = load_vae(str(previous))
+    cpu = torch.device("cpu")
+    mu, _ = encode_frames(before, store.load(old[0].episode_id).frames, cpu,
+                          bf16=resolve_bf16(cfg.vae.bf16, cpu))
+    np.testing.assert_allclose(old[0].mu.astype(np.float32), mu, atol=2e-2)
+    assert not np.allclose(old[0].mu, own.load(old[0].episode_id).mu, atol=1e-2)
+    assert SeriesStore.current(cfg.store_url()).fingerprint == own.fingerprint
+    # V kept (vae.init_from is this run's V), or no V named: the run's own series
+    kept = make_run(tmp_path / "run", "carracing",
+                    (*TINY_CAR, f'vae.init_from="{RunLayout.of(cfg).vision}"',
+                     "vae.z_dim=8"), mdrnn=carracing_mdrnn(True))
+    assert episodes_as_started(kept) is None
+    assert episodes_as_started(make_run(tmp_path / "run", "carracing",
+                                        (*TINY_CAR, "vae.z_dim=8"),
+                                        mdrnn=carracing_mdrnn(True))) is None

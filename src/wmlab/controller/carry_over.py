@@ -217,17 +217,20 @@ def refit(shape: ControllerShape, params: np.ndarray,
 def carry_over(shape: ControllerShape, inputs: str, params: np.ndarray, old_m: MDNRNN,
                new_m: MDNRNN, episodes: Iterable[Series],
                score: Callable[[np.ndarray], float], path: str,
-               candidates: torch.Tensor | None = None
+               candidates: torch.Tensor | None = None,
+               old_episodes: Iterable[Series] | None = None
                ) -> tuple[np.ndarray, CarryOverChoice]:
     """The starting controller for ``new_m``: ``params`` (made for ``old_m``) refitted at
     each ridge strength, or as it was, whichever ``score`` (the real return on the fixed
     seeds) rates best. Read back from ``path`` when it was chosen before (only the chosen
     fit is computed again, and nothing for the controller as it was). ``candidates``: the
-    actions a look-ahead C scores (row a: action a's vector for M)."""
+    actions a look-ahead C scores (row a: action a's vector for M). ``old_episodes``: the
+    same episodes as the old controller saw them, where V was retrained too (their z from
+    the old V; the old features are read from them); None: the same z for both."""
     check_carry_over(shape, inputs, candidates)
     params = np.asarray(params, dtype=np.float64)
     pairs = _features(old_m, new_m, episodes, inputs, candidates if shape.lookahead else None,
-                      shape.clock)
+                      shape.clock, old_episodes)
     if exists(path):  # resume: the same choice, not scored again
         with fsspec.open(path, "rb") as handle:
             choice = CarryOverChoice(**json.loads(handle.read()))
@@ -248,20 +251,22 @@ def carry_over(shape: ControllerShape, inputs: str, params: np.ndarray, old_m: M
 
 
 def _features(old_m: MDNRNN, new_m: MDNRNN, episodes: Iterable[Series], inputs: str,
-              candidates: torch.Tensor | None = None, clock: tuple[int, ...] = ()
+              candidates: torch.Tensor | None = None, clock: tuple[int, ...] = (),
+              old_episodes: Iterable[Series] | None = None
               ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """What C read with the old M and reads with the new one, per recorded episode: the
-    features of every step (the clock's too, the same in both), or for a look-ahead C
-    (``candidates``) of every (step, action) pair over the first LOOKAHEAD_STEPS recorded
-    steps."""
+    """What C read with the old M (on ``old_episodes``, else on ``episodes``) and reads with
+    the new one, per recorded episode: the features of every step (the clock's too, the same
+    in both), or for a look-ahead C (``candidates``) of every (step, action) pair over the
+    first LOOKAHEAD_STEPS recorded steps."""
     old_m, new_m = old_m.eval(), new_m.eval()
+    pairs = _episode_pairs(episodes, old_episodes)
     if candidates is None:
-        yield from _paired_features(old_m, new_m, episodes, inputs, clock)
+        yield from _paired_features(old_m, new_m, pairs, inputs, clock)
         return
     left, any_episode = LOOKAHEAD_STEPS, False
-    for series in episodes:
+    for old_series, series in pairs:
         any_episode = True
-        old = lookahead_memory_features(old_m, series, inputs, candidates, left)
+        old = lookahead_memory_features(old_m, old_series, inputs, candidates, left)
         new = lookahead_memory_features(new_m, series, inputs, candidates, left)
         yield old, new
         left -= len(old)
@@ -271,15 +276,32 @@ def _features(old_m: MDNRNN, new_m: MDNRNN, episodes: Iterable[Series], inputs: 
         raise _no_episodes()
 
 
-def _paired_features(old_m: MDNRNN, new_m: MDNRNN, episodes: Iterable[Series], inputs: str,
+def _episode_pairs(episodes: Iterable[Series], old_episodes: Iterable[Series] | None
+                   ) -> Iterator[tuple[Series, Series]]:
+    """(as the old controller saw it, as the new one sees it) per episode, in order."""
+    if old_episodes is None:
+        yield from ((series, series) for series in episodes)
+        return
+    for old, new in zip(old_episodes, episodes, strict=True):
+        if old.episode_id != new.episode_id or len(old.actions) != len(new.actions):
+            raise WmlabError(f"es.carry_over: the old V's series of {old.episode_id} does "
+                             f"not match this V's {new.episode_id}: encode the same "
+                             "episodes with both Vs")
+        yield old, new
+
+
+def _paired_features(old_m: MDNRNN, new_m: MDNRNN,
+                     pairs: Iterable[tuple[Series, Series]], inputs: str,
                      clock: tuple[int, ...]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(old, new) features per episode, EPISODE_CHUNK episodes read at a time and run through
-    each M together (``memory_features_of``): the episodes are streamed, never all held."""
-    stream, any_episode = iter(episodes), False
+    """(old, new) features per episode pair (old, new series), EPISODE_CHUNK episodes read
+    at a time and run through each M together (``memory_features_of``): the episodes are
+    streamed, never all held."""
+    stream, any_episode = iter(pairs), False
     while chunk := list(islice(stream, EPISODE_CHUNK)):
         any_episode = True
-        yield from zip(memory_features_of(old_m, chunk, inputs, clock),
-                       memory_features_of(new_m, chunk, inputs, clock), strict=True)
+        yield from zip(memory_features_of(old_m, [old for old, _ in chunk], inputs, clock),
+                       memory_features_of(new_m, [new for _, new in chunk], inputs, clock),
+                       strict=True)
     if not any_episode:
         raise _no_episodes()
 

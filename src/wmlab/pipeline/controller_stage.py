@@ -49,6 +49,8 @@ from wmlab.fsio import atomic_write_bytes, exists
 from wmlab.memory.model import load_mdrnn
 from wmlab.raycluster import check_ray_address
 from wmlab.runs import RunLayout
+from wmlab.vision.encode import encode_with
+from wmlab.vision.model import read_vae_info
 
 
 def check_training_inputs(cfg: Any) -> tuple[Any, Any]:
@@ -151,12 +153,29 @@ def train_controller(cfg: Any, *, progress: bool = True,
                       space=space)
 
 
+def _driven_ids(cfg: Any) -> list[str]:
+    store = EpisodeStore.open(cfg.store_url())
+    return store.episode_ids("agent") or store.episode_ids()
+
+
 def recorded_episodes(cfg: Any) -> Iterator[Series]:
     """The iteration's recorded series that C's fits read (es.carry_over's refit,
     es.h_components' directions): the agent-driven episodes where there are any, else all."""
-    store = EpisodeStore.open(cfg.store_url())
-    driven = store.episode_ids("agent") or store.episode_ids()
-    return SeriesStore.current(cfg.store_url()).iter_series(driven)
+    return SeriesStore.current(cfg.store_url()).iter_series(_driven_ids(cfg))
+
+
+def episodes_as_started(cfg: Any) -> Iterator[Series] | None:
+    """The recorded episodes as es.init_from's controller saw them, where this run's V was
+    retrained from another (vae.init_from's, the previous iteration's): their z from that V,
+    encoded once beside the run's own series. None where the V is the same (vae.epochs = 0
+    in a later iteration keeps it), or no V to start from is named."""
+    if not cfg.vae.init_from:
+        return None
+    before = read_vae_info(cfg.vae.init_from)["fingerprint"]
+    if before == SeriesStore.current(cfg.store_url()).fingerprint:
+        return None
+    ids = _driven_ids(cfg)
+    return encode_with(cfg, cfg.vae.init_from, ids).iter_series(ids)
 
 
 def search_space(cfg: Any, models: Any, folder: str) -> SearchSpace | None:
@@ -197,7 +216,8 @@ def carried_start(cfg: Any, models: Any, start: Any, scorer: Fitness, folder: st
     params, choice = carry_over(models.shape, cfg.controller.inputs, start, old_m,
                                 models.mdrnn, recorded_episodes(cfg),
                                 lambda candidate: score_mean(scorer, candidate, seeds),
-                                f"{folder}/{CARRY_OVER_FILE}", candidates=models.candidates)
+                                f"{folder}/{CARRY_OVER_FILE}", candidates=models.candidates,
+                                old_episodes=episodes_as_started(cfg))
     where = "in the dream" if cfg.es.fitness == "dream" else "real"
     print(f"[controller] carried over to this M: {choice.chosen} "
           f"({where} {choice.score:.1f} on the fixed seeds; "

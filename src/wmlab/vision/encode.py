@@ -157,21 +157,45 @@ def encode_store(cfg: Config, *, progress: bool = True) -> EncodeSummary:
     keep_freed_memory(device.type)  # the same large tensors every step: no page faults
     store = check_encodable(cfg)
     all_ids = store.episode_ids()
-    model, info = load_vae(RunLayout.of(cfg).vision, device, z_dim=cfg.vae.z_dim)
+    started = time.monotonic()
+    series, encoded, frames = _encode_episodes(cfg, RunLayout.of(cfg).vision, store, all_ids,
+                                               device, progress)
+    made_by = series.info()  # the V's z_dim and training step, as _encode_episodes wrote
+    series.mark_current({"z_dim": made_by["z_dim"], "episodes": len(all_ids),
+                         "vae_step": made_by["vae_step"]})
+    return EncodeSummary(series_url=series.url, fingerprint=series.fingerprint,
+                         episodes=len(all_ids), encoded=encoded, frames=frames,
+                         seconds=time.monotonic() - started)
+
+
+def encode_with(cfg: Config, vision_folder: str, ids: list[str]) -> SeriesStore:
+    """The series of the run's episodes ``ids`` under another V (``vision_folder``'s, e.g.
+    the previous iteration's), written beside the run's own under that V's fingerprint
+    (resumable; the run's current series stay current)."""
+    device = resolve_device(cfg.run.device)
+    store = EpisodeStore.open(cfg.store_url())
+    return _encode_episodes(cfg, vision_folder, store, ids, device, progress=False)[0]
+
+
+def _encode_episodes(cfg: Config, vision_folder: str, store: EpisodeStore, ids: list[str],
+                     device: torch.device, progress: bool) -> tuple[SeriesStore, int, int]:
+    """Each of ``ids`` without a series under ``vision_folder``'s V encoded by it: that V's
+    series store, the episodes encoded and their frames."""
+    model, info = load_vae(vision_folder, device, z_dim=cfg.vae.z_dim)
     channels_last = cfg.vae.channels_last
     bf16 = resolve_bf16(cfg.vae.bf16, device)  # as V was trained, where the hardware has it
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     series = SeriesStore(cfg.store_url(), info["fingerprint"])
     series.write_info({"z_dim": model.z_dim, "kind": info.get("kind", "vae"),
-                       "vae_step": info.get("step"), "vae_folder": RunLayout.of(cfg).vision})
+                       "vae_step": info.get("step"), "vae_folder": vision_folder})
     done = set(series.ids())
-    todo = [episode_id for episode_id in all_ids if episode_id not in done]
+    todo = [episode_id for episode_id in ids if episode_id not in done]
 
     from tqdm.auto import tqdm
 
     started, frames = time.monotonic(), 0
-    bar = tqdm(total=len(all_ids), initial=len(all_ids) - len(todo), desc="encode",
+    bar = tqdm(total=len(ids), initial=len(ids) - len(todo), desc="encode",
                unit="ep", disable=not progress, dynamic_ncols=True)
     encoder = BatchedEncoder(lambda batch: encode_frames(model, batch, device, channels_last,
                                                         bf16=bf16))
@@ -196,8 +220,4 @@ def encode_store(cfg: Config, *, progress: bool = True) -> EncodeSummary:
             write(encoder.add(todo[position], episode))
         write(encoder.flush())
     bar.close()
-    series.mark_current({"z_dim": model.z_dim, "episodes": len(all_ids),
-                         "vae_step": info.get("step")})
-    return EncodeSummary(series_url=series.url, fingerprint=info["fingerprint"],
-                         episodes=len(all_ids), encoded=len(todo), frames=frames,
-                         seconds=time.monotonic() - started)
+    return series, len(todo), frames
