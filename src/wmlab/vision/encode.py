@@ -157,15 +157,11 @@ def encode_store(cfg: Config, *, progress: bool = True) -> EncodeSummary:
     keep_freed_memory(device.type)  # the same large tensors every step: no page faults
     store = check_encodable(cfg)
     all_ids = store.episode_ids()
-    started = time.monotonic()
-    series, encoded, frames = _encode_episodes(cfg, RunLayout.of(cfg).vision, store, all_ids,
-                                               device, progress)
-    made_by = series.info()  # the V's z_dim and training step, as _encode_episodes wrote
+    series, made_by, summary = _encode_episodes(cfg, RunLayout.of(cfg).vision, store,
+                                                all_ids, device, progress)
     series.mark_current({"z_dim": made_by["z_dim"], "episodes": len(all_ids),
                          "vae_step": made_by["vae_step"]})
-    return EncodeSummary(series_url=series.url, fingerprint=series.fingerprint,
-                         episodes=len(all_ids), encoded=encoded, frames=frames,
-                         seconds=time.monotonic() - started)
+    return summary
 
 
 def encode_with(cfg: Config, vision_folder: str, ids: list[str]) -> SeriesStore:
@@ -178,17 +174,19 @@ def encode_with(cfg: Config, vision_folder: str, ids: list[str]) -> SeriesStore:
 
 
 def _encode_episodes(cfg: Config, vision_folder: str, store: EpisodeStore, ids: list[str],
-                     device: torch.device, progress: bool) -> tuple[SeriesStore, int, int]:
+                     device: torch.device, progress: bool
+                     ) -> tuple[SeriesStore, dict[str, Any], EncodeSummary]:
     """Each of ``ids`` without a series under ``vision_folder``'s V encoded by it: that V's
-    series store, the episodes encoded and their frames."""
+    series store, what it records of the V (z_dim, step...) and the summary."""
     model, info = load_vae(vision_folder, device, z_dim=cfg.vae.z_dim)
     channels_last = cfg.vae.channels_last
     bf16 = resolve_bf16(cfg.vae.bf16, device)  # as V was trained, where the hardware has it
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     series = SeriesStore(cfg.store_url(), info["fingerprint"])
-    series.write_info({"z_dim": model.z_dim, "kind": info.get("kind", "vae"),
-                       "vae_step": info.get("step"), "vae_folder": vision_folder})
+    made_by = {"z_dim": model.z_dim, "kind": info.get("kind", "vae"),
+               "vae_step": info.get("step"), "vae_folder": vision_folder}
+    series.write_info(made_by)
     done = set(series.ids())
     todo = [episode_id for episode_id in ids if episode_id not in done]
 
@@ -220,4 +218,6 @@ def _encode_episodes(cfg: Config, vision_folder: str, store: EpisodeStore, ids: 
             write(encoder.add(todo[position], episode))
         write(encoder.flush())
     bar.close()
-    return series, len(todo), frames
+    return series, made_by, EncodeSummary(
+        series_url=series.url, fingerprint=series.fingerprint, episodes=len(ids),
+        encoded=len(todo), frames=frames, seconds=time.monotonic() - started)
