@@ -10,7 +10,14 @@ import torch
 from wmlab.agent import build_models, run_real
 from wmlab.envs import get_spec
 from wmlab.memory.model import MDNRNN, MdrnnShape
-from wmlab.vision.int8 import WEIGHT_LEVELS, Int8Encoder, int8_available, prior_frames
+from wmlab.vision.int8 import (
+    PIXEL_SCALE,
+    WEIGHT_LEVELS,
+    Int8Encoder,
+    int8_available,
+    pixels_as_quint8,
+    prior_frames,
+)
 from wmlab.vision.model import ConvVAE, frames_to_tensor
 
 pytestmark = pytest.mark.skipif(not int8_available(), reason="no int8 CPU engine here")
@@ -39,6 +46,19 @@ def test_int8_encoder_is_close_to_float32(vae):
     assert float(error.max()) < 0.3 * spread
     assert float(error.max()) > 0  # it did run in int8
     assert float((q_logvar - logvar).abs().mean()) < 0.05 * float(logvar.std())
+
+
+def test_frames_are_taken_as_int8_pixels_at_the_same_levels(vae):
+    frames = _frames(vae, 4)
+    quantized = torch.quantize_per_tensor(frames_to_tensor(frames, channels_last=True),
+                                          PIXEL_SCALE, 0, torch.quint8)
+    taken = pixels_as_quint8(frames)
+    assert taken.shape == (4, 3, 64, 64) and taken.q_scale() == PIXEL_SCALE
+    assert taken.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(taken.int_repr(), quantized.int_repr())
+    # frames that are a strided view (every other one) give the same levels
+    strided = torch.cat([frames, frames]).view(2, 4, 64, 64, 3).transpose(0, 1)[:, 0]
+    assert torch.equal(pixels_as_quint8(strided).int_repr(), quantized.int_repr())
 
 
 def test_int8_weights_keep_seven_bits(vae):

@@ -115,22 +115,36 @@ class Int8Encoder:
                 _quantize_weight(c.weight.detach()), c.bias.detach().float(),
                 list(c.stride), list(c.padding), list(c.dilation), c.groups), scale)
                 for c, scale in zip(convs, scales, strict=True)]
-        self.heads = (torch.cat([encoder.mu.weight, encoder.logvar.weight]).detach().float()
-                      .t().contiguous(),
+        heads = torch.cat([encoder.mu.weight, encoder.logvar.weight]).detach().float()
+        # the encoder flattens (channel, row, column); the last int8 activations lie in
+        # memory as (row, column, channel): the heads' columns permuted once to that order
+        # read them as a view, instead of copying them into the encoder's order every call
+        last = convs[-1].out_channels
+        heads = heads.view(len(heads), last, -1).transpose(1, 2).reshape(len(heads), -1)
+        self.heads = (heads.t().contiguous(),
                       torch.cat([encoder.mu.bias, encoder.logvar.bias]).detach().float())
 
     @torch.no_grad()
     def __call__(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, 64, 64, 3) uint8 frames -> (mu, logvar), each (N, z) float32."""
         with _quantized_tensors():
-            # every byte value is exactly one level of the 1/255 scale
-            x = torch.quantize_per_tensor(frames_to_tensor(frames, channels_last=True),
-                                          PIXEL_SCALE, 0, torch.quint8)
+            x = pixels_as_quint8(frames)
             for packed, scale in self.layers:
                 x = torch.ops.quantized.conv2d_relu(x, packed, scale, 0)
-            features = x.dequantize().flatten(1)  # (channel, row, column): the encoder's order
+            # (N, C, H, W) in channels-last memory: (N, H, W, C) is a view, flattened free
+            features = x.dequantize().permute(0, 2, 3, 1).reshape(len(x), -1)
         out = torch.addmm(self.heads[1], features, self.heads[0])
         return out[:, :self.z_dim], out[:, self.z_dim:]
+
+
+def pixels_as_quint8(frames: torch.Tensor) -> torch.Tensor:
+    """(N, 64, 64, 3) uint8 frames -> (N, 3, 64, 64) quint8 at scale 1/255, channels-last.
+
+    Every byte is already its own level of the 1/255 scale, so the frames' memory is taken
+    as the quantized tensor's as it is: no float pixels made and quantized back (~10% of the
+    int8 encoder's time at a batch of 8), the same levels (tested)."""
+    return torch._make_per_tensor_quantized_tensor(
+        frames.contiguous().permute(0, 3, 1, 2), PIXEL_SCALE, 0)
 
 
 def _activation_scales(convs: list[nn.Conv2d], frames: torch.Tensor) -> list[float]:
