@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from wmlab.errors import WmlabError
-from wmlab.vision.model import frames_to_tensor
+from wmlab.vision.model import channels_last_heads, frames_to_tensor
 
 WEIGHT_LEVELS = 63  # 7-bit weights: no int16 saturation on CPUs without VNNI (above)
 PIXEL_SCALE = 1.0 / 255.0
@@ -115,14 +115,8 @@ class Int8Encoder:
                 _quantize_weight(c.weight.detach()), c.bias.detach().float(),
                 list(c.stride), list(c.padding), list(c.dilation), c.groups), scale)
                 for c, scale in zip(convs, scales, strict=True)]
-        heads = torch.cat([encoder.mu.weight, encoder.logvar.weight]).detach().float()
-        # the encoder flattens (channel, row, column); the last int8 activations lie in
-        # memory as (row, column, channel): the heads' columns permuted once to that order
-        # read them as a view, instead of copying them into the encoder's order every call
-        last = convs[-1].out_channels
-        heads = heads.view(len(heads), last, -1).transpose(1, 2).reshape(len(heads), -1)
-        self.heads = (heads.t().contiguous(),
-                      torch.cat([encoder.mu.bias, encoder.logvar.bias]).detach().float())
+        # the last int8 activations are channels-last: the heads read them as a view
+        self.heads = channels_last_heads(encoder, torch.float32)
 
     @torch.no_grad()
     def __call__(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

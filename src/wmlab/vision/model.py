@@ -135,13 +135,7 @@ class PackedEncoder:
             self.patches = [(c.weight.detach().permute(2, 3, 1, 0).reshape(
                 -1, c.out_channels).to(dtype).contiguous(), c.bias.detach().to(dtype))
                 for c in convs[2:]]
-            last = convs[-1].out_channels
-            heads = torch.cat([encoder.mu.weight, encoder.logvar.weight]).detach()
-            # Encoder flattens (channel, row, column); the patch rows hold (row, column,
-            # channel)
-            heads = heads.view(len(heads), last, -1).transpose(1, 2).reshape(len(heads), -1)
-            self.heads = (heads.t().to(dtype).contiguous(),
-                          torch.cat([encoder.mu.bias, encoder.logvar.bias]).detach().to(dtype))
+            self.heads = channels_last_heads(encoder, dtype)
         self.z_dim = encoder.mu.out_features
 
     @torch.no_grad()
@@ -164,6 +158,20 @@ class PackedEncoder:
         Contiguous (N, H, W, C) frames are channels-last already: no copy then."""
         x = frames.permute(0, 3, 1, 2).to(self.dtype).div_(255.0)
         return x.contiguous(memory_format=torch.channels_last)
+
+
+def channels_last_heads(encoder: Encoder, dtype: torch.dtype
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """V's mu and logvar heads as one matmul that reads the last convolution's output laid
+    out (row, column, channel), as channels-last memory holds it: (weight (features, 2 z),
+    bias (2 z)) in ``dtype``. Encoder flattens (channel, row, column); the heads' columns are
+    permuted once so that an acting encoder flattens its activations as a view, not a copy."""
+    last = [m for m in encoder.convs if isinstance(m, nn.Conv2d)][-1].out_channels
+    with torch.no_grad():
+        heads = torch.cat([encoder.mu.weight, encoder.logvar.weight]).detach()
+        heads = heads.view(len(heads), last, -1).transpose(1, 2).reshape(len(heads), -1)
+        return (heads.t().to(dtype).contiguous(),
+                torch.cat([encoder.mu.bias, encoder.logvar.bias]).detach().to(dtype))
 
 
 def conv_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
