@@ -179,6 +179,25 @@ def test_recorded_episodes_replay_to_the_same_returns(carracing_models):
 # --- the dream's fidelity ---------------------------------------------------------------------
 
 
+def test_side_by_side_ratios_pair_each_round_and_take_the_median():
+    """The rollout benchmark's ratios compare minutes measured next to each other: each
+    round's rate against the same round's reference, the median of the rounds reported with
+    their range; a row's figures add every round's steps and times."""
+    from wmlab.bench.controller import _rate, _ratio_text, _summed
+
+    # two workers a round: (steps, seconds); the slower worker sets the round's time
+    reference = [[(1000, 1.0), (1000, 2.0)], [(3000, 1.0), (3000, 2.0)]]
+    agent = [[(800, 2.0), (800, 2.0)], [(2000, 2.0), (2000, 2.0)]]
+    assert _rate(reference[0]) == 1000.0 and _rate(agent[0]) == 800.0
+    ratios = [_rate(a) / _rate(r) for a, r in zip(agent, reference, strict=True)]
+    assert ratios == [0.8, 2000.0 / 3000.0]
+    assert _ratio_text(ratios, "EnvPool") == "0.73x EnvPool (median of 2 rounds, 0.67-0.80)"
+    assert _ratio_text([0.8], "EnvPool") == "0.80x EnvPool"
+    # a row: every round's steps over every round's time (the slower worker's each round)
+    assert _summed(agent) == {"steps": 5600, "seconds": 4.0, "per_second": 1400.0}
+    assert _summed(reference)["per_second"] == 2000.0
+
+
 def test_rank_correlation():
     from wmlab.fidelity import average_ranks, rank_correlation
 

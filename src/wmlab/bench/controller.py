@@ -256,10 +256,6 @@ def _raw_envpool_rate(spec: Any, envs: int, cap: int, seconds: float,
     return steps, took
 
 
-def _stepping_rate_job(args: tuple) -> tuple[int, float]:
-    return _stepping_rate(*args)
-
-
 def _shipped_rate(workload: Any, params: np.ndarray, envs: int, cap: int, seconds: float
                   ) -> tuple[int, float, list]:
     """One worker: the shipped agent driving ``envs`` EnvPool envs for about ``seconds``
@@ -290,17 +286,47 @@ def _replay_rate(envs: int, cap: int, episodes: list) -> tuple[int, float, list]
     return batch.steps, time.perf_counter() - began, []
 
 
-def _job(args: tuple) -> tuple[int, float, list]:
+def _job(args: tuple) -> tuple:
     kind, *rest = args
-    return _shipped_rate(*rest) if kind == "shipped" else _replay_rate(*rest)
+    if kind == "shipped":
+        return _shipped_rate(*rest)
+    return _replay_rate(*rest) if kind == "replay" else _stepping_rate(*rest)
 
 
-def _shipped_side_by_side_rows(quick: bool, folder: str, random_rate: float
+def _pooled(ctx: Any, workers: int, jobs: list) -> list:
+    with ctx.Pool(workers) as pool:
+        return pool.map(_job, jobs)
+
+
+def _rate(out: list) -> float:
+    """Env steps a second of workers that ran side by side: their steps over the longest."""
+    return sum(o[0] for o in out) / max(o[1] for o in out)
+
+
+def _ratio_text(ratios: list[float], against: str) -> str:
+    """The median of per-round ratios, and their range when there were several rounds."""
+    median = float(np.median(ratios))
+    if len(ratios) == 1:
+        return f"{median:.2f}x {against}"
+    return (f"{median:.2f}x {against} (median of {len(ratios)} rounds, "
+            f"{min(ratios):.2f}-{max(ratios):.2f})")
+
+
+def _summed(outs: list[list]) -> dict[str, float]:
+    """One row's figures from its rounds: all steps, the time they took, steps a second."""
+    steps = sum(sum(o[0] for o in out) for out in outs)
+    took = sum(max(o[1] for o in out) for out in outs)
+    return {"steps": steps, "seconds": took, "per_second": steps / took}
+
+
+def _shipped_side_by_side_rows(quick: bool, folder: str, rounds: int
                                ) -> list[dict[str, Any]]:
     """The shipped CarRacing agent (trained V, M and C: a car that drives the track) as C's
     real rollouts run, 2 workers x 8 envs, against EnvPool alone replaying the very same
     episodes (seeds and actions): the agent's own share of a rollout, where random actions
-    (a car that hardly moves) make the env itself cheaper than a driving car's."""
+    (a car that hardly moves) make the env itself cheaper than a driving car's. Each round
+    measures EnvPool's own rate, then each encoder's drive and its replay, so every ratio
+    compares minutes next to each other (a shared host's own rate drifts by ~15% a minute)."""
     import dataclasses
     import multiprocessing as mp
 
@@ -314,41 +340,53 @@ def _shipped_side_by_side_rows(quick: bool, folder: str, random_rate: float
                  "seconds": 0.0, "per_second": 0.0}]
     workers, envs = 2, 8
     cap, seconds = (200, 20.0) if quick else (1000, 60.0)
+    share = seconds / rounds
     cfg = agent_config("carracing", folder)
     shipped = workload_from_config(cfg, "real", "envpool")
     params, _ = load_controller_params(RunLayout.of(cfg).controller)
+    encoders = ((shipped, "its V's encoder packed"),
+                (dataclasses.replace(shipped, int8_encoder=True),
+                 "its V's encoder in int8 (controller.int8_encoder)"))
     ctx = mp.get_context("spawn")
-    rows = []
-    for workload, how in ((shipped, "its V's encoder packed"),
-                          (dataclasses.replace(shipped, int8_encoder=True),
-                           "its V's encoder in int8 (controller.int8_encoder)")):
-        with ctx.Pool(workers) as pool:
-            driven = pool.map(_job, [("shipped", workload, params, envs, cap, seconds)] *
-                              workers)
-        # each agent's own episodes replayed: int8 drives slightly other laps than float
-        with ctx.Pool(workers) as pool:
-            replayed = pool.map(_job, [("replay", envs, cap, out[2]) for out in driven])
-        agent = sum(o[0] for o in driven) / max(o[1] for o in driven)
-        bare = sum(o[0] for o in replayed) / max(o[1] for o in replayed)
-        same = [o[0] for o in driven] == [o[0] for o in replayed]
+    raw: list[list] = []
+    same = True
+    driven: list[list[list]] = [[] for _ in encoders]
+    replayed: list[list[list]] = [[] for _ in encoders]
+    for _ in range(rounds):
+        raw.append(_pooled(ctx, workers, [("rate", "raw", f"{folder}/raw-{w}", envs, cap,
+                                           share, "plain") for w in range(workers)]))
+        for k, (workload, _how) in enumerate(encoders):
+            drive = _pooled(ctx, workers, [("shipped", workload, params, envs, cap, share)] *
+                            workers)
+            # each agent's own episodes replayed: int8 drives slightly other laps than float
+            replay = _pooled(ctx, workers, [("replay", envs, cap, out[2]) for out in drive])
+            same &= [o[0] for o in drive] == [o[0] for o in replay]
+            driven[k].append(drive)
+            replayed[k].append(replay)
+    rows = [{"case": f"CarRacing envpool, {workers} workers x {envs} envs: EnvPool's own rate "
+                     "(envpool.make, random actions), measured in each round",
+             **_summed(raw)}]
+    for k, (_workload, how) in enumerate(encoders):
+        to_replay = [_rate(d) / _rate(r) for d, r in zip(driven[k], replayed[k], strict=True)]
+        to_raw = [_rate(d) / _rate(r) for d, r in zip(driven[k], raw, strict=True)]
+        against_raw = _ratio_text(to_raw, "EnvPool's own rate (random actions)")
         rows += [
             {"case": f"CarRacing envpool, {workers} workers x {envs} envs: EnvPool alone "
                      f"replaying the episodes of the shipped agent, {how}"
                      + ("" if same else " (steps differ!)"),
-             "steps": sum(o[0] for o in replayed), "seconds": max(o[1] for o in replayed),
-             "per_second": bare},
+             **_summed(replayed[k])},
             {"case": f"CarRacing envpool, {workers} workers x {envs} envs: the shipped agent "
-                     f"driving, {how} = {agent / bare:.2f}x EnvPool on its actions, "
-                     f"{agent / random_rate:.2f}x EnvPool's own rate (random actions)",
-             "steps": sum(o[0] for o in driven), "seconds": max(o[1] for o in driven),
-             "per_second": agent}]
+                     f"driving, {how} = {_ratio_text(to_replay, 'EnvPool on its actions')}, "
+                     f"{against_raw}",
+             **_summed(driven[k])}]
     return rows
 
 
-def _side_by_side_rows(quick: bool, folder: str) -> list[dict[str, Any]]:
+def _side_by_side_rows(quick: bool, folder: str, rounds: int) -> list[dict[str, Any]]:
     """EnvPool alone with random actions (as it comes, and with our frames) against C's real
     rollouts, all as 2 worker processes x 8 envs (EnvPool's best layout on 2 cores), each for
-    the same time."""
+    the same time, the cases in turn within each of ``rounds`` rounds: a ratio is the median
+    of its rounds', each against EnvPool's rate of the same round."""
     import multiprocessing as mp
 
     workers, envs = 2, 8
@@ -362,22 +400,24 @@ def _side_by_side_rows(quick: bool, folder: str) -> list[dict[str, Any]]:
              ("agent", "int8", 1, "full agent, V's encoder in int8 (controller.int8_encoder)"),
              ("agent", "int8", 2, "full agent, V's encoder in int8, each action held 2 env "
               "steps (env.action_repeat=2; every env step counted)")]
-    rows = []
     ctx = mp.get_context("spawn")
-    for kind, encoder, repeat, what in cases:
-        jobs = [(kind, f"{folder}/{kind}-{encoder}-{repeat}-{w}", envs, cap, seconds, encoder,
-                 repeat) for w in range(workers)]
-        with ctx.Pool(workers) as pool:
-            out = pool.map(_stepping_rate_job, jobs)
-        steps = sum(o[0] for o in out)
-        took = max(o[1] for o in out)
-        rows.append({"case": f"CarRacing envpool, {workers} workers x {envs} envs: {what}",
-                     "steps": steps, "seconds": took, "per_second": steps / took})
-    raw, ours = rows[0]["per_second"], rows[1]["per_second"]
-    rows[1]["case"] += f" = {ours / raw:.2f}x EnvPool's own rate"
-    for row in rows[2:]:
-        row["case"] += (f" = {row['per_second'] / raw:.2f}x EnvPool's own rate, "
-                        f"{row['per_second'] / ours:.2f}x with our frames")
+    outs: list[list[list]] = [[] for _ in cases]
+    for r in range(rounds):
+        for k, (kind, encoder, repeat, _what) in enumerate(cases):
+            jobs = [("rate", kind, f"{folder}/{kind}-{encoder}-{repeat}-{r}-{w}", envs, cap,
+                     seconds / rounds, encoder, repeat) for w in range(workers)]
+            outs[k].append(_pooled(ctx, workers, jobs))
+    rows = []
+    for k, (_kind, _encoder, _repeat, what) in enumerate(cases):
+        case = f"CarRacing envpool, {workers} workers x {envs} envs: {what}"
+        if k:
+            case += " = " + _ratio_text([_rate(o) / _rate(raw) for o, raw in
+                                         zip(outs[k], outs[0], strict=True)],
+                                        "EnvPool's own rate")
+        if k > 1:
+            case += ", " + _ratio_text([_rate(o) / _rate(ours) for o, ours in
+                                        zip(outs[k], outs[1], strict=True)], "with our frames")
+        rows.append({"case": case, **_summed(outs[k])})
     return rows
 
 
@@ -466,8 +506,8 @@ def _ray_rows(quick: bool, folder: str) -> list[dict[str, Any]]:
 
 def run(quick: bool = True) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as folder:
-        rows = _side_by_side_rows(quick, f"{folder}/side")
-        rows += _shipped_side_by_side_rows(quick, f"{folder}/shipped", rows[0]["per_second"])
+        rows = _side_by_side_rows(quick, f"{folder}/side", rounds=1 if quick else 3)
+        rows += _shipped_side_by_side_rows(quick, f"{folder}/shipped", rounds=1 if quick else 3)
         rows += _real_agent_rows(quick, f"{folder}/car")
         rows += _dream_rows(quick, f"{folder}/doom")
         rows += _compaction_rows(quick, f"{folder}/compact")
