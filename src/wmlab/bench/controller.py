@@ -294,6 +294,7 @@ def _job(args: tuple) -> tuple:
 
 
 def _pooled(ctx: Any, workers: int, jobs: list) -> list:
+    """``jobs`` run side by side, one worker process each (fresh processes every time)."""
     with ctx.Pool(workers) as pool:
         return pool.map(_job, jobs)
 
@@ -505,9 +506,10 @@ def _ray_rows(quick: bool, folder: str) -> list[dict[str, Any]]:
 
 
 def run(quick: bool = True) -> list[dict[str, Any]]:
+    rounds = 1 if quick else 3  # the side-by-side cases in turn, so ratios pair minutes
     with tempfile.TemporaryDirectory() as folder:
-        rows = _side_by_side_rows(quick, f"{folder}/side", rounds=1 if quick else 3)
-        rows += _shipped_side_by_side_rows(quick, f"{folder}/shipped", rounds=1 if quick else 3)
+        rows = _side_by_side_rows(quick, f"{folder}/side", rounds)
+        rows += _shipped_side_by_side_rows(quick, f"{folder}/shipped", rounds)
         rows += _real_agent_rows(quick, f"{folder}/car")
         rows += _dream_rows(quick, f"{folder}/doom")
         rows += _compaction_rows(quick, f"{folder}/compact")
