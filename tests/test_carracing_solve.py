@@ -183,13 +183,13 @@ def test_side_by_side_ratios_pair_each_round_and_take_the_median():
     """The rollout benchmark's ratios compare minutes measured next to each other: each
     round's rate against the same round's reference, the median of the rounds reported with
     their range; a row's figures add every round's steps and times."""
-    from wmlab.bench.controller import _rate, _ratio_text, _summed
+    from wmlab.bench.controller import _rate, _ratio_text, _ratios, _summed
 
     # two workers a round: (steps, seconds); the slower worker sets the round's time
     reference = [[(1000, 1.0), (1000, 2.0)], [(3000, 1.0), (3000, 2.0)]]
     agent = [[(800, 2.0), (800, 2.0)], [(2000, 2.0), (2000, 2.0)]]
     assert _rate(reference[0]) == 1000.0 and _rate(agent[0]) == 800.0
-    ratios = [_rate(a) / _rate(r) for a, r in zip(agent, reference, strict=True)]
+    ratios = _ratios(agent, reference)
     assert ratios == [0.8, 2000.0 / 3000.0]
     assert _ratio_text(ratios, "EnvPool") == "0.73x EnvPool (median of 2 rounds, 0.67-0.80)"
     assert _ratio_text([0.8], "EnvPool") == "0.80x EnvPool"

@@ -304,6 +304,11 @@ def _rate(out: list) -> float:
     return sum(o[0] for o in out) / max(o[1] for o in out)
 
 
+def _ratios(outs: list[list], against: list[list]) -> list[float]:
+    """Each round's rate over the same round's rate of the case it is compared with."""
+    return [_rate(out) / _rate(ref) for out, ref in zip(outs, against, strict=True)]
+
+
 def _ratio_text(ratios: list[float], against: str) -> str:
     """The median of per-round ratios, and their range when there were several rounds."""
     median = float(np.median(ratios))
@@ -368,8 +373,8 @@ def _shipped_side_by_side_rows(quick: bool, folder: str, rounds: int
                      "(envpool.make, random actions), measured in each round",
              **_summed(raw)}]
     for k, (_workload, how) in enumerate(encoders):
-        to_replay = [_rate(d) / _rate(r) for d, r in zip(driven[k], replayed[k], strict=True)]
-        to_raw = [_rate(d) / _rate(r) for d, r in zip(driven[k], raw, strict=True)]
+        to_replay = _ratios(driven[k], replayed[k])
+        to_raw = _ratios(driven[k], raw)
         against_raw = _ratio_text(to_raw, "EnvPool's own rate (random actions)")
         rows += [
             {"case": f"CarRacing envpool, {workers} workers x {envs} envs: EnvPool alone "
@@ -412,12 +417,9 @@ def _side_by_side_rows(quick: bool, folder: str, rounds: int) -> list[dict[str, 
     for k, (_kind, _encoder, _repeat, what) in enumerate(cases):
         case = f"CarRacing envpool, {workers} workers x {envs} envs: {what}"
         if k:
-            case += " = " + _ratio_text([_rate(o) / _rate(raw) for o, raw in
-                                         zip(outs[k], outs[0], strict=True)],
-                                        "EnvPool's own rate")
+            case += " = " + _ratio_text(_ratios(outs[k], outs[0]), "EnvPool's own rate")
         if k > 1:
-            case += ", " + _ratio_text([_rate(o) / _rate(ours) for o, ours in
-                                        zip(outs[k], outs[1], strict=True)], "with our frames")
+            case += ", " + _ratio_text(_ratios(outs[k], outs[1]), "with our frames")
         rows.append({"case": case, **_summed(outs[k])})
     return rows
 
