@@ -20,7 +20,7 @@ from agent_fixtures import RecordingFitness, SlowQuadratic, live_processes, make
 from wmlab.agent import workload_from_config
 from wmlab.checkpoint import load_checkpoint
 from wmlab.config import EsConfig
-from wmlab.controller.cmaes import generation_seeds, l2_penalty, run_es
+from wmlab.controller.cmaes import finished_generations, generation_seeds, l2_penalty, run_es
 from wmlab.errors import WmlabError
 from wmlab.evaluators import Evaluator
 from wmlab.pipeline.controller_stage import train_controller
@@ -73,6 +73,17 @@ def test_diagonal_covariance_learns_and_keeps_a_linear_size_checkpoint(tmp_path)
     es.generations = 3  # resume reads the same kind of strategy back
     again = run_es(Quadratic(n), n, es, str(tmp_path / "big"), progress=False)
     assert again.resumed_from == 2 and again.generation == 3
+
+
+def test_finished_generations_reads_the_checkpoint_and_names_a_damaged_one(tmp_path):
+    assert finished_generations(str(tmp_path / "none")) == 0
+    es = EsConfig(population=8, rollouts=1, generations=3, eval_every=3, eval_rollouts=1,
+                  sigma0=0.1, l2=0.0)
+    run_es(Quadratic(4), 4, es, str(tmp_path / "es"), progress=False)
+    assert finished_generations(str(tmp_path / "es")) == 3
+    (tmp_path / "es" / "es-state.pkl").write_bytes(b"not a pickle")
+    with pytest.raises(WmlabError, match="es-state.pkl is damaged.*delete"):
+        finished_generations(str(tmp_path / "es"))
 
 
 def test_l2_penalises_large_weights(tmp_path):

@@ -31,6 +31,7 @@ from dataclasses import asdict
 from typing import Any
 
 from wmlab.config import Config
+from wmlab.controller import finished_generations
 from wmlab.errors import WmlabError
 from wmlab.fsio import atomic_write_bytes, exists
 from wmlab.published import PAPER_TAU_TABLE
@@ -171,27 +172,10 @@ def _write_json(path: str, data: Any) -> None:
     atomic_write_bytes(path, json.dumps(data, indent=2).encode())
 
 
-def _done_generations(folder: str) -> int:
-    """Generations the CMA-ES checkpoint in ``folder`` has finished (0 if none)."""
-    import pickle
-
-    import fsspec
-
-    path = f"{folder}/es-state.pkl"
-    if not exists(path):
-        return 0
-    with fsspec.open(path, "rb") as handle:
-        try:
-            return int(pickle.load(handle)["generation"])
-        except Exception:
-            raise WmlabError(f"ES state {path} is damaged: delete {folder} to train this "
-                             "tau again") from None
-
-
 def check_folder(folder: str, wanted: dict[str, Any]) -> None:
     """Refuse a folder trained with other settings (nothing is written here)."""
     recorded = _read_json(f"{folder}/settings.json")
-    done = _done_generations(folder)
+    done = finished_generations(folder)
     if recorded is None:
         if done:
             raise WmlabError(f"{folder} holds a CMA-ES run but no settings.json (not made by "
@@ -348,7 +332,7 @@ def _train_and_score(cfg: Config, folder: str, settings: dict[str, Any], episode
     tau = cfg.dream.tau
     # The settings go first: a folder with a checkpoint always says what made it.
     _write_json(f"{folder}/settings.json", settings)
-    done = _done_generations(folder)
+    done = finished_generations(folder)
     if done >= cfg.es.generations:
         say(f"tau {tau_label(tau)}: trained ({done} generations), not training again")
     else:
@@ -369,7 +353,7 @@ def _train_and_score(cfg: Config, folder: str, settings: dict[str, Any], episode
                                out=f"{folder}/eval-real.json", controller_folder=folder))
         _write_json(f"{folder}/scores.json", {"key": key, "dream": dream, "real": real})
     paper = PAPER_TAU_TABLE.get(round(tau, 2)) if tau_label(tau) == f"{tau:.2f}" else None
-    return {"tau": tau, "folder": folder, "generations": _done_generations(folder),
+    return {"tau": tau, "folder": folder, "generations": finished_generations(folder),
             "controller": key["controller"], "controller_generation": key["generation"],
             "seconds_per_generation": _metrics_seconds(folder),
             "dream": _summary(dream), "real": _summary(real),

@@ -7,6 +7,7 @@ from wmlab.controller.cmaes import (
     MEAN_WEIGHTS,
     EsResult,
     Fitness,
+    finished_generations,
     load_controller_params,
     load_snapshots,
     run_es,
@@ -21,5 +22,6 @@ from wmlab.controller.model import (
 )
 
 __all__ = ["BEST_WEIGHTS", "MEAN_WEIGHTS", "ControllerShape", "EsResult", "Fitness",
-           "check_shape", "controller_shape", "feature_size", "load_controller_params",
+           "check_shape", "controller_shape", "feature_size", "finished_generations",
+           "load_controller_params",
            "load_snapshots", "population_forward", "run_es", "shape_info"]

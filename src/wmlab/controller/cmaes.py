@@ -226,7 +226,8 @@ def score_mean(fitness: Fitness, mean: np.ndarray, seeds: np.ndarray) -> float:
     return float(np.mean(fitness.evaluate(rows, seeds)))
 
 
-def _load_state(folder: str, num_params: int, es: EsConfig) -> dict[str, Any] | None:
+def _read_state(folder: str) -> dict[str, Any] | None:
+    """The CMA-ES checkpoint in ``folder`` as saved, or None where there is none."""
     path = f"{folder}/{STATE_FILE}"
     if not exists(path):
         return None
@@ -234,10 +235,22 @@ def _load_state(folder: str, num_params: int, es: EsConfig) -> dict[str, Any] | 
 
     with fsspec.open(path, "rb") as handle:
         try:
-            state = _StateUnpickler(handle).load()
+            return _StateUnpickler(handle).load()
         except Exception as exc:
             raise WmlabError(f"ES state {path} is damaged ({type(exc).__name__}): delete "
                              f"{folder} to train the controller from scratch") from None
+
+
+def finished_generations(folder: str) -> int:
+    """Generations the CMA-ES checkpoint in ``folder`` has finished (0 where there is none)."""
+    state = _read_state(folder)
+    return 0 if state is None else int(state["generation"])
+
+
+def _load_state(folder: str, num_params: int, es: EsConfig) -> dict[str, Any] | None:
+    state = _read_state(folder)
+    if state is None:
+        return None
     if state.get("mirrored", False) != es.mirrored:  # states from before the key: False
         raise WmlabError(f"{folder} holds a CMA-ES run with es.mirrored = "
                          f"{str(state.get('mirrored', False)).lower()}, but this config sets "
