@@ -75,7 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("status", help="which stages of a run are done, stale or not run")
+    p = sub.add_parser("status", help="which stages of a run are done, stale, extend or not run")
     add_config_args(p)
     p.add_argument("--iteration", type=int, default=1, help="agent generation")
     p.set_defaults(func=cmd_status)
