@@ -317,6 +317,35 @@ def test_stages_in_pipeline_order_with_their_compute_and_the_curve_per_hour(tmp_
     assert scores2 == [400.0] and label2 == "second"
 
 
+def test_a_compared_run_is_counted_from_its_own_start(tmp_path):
+    from wmlab.report.write import _histories_to_report
+
+    def staged(name: str, memory_seconds: float, generation_seconds: float) -> str:
+        run = new_run(tmp_path, name)
+        Path(f"{run}/stages").mkdir(exist_ok=True)
+        Path(f"{run}/controller").mkdir(exist_ok=True)
+        Path(f"{run}/stages/memory.json").write_text(json.dumps(
+            {"stage": "memory", "status": "done", "compute_seconds": memory_seconds}))
+        Path(f"{run}/controller/metrics.csv").write_text(
+            f"step,eval_mean,seconds\n1,300,{generation_seconds}\n")
+        return run
+
+    main_run, other = staged("main", 3600.0, 3600.0), staged("other", 1800.0, 1800.0)
+    later = Path(other) / "iterations" / "2" / "controller"
+    later.mkdir(parents=True)
+    (later / "metrics.csv").write_text("step,eval_mean,seconds\n1,500,3600\n")
+    histories = _histories_to_report(RunFiles(main_run), [other])
+    assert [[label for label, _ in history] for history in histories] == [
+        ["main"], ["other", "other, iteration 2"]]
+    curves = [curve for history in histories for curve in compute_curve(history)]
+    # the compared run starts at hour 0, not where the reported run ended; its iteration 2
+    # goes on from its own iteration 1
+    assert [(label, hours) for label, hours, _ in curves] == [
+        ("main", [2.0]), ("other", [1.0]), ("other, iteration 2", [2.0])]
+    md = Path(write_report(main_run, compare=[other]).markdown).read_text()
+    assert "Compute: 60.0 min" in md and "other, iteration 2" in md
+
+
 def test_the_dream_fidelity_table_sits_beside_the_calibration(tmp_path):
     from wmlab.fidelity import compare, dump
 

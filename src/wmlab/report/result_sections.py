@@ -1,8 +1,10 @@
 """The sections of the run and its results: the summary, the config, the pipeline's stages,
 C (the controller), the evaluation beside the published numbers, and the side-by-side GIF.
 
-``runs`` is the reported run first, then its iterations and the runs given to compare, each
-with the label it is shown under.
+``runs`` is the reported run first, then its iterations and the runs given to compare (with
+theirs), each with the label it is shown under. A run's *history* is the run and its
+iterations in order, the reported one's from its first iteration to itself and beyond:
+compute adds up along one history, never across two runs.
 """
 
 from __future__ import annotations
@@ -46,9 +48,9 @@ from wmlab.runs import STAGES, spent_seconds
 Runs = list[tuple[str, RunFiles]]
 
 
-def summary_section(page: Page, runs: Runs) -> Section:
+def summary_section(page: Page, runs: Runs, history: Runs) -> Section:
     """The result first: C's score, the random policy on the same seeds, the published
-    figure, and the compute it took."""
+    figure, and the compute of the reported run's ``history``."""
     section = Section("Summary")
     if page.cfg is None:
         section.blocks.append(Text("No readable config.toml: see below.", True))
@@ -73,7 +75,7 @@ def summary_section(page: Page, runs: Runs) -> Section:
                         if p.method == HEADLINE[key] and p.where == "real")
         section.blocks.append(Text(f"Published: {headline.method}, {headline.score()} "
                                    f"({PUBLISHED_SETTING[key]})."))
-    total = sum(stage_compute(run, name) for _, run in runs for name in STAGES)
+    total = sum(stage_compute(run, name) for _, run in history for name in STAGES)
     if total:
         section.blocks.append(Text(f"Compute: {duration_text(total)}, every stage and "
                                    "iteration included (the Pipeline section below)."))
@@ -146,7 +148,7 @@ def stages_section(page: Page) -> Section | None:
         Table(["stage", "status", "compute", "attempts", "CPU", "finished"], rows)])
 
 
-def controller_section(page: Page, runs: Runs | None = None) -> Section:
+def controller_section(page: Page, histories: list[Runs] | None = None) -> Section:
     section = Section("C: the controller")
     rows = page.metrics(f"{RUN.controller}/{METRICS_FILE}")
     if rows is None:
@@ -162,12 +164,14 @@ def controller_section(page: Page, runs: Runs | None = None) -> Section:
     section.blocks.append(page.figure("controller-progress.png",
                                       plot_learning_curve(rows, title),
                                       "C's learning curve"))
-    curves = compute_curve(runs or [("this run", page.run)])
+    curves = [curve for history in histories or [[("this run", page.run)]]
+              for curve in compute_curve(history)]
     if curves:
         key = env_key(page.cfg) if page.cfg is not None else None
         section.blocks.append(Text("The scored means against the compute spent to reach "
-                                   "them (every stage before C included, iterations "
-                                   "one after another):"))
+                                   "them (every stage before C included, a run's "
+                                   "iterations one after another, every run from its "
+                                   "own start):"))
         section.blocks.append(page.figure(
             "compute-curve.png", plot_compute_curve(
                 curves, PUBLISHED_COMPUTE.get(key or ""), SOLVED.get(key or "")),

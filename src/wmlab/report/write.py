@@ -38,7 +38,8 @@ def write_report(run_dir: str, compare: Iterable[str] = (), *, title: str | None
     """Write ``report.md``, ``report.html`` and ``report/*.png`` into ``run_dir``.
 
     ``compare`` lists other run directories whose evaluations go into the same table
-    (iterations under ``<run>/iterations/<k>/`` are added on their own).
+    (iterations under ``<run>/iterations/<k>/`` are added on their own) and whose compute
+    curves go beside this run's, each counted from its own start.
     """
     run = RunFiles(run_dir)
     if not run.fs.isdir(run.root):
@@ -47,10 +48,10 @@ def write_report(run_dir: str, compare: Iterable[str] = (), *, title: str | None
     cfg, config_text, config_problem = read_config(run)
     if cfg is None and not run.glob("*"):
         raise WmlabError(f"{run_dir} is empty: it is not a run directory")
-    runs = _runs_to_report(run, compare)
+    histories = _histories_to_report(run, compare)
 
     page = Page(run, cfg)
-    sections = _sections(page, runs, config_text, config_problem)
+    sections = _sections(page, histories, config_text, config_problem)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     heading = title or f"wmlab report: {run.name()}"
     sections[0].blocks.insert(0, Text(f"Run directory {run.url}, written {stamp}."))
@@ -77,36 +78,40 @@ def _earlier_iterations(run: RunFiles) -> Runs:
     return [(base.name(), base), *earlier]
 
 
-def _runs_to_report(run: RunFiles, compare: Iterable[str]) -> Runs:
-    """The run, its iterations and the runs to compare, each with a label no other has.
+def _histories_to_report(run: RunFiles, compare: Iterable[str]) -> list[Runs]:
+    """The run's history (its earlier iterations, itself, its iterations), then each run to
+    compare with its iterations; every label differs from every other.
 
     An iteration's own directory (``<run>/iterations/<k>``) is reported after the run's
     earlier iterations, so its compute and learning curve count what came before it."""
     earlier = _earlier_iterations(run)
     label = f"iteration {run.name()}" if earlier else run.name()
-    runs: Runs = [*earlier, (label, run), *iteration_runs(run)]
+    histories: list[Runs] = [[*earlier, (label, run), *iteration_runs(run)]]
+    taken = {existing for existing, _ in histories[0]}
     for other in compare:
         other_run = RunFiles(other)
         if not other_run.fs.isdir(other_run.root):
             raise WmlabError(f"no run directory at {other} (given to compare): check the path")
-        label = other_run.name()
-        if any(label == existing for existing, _ in runs):
-            label = other_run.url
-        runs.append((label, other_run))
-    return runs
+        label = other_run.name() if other_run.name() not in taken else other_run.url
+        history = [(label, other_run), *((f"{label}, {sub_label}", sub)
+                                         for sub_label, sub in iteration_runs(other_run))]
+        taken.update(existing for existing, _ in history)
+        histories.append(history)
+    return histories
 
 
-def _sections(page: Page, runs: Runs, config_text: str, config_problem: str
+def _sections(page: Page, histories: list[Runs], config_text: str, config_problem: str
               ) -> list[Section]:
     """Every section in the report's order. They are built in that order too: it is the
     order of the figures written and of the stages listed as not run yet."""
-    sections = [summary_section(page, runs),
+    runs = [labelled for history in histories for labelled in history]
+    sections = [summary_section(page, runs, histories[0]),
                 config_section(page, config_text, config_problem)]
     stages = stages_section(page)
     if stages is not None:
         sections.append(stages)
     sections += [data_section(page), vision_section(page), memory_section(page),
-                 controller_section(page, runs), evaluation_section(page, runs),
+                 controller_section(page, histories), evaluation_section(page, runs),
                  side_by_side_section(page)]
     if page.missing:
         sections.insert(2, Section("Not run yet", [Text(
