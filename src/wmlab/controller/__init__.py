@@ -23,5 +23,5 @@ from wmlab.controller.model import (
 
 __all__ = ["BEST_WEIGHTS", "MEAN_WEIGHTS", "ControllerShape", "EsResult", "Fitness",
            "check_shape", "controller_shape", "feature_size", "finished_generations",
-           "load_controller_params",
-           "load_snapshots", "population_forward", "run_es", "shape_info"]
+           "load_controller_params", "load_snapshots", "population_forward", "run_es",
+           "shape_info"]
