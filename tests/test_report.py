@@ -20,7 +20,7 @@ from wmlab.errors import WmlabError
 from wmlab.metrics import MetricsLogger
 from wmlab.published import PUBLISHED
 from wmlab.report import write_report
-from wmlab.report.reading import RunFiles, compute_curve, env_key, parse_eval
+from wmlab.report.reading import RunFiles, compute_curve, compute_curves, env_key, parse_eval
 from wmlab.runs import prepare_run_dir
 
 SECTIONS = ("## Config", "## Data", "## V: the vision model", "## M: the memory model",
@@ -337,7 +337,7 @@ def test_a_compared_run_is_counted_from_its_own_start(tmp_path):
     histories = _histories_to_report(RunFiles(main_run), [other])
     assert [[label for label, _ in history] for history in histories] == [
         ["main"], ["other", "other, iteration 2"]]
-    curves = [curve for history in histories for curve in compute_curve(history)]
+    curves = compute_curves(histories)
     # the compared run starts at hour 0, not where the reported run ended; its iteration 2
     # goes on from its own iteration 1
     assert [(label, hours) for label, hours, _ in curves] == [

@@ -182,6 +182,13 @@ def compute_curve(runs: list[tuple[str, RunFiles]]) -> list[tuple[str, list[floa
     return curves
 
 
+def compute_curves(histories: list[list[tuple[str, RunFiles]]]
+                   ) -> list[tuple[str, list[float], list[float]]]:
+    """``compute_curve`` of each run's history (its iterations in order), every run counted
+    from its own zero: compute never adds up across two runs."""
+    return [curve for history in histories for curve in compute_curve(history)]
+
+
 def stage_records(run: RunFiles, rels: list[str]) -> dict[str, dict[str, Any]]:
     """The readable ones of the stage records ``rels`` (``stages/*.json``) by stage name."""
     found: dict[str, dict[str, Any]] = {}

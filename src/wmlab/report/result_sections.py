@@ -31,7 +31,7 @@ from wmlab.report.reading import (
     EvalRow,
     RunFiles,
     backend_transfer_line,
-    compute_curve,
+    compute_curves,
     env_key,
     episode_lengths_line,
     newest,
@@ -164,8 +164,7 @@ def controller_section(page: Page, histories: list[Runs] | None = None) -> Secti
     section.blocks.append(page.figure("controller-progress.png",
                                       plot_learning_curve(rows, title),
                                       "C's learning curve"))
-    curves = [curve for history in histories or [[("this run", page.run)]]
-              for curve in compute_curve(history)]
+    curves = compute_curves(histories or [[("this run", page.run)]])
     if curves:
         key = env_key(page.cfg) if page.cfg is not None else None
         section.blocks.append(Text("The scored means against the compute spent to reach "
