@@ -264,6 +264,18 @@ def test_evaluate_scores_a_later_iteration_as_it_was_trained_and_warns_of_drift(
     Path(RunLayout.of(cfg).config).write_text(to_toml(recorded))
     _evaluated_config(parse(base), {})
     assert "shield.window: run 25, evaluate 0" in capsys.readouterr().err
+    # the command line undoing a run.later setting is checked once, after both: scoring
+    # iteration 2 on its validation seeds is not refused for the overlap between them
+    validating = '["eval.validation_episodes=100", "eval.validation_seed=1500000"]'
+    on_validation = _evaluated_config(parse(
+        [*base[:-1], f"run.later={validating}", "--iteration", "2",
+         "--set", "eval.seed=1500000", "--set", "eval.validation_episodes=0"]), {})
+    assert (on_validation.eval.seed, on_validation.eval.validation_episodes) == (1500000, 0)
+    assert on_validation.run.later == ["eval.validation_episodes=100",
+                                       "eval.validation_seed=1500000"]
+    with pytest.raises(WmlabError, match="overlap the evaluation's"):  # not undone: refused
+        _evaluated_config(parse([*base[:-1], f"run.later={validating}", "--iteration", "2",
+                                 "--set", "eval.seed=1500000"]), {})
     with pytest.raises(WmlabError, match="--iteration must be 1 or more, got 0"):
         _evaluated_config(parse([*base, "--iteration", "0"]), {})
     with pytest.raises(WmlabError, match="--iteration does not apply to --pretrained"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from wmlab.cli.common import (
     add_config_args,
@@ -103,12 +104,21 @@ def _iteration_config(args: argparse.Namespace,
     if args.iteration < 1:
         raise WmlabError(f"--iteration must be 1 or more, got {args.iteration}")
     overrides = command_line_overrides(args, extra)
-    cfg = load_config(args.preset, args.profile, overrides)
     if args.iteration == 1:
-        return cfg
-    # the iteration's folder is named after the run's: run.name is not applied again
-    again = [o for o in overrides if not o.startswith("run.name=")]
-    return with_overrides(iteration_config(cfg, args.iteration), again)
+        return load_config(args.preset, args.profile, overrides)
+    # The run's settings (where it is, its run.later) first; the rest of the command line is
+    # checked together with run.later, so that a --set undoing a run.later setting
+    # (eval.validation_episodes=0, to score on the validation seeds) is not refused for the
+    # state between them, then applied again to win over what iteration_config sets (but
+    # run.name: the iteration's folder is named after the run's; and run.later, applied).
+    run = load_config(args.preset, args.profile,
+                      [o for o in overrides if o.startswith("run.")])
+    rest = [o for o in overrides if not o.startswith("run.")]
+    again = [o for o in overrides if not o.startswith(("run.name=", "run.later="))]
+    checked = dataclasses.replace(run, run=dataclasses.replace(
+        run.run, later=[*run.run.later, *rest]))
+    new = with_overrides(iteration_config(checked, args.iteration), again)
+    return dataclasses.replace(new, run=dataclasses.replace(new.run, later=run.run.later))
 
 
 def cmd_stall_effect(args: argparse.Namespace) -> int:
