@@ -98,7 +98,7 @@ def _iteration_config(args: argparse.Namespace,
                       extra: dict[str, object] | None = None) -> Config:
     """The config of the run's ``--iteration``: for a later one, run.later applied as
     `wmlab run` applied it, then the command line again, so that --set still wins."""
-    from wmlab.config import load_config, with_overrides
+    from wmlab.config import load_config, parse_override, with_overrides
     from wmlab.pipeline import iteration_config
 
     if args.iteration < 1:
@@ -106,19 +106,19 @@ def _iteration_config(args: argparse.Namespace,
     overrides = command_line_overrides(args, extra)
     if args.iteration == 1:
         return load_config(args.preset, args.profile, overrides)
-    # The run's settings (where it is, its run.later) first; the rest of the command line is
-    # checked together with run.later, so that a --set undoing a run.later setting
-    # (eval.validation_episodes=0, to score on the validation seeds) is not refused for the
-    # state between them, then applied again to win over what iteration_config sets (but
-    # run.name: the iteration's folder is named after the run's; and run.later, applied).
-    run = load_config(args.preset, args.profile,
-                      [o for o in overrides if o.startswith("run.")])
-    rest = [o for o in overrides if not o.startswith("run.")]
-    again = [o for o in overrides if not o.startswith(("run.name=", "run.later="))]
-    checked = dataclasses.replace(run, run=dataclasses.replace(
-        run.run, later=[*run.run.later, *rest]))
+    # run.later is checked together with the rest of the command line, not before it, so a
+    # --set undoing a run.later setting (eval.validation_episodes=0, to score on the
+    # validation seeds) is not refused for the state between them; the command line is then
+    # applied again, to win over what iteration_config sets (but run.name: the iteration's
+    # folder is named after the run's)
+    given = [parse_override(o)[1] for o in overrides if o.startswith("run.later=")]
+    later = given[-1] if given else load_config(args.preset, args.profile).run.later
+    rest = [o for o in overrides if not o.startswith("run.later=")]
+    cfg = load_config(args.preset, args.profile, [*rest, "run.later=[]"])
+    checked = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, later=[*later, *rest]))
+    again = [o for o in rest if not o.startswith("run.name=")]
     new = with_overrides(iteration_config(checked, args.iteration), again)
-    return dataclasses.replace(new, run=dataclasses.replace(new.run, later=run.run.later))
+    return dataclasses.replace(new, run=dataclasses.replace(new.run, later=list(later)))
 
 
 def cmd_stall_effect(args: argparse.Namespace) -> int:
