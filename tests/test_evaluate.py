@@ -273,6 +273,11 @@ def test_evaluate_scores_a_later_iteration_as_it_was_trained_and_warns_of_drift(
     assert (on_validation.eval.seed, on_validation.eval.validation_episodes) == (1500000, 0)
     assert on_validation.run.later == ["eval.validation_episodes=100",
                                        "eval.validation_seed=1500000"]
+    # a run.later that relies on a --set the run was trained with is scored as it was trained
+    relying = _evaluated_config(parse(
+        [*base[:-1], 'run.later=["mdrnn.reward_over_weight=5"]', "--iteration", "2",
+         "--set", "mdrnn.reward_head=true"]), {})
+    assert (relying.mdrnn.reward_head, relying.mdrnn.reward_over_weight) == (True, 5.0)
     with pytest.raises(WmlabError, match="overlap the evaluation's"):  # not undone: refused
         _evaluated_config(parse([*base[:-1], f"run.later={validating}", "--iteration", "2",
                                  "--set", "eval.seed=1500000"]), {})
