@@ -324,3 +324,59 @@ def test_a_run_moved_elsewhere_keeps_its_finished_stages(setup, tmp_path):
     assert record["input"] != old.input_fingerprint(stage, None)
     old._write_record(stage.name, record)
     assert [row["status"] for row in old.status()] == ["done"] * 3
+
+
+def test_a_later_iteration_starts_again_where_the_earlier_one_changed(setup, tmp_path):
+    """A later iteration's stages are made from the earlier one's V, M and C, through paths
+    that stay the same when what they hold changes: the engine's prior stands for them, so
+    a changed prior starts every stage again (where it used to extend or resume results made
+    from the old M); records from before priors were kept stand where they were made after
+    the prior was finished."""
+    from wmlab.pipeline import Engine, Prior
+    from wmlab.pipeline.engine import _chain
+
+    rec, cfg = setup
+
+    def engine(prior):
+        return Engine(cfg(), rec.pipeline(cfg()).stages, progress=False, log=lambda _: None,
+                      prior=prior)
+
+    first = Prior("m-before", "2026-01-01T00:00:00+00:00")
+    assert [r.status for r in engine(first).run()] == ["ran"] * 3
+    assert engine(first).record("c")["prior"] == "m-before"
+    assert [r.status for r in engine(first).run()] == ["skipped"] * 3
+    changed = Prior("m-after", "2026-01-02T00:00:00+00:00")
+    assert [r.status for r in engine(changed).run()] == ["rerun"] * 3
+    # records without a prior (written before they were kept), made after the prior: done
+    old, upstream = engine(changed), None
+    for stage in old.stages:
+        record = old.record(stage.name)
+        del record["prior"]
+        record["input"] = old.input_fingerprint(stage, upstream, legacy=True)
+        old._write_record(stage.name, record)
+        upstream = _chain(upstream, record["output"])
+    assert [row["status"] for row in old.status()] == ["done"] * 3
+    # ...and stale where the prior was finished after it was made
+    later = Prior("m-after", "2999-01-01T00:00:00+00:00")
+    assert [row["status"] for row in engine(later).status()] == ["stale"] * 3
+
+
+def test_the_prior_of_a_later_iteration_is_the_earlier_controller_record(setup, tmp_path):
+    """iteration_prior reads iteration k-1's controller record: its fingerprint moves with
+    that C's inputs or outputs; none before that C is finished."""
+    from wmlab.pipeline.stages import iteration_prior
+
+    _, cfg = setup
+    config = cfg()
+    assert iteration_prior(config, 2) is None
+    stages = tmp_path / config.run_dir() / "stages"
+    stages.mkdir(parents=True)
+    record = {"status": "done", "input": "i", "output": "o",
+              "finished": "2026-12-02T14:00:00+00:00"}
+    (stages / "controller.json").write_text(json.dumps(record))
+    prior = iteration_prior(config, 2)
+    assert prior is not None and prior.finished == record["finished"]
+    (stages / "controller.json").write_text(json.dumps({**record, "output": "o2"}))
+    assert iteration_prior(config, 2).fingerprint != prior.fingerprint
+    (stages / "controller.json").write_text(json.dumps({**record, "status": "running"}))
+    assert iteration_prior(config, 2) is None

@@ -71,6 +71,26 @@ class Stage:
     description: str = ""
 
 
+@dataclass(frozen=True)
+class Prior:
+    """What every stage of an engine is made from beyond its own run directory: a later
+    iteration's stages build on the earlier iteration's V, M and C (``vae.init_from``,
+    ``mdrnn.init_from``, ``collect.agent_run``...), paths that stay the same when what they
+    hold changes. ``fingerprint`` stands for those outputs; ``finished`` (UTC, ISO) is when
+    they were made, which judges records written before priors were kept."""
+
+    fingerprint: str
+    finished: str
+
+    @classmethod
+    def of_record(cls, record: dict[str, Any] | None) -> Prior | None:
+        """The prior a finished stage's record stands for (its inputs and its outputs), or
+        None where the stage is not finished."""
+        if not record or record.get("status") != "done" or "output" not in record:
+            return None
+        return cls(_hash([record.get("input"), record["output"]]), str(record.get("finished", "")))
+
+
 @dataclass
 class StageResult:
     name: str
@@ -165,9 +185,10 @@ class Engine:
     after one, ``status()`` says what is done."""
 
     def __init__(self, cfg: Config, stages: list[Stage], progress: bool = True,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, prior: Prior | None = None) -> None:
         self.cfg = cfg
         self.stages = stages
+        self.prior = prior
         self.progress = progress
         self.log = log
         self.layout = RunLayout.of(cfg)
@@ -195,20 +216,29 @@ class Engine:
         atomic_write_bytes(self._record_path(name), json.dumps(record, indent=2).encode())
 
     def input_fingerprint(self, stage: Stage, upstream: str | None,
-                          absolute: bool = False) -> str:
+                          absolute: bool = False, legacy: bool = False) -> str:
         """What the stage computes from, except how far it trains (``extent``). Paths into
         the run's own directory (a later iteration's collect.agent_run, vae.init_from,
         mdrnn.init_from...) count relative to it, so a run moved or copied elsewhere (another
         folder, s3://) keeps its finished stages; ``absolute``: as records written before
-        that had them."""
+        that had them. The engine's prior (the earlier iteration's outputs) counts too;
+        ``legacy``: as records written before priors were kept left it out."""
         config = config_slice(self.cfg, stage.sections, NEUTRAL_KEYS | EXTENDABLE_KEYS)
         if not absolute:
             config = _within_run(config, self.layout.base.root)
-        return _hash({"config": config, "upstream": upstream})
+        inputs = {"config": config, "upstream": upstream}
+        if self.prior is not None and not legacy:
+            inputs["prior"] = self.prior.fingerprint
+        return _hash(inputs)
 
     def _matches(self, record: dict[str, Any], stage: Stage, upstream: str | None) -> bool:
-        return record.get("input") in (self.input_fingerprint(stage, upstream),
-                                       self.input_fingerprint(stage, upstream, absolute=True))
+        # a record written before priors were kept stands where it was made after the prior
+        legacy = self.prior is not None and "prior" not in record
+        if legacy and str(record.get("started", "")) < self.prior.finished:
+            return False
+        return record.get("input") in (
+            self.input_fingerprint(stage, upstream, legacy=legacy),
+            self.input_fingerprint(stage, upstream, absolute=True, legacy=legacy))
 
     def extent(self, stage: Stage) -> dict[str, Any]:
         """How far the stage trains: its extendable keys (e.g. es.generations)."""
@@ -327,6 +357,8 @@ class Engine:
         earlier = _attempts(record) if record and status in (
             "resumed", "extended", "repaired") else []
         base = {"stage": stage.name, "input": expected, "extent": extent}
+        if self.prior is not None:
+            base["prior"] = self.prior.fingerprint
         discarded = _discarded(record, status)
         if discarded:  # compute spent on outputs now in trash/: still part of the budget
             base["discarded_seconds"] = round(sum(a.get("seconds", 0.0) for a in discarded), 2)

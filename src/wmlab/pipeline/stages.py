@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +13,7 @@ import fsspec
 
 from wmlab.config import Config, parse_override, toml_value, with_overrides
 from wmlab.errors import WmlabError
-from wmlab.pipeline.engine import Engine, Stage, StageResult, _hash
+from wmlab.pipeline.engine import Engine, Prior, Stage, StageResult, _hash
 from wmlab.runs import ITERATIONS, STAGES, RunLayout
 
 # ---------------------------------------------------------------------------------------------
@@ -388,11 +389,28 @@ class Pipeline(Engine):
                  iteration: int = 1) -> None:
         if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 1:
             raise WmlabError(f"--iteration must be 1 or more, got {iteration!r}")
+        prior = None
         if iteration > 1:
+            prior = iteration_prior(cfg, iteration)
             cfg = iteration_config(cfg, iteration)
         self.iteration = iteration
         super().__init__(cfg, stages if stages is not None else default_stages(cfg),
-                         progress, log)
+                         progress, log, prior)
+
+
+def iteration_prior(cfg: Config, iteration: int) -> Prior | None:
+    """What iteration ``iteration`` of the run of ``cfg`` is made from: the earlier
+    iteration's V, M and C, as its controller stage's record stands for them (that record's
+    inputs chain the data, V and M it was trained on). Where they change (that iteration
+    trained again or further), every stage of this one starts again rather than resuming
+    from results made from the old ones."""
+    path = f"{RunLayout.of(cfg).iteration(iteration - 1).stages}/controller.json"
+    fs, local = fsspec.core.url_to_fs(path)
+    try:
+        with fs.open(local, "rb") as handle:
+            return Prior.of_record(json.load(handle))
+    except (FileNotFoundError, ValueError, UnicodeDecodeError):
+        return None
 
 
 def describe_results(results: list[StageResult]) -> str:
