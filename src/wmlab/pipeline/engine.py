@@ -149,6 +149,22 @@ def _within_run(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
     return {key: relative(value) for key, value in config.items()}
 
 
+def read_record(url: str, log: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+    """The stage record at ``url``, or None where there is none or it is damaged (said to
+    ``log``: the stage is then treated as not run)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        with fs.open(path, "rb") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError):
+        if log is not None:
+            name = url.rsplit("/", 1)[-1].removesuffix(".json")
+            log(f"stage record {url} is damaged: treating '{name}' as not run")
+        return None
+
+
 def _chain(upstream: str | None, output: str | None) -> str:
     """What a stage depends on: every earlier stage's output, not only the last one's
     (the report shows C's learning curve even when the evaluation came out the same)."""
@@ -201,16 +217,7 @@ class Engine:
         return f"{self.layout.stages}/{name}.json"
 
     def record(self, name: str) -> dict[str, Any] | None:
-        fs, path = fsspec.core.url_to_fs(self._record_path(name))
-        try:
-            with fs.open(path, "rb") as handle:
-                return json.load(handle)
-        except FileNotFoundError:
-            return None
-        except (ValueError, UnicodeDecodeError):
-            self.log(f"stage record {self._record_path(name)} is damaged: treating "
-                     f"'{name}' as not run")
-            return None
+        return read_record(self._record_path(name), self.log)
 
     def _write_record(self, name: str, record: dict[str, Any]) -> None:
         atomic_write_bytes(self._record_path(name), json.dumps(record, indent=2).encode())

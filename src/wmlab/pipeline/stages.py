@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +12,7 @@ import fsspec
 
 from wmlab.config import Config, parse_override, toml_value, with_overrides
 from wmlab.errors import WmlabError
-from wmlab.pipeline.engine import Engine, Prior, Stage, StageResult, _hash
+from wmlab.pipeline.engine import Engine, Prior, Stage, StageResult, _hash, read_record
 from wmlab.runs import ITERATIONS, STAGES, RunLayout
 
 # ---------------------------------------------------------------------------------------------
@@ -404,13 +403,8 @@ def iteration_prior(cfg: Config, iteration: int) -> Prior | None:
     inputs chain the data, V and M it was trained on). Where they change (that iteration
     trained again or further), every stage of this one starts again rather than resuming
     from results made from the old ones."""
-    path = f"{RunLayout.of(cfg).iteration(iteration - 1).stages}/controller.json"
-    fs, local = fsspec.core.url_to_fs(path)
-    try:
-        with fs.open(local, "rb") as handle:
-            return Prior.of_record(json.load(handle))
-    except (FileNotFoundError, ValueError, UnicodeDecodeError):
-        return None
+    earlier = RunLayout.of(cfg).iteration(iteration - 1)
+    return Prior.of_record(read_record(f"{earlier.stages}/controller.json"))
 
 
 def describe_results(results: list[StageResult]) -> str:
