@@ -9,9 +9,10 @@ C (``controller.lookahead``) first steps M once for every action of every row (B
 action's state is then M's step, not computed again.
 
 Determinism: the noise that samples z for an env comes from a generator keyed by that env's
-seed alone, so an episode's return depends only on (seed, controller), never on which
-batch slot, job or worker ran it. Together with jobs that are split the same way on every
-evaluation engine, that makes the serial, process and Ray engines agree exactly.
+seed alone, so an episode's return depends only on (seed, controller) and the size of the
+batch it runs in (float32 products round differently at other sizes), never on its slot, job
+or worker. Together with jobs that are split the same way on every evaluation engine, that
+makes the serial, process and Ray engines agree exactly.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 There is no auto-reset: ``reset(seeds)`` starts one episode per env, each determined by its
 own seed alone (whatever B, whatever its slot), and ``step`` advances only the envs still
 running. A finished env keeps returning its last frame with reward 0 and the flags it ended
-with, so the caller can run V, M and C on the whole batch every step without special cases.
+with, so a caller may act on every row without special cases (the agent encodes with V and
+steps M only the envs still running).
 """
 
 from __future__ import annotations
